@@ -1,0 +1,199 @@
+"""Validate a scanned category before any work: report every problem at once, each with file, problem and fix."""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from automl_ad.data.io import ImageInfo, ImageReadError, inspect_image, read_mask
+from automl_ad.data.layout import ImageRecord, RawCategory
+from automl_ad.defaults import IO_WORKERS
+from automl_ad.errors import InvalidDatasetError
+from automl_ad.progress import track
+
+log = logging.getLogger(__name__)
+
+ERROR, WARNING, NOTE = "error", "warning", "note"
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One finding. ``error`` findings make the file unusable (skipped, or fatal with ``strict``)."""
+
+    path: Path | None
+    problem: str
+    fix: str
+    severity: str = ERROR
+
+    def __str__(self) -> str:
+        where = f"{self.path}: " if self.path else ""
+        return f"[{self.severity}] {where}{self.problem}. {self.fix}"
+
+    def to_dict(self) -> dict:
+        return {"path": str(self.path) if self.path else None, "problem": self.problem, "fix": self.fix,
+                "severity": self.severity}
+
+
+@dataclass(frozen=True)
+class MaskCheck:
+    """Result of checking one mask against its image."""
+
+    problem: Problem | None
+    defect_fraction: float | None = None
+    regions: int | None = None
+
+
+def validate(raw: RawCategory, strict: bool = False, progress: bool = False
+             ) -> tuple[list[ImageRecord], dict[Path, ImageInfo], dict[Path, MaskCheck], list[Problem]]:
+    """Check every file of ``raw``; return usable records, image facts, mask facts and all problems.
+
+    Unusable files are dropped with a warning, or — with ``strict`` — an :class:`InvalidDatasetError` lists them all.
+    A category without usable normal images is always an error.
+    """
+    problems: list[Problem] = []
+    problems += [Problem(p, "is not an image file automl-ad reads; it is ignored",
+                         "Nothing to do, or convert it to PNG/JPEG/BMP/TIFF if it is an image", NOTE)
+                 for p in raw.ignored_files]
+    problems += [Problem(p, "folder holds no images", "Add images or remove the empty folder", WARNING)
+                 for p in raw.empty_dirs]
+    problems += [Problem(p, "mask has no matching image; it is ignored",
+                         "Check its name: a mask for test/<type>/x.png must be named <type>/x_mask.png or <type>/x.png",
+                         WARNING) for p in raw.orphan_masks]
+
+    infos, read_problems = _inspect_all(raw.records, progress)
+    problems += read_problems
+    records = [r for r in raw.records if r.path in infos]
+
+    mask_checks = _check_masks(records, infos, progress)
+    problems += [c.problem for c in mask_checks.values() if c.problem is not None]
+    records = [r if r.mask is None or mask_checks[r.mask].defect_fraction is not None
+               else ImageRecord(r.path, r.label, r.split, None) for r in records]
+
+    records, duplicate_problems = _drop_duplicates(records, infos)
+    problems += duplicate_problems
+    problems += _missing_masks(records)
+
+    if not any(r.is_normal for r in records):
+        problems.append(Problem(raw.root, "has no usable normal (good) images",
+                                "Put defect-free images in train/good (MVTec layout) or good/ (plain layout)"))
+        raise InvalidDatasetError(_summary(raw.root, problems), problems)
+    errors = [p for p in problems if p.severity == ERROR]
+    if strict and errors:
+        raise InvalidDatasetError(_summary(raw.root, problems), problems)
+    for problem in problems:
+        if problem.severity != NOTE:
+            log.warning("%s", problem)
+    return records, infos, {k: v for k, v in mask_checks.items() if v.defect_fraction is not None}, problems
+
+
+def _summary(root: Path, problems: list[Problem]) -> str:
+    errors = [p for p in problems if p.severity == ERROR]
+    lines = [f"{root}: {len(errors)} problem(s) make the dataset unusable as it is:"]
+    lines += [f"  {p}" for p in problems if p.severity != NOTE]
+    return "\n".join(lines)
+
+
+def _inspect_all(records: list[ImageRecord], progress: bool) -> tuple[dict[Path, ImageInfo], list[Problem]]:
+    def inspect(record: ImageRecord):
+        try:
+            return record.path, inspect_image(record.path), None
+        except ImageReadError as exc:
+            return record.path, None, exc
+
+    infos: dict[Path, ImageInfo] = {}
+    problems = []
+    with ThreadPoolExecutor(IO_WORKERS) as pool:
+        for path, info, error in track(pool.map(inspect, records), "Checking images", len(records), progress):
+            if error is None:
+                infos[path] = info
+            else:
+                problems.append(Problem(path, f"image {error}; it is skipped", "Re-export the file or remove it"))
+    return infos, problems
+
+
+def _check_masks(records: list[ImageRecord], infos: dict[Path, ImageInfo], progress: bool) -> dict[Path, MaskCheck]:
+    def check(record: ImageRecord) -> tuple[Path, MaskCheck]:
+        return record.mask, _check_mask(record.mask, infos[record.path])
+
+    with_masks = [r for r in records if r.mask is not None]
+    with ThreadPoolExecutor(IO_WORKERS) as pool:
+        return dict(track(pool.map(check, with_masks), "Checking masks", len(with_masks), progress))
+
+
+def _check_mask(mask_path: Path, image: ImageInfo) -> MaskCheck:
+    from scipy import ndimage
+
+    try:
+        mask = read_mask(mask_path)
+    except ImageReadError as exc:
+        return MaskCheck(Problem(mask_path, f"mask {exc}; the image is kept without a mask",
+                                 "Re-export the mask or remove it"))
+    if mask.shape != (image.height, image.width):
+        return MaskCheck(Problem(
+            mask_path, f"mask is {mask.shape[1]}x{mask.shape[0]} but its image is {image.width}x{image.height}; "
+            "the image is kept without a mask", "Resize the mask with nearest-neighbour interpolation to the image size"))
+    values = np.unique(mask)
+    if len(values) > 2 or (len(values) == 2 and values[0] != 0):
+        return MaskCheck(Problem(
+            mask_path, f"mask is not binary ({len(values)} distinct values, e.g. {values[:4].tolist()}); "
+            "the image is kept without a mask", "Save masks with 0 for normal pixels and one value (255) for defects, "
+            "as PNG (JPEG compression makes masks non-binary)"))
+    binary = mask > 0
+    regions = int(ndimage.label(binary)[1])
+    empty = None if regions else Problem(mask_path, "mask is empty although its image is labelled defective",
+                                         "Draw the defect in the mask, or move the image to good/ if it has none",
+                                         WARNING)
+    return MaskCheck(empty, float(binary.mean()), regions)
+
+
+def _drop_duplicates(records: list[ImageRecord], infos: dict[Path, ImageInfo]) -> tuple[list[ImageRecord], list[Problem]]:
+    """Identical files in different splits or with different labels leak or contradict: keep one, report the rest."""
+    groups: dict[str, list[ImageRecord]] = defaultdict(list)
+    for record in records:
+        groups[infos[record.path].sha256].append(record)
+    dropped: set[Path] = set()
+    problems = []
+    for copies in groups.values():
+        if len(copies) < 2:
+            continue
+        labels = {r.label for r in copies}
+        splits = {r.split for r in copies}
+        if len(labels) > 1:
+            dropped.update(r.path for r in copies)
+            problems.append(Problem(copies[0].path, "identical file also appears as "
+                                    + ", ".join(str(r.path) for r in copies[1:])
+                                    + f" with labels {sorted(labels)}; all copies are skipped",
+                                    "Keep the file only in the folder of its true label"))
+        elif len(splits) > 1:
+            kept = next(r for r in copies if r.split == "train")
+            for record in copies:
+                if record is not kept:
+                    dropped.add(record.path)
+                    problems.append(Problem(record.path, f"identical to training image {kept.path}: it would leak "
+                                            "training data into the test; the test copy is skipped",
+                                            "Remove the duplicate from test/"))
+        else:
+            problems.append(Problem(copies[1].path, f"identical to {copies[0].path} ({len(copies)} copies in total)",
+                                    "Remove duplicates; they add nothing", WARNING))
+    return [r for r in records if r.path not in dropped], problems
+
+
+def _missing_masks(records: list[ImageRecord]) -> list[Problem]:
+    """Within a defect type that has masks, flag images without one (pixel metrics will skip them)."""
+    by_type: dict[str, list[ImageRecord]] = defaultdict(list)
+    for record in records:
+        if not record.is_normal:
+            by_type[record.label].append(record)
+    problems = []
+    for label, items in by_type.items():
+        masked = [r for r in items if r.mask is not None]
+        if masked and len(masked) < len(items):
+            problems += [Problem(r.path, f"defect image of type '{label}' has no mask while others of its type do",
+                                 "Add its mask (pixel-level metrics skip this image)", WARNING)
+                         for r in items if r.mask is None]
+    return problems

@@ -1,0 +1,27 @@
+"""Project-wide defaults, in one place. Detector hyperparameter defaults live in the detector code instead."""
+
+from __future__ import annotations
+
+#: Working-directory folder where commands keep their state (profile, recommendation) between steps.
+STATE_DIR = ".automl-ad"
+
+#: Image file suffixes the data layer reads (case-insensitive).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+#: Threads used to decode and hash images during validation.
+IO_WORKERS = 4
+
+#: Profiling: images used for the expensive structure statistics, and their working resolution.
+PROFILE_SAMPLE_IMAGES = 120
+PROFILE_RESOLUTION = 128
+
+#: Split: fraction of normal training images held out for validation, and of labelled defects used for selection.
+VALIDATION_FRACTION = 0.2
+DEFECT_VALIDATION_FRACTION = 0.5
+SPLIT_SEED = 0
+
+#: Recommendation: how many routes are shortlisted unless the user asks otherwise.
+SHORTLIST_SIZE = 4
+
+#: Built-in demo data location (relative to the working directory).
+DEMO_DATA_DIR = "automl-ad-demo/data"

@@ -1,0 +1,49 @@
+"""Shared fixtures: tiny datasets written into tmp_path, and the shared real datasets when present."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+BOTTLE = SHARED / "datasets" / "mvtec_ad" / "bottle"
+MAGNETIC_TILE = SHARED / "datasets" / "mtd" / "magnetic_tile"
+
+
+def write_image(path: Path, array: np.ndarray, **kwargs) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path, **kwargs)
+    return path
+
+
+def noise_image(seed: int, size: int = 32, channels: int = 3) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    shape = (size, size, channels) if channels > 1 else (size, size)
+    return rng.integers(0, 255, shape, dtype=np.uint8)
+
+
+def square_mask(size: int = 32, value: int = 255) -> np.ndarray:
+    mask = np.zeros((size, size), np.uint8)
+    mask[8:16, 8:16] = value
+    return mask
+
+
+@pytest.fixture
+def mvtec_dir(tmp_path: Path) -> Path:
+    """A valid MVTec-style category: 6 train good, 2 test good, 2 'crack' with masks."""
+    root = tmp_path / "part"
+    for i in range(6):
+        write_image(root / "train" / "good" / f"{i:03d}.png", noise_image(i))
+    for i in range(2):
+        write_image(root / "test" / "good" / f"{i:03d}.png", noise_image(100 + i))
+        write_image(root / "test" / "crack" / f"{i:03d}.png", noise_image(200 + i))
+        write_image(root / "ground_truth" / "crack" / f"{i:03d}_mask.png", square_mask())
+    return root
+
+
+def needs(path: Path):
+    """Skip a test when a shared dataset is not on this machine."""
+    return pytest.mark.skipif(not path.is_dir(), reason=f"{path} not available")

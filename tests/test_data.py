@@ -1,0 +1,243 @@
+"""Data intake: layouts, image formats, every validation problem, splits, and that the user's folder is untouched."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+from conftest import BOTTLE, needs, noise_image, square_mask, write_image
+
+from automl_ad.data import load_datasets, open_dataset
+from automl_ad.data.io import ImageReadError, inspect_image, load_image, read_image
+from automl_ad.errors import InvalidDatasetError
+
+
+def _snapshot(root):
+    return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
+
+
+# --- layouts ---------------------------------------------------------------------------------------------------
+
+def test_mvtec_layout(mvtec_dir):
+    dataset = open_dataset(mvtec_dir)
+    assert dataset.layout == "mvtec"
+    assert len(dataset.normal_in("train")) == 6 and len(dataset.normal_in("test")) == 2
+    assert dataset.defect_types == {"crack": 2}
+    assert all(r.mask is not None for r in dataset.abnormal)
+    assert not [p for p in dataset.problems if p.severity != "note"]
+
+
+def test_plain_layout_with_masks_mirror(tmp_path):
+    root = tmp_path / "plain"
+    for i in range(5):
+        write_image(root / "good" / f"g{i}.png", noise_image(i))
+    write_image(root / "scratch" / "s0.png", noise_image(50))
+    write_image(root / "masks" / "scratch" / "s0.png", square_mask())
+    dataset = open_dataset(root)
+    assert dataset.layout == "plain"
+    assert len(dataset.normal_in(None)) == 5
+    assert dataset.abnormal[0].mask == root / "masks" / "scratch" / "s0.png"
+
+
+def test_flat_folder_is_all_normal(tmp_path):
+    for i in range(4):
+        write_image(tmp_path / "imgs" / f"{i}.jpg", noise_image(i))
+    dataset = open_dataset(tmp_path / "imgs")
+    assert dataset.layout == "flat" and len(dataset.normal) == 4 and not dataset.abnormal
+
+
+def test_multi_category_root(tmp_path, mvtec_dir):
+    shutil.copytree(mvtec_dir, tmp_path / "root" / "a")
+    shutil.copytree(mvtec_dir, tmp_path / "root" / "b")
+    datasets = load_datasets(tmp_path / "root")
+    assert [d.name for d in datasets] == ["a", "b"]
+    with pytest.raises(InvalidDatasetError, match="choose one with --category"):
+        open_dataset(tmp_path / "root")
+    assert open_dataset(tmp_path / "root", category="b").name == "b"
+
+
+def test_unrecognised_folder_explains_layouts(tmp_path):
+    (tmp_path / "x" / "sub").mkdir(parents=True)
+    with pytest.raises(InvalidDatasetError, match="train/good"):
+        load_datasets(tmp_path / "x")
+    with pytest.raises(InvalidDatasetError, match="does not exist"):
+        load_datasets(tmp_path / "missing")
+
+
+# --- formats ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg", ".bmp", ".tif"])
+def test_reads_common_formats(tmp_path, suffix):
+    path = write_image(tmp_path / f"x{suffix}", noise_image(1))
+    assert read_image(path).shape == (32, 32, 3)
+
+
+def test_reads_16bit_tiff_and_png_gray(tmp_path):
+    array = (np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) * 60)
+    tifffile.imwrite(tmp_path / "a.tiff", array)
+    write_image(tmp_path / "b.png", array)
+    for name in ("a.tiff", "b.png"):
+        info = inspect_image(tmp_path / name)
+        assert info.bit_depth == 16 and info.channels == 1
+        np.testing.assert_array_equal(read_image(tmp_path / name), array)
+    assert load_image(tmp_path / "a.tiff").max() == pytest.approx(array.max() / 65535)
+
+
+def test_reads_16bit_rgb_tiff(tmp_path):
+    array = np.random.default_rng(0).integers(0, 65535, (16, 16, 3), dtype=np.uint16)
+    tifffile.imwrite(tmp_path / "c.tif", array)
+    assert read_image(tmp_path / "c.tif").dtype == np.uint16
+    assert inspect_image(tmp_path / "c.tif").channels == 3
+
+
+def test_alpha_channels_are_dropped(tmp_path):
+    rgba = np.dstack([noise_image(1), np.full((32, 32), 255, np.uint8)])
+    la = np.dstack([noise_image(2, channels=1), np.full((32, 32), 255, np.uint8)])
+    write_image(tmp_path / "rgba.png", rgba)
+    Image.fromarray(la, mode="LA").save(tmp_path / "la.png")
+    assert read_image(tmp_path / "rgba.png").shape == (32, 32, 3)
+    assert inspect_image(tmp_path / "rgba.png").has_alpha
+    assert read_image(tmp_path / "la.png").shape == (32, 32)
+
+
+def test_rgb_file_that_is_gray_is_detected(tmp_path):
+    gray = noise_image(3, channels=1)
+    write_image(tmp_path / "g.png", np.dstack([gray] * 3))
+    write_image(tmp_path / "c.png", noise_image(4))
+    assert inspect_image(tmp_path / "g.png").effectively_gray
+    assert not inspect_image(tmp_path / "c.png").effectively_gray
+
+
+# --- validation problems ---------------------------------------------------------------------------------------
+
+def _problems(dataset, text):
+    return [p for p in dataset.problems if text in p.problem]
+
+
+def test_zero_byte_and_truncated_files_are_skipped_with_reasons(mvtec_dir):
+    (mvtec_dir / "train" / "good" / "empty.png").write_bytes(b"")
+    good = (mvtec_dir / "train" / "good" / "000.png").read_bytes()
+    (mvtec_dir / "train" / "good" / "cut.png").write_bytes(good[: len(good) // 2])
+    (mvtec_dir / "train" / "good" / "fake.jpg").write_bytes(b"this is not a jpeg at all")
+    dataset = open_dataset(mvtec_dir)
+    assert len(dataset.normal_in("train")) == 6
+    assert _problems(dataset, "empty (0 bytes)")[0].path.name == "empty.png"
+    assert _problems(dataset, "truncated")[0].path.name == "cut.png"
+    assert any(p.path.name == "fake.jpg" for p in dataset.problems if p.severity == "error")
+    assert all(p.fix for p in dataset.problems)
+
+
+def test_strict_reports_all_problems_at_once(mvtec_dir):
+    (mvtec_dir / "train" / "good" / "empty.png").write_bytes(b"")
+    write_image(mvtec_dir / "ground_truth" / "crack" / "001_mask.png", square_mask(size=16))
+    with pytest.raises(InvalidDatasetError) as info:
+        open_dataset(mvtec_dir, strict=True)
+    text = str(info.value)
+    assert "empty.png" in text and "001_mask.png" in text
+    assert len([p for p in info.value.problems if p.severity == "error"]) == 2
+
+
+def test_mask_problems(mvtec_dir):
+    write_image(mvtec_dir / "ground_truth" / "crack" / "000_mask.png", square_mask(size=16))  # wrong size
+    gradient = np.tile(np.arange(32, dtype=np.uint8) * 8, (32, 1))
+    write_image(mvtec_dir / "ground_truth" / "crack" / "001_mask.png", gradient)  # not binary
+    write_image(mvtec_dir / "ground_truth" / "crack" / "999_mask.png", square_mask())  # no image
+    dataset = open_dataset(mvtec_dir)
+    assert _problems(dataset, "but its image is 32x32")[0].path.name == "000_mask.png"
+    assert _problems(dataset, "not binary")[0].path.name == "001_mask.png"
+    assert _problems(dataset, "no matching image")[0].path.name == "999_mask.png"
+    assert all(r.mask is None for r in dataset.abnormal)  # both masks dropped, images kept
+    assert len(dataset.abnormal) == 2
+
+
+def test_empty_mask_is_a_warning(mvtec_dir):
+    write_image(mvtec_dir / "ground_truth" / "crack" / "000_mask.png", np.zeros((32, 32), np.uint8))
+    dataset = open_dataset(mvtec_dir)
+    assert _problems(dataset, "mask is empty")[0].severity == "warning"
+    assert dataset.masks[mvtec_dir / "ground_truth" / "crack" / "000_mask.png"].defect_fraction == 0
+
+
+def test_empty_folder_and_non_image_files(mvtec_dir):
+    (mvtec_dir / "test" / "hole").mkdir()
+    (mvtec_dir / "train" / "good" / "notes.txt").write_text("hello")
+    dataset = open_dataset(mvtec_dir)
+    assert _problems(dataset, "holds no images")[0].path.name == "hole"
+    note = _problems(dataset, "not an image file")[0]
+    assert note.severity == "note" and note.path.name == "notes.txt"
+
+
+def test_no_normal_images_is_fatal_even_without_strict(tmp_path):
+    root = tmp_path / "c"
+    (root / "train" / "good").mkdir(parents=True)
+    write_image(root / "test" / "crack" / "0.png", noise_image(0))
+    with pytest.raises(InvalidDatasetError, match="no usable normal"):
+        open_dataset(root)
+
+
+def test_duplicate_across_train_and_test_is_removed_from_test(mvtec_dir):
+    shutil.copy(mvtec_dir / "train" / "good" / "000.png", mvtec_dir / "test" / "good" / "dup.png")
+    dataset = open_dataset(mvtec_dir)
+    assert mvtec_dir / "test" / "good" / "dup.png" not in {r.path for r in dataset.records}
+    assert _problems(dataset, "leak")[0].path.name == "dup.png"
+    with pytest.raises(InvalidDatasetError, match="leak"):
+        open_dataset(mvtec_dir, strict=True)
+
+
+def test_same_image_with_two_labels_is_dropped(mvtec_dir):
+    shutil.copy(mvtec_dir / "test" / "crack" / "000.png", mvtec_dir / "test" / "good" / "same.png")
+    dataset = open_dataset(mvtec_dir)
+    paths = {r.path.name for r in dataset.records if r.split == "test"}
+    assert "same.png" not in paths and len(dataset.abnormal) == 1
+    assert _problems(dataset, "with labels")
+
+
+def test_validation_never_writes_into_the_users_folder(mvtec_dir):
+    (mvtec_dir / "train" / "good" / "empty.png").write_bytes(b"")
+    before = _snapshot(mvtec_dir)
+    open_dataset(mvtec_dir)
+    assert _snapshot(mvtec_dir) == before
+
+
+# --- splits and fingerprint ------------------------------------------------------------------------------------
+
+def test_split_is_deterministic_and_keeps_test_defects_out_of_train(mvtec_dir):
+    dataset = open_dataset(mvtec_dir)
+    a, b = dataset.split(seed=1), dataset.split(seed=1)
+    assert a == b
+    assert all(r.is_normal and r.split == "train" for r in a.train)
+    assert {r.path for r in a.validation}.isdisjoint({r.path for r in a.test})
+    assert len(a.train) + sum(r.is_normal for r in a.validation) == 6
+    assert sum(not r.is_normal for r in a.validation) == 1 and sum(not r.is_normal for r in a.test) == 1
+
+
+def test_split_without_declared_test_holds_out_normals(tmp_path):
+    for i in range(10):
+        write_image(tmp_path / "f" / f"{i}.png", noise_image(i))
+    split = open_dataset(tmp_path / "f").split(validation_fraction=0.2)
+    assert (len(split.train), len(split.validation), len(split.test)) == (6, 2, 2)
+
+
+def test_fingerprint_changes_with_content(mvtec_dir):
+    first = open_dataset(mvtec_dir).fingerprint()
+    assert open_dataset(mvtec_dir).fingerprint() == first
+    write_image(mvtec_dir / "train" / "good" / "000.png", noise_image(999))
+    assert open_dataset(mvtec_dir).fingerprint() != first
+
+
+def test_load_gives_common_size_and_channels(tmp_path):
+    write_image(tmp_path / "f" / "a.png", noise_image(1, size=40, channels=1))
+    write_image(tmp_path / "f" / "b.png", noise_image(2, size=24))
+    dataset = open_dataset(tmp_path / "f")
+    images = dataset.load(dataset.records, size=16)
+    assert images.shape == (2, 16, 16, 3) and images.dtype == np.float32 and images.max() <= 1
+
+
+@needs(BOTTLE)
+def test_real_mvtec_category_reads_cleanly():
+    dataset = open_dataset(BOTTLE)
+    assert len(dataset.normal_in("train")) == 209 and sum(dataset.defect_types.values()) == 63
+    assert len(dataset.masks) == 63
+    assert [p for p in dataset.problems if p.severity != "note"] == []
