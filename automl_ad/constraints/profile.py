@@ -158,6 +158,10 @@ def constraints_from_dict(data: dict, where: str = "constraint profile") -> Cons
     _check_keys("data", overrides, OVERRIDABLE_FACTS, where)
     validate_overrides(overrides, where=f"{where}: data")
     training = data.get("training_time")
+    try:
+        training_time_s = parse_duration(training) if training is not None else None
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: training_time: {exc}") from exc
     return ConstraintProfile(
         name=str(data.get("name", defaults.name)),
         description=str(data.get("description", "")),
@@ -166,7 +170,7 @@ def constraints_from_dict(data: dict, where: str = "constraint profile") -> Cons
         hardware=hardware,
         max_model_mb=_number(data.get("max_model_mb"), "max_model_mb", where),
         localization=localization,
-        training_time_s=parse_duration(training) if training is not None else None,
+        training_time_s=training_time_s,
         priorities=merged,
         data=dict(overrides),
     )

@@ -5,9 +5,9 @@ All functions take a stack of gray images ``(N, R, R)`` as float32 at one workin
 * **Aligned detail** — z-score each image's high-pass detail and average across images: structure that sits at
   the same place in every image (an object's edges) survives, texture detail at random phase cancels. The
   variance of that mean (0..1) is the share of detail that is common to all images.
-* **Background share** — an object usually sits on a plain background: the share of image blocks whose detail
-  energy is far below the image's busiest blocks. A texture has detail everywhere. This catches objects that
-  are not aligned (rotated or shifted parts).
+* **Background share** — an object usually sits on a plain background: the largest region of low-detail blocks
+  that touches the image border. A texture has detail everywhere, or only small flat patches. This catches
+  objects that are not aligned (rotated or shifted parts).
 * **Periodicity** — the highest autocorrelation of the detail image outside its central lobe: repeated
   patterns (brick, woven fabric) give strong secondary peaks; stochastic textures and objects do not.
 * **Alignment** — normalised cross-correlation of each image's detail to the median template, before and after
@@ -23,13 +23,13 @@ from scipy import ndimage
 
 #: Decision thresholds (object evidence is the larger of the two ratios to its threshold).
 ALIGNED_DETAIL_OBJECT = 0.25
-BACKGROUND_SHARE_OBJECT = 0.2
+BACKGROUND_SHARE_OBJECT = 0.22
 PERIODICITY_PERIODIC = 0.3
 ALIGNMENT_TEMPLATE_VIABLE = 0.6
 ALIGNMENT_PER_POSITION_VIABLE = 0.5
 
 _DETAIL_SIGMA = 2.0
-_BLOCKS = 8
+_BLOCKS = 16
 _LOW_ENERGY = 0.2
 _AUTOCORR_LOBE = 0.2
 
@@ -43,7 +43,7 @@ class StructureStats:
     aligned_detail: float
     background_share: float
     periodicity: float
-    periodic: bool
+    periodic: bool  # a texture whose pattern repeats (never set for objects)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -80,13 +80,25 @@ def aligned_detail(images: np.ndarray) -> float:
 
 
 def background_share(images: np.ndarray) -> float:
-    """Mean share of blocks whose detail energy is below a fifth of the image's 90th-percentile block."""
+    """Median share of the image covered by the largest plain region touching the border.
+
+    Blocks whose detail energy is below a fifth of the image's 90th-percentile block are "plain"; an object's
+    background forms one large plain region around it, while flat patches of a texture (brick faces) are small
+    and separated by busy borders.
+    """
     n, height, width = images.shape
     bh, bw = height // _BLOCKS, width // _BLOCKS
     energy = np.abs(detail(images))[:, : bh * _BLOCKS, : bw * _BLOCKS]
-    blocks = energy.reshape(n, _BLOCKS, bh, _BLOCKS, bw).mean(axis=(2, 4)).reshape(n, -1)
-    reference = np.percentile(blocks, 90, axis=1, keepdims=True) + 1e-9
-    return float(np.mean(blocks < _LOW_ENERGY * reference))
+    blocks = energy.reshape(n, _BLOCKS, bh, _BLOCKS, bw).mean(axis=(2, 4))
+    reference = np.percentile(blocks.reshape(n, -1), 90, axis=1)[:, None, None] + 1e-9
+    shares = []
+    for plain in blocks < _LOW_ENERGY * reference:
+        labels, _ = ndimage.label(plain)
+        border = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+        border = border[border > 0]
+        sizes = ndimage.sum(plain, labels, border) if len(border) else [0.0]
+        shares.append(float(np.max(sizes)) / plain.size)
+    return float(np.median(shares))
 
 
 def periodicity(images: np.ndarray) -> float:
@@ -110,9 +122,10 @@ def structure_stats(images: np.ndarray) -> StructureStats:
     evidence = max(common / ALIGNED_DETAIL_OBJECT, background / BACKGROUND_SHARE_OBJECT, 1e-3)
     confidence = 0.5 + 0.5 * min(1.0, abs(np.log(evidence)) / np.log(3.0))
     period = periodicity(images)
-    return StructureStats(kind="object" if evidence >= 1 else "texture", confidence=round(float(confidence), 3),
+    kind = "object" if evidence >= 1 else "texture"
+    return StructureStats(kind=kind, confidence=round(float(confidence), 3),
                           aligned_detail=round(common, 4), background_share=round(background, 4),
-                          periodicity=round(period, 4), periodic=period >= PERIODICITY_PERIODIC)
+                          periodicity=round(period, 4), periodic=kind == "texture" and period >= PERIODICITY_PERIODIC)
 
 
 def alignment_stats(images: np.ndarray, max_images: int = 60) -> AlignmentStats:
