@@ -1,0 +1,256 @@
+"""Score every route for a dataset profile and constraints: report scores weighted by priorities + rules."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from automl_ad.constraints import PRIORITY_DIMENSIONS, ConstraintProfile
+from automl_ad.defaults import SHORTLIST_SIZE
+from automl_ad.knowledge import load_knowledge
+from automl_ad.profiling import DatasetProfile
+from automl_ad.recommend.cost import CostEstimate, estimate_route
+
+_STRUCTURE_FACTS = {"kind", "periodic", "aligned", "per_position_aligned"}
+_REPORT_RELIABILITY, _DERIVED_RELIABILITY = 0.85, 0.6
+
+
+@dataclass(frozen=True)
+class Adjustment:
+    """One rule's effect on one route."""
+
+    rule: str
+    effect: str  # "exclude" or "adjust"
+    points: float
+    reason: str
+    evidence: str
+
+
+@dataclass
+class RouteCandidate:
+    """A route's standing for this dataset and these constraints."""
+
+    route: str
+    name: str
+    branch: str
+    score: float
+    base_score: float
+    confidence: float
+    basis: str
+    excluded: bool
+    shortlisted: bool
+    reasons_for: list[str]
+    reasons_against: list[str]
+    adjustments: list[Adjustment]
+    families: list[str]
+    backbone: str | None
+    resolution: int
+    estimated_latency_ms: float
+
+
+@dataclass
+class Recommendation:
+    """The ranked, explained list of all routes; ``shortlist`` holds the routes a search would try."""
+
+    dataset: str
+    fingerprint: str
+    constraints: str
+    facts: dict
+    scenario: dict
+    candidates: list[RouteCandidate]
+    shortlist: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2))
+        return path
+
+    def candidate(self, route: str) -> RouteCandidate:
+        return next(c for c in self.candidates if c.route == route)
+
+    def rank(self, route: str) -> int:
+        """1-based position of ``route`` in the ranking."""
+        return [c.route for c in self.candidates].index(route) + 1
+
+
+@lru_cache(maxsize=1)
+def load_rules() -> dict:
+    """The rules file (``rules.yaml``), parsed once."""
+    return yaml.safe_load(resources.files("automl_ad.recommend").joinpath("rules.yaml").read_text())
+
+
+def _holds(value, condition, facts: dict) -> bool:
+    """Does ``value`` satisfy ``condition`` (a literal or a mapping of operators)?"""
+    if not isinstance(condition, dict):
+        return value == condition
+    for op, target in condition.items():
+        if op.endswith("_fact"):
+            op, target = op[: -len("_fact")], facts.get(target)
+        if op == "ne":
+            ok = value != target
+        elif op == "eq":
+            ok = value == target
+        elif op == "in":
+            ok = value in target
+        elif value is None or target is None:
+            ok = False
+        else:
+            ok = {"lt": value < target, "le": value <= target, "gt": value > target, "ge": value >= target}[op]
+        if not ok:
+            return False
+    return True
+
+
+def _matches(selector: dict, route_facts: dict, facts: dict) -> bool:
+    for key, condition in selector.items():
+        if key in ("score", "requirement", "estimate"):
+            if not all(_holds(route_facts[key].get(name), cond, facts) for name, cond in condition.items()):
+                return False
+        elif not _holds(route_facts.get(key), condition, facts):
+            return False
+    return True
+
+
+def _fill(template: str, facts: dict, route_facts: dict) -> str:
+    values = {**facts, **route_facts}
+    return template.format_map({k: _display(v) for k, v in values.items()})
+
+
+def _display(value):
+    if isinstance(value, dict):
+        return {k: _display(v) for k, v in value.items()}
+    if isinstance(value, float):
+        return f"{value:g}" if value == int(value) else f"{value:.2f}".rstrip("0")
+    return value
+
+
+def gather_facts(profile: DatasetProfile, constraints: ConstraintProfile) -> dict:
+    """Dataset facts (with the constraint profile's overrides) plus the deployment facts rules refer to."""
+    data = profile.with_overrides(constraints.data) if constraints.data else profile
+    return {
+        **data.facts(),
+        "alignment_score": profile.alignment.score,
+        "device": constraints.hardware.device,
+        "cpu_cores": constraints.hardware.cpu_cores,
+        "latency_ms": constraints.effective_latency_ms,
+        "localization": constraints.localization,
+        "max_model_mb": constraints.max_model_mb,
+        "training_time_s": constraints.training_time_s,
+    }
+
+
+def _route_facts(route, estimate: CostEstimate) -> dict:
+    requirements = route.requirements
+    if dataclasses.is_dataclass(requirements):
+        requirements = dataclasses.asdict(requirements)
+    return {
+        "route": route.key,
+        "branch": route.branch,
+        "sub_branch": route.sub_branch,
+        "localization": route.localization,
+        "needs_training": route.needs_training,
+        "score": {dim: s.value for dim, s in route.scores.items()},
+        "requirement": dict(requirements),
+        "estimate": {"latency_ms": estimate.latency_ms, "latency_ratio": estimate.latency_ratio},
+    }
+
+
+def _base_score(route, priorities: dict[str, float]) -> tuple[float, str, list[str], list[str], bool]:
+    """Priority-weighted mean of the route's scores, how it was formed, and the strongest/weakest dimensions."""
+    weights: dict[str, float] = {}
+    for priority, weight in priorities.items():
+        dimension = PRIORITY_DIMENSIONS[priority]
+        weights[dimension] = weights.get(dimension, 0.0) + weight
+    used = {d: w for d, w in weights.items() if w > 0}
+    base = sum(route.scores[d].value * w for d, w in used.items()) / sum(used.values())
+    heaviest = max(used.values())
+    pros, cons = [], []
+    for dimension, weight in sorted(used.items(), key=lambda item: -item[1]):
+        score = route.scores[dimension]
+        label = dimension.replace("_", " ")
+        origin = "estimate from the report's text" if score.derived else "report"
+        if weight < 0.5 * heaviest:
+            continue
+        if score.value >= 7.5:
+            pros.append(f"{label} {score.value:g}/10 ({origin}), one of your priorities")
+        elif score.value <= 5:
+            cons.append(f"{label} only {score.value:g}/10 ({origin}), one of your priorities")
+    derived = any(route.scores[d].derived for d in used)
+    parts = ", ".join(f"{d.replace('_', ' ')} {route.scores[d].value:g} x{w:g}" for d, w in used.items())
+    basis = f"{'estimated' if derived else 'report'} scores weighted by your priorities ({parts}) give {base:.1f}/10"
+    return base, basis, pros, cons, derived
+
+
+def _scenario(facts: dict) -> dict:
+    """Place the dataset in the report's scenario table (complexity × normal count × abnormal count)."""
+    thresholds = load_rules()["scenario"]
+    complexity = "low" if facts["kind"] == "texture" or facts["aligned"] else "high"
+    normals = "many" if facts["n_normal"] >= thresholds["many_normals"] else "few"
+    abnormals = "many" if facts["n_abnormal"] >= thresholds["many_abnormals"] else "few"
+    entry = load_knowledge().scenario(complexity=complexity, normals=normals, abnormals=abnormals)
+    return {"complexity": complexity, "normals": normals, "abnormals": abnormals,
+            "anomaly_detection": entry.anomaly_detection, "supervised": entry.supervised,
+            "basis": thresholds["basis"], "source": entry.source}
+
+
+def recommend(profile: DatasetProfile, constraints: ConstraintProfile, top: int = SHORTLIST_SIZE) -> Recommendation:
+    """Rank all routes (deterministic). Excluded routes are listed last with the reasons they were excluded."""
+    if top < 1:
+        raise ValueError("the shortlist needs at least one route (top >= 1)")
+    knowledge = load_knowledge()
+    rules = load_rules()["rules"]
+    facts = gather_facts(profile, constraints)
+    structure_certainty = 1.0 if "kind" in constraints.data else facts["structure_confidence"]
+    candidates = []
+    for key, route in knowledge.routes.items():
+        estimate = estimate_route(key, constraints, facts["image_side"])
+        route_facts = _route_facts(route, estimate)
+        base, basis, pros, cons, derived = _base_score(route, constraints.priorities)
+        adjustments, structural = [], False
+        for rule in rules:
+            if not all(_holds(facts.get(k), c, facts) for k, c in rule["when"].items()):
+                continue
+            if not _matches(rule["routes"], route_facts, facts):
+                continue
+            effect = rule["effect"]
+            if effect == "exclude":
+                points, kind = 0.0, "exclude"
+            elif "adjust" in effect:
+                points, kind = float(effect["adjust"]), "adjust"
+            else:
+                points = effect["per_point"] * (route_facts["score"][effect["scale"]] - effect["centre"])
+                kind = "adjust"
+            if kind == "adjust" and abs(points) < 1e-9:
+                continue
+            structural |= bool(_STRUCTURE_FACTS & set(rule["when"])) or "requirement" in rule["routes"]
+            adjustments.append(Adjustment(rule["id"], kind, round(points, 2), _fill(rule["reason"], facts, route_facts),
+                                          rule["evidence"]))
+        excluded = any(a.effect == "exclude" for a in adjustments)
+        score = min(10.0, max(0.0, base + sum(a.points for a in adjustments)))
+        confidence = (_DERIVED_RELIABILITY if derived else _REPORT_RELIABILITY)
+        confidence *= structure_certainty if structural else 1.0
+        confidence *= 0.85 if facts["n_normal"] < 20 else 1.0
+        candidates.append(RouteCandidate(
+            route=key, name=route.name, branch=route.branch, score=round(score, 2), base_score=round(base, 2),
+            confidence=round(confidence, 2), basis=basis, excluded=excluded, shortlisted=False,
+            reasons_for=pros + [a.reason for a in adjustments if a.points > 0],
+            reasons_against=cons + [a.reason for a in adjustments if a.effect == "exclude" or a.points < 0],
+            adjustments=adjustments, families=list(route.families), backbone=estimate.backbone,
+            resolution=estimate.resolution, estimated_latency_ms=estimate.latency_ms))
+    order = list(knowledge.routes)
+    candidates.sort(key=lambda c: (c.excluded, -c.score, order.index(c.route)))
+    shortlist = [c.route for c in candidates if not c.excluded and c.families][:top]
+    for candidate in candidates:
+        candidate.shortlisted = candidate.route in shortlist
+    return Recommendation(profile.name, profile.fingerprint, constraints.name, facts, _scenario(facts),
+                          candidates, shortlist)
