@@ -1,0 +1,242 @@
+"""The ``automl-ad`` command line: a thin front over the library. Heavy modules load inside the commands.
+
+Exit codes: 0 success, 1 unexpected error, 2 usage or configuration error, 3 data problems.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_DATA = 0, 1, 2, 3
+
+log = logging.getLogger("automl_ad")
+
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False, soft_wrap=False, width=None if sys.stdout.isatty() else 120)
+
+
+def _open_all(data: str, category: str | None, strict: bool, progress: bool):
+    from automl_ad.data import load_datasets
+
+    root = Path(data) / category if category else Path(data)
+    return load_datasets(root, strict=strict, progress=progress)
+
+
+def _state_path() -> Path:
+    from automl_ad.defaults import STATE_DIR
+
+    return Path.cwd() / STATE_DIR
+
+
+def _save_state(results: list[tuple], constraints_source: str | None, data: str) -> Path:
+    """Keep profiles and recommendations in the working directory so later steps (search) can pick them up."""
+    state_dir = _state_path()
+    entries = []
+    for profile, recommendation in results:
+        profile_file = profile.save(state_dir / f"{profile.name}-{profile.fingerprint}" / "profile.json")
+        rec_file = recommendation.save(profile_file.parent / "recommendation.json")
+        entries.append({"dataset": profile.root, "category": profile.name, "fingerprint": profile.fingerprint,
+                        "profile": str(profile_file), "recommendation": str(rec_file),
+                        "shortlist": recommendation.shortlist})
+    state = {"data": str(Path(data).resolve()), "constraints": constraints_source, "categories": entries}
+    state_file = state_dir / "state.json"
+    tmp = state_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=2))
+    tmp.replace(state_file)
+    return state_file
+
+
+def _print_profile(console, profile) -> None:
+    c, s, st, al = profile.counts, profile.size, profile.structure, profile.alignment
+    defects = ", ".join(f"{k} {v}" for k, v in c.abnormal.items()) or "none"
+    size = (f"{s.width_median:g}x{s.height_median:g}" if s.distinct_sizes == 1 else
+            f"{s.distinct_sizes} sizes, {s.width_min}-{s.width_max} x {s.height_min}-{s.height_max} (median "
+            f"{s.width_median:g}x{s.height_median:g})")
+    console.print(f"[bold]{profile.name}[/bold]  ({profile.layout} layout, {profile.root})")
+    console.print(f"  images: {c.normal_for_training} normal for training, {c.normal_test} normal test, "
+                  f"defects: {defects}; {c.masks} masks; {c.skipped_files} file(s) skipped")
+    console.print(f"  size: {size}; colour: {profile.color.mode}; bit depth: "
+                  f"{'/'.join(map(str, profile.color.bit_depths))}")
+    periodic = "periodic" if st.periodic else "not periodic"
+    console.print(f"  structure: [bold]{st.kind}[/bold] (confidence {st.confidence:.2f}; aligned detail "
+                  f"{st.aligned_detail:.2f}, background share {st.background_share:.2f}, {periodic} "
+                  f"{st.periodicity:.2f})")
+    console.print(f"  alignment: {al.score:.2f} (template matching {'viable' if al.template_viable else 'not viable'}, "
+                  f"per-position statistics {'viable' if al.per_position_viable else 'not viable'}; "
+                  f"median shift {al.median_shift:.1%})")
+    if profile.defects:
+        d = profile.defects
+        console.print(f"  defect size: {d.area_fraction_median:.2%} of the image (median; {d.area_fraction_min:.2%}"
+                      f"-{d.area_fraction_max:.2%}), {d.small_defect_share:.0%} under 1%")
+    if profile.overrides:
+        console.print(f"  overridden by your constraint profile: {profile.overrides}")
+
+
+def _print_recommendation(console, recommendation, top_reasons: int = 3) -> None:
+    from rich.table import Table
+
+    sc = recommendation.scenario
+    console.print(f"  scenario (report §6): complexity {sc['complexity']}, {sc['normals']} normals, "
+                  f"{sc['abnormals']} abnormals → anomaly detection: {sc['anomaly_detection']}, "
+                  f"supervised model: {sc['supervised']}")
+    table = Table(title=f"Routes for {recommendation.dataset} under '{recommendation.constraints}'", show_lines=False)
+    for column in ("#", "route", "score", "conf.", "status", "families", "backbone @ px", "est. ms"):
+        table.add_column(column, justify="right" if column in ("#", "score", "conf.", "est. ms") else "left")
+    for i, c in enumerate(recommendation.candidates, 1):
+        status = "[green]shortlist[/green]" if c.shortlisted else "[red]excluded[/red]" if c.excluded else ""
+        backbone = f"{c.backbone} @ {c.resolution}" if c.backbone else f"— @ {c.resolution}"
+        table.add_row(str(i), c.name, f"{c.score:.1f}", f"{c.confidence:.2f}", status, ", ".join(c.families),
+                      backbone, f"{c.estimated_latency_ms:g}")
+    console.print(table)
+    for c in recommendation.candidates:
+        if not (c.shortlisted or c.excluded):
+            continue
+        mark = "[green]+[/green]" if c.shortlisted else "[red]x[/red]"
+        console.print(f" {mark} [bold]{c.name}[/bold]")
+        for reason in c.reasons_for[:top_reasons]:
+            console.print(f"     for: {reason}")
+        for reason in c.reasons_against[:top_reasons]:
+            console.print(f"     against: {reason}")
+
+
+def cmd_recommend(args) -> int:
+    from automl_ad.constraints import load_constraints
+    from automl_ad.profiling import profile_dataset
+    from automl_ad.recommend import recommend
+
+    constraints = load_constraints(args.profile)
+    datasets = _open_all(args.data, args.category, args.strict, progress=not args.json)
+    results = []
+    for dataset in datasets:
+        profile = profile_dataset(dataset)
+        if constraints.data:
+            profile = profile.with_overrides(constraints.data)
+        results.append((profile, recommend(profile, constraints, top=args.top)))
+    state_file = _save_state(results, constraints.source, args.data)
+    if args.json:
+        payload = [{"profile": p.to_dict(), "recommendation": r.to_dict(),
+                    "problems": [x.to_dict() for x in d.problems]} for d, (p, r) in zip(datasets, results)]
+        print(json.dumps({"categories": payload, "state": str(state_file)}, indent=2))
+        return EXIT_OK
+    console = _console()
+    for dataset, (profile, recommendation) in zip(datasets, results):
+        _print_problems(console, dataset.problems)
+        _print_profile(console, profile)
+        _print_recommendation(console, recommendation)
+        console.print()
+    console.print(f"Saved profile and recommendation under {state_file.parent} "
+                  "(a later `automl-ad search` picks them up).")
+    return EXIT_OK
+
+
+def _print_problems(console, problems) -> None:
+    serious = [p for p in problems if p.severity != "note"]
+    notes = len(problems) - len(serious)
+    for problem in serious[:20]:
+        console.print(f"[yellow]{problem}[/yellow]", markup=False)
+    if len(serious) > 20:
+        console.print(f"... and {len(serious) - 20} more problems (see --json)")
+    if notes:
+        console.print(f"({notes} non-image file(s) ignored)")
+
+
+def cmd_profile(args) -> int:
+    from automl_ad.profiling import profile_dataset
+
+    datasets = _open_all(args.data, args.category, args.strict, progress=not args.json)
+    profiles = [profile_dataset(d) for d in datasets]
+    if args.out:
+        out = Path(args.out)
+        for profile in profiles:
+            profile.save(out / f"{profile.name}.json" if len(profiles) > 1 or out.suffix != ".json" else out)
+    if args.json:
+        print(json.dumps([p.to_dict() for p in profiles], indent=2))
+        return EXIT_OK
+    console = _console()
+    for dataset, profile in zip(datasets, profiles):
+        _print_problems(console, dataset.problems)
+        _print_profile(console, profile)
+        console.print(f"  profiled in {profile.profiling_seconds:.1f} s")
+    return EXIT_OK
+
+
+def cmd_demo(args) -> int:
+    from automl_ad.data.demo import generate_demo
+
+    out = Path(args.out)
+    data_dir = out / "data"
+    console = _console()
+    console.print(f"Generating the built-in demo dataset in {data_dir} ...")
+    generate_demo(data_dir, seed=args.seed)
+    console.print(f"Recommending routes for each demo category (constraint profile: {args.profile or 'default'}):\n")
+    rec_args = argparse.Namespace(data=str(data_dir), category=None, strict=False, json=False, top=args.top,
+                                  profile=args.profile)
+    code = cmd_recommend(rec_args)
+    console.print(f"\nDemo data: {data_dir}\nTry: automl-ad recommend {data_dir}/object --profile profiles/edge-cpu.yaml")
+    return code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from automl_ad import __version__
+    from automl_ad.defaults import DEMO_DATA_DIR, SHORTLIST_SIZE
+
+    parser = argparse.ArgumentParser(
+        prog="automl-ad", description="Pick and tune the right industrial image anomaly-detection method.",
+        epilog="Exit codes: 0 ok, 1 unexpected error, 2 usage/configuration error, 3 data problems.")
+    parser.add_argument("--version", action="version", version=f"automl-ad {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log details")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def data_args(p):
+        p.add_argument("data", help="dataset folder (MVTec style, plain good/ + defect folders, flat, or a root of categories)")
+        p.add_argument("--category", help="only this category of a multi-category root")
+        p.add_argument("--strict", action="store_true", help="fail on any bad file instead of skipping it")
+        p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+
+    p = sub.add_parser("recommend", help="profile the data, rank the 14 routes, explain why, shortlist for search")
+    data_args(p)
+    p.add_argument("--profile", help="constraint profile YAML (see profiles/); default: this machine, accuracy first")
+    p.add_argument("--top", type=int, default=SHORTLIST_SIZE, help=f"shortlist size (default {SHORTLIST_SIZE})")
+    p.set_defaults(func=cmd_recommend)
+
+    p = sub.add_parser("profile", help="validate the data and print its profile (counts, texture/object, alignment)")
+    data_args(p)
+    p.add_argument("--out", help="write the profile JSON here (a file, or a folder for several categories)")
+    p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("demo", help="generate the built-in demo dataset and run the journey on it")
+    p.add_argument("--out", default=str(Path(DEMO_DATA_DIR).parent), help="output folder (default %(default)s)")
+    p.add_argument("--profile", help="constraint profile YAML for the recommendation")
+    p.add_argument("--top", type=int, default=SHORTLIST_SIZE, help="shortlist size")
+    p.add_argument("--seed", type=int, default=0, help="demo data seed")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR, format="%(levelname)s: %(message)s")
+    from automl_ad.errors import AutomlAdError
+
+    if getattr(args, "top", 1) < 1:
+        parser.error("--top must be at least 1")
+    try:
+        return args.func(args)
+    except AutomlAdError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
