@@ -25,3 +25,16 @@ SHORTLIST_SIZE = 4
 
 #: Built-in demo data location (relative to the working directory).
 DEMO_DATA_DIR = "automl-ad-demo/data"
+
+#: Feature cache: environment variable that overrides its location, and the default location.
+FEATURE_CACHE_ENV = "AUTOML_AD_CACHE_DIR"
+
+
+def default_cache_dir() -> str:
+    """``$XDG_CACHE_HOME/automl-ad`` (usually ``~/.cache/automl-ad``)."""
+    import os
+
+    return os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "automl-ad")
+
+#: Image sets smaller than this are scored without the feature cache (deployment, single images).
+CACHE_MIN_IMAGES = 8

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +13,10 @@ from PIL import Image
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 BOTTLE = SHARED / "datasets" / "mvtec_ad" / "bottle"
 MAGNETIC_TILE = SHARED / "datasets" / "mtd" / "magnetic_tile"
+SHARED_WEIGHTS = SHARED / "weights" / "mobilenetv2_100_tflite_in1k.safetensors"
+
+# Tests never touch the user's feature cache.
+os.environ["AUTOML_AD_CACHE_DIR"] = tempfile.mkdtemp(prefix="automl-ad-test-cache-")
 
 
 def write_image(path: Path, array: np.ndarray, **kwargs) -> Path:

@@ -1,0 +1,135 @@
+"""ImageSet: the images a detector fits on or scores — files (with labels and masks) or in-memory arrays."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from automl_ad.data.io import load_image, read_mask, to_float
+from automl_ad.defaults import IO_WORKERS
+
+
+@dataclass
+class ImageSet:
+    """An ordered set of images with optional labels (1 = anomalous) and masks.
+
+    Build it with :meth:`from_records` (files of a validated dataset), :meth:`from_paths` or
+    :meth:`from_arrays`. ``fingerprint`` identifies the content (used as a feature-cache key) without decoding.
+    """
+
+    paths: list[Path] | None = None
+    arrays: list[np.ndarray] | None = None
+    labels: np.ndarray | None = None
+    mask_paths: list[Path | None] | None = None
+    content_hashes: list[str] | None = None
+    _fingerprint: str | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        if (self.paths is None) == (self.arrays is None):
+            raise ValueError("an ImageSet holds either paths or arrays")
+        n = len(self)
+        if self.labels is not None:
+            self.labels = np.asarray(self.labels, dtype=np.int64)
+            if self.labels.shape != (n,):
+                raise ValueError(f"labels has shape {self.labels.shape}, expected ({n},)")
+        if self.mask_paths is not None and len(self.mask_paths) != n:
+            raise ValueError("mask_paths must have one entry (or None) per image")
+
+    @classmethod
+    def from_records(cls, records: Sequence, dataset=None) -> ImageSet:
+        """Images of a validated :class:`~automl_ad.data.Dataset` (its content hashes make fingerprinting free)."""
+        hashes = [dataset.info[r.path].sha256 for r in records] if dataset is not None else None
+        return cls(paths=[r.path for r in records], labels=[0 if r.is_normal else 1 for r in records],
+                   mask_paths=[r.mask for r in records], content_hashes=hashes)
+
+    @classmethod
+    def from_paths(cls, paths: Sequence[str | Path], labels=None) -> ImageSet:
+        return cls(paths=[Path(p) for p in paths], labels=labels)
+
+    @classmethod
+    def from_arrays(cls, arrays, labels=None) -> ImageSet:
+        """In-memory images: uint8/uint16, or float in [0, 1]; (H, W) gray or (H, W, 3) colour."""
+        items = [np.asarray(a) for a in arrays]
+        for i, a in enumerate(items):
+            if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (1, 3, 4)):
+                raise ValueError(f"image {i} has shape {a.shape}; expected (H, W) or (H, W, 3)")
+        return cls(arrays=items, labels=labels)
+
+    def __len__(self) -> int:
+        return len(self.paths if self.paths is not None else self.arrays)
+
+    def subset(self, indices: Sequence[int]) -> ImageSet:
+        pick = lambda items: None if items is None else [items[i] for i in indices]  # noqa: E731
+        return ImageSet(paths=pick(self.paths), arrays=pick(self.arrays),
+                        labels=None if self.labels is None else self.labels[list(indices)],
+                        mask_paths=pick(self.mask_paths), content_hashes=pick(self.content_hashes))
+
+    @property
+    def fingerprint(self) -> str:
+        """Hash of the images' content in order (file bytes or array bytes)."""
+        if self._fingerprint is None:
+            digest = hashlib.sha256()
+            if self.arrays is not None:
+                for a in self.arrays:
+                    digest.update(f"{a.shape}{a.dtype}".encode())
+                    digest.update(np.ascontiguousarray(a).tobytes())
+            else:
+                for i, path in enumerate(self.paths):
+                    content = self.content_hashes[i] if self.content_hashes else hashlib.sha256(path.read_bytes()).hexdigest()
+                    digest.update(content.encode())
+            self._fingerprint = digest.hexdigest()[:20]
+        return self._fingerprint
+
+    def _array(self, i: int, size, gray: bool) -> np.ndarray:
+        if self.paths is not None:
+            return load_image(self.paths[i], size, gray=gray)
+        from skimage.transform import resize
+
+        from automl_ad.data.io import to_gray
+
+        a = self.arrays[i]
+        a = a[..., :3] if a.ndim == 3 and a.shape[2] == 4 else a[..., 0] if a.ndim == 3 and a.shape[2] == 1 else a
+        a = to_float(a) if a.dtype.kind in "ui" else a.astype(np.float32)
+        if gray:
+            a = to_gray(a)
+        if size is not None:
+            shape = (size, size) if isinstance(size, int) else tuple(size)
+            a = resize(a, shape, order=1, anti_aliasing=True, preserve_range=True).astype(np.float32)
+        return a
+
+    def load(self, size: int | tuple[int, int] | None = None, gray: bool = False) -> np.ndarray:
+        """All images as float32 in [0, 1]: ``(N, H, W)`` when ``gray`` else ``(N, H, W, 3)`` (gray repeated).
+
+        ``size`` (square int or (height, width)) is required when the images differ in size.
+        """
+        with ThreadPoolExecutor(IO_WORKERS) as pool:
+            images = list(pool.map(lambda i: self._array(i, size, gray), range(len(self))))
+        if not gray:
+            images = [np.repeat(a[..., None], 3, axis=2) if a.ndim == 2 else a for a in images]
+        shapes = {a.shape for a in images}
+        if len(shapes) > 1:
+            raise ValueError(f"images differ in size ({len(shapes)} shapes); pass size= to load them at one size")
+        return np.stack(images) if images else np.empty((0,), np.float32)
+
+    def original_sizes(self) -> list[tuple[int, int]]:
+        """(height, width) of every image as stored."""
+        if self.arrays is not None:
+            return [a.shape[:2] for a in self.arrays]
+        from PIL import Image
+
+        sizes = []
+        for path in self.paths:
+            with Image.open(path) as image:
+                sizes.append((image.height, image.width))
+        return sizes
+
+    def masks(self) -> list[np.ndarray | None]:
+        """Binary masks (bool) as stored, one per image, None where the image has none."""
+        if self.mask_paths is None:
+            return [None] * len(self)
+        return [None if p is None else read_mask(p) > 0 for p in self.mask_paths]

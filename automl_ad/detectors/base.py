@@ -1,0 +1,190 @@
+"""The detector contract every method family follows (scikit-learn parameters, PyOD score direction).
+
+* ``__init__`` only stores keyword arguments, so ``get_params``/``set_params``/``sklearn.base.clone`` work and
+  a search can construct any configuration; defaults live in each family's ``__init__`` signature.
+* ``fit(train) -> self`` on normal images; fitted attributes end in ``_``.
+* ``score(images) -> Scores``: image scores ``(N,)`` and anomaly maps ``(N, H, W)`` or None; higher = more
+  anomalous. Calling it before ``fit`` raises :class:`NotFittedError`.
+* ``save(dir)`` / ``Detector.load(dir)``: arrays in safetensors, everything else in JSON — never pickle.
+* Every fit and score records its cost (:attr:`fit_cost_`, :attr:`score_cost_`) in one structure.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+from sklearn.base import BaseEstimator
+from sklearn.exceptions import NotFittedError as SklearnNotFittedError
+
+from automl_ad import __version__
+from automl_ad.data.imageset import ImageSet
+from automl_ad.errors import AutomlAdError
+
+log = logging.getLogger(__name__)
+
+SAVE_FORMAT = 1
+_PARAMS_FILE, _TENSORS_FILE = "detector.json", "tensors.safetensors"
+
+#: Called by iterative families after each epoch with (epoch, metrics); returning True stops training.
+EpochCallback = Callable[[int, dict], "bool | None"]
+
+
+class NotFittedError(AutomlAdError, SklearnNotFittedError):
+    """``score``/``save`` was called before ``fit``."""
+
+
+class NotApplicableError(AutomlAdError):
+    """The method cannot work on this data (e.g. template matching on images that do not align)."""
+
+
+@dataclass
+class Scores:
+    """Detector output: higher = more anomalous."""
+
+    image_scores: np.ndarray
+    anomaly_maps: np.ndarray | None = None
+
+
+class Detector(BaseEstimator):
+    """Base class. Subclasses implement ``_fit``, ``_score``, ``_state`` and ``_restore``."""
+
+    name: ClassVar[str] = ""
+    route: ClassVar[str] = ""
+    supports_localization: ClassVar[bool] = True
+    needs_training: ClassVar[bool] = True
+    iterative: ClassVar[bool] = False
+    #: Cheap settings for the contract test (tiny images, few epochs); merged over the defaults.
+    test_params: ClassVar[dict] = {}
+    #: Which built-in demo category the contract test fits this family on ("object" or "texture").
+    test_category: ClassVar[str] = "object"
+
+    # --- public API -------------------------------------------------------------------------------------------
+    def fit(self, train: ImageSet, on_epoch: EpochCallback | None = None) -> Detector:
+        """Fit on normal images. Iterative families call ``on_epoch`` after every epoch."""
+        from automl_ad.evaluation.cost import PeakRss
+
+        if len(train) == 0:
+            raise ValueError(f"{self.name}: fit needs at least one normal image")
+        if train.labels is not None and train.labels.any():
+            raise ValueError(f"{self.name}: fit on normal images only ({int(train.labels.sum())} are labelled "
+                             "anomalous); anomalous images belong in validation or test")
+        start = time.perf_counter()
+        with PeakRss() as memory:
+            self._fit(train, on_epoch)
+        self.fit_seconds_ = time.perf_counter() - start
+        self.fit_peak_rss_mb_ = memory.peak_mb
+        self.n_train_ = len(train)
+        return self
+
+    def score(self, images: ImageSet) -> Scores:
+        """Image scores and (if the family localises) anomaly maps for ``images``."""
+        self._check_fitted()
+        if len(images) == 0:
+            return Scores(np.zeros(0, np.float32), None)
+        scores = self._score(images)
+        image_scores = np.asarray(scores.image_scores, dtype=np.float32).reshape(-1)
+        if image_scores.shape != (len(images),):
+            raise RuntimeError(f"{self.name} returned {image_scores.shape} scores for {len(images)} images")
+        if not np.isfinite(image_scores).all():
+            raise FloatingPointError(f"{self.name} produced non-finite image scores (NaN/inf); the model diverged "
+                                     "or the input is degenerate")
+        maps = scores.anomaly_maps
+        if maps is not None:
+            maps = np.asarray(maps, dtype=np.float32)
+            if maps.ndim != 3 or len(maps) != len(images):
+                raise RuntimeError(f"{self.name} returned maps of shape {maps.shape} for {len(images)} images")
+            if not np.isfinite(maps).all():
+                raise FloatingPointError(f"{self.name} produced non-finite anomaly maps (NaN/inf)")
+        return Scores(image_scores, maps)
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``detector.json`` (family, parameters, state) and ``tensors.safetensors``; returns the folder."""
+        from safetensors.numpy import save_file
+
+        self._check_fitted()
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors, state = self._state()
+        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(directory / _TENSORS_FILE))
+        record = {"format": SAVE_FORMAT, "automl_ad_version": __version__, "family": self.name,
+                  "params": _jsonable(self.get_params()), "state": _jsonable(state),
+                  "fit": {"seconds": self.fit_seconds_, "peak_rss_mb": self.fit_peak_rss_mb_, "n_train": self.n_train_}}
+        (directory / _PARAMS_FILE).write_text(json.dumps(record, indent=2))
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path) -> Detector:
+        """Rebuild a saved detector (of any family when called on ``Detector``). Executes nothing from the files."""
+        from safetensors.numpy import load_file
+
+        from automl_ad.detectors.registry import detector_class
+
+        directory = Path(directory)
+        try:
+            record = json.loads((directory / _PARAMS_FILE).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise AutomlAdError(f"{directory} is not a saved detector ({_PARAMS_FILE}: {exc})") from exc
+        if record.get("format") != SAVE_FORMAT:
+            raise AutomlAdError(f"{directory}: saved with format {record.get('format')}, this version reads "
+                                f"{SAVE_FORMAT}")
+        family = detector_class(record["family"])
+        if cls is not Detector and not issubclass(family, cls):
+            raise AutomlAdError(f"{directory} holds a {record['family']} detector, not {cls.name}")
+        detector = family(**_restore_tuples(family, record["params"]))
+        detector._restore(load_file(str(directory / _TENSORS_FILE)), record["state"])
+        fit = record.get("fit", {})
+        detector.fit_seconds_, detector.fit_peak_rss_mb_ = fit.get("seconds"), fit.get("peak_rss_mb")
+        detector.n_train_ = fit.get("n_train")
+        return detector
+
+    # --- hooks for families -----------------------------------------------------------------------------------
+    def _fit(self, train: ImageSet, on_epoch: EpochCallback | None) -> None:
+        raise NotImplementedError
+
+    def _score(self, images: ImageSet) -> Scores:
+        raise NotImplementedError
+
+    def _state(self) -> tuple[dict[str, np.ndarray], dict]:
+        """Fitted arrays (saved in safetensors) and JSON-able fitted values."""
+        raise NotImplementedError
+
+    def _restore(self, tensors: dict[str, np.ndarray], state: dict) -> None:
+        raise NotImplementedError
+
+    # --- helpers ----------------------------------------------------------------------------------------------
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "fit_seconds_"):
+            raise NotFittedError(f"this {self.name} detector is not fitted yet; call fit(train) first")
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.name and not cls.route:
+            raise TypeError(f"detector family {cls.__name__} must declare its route")
+
+
+def _restore_tuples(family: type, params: dict) -> dict:
+    """JSON turns tuples into lists; give back tuples where the family's default is a tuple."""
+    import inspect
+
+    defaults = {name: p.default for name, p in inspect.signature(family.__init__).parameters.items()}
+    return {k: tuple(v) if isinstance(v, list) and isinstance(defaults.get(k), tuple) else v
+            for k, v in params.items()}
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    return value

@@ -1,0 +1,65 @@
+"""Shared pieces for families built on pretrained backbone features (PatchCore, PaDiM, FastFlow, STPM...).
+
+Subclasses list the backbone parameters in their own ``__init__`` (scikit-learn reads parameters from the
+signature): ``backbone``, ``feature_strides``, ``weights``, ``pretrained``, ``input_size``, ``device``,
+``cache_features``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from automl_ad.data.imageset import ImageSet
+from automl_ad.defaults import CACHE_MIN_IMAGES
+from automl_ad.detectors.base import Detector
+from automl_ad.features import FeatureCache, extract_features, load_extractor
+
+_CACHE: FeatureCache | None = None
+
+
+def feature_cache() -> FeatureCache:
+    """The process-wide feature cache (location from ``$AUTOML_AD_CACHE_DIR``)."""
+    global _CACHE
+    if _CACHE is None:
+        _CACHE = FeatureCache()
+    return _CACHE
+
+
+class BackboneDetector(Detector):
+    """A detector reading feature maps of a timm backbone at ``feature_strides``."""
+
+    def _extractor(self):
+        return load_extractor(self.backbone, self.feature_strides, self.input_size, weights=self.weights,
+                              pretrained=self.pretrained, device=self.device)
+
+    def _features(self, images: ImageSet) -> list[np.ndarray]:
+        """Feature maps (one float32 array (N, C, h, w) per stride); cached for sets of CACHE_MIN_IMAGES or more."""
+        extractor = self._extractor()
+        if self.cache_features and len(images) >= CACHE_MIN_IMAGES:
+            return extract_features(extractor, images, feature_cache())
+        return extractor.features(images.load(self.input_size))
+
+    def _backbone_state(self) -> dict:
+        """What identifies the backbone weights, saved with the model and checked on load."""
+        return {"weights_identity": self._extractor().spec.weights.identity}
+
+    def _check_backbone(self, state: dict) -> None:
+        identity = self._extractor().spec.weights.identity
+        if state.get("weights_identity") not in (None, identity):
+            from automl_ad.errors import AutomlAdError
+
+            raise AutomlAdError(f"{self.name}: the model was fitted with backbone weights {state['weights_identity']}"
+                                f" but {identity} are loaded now; pass the same weights file")
+
+
+def upsample_and_smooth(maps: np.ndarray, size: int, sigma: float) -> np.ndarray:
+    """Bilinear upsampling of (N, h, w) maps to (N, size, size), then a Gaussian blur of ``sigma`` pixels."""
+    import torch
+    import torch.nn.functional as F
+    from scipy import ndimage
+
+    tensor = torch.from_numpy(np.ascontiguousarray(maps, dtype=np.float32))[:, None]
+    up = F.interpolate(tensor, size=(size, size), mode="bilinear", align_corners=False)[:, 0].numpy()
+    if sigma > 0:
+        up = ndimage.gaussian_filter(up, sigma=(0, sigma, sigma), truncate=4.0)
+    return up.astype(np.float32)

@@ -1,0 +1,70 @@
+"""Registry of detector families: ``create_detector(name, **params)``, ``list_detectors()``.
+
+Family modules are imported only when a family is asked for, so listing names or building a traditional
+detector does not import torch.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+
+from automl_ad.errors import UsageError
+
+#: Family name → module that defines (and registers) it.
+FAMILY_MODULES = {
+    "patchcore": "automl_ad.detectors.memory_bank.patchcore",
+    "padim": "automl_ad.detectors.distribution.padim",
+    "fastflow": "automl_ad.detectors.distribution.fastflow",
+    "stpm": "automl_ad.detectors.teacher_student.stpm",
+    "gaussian": "automl_ad.detectors.statistical.gaussian",
+    "frequency": "automl_ad.detectors.frequency.frequency",
+    "template": "automl_ad.detectors.template.template",
+}
+
+_REGISTRY: dict[str, type] = {}
+
+
+class UnknownDetectorError(UsageError, KeyError):
+    """No family of that name."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def register_detector(cls):
+    """Class decorator: make a family available under its ``name``."""
+    if not cls.name:
+        raise TypeError(f"{cls.__name__} has no name")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def list_detectors() -> list[str]:
+    """Names of every available family, sorted."""
+    return sorted(FAMILY_MODULES)
+
+
+def detector_class(name: str) -> type:
+    """The class of family ``name`` (imports its module on first use)."""
+    if name not in FAMILY_MODULES:
+        close = difflib.get_close_matches(name, FAMILY_MODULES, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise UnknownDetectorError(f"no detector family '{name}'.{hint} Available: {', '.join(list_detectors())}")
+    if name not in _REGISTRY:
+        importlib.import_module(FAMILY_MODULES[name])
+    return _REGISTRY[name]
+
+
+def create_detector(name: str, **params):
+    """Construct family ``name`` with ``params`` (unknown parameters raise with the accepted ones listed)."""
+    cls = detector_class(name)
+    accepted = cls._get_param_names()
+    unknown = [k for k in params if k not in accepted]
+    if unknown:
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, accepted, n=1)
+            hints.append(f"'{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+        raise UsageError(f"{name} has no parameter {', '.join(hints)}. Accepted: {', '.join(accepted)}")
+    return cls(**params)

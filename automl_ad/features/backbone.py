@@ -1,0 +1,247 @@
+"""Pretrained timm backbones as feature pyramids, with weights from the hub cache or a local file.
+
+A :class:`FeatureExtractor` selects feature maps by stride (e.g. ``(8, 16)``: the two mid stages of any timm
+CNN), normalises inputs with the weights' own mean/std, runs on CUDA when present (``device="auto"``) and, on
+CPU, as a frozen TorchScript graph (conv/BN/activation fused), which gives identical features several times
+faster than eager execution.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from automl_ad.errors import AutomlAdError
+
+log = logging.getLogger(__name__)
+
+
+class BackboneWeightsError(AutomlAdError):
+    """Pretrained weights cannot be found; the message says how to provide them."""
+
+
+def resolve_device(device: str = "auto") -> str:
+    """``auto`` → ``cuda`` when a GPU is usable, else ``cpu``; explicit names are checked."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise AutomlAdError(f"device={device!r} was requested but no CUDA GPU is available; use device='auto' or 'cpu'")
+    return device
+
+
+@lru_cache(maxsize=64)
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@lru_cache(maxsize=1)
+def known_weights() -> dict:
+    """Weight files whose creation arguments and normalisation we know, keyed by sha256 (``weights.yaml``)."""
+    return yaml.safe_load(resources.files("automl_ad.features").joinpath("weights.yaml").read_text())["weights"]
+
+
+@dataclass(frozen=True)
+class WeightsSource:
+    """Where a backbone's weights come from and how inputs must be normalised for them."""
+
+    identity: str  # sha256 of the file, "hub:<id>", or "random"
+    file: str | None
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    create_kwargs: tuple = ()  # sorted (name, value) pairs for timm.create_model
+
+
+def _hub_cached_file(pretrained_cfg: dict) -> str | None:
+    """A weights file for this timm config already in the Hugging Face or torch hub cache, if any."""
+    hub_id = pretrained_cfg.get("hf_hub_id")
+    if hub_id:
+        from huggingface_hub import try_to_load_from_cache
+
+        for filename in ("model.safetensors", "pytorch_model.bin"):
+            cached = try_to_load_from_cache(hub_id, filename)
+            if isinstance(cached, str):
+                return cached
+    url = pretrained_cfg.get("url")
+    if url:
+        import torch.hub
+
+        candidate = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+        if candidate.is_file():
+            return str(candidate)
+    return None
+
+
+def resolve_weights(backbone: str, weights: str | None, pretrained: bool,
+                    mean=None, std=None, create_kwargs: dict | None = None) -> WeightsSource:
+    """Decide where weights come from. Explicit ``mean``/``std``/``create_kwargs`` override known presets."""
+    import timm
+
+    create_kwargs = dict(create_kwargs or {})
+    cfg = timm.models.get_pretrained_cfg(backbone)
+    cfg = cfg.to_dict() if cfg is not None else {}
+    default_mean, default_std = tuple(cfg.get("mean", (0.485, 0.456, 0.406))), tuple(cfg.get("std", (0.229, 0.224, 0.225)))
+    if weights is not None:
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise BackboneWeightsError(f"weights file {path} does not exist; pass the path of a timm state_dict "
+                                       f"(.safetensors or .pth) for {backbone}")
+        identity = file_sha256(str(path.resolve()))
+        preset = known_weights().get(identity, {})
+        if preset and preset["model"] != backbone:
+            raise BackboneWeightsError(f"weights file {path} holds {preset['model']} weights, not {backbone}")
+        return WeightsSource(identity, str(path.resolve()), tuple(mean or preset.get("mean", default_mean)),
+                             tuple(std or preset.get("std", default_std)),
+                             _pairs({**preset.get("create_kwargs", {}), **create_kwargs}))
+    if not pretrained:
+        return WeightsSource("random", None, tuple(mean or default_mean), tuple(std or default_std),
+                             _pairs(create_kwargs))
+    cached = _hub_cached_file(cfg)
+    if cached is None and _offline():
+        raise BackboneWeightsError(_offline_message(backbone))
+    identity = f"hub:{cfg.get('hf_hub_id') or cfg.get('url') or backbone}"
+    return WeightsSource(identity, cached, tuple(mean or default_mean), tuple(std or default_std),
+                         _pairs(create_kwargs))
+
+
+def _pairs(kwargs: dict) -> tuple:
+    return tuple(sorted(kwargs.items()))
+
+
+def _offline() -> bool:
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "AUTOML_AD_OFFLINE"))
+
+
+def _offline_message(backbone: str) -> str:
+    return (f"no pretrained weights for backbone '{backbone}' are available offline (not in the Hugging Face or "
+            f"torch hub cache). Provide them in one of these ways: pass a local timm state_dict file with "
+            f"--weights PATH (Python: weights='PATH'); or run once with internet access so timm caches them; "
+            f"or copy the hub cache (~/.cache/huggingface) from a connected machine. pretrained=False uses random "
+            f"weights (much lower accuracy).")
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """Everything that determines the features: part of every feature-cache key."""
+
+    backbone: str
+    strides: tuple[int, ...]
+    weights: WeightsSource
+    input_size: int
+
+    def key(self) -> dict:
+        return {"backbone": self.backbone, "strides": list(self.strides), "weights": self.weights.identity,
+                "mean": list(self.weights.mean), "std": list(self.weights.std),
+                "create_kwargs": dict(self.weights.create_kwargs), "input_size": self.input_size,
+                "resize": "bilinear-antialias", "channels": "rgb"}
+
+
+class FeatureExtractor:
+    """A timm feature pyramid at the given strides, ready for inference on ``device``."""
+
+    def __init__(self, spec: BackboneSpec, device: str = "auto"):
+        import timm
+        import torch
+
+        self.spec = spec
+        self.device = resolve_device(device)
+        kwargs = dict(features_only=True, **dict(spec.weights.create_kwargs))
+        pretrained = spec.weights.identity != "random"
+        if spec.weights.file:
+            kwargs["pretrained_cfg_overlay"] = dict(file=spec.weights.file)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                probe = timm.create_model(spec.backbone, pretrained=False, **{k: v for k, v in kwargs.items()
+                                                                           if k != "pretrained_cfg_overlay"})
+                reductions = probe.feature_info.reduction()
+                missing = [s for s in spec.strides if s not in reductions]
+                if missing:
+                    raise AutomlAdError(f"backbone {spec.backbone} has feature strides {reductions}; "
+                                        f"{missing} are not among them")
+                kwargs["out_indices"] = tuple(reductions.index(s) for s in spec.strides)
+                model = timm.create_model(spec.backbone, pretrained=pretrained, **kwargs)
+        except RuntimeError as exc:
+            if "no Internet" in str(exc) or "connection" in str(exc).lower():
+                raise BackboneWeightsError(_offline_message(spec.backbone)) from exc
+            raise
+        except (OSError, ValueError) as exc:
+            if isinstance(exc, AutomlAdError):
+                raise
+            raise BackboneWeightsError(f"{_offline_message(spec.backbone)} (loader said: {exc})") from exc
+        self.channels = tuple(model.feature_info.channels())
+        self.model = model.eval().to(self.device)
+        for parameter in self.model.parameters():
+            parameter.requires_grad_(False)
+        self._mean = torch.tensor(spec.weights.mean, device=self.device).view(1, 3, 1, 1)
+        self._std = torch.tensor(spec.weights.std, device=self.device).view(1, 3, 1, 1)
+        self._graph = None
+
+    def normalise(self, images: np.ndarray):
+        """(N, H, W, 3) float in [0, 1] → normalised NCHW tensor on the device."""
+        import torch
+
+        batch = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).to(self.device)
+        return (batch - self._mean) / self._std
+
+    def _runner(self):
+        """Frozen TorchScript graph on CPU (fused, same numerics within ~1e-4), the eager model on GPU."""
+        import torch
+
+        if self.device != "cpu":
+            return self.model
+        if self._graph is None:
+            example = torch.zeros(1, 3, self.spec.input_size, self.spec.input_size)
+            with warnings.catch_warnings(), torch.inference_mode():
+                warnings.simplefilter("ignore")
+                traced = torch.jit.trace(self.model, example, strict=False)
+                self._graph = torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
+        return self._graph
+
+    def __call__(self, batch) -> list:
+        """Feature maps (list of NCHW tensors) for a normalised batch."""
+        import torch
+
+        with torch.inference_mode():
+            return list(self._runner()(batch))
+
+    @property
+    def batch_size(self) -> int:
+        """Batch size for bulk extraction: 1 on CPU (the frozen graph is fastest per image there), 32 on GPU."""
+        return 1 if self.device == "cpu" else 32
+
+    def features(self, images: np.ndarray, batch_size: int | None = None) -> list[np.ndarray]:
+        """Feature maps as float32 numpy arrays for (N, H, W, 3) images in [0, 1] at the input size."""
+        batch_size = batch_size or self.batch_size
+        outputs: list[list[np.ndarray]] = [[] for _ in self.spec.strides]
+        for start in range(0, len(images), batch_size):
+            for level, feature in enumerate(self(self.normalise(images[start:start + batch_size]))):
+                outputs[level].append(feature.float().cpu().numpy())
+        return [np.concatenate(level) for level in outputs]
+
+
+@lru_cache(maxsize=4)
+def _extractor(spec: BackboneSpec, device: str) -> FeatureExtractor:
+    return FeatureExtractor(spec, device)
+
+
+def load_extractor(backbone: str, strides, input_size: int, weights: str | None = None, pretrained: bool = True,
+                   device: str = "auto", mean=None, std=None, create_kwargs: dict | None = None) -> FeatureExtractor:
+    """A (process-wide cached) feature extractor; repeated calls with the same settings share the model."""
+    source = resolve_weights(backbone, weights, pretrained, mean, std, create_kwargs)
+    spec = BackboneSpec(backbone, tuple(int(s) for s in strides), source, int(input_size))
+    return _extractor(spec, resolve_device(device))

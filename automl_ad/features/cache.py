@@ -1,0 +1,94 @@
+"""On-disk feature cache shared by every detector, trial and process.
+
+Features are stored per (backbone spec, image-set fingerprint) as one safetensors file named by the hash of
+that key. Writers write a temporary file and rename it into place (atomic on POSIX), so concurrent writers
+never leave a partial file and readers only ever see complete ones. Reads refresh the file time, so the
+least recently used entries can be evicted first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from automl_ad.defaults import FEATURE_CACHE_ENV, default_cache_dir
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+
+
+class FeatureCache:
+    """A folder of cached feature pyramids. ``FeatureCache(None)`` uses ``$AUTOML_AD_CACHE_DIR`` or the default."""
+
+    def __init__(self, root: str | Path | None = None, enabled: bool = True):
+        self.root = Path(root or os.environ.get(FEATURE_CACHE_ENV) or default_cache_dir()).expanduser() / "features"
+        self.enabled = enabled
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def key(spec_key: dict, fingerprint: str) -> str:
+        payload = json.dumps({"spec": spec_key, "images": fingerprint, "format": FORMAT_VERSION}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:32]
+
+    def _path(self, key: str) -> Path:
+        return self.root / f"{key}.safetensors"
+
+    def get(self, key: str) -> list[np.ndarray] | None:
+        if not self.enabled:
+            return None
+        path = self._path(key)
+        if not path.is_file():
+            self.misses += 1
+            return None
+        from safetensors.numpy import load_file
+
+        try:
+            tensors = load_file(str(path))
+        except Exception as exc:  # a damaged entry is recomputed, never trusted
+            log.warning("feature cache entry %s is unreadable (%s); recomputing", path, exc)
+            self.misses += 1
+            return None
+        os.utime(path)
+        self.hits += 1
+        return [tensors[f"level{i}"] for i in range(len(tensors))]
+
+    def put(self, key: str, arrays: list[np.ndarray], meta: dict | None = None) -> None:
+        if not self.enabled:
+            return
+        from safetensors.numpy import save_file
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        handle, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp-", suffix=".safetensors")
+        os.close(handle)
+        try:
+            save_file({f"level{i}": np.ascontiguousarray(a) for i, a in enumerate(arrays)}, tmp,
+                      metadata={"meta": json.dumps(meta or {}, sort_keys=True)})
+            os.replace(tmp, self._path(key))
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def size_mb(self) -> float:
+        return sum(p.stat().st_size for p in self.root.glob("*.safetensors")) / 2**20 if self.root.is_dir() else 0.0
+
+
+def extract_features(extractor, images, cache: FeatureCache | None = None) -> list[np.ndarray]:
+    """Feature pyramid of an :class:`~automl_ad.data.imageset.ImageSet`, from the cache when computed before."""
+    cache = cache if cache is not None else FeatureCache()
+    spec_key = extractor.spec.key()
+    key = cache.key(spec_key, images.fingerprint)
+    cached = cache.get(key)
+    if cached is not None:
+        return cached
+    size = extractor.spec.input_size
+    features = extractor.features(images.load(size))
+    cache.put(key, features, {"spec": spec_key, "images": images.fingerprint, "count": len(images)})
+    return features
