@@ -183,6 +183,100 @@ def cmd_demo(args) -> int:
     return code
 
 
+def _parse_params(items: list[str]) -> dict:
+    """``k=v`` pairs; values are read as YAML scalars/lists (0.1, true, [8, 16], resnet18)."""
+    import yaml
+
+    from automl_ad.errors import UsageError
+
+    params = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--param expects key=value, got {item!r}")
+        parsed = yaml.safe_load(value) if value else None
+        params[key.strip()] = tuple(parsed) if isinstance(parsed, list) else parsed
+    return params
+
+
+def cmd_fit(args) -> int:
+    from automl_ad.data import open_dataset
+    from automl_ad.data.imageset import ImageSet
+    from automl_ad.detectors import create_detector
+    from automl_ad.errors import UsageError
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise UsageError(f"{out} already holds files; choose another --out or pass --overwrite")
+    params = _parse_params(args.param)
+    if args.weights:
+        params["weights"] = str(Path(args.weights).resolve())
+    detector = create_detector(args.family, **params)
+    dataset = open_dataset(args.data, category=args.category, strict=args.strict, progress=True)
+    split = dataset.holdout_split()
+    train = ImageSet.from_records(split.train, dataset)
+    console = _console()
+    console.print(f"Fitting {args.family} on {len(train)} normal images of {dataset.name} ...")
+    detector.fit(train)
+    detector.save(out)
+    record = {"dataset": str(dataset.root), "category": dataset.name, "fingerprint": dataset.fingerprint(),
+              "n_train": len(train), "fit_seconds": detector.fit_seconds_, "peak_rss_mb": detector.fit_peak_rss_mb_}
+    (out / "fit.json").write_text(json.dumps(record, indent=2))
+    console.print(f"Fitted in {detector.fit_seconds_:.1f} s (peak memory {detector.fit_peak_rss_mb_:.0f} MB); "
+                  f"saved to {out}. Next: automl-ad evaluate {out} {args.data}")
+    return EXIT_OK
+
+
+def cmd_evaluate(args) -> int:
+    from automl_ad.data import open_dataset
+    from automl_ad.data.imageset import ImageSet
+    from automl_ad.detectors import Detector
+    from automl_ad.evaluation.run import evaluate_detector
+    from automl_ad.reporting.heatmaps import save_overlays
+
+    model_dir = Path(args.model)
+    detector = Detector.load(model_dir)
+    dataset = open_dataset(args.data, category=args.category, strict=args.strict, progress=not args.json)
+    fit_record = model_dir / "fit.json"
+    if fit_record.is_file() and json.loads(fit_record.read_text()).get("fingerprint") != dataset.fingerprint():
+        log.warning("the model was fitted on other data than %s; test images may overlap its training images",
+                    dataset.root)
+    test = ImageSet.from_records(dataset.holdout_split().test, dataset)
+    result = evaluate_detector(detector, test, measure_cost=not args.no_cost)
+    out = Path(args.out) if args.out else model_dir / "evaluation"
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {"family": detector.name, "dataset": str(dataset.root), "n_test": len(test), **result.summary()}
+    (out / "metrics.json").write_text(json.dumps(summary, indent=2))
+    overlays = []
+    if result.anomaly_maps is not None:
+        images = test.load(detector.input_size) if hasattr(detector, "input_size") else test.load(result.anomaly_maps.shape[-1])
+        overlays = save_overlays(out / "heatmaps", images, result.anomaly_maps, test.labels, result.image_scores,
+                                 [str(p) for p in test.paths], test.masks())
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return EXIT_OK
+    _print_evaluation(_console(), summary, out, overlays)
+    return EXIT_OK
+
+
+def _print_evaluation(console, summary: dict, out: Path, overlays: list) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{summary['family']} on {summary['dataset']} ({summary['n_test']} test images)")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in summary["metrics"].items():
+        table.add_row(key, "n/a" if value is None else f"{value:.4f}")
+    units = {"fit_seconds": "s", "latency_ms_p50": "ms", "latency_ms_p95": "ms", "throughput_ips": "img/s",
+             "peak_rss_mb_fit": "MB", "peak_rss_mb_score": "MB", "model_mb": "MB"}
+    for key, unit in units.items():
+        value = summary["cost"].get(key)
+        table.add_row(key, "n/a" if value is None else f"{value:.1f} {unit}")
+    console.print(table)
+    console.print(f"Metrics saved to {out / 'metrics.json'}" + (f"; {len(overlays)} heatmaps in {out / 'heatmaps'}"
+                                                                  if overlays else ""))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from automl_ad import __version__
     from automl_ad.defaults import DEMO_DATA_DIR, SHORTLIST_SIZE
@@ -210,6 +304,24 @@ def build_parser() -> argparse.ArgumentParser:
     data_args(p)
     p.add_argument("--out", help="write the profile JSON here (a file, or a folder for several categories)")
     p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("fit", help="fit one detector family on the normal training images and save it")
+    p.add_argument("data", help="dataset folder")
+    p.add_argument("--family", required=True, help="detector family (e.g. patchcore, padim, stpm)")
+    p.add_argument("--param", action="append", metavar="KEY=VALUE", help="detector parameter, repeatable")
+    p.add_argument("--weights", help="local backbone weights file (timm state_dict) for offline use")
+    p.add_argument("--out", required=True, help="folder for the fitted model")
+    p.add_argument("--overwrite", action="store_true", help="replace files in --out")
+    p.add_argument("--category", help="only this category of a multi-category root")
+    p.add_argument("--strict", action="store_true", help="fail on any bad file instead of skipping it")
+    p.set_defaults(func=cmd_fit)
+
+    p = sub.add_parser("evaluate", help="metrics, cost figures and heatmaps of a fitted model on the test images")
+    p.add_argument("model", help="folder written by `automl-ad fit`")
+    data_args(p)
+    p.add_argument("--out", help="output folder (default MODEL/evaluation)")
+    p.add_argument("--no-cost", action="store_true", help="skip latency/throughput/memory measurement")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("demo", help="generate the built-in demo dataset and run the journey on it")
     p.add_argument("--out", default=str(Path(DEMO_DATA_DIR).parent), help="output folder (default %(default)s)")

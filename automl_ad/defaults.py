@@ -35,6 +35,3 @@ def default_cache_dir() -> str:
     import os
 
     return os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "automl-ad")
-
-#: Image sets smaller than this are scored without the feature cache (deployment, single images).
-CACHE_MIN_IMAGES = 8

@@ -51,5 +51,5 @@ def mvtec_dir(tmp_path: Path) -> Path:
 
 
 def needs(path: Path):
-    """Skip a test when a shared dataset is not on this machine."""
-    return pytest.mark.skipif(not path.is_dir(), reason=f"{path} not available")
+    """Skip a test when a shared dataset or weights file is not on this machine."""
+    return pytest.mark.skipif(not path.exists(), reason=f"{path} not available")

@@ -91,6 +91,17 @@ class Dataset:
         order = {r.path: i for i, r in enumerate(self.records)}
         return DataSplit(*(sorted(part, key=lambda r: order[r.path]) for part in (train, validation, test)))
 
+    def holdout_split(self, seed: int = SPLIT_SEED) -> DataSplit:
+        """Fit/test split without a validation part: the declared train normals (or 80% of undeclared normals)
+        for fitting; declared test images (or the other 20% and every defect) for testing."""
+        declared = any(r.split is not None for r in self.normal)
+        split = self.split(validation_fraction=0.0 if declared else 0.2, defect_validation_fraction=0.0, seed=seed)
+        if declared:
+            return split
+        held_out = set(r.path for r in split.test)
+        train = [r for r in self.normal if r.path not in held_out]
+        return DataSplit(train, [], split.test)
+
     def load(self, records: list[ImageRecord], size: int | tuple[int, int], gray: bool = False) -> np.ndarray:
         """Load images as a float32 array ``(N, H, W[, 3])`` in [0, 1] at a common size.
 

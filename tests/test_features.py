@@ -1,0 +1,140 @@
+"""Backbone features: local weights with their own settings, clear offline errors, the on-disk feature cache."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+
+import numpy as np
+import pytest
+from conftest import SHARED_WEIGHTS, needs
+
+from automl_ad.data.imageset import ImageSet
+from automl_ad.errors import AutomlAdError
+from automl_ad.features import BackboneWeightsError, FeatureCache, extract_features, load_extractor, resolve_device
+from automl_ad.features.backbone import resolve_weights
+
+
+def _images(n=3, size=64, seed=0):
+    rng = np.random.default_rng(seed)
+    return ImageSet.from_arrays([rng.random((size, size, 3)).astype(np.float32) for _ in range(n)])
+
+
+def test_device_auto_and_explicit_cuda_check():
+    import torch
+
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(AutomlAdError, match="no CUDA GPU"):
+            resolve_device("cuda")
+
+
+def test_missing_weights_file_is_explained(tmp_path):
+    with pytest.raises(BackboneWeightsError, match="does not exist"):
+        resolve_weights("resnet18", str(tmp_path / "nope.safetensors"), True)
+
+
+def test_offline_without_weights_says_how_to_provide_them(monkeypatch):
+    import automl_ad.features.backbone as backbone
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(backbone, "_hub_cached_file", lambda cfg: None)
+    with pytest.raises(BackboneWeightsError, match="--weights PATH"):
+        resolve_weights("resnet18", None, True)
+
+
+def test_random_weights_need_no_download():
+    extractor = load_extractor("resnet18", (8, 16), 64, pretrained=False)
+    features = extractor.features(_images().load(64))
+    assert [f.shape for f in features] == [(3, 128, 8, 8), (3, 256, 4, 4)]
+
+
+def test_unknown_stride_is_explained():
+    with pytest.raises(AutomlAdError, match="feature strides"):
+        load_extractor("resnet18", (8, 64), 64, pretrained=False)
+
+
+@needs(SHARED_WEIGHTS)
+def test_known_local_weights_bring_their_settings():
+    source = resolve_weights("mobilenetv2_100", str(SHARED_WEIGHTS), True)
+    assert source.mean == (0.5, 0.5, 0.5) and dict(source.create_kwargs) == {"pad_type": "same"}
+    assert source.identity.startswith("245baed6")
+    explicit = resolve_weights("mobilenetv2_100", str(SHARED_WEIGHTS), True, mean=(0.4, 0.4, 0.4))
+    assert explicit.mean == (0.4, 0.4, 0.4)
+    with pytest.raises(BackboneWeightsError, match="holds mobilenetv2_100 weights"):
+        resolve_weights("resnet18", str(SHARED_WEIGHTS), True)
+
+
+@needs(SHARED_WEIGHTS)
+def test_local_weights_give_imagenet_features():
+    """The shared weights classify a cat photo as a cat (the weights really loaded, with the right settings)."""
+    import timm
+    import torch
+    from skimage import data
+
+    from automl_ad.data.io import resize_image
+
+    source = resolve_weights("mobilenetv2_100", str(SHARED_WEIGHTS), True)
+    model = timm.create_model("mobilenetv2_100", pretrained=True, **dict(source.create_kwargs),
+                              pretrained_cfg_overlay=dict(file=source.file)).eval()
+    image = resize_image(data.chelsea().astype(np.float32) / 255, 224)
+    x = (torch.from_numpy(image.transpose(2, 0, 1))[None] - 0.5) / 0.5
+    with torch.inference_mode():
+        top = int(model(x).argmax())
+    assert top in (281, 282, 285)  # tabby, tiger cat, Egyptian cat
+
+
+def test_frozen_graph_matches_eager():
+    import torch
+
+    extractor = load_extractor("resnet18", (8,), 64, pretrained=False)
+    batch = extractor.normalise(_images(2).load(64))
+    with torch.inference_mode():
+        eager = extractor.model(batch)[0]
+    assert torch.allclose(extractor(batch)[0], eager, atol=1e-4)
+
+
+def test_feature_cache_round_trip_and_reuse(tmp_path):
+    cache = FeatureCache(tmp_path)
+    extractor = load_extractor("resnet18", (8, 16), 64, pretrained=False)
+    paths = []
+    from PIL import Image
+
+    for i, image in enumerate(_images(4).arrays):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray((image * 255).astype(np.uint8)).save(paths[-1])
+    images = ImageSet.from_paths(paths)
+    first = extract_features(extractor, images, cache)
+    second = extract_features(extractor, images, cache)
+    assert (cache.hits, cache.misses) == (1, 1)
+    for a, b in zip(first, second):
+        np.testing.assert_array_equal(a, b)
+    other = extract_features(load_extractor("resnet18", (8, 16), 64, pretrained=False), images.subset([0, 1]), cache)
+    assert other[0].shape[0] == 2 and cache.misses == 2
+
+
+def test_damaged_cache_entry_is_recomputed(tmp_path):
+    cache = FeatureCache(tmp_path)
+    key = cache.key({"x": 1}, "abc")
+    cache.put(key, [np.ones((2, 3), np.float32)])
+    path = next((tmp_path / "features").glob("*.safetensors"))
+    path.write_bytes(path.read_bytes()[:20])
+    assert cache.get(key) is None
+
+
+def _writer(root, value):
+    cache = FeatureCache(root)
+    for _ in range(20):
+        cache.put("samekey", [np.full((256, 256), value, np.float32)])
+
+
+def test_concurrent_writers_never_leave_partial_files(tmp_path):
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=_writer, args=(str(tmp_path), v)) for v in (1.0, 2.0)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    arrays = FeatureCache(tmp_path).get("samekey")
+    assert arrays is not None and np.unique(arrays[0]).size == 1
+    assert not [p for p in os.listdir(tmp_path / "features") if p.startswith(".tmp-")]
