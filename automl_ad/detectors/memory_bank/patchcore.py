@@ -1,7 +1,7 @@
 """PatchCore (Roth et al., CVPR 2022): a coreset memory bank of locally aware patch features.
 
 1. Patch features from two mid-level stages (strides 8 and 16), each averaged over its 3x3 neighbourhood
-   (local awareness), the coarser map upsampled to the finer grid, concatenated (optionally reduced to
+   (local awareness; zero padding counts at the border, as the official unfold-based code), the coarser map upsampled to the finer grid, concatenated (optionally reduced to
    ``embedding_dim`` channels by adaptive average pooling, as in the paper).
 2. Greedy k-center coreset of ``coreset_ratio`` of all training patches, run on a Gaussian random projection
    of the features (Johnson-Lindenstrauss) for speed; the bank keeps the full features. The paper projects
@@ -65,8 +65,7 @@ class PatchCore(BackboneDetector):
         import torch.nn.functional as F
 
         pad = self.neighbourhood // 2
-        maps = [F.avg_pool2d(torch.from_numpy(f), self.neighbourhood, stride=1, padding=pad,
-                             count_include_pad=False) for f in features]
+        maps = [F.avg_pool2d(torch.from_numpy(f), self.neighbourhood, stride=1, padding=pad) for f in features]
         height, width = maps[0].shape[-2:]
         maps = [m if m.shape[-2:] == (height, width) else
                 F.interpolate(m, size=(height, width), mode="bilinear", align_corners=False) for m in maps]
