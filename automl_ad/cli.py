@@ -209,9 +209,17 @@ def cmd_fit(args) -> int:
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise UsageError(f"{out} already holds files; choose another --out or pass --overwrite")
     params = _parse_params(args.param)
-    if args.weights:
-        params["weights"] = str(Path(args.weights).resolve())
     detector = create_detector(args.family, **params)
+    if args.weights:
+        if "weights" not in detector.get_params():
+            raise UsageError(f"{args.family} uses no pretrained backbone; drop --weights")
+        detector.set_params(weights=str(Path(args.weights).resolve()))
+    elif args.profile and "backbone" in detector.get_params():
+        from automl_ad.constraints import load_constraints
+
+        local = load_constraints(args.profile).backbone_weights.get(detector.get_params()["backbone"])
+        if local:
+            detector.set_params(weights=local)
     dataset = open_dataset(args.data, category=args.category, strict=args.strict, progress=True)
     split = dataset.holdout_split()
     train = ImageSet.from_records(split.train, dataset)
@@ -310,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--family", required=True, help="detector family (e.g. patchcore, padim, stpm)")
     p.add_argument("--param", action="append", metavar="KEY=VALUE", help="detector parameter, repeatable")
     p.add_argument("--weights", help="local backbone weights file (timm state_dict) for offline use")
+    p.add_argument("--profile", help="constraint profile whose backbone_weights supply local weights")
     p.add_argument("--out", required=True, help="folder for the fitted model")
     p.add_argument("--overwrite", action="store_true", help="replace files in --out")
     p.add_argument("--category", help="only this category of a multi-category root")

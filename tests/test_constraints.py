@@ -72,3 +72,13 @@ def test_parse_duration(text, seconds):
 
 def test_throughput_implies_latency():
     assert ConstraintProfile(throughput_fps=100).effective_latency_ms == 10
+
+
+def test_backbone_weights_are_resolved_next_to_the_profile(tmp_path):
+    (tmp_path / "w.safetensors").write_bytes(b"x")
+    path = tmp_path / "p.yaml"
+    path.write_text("backbone_weights: {mobilenetv2_100: w.safetensors}\n")
+    assert load_constraints(path).backbone_weights == {"mobilenetv2_100": str(tmp_path / "w.safetensors")}
+    path.write_text("backbone_weights: {resnet18: missing.safetensors}\n")
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_constraints(path)

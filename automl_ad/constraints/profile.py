@@ -56,6 +56,7 @@ class ConstraintProfile:
     training_time_s: float | None = None
     priorities: dict[str, float] = field(default_factory=_default_priorities)
     data: dict = field(default_factory=dict)
+    backbone_weights: dict[str, str] = field(default_factory=dict)  # backbone name -> local weights file
     source: str | None = None
 
     @property
@@ -109,7 +110,7 @@ def _number(value, key: str, where: str, allow_none: bool = True) -> float | Non
 
 
 _TOP_KEYS = {"name", "description", "latency_ms", "throughput_fps", "hardware", "max_model_mb", "localization",
-             "training_time", "priorities", "data"}
+             "training_time", "priorities", "data", "backbone_weights"}
 
 
 def constraints_from_dict(data: dict, where: str = "constraint profile") -> ConstraintProfile:
@@ -173,7 +174,25 @@ def constraints_from_dict(data: dict, where: str = "constraint profile") -> Cons
         training_time_s=training_time_s,
         priorities=merged,
         data=dict(overrides),
+        backbone_weights=_backbone_weights(data.get("backbone_weights"), where),
     )
+
+
+def _backbone_weights(mapping, where: str) -> dict[str, str]:
+    """``{backbone: path}`` of local weight files (relative paths are taken from the profile's folder)."""
+    if mapping is None:
+        return {}
+    if not isinstance(mapping, dict):
+        raise ConfigError(f"{where}: 'backbone_weights' must map backbone names to weight files, "
+                          "e.g. {mobilenetv2_100: weights/mobilenetv2.safetensors}")
+    base = Path(where).parent if Path(where).suffix in (".yaml", ".yml") else Path.cwd()
+    resolved = {}
+    for name, path in mapping.items():
+        file = (base / str(path)).expanduser().resolve()
+        if not file.is_file():
+            raise ConfigError(f"{where}: backbone_weights.{name}: {file} does not exist")
+        resolved[str(name)] = str(file)
+    return resolved
 
 
 def load_constraints(path: str | Path | None) -> ConstraintProfile:
