@@ -92,3 +92,29 @@ def test_demo_command_runs_end_to_end(tmp_path, monkeypatch, capsys):
     assert "texture" in out and "object" in out
     state = json.loads((tmp_path / ".automl-ad" / "state.json").read_text())
     assert {c["category"] for c in state["categories"]} == {"object", "texture"}
+
+
+def test_fit_then_evaluate(tmp_path, monkeypatch, capsys):
+    from automl_ad.data.demo import generate_demo
+
+    monkeypatch.chdir(tmp_path)
+    data = generate_demo(tmp_path / "d", categories=("object",), n_train=10, n_test_good=3, n_test_per_defect=2,
+                         size=64)["object"]
+    model = tmp_path / "model"
+    args = ["fit", str(data), "--family", "patchcore", "--param", "backbone=resnet18", "--param", "pretrained=false",
+            "--param", "input_size=64", "--param", "feature_strides=[8, 16]", "--out", str(model)]
+    assert main(args) == EXIT_OK
+    assert json.loads((model / "fit.json").read_text())["n_train"] == 10
+    assert main(args) == EXIT_USAGE  # never overwrites an earlier model silently
+    capsys.readouterr()
+    assert main(["evaluate", str(model), str(data), "--json", "--no-cost"]) == EXIT_OK
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["n_test"] == 11 and 0 <= summary["metrics"]["image_auroc"] <= 1
+    assert list((model / "evaluation" / "heatmaps").glob("*.png"))
+
+
+def test_fit_rejects_unknown_family_and_parameters(mvtec_dir, tmp_path, capsys):
+    assert main(["fit", str(mvtec_dir), "--family", "patchcor", "--out", str(tmp_path / "m")]) == EXIT_USAGE
+    assert "Did you mean 'patchcore'" in capsys.readouterr().err
+    assert main(["fit", str(mvtec_dir), "--family", "patchcore", "--param", "coreset=0.1",
+                 "--out", str(tmp_path / "m")]) == EXIT_USAGE
