@@ -1,0 +1,171 @@
+"""Gaussian model of normal appearance over a small filter bank (the statistical route).
+
+1. Working images: luma at ``input_size`` x ``input_size``.
+2. Local features per pixel, at each Gaussian scale sigma in ``scales`` (pixels of the working size): local mean,
+   local standard deviation, and the scale-normalised Gaussian-derivative responses (sigma*Ix, sigma*Iy,
+   sigma^2*Ixx, sigma^2*Iyy, sigma^2*Ixy) - a steerable filter bank (the "local jet"); 7 features per scale.
+3. Two models of the features of normal images (``mode``):
+
+   * ``per_position`` (aligned images): a mean and covariance per pixel position over the training images,
+     regularised by ``regularisation`` x the feature's overall variance on the diagonal (a floor for positions
+     that never vary, such as a saturated background);
+   * ``shared`` (unaligned textures): one multivariate Gaussian over the feature vectors of all pixels, fitted on
+     a random subsample of ``max_samples`` vectors with a robust covariance estimator from scikit-learn
+     (``covariance``: Ledoit-Wolf shrinkage, or the Minimum Covariance Determinant);
+   * ``auto``: ``per_position`` when the training images align well enough - the project's own measure,
+     :func:`automl_ad.profiling.structure.alignment_stats` at 128 px, ``per_position_viable`` - else ``shared``.
+     The choice is stored in ``mode_``.
+
+4. Anomaly map: the Mahalanobis distance of each pixel's features, smoothed with a Gaussian of
+   ``smoothing_sigma``; image score = maximum of the map.
+
+Estimating the mean and covariance is this route's training (``needs_training``), but it is one pass over the
+data, not an iterative optimisation.
+"""
+
+from __future__ import annotations
+
+import logging
+from numbers import Integral
+
+import numpy as np
+from scipy import ndimage
+
+from automl_ad.data.imageset import ImageSet
+from automl_ad.detectors.base import Detector, EpochCallback, Scores
+from automl_ad.detectors.registry import register_detector
+
+log = logging.getLogger(__name__)
+
+MODES = ("auto", "per_position", "shared")
+COVARIANCES = ("ledoit_wolf", "min_cov_det")
+_ALIGNMENT_SIZE = 128
+
+
+@register_detector
+class GaussianModel(Detector):
+    """Statistical route: Mahalanobis distance of local filter-bank features to a Gaussian of normal ones."""
+
+    name = "gaussian"
+    route = "statistical"
+    supports_localization = True
+    needs_training = True
+    test_params = {"input_size": 64, "scales": (1.0, 2.0), "smoothing_sigma": 2.0}
+    test_category = "object"
+
+    def __init__(self, input_size=256, mode="auto", scales=(2.0, 4.0), regularisation=0.01,
+                 covariance="ledoit_wolf", max_samples=20000, smoothing_sigma=4.0, seed=0):
+        self.input_size = input_size
+        self.mode = mode
+        self.scales = scales
+        self.regularisation = regularisation
+        self.covariance = covariance
+        self.max_samples = max_samples
+        self.smoothing_sigma = smoothing_sigma
+        self.seed = seed
+
+    # --- fit --------------------------------------------------------------------------------------------------
+    def _fit(self, train: ImageSet, on_epoch: EpochCallback | None) -> None:
+        self._check_params()
+        images = train.load(self.input_size, gray=True)
+        self.mode_ = self.mode if self.mode != "auto" else self._choose_mode(images)
+        if self.mode_ == "per_position":
+            self._fit_per_position(images)
+        else:
+            self._fit_shared(images)
+
+    def _check_params(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.covariance not in COVARIANCES:
+            raise ValueError(f"covariance must be one of {COVARIANCES}, got {self.covariance!r}")
+        if not isinstance(self.input_size, Integral) or self.input_size < 16:
+            raise ValueError(f"input_size must be an integer >= 16, got {self.input_size!r}")
+        if not isinstance(self.scales, (tuple, list)) or not self.scales or min(self.scales) <= 0:
+            raise ValueError(f"scales must be a non-empty tuple of positive Gaussian sigmas, got {self.scales!r}")
+        if self.regularisation <= 0:
+            raise ValueError(f"regularisation must be > 0, got {self.regularisation!r}")
+        if not isinstance(self.max_samples, Integral) or self.max_samples < 100:
+            raise ValueError(f"max_samples must be an integer >= 100, got {self.max_samples!r}")
+        if self.smoothing_sigma < 0:
+            raise ValueError(f"smoothing_sigma must be >= 0, got {self.smoothing_sigma!r}")
+
+    def _choose_mode(self, images: np.ndarray) -> str:
+        from automl_ad.data.io import resize_image
+        from automl_ad.profiling.structure import alignment_stats
+
+        small = np.stack([resize_image(image, _ALIGNMENT_SIZE) for image in images])
+        stats = alignment_stats(small)
+        mode = "per_position" if stats.per_position_viable else "shared"
+        log.info("%s: mode 'auto' chose %s (normals correlate %.2f with their median without registration)",
+                 self.name, mode, stats.raw_correlation)
+        return mode
+
+    def _fit_per_position(self, images: np.ndarray) -> None:
+        count = len(images)
+        if count < 2:
+            raise ValueError(f"{self.name} per_position needs at least 2 normal images, got {count}")
+        total = second = None
+        for image in images:  # streaming sums keep memory at one image's features
+            features = self._features(image).astype(np.float64)
+            outer = features[..., :, None] * features[..., None, :]
+            total = features if total is None else total + features
+            second = outer if second is None else second + outer
+        mean = total / count
+        covariance = (second - count * mean[..., :, None] * mean[..., None, :]) / (count - 1)
+        overall = np.einsum("hwdd->d", second) / (count * mean[..., 0].size) - mean.mean(axis=(0, 1)) ** 2
+        covariance += np.diag(self.regularisation * np.maximum(overall, 1e-12))
+        self.location_ = mean.astype(np.float32)
+        self.precision_ = np.linalg.inv(covariance).astype(np.float32)
+
+    def _fit_shared(self, images: np.ndarray) -> None:
+        from sklearn.covariance import LedoitWolf, MinCovDet
+
+        rng = np.random.default_rng(self.seed)
+        per_image = max(1, self.max_samples // len(images))
+        samples = []
+        for image in images:
+            features = self._features(image).reshape(-1, len(self.scales) * 7)
+            samples.append(features[rng.choice(len(features), min(per_image, len(features)), replace=False)])
+        samples = np.concatenate(samples).astype(np.float64)
+        estimator = (LedoitWolf() if self.covariance == "ledoit_wolf"
+                     else MinCovDet(random_state=self.seed)).fit(samples)
+        self.location_ = estimator.location_.astype(np.float32)
+        self.precision_ = estimator.precision_.astype(np.float32)
+
+    # --- features and scoring ---------------------------------------------------------------------------------
+    def _features(self, image: np.ndarray) -> np.ndarray:
+        """(H, W, 7 x len(scales)) local features of one gray image."""
+        image = image.astype(np.float32)
+        channels = []
+        for sigma in self.scales:
+            mean = ndimage.gaussian_filter(image, sigma)
+            spread = np.sqrt(np.maximum(ndimage.gaussian_filter(image * image, sigma) - mean * mean, 0))
+            channels += [mean, spread]
+            for order, power in (((0, 1), 1), ((1, 0), 1), ((0, 2), 2), ((2, 0), 2), ((1, 1), 2)):
+                channels.append(sigma ** power * ndimage.gaussian_filter(image, sigma, order=order))
+        return np.stack(channels, axis=-1)
+
+    def _score(self, images: ImageSet) -> Scores:
+        gray = images.load(self.input_size, gray=True)
+        maps = np.empty(gray.shape, np.float32)
+        for i, image in enumerate(gray):
+            centred = self._features(image) - self.location_
+            if self.mode_ == "per_position":
+                squared = np.einsum("hwi,hwij,hwj->hw", centred, self.precision_, centred)
+            else:
+                squared = np.einsum("hwi,ij,hwj->hw", centred, self.precision_, centred)
+            distance = np.sqrt(np.maximum(squared, 0))
+            if self.smoothing_sigma > 0:
+                distance = ndimage.gaussian_filter(distance, self.smoothing_sigma, truncate=4.0)
+            maps[i] = distance
+        return Scores(maps.reshape(len(maps), -1).max(axis=1), maps)
+
+    # --- persistence ------------------------------------------------------------------------------------------
+    def _state(self):
+        return {"location": self.location_, "precision": self.precision_}, {"mode": self.mode_}
+
+    def _restore(self, tensors, state):
+        self.location_ = tensors["location"]
+        self.precision_ = tensors["precision"]
+        self.mode_ = state["mode"]
