@@ -1,0 +1,214 @@
+"""FastFlow (Yu et al., 2021): 2-D normalising flows that map normal patch features to a standard Gaussian.
+
+1. Features of the frozen backbone at ``feature_strides`` (default 4, 8 and 16: the first three stages), each
+   stage normalised by a trainable LayerNorm over (C, h, w), as in the paper.
+2. One 2-D flow per stage (FrEIA ``SequenceINN`` of ``flow_steps`` ``AllInOneBlock`` s: affine coupling with
+   soft clamping ``affine_clamping``, ActNorm-style global affine, fixed channel permutation). The coupling
+   subnets are two convolutions with a ReLU between, alternating 3x3 and 1x1 kernels (``conv3x3_only`` uses
+   3x3 everywhere), ``hidden_ratio`` x the input channels wide.
+3. Training maximises the likelihood: per image 0.5 * sum(z^2) - log|det J|, averaged over the batch and summed
+   over stages (the official objective), with Adam. Because the backbone is frozen, the features are extracted
+   (and cached) once and the flows train on them for ``epochs`` epochs. The reported ``loss`` is that objective
+   divided by the number of feature positions of all stages (NLL per position).
+4. Anomaly map as the official code: per stage the likelihood map exp(-0.5 * mean_c(z^2)), upsampled
+   (bilinear) to the input size, averaged over stages; the official map is its negation, we report
+   1 - average likelihood (the same ranking, in [0, 1], higher = more anomalous). Image score = the map's
+   maximum. No smoothing by default (``smoothing_sigma`` > 0 adds a Gaussian blur).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from automl_ad.data.imageset import ImageSet
+from automl_ad.detectors.base import EpochCallback, Scores
+from automl_ad.detectors.feature_based import BackboneDetector, upsample_and_smooth
+from automl_ad.detectors.registry import register_detector
+
+log = logging.getLogger(__name__)
+
+
+@register_detector
+class FastFlow(BackboneDetector):
+    """Distribution-map route: per-stage normalising flows on frozen backbone features, likelihood maps."""
+
+    name = "fastflow"
+    route = "distribution_map"
+    supports_localization = True
+    needs_training = True
+    iterative = True
+    test_params = {"backbone": "resnet18", "pretrained": False, "input_size": 64, "flow_steps": 4, "epochs": 15,
+                   "batch_size": 8}
+
+    def __init__(self, backbone="resnet18", feature_strides=(4, 8, 16), weights=None, pretrained=True,
+                 input_size=256, device="auto", cache_features=True, flow_steps=8, hidden_ratio=1.0,
+                 conv3x3_only=False, affine_clamping=2.0, epochs=100, batch_size=32, learning_rate=1e-3,
+                 weight_decay=1e-5, smoothing_sigma=0.0, seed=0):
+        self.backbone = backbone
+        self.feature_strides = feature_strides
+        self.weights = weights
+        self.pretrained = pretrained
+        self.input_size = input_size
+        self.device = device
+        self.cache_features = cache_features
+        self.flow_steps = flow_steps
+        self.hidden_ratio = hidden_ratio
+        self.conv3x3_only = conv3x3_only
+        self.affine_clamping = affine_clamping
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.learning_rate = learning_rate
+        self.weight_decay = weight_decay
+        self.smoothing_sigma = smoothing_sigma
+        self.seed = seed
+
+    def _check_params(self) -> None:
+        for key in ("flow_steps", "epochs", "batch_size"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"{key} must be a positive integer, got {value!r}")
+        for key in ("hidden_ratio", "affine_clamping", "learning_rate"):
+            if not getattr(self, key) > 0:
+                raise ValueError(f"{key} must be > 0, got {getattr(self, key)!r}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if not self.smoothing_sigma >= 0:
+            raise ValueError(f"smoothing_sigma must be >= 0 pixels, got {self.smoothing_sigma!r}")
+
+    # --- model ------------------------------------------------------------------------------------------------
+    def _build(self, shapes: list[tuple[int, int, int]]):
+        """LayerNorms and flows for feature maps of ``shapes`` (C, h, w); weights initialised from ``seed``."""
+        import torch
+
+        state = np.random.get_state()  # FrEIA draws the fixed permutations from numpy's global generator
+        try:
+            np.random.seed(self.seed)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.seed)
+                model = _model(shapes, int(self.flow_steps), float(self.hidden_ratio), bool(self.conv3x3_only),
+                               float(self.affine_clamping))
+        finally:
+            np.random.set_state(state)
+        return model.to(self._extractor().device)
+
+    # --- fit --------------------------------------------------------------------------------------------------
+    def _fit(self, train: ImageSet, on_epoch: EpochCallback | None) -> None:
+        import torch
+
+        self._check_params()
+        features = [torch.from_numpy(f) for f in self._features(train)]
+        self.feature_shapes_ = [tuple(int(s) for s in f.shape[1:]) for f in features]
+        model = self._build(self.feature_shapes_)
+        device = next(model.parameters()).device
+        positions = sum(h * w for _, h, w in self.feature_shapes_)
+        optimiser = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=self.learning_rate,
+                                     weight_decay=self.weight_decay)
+        generator = torch.Generator().manual_seed(self.seed)
+        count = len(features[0])
+        self.loss_history_ = []
+        model.train()
+        for epoch in range(int(self.epochs)):
+            order = torch.randperm(count, generator=generator)
+            total = 0.0
+            for start in range(0, count, int(self.batch_size)):
+                index = order[start:start + int(self.batch_size)]
+                outputs = _forward(model, [f[index].to(device) for f in features])
+                loss = sum(torch.mean(0.5 * z.pow(2).sum(dim=(1, 2, 3)) - log_det) for z, log_det in outputs)
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                optimiser.step()
+                total += float(loss.detach()) * len(index)
+            mean_loss = total / count / positions
+            if not np.isfinite(mean_loss):
+                raise FloatingPointError(f"{self.name}: the training loss became {mean_loss} at epoch {epoch}; "
+                                         "lower learning_rate or affine_clamping")
+            self.loss_history_.append(mean_loss)
+            log.debug("%s: epoch %d loss %.4f", self.name, epoch, mean_loss)
+            if on_epoch is not None and on_epoch(epoch, {"loss": mean_loss}):
+                break
+        self.epochs_trained_ = len(self.loss_history_)
+        self.model_ = model.eval()
+        log.info("%s: %d epochs, final NLL per position %.4f", self.name, self.epochs_trained_,
+                 self.loss_history_[-1])
+
+    # --- score ------------------------------------------------------------------------------------------------
+    def _score(self, images: ImageSet) -> Scores:
+        import torch
+        import torch.nn.functional as F
+
+        features = [torch.from_numpy(f) for f in self._features(images)]
+        device = next(self.model_.parameters()).device
+        size = (self.input_size, self.input_size)
+        maps = []
+        with torch.inference_mode():
+            for start in range(0, len(features[0]), int(self.batch_size)):
+                batch = [f[start:start + int(self.batch_size)].to(device) for f in features]
+                likelihood = 0
+                for z, _ in _forward(self.model_, batch):
+                    stage = torch.exp(-0.5 * z.pow(2).mean(dim=1, keepdim=True))
+                    likelihood = likelihood + F.interpolate(stage, size=size, mode="bilinear", align_corners=False)
+                maps.append((1 - likelihood / len(features))[:, 0].float().cpu().numpy())
+        maps = np.concatenate(maps)
+        if self.smoothing_sigma > 0:
+            maps = upsample_and_smooth(maps, self.input_size, self.smoothing_sigma)
+        return Scores(maps.reshape(len(maps), -1).max(axis=1), maps)
+
+    # --- persistence ------------------------------------------------------------------------------------------
+    def _state(self):
+        tensors = {k: v.detach().cpu().numpy() for k, v in self.model_.state_dict().items()}
+        return tensors, {"feature_shapes": [list(s) for s in self.feature_shapes_],
+                         "loss_history": self.loss_history_, "epochs_trained": self.epochs_trained_,
+                         **self._backbone_state()}
+
+    def _restore(self, tensors, state):
+        import torch
+
+        self._check_backbone(state)
+        self.feature_shapes_ = [tuple(s) for s in state["feature_shapes"]]
+        self.loss_history_ = list(state["loss_history"])
+        self.epochs_trained_ = state["epochs_trained"]
+        model = self._build(self.feature_shapes_)
+        device = next(model.parameters()).device
+        model.load_state_dict({k: torch.from_numpy(v).to(device) for k, v in tensors.items()})
+        self.model_ = model.eval()
+
+
+def _subnet(kernel_size: int, hidden_ratio: float):
+    """FrEIA subnet constructor: conv(k) -> ReLU -> conv(k), 'same' padding."""
+    from torch import nn
+
+    def build(in_channels: int, out_channels: int):
+        hidden = max(1, int(in_channels * hidden_ratio))
+        return nn.Sequential(nn.Conv2d(in_channels, hidden, kernel_size, padding="same"), nn.ReLU(),
+                             nn.Conv2d(hidden, out_channels, kernel_size, padding="same"))
+
+    return build
+
+
+def _flow(shape: tuple[int, int, int], steps: int, hidden_ratio: float, conv3x3_only: bool, clamp: float):
+    """One FastFlow flow: ``steps`` AllInOneBlocks, 3x3 subnets on even steps and 1x1 on odd ones."""
+    from FrEIA.framework import SequenceINN
+    from FrEIA.modules import AllInOneBlock
+
+    flow = SequenceINN(*shape)
+    for step in range(steps):
+        kernel = 1 if step % 2 == 1 and not conv3x3_only else 3
+        flow.append(AllInOneBlock, subnet_constructor=_subnet(kernel, hidden_ratio), affine_clamping=clamp,
+                    permute_soft=False)
+    return flow
+
+
+def _model(shapes, steps: int, hidden_ratio: float, conv3x3_only: bool, clamp: float):
+    """Trainable part: a LayerNorm over (C, h, w) and a flow per stage."""
+    from torch import nn
+
+    return nn.ModuleDict({
+        "norms": nn.ModuleList(nn.LayerNorm(list(shape), elementwise_affine=True) for shape in shapes),
+        "flows": nn.ModuleList(_flow(tuple(shape), steps, hidden_ratio, conv3x3_only, clamp) for shape in shapes)})
+
+
+def _forward(model, features) -> list:
+    """[(z, log|det J|)] per stage for per-stage feature batches."""
+    return [flow(norm(feature)) for feature, norm, flow in zip(features, model["norms"], model["flows"])]

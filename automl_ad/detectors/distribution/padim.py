@@ -1,0 +1,153 @@
+"""PaDiM (Defard et al., ICPR 2021): a multivariate Gaussian of patch embeddings at every grid position.
+
+1. Patch embeddings: feature maps of the backbone stages at ``feature_strides`` (default 8 and 16, the two
+   mid stages; the paper concatenates the first three ResNet stages), the coarser maps upsampled to the finest
+   grid by nearest-neighbour (each coarse cell covers its fine cells, as the official code), concatenated, and
+   reduced to ``n_features`` channels by a random subset chosen once with ``seed`` (the paper keeps 100 of
+   ResNet18's 448 channels and 550 of WideResNet50's 1792).
+2. For every grid position (i, j): mean and covariance of the training embeddings (unbiased), the covariance
+   regularised by ``epsilon * I``; the inverse covariances are stored.
+3. Anomaly map = Mahalanobis distance of each test embedding to its position's Gaussian, upsampled to the
+   input size (bilinear) and smoothed with a Gaussian (sigma 4); image score = the map's maximum.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from automl_ad.data.imageset import ImageSet
+from automl_ad.detectors.base import EpochCallback, Scores
+from automl_ad.detectors.feature_based import BackboneDetector, upsample_and_smooth
+from automl_ad.detectors.registry import register_detector
+
+log = logging.getLogger(__name__)
+
+_CHUNK_VALUES = 1 << 23  # values per chunk of positions (fit, float64: 64 MiB) or of images (score)
+
+
+@register_detector
+class Padim(BackboneDetector):
+    """Distribution-map route: per-position Gaussians of normal patch embeddings, Mahalanobis distance."""
+
+    name = "padim"
+    route = "distribution_map"
+    supports_localization = True
+    needs_training = False
+    test_params = {"backbone": "resnet18", "pretrained": False, "input_size": 64}
+
+    def __init__(self, backbone="resnet18", feature_strides=(8, 16), weights=None, pretrained=True,
+                 input_size=256, device="auto", cache_features=True, n_features=100, epsilon=0.01,
+                 smoothing_sigma=4.0, seed=0):
+        self.backbone = backbone
+        self.feature_strides = feature_strides
+        self.weights = weights
+        self.pretrained = pretrained
+        self.input_size = input_size
+        self.device = device
+        self.cache_features = cache_features
+        self.n_features = n_features
+        self.epsilon = epsilon
+        self.smoothing_sigma = smoothing_sigma
+        self.seed = seed
+
+    def _check_params(self) -> None:
+        if isinstance(self.n_features, bool) or not isinstance(self.n_features, (int, np.integer)) \
+                or self.n_features < 1:
+            raise ValueError(f"n_features must be a positive integer, got {self.n_features!r}")
+        if not self.epsilon > 0:
+            raise ValueError(f"epsilon must be > 0 (the covariance regulariser), got {self.epsilon!r}")
+        if not self.smoothing_sigma >= 0:
+            raise ValueError(f"smoothing_sigma must be >= 0 pixels, got {self.smoothing_sigma!r}")
+
+    # --- features ---------------------------------------------------------------------------------------------
+    def _embed(self, features: list[np.ndarray]):
+        """Embeddings (N, h*w, D) of the selected channels on the finest grid, as a CPU torch tensor."""
+        import torch
+        import torch.nn.functional as F
+
+        offsets = np.cumsum([0] + [f.shape[1] for f in features])
+        height, width = features[0].shape[-2:]
+        maps = []
+        for level, feature in enumerate(features):
+            local = self.channels_[(self.channels_ >= offsets[level]) & (self.channels_ < offsets[level + 1])]
+            if len(local) == 0:
+                continue
+            selected = torch.from_numpy(np.ascontiguousarray(feature[:, local - offsets[level]]))
+            if selected.shape[-2:] != (height, width):
+                selected = F.interpolate(selected, size=(height, width), mode="nearest")
+            maps.append(selected)
+        embedding = torch.cat(maps, dim=1)
+        return embedding.flatten(2).transpose(1, 2).contiguous()
+
+    # --- fit --------------------------------------------------------------------------------------------------
+    def _fit(self, train: ImageSet, on_epoch: EpochCallback | None) -> None:
+        import torch
+
+        self._check_params()
+        features = self._features(train)
+        total = sum(f.shape[1] for f in features)
+        count = min(int(self.n_features), total)
+        if count < self.n_features:
+            log.info("%s: n_features=%d > %d available channels; using all", self.name, self.n_features, total)
+        rng = np.random.default_rng(self.seed)
+        self.channels_ = np.sort(rng.choice(total, size=count, replace=False)).astype(np.int64)
+        self.feature_shape_ = tuple(int(s) for s in features[0].shape[-2:])
+        embedding = self._embed(features)  # (N, P, D)
+        n, positions, _ = embedding.shape
+        mean = embedding.mean(dim=0, dtype=torch.float64)
+        regulariser = self.epsilon * torch.eye(count, dtype=torch.float64)
+        inverse = torch.empty(positions, count, count)
+        chunk = max(1, _CHUNK_VALUES // (n * count))  # positions per step, bounds the float64 copy
+        for start in range(0, positions, chunk):
+            centred = (embedding[:, start:start + chunk].double() - mean[start:start + chunk]).transpose(0, 1)
+            covariance = centred.transpose(1, 2) @ centred / max(n - 1, 1) + regulariser
+            inverse[start:start + chunk] = torch.linalg.inv(covariance).float()
+        self.mean_ = mean.float().numpy()
+        self.inv_covariance_ = inverse.numpy()
+        self._prepare()
+        log.info("%s: %d Gaussians of %d dimensions from %d images", self.name, len(self.mean_), count, n)
+
+    def _prepare(self) -> None:
+        import torch
+
+        self._mean_t = torch.from_numpy(self.mean_)
+        self._inv_covariance_t = torch.from_numpy(self.inv_covariance_)
+
+    # --- score ------------------------------------------------------------------------------------------------
+    def _score(self, images: ImageSet) -> Scores:
+        embedding = self._embed(self._features(images))
+        n, positions, dim = embedding.shape
+        chunk = max(1, _CHUNK_VALUES // (positions * dim))
+        distances = np.concatenate([mahalanobis(embedding[start:start + chunk], self._mean_t,
+                                                self._inv_covariance_t).numpy() for start in range(0, n, chunk)])
+        maps = upsample_and_smooth(distances.reshape(-1, *self.feature_shape_), self.input_size,
+                                   self.smoothing_sigma)
+        return Scores(maps.reshape(len(maps), -1).max(axis=1), maps)
+
+    # --- persistence ------------------------------------------------------------------------------------------
+    def _state(self):
+        tensors = {"mean": self.mean_, "inv_covariance": self.inv_covariance_, "channels": self.channels_}
+        return tensors, {"feature_shape": list(self.feature_shape_), **self._backbone_state()}
+
+    def _restore(self, tensors, state):
+        self._check_backbone(state)
+        self.mean_ = tensors["mean"]
+        self.inv_covariance_ = tensors["inv_covariance"]
+        self.channels_ = tensors["channels"]
+        self.feature_shape_ = tuple(state["feature_shape"])
+        self._prepare()
+
+
+def mahalanobis(embedding, mean, inv_covariance):
+    """Mahalanobis distances (N, P) of embeddings (N, P, D) to per-position Gaussians (P, D), (P, D, D).
+
+    One batched product over positions: each position's inverse covariance is read once per call, whatever N.
+    """
+    import torch
+
+    with torch.inference_mode():
+        delta = (embedding - mean).transpose(0, 1)  # (P, N, D)
+        squared = torch.einsum("pnd,pde,pne->pn", delta, inv_covariance, delta)
+        return squared.clamp_(min=0).sqrt_().transpose(0, 1)

@@ -1,0 +1,233 @@
+"""STPM (Wang et al., BMVC 2021): a student network learns to reproduce a pretrained teacher's feature pyramid.
+
+1. Teacher: the frozen pretrained backbone's feature maps at ``feature_strides`` (default 4, 8 and 16: the
+   paper's first three ResNet stages), taken from the shared feature cache (extracted once per image set).
+2. Student: the same architecture (timm ``features_only``, same stages and creation arguments such as
+   ``pad_type``), randomly initialised from ``seed`` and trained on the teacher's normalised input images to
+   match it: loss = sum over stages of 0.5 * mean over positions of ||t/||t|| - s/||s|| ||^2 (features
+   L2-normalised along channels), averaged over the batch. SGD with the paper's lr 0.4, momentum 0.9 and weight
+   decay 1e-4 (``optimizer="adam"`` is available); ``epochs`` passes in shuffled ``batch_size`` batches, no
+   augmentation. The paper trains 100 epochs at batch 32; we default to batch 8, which is stable with the same
+   SGD settings and learns far more per epoch (a CPU budget allows few epochs): on MVTec bottle with MobileNetV2
+   at 256 px, 3 epochs gave AUPRO 0.95 at batch 8 against 0.79 at batch 32, at the same cost per epoch.
+   Stages after the deepest one used are not computed (MobileNet/EfficientNet students), which only saves time.
+3. Anomaly map: per stage 0.5 * ||t/||t|| - s/||s|| ||^2 at every position, upsampled (bilinear) to the input
+   size, combined by ``map_combination`` (the paper's product, or a sum); image score = the map's maximum.
+   No smoothing by default, as the paper and anomalib (``smoothing_sigma`` > 0 adds a Gaussian blur).
+   On CPU the trained student runs as a frozen TorchScript graph, like the teacher.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import numpy as np
+
+from automl_ad.data.imageset import ImageSet
+from automl_ad.detectors.base import EpochCallback, Scores
+from automl_ad.detectors.feature_based import BackboneDetector, upsample_and_smooth
+from automl_ad.detectors.registry import register_detector
+
+log = logging.getLogger(__name__)
+
+OPTIMIZERS = ("sgd", "adam")
+MAP_COMBINATIONS = ("product", "sum")
+
+
+@register_detector
+class STPM(BackboneDetector):
+    """Teacher-student route: a student regresses the teacher's normalised features; their gap is the anomaly."""
+
+    name = "stpm"
+    route = "teacher_student"
+    supports_localization = True
+    needs_training = True
+    iterative = True
+    test_params = {"backbone": "resnet18", "pretrained": False, "input_size": 64, "epochs": 12, "batch_size": 4}
+
+    def __init__(self, backbone="resnet18", feature_strides=(4, 8, 16), weights=None, pretrained=True,
+                 input_size=256, device="auto", cache_features=True, epochs=100, batch_size=8, optimizer="sgd",
+                 learning_rate=0.4, momentum=0.9, weight_decay=1e-4, map_combination="product",
+                 smoothing_sigma=0.0, seed=0):
+        self.backbone = backbone
+        self.feature_strides = feature_strides
+        self.weights = weights
+        self.pretrained = pretrained
+        self.input_size = input_size
+        self.device = device
+        self.cache_features = cache_features
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.optimizer = optimizer
+        self.learning_rate = learning_rate
+        self.momentum = momentum
+        self.weight_decay = weight_decay
+        self.map_combination = map_combination
+        self.smoothing_sigma = smoothing_sigma
+        self.seed = seed
+
+    def _check_params(self) -> None:
+        for key in ("epochs", "batch_size"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"{key} must be a positive integer, got {value!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate!r}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        self._check_map_params()
+
+    def _check_map_params(self) -> None:
+        if self.map_combination not in MAP_COMBINATIONS:
+            raise ValueError(f"map_combination must be one of {', '.join(MAP_COMBINATIONS)}, "
+                             f"got {self.map_combination!r}")
+        if not self.smoothing_sigma >= 0:
+            raise ValueError(f"smoothing_sigma must be >= 0 pixels, got {self.smoothing_sigma!r}")
+
+    # --- student ----------------------------------------------------------------------------------------------
+    def _new_student(self):
+        """A randomly initialised (from ``seed``) copy of the teacher's architecture on the teacher's device."""
+        import timm
+        import torch
+
+        extractor = self._extractor()
+        with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
+            warnings.simplefilter("ignore")
+            torch.manual_seed(self.seed)
+            student = timm.create_model(self.backbone, pretrained=False, features_only=True,
+                                        out_indices=tuple(extractor.model.feature_info.out_indices),
+                                        **dict(extractor.spec.weights.create_kwargs))
+        _drop_unused_blocks(student)
+        return student.to(extractor.device)
+
+    def _student_runner(self):
+        """The trained student for inference: a frozen TorchScript graph on CPU, the eager module on GPU."""
+        import torch
+
+        if self._extractor().device != "cpu":
+            return self.student_
+        if self._student_graph is None:
+            example = torch.zeros(1, 3, self.input_size, self.input_size)
+            with warnings.catch_warnings(), torch.inference_mode():
+                warnings.simplefilter("ignore")
+                traced = torch.jit.trace(self.student_, example, strict=False)
+                self._student_graph = torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
+        return self._student_graph
+
+    def _set_student(self, student) -> None:
+        self.student_ = student.eval()
+        for parameter in self.student_.parameters():
+            parameter.requires_grad_(False)
+        self._student_graph = None
+
+    # --- fit --------------------------------------------------------------------------------------------------
+    def _fit(self, train: ImageSet, on_epoch: EpochCallback | None) -> None:
+        import torch
+
+        self._check_params()
+        extractor = self._extractor()
+        device = extractor.device
+        targets = [torch.from_numpy(f) for f in self._features(train)]
+        inputs = extractor.normalise(train.load(self.input_size)).contiguous(memory_format=torch.channels_last)
+        student = self._new_student().to(memory_format=torch.channels_last).train()
+        if self.optimizer == "sgd":
+            optimiser = torch.optim.SGD(student.parameters(), lr=self.learning_rate, momentum=self.momentum,
+                                        weight_decay=self.weight_decay)
+        else:
+            optimiser = torch.optim.Adam(student.parameters(), lr=self.learning_rate, weight_decay=self.weight_decay)
+        generator = torch.Generator().manual_seed(self.seed)
+        count, batch_size = len(inputs), int(self.batch_size)
+        self.loss_history_ = []
+        for epoch in range(int(self.epochs)):
+            order = torch.randperm(count, generator=generator)
+            total = 0.0
+            for start in range(0, count, batch_size):
+                index = order[start:start + batch_size]
+                outputs = student(inputs[index.to(inputs.device)])
+                loss = sum(feature_distances(t[index].to(device), s).mean() for t, s in zip(targets, outputs))
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                optimiser.step()
+                total += float(loss.detach()) * len(index)
+            mean_loss = total / count
+            if not np.isfinite(mean_loss):
+                raise FloatingPointError(f"{self.name}: the training loss became {mean_loss} at epoch {epoch}; "
+                                         "lower learning_rate")
+            self.loss_history_.append(mean_loss)
+            log.debug("%s: epoch %d loss %.5f", self.name, epoch, mean_loss)
+            if on_epoch is not None and on_epoch(epoch, {"loss": mean_loss}):
+                break
+        self.epochs_trained_ = len(self.loss_history_)
+        self._set_student(student.to(memory_format=torch.contiguous_format))
+        log.info("%s: %d epochs, final loss %.5f", self.name, self.epochs_trained_, self.loss_history_[-1])
+
+    # --- score ------------------------------------------------------------------------------------------------
+    def _score(self, images: ImageSet) -> Scores:
+        import torch
+        import torch.nn.functional as F
+
+        self._check_map_params()
+        extractor = self._extractor()
+        teacher = self._features(images)
+        pixels = images.load(self.input_size)
+        student = self._student_runner()
+        size = (self.input_size, self.input_size)
+        batch_size = extractor.batch_size
+        maps = []
+        with torch.inference_mode():
+            for start in range(0, len(pixels), batch_size):
+                outputs = student(extractor.normalise(pixels[start:start + batch_size]))
+                combined = None
+                for t, s in zip(teacher, outputs):
+                    distance = feature_distances(torch.from_numpy(t[start:start + batch_size]).to(s.device), s)
+                    level = F.interpolate(distance[:, None], size=size, mode="bilinear", align_corners=False)
+                    if combined is None:
+                        combined = level
+                    else:
+                        combined = combined * level if self.map_combination == "product" else combined + level
+                maps.append(combined[:, 0].float().cpu().numpy())
+        maps = np.concatenate(maps)
+        if self.smoothing_sigma > 0:
+            maps = upsample_and_smooth(maps, self.input_size, self.smoothing_sigma)
+        return Scores(maps.reshape(len(maps), -1).max(axis=1), maps)
+
+    # --- persistence ------------------------------------------------------------------------------------------
+    def _state(self):
+        tensors = {k: v.detach().cpu().numpy() for k, v in self.student_.state_dict().items()}
+        return tensors, {"loss_history": self.loss_history_, "epochs_trained": self.epochs_trained_,
+                         **self._backbone_state()}
+
+    def _restore(self, tensors, state):
+        import torch
+
+        self._check_backbone(state)
+        self.loss_history_ = list(state["loss_history"])
+        self.epochs_trained_ = state["epochs_trained"]
+        student = self._new_student()
+        device = self._extractor().device
+        student.load_state_dict({k: torch.from_numpy(v).to(device) for k, v in tensors.items()})
+        self._set_student(student)
+
+
+def feature_distances(teacher, student):
+    """Per-position 0.5 * squared distance of channel-L2-normalised features: (N, C, h, w) pairs -> (N, h, w)."""
+    import torch.nn.functional as F
+
+    return 0.5 * (F.normalize(teacher, dim=1) - F.normalize(student, dim=1)).pow(2).sum(dim=1)
+
+
+def _drop_unused_blocks(model) -> None:
+    """timm's MobileNet/EfficientNet feature models run every block even when the last stages are not
+    returned; drop the blocks after the deepest returned stage (ResNet-style FeatureListNets already stop)."""
+    from timm.models.efficientnet import EfficientNetFeatures
+    from timm.models.mobilenetv3 import MobileNetV3Features
+
+    if isinstance(model, (EfficientNetFeatures, MobileNetV3Features)) and model.feature_hooks is None:
+        deepest = max((int(name.split(".")[1]) for name in model.feature_info.module_name()
+                       if name.startswith("blocks.")), default=-1)
+        model.blocks = model.blocks[:deepest + 1]

@@ -1,0 +1,95 @@
+"""Family-specific behaviour of the distribution-map route: PaDiM and FastFlow on toy features."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from automl_ad.data.imageset import ImageSet
+from automl_ad.detectors import create_detector
+
+TOY = {"backbone": "resnet18", "pretrained": False, "cache_features": False}
+
+
+def _with_features(detector, features):
+    """Bypass the backbone: ``_features`` returns ``features`` (a list of (N, C, h, w) arrays) for any images."""
+    detector._features = lambda images: [f[:len(images)] for f in features]
+    return detector
+
+
+def _images(count: int) -> ImageSet:
+    return ImageSet.from_arrays([np.zeros((8, 8), np.float32)] * count)
+
+
+def test_padim_mahalanobis_matches_numpy():
+    rng = np.random.default_rng(0)
+    fine = rng.normal(size=(12, 3, 4, 4)).astype(np.float32)
+    coarse = rng.normal(size=(12, 2, 2, 2)).astype(np.float32)
+    detector = _with_features(create_detector("padim", **TOY, input_size=4, n_features=4, epsilon=0.01,
+                                              smoothing_sigma=0.0), [fine, coarse]).fit(_images(10))
+    # position (1, 2) of the fine grid lies in coarse cell (0, 1); embedding = chosen channels of both stages
+    embed = lambda i: np.concatenate([fine[i, :, 1, 2], coarse[i, :, 0, 1]])[detector.channels_]  # noqa: E731
+    train = np.stack([embed(i) for i in range(10)])
+    covariance = np.cov(train, rowvar=False) + 0.01 * np.eye(4)
+    np.testing.assert_allclose(detector.mean_[1 * 4 + 2], train.mean(axis=0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(detector.inv_covariance_[1 * 4 + 2], np.linalg.inv(covariance), rtol=1e-4, atol=1e-4)
+    maps = detector.score(_images(12)).anomaly_maps  # smoothing off and grid = input size: maps are the distances
+    for i in (10, 11):
+        delta = embed(i) - train.mean(axis=0)
+        assert maps[i, 1, 2] == pytest.approx(np.sqrt(delta @ np.linalg.inv(covariance) @ delta), rel=1e-4)
+
+
+def test_padim_clips_n_features_to_available_channels():
+    features = [np.random.default_rng(1).normal(size=(5, 3, 2, 2)).astype(np.float32)]
+    detector = _with_features(create_detector("padim", **TOY, input_size=2, n_features=100), features)
+    detector.fit(_images(5))
+    assert detector.channels_.tolist() == [0, 1, 2] and detector.inv_covariance_.shape == (4, 3, 3)
+
+
+def _toy_flow_features(count: int = 16) -> list[np.ndarray]:
+    """Two stages whose channels are noisy copies of one latent map (a flow can learn much of that structure)."""
+    rng = np.random.default_rng(0)
+    stages = []
+    for channels, size in ((4, 8), (6, 4)):
+        latent = rng.normal(size=(count, 1, size, size))
+        noise = 0.05 * rng.normal(size=(count, channels, size, size))
+        stages.append((latent * rng.normal(size=(1, channels, 1, 1)) + noise).astype(np.float32))
+    return stages
+
+
+def test_fastflow_nll_decreases_and_is_reproducible():
+    params = dict(**TOY, input_size=32, flow_steps=2, epochs=8, batch_size=8, learning_rate=1e-2, seed=3)
+    first = _with_features(create_detector("fastflow", **params), _toy_flow_features()).fit(_images(16))
+    assert np.all(np.diff(first.loss_history_) < 0) and first.loss_history_[-1] < first.loss_history_[0] - 0.5
+    second = _with_features(create_detector("fastflow", **params), _toy_flow_features()).fit(_images(16))
+    assert first.loss_history_ == second.loss_history_
+    maps = first.score(_images(4)).anomaly_maps
+    assert maps.shape == (4, 32, 32) and 0 <= maps.min() and maps.max() <= 1
+
+
+def test_fastflow_on_epoch_true_stops_training():
+    seen = []
+    detector = _with_features(create_detector("fastflow", **TOY, input_size=32, flow_steps=2, epochs=50,
+                                              batch_size=8), _toy_flow_features())
+    detector.fit(_images(16), on_epoch=lambda epoch, metrics: seen.append((epoch, metrics["loss"])) or epoch == 2)
+    assert [epoch for epoch, _ in seen] == [0, 1, 2] and detector.epochs_trained_ == 3
+    assert all(np.isfinite(loss) for _, loss in seen)
+
+
+@pytest.mark.parametrize("family, params, match", [
+    ("padim", {"n_features": 0}, "n_features"),
+    ("padim", {"n_features": 2.5}, "n_features"),
+    ("padim", {"epsilon": 0.0}, "epsilon"),
+    ("padim", {"smoothing_sigma": -1}, "smoothing_sigma"),
+    ("fastflow", {"flow_steps": 0}, "flow_steps"),
+    ("fastflow", {"epochs": -3}, "epochs"),
+    ("fastflow", {"batch_size": 0}, "batch_size"),
+    ("fastflow", {"hidden_ratio": 0}, "hidden_ratio"),
+    ("fastflow", {"learning_rate": -1e-3}, "learning_rate"),
+    ("fastflow", {"affine_clamping": 0}, "affine_clamping"),
+    ("fastflow", {"weight_decay": -1}, "weight_decay"),
+])
+def test_bad_parameters_raise(family, params, match):
+    detector = _with_features(create_detector(family, **TOY, input_size=32, **params), _toy_flow_features())
+    with pytest.raises(ValueError, match=match):
+        detector.fit(_images(4))
