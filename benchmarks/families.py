@@ -106,6 +106,7 @@ def run_all(families: list[str], datasets: list[str], out: Path) -> list[dict]:
         row.update(family=family, dataset=dataset, note=note, wall_s=round(time.perf_counter() - start, 1))
         print(_line(row), flush=True)
         rows.append(row)
+        (out / "families.json").write_text(json.dumps(rows, indent=2))  # partial results survive an interruption
     if "patchcore" in families and "bottle" in datasets:
         with tempfile.TemporaryDirectory() as cache:
             rows.append({"family": "patchcore", "dataset": "bottle", "note": "cache speed-up",

@@ -68,7 +68,7 @@ class Padim(BackboneDetector):
         import torch.nn.functional as F
 
         offsets = np.cumsum([0] + [f.shape[1] for f in features])
-        height, width = features[0].shape[-2:]
+        height, width = _finest_grid(features)
         maps = []
         for level, feature in enumerate(features):
             local = self.channels_[(self.channels_ >= offsets[level]) & (self.channels_ < offsets[level + 1])]
@@ -93,7 +93,7 @@ class Padim(BackboneDetector):
             log.info("%s: n_features=%d > %d available channels; using all", self.name, self.n_features, total)
         rng = np.random.default_rng(self.seed)
         self.channels_ = np.sort(rng.choice(total, size=count, replace=False)).astype(np.int64)
-        self.feature_shape_ = tuple(int(s) for s in features[0].shape[-2:])
+        self.feature_shape_ = _finest_grid(features)
         embedding = self._embed(features)  # (N, P, D)
         n, positions, _ = embedding.shape
         mean = embedding.mean(dim=0, dtype=torch.float64)
@@ -138,6 +138,10 @@ class Padim(BackboneDetector):
         self.channels_ = tensors["channels"]
         self.feature_shape_ = tuple(state["feature_shape"])
         self._prepare()
+
+
+def _finest_grid(features: list[np.ndarray]) -> tuple[int, int]:
+    return max((tuple(int(s) for s in f.shape[-2:]) for f in features), key=lambda shape: shape[0] * shape[1])
 
 
 def mahalanobis(embedding, mean, inv_covariance):
