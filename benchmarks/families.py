@@ -177,11 +177,12 @@ def write_report(rows: list[dict], anchor: dict, out: Path) -> None:
                   "|---|---|---|---|---|---|---|---|"]
         for r in rows:
             a = anchor.get((ANCHOR_NAMES.get(r["family"]), r["dataset"]))
-            if a is None or r.get("status") != "ok" or r.get("note"):
+            if a is None or r.get("status") != "ok" or str(r.get("note", "")).startswith(("coreset", "cache")):
                 continue
-            ratio = lambda ours, theirs: f"{ours:.1f} / {float(theirs):.1f} ({ours / float(theirs):.2f}x)"  # noqa: E731
+            ratio = lambda ours, theirs: ("n/a" if ours is None else  # noqa: E731
+                                          f"{ours:.1f} / {float(theirs):.1f} ({ours / float(theirs):.2f}x)")
             lines.append(
-                f"| {r['family']} | {r['dataset']} | {_fmt(r['image_auroc'])} / {_fmt(a['image_AUROC'])} | "
+                f"| {r['family']}{' (' + r['note'] + ')' if r.get('note') else ''} | {r['dataset']} | {_fmt(r['image_auroc'])} / {_fmt(a['image_AUROC'])} | "
                 f"{_fmt(r['aupro'])} / {_fmt(a['pixel_AUPRO'])} | "
                 f"{ratio(r['latency_ms_p50'], a['lat_b1_e2e_ms_median'])} | {ratio(r['fit_seconds'], a['fit_s'])} | "
                 f"{ratio(r['peak_rss_mb_fit'], a['peak_rss_fit_mb'])} | {a['source']} |")
@@ -202,7 +203,7 @@ def _plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ok = [r for r in rows if r.get("status") == "ok"]
+    ok = [r for r in rows if r.get("status") == "ok" and r.get("latency_ms_p50") and r.get("image_auroc") is not None]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     for ax, dataset in zip(axes, DATASETS):
         for r in (r for r in ok if r["dataset"] == dataset):
