@@ -159,6 +159,15 @@ class Detector(BaseEstimator):
         raise NotImplementedError
 
     # --- helpers ----------------------------------------------------------------------------------------------
+    def _record_epoch(self, epoch: int, loss: float, on_epoch: EpochCallback | None, hint: str) -> bool:
+        """For iterative families: keep the epoch's mean loss in ``loss_history_``, raise if training diverged
+        (``hint`` says what to lower), report to ``on_epoch``; True when the caller asks to stop."""
+        if not np.isfinite(loss):
+            raise FloatingPointError(f"{self.name}: the training loss became {loss} at epoch {epoch}; {hint}")
+        self.loss_history_.append(loss)
+        log.debug("%s: epoch %d loss %.5f", self.name, epoch, loss)
+        return bool(on_epoch is not None and on_epoch(epoch, {"loss": loss}))
+
     def _check_fitted(self) -> None:
         if not hasattr(self, "fit_seconds_"):
             raise NotFittedError(f"this {self.name} detector is not fitted yet; call fit(train) first")

@@ -121,12 +121,7 @@ class FastFlow(BackboneDetector):
                 optimiser.step()
                 total += float(loss.detach()) * len(index)
             mean_loss = total / count / positions
-            if not np.isfinite(mean_loss):
-                raise FloatingPointError(f"{self.name}: the training loss became {mean_loss} at epoch {epoch}; "
-                                         "lower learning_rate or affine_clamping")
-            self.loss_history_.append(mean_loss)
-            log.debug("%s: epoch %d loss %.4f", self.name, epoch, mean_loss)
-            if on_epoch is not None and on_epoch(epoch, {"loss": mean_loss}):
+            if self._record_epoch(epoch, mean_loss, on_epoch, "lower learning_rate or affine_clamping"):
                 break
         self.epochs_trained_ = len(self.loss_history_)
         self.model_ = model.eval()

@@ -155,12 +155,7 @@ class STPM(BackboneDetector):
                 optimiser.step()
                 total += float(loss.detach()) * len(index)
             mean_loss = total / count
-            if not np.isfinite(mean_loss):
-                raise FloatingPointError(f"{self.name}: the training loss became {mean_loss} at epoch {epoch}; "
-                                         "lower learning_rate")
-            self.loss_history_.append(mean_loss)
-            log.debug("%s: epoch %d loss %.5f", self.name, epoch, mean_loss)
-            if on_epoch is not None and on_epoch(epoch, {"loss": mean_loss}):
+            if self._record_epoch(epoch, mean_loss, on_epoch, "lower learning_rate"):
                 break
         self.epochs_trained_ = len(self.loss_history_)
         self._set_student(student.to(memory_format=torch.contiguous_format))
