@@ -1,7 +1,10 @@
 """FastFlow (Yu et al., 2021): 2-D normalising flows that map normal patch features to a standard Gaussian.
 
 1. Features of the frozen backbone at ``feature_strides`` (default 4, 8 and 16: the first three stages), each
-   stage normalised by a trainable LayerNorm over (C, h, w), as in the paper.
+   stage normalised by a LayerNorm over (C, h, w) before its flow, as in the paper; as in the official code
+   its element-wise affine parameters are trained with the flow (``norm_affine``). That affine is not part of
+   the flow's Jacobian, so shrinking it concentrates the flow's input and lowers the NLL without limit: the loss
+   keeps falling. ``norm_affine=False`` normalises without learned parameters, and the loss levels off.
 2. One 2-D flow per stage (FrEIA ``SequenceINN`` of ``flow_steps`` ``AllInOneBlock`` s: affine coupling with
    soft clamping ``affine_clamping``, ActNorm-style global affine, fixed channel permutation). The coupling
    subnets are two convolutions with a ReLU between, alternating 3x3 and 1x1 kernels (``conv3x3_only`` uses
@@ -13,7 +16,7 @@
 4. Anomaly map as the official code: per stage the likelihood map exp(-0.5 * mean_c(z^2)), upsampled
    (bilinear) to the input size, averaged over stages; the official map is its negation, we report
    1 - average likelihood (the same ranking, in [0, 1], higher = more anomalous). Image score = the map's
-   maximum. No smoothing by default (``smoothing_sigma`` > 0 adds a Gaussian blur).
+   maximum. No smoothing by default, as the official code (``smoothing_sigma`` > 0 adds a Gaussian blur).
 """
 
 from __future__ import annotations
@@ -44,8 +47,8 @@ class FastFlow(BackboneDetector):
 
     def __init__(self, backbone="resnet18", feature_strides=(4, 8, 16), weights=None, pretrained=True,
                  input_size=256, device="auto", cache_features=True, flow_steps=8, hidden_ratio=1.0,
-                 conv3x3_only=False, affine_clamping=2.0, epochs=100, batch_size=32, learning_rate=1e-3,
-                 weight_decay=1e-5, smoothing_sigma=0.0, seed=0):
+                 conv3x3_only=False, affine_clamping=2.0, norm_affine=True, epochs=100, batch_size=32,
+                 learning_rate=1e-3, weight_decay=1e-5, smoothing_sigma=0.0, seed=0):
         self.backbone = backbone
         self.feature_strides = feature_strides
         self.weights = weights
@@ -57,6 +60,7 @@ class FastFlow(BackboneDetector):
         self.hidden_ratio = hidden_ratio
         self.conv3x3_only = conv3x3_only
         self.affine_clamping = affine_clamping
+        self.norm_affine = norm_affine
         self.epochs = epochs
         self.batch_size = batch_size
         self.learning_rate = learning_rate
@@ -88,7 +92,7 @@ class FastFlow(BackboneDetector):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.seed)
                 model = _model(shapes, int(self.flow_steps), float(self.hidden_ratio), bool(self.conv3x3_only),
-                               float(self.affine_clamping))
+                               float(self.affine_clamping), bool(self.norm_affine))
         finally:
             np.random.set_state(state)
         return model.to(self._extractor().device)
@@ -195,12 +199,12 @@ def _flow(shape: tuple[int, int, int], steps: int, hidden_ratio: float, conv3x3_
     return flow
 
 
-def _model(shapes, steps: int, hidden_ratio: float, conv3x3_only: bool, clamp: float):
+def _model(shapes, steps: int, hidden_ratio: float, conv3x3_only: bool, clamp: float, norm_affine: bool):
     """Trainable part: a LayerNorm over (C, h, w) and a flow per stage."""
     from torch import nn
 
     return nn.ModuleDict({
-        "norms": nn.ModuleList(nn.LayerNorm(list(shape), elementwise_affine=True) for shape in shapes),
+        "norms": nn.ModuleList(nn.LayerNorm(list(shape), elementwise_affine=norm_affine) for shape in shapes),
         "flows": nn.ModuleList(_flow(tuple(shape), steps, hidden_ratio, conv3x3_only, clamp) for shape in shapes)})
 
 

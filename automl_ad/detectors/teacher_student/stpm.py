@@ -106,7 +106,8 @@ class STPM(BackboneDetector):
         return student.to(extractor.device)
 
     def _student_runner(self):
-        """The trained student for inference: a frozen TorchScript graph on CPU, the eager module on GPU."""
+        """The trained student for inference: a frozen TorchScript graph on CPU, the eager module on GPU.
+        (``check_trace`` would trace a second time only to compare; the student has no data-dependent flow.)"""
         import torch
 
         if self._extractor().device != "cpu":
@@ -115,7 +116,7 @@ class STPM(BackboneDetector):
             example = torch.zeros(1, 3, self.input_size, self.input_size)
             with warnings.catch_warnings(), torch.inference_mode():
                 warnings.simplefilter("ignore")
-                traced = torch.jit.trace(self.student_, example, strict=False)
+                traced = torch.jit.trace(self.student_, example, strict=False, check_trace=False)
                 self._student_graph = torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
         return self._student_graph
 
