@@ -95,7 +95,18 @@ def _subprocess(args: list[str], cache_dir: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _merge(rows: list[dict], path: Path) -> list[dict]:
+    """Earlier rows of ``path`` with this run's rows replacing those of the same (family, dataset, note)."""
+    key = lambda r: (r["family"], r["dataset"], r.get("note", ""))  # noqa: E731
+    fresh = {key(r) for r in rows}
+    earlier = json.loads(path.read_text()) if path.is_file() else []
+    merged = [r for r in earlier if key(r) not in fresh] + rows
+    order = {name: i for i, name in enumerate(SETTINGS)}
+    return sorted(merged, key=lambda r: (order.get(r["family"], len(order)), list(DATASETS).index(r["dataset"])))
+
+
 def run_all(families: list[str], datasets: list[str], out: Path) -> list[dict]:
+    """Run the plan; rows of families not run this time are kept from the earlier families.json."""
     rows = []
     plan = [(f, d, SETTINGS[f].get(d, {}), "") for f in families for d in datasets]
     plan += [r for r in EXTRA_RUNS if r[0] in families and r[1] in datasets]
@@ -106,12 +117,14 @@ def run_all(families: list[str], datasets: list[str], out: Path) -> list[dict]:
         row.update(family=family, dataset=dataset, note=note, wall_s=round(time.perf_counter() - start, 1))
         print(_line(row), flush=True)
         rows.append(row)
-        (out / "families.json").write_text(json.dumps(rows, indent=2))  # partial results survive an interruption
+        # partial results survive an interruption
+        (out / "families.json").write_text(json.dumps(_merge(rows, out / "families.json"), indent=2))
     if "patchcore" in families and "bottle" in datasets:
         with tempfile.TemporaryDirectory() as cache:
             rows.append({"family": "patchcore", "dataset": "bottle", "note": "cache speed-up",
                          **_subprocess(["--cache-speedup"], cache)})
         print(rows[-1], flush=True)
+    rows = _merge(rows, out / "families.json")
     (out / "families.json").write_text(json.dumps(rows, indent=2))
     return rows
 
