@@ -15,6 +15,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -32,7 +33,8 @@ log = logging.getLogger(__name__)
 SAVE_FORMAT = 1
 _PARAMS_FILE, _TENSORS_FILE = "detector.json", "tensors.safetensors"
 
-#: Called by iterative families after each epoch with (epoch, metrics); returning True stops training.
+#: Called by iterative families after each epoch with (epoch, metrics); returning True stops training. metrics
+#: holds "loss" and, for families that can score mid-training, "score" (images -> Scores with current weights).
 EpochCallback = Callable[[int, dict], "bool | None"]
 
 
@@ -86,6 +88,10 @@ class Detector(BaseEstimator):
     def score(self, images: ImageSet) -> Scores:
         """Image scores and (if the family localises) anomaly maps for ``images``."""
         self._check_fitted()
+        return self._checked_score(images)
+
+    def _checked_score(self, images: ImageSet) -> Scores:
+        """``_score`` with its output checked (shapes, finite values)."""
         if len(images) == 0:
             return Scores(np.zeros(0, np.float32), None)
         scores = self._score(images)
@@ -159,14 +165,29 @@ class Detector(BaseEstimator):
         raise NotImplementedError
 
     # --- helpers ----------------------------------------------------------------------------------------------
-    def _record_epoch(self, epoch: int, loss: float, on_epoch: EpochCallback | None, hint: str) -> bool:
+    def _record_epoch(self, epoch: int, loss: float, on_epoch: EpochCallback | None, hint: str,
+                      interim: Callable[[], AbstractContextManager] | None = None) -> bool:
         """For iterative families: keep the epoch's mean loss in ``loss_history_``, raise if training diverged
-        (``hint`` says what to lower), report to ``on_epoch``; True when the caller asks to stop."""
+        (``hint`` says what to lower), report to ``on_epoch``; True when the caller asks to stop.
+
+        ``interim`` is a context manager factory under which ``_score`` works with the weights of this epoch
+        (e.g. model in eval mode, then back to train mode). With it, the metrics passed to ``on_epoch`` carry
+        ``"score"``: a function scoring images with the current weights, so a search can report intermediate
+        quality and stop poor trials early.
+        """
         if not np.isfinite(loss):
             raise FloatingPointError(f"{self.name}: the training loss became {loss} at epoch {epoch}; {hint}")
         self.loss_history_.append(loss)
         log.debug("%s: epoch %d loss %.5f", self.name, epoch, loss)
-        return bool(on_epoch is not None and on_epoch(epoch, {"loss": loss}))
+        if on_epoch is None:
+            return False
+        metrics: dict = {"loss": loss}
+        if interim is not None:
+            def score_now(images: ImageSet) -> Scores:
+                with interim():
+                    return self._checked_score(images)
+            metrics["score"] = score_now
+        return bool(on_epoch(epoch, metrics))
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "fit_seconds_"):

@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 
@@ -126,6 +127,18 @@ class STPM(BackboneDetector):
             parameter.requires_grad_(False)
         self._student_graph = None
 
+    @contextlib.contextmanager
+    def _interim(self, student):
+        """Score with the student being trained (eval mode, eager), then back to training."""
+        student.eval()
+        self.student_, self._student_graph = student, student
+        try:
+            yield
+        finally:
+            student.train()
+            del self.student_
+            self._student_graph = None
+
     # --- fit --------------------------------------------------------------------------------------------------
     def _fit(self, train: ImageSet, on_epoch: EpochCallback | None) -> None:
         import torch
@@ -156,7 +169,8 @@ class STPM(BackboneDetector):
                 optimiser.step()
                 total += float(loss.detach()) * len(index)
             mean_loss = total / count
-            if self._record_epoch(epoch, mean_loss, on_epoch, "lower learning_rate"):
+            if self._record_epoch(epoch, mean_loss, on_epoch, "lower learning_rate",
+                                  interim=lambda: self._interim(student)):
                 break
         self.epochs_trained_ = len(self.loss_history_)
         self._set_student(student.to(memory_format=torch.contiguous_format))

@@ -1,0 +1,160 @@
+"""Search spaces: ``search_spaces/<family>.yaml`` read, checked against the detector, and sampled with Optuna.
+
+A space lists constructor parameters with a type (``float``/``int`` with ``low``/``high``/``log``/``step``,
+``categorical`` with ``choices``, ``backbone`` = categorical narrowed by the latency budget) and an optional
+``when: {earlier_param: value | [values]}`` condition. Sampling is define-by-run, so conditional parameters are
+only suggested when their condition holds. Defaults stay in the detector: an unsampled parameter keeps its default.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from automl_ad.errors import ConfigError
+
+TYPES = ("float", "int", "categorical", "backbone")
+SPACES_ENV = "AUTOML_AD_SEARCH_SPACES"
+
+
+@dataclass(frozen=True)
+class Parameter:
+    """One searchable constructor parameter."""
+
+    name: str
+    type: str
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: tuple = ()
+    when: dict = field(default_factory=dict)
+
+    def active(self, values: dict) -> bool:
+        """Whether the condition on earlier parameters holds for ``values``."""
+        for key, allowed in self.when.items():
+            allowed = allowed if isinstance(allowed, list) else [allowed]
+            if values.get(key) not in allowed:
+                return False
+        return True
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """The searchable parameters of one family, in sampling order."""
+
+    family: str
+    parameters: tuple[Parameter, ...]
+    source: str = ""
+
+    def narrowed(self, backbones: list[str] | None) -> SearchSpace:
+        """The space with backbone choices restricted to ``backbones`` (kept in the space's order; if none of
+        them is in the space, the space's first — lightest — backbone alone)."""
+        if backbones is None:
+            return self
+        params = []
+        for p in self.parameters:
+            if p.type == "backbone":
+                kept = tuple(b for b in p.choices if b in backbones) or p.choices[:1]
+                p = Parameter(p.name, p.type, choices=kept, when=p.when)
+            params.append(p)
+        return SearchSpace(self.family, tuple(params), self.source)
+
+    def sample(self, trial, prefix: str = "") -> dict:
+        """Suggest a configuration on an Optuna trial (define-by-run); names are ``prefix + parameter``."""
+        values: dict = {}
+        for p in self.parameters:
+            if not p.active(values):
+                continue
+            name = prefix + p.name
+            if p.type == "float":
+                values[p.name] = trial.suggest_float(name, p.low, p.high, log=p.log, step=p.step)
+            elif p.type == "int":
+                values[p.name] = trial.suggest_int(name, int(p.low), int(p.high), log=p.log, step=int(p.step or 1))
+            else:
+                labels = [_label(c) for c in p.choices]
+                values[p.name] = p.choices[labels.index(trial.suggest_categorical(name, labels))]
+        return values
+
+
+def _label(choice):
+    """Optuna categoricals must be None/bool/int/float/str: lists become their JSON text."""
+    return json.dumps(choice) if isinstance(choice, (list, tuple, dict)) else choice
+
+
+def spaces_dir() -> Path:
+    """``search_spaces/`` of the project (``$AUTOML_AD_SEARCH_SPACES`` overrides)."""
+    if os.environ.get(SPACES_ENV):
+        return Path(os.environ[SPACES_ENV])
+    return Path(__file__).resolve().parents[2] / "search_spaces"
+
+
+def load_space(family: str, directory: str | Path | None = None) -> SearchSpace:
+    """Read and check ``<directory>/<family>.yaml`` against the family's constructor."""
+    from automl_ad.detectors import detector_class
+
+    path = Path(directory or spaces_dir()) / f"{family}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"no search space for family '{family}': {path} is missing. Write one (see "
+                          "search_spaces/patchcore.yaml for the format) or leave the family out with --families")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    if raw.get("family", family) != family:
+        raise ConfigError(f"{path}: says family '{raw['family']}' but is named for '{family}'")
+    accepted = detector_class(family)._get_param_names()
+    params, seen = [], set()
+    for name, spec in (raw.get("parameters") or {}).items():
+        where = f"{path}: parameter '{name}'"
+        if name not in accepted:
+            close = difflib.get_close_matches(name, accepted, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"{where} is not a parameter of {family}{hint}. Accepted: {', '.join(accepted)}")
+        params.append(_parameter(name, spec or {}, where, seen))
+        seen.add(name)
+    if not params:
+        raise ConfigError(f"{path}: lists no parameters")
+    return SearchSpace(family, tuple(params), str(path))
+
+
+def _parameter(name: str, spec: dict, where: str, earlier: set) -> Parameter:
+    kind = spec.get("type")
+    if kind not in TYPES:
+        raise ConfigError(f"{where}: type must be one of {', '.join(TYPES)}, got {kind!r}")
+    unknown = set(spec) - {"type", "low", "high", "log", "step", "choices", "when"}
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
+    when = spec.get("when") or {}
+    missing = [k for k in when if k not in earlier]
+    if missing:
+        raise ConfigError(f"{where}: condition on {missing}, which must be listed before it")
+    if kind in ("float", "int"):
+        low, high = spec.get("low"), spec.get("high")
+        if not isinstance(low, (int, float)) or not isinstance(high, (int, float)) or low >= high:
+            raise ConfigError(f"{where}: needs numeric low < high, got low={low!r} high={high!r}")
+        if spec.get("log") and (low <= 0 or spec.get("step")):
+            raise ConfigError(f"{where}: a log range needs low > 0 and no step")
+        return Parameter(name, kind, float(low), float(high), bool(spec.get("log", False)), spec.get("step"), when=when)
+    choices = spec.get("choices")
+    if not isinstance(choices, list) or not choices:
+        raise ConfigError(f"{where}: needs a non-empty list of choices")
+    return Parameter(name, kind, choices=tuple(tuple(c) if isinstance(c, list) else c for c in choices), when=when)
+
+
+def allowed_backbones(route: str, constraints, resolution: int = 256) -> list[str] | None:
+    """Backbones whose estimated latency on this route fits the constraint profile's budget (None: no budget,
+    every backbone is allowed). From the recommender's cost model."""
+    from automl_ad.recommend.cost import backbone_ms, cost_model
+
+    budget = constraints.effective_latency_ms
+    spec = cost_model()["routes"].get(route, {})
+    if budget is None or not spec.get("backbone"):
+        return None
+    return [b["name"] for b in cost_model()["backbones"]
+            if backbone_ms(b["gmac_224"], resolution, constraints) * spec["head_factor"] <= budget]
