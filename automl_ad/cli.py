@@ -183,6 +183,69 @@ def cmd_demo(args) -> int:
     return code
 
 
+def cmd_search(args) -> int:
+    from automl_ad.constraints import parse_duration
+    from automl_ad.search.engine import run_search
+    from automl_ad.search.plan import plan_search
+
+    console = _console()
+    families = [f.strip() for f in args.families.split(",") if f.strip()] if args.families else None
+    request = plan_search(args.data, args.category, args.profile, families, args.weights,
+                          say=lambda text: console.print(text, markup=False),
+                          budget_s=parse_duration(args.budget), max_trials=args.max_trials, seed=args.seed,
+                          metric=args.metric, validation=args.validation, tracking_uri=args.tracking_uri,
+                          address=args.address, resume=args.resume, trial_timeout_s=args.trial_timeout)
+    result = run_search(request, console=console)
+    ok = [t for t in result.trials if t.get("status") == "ok"]
+    console.print(f"\n{len(result.trials)} trials ({len(ok)} complete); Pareto front of {len(result.front)}:")
+    _print_leaderboard(console, result.front)
+    console.print(f"\nTracking store: {result.tracking_uri} (experiment '{result.experiment}', search run "
+                  f"{result.parent_run_id}).\nCompare: automl-ad leaderboard '{result.experiment}' "
+                  "--pareto   |   browse: automl-ad ui")
+    return EXIT_OK
+
+
+_BOARD_COLUMNS = (("family", "family"), ("quality", "quality"), ("throughput", "img/s"), ("memory_mb", "MB"),
+                  ("latency_ms_p50", "p50 ms"), ("fit_seconds", "fit s"), ("pareto_rank", "rank"), ("run_id", "run"))
+
+
+def _print_leaderboard(console, rows: list[dict]) -> None:
+    from rich.table import Table
+
+    table = Table()
+    for _, title in _BOARD_COLUMNS:
+        table.add_column(title)
+    for row in sorted(rows, key=lambda r: -(r.get("quality") or 0)):
+        cells = []
+        for key, _ in _BOARD_COLUMNS:
+            value = row.get(key)
+            cells.append(f"{value:.4g}" if isinstance(value, float) else str(value if value is not None else "-"))
+        table.add_row(*cells)
+    console.print(table)
+
+
+def cmd_leaderboard(args) -> int:
+    from automl_ad.tracking.board import leaderboard
+
+    rows = leaderboard(args.target, tracking_uri=args.tracking_uri, pareto=args.pareto)
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+    else:
+        _print_leaderboard(_console(), rows)
+    return EXIT_OK
+
+
+def cmd_ui(args) -> int:
+    import subprocess
+
+    from automl_ad.tracking.store import default_tracking_uri
+
+    uri = args.tracking_uri or default_tracking_uri()
+    print(f"MLflow UI for {uri} at http://127.0.0.1:{args.port} (Ctrl-C to stop)")
+    return subprocess.call([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+                            "--host", "127.0.0.1", "--port", str(args.port)])
+
+
 def _parse_params(items: list[str]) -> dict:
     """``k=v`` pairs; values are read as YAML scalars/lists (0.1, true, [8, 16], resnet18)."""
     import yaml
@@ -287,7 +350,7 @@ def _print_evaluation(console, summary: dict, out: Path, overlays: list) -> None
 
 def build_parser() -> argparse.ArgumentParser:
     from automl_ad import __version__
-    from automl_ad.defaults import DEMO_DATA_DIR, SHORTLIST_SIZE
+    from automl_ad.defaults import DEMO_DATA_DIR, SEARCH_BUDGET, SHORTLIST_SIZE
 
     parser = argparse.ArgumentParser(
         prog="automl-ad", description="Pick and tune the right industrial image anomaly-detection method.",
@@ -331,6 +394,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default MODEL/evaluation)")
     p.add_argument("--no-cost", action="store_true", help="skip latency/throughput/memory measurement")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("search", help="search hyperparameters across the shortlisted families (Ray Tune + Optuna)")
+    p.add_argument("data", nargs="?", help="dataset folder (default: the one of the last `automl-ad recommend`)")
+    p.add_argument("--category", help="only this category of a multi-category root")
+    p.add_argument("--profile", help="constraint profile YAML (latency budget narrows the backbones)")
+    p.add_argument("--budget", default=SEARCH_BUDGET, help="time budget: 8h, 30m, 90s (default %(default)s)")
+    p.add_argument("--families", help="comma-separated families (default: the recommendation's shortlist)")
+    p.add_argument("--max-trials", type=int, help="stop after this many trials")
+    p.add_argument("--trial-timeout", type=float, help="seconds one trial may take (default: a quarter of the budget)")
+    p.add_argument("--metric", default="combined", help="quality metric: combined (image AUROC + AUPRO), image_auroc, "
+                   "aupro, pixel_auroc, pixel_ap, image_f1_max")
+    p.add_argument("--validation", default="auto", choices=("auto", "real", "synthetic"),
+                   help="rank on labelled defects (real) or synthetic anomalies; auto = real when there are any")
+    p.add_argument("--weights", help="local backbone weights file for offline use")
+    p.add_argument("--address", help="Ray cluster: auto or ray://host:port (default: a local Ray)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite .automl-ad/mlflow.db here)")
+    p.add_argument("--resume", action="store_true", help="continue the last search of this dataset")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("leaderboard", help="trials of a search ranked by quality, with the Pareto front")
+    p.add_argument("target", nargs="?", help="dataset folder or experiment name (default: the last search here)")
+    p.add_argument("--pareto", action="store_true", help="only the Pareto front")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite .automl-ad/mlflow.db here)")
+    p.set_defaults(func=cmd_leaderboard)
+
+    p = sub.add_parser("ui", help="start the MLflow UI on the tracking store at localhost")
+    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite .automl-ad/mlflow.db here)")
+    p.set_defaults(func=cmd_ui)
 
     p = sub.add_parser("demo", help="generate the built-in demo dataset and run the journey on it")
     p.add_argument("--out", default=str(Path(DEMO_DATA_DIR).parent), help="output folder (default %(default)s)")

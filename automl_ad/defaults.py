@@ -35,3 +35,11 @@ def default_cache_dir() -> str:
     import os
 
     return os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "automl-ad")
+
+#: Search: disk caps for the feature cache and for saved trial models (non-front models are evicted first),
+#: and how often (in epochs) iterative families report validation quality to the early-stopping scheduler.
+SEARCH_CACHE_CAP_MB = 20_000
+SEARCH_ARTIFACT_CAP_MB = 5_000
+SEARCH_REPORT_EVERY = 2
+#: Search budget when none is given.
+SEARCH_BUDGET = "1h"

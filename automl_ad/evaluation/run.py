@@ -32,14 +32,14 @@ class EvaluationResult:
         return {"metrics": self.metrics, "cost": self.cost.to_dict(), "score_seconds": self.score_seconds}
 
 
-def measure_costs(detector, images, batch_size: int = THROUGHPUT_BATCH) -> CostReport:
+def measure_costs(detector, images, batch_size: int = THROUGHPUT_BATCH, repeats: int = LATENCY_REPEATS) -> CostReport:
     """Latency at batch 1 (after warm-up; decoded images at their stored size, so resizing and map
     post-processing count), throughput at ``batch_size``, peak RSS while scoring, and saved model size."""
     from automl_ad.data.imageset import ImageSet
 
     decoded = ImageSet.from_arrays(list(images.subset(range(min(len(images), LATENCY_IMAGES))).load_each()))
     singles = [decoded.subset([i]) for i in range(len(decoded))]
-    p50, p95 = measure_latency(detector.score, singles, warmup=LATENCY_WARMUP, repeats=LATENCY_REPEATS)
+    p50, p95 = measure_latency(detector.score, singles, warmup=LATENCY_WARMUP, repeats=repeats)
     batch = decoded.subset([i % len(decoded) for i in range(batch_size)])
     with PeakRss() as memory:
         throughput = measure_throughput(detector.score, batch, repeats=3)

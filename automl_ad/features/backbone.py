@@ -86,6 +86,27 @@ def _hub_cached_file(pretrained_cfg: dict) -> str | None:
     return None
 
 
+def hub_weights_cached(backbone: str) -> bool:
+    """Whether pretrained weights for timm model ``backbone`` are already in the local hub cache."""
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(backbone)
+    return cfg is not None and _hub_cached_file(cfg.to_dict()) is not None
+
+
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers (weights can be downloaded); False when offline is declared."""
+    import socket
+
+    if _offline():
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False
+
+
 def resolve_weights(backbone: str, weights: str | None, pretrained: bool,
                     mean=None, std=None, create_kwargs: dict | None = None) -> WeightsSource:
     """Decide where weights come from. Explicit ``mean``/``std``/``create_kwargs`` override known presets."""

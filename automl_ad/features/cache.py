@@ -76,6 +76,20 @@ class FeatureCache:
             if os.path.exists(tmp):
                 os.unlink(tmp)
 
+    def trim(self, max_mb: float) -> int:
+        """Delete the least recently used entries until the cache holds at most ``max_mb``; returns how many."""
+        if not self.root.is_dir():
+            return 0
+        entries = sorted(self.root.glob("*.safetensors"), key=lambda p: p.stat().st_atime)
+        total, removed = sum(p.stat().st_size for p in entries) / 2**20, 0
+        for path in entries:
+            if total <= max_mb:
+                break
+            size = path.stat().st_size / 2**20
+            path.unlink(missing_ok=True)
+            total, removed = total - size, removed + 1
+        return removed
+
     def size_mb(self) -> float:
         return sum(p.stat().st_size for p in self.root.glob("*.safetensors")) / 2**20 if self.root.is_dir() else 0.0
 

@@ -1,0 +1,144 @@
+"""Synthetic anomalies with masks, for ranking models when the user has no labelled defects.
+
+Three kinds, from the self-supervised literature:
+
+* ``cutpaste`` (Li et al., 2021): a rectangle of the image (2-15% of its area, aspect 0.3-3.3), colour-jittered,
+  pasted at another place.
+* ``scar`` (Li et al., 2021): a thin, long, rotated rectangle (2-16 px wide, 10-25 px long at 256 px, scaled with
+  the image) filled with jittered content of the image.
+* ``perlin`` (DRAEM, Zavrtanik et al., 2021): a Perlin-noise mask thresholded at 0.5 (scales 2^0-2^6), blending a
+  foreign texture: ``I' = (1 - M) I + (1 - b) M A + b M I`` with opacity ``b`` in [0.1, 1).
+  The foreign textures are real photographs shipped with scikit-image, rotated, recoloured and rescaled.
+
+Every anomaly differs visibly from its source inside the mask (it is redrawn when the change is too faint).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+
+KINDS = ("cutpaste", "scar", "perlin")
+_MIN_CHANGE = 0.05  # mean absolute change inside the mask, in [0, 1] intensity units
+
+
+def make_anomaly(image: np.ndarray, kind: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A defective copy of ``image`` (float32 (H, W[, 3]) in [0, 1]) and its boolean mask."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown synthetic anomaly kind {kind!r}; choose from {', '.join(KINDS)}")
+    maker = {"cutpaste": _cutpaste, "scar": _scar, "perlin": _perlin}[kind]
+    for _ in range(20):
+        out, mask = maker(image, rng)
+        if mask.any() and np.abs(out - image)[mask].mean() >= _MIN_CHANGE:
+            return out.astype(np.float32), mask
+    return out.astype(np.float32), mask  # a flat image: the last draw, however faint
+
+
+def _jitter(patch: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Brightness, contrast and (for colour) per-channel gain changes of up to ±30%."""
+    out = (patch - patch.mean()) * rng.uniform(0.7, 1.3) + patch.mean() + rng.uniform(-0.3, 0.3)
+    if out.ndim == 3:
+        out = out * rng.uniform(0.7, 1.3, size=(1, 1, out.shape[2]))
+    return np.clip(out, 0, 1)
+
+
+def _cutpaste(image: np.ndarray, rng: np.random.Generator):
+    h, w = image.shape[:2]
+    area = rng.uniform(0.02, 0.15) * h * w
+    aspect = np.exp(rng.uniform(np.log(0.3), np.log(3.3)))
+    ph = int(np.clip(np.sqrt(area * aspect), 2, h - 1))
+    pw = int(np.clip(np.sqrt(area / aspect), 2, w - 1))
+    y0, x0 = rng.integers(0, h - ph + 1), rng.integers(0, w - pw + 1)
+    y1, x1 = rng.integers(0, h - ph + 1), rng.integers(0, w - pw + 1)
+    out = image.copy()
+    out[y1:y1 + ph, x1:x1 + pw] = _jitter(image[y0:y0 + ph, x0:x0 + pw], rng)
+    mask = np.zeros((h, w), bool)
+    mask[y1:y1 + ph, x1:x1 + pw] = True
+    return out, mask
+
+
+def _scar(image: np.ndarray, rng: np.random.Generator):
+    from skimage.draw import polygon
+
+    h, w = image.shape[:2]
+    scale = min(h, w) / 256
+    width = rng.uniform(2, 16) * scale
+    length = rng.uniform(10, 25) * scale * 2
+    angle = rng.uniform(0, np.pi)
+    cy, cx = rng.uniform(length / 2, h - length / 2), rng.uniform(length / 2, w - length / 2)
+    along, across = np.array([np.sin(angle), np.cos(angle)]), np.array([np.cos(angle), -np.sin(angle)])
+    corners = [np.array([cy, cx]) + sa * along * length / 2 + sc * across * width / 2
+               for sa, sc in ((-1, -1), (-1, 1), (1, 1), (1, -1))]
+    rows, cols = polygon([c[0] for c in corners], [c[1] for c in corners], shape=(h, w))
+    mask = np.zeros((h, w), bool)
+    mask[rows, cols] = True
+    # fill with jittered content from another place of the image
+    dy, dx = rng.integers(-h // 3, h // 3 + 1), rng.integers(-w // 3, w // 3 + 1)
+    source = np.roll(image, (dy, dx), axis=(0, 1))
+    out = image.copy()
+    out[mask] = _jitter(source, rng)[mask]
+    return out, mask
+
+
+def perlin_noise(shape: tuple[int, int], res: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    """2-D Perlin gradient noise of ``shape`` with ``res`` lattice cells per axis (values roughly in [-1, 1])."""
+    h, w = shape
+    angles = rng.uniform(0, 2 * np.pi, (res[0] + 1, res[1] + 1))
+    gradients = np.stack([np.cos(angles), np.sin(angles)], axis=-1)
+    y = np.linspace(0, res[0], h, endpoint=False)
+    x = np.linspace(0, res[1], w, endpoint=False)
+    yi, xi = np.floor(y).astype(int), np.floor(x).astype(int)
+    fy, fx = (y - yi)[:, None], (x - xi)[None, :]
+
+    def corner(dy: int, dx: int) -> np.ndarray:
+        g = gradients[(yi + dy)[:, None], (xi + dx)[None, :]]
+        return g[..., 0] * (fy - dy) + g[..., 1] * (fx - dx)
+
+    fade = lambda t: 6 * t ** 5 - 15 * t ** 4 + 10 * t ** 3  # noqa: E731
+    uy, ux = fade(fy), fade(fx)
+    top = corner(0, 0) * (1 - ux) + corner(0, 1) * ux
+    bottom = corner(1, 0) * (1 - ux) + corner(1, 1) * ux
+    return np.sqrt(2) * (top * (1 - uy) + bottom * uy)
+
+
+@lru_cache(maxsize=1)
+def _textures() -> tuple[np.ndarray, ...]:
+    """Foreign textures: real photographs shipped with scikit-image, as float RGB in [0, 1]."""
+    from skimage import data
+    from skimage.color import gray2rgb
+
+    images = []
+    for name in ("brick", "grass", "gravel", "rocket", "coffee", "chelsea", "immunohistochemistry", "coins"):
+        try:
+            image = getattr(data, name)()
+        except Exception:  # noqa: BLE001 - a missing optional sample image just narrows the choice
+            continue
+        image = image.astype(np.float32) / (65535.0 if image.dtype == np.uint16 else 255.0)
+        images.append(gray2rgb(image) if image.ndim == 2 else image[..., :3])
+    return tuple(images)
+
+
+def _foreign(shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    from skimage.transform import resize, rotate
+
+    textures = _textures()
+    texture = textures[rng.integers(len(textures))]
+    texture = rotate(texture, rng.uniform(-90, 90), mode="reflect")
+    texture = resize(texture, shape, anti_aliasing=True)
+    return _jitter(texture, rng)
+
+
+def _perlin(image: np.ndarray, rng: np.random.Generator):
+    h, w = image.shape[:2]
+    side = int(2 ** np.ceil(np.log2(max(h, w))))
+    res = (2 ** int(rng.integers(0, 7)), 2 ** int(rng.integers(0, 7)))
+    noise = perlin_noise((side, side), res, rng)[:h, :w]
+    mask = noise > 0.5
+    foreign = _foreign((h, w), rng)
+    if image.ndim == 2:
+        foreign = foreign.mean(axis=2)
+    opacity = rng.uniform(0.1, 1.0)
+    m = mask[..., None] if image.ndim == 3 else mask
+    out = (1 - m) * image + (1 - opacity) * m * foreign + opacity * m * image
+    return out, mask

@@ -1,0 +1,408 @@
+"""The search: Ray Tune runs trials, Optuna proposes them, MLflow records them. The only module importing ray.
+
+How trials are proposed (define-by-run, :func:`_propose`):
+
+1. **Warm start.** The first trial of every family is its default configuration (defaults from the detector, the
+   backbone narrowed to what fits the latency budget and has weights), highest prior first.
+2. **Family allocation.** Afterwards each trial picks a family at random with weight
+   ``prior × (exp((q_f - q_best) / 0.05) + front_share_f) × 0.5^failures_f``: ``prior`` is the recommender's
+   route score (0-1), ``q_f`` the family's best validation quality so far, ``front_share_f`` the share of the
+   current Pareto front it holds (a fast family that defines the cheap end of the front keeps getting trials even
+   when its quality is lower). Families whose default is still running keep their prior.
+3. **Parameters.** Optuna's multi-objective TPE (grouped, so each family's conditional space is modelled on its own
+   trials) samples the family's space from ``search_spaces/<family>.yaml``.
+
+Objectives: validation quality ↑, throughput ↑, peak memory while scoring ↓. Iterative families report quality
+every few epochs; an ASHA scheduler stops poor ones early (on quality alone). Each trial runs in its own process
+(:mod:`automl_ad.search.trial`) with a time limit, so a crash, NaN, out-of-memory or timeout fails that trial only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from automl_ad.defaults import (FEATURE_CACHE_ENV, SEARCH_ARTIFACT_CAP_MB, SEARCH_CACHE_CAP_MB, SEARCH_REPORT_EVERY,
+                                STATE_DIR, default_cache_dir)
+from automl_ad.errors import UsageError
+
+OBJECTIVE_METRICS, OBJECTIVE_MODES = ["quality", "throughput", "memory_mb"], ["max", "max", "min"]
+ALLOCATION_TEMPERATURE = 0.05
+
+
+@dataclass
+class SearchRequest:
+    """Everything a search needs; the CLI fills it from arguments, the recommend state and the profile."""
+
+    data: str
+    category: str | None = None
+    families: list[str] = field(default_factory=list)
+    priors: dict[str, float] = field(default_factory=dict)
+    routes: dict[str, str] = field(default_factory=dict)
+    budget_s: float = 3600.0
+    max_trials: int | None = None
+    seed: int = 0
+    metric: str = "combined"
+    validation: str = "auto"
+    tracking_uri: str | None = None
+    address: str | None = None
+    resume: bool = False
+    trial_timeout_s: float | None = None
+    backbones: dict[str, list[str]] = field(default_factory=dict)  # per family: allowed backbones (absent = any)
+    backbone_weights: dict[str, str] = field(default_factory=dict)
+    preferred_backbone: str | None = None
+    device: str = "auto"
+    cache_cap_mb: float = SEARCH_CACHE_CAP_MB
+    artifact_cap_mb: float = SEARCH_ARTIFACT_CAP_MB
+    profile_file: str | None = None
+    recommendation_file: str | None = None
+
+
+@dataclass
+class SearchResult:
+    parent_run_id: str
+    experiment: str
+    tracking_uri: str
+    trials: list[dict]
+    front: list[dict]
+    work_dir: str
+
+
+# --- proposals ----------------------------------------------------------------------------------------------------
+class Proposer:
+    """Define-by-run proposal function for OptunaSearch (see the module docstring)."""
+
+    def __init__(self, request: SearchRequest, spaces: dict, defaults: dict):
+        self.request, self.spaces, self.defaults = request, spaces, defaults
+        self.order = sorted(request.families, key=lambda f: -request.priors.get(f, 0.5))
+
+    def __call__(self, trial):
+        earlier = [t for t in trial.study.get_trials(deepcopy=False) if t.number != trial.number]
+        started = {t.user_attrs.get("family") for t in earlier if t.user_attrs.get("default")}
+        pending = [f for f in self.order if f not in started]
+        if pending:
+            family = pending[0]
+            trial.set_user_attr("family", family)
+            trial.set_user_attr("default", True)
+            return {"family": family, "params": self._with_weights(dict(self.defaults[family])), "default": True}
+        family = self._pick_family(trial, earlier)
+        trial.set_user_attr("family", family)
+        trial.set_user_attr("default", False)
+        values = self.spaces[family].sample(trial, prefix=f"{family}/")
+        return {"family": family, "params": self._with_weights({**self.defaults[family], **values}), "default": False}
+
+    def _with_weights(self, params: dict) -> dict:
+        """A local weights file for the chosen backbone, when the user supplied one."""
+        local = self.request.backbone_weights.get(params.get("backbone"))
+        return {**params, "weights": local} if local else params
+
+    def weights(self, earlier) -> np.ndarray:
+        from optuna.trial import TrialState
+
+        from automl_ad.tracking.store import pareto_ranks
+
+        done = [t for t in earlier if t.state == TrialState.COMPLETE and t.values and None not in t.values]
+        best = {f: max((t.values[0] for t in done if t.user_attrs.get("family") == f), default=None)
+                for f in self.order}
+        q_best = max((q for q in best.values() if q is not None), default=None)
+        share = dict.fromkeys(self.order, 0.0)
+        if done:
+            ranks = pareto_ranks(np.array([t.values for t in done]), OBJECTIVE_MODES)
+            front = [t.user_attrs.get("family") for t, r in zip(done, ranks) if r == 0]
+            for f in front:
+                if f in share:
+                    share[f] += 1 / len(front)
+        failures = {f: sum(t.state == TrialState.FAIL and t.user_attrs.get("family") == f for t in earlier)
+                    for f in self.order}
+        weights = []
+        for f in self.order:
+            prior = self.request.priors.get(f, 0.5)
+            fit = 1.0 if best[f] is None else math.exp((best[f] - q_best) / ALLOCATION_TEMPERATURE) + share[f]
+            weights.append(prior * fit * 0.5 ** failures[f])
+        weights = np.asarray(weights)
+        return weights / weights.sum() if weights.sum() > 0 else np.full(len(weights), 1 / len(weights))
+
+    def _pick_family(self, trial, earlier) -> str:
+        rng = np.random.default_rng([self.request.seed, trial.number])
+        return self.order[int(rng.choice(len(self.order), p=self.weights(earlier)))]
+
+
+# --- one trial in a worker ----------------------------------------------------------------------------------------
+def _die_with_parent() -> None:
+    """Linux: the trial process is killed when the thread that started it ends (e.g. the trial was stopped)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def run_trial_process(config: dict, work_dir: str, data_file: str, metric: str, timeout_s: float,
+                      threads: int, cache_dir: str, report) -> dict:
+    """Run one configuration in a child process, relaying its intermediate quality to ``report``."""
+    trial_id = config["trial_id"]
+    out_dir = Path(work_dir) / "trials" / trial_id
+    out_dir.mkdir(parents=True, exist_ok=True)
+    spec = {"family": config["family"], "params": config["params"], "data_file": data_file, "metric": metric,
+            "timeout_s": timeout_s, "threads": threads, "out_dir": str(out_dir),
+            "report_every": SEARCH_REPORT_EVERY}
+    (out_dir / "spec.json").write_text(json.dumps(spec, indent=2))
+    env = {**os.environ, FEATURE_CACHE_ENV: cache_dir, "OMP_NUM_THREADS": str(threads), "PYTHONWARNINGS": "ignore"}
+    stderr = (out_dir / "stderr.log").open("w")
+    process = subprocess.Popen([sys.executable, "-m", "automl_ad.search.trial", str(out_dir / "spec.json")],
+                               stdout=subprocess.PIPE, stderr=stderr, text=True, env=env,
+                               preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+    hard_limit = threading.Timer(timeout_s * 1.2 + 60, process.kill)  # the trial checks its limit itself first
+    hard_limit.start()
+    final = None
+    try:
+        for line in process.stdout:
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if event.get("event") == "epoch" and event.get("quality") is not None:
+                report({"epoch": event["epoch"], "quality": event["quality"], "loss": event["loss"]})
+            elif event.get("event") in ("result", "failed"):
+                final = event
+        process.wait()
+    finally:
+        hard_limit.cancel()
+        if process.poll() is None:
+            process.kill()
+        stderr.close()
+    if final is None:
+        code = process.returncode
+        tail = (out_dir / "stderr.log").read_text()[-1500:]
+        reason = "killed (out of memory or past the hard time limit)" if code in (-9, 137) else "crashed"
+        final = {"event": "failed", "reason": reason, "error": f"exit code {code}. {tail}"}
+    if final["event"] == "failed":
+        (out_dir / "failure.json").write_text(json.dumps(final))
+        raise TrialFailed(f"{final['reason']}: {final['error']}")
+    final.update(throughput=final["throughput_ips"], memory_mb=final["peak_rss_mb_score"])
+    return final
+
+
+class TrialFailed(RuntimeError):
+    """A configuration failed; the search records it and goes on."""
+
+
+def _trainable(config: dict, work_dir: str, data_file: str, metric: str, timeout_s: float, threads: int,
+               cache_dir: str):
+    from ray import tune
+
+    config = {**config, "trial_id": tune.get_context().get_trial_id()}
+    result = run_trial_process(config, work_dir, data_file, metric, timeout_s, threads, cache_dir, tune.report)
+    tune.report({k: v for k, v in result.items() if k not in ("event", "heatmaps")}
+                | {"heatmaps": json.dumps(result.get("heatmaps", []))})
+
+
+# --- the search ---------------------------------------------------------------------------------------------------
+def work_dir_for(dataset) -> Path:
+    return Path.cwd() / STATE_DIR / "search" / f"{dataset.name}-{dataset.fingerprint()}"
+
+
+def experiment_name(dataset) -> str:
+    return f"automl-ad/{dataset.name}-{dataset.fingerprint()[:8]}"
+
+
+def _concurrency(address: str | None) -> tuple[int, dict, int]:
+    """(parallel trials, resources per trial, threads per trial) from the Ray cluster's CPUs and GPUs."""
+    import ray
+
+    cpus = int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    threads = min(4, cpus)
+    if gpus:
+        return gpus, {"cpu": threads, "gpu": 1}, threads
+    return max(1, cpus // threads), {"cpu": threads}, threads
+
+
+def run_search(request: SearchRequest, console=None) -> SearchResult:
+    """Run (or resume) a search; returns where its results are."""
+    from automl_ad.data import open_dataset
+    from automl_ad.search.space import load_space
+    from automl_ad.search.validation import prepare_search_data
+    from automl_ad.tracking.store import Tracker
+
+    dataset = open_dataset(request.data, request.category)
+    work_dir = work_dir_for(dataset)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    spaces = {f: load_space(f).narrowed(request.backbones.get(f)) for f in request.families}
+    defaults = {f: _fixed_params(f, spaces[f], request) for f in request.families}
+    search_data = prepare_search_data(dataset, work_dir, request.validation, request.seed)
+    from automl_ad.search.trial import imageset_to_json
+
+    data_file = work_dir / "data.json"
+    data_file.write_text(json.dumps({k: imageset_to_json(v) for k, v in
+                                     {"train": search_data.train, "validation": search_data.validation,
+                                      "test": search_data.test, "reference": search_data.reference}.items()
+                                     if v is not None}))
+    tracker = Tracker(request.tracking_uri)
+    experiment_id = tracker.experiment(experiment_name(dataset))
+    state_file = work_dir / "search.json"
+    state = _resume_state(state_file, request, tracker)
+    if state is None:
+        snapshot = work_dir / "search_space.json"
+        snapshot.write_text(json.dumps({f: [asdict(p) for p in spaces[f].parameters] for f in spaces}, indent=2,
+                                       default=list))
+        files = [snapshot] + [Path(p) for p in (request.profile_file, request.recommendation_file) if p]
+        parent = tracker.start_search(
+            experiment_id, f"search-{time.strftime('%Y%m%d-%H%M%S')}",
+            {"data": str(dataset.root), "families": request.families, "budget_s": request.budget_s,
+             "max_trials": request.max_trials, "seed": request.seed, "metric": request.metric,
+             "validation": search_data.validation_kind, "split": search_data.describe(),
+             "priors": request.priors, "backbones": request.backbones},
+            {"dataset": dataset.name, "fingerprint": dataset.fingerprint()}, files)
+        state = {"parent_run_id": parent, "study": f"search-{parent}", "elapsed_s": 0.0,
+                 "budget_s": request.budget_s, "finished": False}
+        _write_json(state_file, state)
+    parent = state["parent_run_id"]
+    remaining = state["budget_s"] - state["elapsed_s"]
+    say = console.print if console else print
+    say(f"Search {parent} on {dataset.root} ({search_data.describe()}); families {', '.join(request.families)}; "
+        f"budget left {remaining:.0f} s; tracking {tracker.uri}")
+    if remaining <= 0:
+        raise UsageError(f"search {parent} has used its budget of {state['budget_s']:.0f} s; start a new search "
+                         "(without --resume) or give a larger --budget")
+    started = time.monotonic()
+    try:
+        _tune(request, spaces, defaults, work_dir, data_file, state, remaining, tracker, experiment_id, console)
+    finally:
+        state["elapsed_s"] += time.monotonic() - started
+        _write_json(state_file, state)
+    front = tracker.tag_front(parent)
+    for run in front:
+        model = work_dir / "trials" / run.data.tags["trial"] / "model"
+        if model.is_dir() and "model" not in {a.path for a in tracker.client.list_artifacts(run.info.run_id)}:
+            tracker.log_model(run.info.run_id, model)
+    state["finished"] = state["elapsed_s"] >= state["budget_s"] - 1 or request.max_trials is not None
+    _write_json(state_file, state)
+    tracker.finish_search(parent)
+    trials = [{"run_id": r.info.run_id, **r.data.tags, **r.data.metrics} for r in tracker.trials(parent)]
+    return SearchResult(parent, experiment_name(dataset), tracker.uri, trials,
+                        [t for t in trials if t.get("pareto_rank") == "0"], str(work_dir))
+
+
+def _resume_state(state_file: Path, request: SearchRequest, tracker) -> dict | None:
+    if not request.resume:
+        return None
+    if not state_file.is_file():
+        raise UsageError(f"nothing to resume: no earlier search of this dataset under {state_file.parent}")
+    state = json.loads(state_file.read_text())
+    if request.budget_s and request.budget_s > state["budget_s"]:
+        state["budget_s"] = request.budget_s
+    return state
+
+
+def _fixed_params(family: str, space, request: SearchRequest) -> dict:
+    """Parameters every trial of ``family`` gets: device, and for backbone families an allowed backbone."""
+    from automl_ad.detectors import detector_class
+    from automl_ad.detectors.feature_based import BackboneDetector
+
+    cls = detector_class(family)
+    accepted = cls._get_param_names()
+    params = {"device": request.device} if "device" in accepted else {}
+    if issubclass(cls, BackboneDetector):
+        choices = next((p.choices for p in space.parameters if p.type == "backbone"), ())
+        default = cls().backbone
+        allowed = list(choices)
+        if default not in allowed:
+            default = request.preferred_backbone if request.preferred_backbone in allowed else allowed[0]
+        params["backbone"] = default
+    return params
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)
+
+
+def _tune(request, spaces, defaults, work_dir, data_file, state, remaining, tracker, experiment_id, console):
+    import optuna
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    from automl_ad.search.progress import SearchCallback
+
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    if not ray.is_initialized():
+        ray.init(address=request.address, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
+                 runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore"}} if request.address else None)
+    parallel, resources, threads = _concurrency(request.address)
+    storage = optuna.storages.RDBStorage(f"sqlite:///{work_dir / 'optuna.db'}",
+                                         engine_kwargs={"connect_args": {"timeout": 30}})
+    _fail_stale_trials(storage, state["study"])
+    sampler = optuna.samplers.TPESampler(seed=request.seed, multivariate=True, group=True, constant_liar=True,
+                                         n_startup_trials=max(4, len(request.families)))
+    searcher = OptunaSearch(space=Proposer(request, spaces, defaults), metric=OBJECTIVE_METRICS,
+                            mode=OBJECTIVE_MODES, sampler=sampler, study_name=state["study"], storage=storage)
+    epochs = [p.high for s in spaces.values() for p in s.parameters if p.name == "epochs"]
+    scheduler = ASHAScheduler(time_attr="epoch", metric="quality", mode="max", max_t=int(max(epochs, default=100)),
+                              grace_period=3 * SEARCH_REPORT_EVERY, reduction_factor=3)
+    done = tracker.finished_trial_ids(state["parent_run_id"])
+    max_trials = request.max_trials - len(done) if request.max_trials else -1
+    if max_trials == 0:
+        return
+    timeout = request.trial_timeout_s or max(120.0, remaining / 4)
+    callback = SearchCallback(tracker, experiment_id, state["parent_run_id"], request, work_dir,
+                              remaining, console)
+    trainable = tune.with_parameters(_trainable, work_dir=str(work_dir), data_file=str(data_file),
+                                     metric=request.metric, timeout_s=timeout, threads=threads,
+                                     cache_dir=str(Path(os.environ.get(FEATURE_CACHE_ENV) or default_cache_dir())))
+    tuner = tune.Tuner(
+        tune.with_resources(trainable, resources),
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=max_trials,
+                                    max_concurrent_trials=parallel, time_budget_s=remaining),
+        run_config=tune.RunConfig(name=f"{state['study']}-{int(time.time())}", storage_path=str(work_dir / "ray"),
+                                  callbacks=[callback], verbose=0,
+                                  failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)))
+    try:
+        tuner.fit()
+    finally:
+        callback.close()
+
+
+def _fail_stale_trials(storage, study_name: str) -> None:
+    """Trials left RUNNING by an interrupted search are marked FAIL so the sampler does not wait for them."""
+    import optuna
+    from optuna.trial import TrialState
+
+    try:
+        study = optuna.load_study(study_name=study_name, storage=storage)
+    except KeyError:
+        return
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+
+
+def trim_disk(work_dir: Path, keep: set[str], cap_mb: float) -> None:
+    """Delete saved models of trials not in ``keep`` (dominated ones), oldest first, above ``cap_mb``."""
+    trials = Path(work_dir) / "trials"
+    models = sorted((p for p in trials.glob("*/model") if p.parent.name not in keep), key=lambda p: p.stat().st_mtime)
+    total = sum(f.stat().st_size for p in trials.glob("*/model") for f in p.rglob("*") if f.is_file()) / 2**20
+    for model in models:
+        if total <= cap_mb:
+            break
+        size = sum(f.stat().st_size for f in model.rglob("*") if f.is_file()) / 2**20
+        shutil.rmtree(model, ignore_errors=True)
+        total -= size

@@ -1,0 +1,136 @@
+"""Turn what the user typed (and what `recommend` left in the working directory) into a SearchRequest."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from automl_ad.defaults import STATE_DIR
+from automl_ad.errors import UsageError
+from automl_ad.search.engine import SearchRequest
+
+
+def _state() -> dict | None:
+    path = Path.cwd() / STATE_DIR / "state.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _entry_for(state: dict | None, data: str | None, category: str | None) -> dict | None:
+    """The recommend state entry for this dataset (or the only/named one when no data is given)."""
+    if not state:
+        return None
+    entries = state.get("categories", [])
+    if data is not None:
+        root = (Path(data) / category if category else Path(data)).resolve()
+        entries = [e for e in entries if Path(e["dataset"]).resolve() == root or
+                   (Path(e["dataset"]).parent.resolve() == root and len(entries) == 1)]
+    if category:
+        entries = [e for e in entries if e["category"] == category]
+    if len(entries) > 1:
+        names = ", ".join(e["category"] for e in entries)
+        raise UsageError(f"the last recommendation covers several categories ({names}); search one at a time with "
+                         "--category NAME")
+    return entries[0] if entries else None
+
+
+def plan_search(data: str | None, category: str | None = None, profile: str | None = None,
+                families: list[str] | None = None, weights: str | None = None, say=print, **options) -> SearchRequest:
+    """Dataset, shortlist (families with priors), constraints and backbones for a search."""
+    from automl_ad.constraints import load_constraints
+    from automl_ad.detectors import list_detectors
+
+    state = _state()
+    entry = _entry_for(state, data, category)
+    if data is None:
+        if entry is None:
+            raise UsageError("no dataset given and no earlier recommendation here: run `automl-ad recommend DATA` "
+                             "first (it leaves its shortlist in .automl-ad/), or pass DATA")
+        data, category = entry["dataset"], None
+        say(f"Using the dataset and shortlist of the last `automl-ad recommend`: {data}")
+    constraints = load_constraints(profile or (state or {}).get("constraints") if entry else profile)
+    if entry is None:
+        from automl_ad.data import open_dataset
+        from automl_ad.profiling import profile_dataset
+        from automl_ad.recommend import recommend
+
+        dataset = open_dataset(data, category)
+        facts = profile_dataset(dataset)
+        recommendation = recommend(facts.with_overrides(constraints.data) if constraints.data else facts,
+                                   constraints).to_dict()
+        data, category = str(dataset.root), None
+    else:
+        recommendation = json.loads(Path(entry["recommendation"]).read_text())
+    candidates = {c["route"]: c for c in recommendation["candidates"]}
+    routes = {f: c["route"] for c in recommendation["candidates"] for f in c["families"]}
+    searchable = set(list_detectors()) & {p.stem for p in _spaces_dir().glob("*.yaml")}
+    if families:
+        unknown = [f for f in families if f not in searchable]
+        if unknown:
+            raise UsageError(f"unknown or unsearchable families {unknown}; searchable: {', '.join(sorted(searchable))}")
+    else:
+        shortlist = recommendation["shortlist"]
+        families = [f for r in shortlist for f in candidates[r]["families"] if f in searchable]
+        say(f"Shortlist from the recommendation: {', '.join(shortlist)} → families {', '.join(families)}")
+    priors = {f: max(0.05, candidates[routes[f]]["score"] / 10) if f in routes else 0.5 for f in families}
+    backbone_weights = dict(constraints.backbone_weights)
+    if weights:
+        backbone_weights[_weights_backbone(weights)] = str(Path(weights).resolve())
+    backbones, families = _backbones(families, routes, constraints, backbone_weights, say)
+    if not families:
+        raise UsageError("no family left to search (see the notes above)")
+    return SearchRequest(data=str(data), category=category, families=families, priors=priors, routes=routes,
+                         backbones=backbones, backbone_weights=backbone_weights,
+                         preferred_backbone=next((c["backbone"] for c in recommendation["candidates"] if c.get("backbone")),
+                                                None),
+                         profile_file=entry["profile"] if entry else None,
+                         recommendation_file=entry["recommendation"] if entry else None, **options)
+
+
+def _spaces_dir() -> Path:
+    from automl_ad.search.space import spaces_dir
+
+    return spaces_dir()
+
+
+def _weights_backbone(weights: str) -> str:
+    from automl_ad.features.backbone import file_sha256, known_weights
+
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise UsageError(f"weights file {path} does not exist")
+    preset = known_weights().get(file_sha256(str(path.resolve())))
+    if preset is None:
+        raise UsageError(f"{path}: unknown weights file; name its backbone in a constraint profile instead "
+                         "(backbone_weights: {timm_model_name: path})")
+    return preset["model"]
+
+
+def _backbones(families, routes, constraints, backbone_weights, say):
+    """Per family: backbones that fit the latency budget and have weights here. Families left without any are
+    dropped with a note saying how to provide weights."""
+    from automl_ad.detectors import detector_class
+    from automl_ad.detectors.feature_based import BackboneDetector
+    from automl_ad.features.backbone import hub_reachable, hub_weights_cached
+    from automl_ad.search.space import allowed_backbones, load_space
+
+    online = None
+    allowed, kept = {}, []
+    for family in families:
+        if not issubclass(detector_class(family), BackboneDetector):
+            kept.append(family)
+            continue
+        choices = next(p.choices for p in load_space(family).parameters if p.type == "backbone")
+        fits = allowed_backbones(routes.get(family, ""), constraints)
+        options = [b for b in choices if fits is None or b in fits]
+        have = [b for b in options if b in backbone_weights or hub_weights_cached(b)]
+        if not have:
+            online = hub_reachable() if online is None else online
+            have = options if online else []
+        if not have:
+            say(f"note: {family} left out: no pretrained weights for {', '.join(options)} on this machine and the "
+                "hub is unreachable. Pass --weights FILE (a timm state_dict, e.g. ../shared/weights/"
+                "mobilenetv2_100_tflite_in1k.safetensors) or list backbone_weights in a --profile.")
+            continue
+        allowed[family] = have
+        kept.append(family)
+    return allowed, kept

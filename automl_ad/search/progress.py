@@ -1,0 +1,132 @@
+"""The search's Tune callback: records every trial in MLflow as it ends, and shows a live view of the search."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from ray.tune import Callback
+
+from automl_ad.features import FeatureCache
+from automl_ad.search.engine import OBJECTIVE_METRICS, OBJECTIVE_MODES, trim_disk
+from automl_ad.tracking.store import pareto_ranks
+
+
+class SearchCallback(Callback):
+    """Logs finished, stopped and failed trials as MLflow child runs; keeps disk use under the caps."""
+
+    def __init__(self, tracker, experiment_id: str, parent_id: str, request, work_dir: Path, budget_s: float,
+                 console=None):
+        self.tracker, self.experiment_id, self.parent_id = tracker, experiment_id, parent_id
+        self.request, self.work_dir = request, Path(work_dir)
+        self.deadline = time.monotonic() + budget_s
+        self.curves: dict[str, list] = {}
+        self.records: list[dict] = []
+        self.running = 0
+        self.console = console
+        self._live = None
+        self._last_draw = 0.0
+        if console is not None and console.is_terminal:
+            from rich.live import Live
+
+            self._live = Live(self._view(), console=console, refresh_per_second=2, transient=False)
+            self._live.start()
+
+    def __getstate__(self) -> dict:
+        """Tune pickles its configuration for restoring; this callback lives in the driver only."""
+        return {}
+
+    # --- Tune hooks -------------------------------------------------------------------------------------------
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.running = sum(t.status == "RUNNING" for t in trials)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if "epoch" in result and result.get("quality") is not None:
+            self.curves.setdefault(trial.trial_id, []).append((int(result["epoch"]), float(result["quality"])))
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        result = dict(trial.last_result or {})
+        complete = "throughput" in result and result.get("quality") is not None
+        status = "ok" if complete else "stopped early"
+        record = self._record(trial, status, result)
+        artifacts = json.loads(result.get("heatmaps", "[]")) if complete else []
+        self._log(record, artifacts)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        failure = self.work_dir / "trials" / trial.trial_id / "failure.json"
+        details = json.loads(failure.read_text()) if failure.is_file() else {
+            "reason": "error", "error": str(getattr(trial, "error_message", None) or "see the Ray trial log")}
+        self._log(self._record(trial, "failed", {"reason": details["reason"], "error": details["error"]}), [])
+
+    def on_step_end(self, iteration, trials, **info):
+        self.running = sum(t.status == "RUNNING" for t in trials)
+        if time.monotonic() - self._last_draw > 0.5:
+            self._draw()
+
+    # --- helpers ----------------------------------------------------------------------------------------------
+    def _record(self, trial, status: str, result: dict) -> dict:
+        config = trial.config
+        record = {"trial_id": trial.trial_id, "family": config.get("family"), "params": config.get("params", {}),
+                  "default": bool(config.get("default")), "status": status,
+                  "route": self.request.routes.get(config.get("family"), ""),
+                  "curve": self.curves.get(trial.trial_id, []), **result}
+        if status == "failed":
+            record.pop("quality", None)
+        record["wall_seconds"] = result.get("time_total_s")
+        return record
+
+    def _log(self, record: dict, artifacts: list[str]) -> None:
+        try:
+            self.tracker.log_trial(self.experiment_id, self.parent_id, record, artifacts)
+        except Exception as exc:  # noqa: BLE001 - tracking trouble must not end the search
+            self._say(f"[yellow]could not record trial {record['trial_id']} in MLflow: {exc}[/]")
+        self.records.append(record)
+        front = self._front_ids()
+        trim_disk(self.work_dir, front, self.request.artifact_cap_mb)
+        FeatureCache().trim(self.request.cache_cap_mb)
+        mark = {"ok": "✓", "stopped early": "↓", "failed": "✗"}[record["status"]]
+        quality = record.get("quality")
+        detail = (f"quality {quality:.3f}, {record.get('throughput', 0):.1f} img/s, {record.get('memory_mb', 0):.0f} MB"
+                  if record["status"] == "ok" else
+                  f"{record.get('reason')}: {str(record.get('error', ''))[:140]}" if record["status"] == "failed"
+                  else f"stopped at epoch {record['curve'][-1][0] if record['curve'] else '?'}")
+        self._say(f"{mark} {record['family']:<12} {record['trial_id']:<14} {detail}")
+        self._draw()
+
+    def _front_ids(self) -> set[str]:
+        ok = [r for r in self.records if r["status"] == "ok"]
+        if not ok:
+            return set()
+        ranks = pareto_ranks(np.array([[r[m] for m in OBJECTIVE_METRICS] for r in ok]), OBJECTIVE_MODES)
+        return {r["trial_id"] for r, k in zip(ok, ranks) if k == 0}
+
+    def _view(self):
+        from rich.table import Table
+
+        ok = [r for r in self.records if r["status"] == "ok"]
+        best = max(ok, key=lambda r: r["quality"], default=None)
+        table = Table(title="automl-ad search", show_header=False, box=None)
+        table.add_row("trials", f"{len(ok)} done, {self.running} running, "
+                                f"{sum(r['status'] == 'stopped early' for r in self.records)} stopped early, "
+                                f"{sum(r['status'] == 'failed' for r in self.records)} failed")
+        table.add_row("best quality", f"{best['quality']:.4f} ({best['family']})" if best else "-")
+        table.add_row("Pareto front", f"{len(self._front_ids())} trial(s)")
+        table.add_row("budget left", f"{max(0.0, self.deadline - time.monotonic()):.0f} s")
+        return table
+
+    def _draw(self) -> None:
+        self._last_draw = time.monotonic()
+        if self._live is not None:
+            self._live.update(self._view())
+
+    def _say(self, text: str) -> None:
+        if self.console is not None:
+            self.console.print(text)
+        else:
+            print(text)
+
+    def close(self) -> None:
+        if self._live is not None:
+            self._live.stop()

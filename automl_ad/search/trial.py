@@ -1,0 +1,129 @@
+"""One search trial, run in its own process: fit, report intermediate quality, validate, measure cost, save.
+
+``python -m automl_ad.search.trial SPEC.json`` prints JSON lines on stdout — ``{"event": "epoch", ...}`` while an
+iterative family trains, then one ``{"event": "result", ...}`` (or ``{"event": "failed", ...}``). A process per
+trial keeps memory bounded over a long search (everything is freed when it exits), lets a timeout or an
+out-of-memory kill end one trial without touching the others, and measures peak memory per configuration.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+from automl_ad.data.imageset import ImageSet
+
+
+class TrialTimeout(Exception):
+    """The trial ran past its time limit."""
+
+
+def imageset_to_json(images: ImageSet) -> dict:
+    return {"paths": [str(p) for p in images.paths], "labels": images.labels.tolist(),
+            "masks": [None if m is None else str(m) for m in (images.mask_paths or [None] * len(images))],
+            "hashes": images.content_hashes}
+
+
+def imageset_from_json(data: dict) -> ImageSet:
+    return ImageSet(paths=[Path(p) for p in data["paths"]], labels=np.asarray(data["labels"], np.int64),
+                    mask_paths=[None if m is None else Path(m) for m in data["masks"]],
+                    content_hashes=data.get("hashes"))
+
+
+def _emit(event: dict) -> None:
+    print(json.dumps(event, default=float), flush=True)
+
+
+def run_trial(spec: dict) -> dict:
+    """Fit ``spec["family"]`` with ``spec["params"]`` and return the result event (see module docstring)."""
+    import torch
+
+    from automl_ad.detectors import create_detector
+    from automl_ad.evaluation.metrics import evaluate
+    from automl_ad.evaluation.run import measure_costs
+    from automl_ad.search.validation import quality
+
+    torch.set_num_threads(max(1, int(spec.get("threads", 1))))
+    data = json.loads(Path(spec["data_file"]).read_text())
+    train, validation = imageset_from_json(data["train"]), imageset_from_json(data["validation"])
+    reference = imageset_from_json(data["reference"]) if data.get("reference") else None
+    metric, deadline = spec.get("metric", "combined"), time.monotonic() + float(spec.get("timeout_s", math.inf))
+    detector = create_detector(spec["family"], **spec["params"])
+    every = max(1, int(spec.get("report_every", 1)))
+
+    def on_epoch(epoch: int, metrics: dict) -> bool:
+        if time.monotonic() > deadline:
+            raise TrialTimeout(f"ran past the per-trial limit of {spec['timeout_s']:.0f} s during epoch {epoch + 1}")
+        event = {"event": "epoch", "epoch": epoch + 1, "loss": metrics["loss"]}
+        if "score" in metrics and (epoch + 1) % every == 0:
+            scores = metrics["score"](validation)
+            event["quality"] = quality(evaluate(validation.labels, scores.image_scores, scores.anomaly_maps,
+                                                validation.masks()), metric)
+        _emit(event)
+        return False
+
+    detector.fit(train, on_epoch=on_epoch if detector.iterative else None)
+    if time.monotonic() > deadline:
+        raise TrialTimeout(f"fit took {detector.fit_seconds_:.0f} s, past the per-trial limit of "
+                           f"{spec['timeout_s']:.0f} s")
+    scores = detector.score(validation)
+    metrics = evaluate(validation.labels, scores.image_scores, scores.anomaly_maps, validation.masks())
+    result = {"event": "result", "quality": quality(metrics, metric),
+              **{f"val_{k}": v for k, v in metrics.items()}}
+    if result["quality"] is None or not np.isfinite(result["quality"]):
+        raise FloatingPointError(f"validation quality is {result['quality']} (metric {metric})")
+    if reference is not None:
+        ref = detector.score(reference)
+        ref_metrics = evaluate(reference.labels, ref.image_scores, ref.anomaly_maps, reference.masks())
+        result.update({f"real_{k}": v for k, v in ref_metrics.items()}, real_quality=quality(ref_metrics, metric))
+    cost = measure_costs(detector, validation, repeats=int(spec.get("latency_repeats", 10)))
+    result.update(cost.to_dict())
+    result["epochs_trained"] = getattr(detector, "epochs_trained_", None)
+    out = Path(spec["out_dir"])
+    detector.save(out / "model")
+    result["heatmaps"] = _heatmaps(validation, scores, out / "heatmaps")
+    return result
+
+
+def _heatmaps(images: ImageSet, scores, out: Path) -> list[str]:
+    """Two overlays: the most anomalous-looking anomaly and normal image of the validation set."""
+    if scores.anomaly_maps is None:
+        return []
+    from automl_ad.reporting.heatmaps import save_overlays
+
+    picked = [int(np.argmax(np.where(images.labels == k, scores.image_scores, -np.inf))) for k in (1, 0)
+              if (images.labels == k).any()]
+    subset = images.subset(picked)
+    paths = save_overlays(out, subset.load_each(), scores.anomaly_maps[picked], subset.labels,
+                          scores.image_scores[picked], [str(p) for p in subset.paths], subset.masks(), count=3)
+    return [str(p) for p in paths]
+
+
+def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    spec = json.loads(Path((argv or sys.argv[1:])[0]).read_text())
+    try:
+        _emit(run_trial(spec))
+    except TrialTimeout as exc:
+        _emit({"event": "failed", "reason": "timeout", "error": str(exc)})
+    except MemoryError as exc:
+        _emit({"event": "failed", "reason": "out of memory", "error": str(exc)})
+    except Exception as exc:  # noqa: BLE001 - any failure of a configuration is a result the search records
+        reason = "nan" if isinstance(exc, FloatingPointError) else type(exc).__name__
+        if "out of memory" in str(exc).lower():
+            reason = "out of memory"
+        _emit({"event": "failed", "reason": reason, "error": f"{type(exc).__name__}: {exc}",
+               "traceback": traceback.format_exc(limit=8)})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""MLflow tracking of searches: one experiment per dataset, a parent run per search, a child run per trial.
+
+This is the only module that imports mlflow. The default store is an embedded SQLite database in the working
+directory (``.automl-ad/mlflow.db``, artifacts beside it); any MLflow tracking URI (a server) works too.
+Writes are retried briefly, because two searches may share one SQLite file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from automl_ad.defaults import STATE_DIR
+from automl_ad.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+#: Objectives of the search: (metric name, direction).
+OBJECTIVES = (("quality", "max"), ("throughput", "max"), ("memory_mb", "min"))
+TRIAL_METRICS = ("quality", "real_quality", "throughput", "memory_mb", "fit_seconds", "latency_ms_p50",
+                 "latency_ms_p95", "throughput_ips", "peak_rss_mb_fit", "peak_rss_mb_score", "model_mb",
+                 "epochs_trained", "wall_seconds")
+
+
+def default_tracking_uri() -> str:
+    path = (Path.cwd() / STATE_DIR / "mlflow.db").resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path}"
+
+
+def _retry(fn, *args, attempts: int = 6, **kwargs):
+    for attempt in range(attempts):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - SQLite "database is locked" under concurrent searches
+            if "locked" not in str(exc).lower() or attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * 2 ** attempt)
+
+
+class Tracker:
+    """Search tracking on one MLflow store."""
+
+    def __init__(self, tracking_uri: str | None = None):
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+        self.uri = tracking_uri or default_tracking_uri()
+        mlflow.set_tracking_uri(self.uri)
+        self.client = MlflowClient(self.uri)
+
+    # --- experiments and runs ---------------------------------------------------------------------------------
+    def experiment(self, name: str) -> str:
+        """Id of experiment ``name``, created (with artifacts beside a SQLite store) when missing."""
+        found = self.client.get_experiment_by_name(name)
+        if found is not None:
+            return found.experiment_id
+        location = None
+        if self.uri.startswith("sqlite:///"):
+            location = (Path(self.uri[len("sqlite:///"):]).parent / "mlartifacts" / name.replace("/", "_")).as_uri()
+        try:
+            return _retry(self.client.create_experiment, name, artifact_location=location)
+        except Exception:  # noqa: BLE001 - created meanwhile by a concurrent search
+            found = self.client.get_experiment_by_name(name)
+            if found is None:
+                raise
+            return found.experiment_id
+
+    def start_search(self, experiment_id: str, name: str, params: dict, tags: dict, files: list[Path]) -> str:
+        run = _retry(self.client.create_run, experiment_id, run_name=name,
+                     tags={"automl_ad.kind": "search", **{k: str(v) for k, v in tags.items()}})
+        self.log_params(run.info.run_id, params)
+        for path in files:
+            _retry(self.client.log_artifact, run.info.run_id, str(path), "search")
+        return run.info.run_id
+
+    def log_params(self, run_id: str, params: dict) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, (json.dumps(v) if isinstance(v, (list, tuple, dict)) else str(v))[:6000])
+                 for k, v in params.items()]
+        for start in range(0, len(items), 90):
+            _retry(self.client.log_batch, run_id, params=items[start:start + 90])
+
+    def log_trial(self, experiment_id: str, parent_id: str, record: dict, artifacts: list[str]) -> str:
+        """A child run for one finished, stopped or failed trial; returns its run id."""
+        from mlflow.entities import Metric
+
+        tags = {"mlflow.parentRunId": parent_id, "automl_ad.kind": "trial", "automl_ad.search": parent_id,
+                "family": record["family"], "route": record.get("route", ""), "status": record["status"],
+                "trial": record["trial_id"], "default_config": str(record.get("default", False))}
+        if record.get("reason"):
+            tags["failure_reason"] = record["reason"]
+            tags["error"] = str(record.get("error", ""))[:4000]
+        run = _retry(self.client.create_run, experiment_id, run_name=f"{record['family']}-{record['trial_id']}",
+                     tags=tags)
+        run_id = run.info.run_id
+        self.log_params(run_id, {"family": record["family"], **record.get("params", {})})
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, float(record[k]), now, 0) for k in TRIAL_METRICS
+                   if isinstance(record.get(k), (int, float)) and np.isfinite(record[k])]
+        metrics += [Metric(k, float(v), now, 0) for k, v in record.items()
+                    if k.startswith(("val_", "real_")) and isinstance(v, (int, float)) and np.isfinite(v)]
+        metrics += [Metric("interim_quality", float(q), now, int(e)) for e, q in record.get("curve", [])]
+        for start in range(0, len(metrics), 900):
+            _retry(self.client.log_batch, run_id, metrics=metrics[start:start + 900])
+        for path in artifacts:
+            _retry(self.client.log_artifact, run_id, path, "heatmaps")
+        _retry(self.client.set_terminated, run_id, "FAILED" if record["status"] == "failed" else "FINISHED")
+        return run_id
+
+    def trials(self, parent_id: str) -> list:
+        """Child runs of a search."""
+        return _retry(self.client.search_runs, [self.client.get_run(parent_id).info.experiment_id],
+                      filter_string=f"tags.`automl_ad.search` = '{parent_id}'", max_results=50000)
+
+    def finished_trial_ids(self, parent_id: str) -> set[str]:
+        return {r.data.tags.get("trial") for r in self.trials(parent_id)}
+
+    # --- Pareto front -----------------------------------------------------------------------------------------
+    def tag_front(self, parent_id: str) -> list:
+        """Compute Pareto ranks over the finished trials, tag every one, log the plot; returns the front runs."""
+        runs = [r for r in self.trials(parent_id) if r.data.tags.get("status") == "ok"
+                and all(k in r.data.metrics for k, _ in OBJECTIVES)]
+        if not runs:
+            return []
+        ranks = pareto_ranks(np.array([[r.data.metrics[k] for k, _ in OBJECTIVES] for r in runs]),
+                             [d for _, d in OBJECTIVES])
+        for run, rank in zip(runs, ranks):
+            _retry(self.client.set_tag, run.info.run_id, "pareto_rank", str(int(rank)))
+            _retry(self.client.set_tag, run.info.run_id, "pareto_front", str(rank == 0))
+        front = [r for r, k in zip(runs, ranks) if k == 0]
+        _retry(self.client.set_tag, parent_id, "front_size", str(len(front)))
+        self._log_pareto_plot(parent_id, runs, ranks)
+        return front
+
+    def _log_pareto_plot(self, parent_id: str, runs: list, ranks: np.ndarray) -> None:
+        import tempfile
+
+        from automl_ad.reporting.plots import pareto_plot
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "pareto.png"
+            pareto_plot([{"family": r.data.tags.get("family"), **r.data.metrics} for r in runs], ranks, path)
+            _retry(self.client.log_artifact, parent_id, str(path))
+
+    def log_model(self, run_id: str, model_dir: Path) -> None:
+        _retry(self.client.log_artifacts, run_id, str(model_dir), "model")
+
+    def finish_search(self, parent_id: str, status: str = "FINISHED") -> None:
+        _retry(self.client.set_terminated, parent_id, status)
+
+    # --- reading ----------------------------------------------------------------------------------------------
+    def latest_search(self, experiment: str) -> str:
+        """Run id of the newest search in experiment ``experiment`` (a name or an id)."""
+        exp = self.client.get_experiment_by_name(experiment)
+        if exp is None and experiment.isdigit():
+            exp = self.client.get_experiment(experiment)
+        if exp is None:
+            names = [e.name for e in self.client.search_experiments()]
+            raise UsageError(f"no experiment '{experiment}' in {self.uri}. Experiments: {', '.join(names) or 'none'}")
+        runs = self.client.search_runs([exp.experiment_id], filter_string="tags.`automl_ad.kind` = 'search'",
+                                       order_by=["attributes.start_time DESC"], max_results=1)
+        if not runs:
+            raise UsageError(f"experiment '{exp.name}' holds no search yet; run `automl-ad search` first")
+        return runs[0].info.run_id
+
+
+def pareto_ranks(values: np.ndarray, directions: list[str]) -> np.ndarray:
+    """Non-dominated sorting: rank 0 = the Pareto front, rank 1 = the front once rank 0 is removed, ..."""
+    signed = values * np.array([1.0 if d == "max" else -1.0 for d in directions])  # all "higher is better"
+    n = len(signed)
+    dominated_by = np.array([[bool(np.all(signed[j] >= signed[i]) and np.any(signed[j] > signed[i]))
+                              for j in range(n)] for i in range(n)]).reshape(n, n)
+    ranks = np.full(n, -1)
+    remaining = np.ones(n, bool)
+    rank = 0
+    while remaining.any():
+        current = remaining & ~(dominated_by & remaining[None, :]).any(axis=1)
+        ranks[current] = rank
+        remaining &= ~current
+        rank += 1
+    return ranks
