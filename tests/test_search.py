@@ -1,0 +1,63 @@
+"""The search: spaces, synthetic anomalies, Pareto ranks, and a tiny end-to-end search with resume."""
+
+from __future__ import annotations
+
+import numpy as np
+import optuna
+import pytest
+
+from automl_ad.data.synthetic import KINDS, make_anomaly
+from automl_ad.detectors import create_detector, list_detectors
+from automl_ad.errors import ConfigError
+from automl_ad.search.space import load_space
+from automl_ad.tracking.store import pareto_ranks
+
+
+@pytest.mark.parametrize("family", list_detectors())
+def test_every_family_has_a_space_whose_samples_construct(family):
+    space = load_space(family)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    for _ in range(5):
+        values = space.sample(study.ask(), prefix=f"{family}/")
+        assert values, family
+        detector = create_detector(family, **values)
+        assert all(detector.get_params()[k] == v for k, v in values.items())
+
+
+def test_space_errors_name_the_file_and_suggest(tmp_path):
+    (tmp_path / "patchcore.yaml").write_text("parameters:\n  coreset_ration: {type: float, low: 0.01, high: 0.1}\n")
+    with pytest.raises(ConfigError, match="did you mean 'coreset_ratio'"):
+        load_space("patchcore", tmp_path)
+    (tmp_path / "padim.yaml").write_text("parameters:\n  epsilon: {type: float, low: 0.1, high: 0.01}\n")
+    with pytest.raises(ConfigError, match="low < high"):
+        load_space("padim", tmp_path)
+    (tmp_path / "gaussian.yaml").write_text(
+        "parameters:\n  regularisation: {type: float, low: 0.1, high: 1, when: {mode: shared}}\n")
+    with pytest.raises(ConfigError, match="listed before"):
+        load_space("gaussian", tmp_path)
+
+
+def test_conditional_parameters_follow_their_condition():
+    space = load_space("frequency")
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(20):
+        values = space.sample(study.ask())
+        assert ("peak_threshold" in values) == (values["method"] == "spectrum")
+
+
+def test_pareto_ranks_by_hand():
+    # quality max, throughput max, memory min
+    values = np.array([[0.9, 10, 500], [0.8, 100, 400], [0.7, 50, 600], [0.9, 10, 400]])
+    ranks = pareto_ranks(values, ["max", "max", "min"])
+    assert ranks.tolist() == [1, 0, 1, 0]  # 0 is dominated by 3; 2 by 1
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_synthetic_anomaly_changes_only_its_mask(kind):
+    from skimage import data
+
+    image = data.brick()[:128, :128].astype(np.float32) / 255
+    out, mask = make_anomaly(image, kind, np.random.default_rng(3))
+    assert out.shape == image.shape and mask.shape == image.shape and mask.any() and not mask.all()
+    assert np.abs(out - image)[mask].mean() >= 0.05
+    np.testing.assert_array_equal(out[~mask], image[~mask])

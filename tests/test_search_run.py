@@ -1,0 +1,69 @@
+"""A tiny end-to-end search (Ray Tune + Optuna + MLflow) on demo data: runs, failures, Pareto tags, resume."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from automl_ad.data.demo import generate_demo
+from automl_ad.search.engine import SearchRequest, run_search
+from automl_ad.tracking.board import leaderboard
+from automl_ad.tracking.store import OBJECTIVES, Tracker, pareto_ranks
+
+FAMILIES = ["gaussian", "frequency", "template"]  # template cannot work on the unaligned texture: it must fail
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory):
+    work = tmp_path_factory.mktemp("search")
+    data = generate_demo(work / "data", categories=["texture"], n_train=20, n_test_good=6, n_test_per_defect=2,
+                         size=64)["texture"]
+    uri = f"sqlite:///{work / 'mlflow.db'}"
+    request = SearchRequest(data=str(data), families=FAMILIES, priors={"gaussian": 0.8, "frequency": 0.7,
+                            "template": 0.6}, budget_s=240, max_trials=4, tracking_uri=uri, trial_timeout_s=120)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(work)
+        first = run_search(request)
+        request.resume, request.max_trials = True, 6
+        second = run_search(request)
+    return first, second, uri
+
+
+def test_search_records_parent_and_child_runs(searched):
+    first, second, uri = searched
+    assert second.parent_run_id == first.parent_run_id  # resumed, not restarted
+    assert len(first.trials) == 4
+    families = [t["family"] for t in first.trials]
+    assert set(families) == set(FAMILIES)  # warm start: every family's default ran first
+    tracker = Tracker(uri)
+    parent = tracker.client.get_run(first.parent_run_id)
+    assert parent.data.tags["automl_ad.kind"] == "search" and "search_space.json" in str(
+        [a.path for a in tracker.client.list_artifacts(first.parent_run_id, "search")])
+
+
+def test_failing_family_is_recorded_and_search_goes_on(searched):
+    _, second, _ = searched
+    failed = [t for t in second.trials if t["status"] == "failed"]
+    assert failed and all(t["family"] == "template" for t in failed)
+    assert "NotApplicable" in failed[0]["failure_reason"] and "aligned" in failed[0]["error"]
+    assert sum(t["status"] == "ok" for t in second.trials) >= 3
+
+
+def test_resume_does_not_repeat_finished_trials(searched):
+    _, second, _ = searched
+    assert len(second.trials) == 6
+    assert len({t["trial"] for t in second.trials}) == 6
+    defaults = [t["family"] for t in second.trials if t["default_config"] == "True"]
+    assert sorted(defaults) == sorted(FAMILIES)  # each default exactly once, even after resuming
+
+
+def test_front_tags_match_non_dominated_runs(searched):
+    _, second, uri = searched
+    ok = [t for t in second.trials if t["status"] == "ok"]
+    ranks = pareto_ranks(np.array([[t[m] for m, _ in OBJECTIVES] for t in ok]), [d for _, d in OBJECTIVES])
+    assert [t["pareto_rank"] == "0" for t in ok] == [r == 0 for r in ranks]
+    front = leaderboard(None, tracking_uri=uri, pareto=True)
+    assert {r["run_id"] for r in front} == {t["run_id"] for t, r in zip(ok, ranks) if r == 0}
+    tracker = Tracker(uri)
+    assert any(a.path == "pareto.png" for a in tracker.client.list_artifacts(second.parent_run_id))
+    assert all(any(a.path == "model" for a in tracker.client.list_artifacts(r["run_id"])) for r in front)
