@@ -179,7 +179,17 @@ def cmd_demo(args) -> int:
     rec_args = argparse.Namespace(data=str(data_dir), category=None, strict=False, json=False, top=args.top,
                                   profile=args.profile)
     code = cmd_recommend(rec_args)
-    console.print(f"\nDemo data: {data_dir}\nTry: automl-ad recommend {data_dir}/object --profile profiles/edge-cpu.yaml")
+    if code != EXIT_OK or args.budget in ("0", "0s"):
+        return code
+    category = data_dir / "texture"
+    console.print(f"\nSearching the recommended families on {category} for {args.budget} ...")
+    search_args = argparse.Namespace(data=str(category), category=None, profile=args.profile, families=None,
+                                     weights=args.weights, budget=args.budget, max_trials=None, seed=args.seed,
+                                     metric="combined", validation="auto", tracking_uri=None, address=None,
+                                     resume=False, trial_timeout=None)
+    code = cmd_search(search_args)
+    console.print(f"\nDemo data: {data_dir}\nTry: automl-ad recommend {data_dir}/object --profile "
+                  "profiles/edge-cpu.yaml, then automl-ad search --budget 10m; browse results with automl-ad ui")
     return code
 
 
@@ -431,6 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", help="constraint profile YAML for the recommendation")
     p.add_argument("--top", type=int, default=SHORTLIST_SIZE, help="shortlist size")
     p.add_argument("--seed", type=int, default=0, help="demo data seed")
+    p.add_argument("--budget", default="3m", help="budget of the demo search (0 = recommend only; default %(default)s)")
+    p.add_argument("--weights", help="local backbone weights file, so backbone families can run offline")
     p.set_defaults(func=cmd_demo)
     return parser
 

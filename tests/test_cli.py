@@ -87,7 +87,7 @@ def test_demo_command_runs_end_to_end(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(demo, "generate_demo",
                         lambda out, seed=0: original(out, n_train=12, n_test_good=3, n_test_per_defect=2, size=96,
                                                      seed=seed))
-    assert main(["demo", "--out", str(tmp_path / "d")]) == EXIT_OK
+    assert main(["demo", "--out", str(tmp_path / "d"), "--budget", "0"]) == EXIT_OK
     out = capsys.readouterr().out
     assert "texture" in out and "object" in out
     state = json.loads((tmp_path / ".automl-ad" / "state.json").read_text())
