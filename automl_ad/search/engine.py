@@ -20,6 +20,7 @@ every few epochs; an ASHA scheduler stops poor ones early (on quality alone). Ea
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -165,7 +166,14 @@ def run_trial_process(config: dict, work_dir: str, data_file: str, metric: str, 
     process = subprocess.Popen([sys.executable, "-m", "automl_ad.search.trial", str(out_dir / "spec.json")],
                                stdout=subprocess.PIPE, stderr=stderr, text=True, env=env,
                                preexec_fn=_die_with_parent if sys.platform == "linux" else None)
-    hard_limit = threading.Timer(timeout_s * 1.2 + 60, process.kill)  # the trial checks its limit itself first
+    expired = threading.Event()
+
+    def kill_after_limit() -> None:
+        expired.set()
+        process.kill()
+
+    # iterative families check the limit every epoch; this hard limit also covers one long, non-iterative fit
+    hard_limit = threading.Timer(timeout_s * 1.2 + 60, kill_after_limit)
     hard_limit.start()
     final = None
     try:
@@ -187,7 +195,7 @@ def run_trial_process(config: dict, work_dir: str, data_file: str, metric: str, 
     if final is None:
         code = process.returncode
         tail = (out_dir / "stderr.log").read_text()[-1500:]
-        reason = "killed (out of memory or past the hard time limit)" if code in (-9, 137) else "crashed"
+        reason = ("timeout" if expired.is_set() else "killed (out of memory?)" if code in (-9, 137) else "crashed")
         final = {"event": "failed", "reason": reason, "error": f"exit code {code}. {tail}"}
     if final["event"] == "failed":
         (out_dir / "failure.json").write_text(json.dumps(final))
@@ -342,6 +350,7 @@ def _tune(request, spaces, defaults, work_dir, data_file, state, remaining, trac
     from automl_ad.search.progress import SearchCallback
 
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+    logging.getLogger("ray.tune").setLevel(logging.CRITICAL)  # failed trials are reported by SearchCallback
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
