@@ -12,6 +12,7 @@ from automl_ad.knowledge import ROUTE_KEYS
 from automl_ad.profiling.profile import ColorStats, Counts, DatasetProfile, SizeStats
 from automl_ad.profiling.structure import AlignmentStats, StructureStats
 from automl_ad.recommend import load_rules, recommend
+from automl_ad.search.space import searchable_families
 
 PROFILES = Path(__file__).resolve().parents[1] / "profiles"
 
@@ -42,10 +43,20 @@ def test_every_route_is_scored_and_explained():
     assert sorted(c.route for c in rec.candidates) == sorted(ROUTE_KEYS)
     for c in rec.candidates:
         assert 0 <= c.score <= 10 and 0 < c.confidence <= 1
-        assert c.families and "weighted by your priorities" in c.basis
+        assert set(c.families) <= set(searchable_families()) and "weighted by your priorities" in c.basis
         if c.excluded:
             assert not c.shortlisted and any(a.effect == "exclude" for a in c.adjustments)
     assert len(rec.shortlist) == 4 and all(rec.candidate(r).shortlisted for r in rec.shortlist)
+
+
+def test_only_searchable_families_are_listed_and_shortlisted(monkeypatch):
+    import automl_ad.search.space as space
+
+    available = [f for f in searchable_families() if f != "patchcore"]
+    monkeypatch.setattr(space, "searchable_families", lambda: available)
+    rec = recommend(make_profile(n_normal=10), CPU)  # few normals: memory bank would rank high
+    assert rec.candidate("memory_bank").families == [] and "memory_bank" not in rec.shortlist
+    assert all(rec.candidate(r).families for r in rec.shortlist)
 
 
 def test_deterministic_and_shortlist_size():

@@ -207,7 +207,10 @@ def recommend(profile: DatasetProfile, constraints: ConstraintProfile, top: int 
     """Rank all routes (deterministic). Excluded routes are listed last with the reasons they were excluded."""
     if top < 1:
         raise ValueError("the shortlist needs at least one route (top >= 1)")
+    from automl_ad.search.space import searchable_families
+
     knowledge = load_knowledge()
+    searchable = set(searchable_families())
     rules = load_rules()["rules"]
     facts = gather_facts(profile, constraints)
     structure_certainty = 1.0 if "kind" in constraints.data else facts["structure_confidence"]
@@ -245,7 +248,7 @@ def recommend(profile: DatasetProfile, constraints: ConstraintProfile, top: int 
             confidence=round(confidence, 2), basis=basis, excluded=excluded, shortlisted=False,
             reasons_for=pros + [a.reason for a in adjustments if a.points > 0],
             reasons_against=cons + [a.reason for a in adjustments if a.effect == "exclude" or a.points < 0],
-            adjustments=adjustments, families=list(route.families), backbone=estimate.backbone,
+            adjustments=adjustments, families=[f for f in route.families if f in searchable], backbone=estimate.backbone,
             resolution=estimate.resolution, estimated_latency_ms=estimate.latency_ms))
     order = list(knowledge.routes)
     candidates.sort(key=lambda c: (c.excluded, -c.score, order.index(c.route)))

@@ -37,7 +37,7 @@ def plan_search(data: str | None, category: str | None = None, profile: str | No
                 families: list[str] | None = None, weights: str | None = None, say=print, **options) -> SearchRequest:
     """Dataset, shortlist (families with priors), constraints and backbones for a search."""
     from automl_ad.constraints import load_constraints
-    from automl_ad.detectors import list_detectors
+    from automl_ad.search.space import searchable_families
 
     state = _state()
     entry = _entry_for(state, data, category)
@@ -62,7 +62,7 @@ def plan_search(data: str | None, category: str | None = None, profile: str | No
         recommendation = json.loads(Path(entry["recommendation"]).read_text())
     candidates = {c["route"]: c for c in recommendation["candidates"]}
     routes = {f: c["route"] for c in recommendation["candidates"] for f in c["families"]}
-    searchable = set(list_detectors()) & {p.stem for p in _spaces_dir().glob("*.yaml")}
+    searchable = set(searchable_families())
     if families:
         unknown = [f for f in families if f not in searchable]
         if unknown:
@@ -84,12 +84,6 @@ def plan_search(data: str | None, category: str | None = None, profile: str | No
                                                 None),
                          profile_file=entry["profile"] if entry else None,
                          recommendation_file=entry["recommendation"] if entry else None, **options)
-
-
-def _spaces_dir() -> Path:
-    from automl_ad.search.space import spaces_dir
-
-    return spaces_dir()
 
 
 def _weights_backbone(weights: str) -> str:

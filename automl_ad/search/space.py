@@ -94,6 +94,14 @@ def spaces_dir() -> Path:
     return Path(__file__).resolve().parents[2] / "search_spaces"
 
 
+def searchable_families() -> list[str]:
+    """Registered families that have a search space (what a recommendation may shortlist)."""
+    from automl_ad.detectors import list_detectors
+
+    directory = spaces_dir()
+    return [f for f in list_detectors() if (directory / f"{f}.yaml").is_file()]
+
+
 def load_space(family: str, directory: str | Path | None = None) -> SearchSpace:
     """Read and check ``<directory>/<family>.yaml`` against the family's constructor."""
     from automl_ad.detectors import detector_class
