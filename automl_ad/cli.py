@@ -256,6 +256,51 @@ def cmd_ui(args) -> int:
                             "--host", "127.0.0.1", "--port", str(args.port)])
 
 
+def cmd_export(args) -> int:
+    from automl_ad.deploy.export import choose_run, export_run
+    from automl_ad.errors import UsageError
+    from automl_ad.tracking.store import Tracker
+
+    tracker = Tracker(args.tracking_uri)
+    if args.best == bool(args.run_id):
+        raise UsageError("give either a RUN_ID or --best (with --objective), not both or neither")
+    run_id = choose_run(tracker, args.experiment, args.objective) if args.best else args.run_id
+    console = _console()
+    path = export_run(tracker, run_id, args.out, far=args.false_alarm_rate, overwrite=args.overwrite,
+                      say=lambda text: console.print(text, markup=False))
+    manifest = json.loads((path / "manifest.json").read_text())
+    image = manifest["thresholds"]["image"]
+    console.print(f"Exported run {run_id} ({manifest['family']}) to {path}; image threshold {image['value']:.4g} "
+                  f"({image['method']}, target false-alarm rate {image['target_false_alarm_rate']:g}).")
+    test = manifest["metrics"].get("test")
+    if test:
+        console.print(f"Test set (never used for selection): image AUROC {test.get('image_auroc')}, AUPRO "
+                      f"{test.get('aupro')}, false alarms {test.get('false_alarm_rate')}, detections "
+                      f"{test.get('detection_rate')} at that threshold.")
+    console.print(f"Next: automl-ad predict {path} IMAGES --out predictions/")
+    return EXIT_OK
+
+
+def cmd_predict(args) -> int:
+    from automl_ad.deploy.package import load_package
+    from automl_ad.deploy.predict import predict_files
+
+    package = load_package(args.package)
+    rows = predict_files(package, args.inputs, args.out, args.threshold, progress=not args.json)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    console = _console()
+    errors = [r for r in rows if r["verdict"] == "error"]
+    anomalous = sum(r["verdict"] == "anomalous" for r in rows)
+    for row in errors:
+        console.print(f"[yellow]skipped {row['image']}: {row['error']}[/yellow]", markup=True)
+    console.print(f"{len(rows) - len(errors)} images scored: {anomalous} anomalous, "
+                  f"{len(rows) - len(errors) - anomalous} normal; {len(errors)} skipped. Results in {args.out} "
+                  "(predictions.csv, predictions.json, overlays/, masks/).")
+    return EXIT_OK
+
+
 def _parse_params(items: list[str]) -> dict:
     """``k=v`` pairs; values are read as YAML scalars/lists (0.1, true, [8, 16], resnet18)."""
     import yaml
@@ -435,6 +480,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=5000)
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite .automl-ad/mlflow.db here)")
     p.set_defaults(func=cmd_ui)
+
+    p = sub.add_parser("export", help="package a searched model with calibrated thresholds for deployment")
+    p.add_argument("run_id", nargs="?", help="MLflow run id of a trial (see `automl-ad leaderboard`)")
+    p.add_argument("out", help="package folder to write")
+    p.add_argument("--best", action="store_true", help="take the Pareto-front trial best for --objective")
+    p.add_argument("--objective", default="balanced", help="quality, throughput, memory or balanced (default)")
+    p.add_argument("--experiment", help="experiment name or dataset folder for --best (default: newest search)")
+    p.add_argument("--false-alarm-rate", type=float, default=0.01, help="target rate on normal images (default 0.01)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite .automl-ad/mlflow.db here)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing package folder")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("predict", help="score images with a package: verdicts, heatmaps, masks, CSV/JSON summary")
+    p.add_argument("package", help="folder written by `automl-ad export`")
+    p.add_argument("inputs", nargs="+", help="image files and/or folders")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--threshold", type=float, help="image threshold instead of the package's calibrated one")
+    p.add_argument("--json", action="store_true", help="print the per-image results as JSON")
+    p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("demo", help="generate the built-in demo dataset and run the journey on it")
     p.add_argument("--out", default=str(Path(DEMO_DATA_DIR).parent), help="output folder (default %(default)s)")

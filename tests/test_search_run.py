@@ -67,3 +67,20 @@ def test_front_tags_match_non_dominated_runs(searched):
     tracker = Tracker(uri)
     assert any(a.path == "pareto.png" for a in tracker.client.list_artifacts(second.parent_run_id))
     assert all(any(a.path == "model" for a in tracker.client.list_artifacts(r["run_id"])) for r in front)
+
+
+def test_export_best_front_member_and_predict(searched, tmp_path):
+    from automl_ad import load_package
+    from automl_ad.deploy.export import choose_run, export_run
+
+    _, second, uri = searched
+    tracker = Tracker(uri)
+    run_id = choose_run(tracker, None, "quality")
+    best = max((t for t in second.trials if t.get("pareto_rank") == "0"), key=lambda t: t["quality"])
+    assert run_id == best["run_id"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(tmp_path.parent)  # the search's working folder is not needed: the model is in MLflow
+        path = export_run(tracker, run_id, tmp_path / "pkg", say=lambda _: None)
+    manifest = load_package(path).manifest
+    assert manifest["family"] == best["family"] and manifest["training"]["run_id"] == run_id
+    assert manifest["thresholds"]["image"]["n_normal"] > 0 and "test" in manifest["metrics"]

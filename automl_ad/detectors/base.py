@@ -126,25 +126,27 @@ class Detector(BaseEstimator):
         return directory
 
     @classmethod
-    def load(cls, directory: str | Path) -> Detector:
-        """Rebuild a saved detector (of any family when called on ``Detector``). Executes nothing from the files."""
+    def load(cls, directory: str | Path, params_file: str = _PARAMS_FILE, tensors_file: str = _TENSORS_FILE,
+             overrides: dict | None = None) -> Detector:
+        """Rebuild a saved detector (of any family when called on ``Detector``). Executes nothing from the files.
+        ``overrides`` replaces saved parameters (e.g. where the backbone weights file is now)."""
         from safetensors.numpy import load_file
 
         from automl_ad.detectors.registry import detector_class
 
         directory = Path(directory)
         try:
-            record = json.loads((directory / _PARAMS_FILE).read_text())
+            record = json.loads((directory / params_file).read_text())
         except (OSError, json.JSONDecodeError) as exc:
-            raise AutomlAdError(f"{directory} is not a saved detector ({_PARAMS_FILE}: {exc})") from exc
+            raise AutomlAdError(f"{directory} is not a saved detector ({params_file}: {exc})") from exc
         if record.get("format") != SAVE_FORMAT:
             raise AutomlAdError(f"{directory}: saved with format {record.get('format')}, this version reads "
                                 f"{SAVE_FORMAT}")
         family = detector_class(record["family"])
         if cls is not Detector and not issubclass(family, cls):
             raise AutomlAdError(f"{directory} holds a {record['family']} detector, not {cls.name}")
-        detector = family(**_restore_tuples(family, record["params"]))
-        detector._restore(load_file(str(directory / _TENSORS_FILE)), record["state"])
+        detector = family(**_restore_tuples(family, {**record["params"], **(overrides or {})}))
+        detector._restore(load_file(str(directory / tensors_file)), record["state"])
         fit = record.get("fit", {})
         detector.fit_seconds_, detector.fit_peak_rss_mb_ = fit.get("seconds"), fit.get("peak_rss_mb")
         detector.n_train_ = fit.get("n_train")

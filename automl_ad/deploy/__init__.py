@@ -1,0 +1,1 @@
+"""Deployment: calibrated thresholds, model packages, prediction."""

@@ -1,0 +1,84 @@
+"""Decision thresholds calibrated on held-out normal images, at a target false-alarm rate.
+
+Image level: per-image scores of normal images rarely number more than a few dozen, so the 99th percentile is
+poorly estimated by the sample itself. Extreme-value theory (peaks over threshold): exceedances of the scores
+over a high threshold ``u`` follow a generalised Pareto distribution; fitted by maximum likelihood
+(scipy ``genpareto``), it gives the score exceeded with probability ``far``. The empirical quantile is reported
+beside it, and the fit is rejected in favour of the empirical quantile when it is not trustworthy (too few
+exceedances or a fit that contradicts the data). Pixel level: normal images yield many pixels, so the empirical
+quantile is used. With labelled defects, the F1-optimal image threshold is reported too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+#: Share of the normal scores used as the tail for the generalised Pareto fit, and the fewest exceedances.
+TAIL_FRACTION = 0.3
+MIN_EXCEEDANCES = 8
+DEFAULT_FALSE_ALARM_RATE = 0.01
+
+
+@dataclass
+class Threshold:
+    """A calibrated threshold and how it was obtained."""
+
+    value: float
+    method: str  # "evt" (generalised Pareto tail), "empirical" or "f1_optimal"
+    target_false_alarm_rate: float | None
+    empirical: float | None = None  # empirical quantile at the target rate, for comparison
+    evt: float | None = None
+    n_normal: int = 0
+    note: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def calibrate_image_threshold(normal_scores, far: float = DEFAULT_FALSE_ALARM_RATE) -> Threshold:
+    """Threshold on image scores such that about ``far`` of normal images exceed it."""
+    from scipy.stats import genpareto
+
+    scores = np.sort(np.asarray(normal_scores, dtype=np.float64))
+    if len(scores) < 2 or not np.isfinite(scores).all():
+        raise ValueError("calibration needs at least two finite normal scores")
+    if not 0 < far < 1:
+        raise ValueError(f"the false-alarm rate must lie in (0, 1), got {far}")
+    empirical = float(np.quantile(scores, 1 - far))
+    k = max(MIN_EXCEEDANCES, int(round(len(scores) * TAIL_FRACTION)))
+    if len(scores) <= k + 1:
+        return Threshold(empirical, "empirical", far, empirical, None, len(scores),
+                         f"only {len(scores)} normal scores: too few for a tail fit")
+    u = scores[-k - 1]
+    exceedances = scores[-k:] - u
+    shape, _, scale = genpareto.fit(exceedances, floc=0.0)
+    tail_probability = k / len(scores)
+    if far >= tail_probability:
+        return Threshold(empirical, "empirical", far, empirical, None, len(scores), "target inside the sample body")
+    evt = float(u + genpareto.ppf(1 - far / tail_probability, shape, loc=0.0, scale=scale))
+    # an infinite-mean tail (shape > 1) or an extrapolation far beyond the observed spread is not trusted
+    if not np.isfinite(evt) or shape > 1.0 or evt > scores[-1] + 10 * (scores[-1] - u):
+        return Threshold(empirical, "empirical", far, empirical, evt, len(scores),
+                         f"tail fit rejected (shape {shape:.2f}, estimate {evt:.4g})")
+    return Threshold(evt, "evt", far, empirical, evt, len(scores), f"generalised Pareto shape {shape:.2f}, "
+                     f"scale {scale:.3g} over the top {k} scores")
+
+
+def calibrate_pixel_threshold(normal_maps, far: float = DEFAULT_FALSE_ALARM_RATE) -> Threshold:
+    """Threshold on map values such that about ``far`` of pixels of normal images exceed it."""
+    values = np.concatenate([np.asarray(m, dtype=np.float32).ravel() for m in normal_maps])
+    value = float(np.quantile(values, 1 - far))
+    return Threshold(value, "empirical", far, value, None, len(normal_maps), f"{values.size} normal pixels")
+
+
+def f1_optimal_threshold(labels, scores) -> Threshold:
+    """The image threshold maximising F1 on labelled images (needs both classes)."""
+    from sklearn.metrics import precision_recall_curve
+
+    precision, recall, thresholds = precision_recall_curve(np.asarray(labels), np.asarray(scores))
+    f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
+    best = int(np.argmax(f1[:-1]))
+    return Threshold(float(thresholds[best]), "f1_optimal", None, None, None, int((np.asarray(labels) == 0).sum()),
+                     f"F1 {f1[best]:.3f} on {len(labels)} labelled images")

@@ -1,0 +1,122 @@
+"""Deployment: threshold calibration, package round trip, tamper detection, predict on mixed inputs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from conftest import SHARED_WEIGHTS
+
+from automl_ad import load_package
+from automl_ad.data import open_dataset
+from automl_ad.data.demo import generate_demo
+from automl_ad.data.imageset import ImageSet
+from automl_ad.deploy.package import PackageError, export_package
+from automl_ad.deploy.predict import predict_files
+from automl_ad.deploy.thresholds import calibrate_image_threshold, calibrate_pixel_threshold, f1_optimal_threshold
+from automl_ad.detectors import create_detector
+
+
+def test_false_alarm_rate_on_fresh_normals_is_near_target():
+    achieved = {"evt": [], "empirical": []}
+    for seed in range(60):
+        rng = np.random.default_rng(seed)
+        threshold = calibrate_image_threshold(rng.gamma(2.0, 1.0, 200), far=0.01)
+        fresh = rng.gamma(2.0, 1.0, 20000)
+        achieved["evt"].append((fresh > threshold.value).mean())
+        achieved["empirical"].append((fresh > threshold.empirical).mean())
+    assert 0.004 < np.mean(achieved["evt"]) < 0.02
+    assert abs(np.mean(achieved["evt"]) - 0.01) <= abs(np.mean(achieved["empirical"]) - 0.01) + 0.002
+
+
+def test_threshold_edge_cases_and_f1():
+    small = calibrate_image_threshold([0.1, 0.2, 0.3, 0.4], far=0.01)
+    assert small.method == "empirical" and "too few" in small.note
+    with pytest.raises(ValueError):
+        calibrate_image_threshold([0.1], far=0.01)
+    f1 = f1_optimal_threshold([0, 0, 0, 1, 1], [0.1, 0.2, 0.3, 0.8, 0.9])
+    assert f1.value == pytest.approx(0.8) and "F1 1.000" in f1.note
+    pixel = calibrate_pixel_threshold([np.arange(100, dtype=np.float32).reshape(10, 10)], far=0.1)
+    assert pixel.value == pytest.approx(89.1)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    root = generate_demo(tmp_path_factory.mktemp("demo"), categories=["object"], n_train=16, n_test_good=4,
+                         n_test_per_defect=2, size=64)["object"]
+    dataset = open_dataset(root)
+    train = ImageSet.from_records(dataset.normal_in("train"), dataset)
+    test = ImageSet.from_records([r for r in dataset.records if r.split == "test"], dataset)
+    return root, train, test
+
+
+@pytest.fixture(scope="module")
+def package(demo, tmp_path_factory):
+    _, train, test = demo
+    detector = create_detector("gaussian", input_size=64, scales=(1.0, 2.0)).fit(train)
+    scores = detector.score(test)
+    normal = scores.image_scores[test.labels == 0]
+    thresholds = {"image": calibrate_image_threshold(normal).to_dict(),
+                  "pixel": calibrate_pixel_threshold(scores.anomaly_maps[test.labels == 0]).to_dict()}
+    path = export_package(detector, tmp_path_factory.mktemp("pkg") / "pkg", thresholds, training={"n": len(train)})
+    return path, detector, scores
+
+
+def test_round_trip_gives_identical_scores_and_lists_every_file(package, demo):
+    path, detector, scores = package
+    loaded = load_package(path)
+    again = loaded.detector.score(demo[2])
+    np.testing.assert_array_equal(again.image_scores, scores.image_scores)
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert set(manifest["files"]) == {p.name for p in path.iterdir()} - {"manifest.json"}
+    assert not list(path.rglob("*.pkl")) and manifest["thresholds"]["image"]["target_false_alarm_rate"] == 0.01
+    assert (path / "README.md").read_text().startswith("# automl-ad model package: gaussian")
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete", "version"])
+def test_tampered_package_is_refused(package, tmp_path, damage):
+    path = shutil.copytree(package[0], tmp_path / "copy")
+    if damage == "flip":
+        data = bytearray((path / "weights.safetensors").read_bytes())
+        data[-1] ^= 1
+        (path / "weights.safetensors").write_bytes(bytes(data))
+    elif damage == "truncate":
+        (path / "detector.json").write_text((path / "detector.json").read_text()[:50])
+    elif damage == "delete":
+        (path / "weights.safetensors").unlink()
+    else:
+        manifest = json.loads((path / "manifest.json").read_text())
+        manifest["format_version"] = 99
+        (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(PackageError, match={"flip": "sha256", "truncate": "sha256", "delete": "missing",
+                                            "version": "format"}[damage]):
+        load_package(path)
+
+
+def test_predict_mixed_inputs_reports_bad_files(package, demo, tmp_path):
+    root = demo[0]
+    bad = tmp_path / "inputs" / "broken.png"
+    bad.parent.mkdir()
+    bad.write_bytes(b"not a png")
+    good = sorted((root / "test" / "good").glob("*.png"))[:2]
+    defects = sorted(p for p in (root / "test").rglob("*.png") if p.parent.name != "good")[:2]
+    rows = predict_files(load_package(package[0]), [str(p) for p in good + defects] + [str(bad.parent)],
+                         tmp_path / "out", progress=False)
+    assert [r["verdict"] for r in rows][-1] == "error" and "broken.png" in rows[-1]["image"]
+    assert all(r["verdict"] in ("normal", "anomalous") for r in rows[:-1])
+    assert (tmp_path / "out" / "predictions.csv").is_file() and len(list((tmp_path / "out" / "masks").iterdir())) == 4
+    assert sum(r["verdict"] == "anomalous" for r in rows[2:4]) >= sum(r["verdict"] == "anomalous" for r in rows[:2])
+
+
+@pytest.mark.skipif(not SHARED_WEIGHTS.is_file(), reason="shared backbone weights not available")
+def test_backbone_weights_travel_with_the_package(demo, tmp_path):
+    _, train, test = demo
+    detector = create_detector("patchcore", backbone="mobilenetv2_100", weights=str(SHARED_WEIGHTS), input_size=64,
+                               coreset_ratio=0.5).fit(train)
+    path = export_package(detector, tmp_path / "pkg", {"image": calibrate_image_threshold([0.1, 0.2, 0.3]).to_dict()})
+    moved = shutil.move(str(path), str(tmp_path / "elsewhere"))
+    loaded = load_package(moved)
+    assert loaded.detector.get_params()["weights"].startswith(str(moved))
+    np.testing.assert_allclose(loaded.detector.score(test).image_scores, detector.score(test).image_scores, rtol=1e-5)
