@@ -277,6 +277,13 @@ def cmd_export(args) -> int:
         console.print(f"Test set (never used for selection): image AUROC {test.get('image_auroc')}, AUPRO "
                       f"{test.get('aupro')}, false alarms {test.get('false_alarm_rate')}, detections "
                       f"{test.get('detection_rate')} at that threshold.")
+    if args.mlflow:
+        from automl_ad.tracking.serving import log_package
+
+        uri = log_package(path, tracker.uri, run_id)
+        console.print(f"Logged as MLflow model {uri}. Serve it: MLFLOW_TRACKING_URI={tracker.uri} mlflow models serve "
+                      f"-m {uri} --env-manager local -p 5001, then POST {{\"inputs\": [\"<path or base64>\"]}} "
+                      "to http://127.0.0.1:5001/invocations")
     console.print(f"Next: automl-ad predict {path} IMAGES --out predictions/")
     return EXIT_OK
 
@@ -490,6 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--false-alarm-rate", type=float, default=0.01, help="target rate on normal images (default 0.01)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite .automl-ad/mlflow.db here)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing package folder")
+    p.add_argument("--mlflow", action="store_true", help="also log the package as an MLflow pyfunc model to serve")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("predict", help="score images with a package: verdicts, heatmaps, masks, CSV/JSON summary")

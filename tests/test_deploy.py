@@ -120,3 +120,26 @@ def test_backbone_weights_travel_with_the_package(demo, tmp_path):
     loaded = load_package(moved)
     assert loaded.detector.get_params()["weights"].startswith(str(moved))
     np.testing.assert_allclose(loaded.detector.score(test).image_scores, detector.score(test).image_scores, rtol=1e-5)
+
+
+def test_package_served_as_mlflow_pyfunc(package, demo, tmp_path):
+    import base64
+    import warnings
+
+    import mlflow
+    import pandas as pd
+
+    from automl_ad.tracking.serving import log_package
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    model_uri = log_package(package[0], tracking_uri=uri)
+    mlflow.set_tracking_uri(uri)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = mlflow.pyfunc.load_model(model_uri)
+    image = sorted((demo[0] / "test").rglob("*.png"))[0]
+    frame = pd.DataFrame({"image": [str(image), base64.b64encode(image.read_bytes()).decode(), "missing.png"]})
+    out = model.predict(frame)
+    expected = load_package(package[0]).predict(str(image)).score
+    assert out["score"][0] == pytest.approx(expected) and out["score"][1] == pytest.approx(expected)
+    assert out["error"][2] and np.isnan(out["score"][2])
