@@ -188,8 +188,22 @@ def cmd_demo(args) -> int:
                                      metric="combined", validation="auto", tracking_uri=None, address=None,
                                      resume=False, trial_timeout=None)
     code = cmd_search(search_args)
-    console.print(f"\nDemo data: {data_dir}\nTry: automl-ad recommend {data_dir}/object --profile "
-                  "profiles/edge-cpu.yaml, then automl-ad search --budget 10m; browse results with automl-ad ui")
+    if code != EXIT_OK:
+        return code
+    package, predictions = out / "package", out / "predictions"
+    console.print(f"\nExporting the most balanced model of the Pareto front to {package} ...")
+    code = cmd_export(argparse.Namespace(run_id=None, out=str(package), best=True, objective="balanced",
+                                         experiment=None, false_alarm_rate=0.01, tracking_uri=None, overwrite=True,
+                                         mlflow=False))
+    if code != EXIT_OK:
+        return code
+    console.print(f"\nPredicting the demo test images with the package into {predictions} ...")
+    code = cmd_predict(argparse.Namespace(package=str(package), inputs=[str(category / "test")],
+                                          out=str(predictions), threshold=None, json=False))
+    console.print(f"\nDemo data: {data_dir}\nPackage: {package}\nPredictions: {predictions}\n"
+                  "Browse the search: automl-ad ui   |   ranked trials: automl-ad leaderboard --pareto\n"
+                  f"Try: automl-ad recommend {data_dir}/object --profile profiles/edge-cpu.yaml, then "
+                  "automl-ad search --budget 10m")
     return code
 
 
@@ -285,6 +299,16 @@ def cmd_export(args) -> int:
                       f"-m {uri} --env-manager local -p 5001, then POST {{\"inputs\": [\"<path or base64>\"]}} "
                       "to http://127.0.0.1:5001/invocations")
     console.print(f"Next: automl-ad predict {path} IMAGES --out predictions/")
+    return EXIT_OK
+
+
+def cmd_report(args) -> int:
+    from automl_ad.reporting.html_report import write_report
+
+    console = _console()
+    path = write_report(args.target, args.out, tracking_uri=args.tracking_uri, max_images=args.max_images,
+                        far=args.false_alarm_rate, say=lambda text: console.print(text, markup=False))
+    console.print(f"Report written to {path} ({path.stat().st_size / 1e6:.1f} MB, self-contained: open it in a browser).")
     return EXIT_OK
 
 
@@ -499,6 +523,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing package folder")
     p.add_argument("--mlflow", action="store_true", help="also log the package as an MLflow pyfunc model to serve")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("report", help="one self-contained HTML report of a search: profile, recommendation, trials, "
+                       "Pareto front, test scores, curves, heatmaps")
+    p.add_argument("target", nargs="?", help="search run id, experiment name or dataset folder (default: newest search)")
+    p.add_argument("--out", default="report.html", help="HTML file to write (default %(default)s)")
+    p.add_argument("--max-images", type=int, default=200, help="most test images to score (default %(default)s)")
+    p.add_argument("--false-alarm-rate", type=float, default=0.01, help="threshold target on normals (default 0.01)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite .automl-ad/mlflow.db here)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("predict", help="score images with a package: verdicts, heatmaps, masks, CSV/JSON summary")
     p.add_argument("package", help="folder written by `automl-ad export`")

@@ -94,6 +94,7 @@ def hub_weights_cached(backbone: str) -> bool:
     return cfg is not None and _hub_cached_file(cfg.to_dict()) is not None
 
 
+@lru_cache(maxsize=1)
 def hub_reachable(timeout_s: float = 3.0) -> bool:
     """Whether the Hugging Face hub answers (weights can be downloaded); False when offline is declared."""
     import socket

@@ -63,6 +63,7 @@ def plan_search(data: str | None, category: str | None = None, profile: str | No
     candidates = {c["route"]: c for c in recommendation["candidates"]}
     routes = {f: c["route"] for c in recommendation["candidates"] for f in c["families"]}
     searchable = set(searchable_families())
+    explicit = bool(families)
     if families:
         unknown = [f for f in families if f not in searchable]
         if unknown:
@@ -71,11 +72,25 @@ def plan_search(data: str | None, category: str | None = None, profile: str | No
         shortlist = recommendation["shortlist"]
         families = [f for r in shortlist for f in candidates[r]["families"] if f in searchable]
         say(f"Shortlist from the recommendation: {', '.join(shortlist)} → families {', '.join(families)}")
+        # routes further down the ranking stand in for shortlisted ones that cannot run here
+        reserve = [f for c in recommendation["candidates"] if not c["excluded"] and c["route"] not in shortlist
+                   for f in c["families"] if f in searchable]
     priors = {f: max(0.05, candidates[routes[f]]["score"] / 10) if f in routes else 0.5 for f in families}
     backbone_weights = dict(constraints.backbone_weights)
     if weights:
         backbone_weights[_weights_backbone(weights)] = str(Path(weights).resolve())
-    backbones, families = _backbones(families, routes, constraints, backbone_weights, say)
+    backbones, kept = _backbones(families, routes, constraints, backbone_weights, say)
+    if not explicit and len({routes.get(f) for f in kept}) < len({routes.get(f) for f in families}):
+        wanted = len({routes.get(f) for f in families})
+        for family in reserve:
+            if len({routes.get(f) for f in kept}) >= wanted:
+                break
+            extra, runnable = _backbones([family], routes, constraints, backbone_weights, say)
+            if runnable:
+                backbones.update(extra)
+                kept += runnable
+                say(f"{family} ({routes.get(family)}, ranked lower) takes a place left free")
+    families = kept
     if not families:
         raise UsageError("no family left to search (see the notes above)")
     return SearchRequest(data=str(data), category=category, families=families, priors=priors, routes=routes,
