@@ -61,3 +61,32 @@ def test_synthetic_anomaly_changes_only_its_mask(kind):
     assert out.shape == image.shape and mask.shape == image.shape and mask.any() and not mask.all()
     assert np.abs(out - image)[mask].mean() >= 0.05
     np.testing.assert_array_equal(out[~mask], image[~mask])
+
+
+def test_two_searches_write_one_store_without_mixing(tmp_path):
+    """Two processes log searches concurrently to one SQLite store; each keeps exactly its own trials."""
+    import subprocess
+    import sys
+
+    from automl_ad.tracking.store import Tracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    Tracker(uri).experiment("shared")  # create the schema once, as the first search would
+    script = (
+        "import sys\n"
+        "from automl_ad.tracking.store import Tracker\n"
+        "t = Tracker(sys.argv[1]); e = t.experiment('shared')\n"
+        "p = t.start_search(e, sys.argv[2], {'n': 8}, {}, [])\n"
+        "for i in range(8):\n"
+        "    t.log_trial(e, p, {'trial_id': f'{sys.argv[2]}-{i}', 'family': 'gaussian', 'status': 'ok',\n"
+        "                       'quality': i / 8, 'throughput': 10.0 + i, 'memory_mb': 500.0}, [])\n"
+        "t.tag_front(p); t.finish_search(p); print(p)\n")
+    procs = [subprocess.Popen([sys.executable, "-c", script, uri, name], stdout=subprocess.PIPE, text=True)
+             for name in ("a", "b")]
+    parents = [proc.communicate(timeout=240)[0].strip().splitlines()[-1] for proc in procs]
+    assert all(proc.returncode == 0 for proc in procs)
+    tracker = Tracker(uri)
+    for parent, name in zip(parents, ("a", "b")):
+        trials = tracker.trials(parent)
+        assert sorted(r.data.tags["trial"] for r in trials) == sorted(f"{name}-{i}" for i in range(8))
+        assert sum(r.data.tags.get("pareto_front") == "True" for r in trials) == 1  # best quality and speed: i=7
