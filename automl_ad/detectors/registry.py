@@ -20,6 +20,9 @@ FAMILY_MODULES = {
     "gaussian": "automl_ad.detectors.statistical.gaussian",
     "frequency": "automl_ad.detectors.frequency.frequency",
     "template": "automl_ad.detectors.template.template",
+    "deep_svdd": "automl_ad.detectors.one_class.deep_svdd",
+    "cutpaste": "automl_ad.detectors.self_supervised.cutpaste",
+    "simplenet": "automl_ad.detectors.self_supervised.simplenet",
 }
 
 _REGISTRY: dict[str, type] = {}

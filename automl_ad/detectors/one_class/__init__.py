@@ -1,0 +1,1 @@
+"""One-class route: a learned region (hypersphere) that encloses the normal data."""

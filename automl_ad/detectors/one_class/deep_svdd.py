@@ -1,0 +1,251 @@
+"""Deep SVDD (Ruff et al., ICML 2018) on locally aware patch features of a frozen pretrained backbone.
+
+1. Patch features as PatchCore's (stages at ``feature_strides``, each averaged over its ``neighbourhood`` and
+   concatenated on the finest grid; the method itself is reused from PatchCore), extracted once through the
+   feature cache. Every grid position of every training image is one sample.
+2. Network phi: bias-free linear layers (``hidden_dims`` then ``rep_dim``), each hidden one followed by a
+   BatchNorm without affine parameters and a leaky ReLU, as the paper prescribes against hypersphere collapse
+   (a bias or a bounded activation would let phi map every input to the centre).
+3. Centre c: the mean of phi's outputs on all training patches before training, coordinates closer to zero
+   than ``centre_eps`` moved to +-``centre_eps`` (the paper's fix: a zero coordinate could be matched by zero
+   weights). The paper pretrains phi as an autoencoder's encoder first; here the input is already a pretrained
+   representation, so phi starts from a seeded random initialisation and its BatchNorm statistics are estimated
+   on the training patches before c is computed (in evaluation mode, as the paper's code does).
+4. Objective, minimised with Adam (``weight_decay`` is the paper's lambda):
+   ``one-class``: mean ||phi(x) - c||^2; ``soft-boundary``: R^2 + 1/nu * mean(max(0, ||phi(x) - c||^2 - R^2)),
+   R set after every batch from ``warm_up_epochs`` on to the (1 - nu)-quantile of the batch distances (the
+   official code), and once more after training to that quantile over all training patches with phi in
+   evaluation mode (BatchNorm running statistics), the network that scores.
+   The paper decays the learning rate once (x0.1 at a milestone); we keep it constant.
+5. Anomaly map: ||phi(x) - c||^2 per patch (minus R^2 for soft-boundary), upsampled (bilinear) to the input
+   size and smoothed with a Gaussian (``smoothing_sigma``); image score = the map's maximum.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from automl_ad.data.imageset import ImageSet
+from automl_ad.detectors.base import EpochCallback, Scores
+from automl_ad.detectors.feature_based import BackboneDetector, upsample_and_smooth
+from automl_ad.detectors.memory_bank.patchcore import PatchCore
+from automl_ad.detectors.registry import register_detector
+
+log = logging.getLogger(__name__)
+
+OBJECTIVES = ("one-class", "soft-boundary")
+_SCORE_CHUNK = 1 << 16  # patches per forward pass when scoring
+
+
+@register_detector
+class DeepSVDD(BackboneDetector):
+    """One-class route: patch features mapped into a minimal hypersphere; the distance to its centre is the
+    anomaly score."""
+
+    name = "deep_svdd"
+    route = "one_class"
+    supports_localization = True
+    needs_training = True
+    iterative = True
+    test_params = {"backbone": "resnet18", "pretrained": False, "input_size": 64, "epochs": 5, "batch_size": 256,
+                   "learning_rate": 1e-3}
+
+    def __init__(self, backbone="resnet18", feature_strides=(8, 16), weights=None, pretrained=True, input_size=256,
+                 device="auto", cache_features=True, neighbourhood=3, embedding_dim=None, hidden_dims=(256,),
+                 rep_dim=64, objective="one-class", nu=0.1, epochs=30, batch_size=1024, learning_rate=1e-4,
+                 weight_decay=1e-6, warm_up_epochs=10, centre_eps=0.1, smoothing_sigma=4.0, seed=0):
+        self.backbone = backbone
+        self.feature_strides = feature_strides
+        self.weights = weights
+        self.pretrained = pretrained
+        self.input_size = input_size
+        self.device = device
+        self.cache_features = cache_features
+        self.neighbourhood = neighbourhood
+        self.embedding_dim = embedding_dim
+        self.hidden_dims = hidden_dims
+        self.rep_dim = rep_dim
+        self.objective = objective
+        self.nu = nu
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.learning_rate = learning_rate
+        self.weight_decay = weight_decay
+        self.warm_up_epochs = warm_up_epochs
+        self.centre_eps = centre_eps
+        self.smoothing_sigma = smoothing_sigma
+        self.seed = seed
+
+    #: PatchCore's locally aware patch embedding (N, h, w, D).
+    _embed = PatchCore._embed
+
+    def _check_params(self) -> None:
+        for key in ("epochs", "batch_size", "rep_dim", "neighbourhood"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"{key} must be a positive integer, got {value!r}")
+        if not all(isinstance(h, (int, np.integer)) and h >= 1 for h in self.hidden_dims):
+            raise ValueError(f"hidden_dims must be positive integers (layer widths), got {self.hidden_dims!r}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        if not 0 < self.nu <= 1:
+            raise ValueError(f"nu must be in (0, 1] (the fraction of patches allowed outside), got {self.nu!r}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate!r}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if isinstance(self.warm_up_epochs, bool) or not isinstance(self.warm_up_epochs, (int, np.integer)) \
+                or self.warm_up_epochs < 0:
+            raise ValueError(f"warm_up_epochs must be a non-negative integer, got {self.warm_up_epochs!r}")
+        if not self.centre_eps > 0:
+            raise ValueError(f"centre_eps must be > 0, got {self.centre_eps!r}")
+        if not self.smoothing_sigma >= 0:
+            raise ValueError(f"smoothing_sigma must be >= 0 pixels, got {self.smoothing_sigma!r}")
+
+    # --- network ----------------------------------------------------------------------------------------------
+    def _build(self, in_dim: int):
+        """phi for ``in_dim``-wide patch features, initialised from ``seed``, on the backbone's device."""
+        import torch
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            network = svdd_network(in_dim, tuple(int(h) for h in self.hidden_dims), int(self.rep_dim))
+        return network.to(self._extractor().device)
+
+    def _patches(self, images: ImageSet):
+        """Patch features (N * h * w, D) on the backbone's device and the grid (h, w)."""
+        embedding = self._embed(self._features(images))
+        n, h, w, d = embedding.shape
+        return embedding.reshape(-1, d).to(self._extractor().device), (h, w)
+
+    # --- fit --------------------------------------------------------------------------------------------------
+    def _fit(self, train: ImageSet, on_epoch: EpochCallback | None) -> None:
+        import torch
+
+        self._check_params()
+        patches, self.feature_shape_ = self._patches(train)
+        network = self._build(patches.shape[1])
+        batch_size = int(self.batch_size)
+        _estimate_batchnorm(network, patches, batch_size)
+        self.centre_ = initial_centre(network, patches, float(self.centre_eps), batch_size)
+        radius = torch.zeros((), device=patches.device)
+        optimiser = torch.optim.Adam(network.parameters(), lr=self.learning_rate, weight_decay=self.weight_decay)
+        generator = torch.Generator().manual_seed(self.seed)
+        soft = self.objective == "soft-boundary"
+        self.loss_history_ = []
+        for epoch in range(int(self.epochs)):
+            network.train()
+            order = torch.randperm(len(patches), generator=generator).to(patches.device)
+            total = 0.0
+            for start in range(0, len(patches), batch_size):
+                batch = patches[order[start:start + batch_size]]
+                if len(batch) < 2:  # BatchNorm needs two samples; a single leftover patch is skipped
+                    continue
+                distance = (network(batch) - self.centre_).pow(2).sum(dim=1)
+                if soft:
+                    loss = radius ** 2 + torch.relu(distance - radius ** 2).mean() / self.nu
+                else:
+                    loss = distance.mean()
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                optimiser.step()
+                if soft and epoch >= self.warm_up_epochs:
+                    radius = torch.quantile(distance.detach().sqrt(), 1 - self.nu)
+                total += float(loss.detach()) * len(batch)
+            if self._record_epoch(epoch, total / len(patches), on_epoch, "lower learning_rate"):
+                break
+        self.epochs_trained_ = len(self.loss_history_)
+        self.network_ = network.eval()
+        self.radius_ = 0.0
+        if soft:  # the final radius: the (1 - nu)-quantile over all training patches, as phi is used to score
+            self.radius_ = float(torch.quantile(self._distances(patches).sqrt(), 1 - self.nu))
+        log.info("%s: %d epochs on %d patches, final loss %.5f", self.name, self.epochs_trained_, len(patches),
+                 self.loss_history_[-1])
+
+    # --- score ------------------------------------------------------------------------------------------------
+    def _distances(self, patches):
+        """||phi(x) - c||^2 for (P, D) patch features, phi in evaluation mode."""
+        import torch
+
+        with torch.inference_mode():
+            return torch.cat([(self.network_(chunk) - self.centre_).pow(2).sum(dim=1)
+                              for chunk in patches.split(_SCORE_CHUNK)])
+
+    def _score(self, images: ImageSet) -> Scores:
+        patches, (h, w) = self._patches(images)
+        distances = self._distances(patches)
+        if self.objective == "soft-boundary":
+            distances = distances - self.radius_ ** 2
+        maps = upsample_and_smooth(distances.float().cpu().numpy().reshape(len(images), h, w), self.input_size,
+                                   self.smoothing_sigma)
+        return Scores(maps.reshape(len(maps), -1).max(axis=1), maps)
+
+    # --- persistence ------------------------------------------------------------------------------------------
+    def _state(self):
+        tensors = {f"network.{k}": v.detach().cpu().numpy() for k, v in self.network_.state_dict().items()}
+        tensors["centre"] = self.centre_.detach().cpu().numpy()
+        return tensors, {"radius": self.radius_, "feature_shape": list(self.feature_shape_),
+                         "loss_history": self.loss_history_, "epochs_trained": self.epochs_trained_,
+                         **self._backbone_state()}
+
+    def _restore(self, tensors, state):
+        import torch
+
+        self._check_backbone(state)
+        weights = {k.removeprefix("network."): torch.from_numpy(v) for k, v in tensors.items()
+                   if k.startswith("network.")}
+        network = self._build(int(weights["0.weight"].shape[1]))
+        network.load_state_dict(weights)
+        self.network_ = network.eval()
+        self.centre_ = torch.from_numpy(tensors["centre"]).to(self._extractor().device)
+        self.radius_ = float(state["radius"])
+        self.feature_shape_ = tuple(state["feature_shape"])
+        self.loss_history_ = list(state["loss_history"])
+        self.epochs_trained_ = state["epochs_trained"]
+
+
+def svdd_network(in_dim: int, hidden_dims: tuple[int, ...], rep_dim: int):
+    """Bias-free MLP: [Linear(no bias) -> BatchNorm(no affine) -> LeakyReLU] per hidden width, Linear(no bias)."""
+    from torch import nn
+
+    layers, width = [], in_dim
+    for hidden in hidden_dims:
+        layers += [nn.Linear(width, hidden, bias=False), nn.BatchNorm1d(hidden, eps=1e-4, affine=False),
+                   nn.LeakyReLU()]
+        width = hidden
+    layers.append(nn.Linear(width, rep_dim, bias=False))
+    return nn.Sequential(*layers)
+
+
+def _estimate_batchnorm(network, patches, batch_size: int) -> None:
+    """BatchNorm running statistics as the plain average over all training patches (no gradient)."""
+    import torch
+    from torch import nn
+
+    norms = [m for m in network.modules() if isinstance(m, nn.BatchNorm1d)]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative average
+    network.train()
+    with torch.no_grad():
+        for batch in patches.split(batch_size):
+            if len(batch) > 1:
+                network(batch)
+    for norm in norms:
+        norm.momentum = 0.1
+
+
+def initial_centre(network, patches, eps: float, batch_size: int):
+    """Mean output of ``network`` (evaluation mode) on ``patches``; coordinates with |c_j| < eps set to
+    +-eps (sign kept, zero to +eps) so no coordinate can be matched by zero weights."""
+    import torch
+
+    network.eval()
+    with torch.no_grad():
+        total = sum(network(batch).sum(dim=0) for batch in patches.split(batch_size))
+    centre = total / len(patches)
+    small = centre.abs() < eps
+    centre[small] = torch.where(centre[small] < 0, -eps, eps)
+    return centre

@@ -1,0 +1,193 @@
+"""SimpleNet (Liu et al., CVPR 2023): a discriminator separates adapted normal patch features from noisy ones.
+
+1. Feature extractor: the frozen pretrained backbone's locally aware patch features, as PatchCore's (stages at
+   ``feature_strides``, each averaged over its ``neighbourhood``, concatenated on the finest grid, optionally
+   pooled to ``embedding_dim`` channels; the method itself is reused from PatchCore). They are extracted once
+   through the feature cache, so training runs on cached features. The paper uses WideResNet50 layers 2 and 3
+   pooled to 1536 channels; the default here is ResNet18 (384 channels) for CPU budgets.
+2. Feature adaptor: one linear layer (same width, Xavier-normal weights), as the official ``pre_proj=1``.
+3. Anomalous features: adapted normal features plus i.i.d. Gaussian noise of standard deviation ``noise_std``.
+4. Discriminator: Linear -> BatchNorm -> LeakyReLU(0.2) -> Linear (no bias) to one score, ``hidden_dim`` wide.
+5. Truncated L1 loss: mean(max(0, th - D(normal))) + mean(max(0, th + D(anomalous))) with th = ``margin``.
+   Adaptor and discriminator train jointly on all patches of ``batch_size`` images per step: the adaptor with
+   AdamW (``adaptor_learning_rate``, AdamW's default weight decay), the discriminator with Adam
+   (``learning_rate``, weight decay 1e-5), as the official code. The official code keeps the epoch with the best
+   *test* AUROC; without test labels during fit, the last epoch is kept.
+6. Anomaly map: -D(adapted feature) per patch, upsampled (bilinear) to the input size and smoothed with a
+   Gaussian (sigma ``smoothing_sigma``); image score = the map's maximum.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from automl_ad.data.imageset import ImageSet
+from automl_ad.detectors.base import EpochCallback, Scores
+from automl_ad.detectors.feature_based import BackboneDetector, upsample_and_smooth
+from automl_ad.detectors.memory_bank.patchcore import PatchCore
+from automl_ad.detectors.registry import register_detector
+
+log = logging.getLogger(__name__)
+
+_DISCRIMINATOR_WEIGHT_DECAY = 1e-5  # official code
+_SCORE_CHUNK = 1 << 16  # patches per forward pass when scoring
+
+
+@register_detector
+class SimpleNet(BackboneDetector):
+    """Self-supervised route: adapted patch features, synthetic anomalies by feature noise, an MLP discriminator."""
+
+    name = "simplenet"
+    route = "self_supervised"
+    supports_localization = True
+    needs_training = True
+    iterative = True
+    test_params = {"backbone": "resnet18", "pretrained": False, "input_size": 64, "epochs": 8, "hidden_dim": 256,
+                   "batch_size": 2, "noise_std": 0.5}
+
+    def __init__(self, backbone="resnet18", feature_strides=(8, 16), weights=None, pretrained=True, input_size=256,
+                 device="auto", cache_features=True, neighbourhood=3, embedding_dim=None, hidden_dim=1024,
+                 noise_std=0.015, margin=0.5, epochs=160, batch_size=8, learning_rate=2e-4,
+                 adaptor_learning_rate=1e-4, smoothing_sigma=4.0, seed=0):
+        self.backbone = backbone
+        self.feature_strides = feature_strides
+        self.weights = weights
+        self.pretrained = pretrained
+        self.input_size = input_size
+        self.device = device
+        self.cache_features = cache_features
+        self.neighbourhood = neighbourhood
+        self.embedding_dim = embedding_dim
+        self.hidden_dim = hidden_dim
+        self.noise_std = noise_std
+        self.margin = margin
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.learning_rate = learning_rate
+        self.adaptor_learning_rate = adaptor_learning_rate
+        self.smoothing_sigma = smoothing_sigma
+        self.seed = seed
+
+    #: PatchCore's locally aware patch embedding (N, h, w, D).
+    _embed = PatchCore._embed
+
+    def _check_params(self) -> None:
+        for key in ("epochs", "batch_size", "hidden_dim", "neighbourhood"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"{key} must be a positive integer, got {value!r}")
+        for key in ("noise_std", "margin", "learning_rate", "adaptor_learning_rate"):
+            if not getattr(self, key) > 0:
+                raise ValueError(f"{key} must be > 0, got {getattr(self, key)!r}")
+        if not self.smoothing_sigma >= 0:
+            raise ValueError(f"smoothing_sigma must be >= 0 pixels, got {self.smoothing_sigma!r}")
+
+    # --- model ------------------------------------------------------------------------------------------------
+    def _build(self, dim: int):
+        """Adaptor and discriminator for ``dim``-wide features, initialised from ``seed``."""
+        import torch
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            model = simplenet_model(dim, int(self.hidden_dim))
+        return model.to(self._extractor().device)
+
+    def _patch_grids(self, images: ImageSet):
+        """Patch features (N, h * w, D) on the backbone's device and the grid (h, w)."""
+        embedding = self._embed(self._features(images))
+        n, h, w, d = embedding.shape
+        return embedding.reshape(n, h * w, d).to(self._extractor().device), (h, w)
+
+    # --- fit --------------------------------------------------------------------------------------------------
+    def _fit(self, train: ImageSet, on_epoch: EpochCallback | None) -> None:
+        import torch
+
+        self._check_params()
+        features, self.feature_shape_ = self._patch_grids(train)
+        model = self._build(features.shape[-1])
+        adaptor_optimiser = torch.optim.AdamW(model["adaptor"].parameters(), lr=self.adaptor_learning_rate)
+        discriminator_optimiser = torch.optim.Adam(model["discriminator"].parameters(), lr=self.learning_rate,
+                                                   weight_decay=_DISCRIMINATOR_WEIGHT_DECAY)
+        generator = torch.Generator().manual_seed(self.seed)
+        count, batch_size = len(features), int(self.batch_size)
+        self.loss_history_ = []
+        model.train()
+        for epoch in range(int(self.epochs)):
+            order = torch.randperm(count, generator=generator)
+            total = 0.0
+            for start in range(0, count, batch_size):
+                index = order[start:start + batch_size].to(features.device)
+                normal = model["adaptor"](features[index].reshape(-1, features.shape[-1]))
+                noise = torch.randn(normal.shape, generator=generator).to(normal.device) * self.noise_std
+                loss = truncated_l1_loss(model["discriminator"](torch.cat([normal, normal + noise])).squeeze(1),
+                                         len(normal), float(self.margin))
+                adaptor_optimiser.zero_grad(set_to_none=True)
+                discriminator_optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                adaptor_optimiser.step()
+                discriminator_optimiser.step()
+                total += float(loss.detach()) * len(index)
+            if self._record_epoch(epoch, total / count, on_epoch, "lower learning_rate"):
+                break
+        self.epochs_trained_ = len(self.loss_history_)
+        self.model_ = model.eval()
+        log.info("%s: %d epochs, final loss %.5f", self.name, self.epochs_trained_, self.loss_history_[-1])
+
+    # --- score ------------------------------------------------------------------------------------------------
+    def patch_scores(self, features):
+        """-D(adaptor(features)) for (P, D) features (higher = more anomalous)."""
+        import torch
+
+        with torch.inference_mode():
+            return torch.cat([-self.model_["discriminator"](self.model_["adaptor"](chunk))[:, 0]
+                              for chunk in features.split(_SCORE_CHUNK)])
+
+    def _score(self, images: ImageSet) -> Scores:
+        features, (h, w) = self._patch_grids(images)
+        scores = self.patch_scores(features.reshape(-1, features.shape[-1]))
+        maps = upsample_and_smooth(scores.float().cpu().numpy().reshape(len(images), h, w), self.input_size,
+                                   self.smoothing_sigma)
+        return Scores(maps.reshape(len(maps), -1).max(axis=1), maps)
+
+    # --- persistence ------------------------------------------------------------------------------------------
+    def _state(self):
+        tensors = {k: v.detach().cpu().numpy() for k, v in self.model_.state_dict().items()}
+        return tensors, {"feature_shape": list(self.feature_shape_), "loss_history": self.loss_history_,
+                         "epochs_trained": self.epochs_trained_, **self._backbone_state()}
+
+    def _restore(self, tensors, state):
+        import torch
+
+        self._check_backbone(state)
+        model = self._build(int(tensors["adaptor.weight"].shape[1]))
+        device = next(model.parameters()).device
+        model.load_state_dict({k: torch.from_numpy(v).to(device) for k, v in tensors.items()})
+        self.model_ = model.eval()
+        self.feature_shape_ = tuple(state["feature_shape"])
+        self.loss_history_ = list(state["loss_history"])
+        self.epochs_trained_ = state["epochs_trained"]
+
+
+def simplenet_model(dim: int, hidden_dim: int):
+    """{"adaptor": Linear(dim, dim), "discriminator": Linear -> BatchNorm -> LeakyReLU(0.2) -> Linear(no bias)},
+    linear weights Xavier-normal as the official code."""
+    from torch import nn
+
+    model = nn.ModuleDict({
+        "adaptor": nn.Linear(dim, dim),
+        "discriminator": nn.Sequential(nn.Linear(dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.LeakyReLU(0.2),
+                                       nn.Linear(hidden_dim, 1, bias=False))})
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_normal_(module.weight)
+    return model
+
+
+def truncated_l1_loss(scores, n_normal: int, margin: float):
+    """SimpleNet's loss on discriminator scores: the first ``n_normal`` are normal (pushed above ``margin``), the
+    rest anomalous (pushed below ``-margin``); both terms are zero once past the margin."""
+    import torch
+
+    return torch.clamp(margin - scores[:n_normal], min=0).mean() + torch.clamp(scores[n_normal:] + margin, min=0).mean()
