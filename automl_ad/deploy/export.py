@@ -91,6 +91,12 @@ def export_run(tracker, run_id: str, out: str | Path, far: float = DEFAULT_FALSE
         return export_package(detector, out, thresholds, metrics, cost, training, overwrite=overwrite)
 
 
+def trial_model_dir(tracker, run, work_dir: Path, tmp: Path) -> Path:
+    """Where the saved model of trial ``run`` is (downloaded into ``tmp`` when it is logged in MLflow); raises
+    UsageError when it was not kept. Public for the report; the same as export uses."""
+    return _model_dir(tracker, run, work_dir, tmp)
+
+
 def _model_dir(tracker, run, work_dir: Path, tmp: Path) -> Path:
     """The trial's saved model: logged in MLflow (front members) or still in the search's working folder."""
     if any(a.path == "model" for a in tracker.client.list_artifacts(run.info.run_id)):

@@ -1,0 +1,68 @@
+"""`automl-ad report`: one self-contained HTML file about a tiny search on demo data."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import pytest
+
+from automl_ad.cli import main
+from automl_ad.constraints import load_constraints
+from automl_ad.data import open_dataset
+from automl_ad.data.demo import generate_demo
+from automl_ad.profiling import profile_dataset
+from automl_ad.recommend import recommend
+from automl_ad.reporting.html_report import SECTIONS, Evaluation, gather, render
+from automl_ad.search.engine import SearchRequest, run_search
+from automl_ad.tracking.store import Tracker
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory):
+    work = tmp_path_factory.mktemp("report")
+    data = generate_demo(work / "data", categories=["texture"], n_train=16, n_test_good=6, n_test_per_defect=2,
+                         size=64)["texture"]
+    profile = profile_dataset(open_dataset(data))
+    recommendation = recommend(profile, load_constraints(None))
+    profile_file = profile.save(work / "state" / "profile.json")
+    recommendation_file = recommendation.save(work / "state" / "recommendation.json")
+    uri = f"sqlite:///{work / 'mlflow.db'}"
+    request = SearchRequest(data=str(data), families=["gaussian", "frequency"], max_trials=3, budget_s=120,
+                            trial_timeout_s=90, tracking_uri=uri, profile_file=str(profile_file),
+                            recommendation_file=str(recommendation_file))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(work)
+        result = run_search(request)
+    return result, uri, work
+
+
+def test_report_has_every_section_and_is_self_contained(searched, tmp_path, monkeypatch):
+    result, uri, work = searched
+    monkeypatch.chdir(work)
+    out = tmp_path / "report.html"
+    assert main(["report", result.parent_run_id, "--out", str(out), "--tracking-uri", uri]) == 0
+    text = out.read_text()
+    for key, _ in SECTIONS:
+        assert f'<section id="{key}">' in text
+    assert text.count("data:image/png;base64,") >= 4  # Pareto, histogram, curves, gallery thumbnails
+    assert not re.search(r"""(src|href)\s*=\s*["'](?!data:|#)""", text)  # nothing loaded from outside the file
+    assert "<script" not in text and "url(" not in text and "@import" not in text
+    assert "could not be built" not in text and "class=\"note\"" not in text.split('id="trials"')[0]
+    assert "gaussian" in text and "frequency" in text and "True positives" in text and "False negatives" in text
+    assert "reasons for" in text  # the recommendation was logged with the search
+
+
+def test_report_of_experiment_name_and_missing_parts(searched, tmp_path, monkeypatch):
+    result, uri, work = searched
+    monkeypatch.chdir(work)
+    out = tmp_path / "by-name.html"
+    assert main(["report", result.experiment, "--out", str(out), "--tracking-uri", uri]) == 0
+    assert result.parent_run_id in out.read_text()
+    facts = dataclasses.replace(gather(Tracker(uri), result.parent_run_id), profile=None, recommendation=None,
+                                profile_note="No profile was logged with this search.")
+    text = render(facts, Evaluation("The dataset /gone is not on this machine."), uri)
+    for key, _ in SECTIONS:
+        assert f'<section id="{key}">' in text
+    assert "No profile was logged" in text and "No recommendation was logged" in text
+    assert text.count("/gone is not on this machine") == 3  # scores, curves, gallery say why they are empty
