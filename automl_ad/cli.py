@@ -200,7 +200,12 @@ def cmd_demo(args) -> int:
     console.print(f"\nPredicting the demo test images with the package into {predictions} ...")
     code = cmd_predict(argparse.Namespace(package=str(package), inputs=[str(category / "test")],
                                           out=str(predictions), threshold=None, json=False))
-    console.print(f"\nDemo data: {data_dir}\nPackage: {package}\nPredictions: {predictions}\n"
+    if code != EXIT_OK:
+        return code
+    report = out / "report.html"
+    code = cmd_report(argparse.Namespace(target=None, out=str(report), tracking_uri=None, max_images=200,
+                                         false_alarm_rate=0.01))
+    console.print(f"\nDemo data: {data_dir}\nPackage: {package}\nPredictions: {predictions}\nReport: {report}\n"
                   "Browse the search: automl-ad ui   |   ranked trials: automl-ad leaderboard --pareto\n"
                   f"Try: automl-ad recommend {data_dir}/object --profile profiles/edge-cpu.yaml, then "
                   "automl-ad search --budget 10m")
