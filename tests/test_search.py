@@ -90,3 +90,25 @@ def test_two_searches_write_one_store_without_mixing(tmp_path):
         trials = tracker.trials(parent)
         assert sorted(r.data.tags["trial"] for r in trials) == sorted(f"{name}-{i}" for i in range(8))
         assert sum(r.data.tags.get("pareto_front") == "True" for r in trials) == 1  # best quality and speed: i=7
+
+
+def test_search_without_data_uses_the_last_recommendation(tmp_path, monkeypatch):
+    from automl_ad.cli import main
+    from automl_ad.data.demo import generate_demo
+    from automl_ad.search.plan import plan_search
+
+    data = generate_demo(tmp_path / "d", categories=["texture"], n_train=12, n_test_good=3, n_test_per_defect=1,
+                         size=64)["texture"]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("AUTOML_AD_OFFLINE", "1")  # no weights download: backbone families must give way
+    assert main(["recommend", str(data), "--json"]) == 0
+    messages = []
+    request = plan_search(None, say=messages.append, budget_s=60)
+    assert request.data == str(data.resolve()) and "last `automl-ad recommend`" in messages[0]
+    assert request.families and request.budget_s == 60
+    from automl_ad.detectors import detector_class
+    from automl_ad.detectors.feature_based import BackboneDetector
+
+    assert not request.backbone_weights
+    assert not any(issubclass(detector_class(f), BackboneDetector) for f in request.families)
+    assert any("left out" in m for m in messages)
