@@ -40,6 +40,11 @@ SETTINGS = {
     "gaussian": {},
     "frequency": {},
     "template": {},
+    # Classical routes at their defaults: robust PCA and sparse coding on 256 px luma, the one-class SVM on the
+    # shared MobileNetV2's pooled features.
+    "rpca": {},
+    "sparse_coding": {},
+    "ocsvm": {},
     # Generative families train from scratch on pixels: 64 px and a few minutes of CPU training (far below the
     # papers' budgets; see their modules). Learning rate 1e-3 for the autoencoder (the paper's 2e-4 barely moves
     # in 40 epochs); the diffusion UNet at 16 channels.
@@ -54,6 +59,8 @@ SETTINGS = {
 }
 #: Extra runs: PatchCore at the paper's 10% coreset on bottle (the issue's 5-minute target).
 EXTRA_RUNS = [("patchcore", "bottle", {"coreset_ratio": 0.1}, "coreset 0.1")]
+#: The one-class SVM localises only on request (sliding regions): its maps and their cost, per dataset.
+EXTRA_RUNS += [("ocsvm", dataset, {"localization": "sliding"}, "sliding regions") for dataset in DATASETS]
 #: The anchor CSV's model names for our families.
 ANCHOR_NAMES = {"patchcore": "patchcore", "padim": "padim", "stpm": "stfpm", "fastflow": "fastflow"}
 

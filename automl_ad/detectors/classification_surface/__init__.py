@@ -1,0 +1,1 @@
+"""Classification-surface route: a one-class boundary around normal images (OC-SVM / SVDD)."""

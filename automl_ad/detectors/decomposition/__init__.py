@@ -1,0 +1,1 @@
+"""Image decomposition route: low-rank background plus sparse anomalies (robust PCA)."""

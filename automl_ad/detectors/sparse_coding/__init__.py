@@ -1,0 +1,1 @@
+"""Sparse-coding route: a dictionary of normal patches; anomalies are coded badly."""
