@@ -7,6 +7,10 @@
    pooled to 1536 channels; the default here is ResNet18 (384 channels) for CPU budgets.
 2. Feature adaptor: one linear layer (same width, Xavier-normal weights), as the official ``pre_proj=1``.
 3. Anomalous features: adapted normal features plus i.i.d. Gaussian noise of standard deviation ``noise_std``.
+   The scale is absolute, so it must suit the backbone's features: the paper's 0.015 is for its WideResNet50
+   embedding; the shared MobileNetV2's mid-level features have a channel standard deviation of about 2.6, and
+   with 0.015 (or 0.1) the discriminator cannot separate the two within a few epochs (the loss stays at 1),
+   while 0.4 trains within one or two epochs.
 4. Discriminator: Linear -> BatchNorm -> LeakyReLU(0.2) -> Linear (no bias) to one score, ``hidden_dim`` wide.
 5. Truncated L1 loss: mean(max(0, th - D(normal))) + mean(max(0, th + D(anomalous))) with th = ``margin``.
    Adaptor and discriminator train jointly on all patches of ``batch_size`` images per step: the adaptor with
