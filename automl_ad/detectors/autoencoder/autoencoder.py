@@ -12,8 +12,8 @@ Unsupervised Defect Segmentation by Applying Structural Similarity to Autoencode
    (AE-L2) or ``"mixed"`` (``ssim_weight`` x (1 - SSIM) + (1 - ``ssim_weight``) x MSE); Adam with the paper's
    lr 2e-4 and weight decay 1e-5; ``augment`` adds random horizontal/vertical flips. SSIM is our own
    differentiable implementation (Gaussian window of 11 px and sigma 1.5, Wang et al. 2004 constants), checked
-   against scikit-image in the tests. The paper trains 200 epochs on 10,000 augmented patches; on a CPU budget
-   we train far fewer steps.
+   against scikit-image in the tests. The paper trains far longer, on thousands of augmented patches; a CPU
+   budget allows far fewer steps.
 4. Anomaly map = per-pixel reconstruction error: ``map_metric`` ``"ssim"`` (1 - SSIM map, mean over channels,
    the paper's choice) or ``"l2"`` (squared error summed over channels), smoothed by a Gaussian of
    ``smoothing_sigma`` pixels (our addition; the paper thresholds the raw residual). Image score = the map's

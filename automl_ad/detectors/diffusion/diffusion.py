@@ -27,9 +27,10 @@ noised test image; pixel and pretrained-feature differences to the input are the
    weights set ``feature_scoring=False``: the map is then D_p alone.
 
 Cost: training is one UNet forward and backward per image per epoch; scoring is ``steps`` UNet forwards plus two
-backbone passes per image. At 64 px with 32 channels (about 2.5 M parameters) on 2 CPU cores an epoch over 200
-images takes roughly 10-20 s and a 10-step reconstruction some 50-100 ms per image. DDAD trains 1000-3000 epochs
-at 256 px on a GPU; a few minutes of CPU training is a small fraction of that, so this family is heavily
+backbone passes per image. Measured on one (shared) CPU core at 64 px: with 16 channels (0.27 M parameters) an
+epoch over MVTec bottle's 209 images took about 13 s, and scoring 200-300 ms per image at 10 steps (35 ms at 1
+step); the default 32 channels (1.1 M parameters) cost about 4x as much to train. DDAD trains 1000-3000 epochs at
+256 px on a GPU; a few minutes of CPU training is a small fraction of that, so this family is heavily
 under-trained on CPU budgets (see reports/families.md).
 """
 

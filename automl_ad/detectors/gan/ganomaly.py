@@ -20,9 +20,10 @@ training of an encoder-decoder-encoder generator, as the official code (github.c
    images). The anomaly map is our addition (GANomaly only scores images): |x - G(x)| averaged over channels,
    smoothed by a Gaussian of ``smoothing_sigma`` pixels; ``image_score="residual"`` (also ours) scores an image
    by that map's maximum instead of the latent distance. Networks run in eval mode at test time (BatchNorm
-   running statistics; the official code keeps batch statistics, which makes a score depend on its batch).
+   running statistics), so a score does not depend on the batch it is computed in.
 
-The paper trains 15 epochs at batch 64 on 32 px images; anomalib uses 256 px. On a CPU budget we train at 64 px.
+The official code defaults to 15 epochs at batch 64 on 32 px images (anomalib trains at 256 px); our default size
+is 64 px.
 """
 
 from __future__ import annotations
