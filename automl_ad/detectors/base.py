@@ -7,6 +7,9 @@
   anomalous. Calling it before ``fit`` raises :class:`NotFittedError`.
 * ``save(dir)`` / ``Detector.load(dir)``: arrays in safetensors, everything else in JSON — never pickle.
 * Every fit and score records its cost (:attr:`fit_cost_`, :attr:`score_cost_`) in one structure.
+* ``inference_graph()``: for families whose inference is plain torch, a module reproducing ``score`` on the
+  preprocessed batch of :meth:`Detector.graph_input` (exported as ONNX in packages); None otherwise, with
+  :meth:`Detector.graph_absent_reason` saying why.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 from sklearn.base import BaseEstimator
@@ -27,6 +30,9 @@ from sklearn.exceptions import NotFittedError as SklearnNotFittedError
 from automl_ad import __version__
 from automl_ad.data.imageset import ImageSet
 from automl_ad.errors import AutomlAdError
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +72,8 @@ class Detector(BaseEstimator):
     test_params: ClassVar[dict] = {}
     #: Which built-in demo category the contract test fits this family on ("object" or "texture").
     test_category: ClassVar[str] = "object"
+    #: Why the family has no inference graph (see :meth:`inference_graph`).
+    no_graph: ClassVar[str] = "its inference is not a plain torch graph"
 
     # --- public API -------------------------------------------------------------------------------------------
     def fit(self, train: ImageSet, on_epoch: EpochCallback | None = None) -> Detector:
@@ -151,6 +159,23 @@ class Detector(BaseEstimator):
         detector.fit_seconds_, detector.fit_peak_rss_mb_ = fit.get("seconds"), fit.get("peak_rss_mb")
         detector.n_train_ = fit.get("n_train")
         return detector
+
+    def inference_graph(self) -> torch.nn.Module | None:
+        """A torch module mapping :meth:`graph_input`'s batch (float32 NCHW in [0, 1]) to ``(image_scores (N,),
+        anomaly_maps (N, H, W))`` exactly as ``score`` does, or None when the family has none. It may share the
+        detector's own (eval-mode) modules: use it for inference or export only."""
+        return None
+
+    def graph_absent_reason(self) -> str:
+        """Why :meth:`inference_graph` is None for this detector."""
+        return f"{self.name}: {self.no_graph}"
+
+    def graph_input(self, images: ImageSet) -> np.ndarray:
+        """The inference graph's input for ``images``: float32 (N, C, S, S) in [0, 1] at ``input_size``, resized
+        as ``score`` reads them; C = 1 (luma) for families reading gray images, else 3 (gray repeated)."""
+        gray = bool(getattr(self, "gray", False))
+        pixels = images.load(self.input_size, gray=gray)
+        return np.ascontiguousarray(pixels[:, None] if gray else pixels.transpose(0, 3, 1, 2), dtype=np.float32)
 
     # --- hooks for families -----------------------------------------------------------------------------------
     def _fit(self, train: ImageSet, on_epoch: EpochCallback | None) -> None:

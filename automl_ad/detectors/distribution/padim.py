@@ -126,6 +126,16 @@ class Padim(BackboneDetector):
                                    self.smoothing_sigma)
         return Scores(maps.reshape(len(maps), -1).max(axis=1), maps)
 
+    # --- inference graph --------------------------------------------------------------------------------------
+    def inference_graph(self):
+        """PaDiM as a torch graph: backbone, channel selection, Mahalanobis distance, smoothed map."""
+        from automl_ad.detectors.graph import Backbone, PadimGraph
+
+        self._check_fitted()
+        extractor = self._extractor()
+        return PadimGraph(Backbone(extractor), self.channels_, list(extractor.channels), self.feature_shape_,
+                          self.mean_, self.inv_covariance_, self.input_size, self.smoothing_sigma)
+
     # --- persistence ------------------------------------------------------------------------------------------
     def _state(self):
         tensors = {"mean": self.mean_, "inv_covariance": self.inv_covariance_, "channels": self.channels_}

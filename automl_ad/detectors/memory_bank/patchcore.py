@@ -131,6 +131,21 @@ class PatchCore(BackboneDetector):
         weights = 1.0 - np.exp(logits[:, 0]) / np.exp(logits).sum(axis=1)
         return (weights * star_distance).astype(np.float32)
 
+    # --- inference graph --------------------------------------------------------------------------------------
+    def inference_graph(self):
+        """Exact-index PatchCore as a torch graph (the bank as a constant, exact search); None for HNSW."""
+        from automl_ad.detectors.graph import Backbone, PatchCoreGraph
+
+        self._check_fitted()
+        if self.index != "exact":
+            return None
+        return PatchCoreGraph(Backbone(self._extractor()), self.memory_bank_, self.neighbourhood, self.embedding_dim,
+                              self.num_neighbors, self.input_size, self.smoothing_sigma)
+
+    def graph_absent_reason(self) -> str:
+        return (f"{self.name}: index={self.index!r} searches approximately; only the exact index has an "
+                "equivalent graph")
+
     # --- persistence ------------------------------------------------------------------------------------------
     def _state(self):
         return {"memory_bank": self.memory_bank_}, {"feature_shape": list(self.feature_shape_),

@@ -1,0 +1,195 @@
+"""Building blocks of detectors' inference graphs (:meth:`Detector.inference_graph`): plain torch modules that
+reproduce ``score`` on a preprocessed image batch, so they can be exported (ONNX) and run without automl-ad.
+
+* :class:`Backbone`: normalisation with the weights' mean/std, then the eager timm feature pyramid.
+* :class:`GaussianBlur`: scipy's ``gaussian_filter`` (truncate 4, 'reflect' border, optional derivative order)
+  as a gather (border) and two 1-D convolutions.
+* :class:`UpsampleSmooth`: :func:`~automl_ad.detectors.feature_based.upsample_and_smooth` as a module.
+* :func:`patch_embedding`: PatchCore's locally aware patch features on tensors.
+* :class:`MapHead`: image score (map maximum or mean of the top pixels) next to the map.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+TRUNCATE = 4.0  # scipy's default: the kernel reaches 4 sigma
+
+
+class Backbone(nn.Module):
+    """Images (N, 3, S, S) in [0, 1] -> the extractor's feature maps (list of NCHW tensors)."""
+
+    def __init__(self, extractor):
+        super().__init__()
+        self.model = on_cpu(extractor.model)
+        self.register_buffer("mean", torch.tensor(extractor.spec.weights.mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(extractor.spec.weights.std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    def normalise(self, images):
+        return (images - self.mean) / self.std
+
+    def forward(self, images):
+        return list(self.model(self.normalise(images)))
+
+
+class GaussianBlur(nn.Module):
+    """``scipy.ndimage.gaussian_filter(maps, (0, sigma, sigma), order=(0, *order), truncate=4)`` on (N, C, H, W)
+    tensors of a fixed (H, W): the border is mirrored as scipy's 'reflect' mode (a constant gather)."""
+
+    def __init__(self, sigma: float, size: tuple[int, int], order: tuple[int, int] = (0, 0)):
+        super().__init__()
+        from scipy import ndimage
+
+        radius = int(TRUNCATE * float(sigma) + 0.5)
+        impulse = np.zeros(2 * radius + 1)
+        impulse[radius] = 1.0
+        for axis, (length, derivative) in enumerate(zip(size, order)):
+            # filtering an impulse gives the kernel mirrored; conv2d correlates, so mirror it back
+            kernel = ndimage.gaussian_filter1d(impulse, sigma, order=derivative, mode="constant",
+                                               truncate=TRUNCATE)[::-1].copy()
+            shape = (1, 1, -1, 1) if axis == 0 else (1, 1, 1, -1)
+            self.register_buffer(f"kernel{axis}", torch.tensor(kernel, dtype=torch.float32).view(shape))
+            index = np.pad(np.arange(length), radius, mode="symmetric")
+            self.register_buffer(f"index{axis}", torch.from_numpy(index.astype(np.int64)))
+
+    def forward(self, maps):
+        n, c, h, w = maps.shape
+        flat = maps.reshape(-1, 1, h, w)
+        flat = F.conv2d(flat.index_select(2, self.index0), self.kernel0)
+        flat = F.conv2d(flat.index_select(3, self.index1), self.kernel1)
+        return flat.reshape(n, c, h, w)
+
+
+class UpsampleSmooth(nn.Module):
+    """(N, h, w) maps -> (N, size, size): bilinear upsampling, then a Gaussian blur of ``sigma`` (0 = none)."""
+
+    def __init__(self, size: int, sigma: float):
+        super().__init__()
+        self.size = int(size)
+        self.blur = GaussianBlur(sigma, (self.size, self.size)) if sigma > 0 else None
+
+    def forward(self, maps):
+        up = upsample(maps[:, None], self.size)
+        return (self.blur(up) if self.blur is not None else up)[:, 0]
+
+
+class MapHead(nn.Module):
+    """(N, H, W) maps -> (image scores (N,), maps): the map's maximum, or the mean of its ``top_k`` highest."""
+
+    def __init__(self, top_k: int | None = None):
+        super().__init__()
+        self.top_k = top_k
+
+    def forward(self, maps):
+        flat = maps.flatten(1)
+        scores = flat.max(dim=1).values if self.top_k is None else flat.topk(self.top_k, dim=1).values.mean(dim=1)
+        return scores, maps
+
+
+def upsample(maps, size: int):
+    """Bilinear resize of NCHW tensors to (size, size), as every family upsamples its maps."""
+    return F.interpolate(maps, size=(size, size), mode="bilinear", align_corners=False)
+
+
+def patch_embedding(features: list, neighbourhood: int, embedding_dim: int | None):
+    """PatchCore's locally aware patch features (N, h, w, D) from feature maps on tensors: 3x3 (``neighbourhood``)
+    averages, coarser maps upsampled to the finest, concatenated, optionally averaged down to ``embedding_dim``."""
+    pad = neighbourhood // 2
+    maps = [F.avg_pool2d(f, neighbourhood, stride=1, padding=pad) for f in features]
+    height, width = maps[0].shape[-2:]
+    maps = [m if m.shape[-2:] == (height, width) else
+            F.interpolate(m, size=(height, width), mode="bilinear", align_corners=False) for m in maps]
+    embedding = torch.cat(maps, dim=1).permute(0, 2, 3, 1)
+    if embedding_dim and embedding.shape[-1] != embedding_dim:
+        # adaptive 1-D average pooling over channels, written as a constant matrix (exports to one MatMul)
+        embedding = embedding @ adaptive_pool_matrix(embedding.shape[-1], embedding_dim).to(embedding)
+    return embedding
+
+
+def adaptive_pool_matrix(length: int, size: int):
+    """(length, size) matrix whose product averages as ``F.adaptive_avg_pool1d(x, size)``."""
+    return F.adaptive_avg_pool1d(torch.eye(length)[:, None], size)[:, 0]
+
+
+def on_cpu(module: nn.Module) -> nn.Module:
+    """``module`` itself when it lives on the CPU, else a CPU copy (the detector keeps its own on the GPU)."""
+    tensors = [*module.parameters(), *module.buffers()]
+    return module if all(t.device.type == "cpu" for t in tensors) else copy.deepcopy(module).cpu()
+
+
+class PatchCoreGraph(nn.Module):
+    """PatchCore's ``score``: exact nearest neighbours in the bank (a constant) by the squared-norm expansion, as
+    faiss' exact index, the re-weighted image score and the smoothed distance map."""
+
+    def __init__(self, backbone: Backbone, bank: np.ndarray, neighbourhood: int, embedding_dim: int | None,
+                 num_neighbors: int, size: int, sigma: float):
+        super().__init__()
+        self.backbone, self.neighbourhood, self.embedding_dim = backbone, int(neighbourhood), embedding_dim
+        self.register_buffer("bank", torch.from_numpy(np.ascontiguousarray(bank, dtype=np.float32)))
+        self.register_buffer("bank_norms", self.bank.pow(2).sum(dim=1))
+        self.k = min(int(num_neighbors), len(bank)) if num_neighbors > 1 and len(bank) > 1 else 1
+        self.smooth = UpsampleSmooth(size, sigma)
+
+    def _squared_distances(self, queries):
+        """(..., D) queries -> (..., M) squared L2 distances to every bank feature."""
+        return queries.pow(2).sum(dim=-1, keepdim=True) - 2 * queries @ self.bank.T + self.bank_norms
+
+    def forward(self, images):
+        embedding = patch_embedding(self.backbone(images), self.neighbourhood, self.embedding_dim)
+        _, h, w, d = embedding.shape
+        queries = embedding.reshape(-1, h * w, d)
+        squared, nearest = self._squared_distances(queries).min(dim=-1)
+        distances = squared.clamp(min=0).sqrt()  # (N, h*w)
+        worst = distances.argmax(dim=1, keepdim=True)
+        star = distances.gather(1, worst)[:, 0]
+        scores = star if self.k == 1 else self._reweight(queries, star, nearest.gather(1, worst)[:, 0], worst)
+        return scores, self.smooth(distances.reshape(-1, h, w))
+
+    def _reweight(self, queries, star, star_bank, worst):
+        """s* x (1 - softmax weight of m* among its ``k`` bank neighbours), as PatchCore's image score."""
+        bank_point = self.bank[star_bank]  # m*, (N, D)
+        support = self._squared_distances(bank_point).topk(self.k, dim=1, largest=False).indices  # m* first
+        test_point = queries.gather(1, worst[:, :, None].expand(-1, -1, queries.shape[-1]))  # (N, 1, D)
+        support_distances = (self.bank[support] - test_point).pow(2).sum(dim=2).sqrt()
+        support_distances = torch.cat([star[:, None], support_distances[:, 1:]], dim=1)
+        return (1 - support_distances.softmax(dim=1)[:, 0]) * star
+
+
+class PadimGraph(nn.Module):
+    """PaDiM's ``score``: the selected channels on the finest grid, Mahalanobis distance with the stored inverse
+    covariances (constants), the smoothed map and its maximum."""
+
+    def __init__(self, backbone: Backbone, channels: np.ndarray, widths: list[int], grid: tuple[int, int],
+                 mean: np.ndarray, inv_covariance: np.ndarray, size: int, sigma: float):
+        super().__init__()
+        self.backbone, self.grid = backbone, tuple(int(g) for g in grid)
+        offsets = np.cumsum([0, *widths])
+        self.levels = []
+        for level in range(len(widths)):
+            local = channels[(channels >= offsets[level]) & (channels < offsets[level + 1])] - offsets[level]
+            if len(local):
+                self.register_buffer(f"channels{level}", torch.from_numpy(local.astype(np.int64)))
+                self.levels.append(level)
+        self.register_buffer("mean", torch.from_numpy(np.ascontiguousarray(mean, dtype=np.float32)))
+        self.register_buffer("inv_covariance", torch.from_numpy(np.ascontiguousarray(inv_covariance,
+                                                                                      dtype=np.float32)))
+        self.smooth, self.head = UpsampleSmooth(size, sigma), MapHead()
+
+    def forward(self, images):
+        features = self.backbone(images)
+        maps = []
+        for level in self.levels:
+            selected = features[level].index_select(1, getattr(self, f"channels{level}"))
+            if tuple(selected.shape[-2:]) != self.grid:
+                selected = F.interpolate(selected, size=self.grid, mode="nearest")
+            maps.append(selected)
+        embedding = torch.cat(maps, dim=1).flatten(2).transpose(1, 2)  # (N, P, D)
+        delta = (embedding - self.mean).transpose(0, 1)  # (P, N, D)
+        squared = ((delta @ self.inv_covariance) * delta).sum(dim=2)  # (P, N)
+        distances = squared.clamp(min=0).sqrt().transpose(0, 1).reshape(-1, *self.grid)
+        return self.head(self.smooth(distances))
