@@ -193,3 +193,123 @@ class PadimGraph(nn.Module):
         squared = ((delta @ self.inv_covariance) * delta).sum(dim=2)  # (P, N)
         distances = squared.clamp(min=0).sqrt().transpose(0, 1).reshape(-1, *self.grid)
         return self.head(self.smooth(distances))
+
+
+class PatchScoreGraph(nn.Module):
+    """Families scoring each locally aware patch feature with a network (Deep SVDD, SimpleNet): ``patch_score``
+    maps (P, D) patches to (P,) scores; the map is their grid upsampled and smoothed, the image score its max."""
+
+    def __init__(self, backbone: Backbone, neighbourhood: int, embedding_dim: int | None, patch_score: nn.Module,
+                 size: int, sigma: float):
+        super().__init__()
+        self.backbone, self.neighbourhood, self.embedding_dim = backbone, int(neighbourhood), embedding_dim
+        self.patch_score = patch_score
+        self.smooth, self.head = UpsampleSmooth(size, sigma), MapHead()
+
+    def forward(self, images):
+        embedding = patch_embedding(self.backbone(images), self.neighbourhood, self.embedding_dim)
+        _, h, w, d = embedding.shape
+        return self.head(self.smooth(self.patch_score(embedding.reshape(-1, d)).reshape(-1, h, w)))
+
+
+class SvddDistance(nn.Module):
+    """Deep SVDD's patch score: ||phi(x) - c||^2 - ``offset`` (R^2 for the soft-boundary objective)."""
+
+    def __init__(self, network: nn.Module, centre, offset: float):
+        super().__init__()
+        self.network, self.offset = on_cpu(network), float(offset)
+        self.register_buffer("centre", centre.detach().cpu().float())
+
+    def forward(self, patches):
+        return (self.network(patches) - self.centre).pow(2).sum(dim=1) - self.offset
+
+
+class NegatedDiscriminator(nn.Module):
+    """SimpleNet's patch score: -D(adaptor(x))."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = on_cpu(model)
+
+    def forward(self, patches):
+        return -self.model["discriminator"](self.model["adaptor"](patches))[:, 0]
+
+
+class STPMGraph(nn.Module):
+    """STPM's ``score``: teacher and student on the normalised images, per-stage normalised feature distances
+    upsampled and combined (product or sum), optionally smoothed; image score = the map's maximum."""
+
+    def __init__(self, teacher: Backbone, student: nn.Module, size: int, combination: str, sigma: float):
+        super().__init__()
+        self.teacher, self.student, self.size = teacher, on_cpu(student), int(size)
+        self.product = combination == "product"
+        self.smooth, self.head = UpsampleSmooth(size, sigma), MapHead()
+
+    def forward(self, images):
+        from automl_ad.detectors.teacher_student.stpm import feature_distances
+
+        normalised = self.teacher.normalise(images)
+        combined = None
+        for t, s in zip(self.teacher.model(normalised), self.student(normalised)):
+            level = upsample(feature_distances(t, s)[:, None], self.size)
+            combined = level if combined is None else combined * level if self.product else combined + level
+        return self.head(self.smooth(combined[:, 0]))
+
+
+class FastFlowGraph(nn.Module):
+    """FastFlow's ``score``: flows on the backbone's stages, 1 - mean over stages of the upsampled likelihood
+    exp(-0.5 mean_c z^2), optionally smoothed; image score = the map's maximum."""
+
+    def __init__(self, backbone: Backbone, model: nn.Module, size: int, sigma: float):
+        super().__init__()
+        self.backbone, self.model, self.size = backbone, on_cpu(model), int(size)
+        self.smooth, self.head = UpsampleSmooth(size, sigma), MapHead()
+
+    def forward(self, images):
+        from automl_ad.detectors.distribution.fastflow import _forward
+
+        stages = _forward(self.model, self.backbone(images))
+        likelihood = sum(upsample(torch.exp(-0.5 * z.pow(2).mean(dim=1, keepdim=True)), self.size)
+                         for z, _ in stages)
+        return self.head(self.smooth(1 - likelihood[:, 0] / len(stages)))
+
+
+class AutoencoderGraph(nn.Module):
+    """The autoencoder's ``score``: reconstruction error map (squared error summed over channels, or 1 - SSIM
+    averaged over channels), Gaussian-smoothed, reduced to the image score by ``head``."""
+
+    def __init__(self, model: nn.Module, metric: str, size: int, sigma: float, head: MapHead):
+        super().__init__()
+        self.model, self.metric = on_cpu(model), metric
+        self.blur = GaussianBlur(sigma, (size, size)) if sigma > 0 else None
+        self.head = head
+
+    def forward(self, images):
+        from automl_ad.detectors.autoencoder.autoencoder import ssim_map
+
+        reconstruction = self.model(images)
+        if self.metric == "l2":
+            maps = (images - reconstruction).pow(2).sum(dim=1, keepdim=True)
+        else:
+            maps = (1 - ssim_map(reconstruction, images)).mean(dim=1, keepdim=True)
+        return self.head((self.blur(maps) if self.blur is not None else maps)[:, 0])
+
+
+class GanomalyGraph(nn.Module):
+    """GANomaly's ``score``: images mapped to [-1, 1], the generator's reconstruction; map = smoothed mean
+    absolute residual / 2, image score = the latent distance or the map's maximum."""
+
+    def __init__(self, generator: nn.Module, size: int, sigma: float, latent_score: bool):
+        super().__init__()
+        self.generator, self.latent_score = on_cpu(generator), latent_score
+        self.blur = GaussianBlur(sigma, (size, size)) if sigma > 0 else None
+        self.head = MapHead()
+
+    def forward(self, images):
+        inputs = images * 2 - 1
+        fake, latent_in, latent_out = self.generator(inputs)
+        maps = (inputs - fake).abs().mean(dim=1, keepdim=True) / 2
+        maps = (self.blur(maps) if self.blur is not None else maps)[:, 0]
+        if self.latent_score:
+            return (latent_in - latent_out).pow(2).flatten(1).mean(dim=1), maps
+        return self.head(maps)

@@ -171,6 +171,17 @@ class Autoencoder(Detector):
         maps = smooth_maps(maps, self.smoothing_sigma)
         return Scores(reduce_maps(maps, self.image_score, self.top_k_fraction), maps)
 
+    # --- inference graph --------------------------------------------------------------------------------------
+    def inference_graph(self):
+        """The network, the reconstruction-error map, its smoothing and reduction as one torch graph."""
+        from automl_ad.detectors.graph import AutoencoderGraph, MapHead
+
+        self._check_fitted()
+        self._check_score_params()
+        size = int(self.input_size)
+        top_k = None if self.image_score == "max" else max(1, int(round(self.top_k_fraction * size * size)))
+        return AutoencoderGraph(self.model_, self.map_metric, size, self.smoothing_sigma, MapHead(top_k))
+
     # --- persistence ------------------------------------------------------------------------------------------
     def _state(self):
         return module_tensors(self.model_), {"loss_history": self.loss_history_,

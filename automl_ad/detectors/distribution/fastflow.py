@@ -167,6 +167,14 @@ class FastFlow(BackboneDetector):
             maps = upsample_and_smooth(maps, self.input_size, self.smoothing_sigma)
         return Scores(maps.reshape(len(maps), -1).max(axis=1), maps)
 
+    # --- inference graph --------------------------------------------------------------------------------------
+    def inference_graph(self):
+        """Backbone and flows as one torch graph with the likelihood map and its maximum."""
+        from automl_ad.detectors.graph import Backbone, FastFlowGraph
+
+        self._check_fitted()
+        return FastFlowGraph(Backbone(self._extractor()), self.model_, self.input_size, self.smoothing_sigma)
+
     # --- persistence ------------------------------------------------------------------------------------------
     def _state(self):
         tensors = {k: v.detach().cpu().numpy() for k, v in self.model_.state_dict().items()}

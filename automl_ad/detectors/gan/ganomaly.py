@@ -202,6 +202,16 @@ class GANomaly(Detector):
         scores = distances.cpu().numpy() if self.image_score == "latent" else reduce_maps(maps, "max", 1.0)
         return Scores(scores, maps)
 
+    # --- inference graph --------------------------------------------------------------------------------------
+    def inference_graph(self):
+        """The generator, the residual map and the image score as one torch graph."""
+        from automl_ad.detectors.graph import GanomalyGraph
+
+        self._check_fitted()
+        self._check_score_params()
+        return GanomalyGraph(self.generator_, int(self.input_size), self.smoothing_sigma,
+                             self.image_score == "latent")
+
     # --- persistence ------------------------------------------------------------------------------------------
     def _state(self):
         tensors = {**module_tensors(self.generator_, "generator."),

@@ -182,6 +182,17 @@ class DeepSVDD(BackboneDetector):
                                    self.smoothing_sigma)
         return Scores(maps.reshape(len(maps), -1).max(axis=1), maps)
 
+    # --- inference graph --------------------------------------------------------------------------------------
+    def inference_graph(self):
+        """Backbone, patch features and the distance to the centre as one torch graph."""
+        from automl_ad.detectors.graph import Backbone, PatchScoreGraph, SvddDistance
+
+        self._check_fitted()
+        offset = self.radius_ ** 2 if self.objective == "soft-boundary" else 0.0
+        return PatchScoreGraph(Backbone(self._extractor()), self.neighbourhood, self.embedding_dim,
+                               SvddDistance(self.network_, self.centre_, offset), self.input_size,
+                               self.smoothing_sigma)
+
     # --- persistence ------------------------------------------------------------------------------------------
     def _state(self):
         tensors = {f"network.{k}": v.detach().cpu().numpy() for k, v in self.network_.state_dict().items()}

@@ -155,6 +155,15 @@ class SimpleNet(BackboneDetector):
                                    self.smoothing_sigma)
         return Scores(maps.reshape(len(maps), -1).max(axis=1), maps)
 
+    # --- inference graph --------------------------------------------------------------------------------------
+    def inference_graph(self):
+        """Backbone, patch features, adaptor and discriminator as one torch graph."""
+        from automl_ad.detectors.graph import Backbone, NegatedDiscriminator, PatchScoreGraph
+
+        self._check_fitted()
+        return PatchScoreGraph(Backbone(self._extractor()), self.neighbourhood, self.embedding_dim,
+                               NegatedDiscriminator(self.model_), self.input_size, self.smoothing_sigma)
+
     # --- persistence ------------------------------------------------------------------------------------------
     def _state(self):
         tensors = {k: v.detach().cpu().numpy() for k, v in self.model_.state_dict().items()}

@@ -206,6 +206,16 @@ class STPM(BackboneDetector):
             maps = upsample_and_smooth(maps, self.input_size, self.smoothing_sigma)
         return Scores(maps.reshape(len(maps), -1).max(axis=1), maps)
 
+    # --- inference graph --------------------------------------------------------------------------------------
+    def inference_graph(self):
+        """Teacher and student as one torch graph with the map combination and its maximum."""
+        from automl_ad.detectors.graph import Backbone, STPMGraph
+
+        self._check_fitted()
+        self._check_map_params()
+        return STPMGraph(Backbone(self._extractor()), self.student_, self.input_size, self.map_combination,
+                         self.smoothing_sigma)
+
     # --- persistence ------------------------------------------------------------------------------------------
     def _state(self):
         tensors = {k: v.detach().cpu().numpy() for k, v in self.student_.state_dict().items()}
