@@ -84,14 +84,31 @@ def test_local_weights_give_imagenet_features():
     assert top in (281, 282, 285)  # tabby, tiger cat, Egyptian cat
 
 
-def test_frozen_graph_matches_eager():
+@pytest.mark.parametrize("backend", ["onnxruntime", "torchscript"])
+def test_cpu_runner_matches_eager_at_any_batch_size(backend):
     import torch
 
-    extractor = load_extractor("resnet18", (8,), 64, pretrained=False)
-    batch = extractor.normalise(_images(2).load(64))
-    with torch.inference_mode():
-        eager = extractor.model(batch)[0]
-    assert torch.allclose(extractor(batch)[0], eager, atol=1e-4)
+    from automl_ad.features.runtime import cpu_runner
+
+    extractor = load_extractor("resnet18", (8, 16), 64, pretrained=False)
+    runner = cpu_runner(extractor.model, torch.zeros(1, 3, 64, 64), backend=backend)
+    for count in (1, 3):
+        batch = extractor.normalise(_images(count).load(64))
+        with torch.inference_mode():
+            eager = extractor.model(batch)
+        outputs = runner(batch)
+        assert len(outputs) == 2
+        for fast, reference in zip(outputs, eager):
+            assert fast.shape == reference.shape
+            assert torch.allclose(fast, reference, atol=1e-4)
+    with pytest.raises(ValueError, match="backend"):
+        cpu_runner(extractor.model, torch.zeros(1, 3, 64, 64), backend="tensorrt")
+
+
+def test_unused_stages_are_not_computed():
+    extractor = load_extractor("mobilenetv2_100", (8,), 64, pretrained=False)
+    assert len(extractor.model.blocks) == 3  # stem blocks 0-2 reach stride 8; the later ones are dropped
+    assert extractor.features(_images(1).load(64))[0].shape == (1, 32, 8, 8)
 
 
 def test_feature_cache_round_trip_and_reuse(tmp_path):

@@ -102,8 +102,7 @@ class ImageSet:
 
         ``size`` (square int or (height, width)) is required when the images differ in size.
         """
-        with ThreadPoolExecutor(IO_WORKERS) as pool:
-            images = list(pool.map(lambda i: self._array(i, size, gray), range(len(self))))
+        images = self._map(lambda i: self._array(i, size, gray))
         if not gray:
             images = [np.repeat(a[..., None], 3, axis=2) if a.ndim == 2 else a for a in images]
         shapes = {a.shape for a in images}
@@ -113,8 +112,14 @@ class ImageSet:
 
     def load_each(self, gray: bool = False) -> list[np.ndarray]:
         """Every image decoded at its stored size (float32 in [0, 1]); sizes may differ."""
+        return self._map(lambda i: self._array(i, None, gray))
+
+    def _map(self, function) -> list:
+        """``function`` over every index, decoding in parallel threads when there is more than one image."""
+        if len(self) <= 1:
+            return [function(i) for i in range(len(self))]
         with ThreadPoolExecutor(IO_WORKERS) as pool:
-            return list(pool.map(lambda i: self._array(i, None, gray), range(len(self))))
+            return list(pool.map(function, range(len(self))))
 
     def original_sizes(self) -> list[tuple[int, int]]:
         """(height, width) of every image as stored."""

@@ -14,7 +14,7 @@
 3. Anomaly map: per stage 0.5 * ||t/||t|| - s/||s|| ||^2 at every position, upsampled (bilinear) to the input
    size, combined by ``map_combination`` (the paper's product, or a sum); image score = the map's maximum.
    No smoothing by default, as the paper and anomalib (``smoothing_sigma`` > 0 adds a Gaussian blur).
-   On CPU the trained student runs as a frozen TorchScript graph, like the teacher.
+   On CPU the trained student runs through ONNX Runtime, like the teacher.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ from automl_ad.data.imageset import ImageSet
 from automl_ad.detectors.base import EpochCallback, Scores
 from automl_ad.detectors.feature_based import BackboneDetector, upsample_and_smooth
 from automl_ad.detectors.registry import register_detector
+from automl_ad.features.backbone import drop_unused_blocks
+from automl_ad.features.runtime import cpu_runner
 
 log = logging.getLogger(__name__)
 
@@ -103,22 +105,18 @@ class STPM(BackboneDetector):
             student = timm.create_model(self.backbone, pretrained=False, features_only=True,
                                         out_indices=tuple(extractor.model.feature_info.out_indices),
                                         **dict(extractor.spec.weights.create_kwargs))
-        _drop_unused_blocks(student)
+        drop_unused_blocks(student)
         return student.to(extractor.device)
 
     def _student_runner(self):
-        """The trained student for inference: a frozen TorchScript graph on CPU, the eager module on GPU.
-        (``check_trace`` would trace a second time only to compare; the student has no data-dependent flow.)"""
+        """The trained student for inference: a fast CPU runner (ONNX Runtime) on CPU, the eager module on GPU."""
         import torch
 
         if self._extractor().device != "cpu":
             return self.student_
         if self._student_graph is None:
             example = torch.zeros(1, 3, self.input_size, self.input_size)
-            with warnings.catch_warnings(), torch.inference_mode():
-                warnings.simplefilter("ignore")
-                traced = torch.jit.trace(self.student_, example, strict=False, check_trace=False)
-                self._student_graph = torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
+            self._student_graph = cpu_runner(self.student_, example)
         return self._student_graph
 
     def _set_student(self, student) -> None:
@@ -239,15 +237,3 @@ def feature_distances(teacher, student):
     import torch.nn.functional as F
 
     return 0.5 * (F.normalize(teacher, dim=1) - F.normalize(student, dim=1)).pow(2).sum(dim=1)
-
-
-def _drop_unused_blocks(model) -> None:
-    """timm's MobileNet/EfficientNet feature models run every block even when the last stages are not
-    returned; drop the blocks after the deepest returned stage (ResNet-style FeatureListNets already stop)."""
-    from timm.models.efficientnet import EfficientNetFeatures
-    from timm.models.mobilenetv3 import MobileNetV3Features
-
-    if isinstance(model, (EfficientNetFeatures, MobileNetV3Features)) and model.feature_hooks is None:
-        deepest = max((int(name.split(".")[1]) for name in model.feature_info.module_name()
-                       if name.startswith("blocks.")), default=-1)
-        model.blocks = model.blocks[:deepest + 1]
