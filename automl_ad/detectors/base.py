@@ -72,6 +72,8 @@ class Detector(BaseEstimator):
     test_params: ClassVar[dict] = {}
     #: Which built-in demo category the contract test fits this family on ("object" or "texture").
     test_category: ClassVar[str] = "object"
+    #: The family always reads luma images (families with a ``gray`` parameter read it from there).
+    reads_gray: ClassVar[bool] = False
     #: Why the family has no inference graph (see :meth:`inference_graph`).
     no_graph: ClassVar[str] = "its inference is not a plain torch graph"
 
@@ -173,7 +175,7 @@ class Detector(BaseEstimator):
     def graph_input(self, images: ImageSet) -> np.ndarray:
         """The inference graph's input for ``images``: float32 (N, C, S, S) in [0, 1] at ``input_size``, resized
         as ``score`` reads them; C = 1 (luma) for families reading gray images, else 3 (gray repeated)."""
-        gray = bool(getattr(self, "gray", False))
+        gray = self.reads_gray or bool(getattr(self, "gray", False))
         pixels = images.load(self.input_size, gray=gray)
         return np.ascontiguousarray(pixels[:, None] if gray else pixels.transpose(0, 3, 1, 2), dtype=np.float32)
 

@@ -7,6 +7,8 @@ reproduce ``score`` on a preprocessed image batch, so they can be exported (ONNX
 * :class:`UpsampleSmooth`: :func:`~automl_ad.detectors.feature_based.upsample_and_smooth` as a module.
 * :func:`patch_embedding`: PatchCore's locally aware patch features on tensors.
 * :class:`MapHead`: image score (map maximum or mean of the top pixels) next to the map.
+
+Then one graph module per exportable family, built by its ``inference_graph``.
 """
 
 from __future__ import annotations
@@ -313,3 +315,41 @@ class GanomalyGraph(nn.Module):
         if self.latent_score:
             return (latent_in - latent_out).pow(2).flatten(1).mean(dim=1), maps
         return self.head(maps)
+
+
+class GaussianGraph(nn.Module):
+    """The statistical route's ``score`` on luma images (N, 1, S, S): per scale the local mean, local standard
+    deviation and scale-normalised Gaussian derivatives, the Mahalanobis distance to the normal model (one per
+    position or shared), smoothed; image score = the map's maximum."""
+
+    #: (derivative order per axis, power of sigma) of each filter after the local mean, in the family's order
+    DERIVATIVES = (((0, 1), 1), ((1, 0), 1), ((0, 2), 2), ((2, 0), 2), ((1, 1), 2))
+
+    def __init__(self, scales, size: int, location: np.ndarray, precision: np.ndarray, per_position: bool,
+                 sigma: float):
+        super().__init__()
+        shape = (int(size), int(size))
+        self.scales = [float(s) for s in scales]
+        self.means = nn.ModuleList(GaussianBlur(s, shape) for s in self.scales)
+        self.derivatives = nn.ModuleList(GaussianBlur(s, shape, order) for s in self.scales
+                                         for order, _ in self.DERIVATIVES)
+        self.per_position = per_position
+        self.register_buffer("location", torch.from_numpy(np.ascontiguousarray(location, dtype=np.float32)))
+        self.register_buffer("precision", torch.from_numpy(np.ascontiguousarray(precision, dtype=np.float32)))
+        self.blur = GaussianBlur(sigma, shape) if sigma > 0 else None
+        self.head = MapHead()
+
+    def forward(self, images):
+        channels = []
+        for index, (sigma, mean_filter) in enumerate(zip(self.scales, self.means)):
+            mean = mean_filter(images)
+            channels += [mean, (mean_filter(images * images) - mean * mean).clamp(min=0).sqrt()]
+            filters = self.derivatives[index * len(self.DERIVATIVES):(index + 1) * len(self.DERIVATIVES)]
+            channels += [sigma ** power * blur(images) for blur, (_, power) in zip(filters, self.DERIVATIVES)]
+        centred = torch.cat(channels, dim=1).permute(0, 2, 3, 1) - self.location  # (N, H, W, D)
+        if self.per_position:
+            projected = (centred[..., None, :] @ self.precision)[..., 0, :]
+        else:
+            projected = centred @ self.precision
+        distance = (projected * centred).sum(dim=-1).clamp(min=0).sqrt()[:, None]
+        return self.head((self.blur(distance) if self.blur is not None else distance)[:, 0])

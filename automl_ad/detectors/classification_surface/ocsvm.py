@@ -50,6 +50,7 @@ class OneClassSvm(BackboneDetector):
     route = "classification_surface"
     supports_localization = False
     needs_training = True
+    no_graph = "the decision function is a scikit-learn one-class SVM, not a torch graph"
     test_params = {"backbone": "resnet18", "pretrained": False, "input_size": 64}
     test_category = "object"
 

@@ -49,6 +49,8 @@ class RobustPCA(Detector):
     route = "image_decomposition"
     supports_localization = True
     needs_training = False
+    no_graph = ("robust PCA solves an iterative optimisation per image batch (numpy SVDs until"
+                " convergence), not a fixed graph")
     test_params = {"input_size": 96, "smoothing_sigma": 2.0}
     test_category = "texture"
 

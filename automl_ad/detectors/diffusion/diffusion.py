@@ -77,6 +77,7 @@ class Diffusion(BackboneDetector):
     route = "diffusion"
     supports_localization = True
     needs_training = True
+    no_graph = "scoring draws random noise and runs an iterative denoising loop, so it is not a deterministic graph"
     iterative = True
     # At 32 px the backbone's stride-8/16 maps are 4x4/2x2, too coarse to help: the contract test scores pixels.
     test_params = {"backbone": "resnet18", "pretrained": False, "input_size": 32, "channels": 8,

@@ -51,6 +51,8 @@ class FrequencyDomain(Detector):
     route = "frequency_domain"
     supports_localization = True
     needs_training = False
+    no_graph = ("it filters each image's Fourier spectrum with numpy (periodic-plus-smooth decomposition),"
+                " not a torch graph")
     test_params = {"input_size": 96, "smoothing_sigma": 3.0}
     test_category = "texture"
 

@@ -46,6 +46,7 @@ class SparseCoding(Detector):
     route = "sparse_coding"
     supports_localization = True
     needs_training = True
+    no_graph = "each patch is sparse-coded by an iterative scikit-learn solver, not a fixed graph"
     test_params = {"input_size": 64, "patch_size": 8, "stride": 4, "n_atoms": 32, "max_patches": 4000,
                    "max_iter": 5, "remove_mean": False, "smoothing_sigma": 2.0}
     test_category = "texture"

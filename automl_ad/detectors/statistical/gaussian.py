@@ -50,6 +50,7 @@ class GaussianModel(Detector):
     route = "statistical"
     supports_localization = True
     needs_training = True
+    reads_gray = True
     test_params = {"input_size": 64, "scales": (1.0, 2.0), "smoothing_sigma": 2.0}
     test_category = "object"
 
@@ -160,6 +161,15 @@ class GaussianModel(Detector):
                 distance = ndimage.gaussian_filter(distance, self.smoothing_sigma, truncate=4.0)
             maps[i] = distance
         return Scores(maps.reshape(len(maps), -1).max(axis=1), maps)
+
+    # --- inference graph --------------------------------------------------------------------------------------
+    def inference_graph(self):
+        """Filter bank (separable Gaussian convolutions), Mahalanobis distance and smoothing as a torch graph."""
+        from automl_ad.detectors.graph import GaussianGraph
+
+        self._check_fitted()
+        return GaussianGraph(self.scales, self.input_size, self.location_, self.precision_,
+                             self.mode_ == "per_position", self.smoothing_sigma)
 
     # --- persistence ------------------------------------------------------------------------------------------
     def _state(self):

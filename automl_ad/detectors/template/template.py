@@ -49,6 +49,8 @@ class TemplateMatching(Detector):
     route = "template_matching"
     supports_localization = True
     needs_training = False
+    no_graph = ("each image is registered to the template by a search over shifts (and rotations) with"
+                " scikit-image, not a fixed torch graph")
     test_params = {"input_size": 96}
     test_category = "object"
 
