@@ -26,6 +26,9 @@ SHORTLIST_SIZE = 4
 #: Built-in demo data location (relative to the working directory).
 DEMO_DATA_DIR = "automl-ad-demo/data"
 
+#: Images decoded at a time when extracting backbone features (bounds memory on large training sets).
+FEATURE_CHUNK_IMAGES = 32
+
 #: Feature cache: environment variable that overrides its location, and the default location.
 FEATURE_CACHE_ENV = "AUTOML_AD_CACHE_DIR"
 

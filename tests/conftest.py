@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -15,8 +17,9 @@ BOTTLE = SHARED / "datasets" / "mvtec_ad" / "bottle"
 MAGNETIC_TILE = SHARED / "datasets" / "mtd" / "magnetic_tile"
 SHARED_WEIGHTS = SHARED / "weights" / "mobilenetv2_100_tflite_in1k.safetensors"
 
-# Tests never touch the user's feature cache.
+# Tests never touch the user's feature cache; theirs is removed when the session ends.
 os.environ["AUTOML_AD_CACHE_DIR"] = tempfile.mkdtemp(prefix="automl-ad-test-cache-")
+atexit.register(shutil.rmtree, os.environ["AUTOML_AD_CACHE_DIR"], ignore_errors=True)
 
 
 def write_image(path: Path, array: np.ndarray, **kwargs) -> Path:

@@ -37,7 +37,7 @@ class BackboneDetector(Detector):
         extractor = self._extractor()
         if self.cache_features and images.paths is not None:
             return extract_features(extractor, images, feature_cache())
-        return extractor.features(images.load(self.input_size))
+        return extractor.features_of(images)
 
     def _backbone_state(self) -> dict:
         """What identifies the backbone weights, saved with the model and checked on load."""

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from automl_ad.defaults import FEATURE_CHUNK_IMAGES
 from automl_ad.errors import AutomlAdError
 from automl_ad.features.runtime import cpu_runner
 
@@ -252,6 +253,19 @@ class FeatureExtractor:
             for level, feature in enumerate(self(self.normalise(images[start:start + batch_size]))):
                 outputs[level].append(feature.float().cpu().numpy())
         return [level[0] if len(level) == 1 else np.concatenate(level) for level in outputs]
+
+    def features_of(self, images) -> list[np.ndarray]:
+        """Feature maps of an :class:`~automl_ad.data.imageset.ImageSet`, decoding ``FEATURE_CHUNK_IMAGES``
+        images at a time into preallocated arrays (a large training set is never held as pixels at once)."""
+        outputs: list[np.ndarray] = []
+        for start in range(0, len(images), FEATURE_CHUNK_IMAGES):
+            chunk = images.subset(range(start, min(start + FEATURE_CHUNK_IMAGES, len(images))))
+            features = self.features(chunk.load(self.spec.input_size))
+            if not outputs:
+                outputs = [np.empty((len(images), *f.shape[1:]), np.float32) for f in features]
+            for output, feature in zip(outputs, features):
+                output[start:start + len(feature)] = feature
+        return outputs
 
 
 @lru_cache(maxsize=4)

@@ -102,7 +102,6 @@ def extract_features(extractor, images, cache: FeatureCache | None = None) -> li
     cached = cache.get(key)
     if cached is not None:
         return cached
-    size = extractor.spec.input_size
-    features = extractor.features(images.load(size))
+    features = extractor.features_of(images)
     cache.put(key, features, {"spec": spec_key, "images": images.fingerprint, "count": len(images)})
     return features
