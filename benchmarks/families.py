@@ -164,17 +164,32 @@ def _line(row: dict) -> str:
 REFERENCE_CSV = SHARED / "tools" / "anomalib-anchor" / "results-2026-11-28.csv"
 
 
-def read_anchor(path: Path | None) -> dict:
-    """Anchor rows by (model, dataset): the side-by-side run where available, else the 2026-11-28 reference."""
+def read_anchor(path: Path | None, out: Path) -> dict:
+    """Anchor rows by (model, dataset): side-by-side runs where available (a new ``path`` is kept as
+    ``out/anchor-side-by-side.csv``, so later report rebuilds still compare with it), else the 2026-11-28
+    reference."""
+    kept = out / "anchor-side-by-side.csv"
+    if path is not None:
+        fresh = {(r["model"], r["dataset"]): r for r in _csv_rows(path)}
+        earlier = [r for r in _csv_rows(kept) if (r["model"], r["dataset"]) not in fresh]
+        merged = earlier + list(fresh.values())
+        with kept.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(dict.fromkeys(k for r in merged for k in r)))
+            writer.writeheader()
+            writer.writerows(merged)
     rows = {}
-    for source, label in ((REFERENCE_CSV, "reference run 2026-11-28"), (path, "side by side")):
-        if source is None or not source.is_file():
-            continue
-        with source.open() as handle:
-            for r in csv.DictReader(handle):
-                if r.get("status") == "ok":
-                    rows[(r["model"], r["dataset"])] = {**r, "source": label}
+    for source, label in ((REFERENCE_CSV, "reference run 2026-11-28"), (kept, "side by side")):
+        for r in _csv_rows(source):
+            if r.get("status") == "ok":
+                rows[(r["model"], r["dataset"])] = {**r, "source": label}
     return rows
+
+
+def _csv_rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    with path.open() as handle:
+        return list(csv.DictReader(handle))
 
 
 def _fmt(value, digits=3):
@@ -232,8 +247,15 @@ def write_report(rows: list[dict], anchor: dict, out: Path) -> None:
                   f"({speedup['first_fit_s'] / speedup['second_fit_s']:.1f}x faster, although it selects twice as "
                   "many coreset points)."]
     lines += ["", "![accuracy vs latency](families.png)", ""]
-    (out / "families.md").write_text("\n".join(lines))
+    (out / "families.md").write_text("\n".join(lines + _notes(out / "families.md")))
     _plot(rows, out / "families.png")
+
+
+def _notes(path: Path) -> list[str]:
+    """The hand-written "## Notes" section of an earlier report (kept across rebuilds)."""
+    lines = path.read_text().splitlines() if path.is_file() else []
+    start = next((i for i, line in enumerate(lines) if line.startswith("## Notes")), len(lines))
+    return lines[start:] + [""] if start < len(lines) else []
 
 
 def _plot(rows: list[dict], path: Path) -> None:
@@ -281,7 +303,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     rows = (json.loads((out / "families.json").read_text()) if args.report_only
             else run_all(args.families.split(","), args.datasets.split(","), out))
-    write_report(rows, read_anchor(args.anchor_csv), out)
+    write_report(rows, read_anchor(args.anchor_csv, out), out)
     print(f"wrote {out / 'families.md'}")
 
 

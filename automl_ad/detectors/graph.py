@@ -5,7 +5,7 @@ reproduce ``score`` on a preprocessed image batch, so they can be exported (ONNX
 * :class:`GaussianBlur`: scipy's ``gaussian_filter`` (truncate 4, 'reflect' border, optional derivative order)
   as a gather (border) and two 1-D convolutions.
 * :class:`UpsampleSmooth`: :func:`~automl_ad.detectors.feature_based.upsample_and_smooth` as a module.
-* :func:`patch_embedding`: PatchCore's locally aware patch features on tensors.
+* :class:`PatchEmbedding`: PatchCore's locally aware patch features.
 * :class:`MapHead`: image score (map maximum or mean of the top pixels) next to the map.
 
 Then one graph module per exportable family, built by its ``inference_graph``.
@@ -28,7 +28,7 @@ class Backbone(nn.Module):
 
     def __init__(self, extractor):
         super().__init__()
-        self.model = on_cpu(extractor.model)
+        self.model, self.channels = on_cpu(extractor.model), tuple(extractor.channels)
         self.register_buffer("mean", torch.tensor(extractor.spec.weights.mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(extractor.spec.weights.std, dtype=torch.float32).view(1, 3, 1, 1))
 
@@ -98,19 +98,26 @@ def upsample(maps, size: int):
     return F.interpolate(maps, size=(size, size), mode="bilinear", align_corners=False)
 
 
-def patch_embedding(features: list, neighbourhood: int, embedding_dim: int | None):
-    """PatchCore's locally aware patch features (N, h, w, D) from feature maps on tensors: 3x3 (``neighbourhood``)
-    averages, coarser maps upsampled to the finest, concatenated, optionally averaged down to ``embedding_dim``."""
-    pad = neighbourhood // 2
-    maps = [F.avg_pool2d(f, neighbourhood, stride=1, padding=pad) for f in features]
-    height, width = maps[0].shape[-2:]
-    maps = [m if m.shape[-2:] == (height, width) else
-            F.interpolate(m, size=(height, width), mode="bilinear", align_corners=False) for m in maps]
-    embedding = torch.cat(maps, dim=1).permute(0, 2, 3, 1)
-    if embedding_dim and embedding.shape[-1] != embedding_dim:
-        # adaptive 1-D average pooling over channels, written as a constant matrix (exports to one MatMul)
-        embedding = embedding @ adaptive_pool_matrix(embedding.shape[-1], embedding_dim).to(embedding)
-    return embedding
+class PatchEmbedding(nn.Module):
+    """PatchCore's locally aware patch features (N, h, w, D) of images: ``neighbourhood`` averages of the backbone's
+    maps, coarser maps upsampled to the finest, concatenated, optionally averaged down to ``embedding_dim``."""
+
+    def __init__(self, backbone: Backbone, neighbourhood: int, embedding_dim: int | None):
+        super().__init__()
+        self.backbone, self.neighbourhood = backbone, int(neighbourhood)
+        width = sum(backbone.channels)
+        # adaptive 1-D average pooling over channels as a constant matrix (exports to one MatMul)
+        self.register_buffer("pool", adaptive_pool_matrix(width, int(embedding_dim))
+                             if embedding_dim and embedding_dim != width else None)
+
+    def forward(self, images):
+        pad = self.neighbourhood // 2
+        maps = [F.avg_pool2d(f, self.neighbourhood, stride=1, padding=pad) for f in self.backbone(images)]
+        height, width = maps[0].shape[-2:]
+        maps = [m if m.shape[-2:] == (height, width) else
+                F.interpolate(m, size=(height, width), mode="bilinear", align_corners=False) for m in maps]
+        embedding = torch.cat(maps, dim=1).permute(0, 2, 3, 1)
+        return embedding if self.pool is None else embedding @ self.pool
 
 
 def adaptive_pool_matrix(length: int, size: int):
@@ -128,10 +135,9 @@ class PatchCoreGraph(nn.Module):
     """PatchCore's ``score``: exact nearest neighbours in the bank (a constant) by the squared-norm expansion, as
     faiss' exact index, the re-weighted image score and the smoothed distance map."""
 
-    def __init__(self, backbone: Backbone, bank: np.ndarray, neighbourhood: int, embedding_dim: int | None,
-                 num_neighbors: int, size: int, sigma: float):
+    def __init__(self, embed: PatchEmbedding, bank: np.ndarray, num_neighbors: int, size: int, sigma: float):
         super().__init__()
-        self.backbone, self.neighbourhood, self.embedding_dim = backbone, int(neighbourhood), embedding_dim
+        self.embed = embed
         self.register_buffer("bank", torch.from_numpy(np.ascontiguousarray(bank, dtype=np.float32)))
         self.register_buffer("bank_norms", self.bank.pow(2).sum(dim=1))
         self.k = min(int(num_neighbors), len(bank)) if num_neighbors > 1 and len(bank) > 1 else 1
@@ -142,7 +148,7 @@ class PatchCoreGraph(nn.Module):
         return queries.pow(2).sum(dim=-1, keepdim=True) - 2 * queries @ self.bank.T + self.bank_norms
 
     def forward(self, images):
-        embedding = patch_embedding(self.backbone(images), self.neighbourhood, self.embedding_dim)
+        embedding = self.embed(images)
         _, h, w, d = embedding.shape
         queries = embedding.reshape(-1, h * w, d)
         squared, nearest = self._squared_distances(queries).min(dim=-1)
@@ -201,15 +207,13 @@ class PatchScoreGraph(nn.Module):
     """Families scoring each locally aware patch feature with a network (Deep SVDD, SimpleNet): ``patch_score``
     maps (P, D) patches to (P,) scores; the map is their grid upsampled and smoothed, the image score its max."""
 
-    def __init__(self, backbone: Backbone, neighbourhood: int, embedding_dim: int | None, patch_score: nn.Module,
-                 size: int, sigma: float):
+    def __init__(self, embed: PatchEmbedding, patch_score: nn.Module, size: int, sigma: float):
         super().__init__()
-        self.backbone, self.neighbourhood, self.embedding_dim = backbone, int(neighbourhood), embedding_dim
-        self.patch_score = patch_score
+        self.embed, self.patch_score = embed, patch_score
         self.smooth, self.head = UpsampleSmooth(size, sigma), MapHead()
 
     def forward(self, images):
-        embedding = patch_embedding(self.backbone(images), self.neighbourhood, self.embedding_dim)
+        embedding = self.embed(images)
         _, h, w, d = embedding.shape
         return self.head(self.smooth(self.patch_score(embedding.reshape(-1, d)).reshape(-1, h, w)))
 
@@ -282,7 +286,11 @@ class AutoencoderGraph(nn.Module):
 
     def __init__(self, model: nn.Module, metric: str, size: int, sigma: float, head: MapHead):
         super().__init__()
+        from automl_ad.detectors.autoencoder.autoencoder import ssim_window
+
         self.model, self.metric = on_cpu(model), metric
+        channels = next(self.model.parameters()).shape[1]  # the first convolution's input channels
+        self.register_buffer("window", ssim_window(channels).float().contiguous() if metric == "ssim" else None)
         self.blur = GaussianBlur(sigma, (size, size)) if sigma > 0 else None
         self.head = head
 
@@ -293,7 +301,7 @@ class AutoencoderGraph(nn.Module):
         if self.metric == "l2":
             maps = (images - reconstruction).pow(2).sum(dim=1, keepdim=True)
         else:
-            maps = (1 - ssim_map(reconstruction, images)).mean(dim=1, keepdim=True)
+            maps = (1 - ssim_map(reconstruction, images, window=self.window)).mean(dim=1, keepdim=True)
         return self.head((self.blur(maps) if self.blur is not None else maps)[:, 0])
 
 

@@ -231,12 +231,18 @@ def gaussian_window(size: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA):
     return line[:, None] * line[None, :]
 
 
-def ssim_map(x, y, data_range: float = 1.0, same_size: bool = True):
+def ssim_window(channels: int):
+    """:func:`gaussian_window` as a depthwise filter (C, 1, 11, 11) for :func:`ssim_map`."""
+    return gaussian_window()[None, None].expand(channels, 1, -1, -1)
+
+
+def ssim_map(x, y, data_range: float = 1.0, same_size: bool = True, window=None):
     """Per-channel SSIM map of NCHW tensors (Wang et al. 2004: Gaussian window 11 px, sigma 1.5, K1 0.01,
     K2 0.03, population covariances as scikit-image's default). ``same_size`` pads by reflection so the map
-    has the input's size; otherwise only fully covered ('valid') positions are returned. Differentiable."""
+    has the input's size; otherwise only fully covered ('valid') positions are returned. Differentiable.
+    ``window``: the (C, 1, 11, 11) filter of :func:`ssim_window`, when it is made beforehand (graph export)."""
     channels = x.shape[1]
-    window = gaussian_window().to(x)[None, None].expand(channels, 1, -1, -1)
+    window = ssim_window(channels).to(x) if window is None else window
     if same_size:
         pad = SSIM_WINDOW // 2
         x, y = (F.pad(t, (pad, pad, pad, pad), mode="reflect") for t in (x, y))

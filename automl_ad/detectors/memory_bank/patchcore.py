@@ -134,13 +134,13 @@ class PatchCore(BackboneDetector):
     # --- inference graph --------------------------------------------------------------------------------------
     def inference_graph(self):
         """Exact-index PatchCore as a torch graph (the bank as a constant, exact search); None for HNSW."""
-        from automl_ad.detectors.graph import Backbone, PatchCoreGraph
+        from automl_ad.detectors.graph import Backbone, PatchCoreGraph, PatchEmbedding
 
         self._check_fitted()
         if self.index != "exact":
             return None
-        return PatchCoreGraph(Backbone(self._extractor()), self.memory_bank_, self.neighbourhood, self.embedding_dim,
-                              self.num_neighbors, self.input_size, self.smoothing_sigma)
+        embed = PatchEmbedding(Backbone(self._extractor()), self.neighbourhood, self.embedding_dim)
+        return PatchCoreGraph(embed, self.memory_bank_, self.num_neighbors, self.input_size, self.smoothing_sigma)
 
     def graph_absent_reason(self) -> str:
         return (f"{self.name}: index={self.index!r} searches approximately; only the exact index has an "

@@ -185,11 +185,11 @@ class DeepSVDD(BackboneDetector):
     # --- inference graph --------------------------------------------------------------------------------------
     def inference_graph(self):
         """Backbone, patch features and the distance to the centre as one torch graph."""
-        from automl_ad.detectors.graph import Backbone, PatchScoreGraph, SvddDistance
+        from automl_ad.detectors.graph import Backbone, PatchEmbedding, PatchScoreGraph, SvddDistance
 
         self._check_fitted()
         offset = self.radius_ ** 2 if self.objective == "soft-boundary" else 0.0
-        return PatchScoreGraph(Backbone(self._extractor()), self.neighbourhood, self.embedding_dim,
+        return PatchScoreGraph(PatchEmbedding(Backbone(self._extractor()), self.neighbourhood, self.embedding_dim),
                                SvddDistance(self.network_, self.centre_, offset), self.input_size,
                                self.smoothing_sigma)
 

@@ -158,10 +158,10 @@ class SimpleNet(BackboneDetector):
     # --- inference graph --------------------------------------------------------------------------------------
     def inference_graph(self):
         """Backbone, patch features, adaptor and discriminator as one torch graph."""
-        from automl_ad.detectors.graph import Backbone, NegatedDiscriminator, PatchScoreGraph
+        from automl_ad.detectors.graph import Backbone, NegatedDiscriminator, PatchEmbedding, PatchScoreGraph
 
         self._check_fitted()
-        return PatchScoreGraph(Backbone(self._extractor()), self.neighbourhood, self.embedding_dim,
+        return PatchScoreGraph(PatchEmbedding(Backbone(self._extractor()), self.neighbourhood, self.embedding_dim),
                                NegatedDiscriminator(self.model_), self.input_size, self.smoothing_sigma)
 
     # --- persistence ------------------------------------------------------------------------------------------
