@@ -88,7 +88,14 @@ def export_run(tracker, run_id: str, out: str | Path, far: float = DEFAULT_FALSE
                                                        "model_mb")}
         training = {"dataset": str(dataset.root), "fingerprint": dataset.fingerprint(), "n_train": len(data.train),
                     "run_id": run_id, "search_run_id": parent.info.run_id, "tracking_uri": tracker.uri}
-        return export_package(detector, out, thresholds, metrics, cost, training, overwrite=overwrite)
+        return export_package(detector, out, thresholds, metrics, cost, training, overwrite=overwrite,
+                              parity_images=parity_images(data.validation))
+
+
+def parity_images(validation, per_label: int = 3):
+    """A few validation images, normal and anomalous, for the ONNX parity check (outputs with a real span)."""
+    picks = [int(i) for label in (0, 1) for i in np.flatnonzero(validation.labels == label)[:per_label]]
+    return validation.subset(picks)
 
 
 def trial_model_dir(tracker, run, work_dir: Path, tmp: Path) -> Path:

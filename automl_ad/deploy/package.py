@@ -3,7 +3,9 @@
 Layout: ``manifest.json`` (format, versions, family, parameters, preprocessing, thresholds, metrics, costs,
 training-data fingerprint, sha256 of every other file), ``detector.json`` (the detector's fitted state),
 ``weights.safetensors`` (its arrays), ``backbone.safetensors`` (pretrained backbone weights, when the family
-uses one, so the package works offline) and a short ``README.md``. Loading verifies every hash and the format
+uses one, so the package works offline), ``model.onnx`` (the whole inference as one ONNX graph, for families
+whose inference is plain torch, checked against the detector at export; see :mod:`automl_ad.deploy.onnx_export`)
+and a short ``README.md``. Loading verifies every hash and the format
 version before reading anything, and never unpickles: JSON and safetensors only.
 """
 
@@ -19,10 +21,13 @@ from pathlib import Path
 import numpy as np
 
 from automl_ad import __version__
+from automl_ad.data.imageset import ImageSet
+from automl_ad.deploy.onnx_export import export_onnx
 from automl_ad.errors import AutomlAdError, UsageError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+ONNX_FILE = "model.onnx"
 
 
 class PackageError(AutomlAdError):
@@ -38,8 +43,11 @@ def _sha256(path: Path) -> str:
 
 
 def export_package(detector, out: str | Path, thresholds: dict, metrics: dict | None = None,
-                   cost: dict | None = None, training: dict | None = None, overwrite: bool = False) -> Path:
-    """Write ``detector`` (fitted) with its thresholds as a package at ``out`` (written aside, then moved)."""
+                   cost: dict | None = None, training: dict | None = None, overwrite: bool = False,
+                   parity_images: ImageSet | None = None) -> Path:
+    """Write ``detector`` (fitted) with its thresholds as a package at ``out`` (written aside, then moved).
+    ``parity_images`` (a few, e.g. held-out normals) check ``model.onnx`` against the detector; without them
+    the package has no ``model.onnx``."""
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise UsageError(f"{out} already holds files; choose another folder or pass --overwrite")
@@ -58,7 +66,8 @@ def export_package(detector, out: str | Path, thresholds: dict, metrics: dict | 
             "format_version": FORMAT_VERSION, "automl_ad_version": __version__, "family": detector.name,
             "route": detector.route, "params": record["params"], "preprocessing": _preprocessing(detector, backbone),
             "thresholds": thresholds, "metrics": metrics or {}, "cost": cost or {}, "training": training or {},
-            "supports_localization": detector.supports_localization}
+            "supports_localization": detector.supports_localization,
+            "onnx": export_onnx(detector, staging / ONNX_FILE, parity_images)}
         (staging / "README.md").write_text(_readme(manifest))
         manifest["files"] = {p.name: _sha256(p) for p in sorted(staging.iterdir()) if p.is_file()}
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
@@ -107,7 +116,26 @@ def _readme(manifest: dict) -> str:
         "or from Python: `automl_ad.load_package('THIS_FOLDER').predict(image_or_path)`.", "",
         f"Image threshold {image.get('value')} ({image.get('method')}, target false-alarm rate "
         f"{image.get('target_false_alarm_rate')}); see manifest.json for all thresholds, metrics and costs.",
-        "Loading checks the sha256 of every file listed in manifest.json; do not edit the files.", ""])
+        "Loading checks the sha256 of every file listed in manifest.json; do not edit the files.", "",
+        *_onnx_readme(manifest["onnx"])])
+
+
+def _onnx_readme(onnx: dict) -> list[str]:
+    if not onnx.get("file"):
+        return ["## Running model.onnx", "", f"This package has no model.onnx: {onnx['reason']}.", ""]
+    spec = onnx["input"]
+    return [
+        "## Running model.onnx", "",
+        f"`{onnx['file']}` (ONNX opset {onnx['opset']}) runs the whole detector without automl-ad: input "
+        f"`{spec['name']}`, float32 {spec['layout']} of shape (batch, {spec['channels']}, {spec['size']}, "
+        f"{spec['size']}) in [0, 1] - the image resized to {spec['size']}x{spec['size']} ({spec['resize']}), "
+        f"{spec['colour']}; the graph normalises. Outputs: `image_scores` (batch,) and `anomaly_maps` "
+        f"(batch, {spec['size']}, {spec['size']}); compare with the thresholds in manifest.json. It matched the "
+        f"detector within {onnx['parity_relative']:.1e} of the score span on {onnx['parity_images']} images.", "",
+        "```python", "import numpy as np, onnxruntime",
+        f"session = onnxruntime.InferenceSession('{onnx['file']}', providers=['CPUExecutionProvider'])",
+        f"batch = np.zeros((1, {spec['channels']}, {spec['size']}, {spec['size']}), np.float32)  # your images",
+        "image_scores, anomaly_maps = session.run(None, {'" + spec["name"] + "': batch})", "```", ""]
 
 
 @dataclass
