@@ -1,13 +1,16 @@
 """PatchCore (Roth et al., CVPR 2022): a coreset memory bank of locally aware patch features.
 
 1. Patch features from two mid-level stages (strides 8 and 16), each averaged over its 3x3 neighbourhood
-   (local awareness; zero padding counts at the border, as the official unfold-based code), the coarser map upsampled to the finer grid, concatenated (optionally reduced to
-   ``embedding_dim`` channels by adaptive average pooling, as in the paper).
+   (local awareness; zero padding counts at the border, as the official unfold-based code), the coarser map
+   upsampled to the finer grid, concatenated (optionally reduced to ``embedding_dim`` channels by adaptive
+   average pooling, as in the paper).
 2. Greedy k-center coreset of ``coreset_ratio`` of all training patches, run on a Gaussian random projection
-   of the features (Johnson-Lindenstrauss) for speed; the bank keeps the full features. The paper projects
-   1024-d features to 128; we default to 64 dimensions: on a 2-core CPU each greedy step is a memory-bound
-   matrix-vector product, 64 dimensions make it ~4x faster, and accuracy on bottle stayed within run-to-run
-   noise (AUPRO 0.917-0.923 for 32/64/128 at coreset 0.01).
+   of the features (Johnson-Lindenstrauss) for speed; the bank keeps the full features. Default ratio 1%: the
+   paper reports PatchCore-1% within 0.1 points of PatchCore-10% on MVTec AD, and on bottle we measured AUPRO
+   0.924 against 0.926, for a tenth of the selection cost and bank size (the search explores 0.1% to 10%).
+   The paper projects 1024-d features to 128; we default to 64 dimensions: on a 2-core CPU each greedy step is a
+   memory-bound matrix-vector product, 64 dimensions make it ~4x faster, and accuracy on bottle stayed within
+   run-to-run noise (AUPRO 0.917-0.923 for 32/64/128 at coreset 0.01).
 3. Nearest-neighbour search in the bank with faiss (exact ``IndexFlatL2``, or approximate HNSW for large banks).
 4. Image score = the largest patch distance s*, re-weighted by how dense the bank is around its nearest bank
    feature m*: w = 1 - softmax(||m_test* - m||)[m*] over the ``num_neighbors`` bank neighbours of m*.
@@ -40,7 +43,7 @@ class PatchCore(BackboneDetector):
 
     def __init__(self, backbone="wide_resnet50_2", feature_strides=(8, 16), weights=None, pretrained=True,
                  input_size=256, device="auto", cache_features=True, neighbourhood=3, embedding_dim=None,
-                 coreset_ratio=0.1, coreset_projection_dim=64, num_neighbors=9, index="exact", smoothing_sigma=4.0,
+                 coreset_ratio=0.01, coreset_projection_dim=64, num_neighbors=9, index="exact", smoothing_sigma=4.0,
                  seed=0):
         self.backbone = backbone
         self.feature_strides = feature_strides
