@@ -155,3 +155,17 @@ def test_concurrent_writers_never_leave_partial_files(tmp_path):
     arrays = FeatureCache(tmp_path).get("samekey")
     assert arrays is not None and np.unique(arrays[0]).size == 1
     assert not [p for p in os.listdir(tmp_path / "features") if p.startswith(".tmp-")]
+
+
+def test_random_weights_are_the_same_in_every_process(tmp_path):
+    """The cache keys random backbones as "random": another process must get the same network."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch, numpy as np; from automl_ad.features import load_extractor; "
+            "torch.manual_seed(int(sys.argv[1])); "  # whatever the process drew from torch's generator before
+            "e = load_extractor('resnet18', (8,), 32, pretrained=False); "
+            "print(float(e.features(np.full((1, 32, 32, 3), 0.5, np.float32))[0].sum()))")
+    sums = {subprocess.run([sys.executable, "-c", code, str(seed)], capture_output=True, text=True,
+                           check=True).stdout.strip() for seed in (1, 2)}
+    assert len(sums) == 1

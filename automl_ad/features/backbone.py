@@ -198,7 +198,11 @@ class FeatureExtractor:
                     raise AutomlAdError(f"backbone {spec.backbone} has feature strides {reductions}; "
                                         f"{missing} are not among them")
                 kwargs["out_indices"] = tuple(reductions.index(s) for s in spec.strides)
-                model = timm.create_model(spec.backbone, pretrained=pretrained, **kwargs)
+                # Random weights are drawn from a fixed seed, so every process gets the same network and the
+                # feature cache (keyed "random") stays valid across processes.
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(0)
+                    model = timm.create_model(spec.backbone, pretrained=pretrained, **kwargs)
         except RuntimeError as exc:
             if "no Internet" in str(exc) or "connection" in str(exc).lower():
                 raise BackboneWeightsError(_offline_message(spec.backbone)) from exc
