@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 import os
 
@@ -13,6 +14,7 @@ from automl_ad.data.imageset import ImageSet
 from automl_ad.errors import AutomlAdError
 from automl_ad.features import BackboneWeightsError, FeatureCache, extract_features, load_extractor, resolve_device
 from automl_ad.features.backbone import resolve_weights
+from automl_ad.features.cache import FEATURE_TIMES
 
 
 def _images(n=3, size=64, seed=0):
@@ -121,9 +123,14 @@ def test_feature_cache_round_trip_and_reuse(tmp_path):
         paths.append(tmp_path / f"{i}.png")
         Image.fromarray((image * 255).astype(np.uint8)).save(paths[-1])
     images = ImageSet.from_paths(paths)
+    before = dataclasses.replace(FEATURE_TIMES)
     first = extract_features(extractor, images, cache)
     second = extract_features(extractor, images, cache)
     assert (cache.hits, cache.misses) == (1, 1)
+    assert FEATURE_TIMES.computed_images - before.computed_images == 4
+    assert FEATURE_TIMES.loaded_images - before.loaded_images == 4
+    assert FEATURE_TIMES.computed_s > before.computed_s and FEATURE_TIMES.loaded_s > before.loaded_s
+    assert FEATURE_TIMES.saved_s >= before.saved_s
     for a, b in zip(first, second):
         np.testing.assert_array_equal(a, b)
     other = extract_features(load_extractor("resnet18", (8, 16), 64, pretrained=False), images.subset([0, 1]), cache)

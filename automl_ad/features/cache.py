@@ -13,6 +13,8 @@ import json
 import logging
 import os
 import tempfile
+import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -42,23 +44,29 @@ class FeatureCache:
         return self.root / f"{key}.safetensors"
 
     def get(self, key: str) -> list[np.ndarray] | None:
+        return (self.get_with_meta(key) or (None, None))[0]
+
+    def get_with_meta(self, key: str) -> tuple[list[np.ndarray], dict] | None:
+        """The cached feature pyramid and the metadata it was stored with, or None."""
         if not self.enabled:
             return None
         path = self._path(key)
         if not path.is_file():
             self.misses += 1
             return None
-        from safetensors.numpy import load_file
+        from safetensors import safe_open
 
         try:
-            tensors = load_file(str(path))
+            with safe_open(str(path), framework="numpy") as handle:
+                meta = json.loads((handle.metadata() or {}).get("meta", "{}"))
+                arrays = [handle.get_tensor(f"level{i}") for i in range(len(handle.keys()))]
         except Exception as exc:  # a damaged entry is recomputed, never trusted
             log.warning("feature cache entry %s is unreadable (%s); recomputing", path, exc)
             self.misses += 1
             return None
         os.utime(path)
         self.hits += 1
-        return [tensors[f"level{i}"] for i in range(len(tensors))]
+        return arrays, meta
 
     def put(self, key: str, arrays: list[np.ndarray], meta: dict | None = None) -> None:
         if not self.enabled:
@@ -94,14 +102,42 @@ class FeatureCache:
         return sum(p.stat().st_size for p in self.root.glob("*.safetensors")) / 2**20 if self.root.is_dir() else 0.0
 
 
+@dataclass
+class FeatureTimes:
+    """Where this process's feature extraction time went (a search trial reports it with its result)."""
+
+    computed_images: int = 0
+    computed_s: float = 0.0
+    loaded_images: int = 0
+    loaded_s: float = 0.0
+    saved_s: float = 0.0  # for cache hits: what computing them took when they were stored, minus loading them
+
+    def as_metrics(self) -> dict:
+        return {f"features_{k}": v for k, v in asdict(self).items()}
+
+
+#: Totals of the current process.
+FEATURE_TIMES = FeatureTimes()
+
+
 def extract_features(extractor, images, cache: FeatureCache | None = None) -> list[np.ndarray]:
     """Feature pyramid of an :class:`~automl_ad.data.imageset.ImageSet`, from the cache when computed before."""
     cache = cache if cache is not None else FeatureCache()
     spec_key = extractor.spec.key()
     key = cache.key(spec_key, images.fingerprint)
-    cached = cache.get(key)
+    start = time.perf_counter()
+    cached = cache.get_with_meta(key)
     if cached is not None:
-        return cached
+        features, meta = cached
+        seconds = time.perf_counter() - start
+        FEATURE_TIMES.loaded_images += len(images)
+        FEATURE_TIMES.loaded_s += seconds
+        FEATURE_TIMES.saved_s += max(0.0, float(meta.get("compute_s", seconds)) - seconds)
+        return features
     features = extractor.features_of(images)
-    cache.put(key, features, {"spec": spec_key, "images": images.fingerprint, "count": len(images)})
+    seconds = time.perf_counter() - start
+    FEATURE_TIMES.computed_images += len(images)
+    FEATURE_TIMES.computed_s += seconds
+    cache.put(key, features, {"spec": spec_key, "images": images.fingerprint, "count": len(images),
+                              "compute_s": round(seconds, 3)})
     return features

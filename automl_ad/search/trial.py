@@ -47,6 +47,7 @@ def run_trial(spec: dict) -> dict:
     from automl_ad.detectors import create_detector
     from automl_ad.evaluation.metrics import evaluate
     from automl_ad.evaluation.run import measure_costs
+    from automl_ad.features.cache import FEATURE_TIMES
     from automl_ad.search.validation import quality
 
     torch.set_num_threads(max(1, int(spec.get("threads", 1))))
@@ -85,6 +86,7 @@ def run_trial(spec: dict) -> dict:
     cost = measure_costs(detector, validation, repeats=int(spec.get("latency_repeats", 10)))
     result.update(cost.to_dict())
     result["epochs_trained"] = getattr(detector, "epochs_trained_", None)
+    result.update(FEATURE_TIMES.as_metrics())
     out = Path(spec["out_dir"])
     detector.save(out / "model")
     result["heatmaps"] = _heatmaps(validation, scores, out / "heatmaps")
