@@ -41,6 +41,7 @@ def main() -> None:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     os.chdir(work)
+    os.environ["AUTOML_AD_CACHE_DIR"] = str(work / "cache")  # a cold cache: the first trial on a backbone pays
     code = cli(["search", str(DATASETS[args.dataset]), "--families", args.families, "--budget", args.budget,
                 "--validation", "synthetic", "--weights", str(WEIGHTS)])
     if code:
