@@ -111,13 +111,19 @@ class PatchEmbedding(nn.Module):
                              if embedding_dim and embedding_dim != width else None)
 
     def forward(self, images):
-        pad = self.neighbourhood // 2
-        maps = [F.avg_pool2d(f, self.neighbourhood, stride=1, padding=pad) for f in self.backbone(images)]
-        height, width = maps[0].shape[-2:]
-        maps = [m if m.shape[-2:] == (height, width) else
-                F.interpolate(m, size=(height, width), mode="bilinear", align_corners=False) for m in maps]
-        embedding = torch.cat(maps, dim=1).permute(0, 2, 3, 1)
-        return embedding if self.pool is None else embedding @ self.pool
+        return patch_embedding(self.backbone(images), self.neighbourhood, self.pool)
+
+
+def patch_embedding(features: list, neighbourhood: int, pool=None):
+    """(N, h, w, D) locally aware patch features of a feature pyramid (NCHW tensors, finest first); ``pool`` is
+    an optional (width, D) channel-averaging matrix (:func:`adaptive_pool_matrix`)."""
+    pad = neighbourhood // 2
+    maps = [F.avg_pool2d(f, neighbourhood, stride=1, padding=pad) for f in features]
+    height, width = maps[0].shape[-2:]
+    maps = [m if m.shape[-2:] == (height, width) else
+            F.interpolate(m, size=(height, width), mode="bilinear", align_corners=False) for m in maps]
+    embedding = torch.cat(maps, dim=1).permute(0, 2, 3, 1)
+    return embedding if pool is None else embedding @ pool
 
 
 def adaptive_pool_matrix(length: int, size: int):

@@ -65,18 +65,13 @@ class PatchCore(BackboneDetector):
     def _embed(self, features: list[np.ndarray]):
         """Locally aware patch embeddings (N, h, w, D) as a torch tensor on the CPU."""
         import torch
-        import torch.nn.functional as F
 
-        pad = self.neighbourhood // 2
-        maps = [F.avg_pool2d(torch.from_numpy(f), self.neighbourhood, stride=1, padding=pad) for f in features]
-        height, width = maps[0].shape[-2:]
-        maps = [m if m.shape[-2:] == (height, width) else
-                F.interpolate(m, size=(height, width), mode="bilinear", align_corners=False) for m in maps]
-        embedding = torch.cat(maps, dim=1).permute(0, 2, 3, 1)
-        if self.embedding_dim and embedding.shape[-1] != self.embedding_dim:
-            n, h, w, d = embedding.shape
-            embedding = F.adaptive_avg_pool1d(embedding.reshape(-1, 1, d), self.embedding_dim).reshape(n, h, w, -1)
-        return embedding.contiguous()
+        from automl_ad.detectors.graph import adaptive_pool_matrix, patch_embedding
+
+        width = sum(f.shape[1] for f in features)
+        pool = adaptive_pool_matrix(width, int(self.embedding_dim)) \
+            if self.embedding_dim and self.embedding_dim != width else None
+        return patch_embedding([torch.from_numpy(f) for f in features], self.neighbourhood, pool).contiguous()
 
     # --- fit --------------------------------------------------------------------------------------------------
     def _fit(self, train: ImageSet, on_epoch: EpochCallback | None) -> None:
