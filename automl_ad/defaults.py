@@ -44,5 +44,8 @@ def default_cache_dir() -> str:
 SEARCH_CACHE_CAP_MB = 20_000
 SEARCH_ARTIFACT_CAP_MB = 5_000
 SEARCH_REPORT_EVERY = 2
+#: Share of the per-trial time limit an iterative family may train for; it then stops and is evaluated with the
+#: epochs it reached (the rest of the limit is for validation and cost measurement).
+SEARCH_TRAINING_SHARE = 0.7
 #: Search budget when none is given.
 SEARCH_BUDGET = "1h"

@@ -112,3 +112,24 @@ def test_search_without_data_uses_the_last_recommendation(tmp_path, monkeypatch)
     assert not request.backbone_weights
     assert not any(issubclass(detector_class(f), BackboneDetector) for f in request.families)
     assert any("left out" in m for m in messages)
+
+
+def test_iterative_trial_out_of_training_time_is_evaluated_not_failed(tmp_path, mvtec_dir):
+    """An iterative family stops training at its share of the trial limit and reports what it learnt."""
+    import json
+
+    from automl_ad.data import open_dataset
+    from automl_ad.data.imageset import ImageSet
+    from automl_ad.search.trial import imageset_to_json, run_trial
+
+    data = open_dataset(mvtec_dir)
+    train = ImageSet.from_records(data.normal, data)
+    validation = ImageSet.from_records(data.records, data)
+    (tmp_path / "data.json").write_text(json.dumps({"train": imageset_to_json(train),
+                                                    "validation": imageset_to_json(validation)}))
+    params = {**create_detector("stpm").test_params, "epochs": 100_000}
+    result = run_trial({"family": "stpm", "params": params, "data_file": str(tmp_path / "data.json"),
+                        "timeout_s": 20, "out_dir": str(tmp_path / "trial")})
+    assert result["training_cut_by_time"] is True
+    assert 1 <= result["epochs_trained"] < 100_000
+    assert np.isfinite(result["quality"])

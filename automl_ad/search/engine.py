@@ -14,7 +14,8 @@ How trials are proposed (define-by-run, :func:`_propose`):
 
 Objectives: validation quality ↑, throughput ↑, peak memory while scoring ↓. Iterative families report quality
 every few epochs; an ASHA scheduler stops poor ones early (on quality alone). Each trial runs in its own process
-(:mod:`automl_ad.search.trial`) with a time limit, so a crash, NaN, out-of-memory or timeout fails that trial only.
+(:mod:`automl_ad.search.trial`) with a time limit, so a crash, NaN, out-of-memory or timeout fails that trial only;
+an iterative family still training at ``SEARCH_TRAINING_SHARE`` of the limit stops and is evaluated as it is.
 """
 
 from __future__ import annotations

@@ -92,6 +92,8 @@ class SearchCallback(Callback):
                   if record["status"] == "ok" else
                   f"{record.get('reason')}: {str(record.get('error', ''))[:140]}" if record["status"] == "failed"
                   else f"stopped at epoch {record['curve'][-1][0] if record['curve'] else '?'}")
+        if record.get("training_cut_by_time"):
+            detail += f" (training stopped by the time limit after {record.get('epochs_trained', 0):.0f} epochs)"
         self._say(f"{mark} {record['family']:<12} {record['trial_id']:<14} {detail}")
         self._draw()
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from automl_ad.data.imageset import ImageSet
+from automl_ad.defaults import SEARCH_TRAINING_SHARE
 
 
 class TrialTimeout(Exception):
@@ -54,19 +55,23 @@ def run_trial(spec: dict) -> dict:
     data = json.loads(Path(spec["data_file"]).read_text())
     train, validation = imageset_from_json(data["train"]), imageset_from_json(data["validation"])
     reference = imageset_from_json(data["reference"]) if data.get("reference") else None
-    metric, deadline = spec.get("metric", "combined"), time.monotonic() + float(spec.get("timeout_s", math.inf))
+    metric, limit = spec.get("metric", "combined"), float(spec.get("timeout_s", math.inf))
+    start = time.monotonic()
+    deadline, training_deadline = start + limit, start + SEARCH_TRAINING_SHARE * limit
     detector = create_detector(spec["family"], **spec["params"])
     every = max(1, int(spec.get("report_every", 1)))
+    cut = {}
 
     def on_epoch(epoch: int, metrics: dict) -> bool:
-        if time.monotonic() > deadline:
-            raise TrialTimeout(f"ran past the per-trial limit of {spec['timeout_s']:.0f} s during epoch {epoch + 1}")
         event = {"event": "epoch", "epoch": epoch + 1, "loss": metrics["loss"]}
         if "score" in metrics and (epoch + 1) % every == 0:
             scores = metrics["score"](validation)
             event["quality"] = quality(evaluate(validation.labels, scores.image_scores, scores.anomaly_maps,
                                                 validation.masks()), metric)
         _emit(event)
+        if time.monotonic() > training_deadline:  # out of training time: evaluate what was learnt so far
+            cut["epoch"] = epoch + 1
+            return True
         return False
 
     detector.fit(train, on_epoch=on_epoch if detector.iterative else None)
@@ -86,6 +91,7 @@ def run_trial(spec: dict) -> dict:
     cost = measure_costs(detector, validation, repeats=int(spec.get("latency_repeats", 10)))
     result.update(cost.to_dict())
     result["epochs_trained"] = getattr(detector, "epochs_trained_", None)
+    result["training_cut_by_time"] = bool(cut)
     result.update(FEATURE_TIMES.as_metrics())
     out = Path(spec["out_dir"])
     detector.save(out / "model")

@@ -23,8 +23,8 @@ log = logging.getLogger(__name__)
 OBJECTIVES = (("quality", "max"), ("throughput", "max"), ("memory_mb", "min"))
 TRIAL_METRICS = ("quality", "real_quality", "throughput", "memory_mb", "fit_seconds", "latency_ms_p50",
                  "latency_ms_p95", "throughput_ips", "peak_rss_mb_fit", "peak_rss_mb_score", "model_mb",
-                 "epochs_trained", "wall_seconds", "features_computed_images", "features_computed_s",
-                 "features_loaded_images", "features_loaded_s", "features_saved_s")
+                 "epochs_trained", "training_cut_by_time", "wall_seconds", "features_computed_images",
+                 "features_computed_s", "features_loaded_images", "features_loaded_s", "features_saved_s")
 
 
 def default_tracking_uri() -> str:
