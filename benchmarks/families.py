@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from report_notes import kept_notes  # benchmarks/report_notes.py, beside this script
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("AD_SHARED", ROOT.parent / "shared"))
 WEIGHTS = SHARED / "weights" / "mobilenetv2_100_tflite_in1k.safetensors"
@@ -247,15 +249,8 @@ def write_report(rows: list[dict], anchor: dict, out: Path) -> None:
                   f"({speedup['first_fit_s'] / speedup['second_fit_s']:.1f}x faster, although it selects twice as "
                   "many coreset points)."]
     lines += ["", "![accuracy vs latency](families.png)", ""]
-    (out / "families.md").write_text("\n".join(lines + _notes(out / "families.md")))
+    (out / "families.md").write_text("\n".join(lines + kept_notes(out / "families.md")))
     _plot(rows, out / "families.png")
-
-
-def _notes(path: Path) -> list[str]:
-    """The hand-written "## Notes" section of an earlier report (kept across rebuilds)."""
-    lines = path.read_text().splitlines() if path.is_file() else []
-    start = next((i for i, line in enumerate(lines) if line.startswith("## Notes")), len(lines))
-    return lines[start:] + [""] if start < len(lines) else []
 
 
 def _plot(rows: list[dict], path: Path) -> None:

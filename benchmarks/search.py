@@ -16,6 +16,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from report_notes import kept_notes  # benchmarks/report_notes.py, beside this script
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("AD_SHARED", ROOT.parent / "shared"))
 WEIGHTS = SHARED / "weights" / "mobilenetv2_100_tflite_in1k.safetensors"
@@ -83,7 +85,8 @@ def main() -> None:
         lines.append(f"| {family} | {r['quality']:.3f} | {r['real_quality']:.3f} | {r.get('throughput', 0):.1f} | "
                      f"{r.get('memory_mb', 0):.0f} | {', '.join(f'{k}={v}' for k, v in sorted(params.items()))} |")
     lines += ["", "## Feature cache", "", *_cache_lines(rows), "", f"![Pareto](search-{args.dataset}.png)", ""]
-    (out / f"search-{args.dataset}.md").write_text("\n".join(lines))
+    report = out / f"search-{args.dataset}.md"
+    report.write_text("\n".join(lines + kept_notes(report)))
     print("\n".join(lines))
 
 
