@@ -93,3 +93,19 @@ def test_bad_parameters_raise(family, params, match):
     detector = _with_features(create_detector(family, **TOY, input_size=32, **params), _toy_flow_features())
     with pytest.raises(ValueError, match=match):
         detector.fit(_images(4))
+
+
+def test_padim_streamed_moments_equal_the_two_pass_formula(monkeypatch):
+    """PaDiM accumulates mean and covariance over image chunks; the result is the plain two-pass estimate."""
+    from automl_ad.detectors.distribution import padim as padim_module
+
+    rng = np.random.default_rng(0)
+    features = [rng.normal(3, 1, (50, 16, 8, 8)).astype(np.float32), rng.normal(0, 2, (50, 32, 4, 4)).astype(np.float32)]
+    detector = create_detector("padim", backbone="resnet18", pretrained=False, input_size=64)
+    detector.channels_ = np.sort(rng.choice(48, 20, replace=False))
+    monkeypatch.setattr(padim_module, "_CHUNK_VALUES", 64 * 20 * 7)  # 7 images per chunk
+    mean, covariance = padim_module._streamed_moments(detector, features)
+    embedding = detector._embed(features).double()
+    centred = (embedding - embedding.mean(dim=0)).transpose(0, 1)
+    np.testing.assert_allclose(mean.numpy(), embedding.mean(dim=0).numpy(), atol=1e-10)
+    np.testing.assert_allclose(covariance.numpy(), (centred.transpose(1, 2) @ centred / 49).numpy(), atol=1e-10)

@@ -94,20 +94,18 @@ class Padim(BackboneDetector):
         rng = np.random.default_rng(self.seed)
         self.channels_ = np.sort(rng.choice(total, size=count, replace=False)).astype(np.int64)
         self.feature_shape_ = _finest_grid(features)
-        embedding = self._embed(features)  # (N, P, D)
-        n, positions, _ = embedding.shape
-        mean = embedding.mean(dim=0, dtype=torch.float64)
+        mean, covariance = _streamed_moments(self, features)
+        positions = len(mean)
         regulariser = self.epsilon * torch.eye(count, dtype=torch.float64)
         inverse = torch.empty(positions, count, count)
-        chunk = max(1, _CHUNK_VALUES // (n * count))  # positions per step, bounds the float64 copy
+        chunk = max(1, _CHUNK_VALUES // (count * count))  # positions per step, bounds the float64 copies
         for start in range(0, positions, chunk):
-            centred = (embedding[:, start:start + chunk].double() - mean[start:start + chunk]).transpose(0, 1)
-            covariance = centred.transpose(1, 2) @ centred / max(n - 1, 1) + regulariser
-            inverse[start:start + chunk] = torch.linalg.inv(covariance).float()
+            inverse[start:start + chunk] = torch.linalg.inv(covariance[start:start + chunk] + regulariser).float()
         self.mean_ = mean.float().numpy()
         self.inv_covariance_ = inverse.numpy()
         self._prepare()
-        log.info("%s: %d Gaussians of %d dimensions from %d images", self.name, len(self.mean_), count, n)
+        log.info("%s: %d Gaussians of %d dimensions from %d images", self.name, len(self.mean_), count,
+                 len(features[0]))
 
     def _prepare(self) -> None:
         import torch
@@ -165,3 +163,27 @@ def mahalanobis(embedding, mean, inv_covariance):
         delta = (embedding - mean).transpose(0, 1)  # (P, N, D)
         squared = torch.einsum("pnd,pde,pne->pn", delta, inv_covariance, delta)
         return squared.clamp_(min=0).sqrt_().transpose(0, 1)
+
+
+def _streamed_moments(padim: Padim, features: list[np.ndarray]):
+    """Per-position mean (P, D) and unbiased covariance (P, D, D), float64, accumulated over image chunks, so the
+    (N, P, D) embedding of the whole training set is never held at once. Sums are taken around the first chunk's
+    mean (a shifted two-moment accumulation, numerically as stable as the two-pass formula)."""
+    import torch
+
+    n = len(features[0])
+    height, width = _finest_grid(features)
+    step = max(1, _CHUNK_VALUES // (height * width * len(padim.channels_)))  # images per chunk
+    shift = total = outer = None
+    for start in range(0, n, step):
+        batch = padim._embed([f[start:start + step] for f in features]).double()  # (b, P, D)
+        if shift is None:
+            shift = batch.mean(dim=0)
+            total = torch.zeros_like(shift)
+            outer = torch.zeros(*shift.shape, shift.shape[1], dtype=torch.float64)
+        centred = (batch - shift).transpose(0, 1)  # (P, b, D)
+        total += centred.sum(dim=1)
+        outer.baddbmm_(centred.transpose(1, 2), centred)
+    mean = total / n
+    covariance = (outer - n * mean[:, :, None] * mean[:, None, :]) / max(n - 1, 1)
+    return mean + shift, covariance
