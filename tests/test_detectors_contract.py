@@ -116,3 +116,23 @@ def test_single_image_scoring(fitted):
     detector, test = fitted
     one = ImageSet.from_arrays([test.load(96)[0]])
     assert detector.score(one).image_scores.shape == (1,)
+
+
+@pytest.mark.parametrize("name", [n for n in list_detectors() if detector_class(n).iterative])
+def test_iterative_families_report_interim_quality(name, demo_sets):
+    """Every iterative family can be scored mid-training (the search's early stopping needs it), and scoring
+    mid-training leaves the fit as it would have been."""
+    cls = detector_class(name)
+    train, test = demo_sets[cls.test_category]
+    interim = []
+
+    def on_epoch(epoch: int, metrics: dict) -> bool:
+        assert "score" in metrics, f"{name} reports no interim score"
+        interim.append(metrics["score"](test.subset(range(4))))
+        return False
+
+    detector = create_detector(name, **_params(name)).fit(train, on_epoch=on_epoch)
+    assert interim and all(np.isfinite(s.image_scores).all() and s.image_scores.shape == (4,) for s in interim)
+    reference = create_detector(name, **_params(name)).fit(train)
+    np.testing.assert_allclose(detector.score(test).image_scores, reference.score(test).image_scores, rtol=1e-4,
+                               atol=1e-5)

@@ -14,10 +14,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -217,6 +218,24 @@ class Detector(BaseEstimator):
                     return self._checked_score(images)
             metrics["score"] = score_now
         return bool(on_epoch(epoch, metrics))
+
+    @contextlib.contextmanager
+    def _interim_state(self, modules: Sequence = (), **attributes):
+        """Mid-training scoring state for ``_record_epoch``'s ``interim``: ``modules`` in eval mode and
+        ``attributes`` set as ``_score`` expects them after fit; afterwards the modules go back to training mode
+        and the attributes are removed. The detector counts as fitted meanwhile (its public helpers work)."""
+        if not hasattr(self, "fit_seconds_"):
+            attributes = {**attributes, "fit_seconds_": None}
+        for module in modules:
+            module.eval()
+        self.__dict__.update(attributes)
+        try:
+            yield
+        finally:
+            for name in attributes:
+                self.__dict__.pop(name, None)
+            for module in modules:
+                module.train()
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "fit_seconds_"):

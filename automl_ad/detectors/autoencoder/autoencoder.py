@@ -136,7 +136,8 @@ class Autoencoder(Detector):
                 loss.backward()
                 optimiser.step()
                 total += float(loss.detach()) * len(index)
-            if self._record_epoch(epoch, total / len(images), on_epoch, "lower learning_rate"):
+            if self._record_epoch(epoch, total / len(images), on_epoch, "lower learning_rate",
+                                  interim=lambda: self._interim_state([model], model_=model)):
                 break
         self.epochs_trained_ = len(self.loss_history_)
         self.model_ = model.eval()

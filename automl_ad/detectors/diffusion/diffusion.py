@@ -36,6 +36,7 @@ under-trained on CPU budgets (see reports/families.md).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -189,16 +190,33 @@ class Diffusion(BackboneDetector):
                 if ema is not None:
                     _ema_update(ema, model, min(float(self.ema_decay), (1 + updates) / (10 + updates)))
                 total += float(loss.detach()) * len(index)
-            if self._record_epoch(epoch, total / len(images), on_epoch, "lower learning_rate"):
+            if self._record_epoch(epoch, total / len(images), on_epoch, "lower learning_rate",
+                                  interim=lambda: self._interim(ema if ema is not None else model, train)):
                 break
         self.epochs_trained_ = len(self.loss_history_)
         self._set_model(ema if ema is not None else model)
-        self.pixel_scale_ = None
-        if self.feature_scoring:
-            calibration = train.subset(range(min(len(train), int(self.batch_size))))
-            pixel, feature = self._distances(calibration)
-            self.pixel_scale_ = float(feature.max() / max(pixel.max(), 1e-12))
+        self.pixel_scale_ = self._pixel_scale(train)
         log.info("%s: %d epochs, final loss %.5f", self.name, self.epochs_trained_, self.loss_history_[-1])
+
+    def _pixel_scale(self, train: ImageSet) -> float | None:
+        """Scale that brings pixel distances to the feature distances' range (None without feature scoring),
+        from a batch of training images reconstructed with ``model_``."""
+        if not self.feature_scoring:
+            return None
+        calibration = train.subset(range(min(len(train), int(self.batch_size))))
+        pixel, feature = self._distances(calibration)
+        return float(feature.max() / max(pixel.max(), 1e-12))
+
+    @contextlib.contextmanager
+    def _interim(self, model, train: ImageSet):
+        """Score mid-training with the model (or its EMA) as it is now, calibrated as after fit."""
+        training = model.training
+        try:
+            with self._interim_state([], model_=model.eval()):
+                with self._interim_state(pixel_scale_=self._pixel_scale(train)):
+                    yield
+        finally:
+            model.train(training)
 
     def _set_model(self, model: nn.Module) -> None:
         self.model_ = model.eval()

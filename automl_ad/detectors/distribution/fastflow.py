@@ -21,7 +21,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 
 import numpy as np
@@ -98,17 +97,6 @@ class FastFlow(BackboneDetector):
             np.random.set_state(state)
         return model.to(self._extractor().device)
 
-    @contextlib.contextmanager
-    def _interim(self, model):
-        """Score with the flow being trained (eval mode), then back to training."""
-        model.eval()
-        self.model_ = model
-        try:
-            yield
-        finally:
-            model.train()
-            del self.model_
-
     # --- fit --------------------------------------------------------------------------------------------------
     def _fit(self, train: ImageSet, on_epoch: EpochCallback | None) -> None:
         import torch
@@ -138,7 +126,7 @@ class FastFlow(BackboneDetector):
                 total += float(loss.detach()) * len(index)
             mean_loss = total / count / positions
             if self._record_epoch(epoch, mean_loss, on_epoch, "lower learning_rate or affine_clamping",
-                                  interim=lambda: self._interim(model)):
+                                  interim=lambda: self._interim_state([model], model_=model)):
                 break
         self.epochs_trained_ = len(self.loss_history_)
         self.model_ = model.eval()

@@ -171,7 +171,10 @@ class GANomaly(Detector):
                         sums[key] += float(value.detach()) * len(index)
                 parts = {key: value / len(images) for key, value in sums.items()}
                 self.loss_parts_.append(parts)
-                if self._record_epoch(epoch, parts["generator"], on_epoch, "lower learning_rate"):
+                if self._record_epoch(epoch, parts["generator"], on_epoch, "lower learning_rate",
+                                      interim=lambda: self._interim_state([generator, discriminator],
+                                                                          generator_=generator,
+                                                                          discriminator_=discriminator)):
                     break
         self.epochs_trained_ = len(self.loss_history_)
         self._set_models(generator, discriminator)

@@ -154,7 +154,8 @@ class DeepSVDD(BackboneDetector):
                 if soft and epoch >= self.warm_up_epochs:
                     radius = torch.quantile(distance.detach().sqrt(), 1 - self.nu)
                 total += float(loss.detach()) * len(batch)
-            if self._record_epoch(epoch, total / len(patches), on_epoch, "lower learning_rate"):
+            if self._record_epoch(epoch, total / len(patches), on_epoch, "lower learning_rate",
+                                  interim=lambda: self._interim_state([network], network_=network, radius_=0.0)):
                 break
         self.epochs_trained_ = len(self.loss_history_)
         self.network_ = network.eval()

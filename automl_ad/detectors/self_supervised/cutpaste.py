@@ -31,6 +31,7 @@ from CutPaste and CutPaste-Scar patches; a Gaussian density of its patch embeddi
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -152,7 +153,6 @@ class CutPaste(BackboneDetector):
     # --- fit --------------------------------------------------------------------------------------------------
     def _fit(self, train: ImageSet, on_epoch: EpochCallback | None) -> None:
         import torch
-        from sklearn.covariance import LedoitWolf
         from torch import nn
 
         self._check_params()
@@ -190,16 +190,30 @@ class CutPaste(BackboneDetector):
                 optimiser.step()
                 total += float(loss.detach()) * len(crops)
             schedule.step()
-            if self._record_epoch(epoch, total / len(pixels), on_epoch, "lower learning_rate"):
+            if self._record_epoch(epoch, total / len(pixels), on_epoch, "lower learning_rate",
+                                  interim=lambda: self._interim(network, pixels)):
                 break
         self.epochs_trained_ = len(self.loss_history_)
         self._set_network(network)
-        embeddings, _ = self._embed_patches(self.network_, pixels)
+        self.mean_, self.precision_ = self._density(network, pixels)
+        log.info("%s: %d epochs, final loss %.4f; Gaussian of the training patch embeddings", self.name,
+                 self.epochs_trained_, self.loss_history_[-1])
+
+    def _density(self, network, pixels) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and (Ledoit-Wolf) precision of the training patches' embeddings under ``network``."""
+        from sklearn.covariance import LedoitWolf
+
+        embeddings, _ = self._embed_patches(network, pixels)
         embeddings = embeddings.reshape(-1, embeddings.shape[-1]).astype(np.float64)
-        self.mean_ = embeddings.mean(axis=0)
-        self.precision_ = LedoitWolf().fit(embeddings).precision_
-        log.info("%s: %d epochs, final loss %.4f; Gaussian of %d patch embeddings", self.name, self.epochs_trained_,
-                 self.loss_history_[-1], len(embeddings))
+        return embeddings.mean(axis=0), LedoitWolf().fit(embeddings).precision_
+
+    @contextlib.contextmanager
+    def _interim(self, network, pixels):
+        """Score mid-training: the Gaussian is re-estimated with the network as it is now."""
+        with self._interim_state([network], network_=network):
+            mean, precision = self._density(network, pixels)
+            with self._interim_state(mean_=mean, precision_=precision):
+                yield
 
     def _cut_paste(self, crop, rng):
         return cut_paste(crop, rng, tuple(self.area_ratio), float(self.aspect_ratio), float(self.jitter))

@@ -133,7 +133,8 @@ class SimpleNet(BackboneDetector):
                 adaptor_optimiser.step()
                 discriminator_optimiser.step()
                 total += float(loss.detach()) * len(index)
-            if self._record_epoch(epoch, total / count, on_epoch, "lower learning_rate"):
+            if self._record_epoch(epoch, total / count, on_epoch, "lower learning_rate",
+                                  interim=lambda: self._interim_state([model], model_=model)):
                 break
         self.epochs_trained_ = len(self.loss_history_)
         self.model_ = model.eval()
