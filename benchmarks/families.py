@@ -35,9 +35,9 @@ BACKBONE = {"backbone": "mobilenetv2_100", "weights": str(WEIGHTS), "input_size"
 SETTINGS = {
     "patchcore": {"bottle": {"coreset_ratio": 0.01}, "magnetic_tile": {"coreset_ratio": 0.001}},
     "padim": {},
-    # Trained families: epochs sized to a few minutes of CPU training per dataset (both train on cached teacher
-    # features where possible; see their modules).
-    "fastflow": {"bottle": {"epochs": 20}, "magnetic_tile": {"epochs": 8}},
+    # Trained families: epochs sized to a few minutes of CPU training per dataset on an idle machine (both train
+    # on cached teacher features where possible; see their modules).
+    "fastflow": {"bottle": {"epochs": 60}, "magnetic_tile": {"epochs": 20}},
     "stpm": {"bottle": {"epochs": 5}, "magnetic_tile": {"epochs": 3}},
     "gaussian": {},
     "frequency": {},
