@@ -222,10 +222,11 @@ class Detector(BaseEstimator):
     @contextlib.contextmanager
     def _interim_state(self, modules: Sequence = (), **attributes):
         """Mid-training scoring state for ``_record_epoch``'s ``interim``: ``modules`` in eval mode and
-        ``attributes`` set as ``_score`` expects them after fit; afterwards the modules go back to training mode
-        and the attributes are removed. The detector counts as fitted meanwhile (its public helpers work)."""
+        ``attributes`` set as ``_score`` expects them after fit; afterwards the modules return to the mode they
+        were in and the attributes are removed. The detector counts as fitted meanwhile (its public helpers work)."""
         if not hasattr(self, "fit_seconds_"):
             attributes = {**attributes, "fit_seconds_": None}
+        modes = [module.training for module in modules]
         for module in modules:
             module.eval()
         self.__dict__.update(attributes)
@@ -234,8 +235,8 @@ class Detector(BaseEstimator):
         finally:
             for name in attributes:
                 self.__dict__.pop(name, None)
-            for module in modules:
-                module.train()
+            for module, training in zip(modules, modes):
+                module.train(training)
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "fit_seconds_"):

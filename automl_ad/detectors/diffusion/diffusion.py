@@ -210,13 +210,9 @@ class Diffusion(BackboneDetector):
     @contextlib.contextmanager
     def _interim(self, model, train: ImageSet):
         """Score mid-training with the model (or its EMA) as it is now, calibrated as after fit."""
-        training = model.training
-        try:
-            with self._interim_state([], model_=model.eval()):
-                with self._interim_state(pixel_scale_=self._pixel_scale(train)):
-                    yield
-        finally:
-            model.train(training)
+        with self._interim_state([model], model_=model):
+            with self._interim_state(pixel_scale_=self._pixel_scale(train)):
+                yield
 
     def _set_model(self, model: nn.Module) -> None:
         self.model_ = model.eval()
