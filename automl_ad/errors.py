@@ -19,6 +19,10 @@ class ConfigError(UsageError):
     """A constraint profile or other configuration file is invalid."""
 
 
+class InvalidParameterError(UsageError, ValueError):
+    """A detector parameter is outside what its family accepts (the message names family, parameter, value)."""
+
+
 class InvalidDatasetError(AutomlAdError):
     """The dataset cannot be used as it is (exit code 3). ``problems`` lists every issue found."""
 
