@@ -11,6 +11,15 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 #: Threads used to decode and hash images during validation.
 IO_WORKERS = 4
 
+#: Largest image (width x height, all pages of a TIFF together) that is decoded. It is checked from the file header
+#: before any pixel is decoded, so a small compressed "decompression bomb" (an 875 KB PNG of 30000x30000) is refused
+#: instead of exhausting memory. 150 million admits large industrial frames (a 16384-pixel line-scan camera with
+#: 9000 lines, or a 12000x12000 stitched image: at most ~0.9 GB as 16-bit RGB) but refuses 30000x30000 (900 million,
+#: 2.7 GB as 8-bit RGB before conversion to float). It also stays below Pillow's own hard limit (~179 million).
+#: The environment variable overrides it; functions of ``automl_ad.data.io`` also take ``max_pixels``.
+MAX_IMAGE_PIXELS = 150_000_000
+MAX_IMAGE_PIXELS_ENV = "AUTOML_AD_MAX_IMAGE_PIXELS"
+
 #: Profiling: images used for the expensive structure statistics, and their working resolution.
 PROFILE_SAMPLE_IMAGES = 120
 PROFILE_RESOLUTION = 128

@@ -121,18 +121,6 @@ class ImageSet:
         with ThreadPoolExecutor(IO_WORKERS) as pool:
             return list(pool.map(function, range(len(self))))
 
-    def original_sizes(self) -> list[tuple[int, int]]:
-        """(height, width) of every image as stored."""
-        if self.arrays is not None:
-            return [a.shape[:2] for a in self.arrays]
-        from PIL import Image
-
-        sizes = []
-        for path in self.paths:
-            with Image.open(path) as image:
-                sizes.append((image.height, image.width))
-        return sizes
-
     def masks(self) -> list[np.ndarray | None]:
         """Binary masks (bool) as stored, one per image, None where the image has none."""
         if self.mask_paths is None:

@@ -112,7 +112,8 @@ def _inspect_all(records: list[ImageRecord], progress: bool) -> tuple[dict[Path,
             if error is None:
                 infos[path] = info
             else:
-                problems.append(Problem(path, f"image {error}; it is skipped", "Re-export the file or remove it"))
+                problems.append(Problem(path, f"image {error.reason}; it is skipped",
+                                        error.fix or "Re-export the file or remove it"))
     return infos, problems
 
 
@@ -131,8 +132,8 @@ def _check_mask(mask_path: Path, image: ImageInfo) -> MaskCheck:
     try:
         mask = read_mask(mask_path)
     except ImageReadError as exc:
-        return MaskCheck(Problem(mask_path, f"mask {exc}; the image is kept without a mask",
-                                 "Re-export the mask or remove it"))
+        return MaskCheck(Problem(mask_path, f"mask {exc.reason}; the image is kept without a mask",
+                                 exc.fix or "Re-export the mask or remove it"))
     if mask.shape != (image.height, image.width):
         return MaskCheck(Problem(
             mask_path, f"mask is {mask.shape[1]}x{mask.shape[0]} but its image is {image.width}x{image.height}; "
