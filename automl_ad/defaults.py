@@ -56,5 +56,13 @@ SEARCH_REPORT_EVERY = 2
 #: Share of the per-trial time limit an iterative family may train for; it then stops and is evaluated with the
 #: epochs it reached (the rest of the limit is for validation and cost measurement).
 SEARCH_TRAINING_SHARE = 0.7
-#: Search budget when none is given.
+#: Search budget when none is given, and the longest accepted (budgets and trial limits above it are refused).
 SEARCH_BUDGET = "1h"
+SEARCH_MAX_BUDGET_S = 30 * 86400
+#: How often a running search saves the time it has spent, so that `--resume` after a hard kill gets the rest.
+SEARCH_CHECKPOINT_EVERY_S = 5
+
+#: Offline default backbone: its ImageNet weights ship inside the package (``automl_ad/features/builtin/``) and
+#: are used when no other weights for it are available and the hub cannot be reached.
+BUILTIN_BACKBONE = "mobilenetv2_100"
+BUILTIN_WEIGHTS_FILE = "mobilenetv2_100_tflite_in1k.safetensors"

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from automl_ad.defaults import FEATURE_CHUNK_IMAGES
+from automl_ad.defaults import BUILTIN_BACKBONE, BUILTIN_WEIGHTS_FILE, FEATURE_CHUNK_IMAGES
 from automl_ad.errors import AutomlAdError
 from automl_ad.features.runtime import cpu_runner
 
@@ -112,7 +112,9 @@ def hub_reachable(timeout_s: float = 3.0) -> bool:
 
 def resolve_weights(backbone: str, weights: str | None, pretrained: bool,
                     mean=None, std=None, create_kwargs: dict | None = None) -> WeightsSource:
-    """Decide where weights come from. Explicit ``mean``/``std``/``create_kwargs`` override known presets."""
+    """Decide where weights come from: ``weights`` (a local file), else the hub cache, else the hub, else (for
+    the built-in backbone, offline) the weights shipped with automl-ad. Explicit ``mean``/``std``/
+    ``create_kwargs`` override known presets."""
     import timm
 
     create_kwargs = dict(create_kwargs or {})
@@ -120,26 +122,64 @@ def resolve_weights(backbone: str, weights: str | None, pretrained: bool,
     cfg = cfg.to_dict() if cfg is not None else {}
     default_mean, default_std = tuple(cfg.get("mean", (0.485, 0.456, 0.406))), tuple(cfg.get("std", (0.229, 0.224, 0.225)))
     if weights is not None:
-        path = Path(weights).expanduser()
-        if not path.is_file():
-            raise BackboneWeightsError(f"weights file {path} does not exist; pass the path of a timm state_dict "
-                                       f"(.safetensors or .pth) for {backbone}")
-        identity = file_sha256(str(path.resolve()))
-        preset = known_weights().get(identity, {})
-        if preset and preset["model"] != backbone:
-            raise BackboneWeightsError(f"weights file {path} holds {preset['model']} weights, not {backbone}")
-        return WeightsSource(identity, str(path.resolve()), tuple(mean or preset.get("mean", default_mean)),
-                             tuple(std or preset.get("std", default_std)),
-                             _pairs({**preset.get("create_kwargs", {}), **create_kwargs}))
+        return _file_source(Path(weights).expanduser(), backbone, mean or default_mean, std or default_std,
+                            create_kwargs, explicit_norm=(mean, std))
     if not pretrained:
         return WeightsSource("random", None, tuple(mean or default_mean), tuple(std or default_std),
                              _pairs(create_kwargs))
     cached = _hub_cached_file(cfg)
+    if cached is None and uses_builtin_weights(backbone):
+        log.warning("no hub access and no local weights for %s: using the built-in ImageNet weights shipped with "
+                    "automl-ad", backbone)
+        return _file_source(builtin_weights_file(), backbone, default_mean, default_std, create_kwargs,
+                            explicit_norm=(mean, std))
     if cached is None and _offline():
         raise BackboneWeightsError(_offline_message(backbone))
     identity = f"hub:{cfg.get('hf_hub_id') or cfg.get('url') or backbone}"
     return WeightsSource(identity, cached, tuple(mean or default_mean), tuple(std or default_std),
                          _pairs(create_kwargs))
+
+
+def _file_source(path: Path, backbone: str, default_mean, default_std, create_kwargs: dict,
+                 explicit_norm: tuple) -> WeightsSource:
+    """A local weights file; known files (``weights.yaml``) bring their own creation arguments and mean/std."""
+    if not path.is_file():
+        raise BackboneWeightsError(f"weights file {path} does not exist; pass the path of a timm state_dict "
+                                   f"(.safetensors or .pth) for {backbone}")
+    identity = file_sha256(str(path.resolve()))
+    preset = known_weights().get(identity, {})
+    if preset and preset["model"] != backbone:
+        raise BackboneWeightsError(f"weights file {path} holds {preset['model']} weights, not {backbone}; "
+                                   f"use backbone={preset['model']} with it")
+    mean, std = explicit_norm
+    return WeightsSource(identity, str(path.resolve()), tuple(mean or preset.get("mean", default_mean)),
+                         tuple(std or preset.get("std", default_std)),
+                         _pairs({**preset.get("create_kwargs", {}), **create_kwargs}))
+
+
+def builtin_weights_file() -> Path:
+    """The ImageNet weights of :data:`~automl_ad.defaults.BUILTIN_BACKBONE` shipped inside the package."""
+    return Path(str(resources.files("automl_ad.features").joinpath("builtin", BUILTIN_WEIGHTS_FILE)))
+
+
+def uses_builtin_weights(backbone: str) -> bool:
+    """Whether ``backbone`` (no local file given) would run on the built-in weights: it is the built-in
+    backbone, its weights are not in the hub cache, and the hub cannot be reached."""
+    return backbone == BUILTIN_BACKBONE and not hub_weights_cached(backbone) and (_offline() or not hub_reachable())
+
+
+def weights_available(backbone: str) -> bool:
+    """Pretrained weights for ``backbone`` are on this machine (hub cache, or built in)."""
+    return backbone == BUILTIN_BACKBONE or hub_weights_cached(backbone)
+
+
+def backbone_of_weights(path: str | Path) -> str | None:
+    """The timm model a known weights file (``weights.yaml``, by sha256) belongs to; None when unknown."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise BackboneWeightsError(f"weights file {path} does not exist")
+    preset = known_weights().get(file_sha256(str(path.resolve())))
+    return preset["model"] if preset else None
 
 
 def _pairs(kwargs: dict) -> tuple:

@@ -102,16 +102,16 @@ def plan_search(data: str | None, category: str | None = None, profile: str | No
 
 
 def _weights_backbone(weights: str) -> str:
-    from automl_ad.features.backbone import file_sha256, known_weights
+    from automl_ad.features.backbone import BackboneWeightsError, backbone_of_weights
 
-    path = Path(weights).expanduser()
-    if not path.is_file():
-        raise UsageError(f"weights file {path} does not exist")
-    preset = known_weights().get(file_sha256(str(path.resolve())))
-    if preset is None:
-        raise UsageError(f"{path}: unknown weights file; name its backbone in a constraint profile instead "
+    try:
+        backbone = backbone_of_weights(weights)
+    except BackboneWeightsError as exc:
+        raise UsageError(str(exc)) from exc
+    if backbone is None:
+        raise UsageError(f"{weights}: unknown weights file; name its backbone in a constraint profile instead "
                          "(backbone_weights: {timm_model_name: path})")
-    return preset["model"]
+    return backbone
 
 
 def _backbones(families, routes, constraints, backbone_weights, say):
@@ -119,7 +119,7 @@ def _backbones(families, routes, constraints, backbone_weights, say):
     dropped with a note saying how to provide weights."""
     from automl_ad.detectors import detector_class
     from automl_ad.detectors.feature_based import BackboneDetector
-    from automl_ad.features.backbone import hub_reachable, hub_weights_cached
+    from automl_ad.features.backbone import hub_reachable, uses_builtin_weights, weights_available
     from automl_ad.search.space import allowed_backbones, load_space
 
     online = None
@@ -131,15 +131,20 @@ def _backbones(families, routes, constraints, backbone_weights, say):
         choices = next(p.choices for p in load_space(family).parameters if p.type == "backbone")
         fits = allowed_backbones(routes.get(family, ""), constraints)
         options = [b for b in choices if fits is None or b in fits]
-        have = [b for b in options if b in backbone_weights or hub_weights_cached(b)]
-        if not have:
-            online = hub_reachable() if online is None else online
-            have = options if online else []
+        have = [b for b in options if b in backbone_weights or weights_available(b)]
+        online = hub_reachable() if online is None else online
+        if online:
+            have = options
         if not have:
             say(f"note: {family} left out: no pretrained weights for {', '.join(options)} on this machine and the "
-                "hub is unreachable. Pass --weights FILE (a timm state_dict, e.g. ../shared/weights/"
-                "mobilenetv2_100_tflite_in1k.safetensors) or list backbone_weights in a --profile.")
+                "hub is unreachable. Pass --weights FILE (a timm state_dict) or list backbone_weights in a "
+                "--profile.")
             continue
+        builtin = [b for b in have if b not in backbone_weights and uses_builtin_weights(b)]
+        if builtin:
+            say(f"note: {family}: the hub is unreachable; {builtin[0]} runs on the ImageNet weights built into "
+                f"automl-ad{' (the only backbone with weights here)' if have == builtin else ''}. Other backbones: "
+                "--weights FILE or backbone_weights in a --profile.")
         allowed[family] = have
         kept.append(family)
     return allowed, kept

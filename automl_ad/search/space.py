@@ -12,6 +12,7 @@ import difflib
 import json
 import os
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
 import yaml
@@ -88,10 +89,11 @@ def _label(choice):
 
 
 def spaces_dir() -> Path:
-    """``search_spaces/`` of the project (``$AUTOML_AD_SEARCH_SPACES`` overrides)."""
+    """The search spaces shipped with automl-ad (the repository's ``search_spaces/``, installed as package data
+    ``automl_ad.search_spaces``); ``$AUTOML_AD_SEARCH_SPACES`` overrides."""
     if os.environ.get(SPACES_ENV):
         return Path(os.environ[SPACES_ENV])
-    return Path(__file__).resolve().parents[2] / "search_spaces"
+    return Path(str(resources.files("automl_ad.search_spaces")))
 
 
 def searchable_families() -> list[str]:
