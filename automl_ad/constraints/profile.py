@@ -7,6 +7,7 @@ import difflib
 import os
 import re
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
 import yaml
@@ -195,13 +196,28 @@ def _backbone_weights(mapping, where: str) -> dict[str, str]:
     return resolved
 
 
+def builtin_profiles() -> dict[str, Path]:
+    """The example profiles shipped with automl-ad (``profiles/`` of the repository), by name."""
+    folder = resources.files("automl_ad.profiles")
+    return {p.name[:-5]: Path(str(p)) for p in folder.iterdir() if p.name.endswith(".yaml")}
+
+
+def profile_path(path: str | Path) -> Path:
+    """A profile file, or the name of a built-in profile (``edge-cpu``); a clear error when neither."""
+    if Path(path).is_file():
+        return Path(path)
+    builtin = builtin_profiles()
+    if str(path) in builtin:
+        return builtin[str(path)]
+    raise ConfigError(f"constraint profile {path} does not exist; pass a YAML file or one of the built-in "
+                      f"profiles: {', '.join(sorted(builtin))}")
+
+
 def load_constraints(path: str | Path | None) -> ConstraintProfile:
     """Read a YAML constraint profile; ``None`` gives the default profile for this machine."""
     if path is None:
         return ConstraintProfile(hardware=detect_hardware())
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"constraint profile {path} does not exist; see profiles/ for examples")
+    path = profile_path(path)
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
