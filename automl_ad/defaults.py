@@ -66,3 +66,15 @@ SEARCH_CHECKPOINT_EVERY_S = 5
 #: are used when no other weights for it are available and the hub cannot be reached.
 BUILTIN_BACKBONE = "mobilenetv2_100"
 BUILTIN_WEIGHTS_FILE = "mobilenetv2_100_tflite_in1k.safetensors"
+
+#: Serving (`mlflow models serve` of a package logged by `export --mlflow`): what one /invocations request may carry.
+#: Images are sent as base64 text: at most this many images, characters per image (~24 MB file) and per request
+#: (~48 MB), and decoded pixels per request (checked from each header before decoding; 32 million is e.g. 32
+#: 1024x1024 images or one 8000x4000 frame, about 0.5 GB as float RGB). Images are decoded one at a time.
+SERVE_MAX_ITEMS = 256
+SERVE_MAX_ITEM_CHARS = 32 * 2**20
+SERVE_MAX_REQUEST_CHARS = 64 * 2**20
+SERVE_MAX_REQUEST_PIXELS = 32_000_000
+#: Server-side image paths are refused unless a folder is allowed: at log time or with this environment variable
+#: (read by the server; it takes precedence). Only files inside that folder (after resolving symlinks) are read.
+SERVE_PATHS_ROOT_ENV = "AUTOML_AD_SERVE_PATHS_UNDER"
