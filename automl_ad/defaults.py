@@ -78,3 +78,7 @@ SERVE_MAX_REQUEST_PIXELS = 32_000_000
 #: Server-side image paths are refused unless a folder is allowed: at log time or with this environment variable
 #: (read by the server; it takes precedence). Only files inside that folder (after resolving symlinks) are read.
 SERVE_PATHS_ROOT_ENV = "AUTOML_AD_SERVE_PATHS_UNDER"
+
+#: Model packages: environment variable holding a secret key. Set at export, the manifest is signed with an
+#: HMAC-SHA256 under it; set at load, a package must carry a valid signature under it.
+PACKAGE_KEY_ENV = "AUTOML_AD_PACKAGE_KEY"

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from automl_ad.defaults import STATE_DIR
 from automl_ad.deploy.thresholds import (DEFAULT_FALSE_ALARM_RATE, calibrate_image_threshold,
                                          calibrate_pixel_threshold, f1_optimal_threshold)
 from automl_ad.errors import UsageError
@@ -42,9 +43,11 @@ def choose_run(tracker, experiment: str | None, objective: str) -> str:
 
 def export_run(tracker, run_id: str, out: str | Path, far: float = DEFAULT_FALSE_ALARM_RATE,
                overwrite: bool = False, say=print) -> Path:
-    """Package the model of trial ``run_id``: thresholds from the search's held-out normals, test metrics."""
+    """Package the model of trial ``run_id``: thresholds from the search's held-out normals, test metrics.
+    ``out`` never replaces anything but an automl-ad package (with ``overwrite``), nor a folder holding the
+    tracking store, automl-ad's working state or the dataset."""
     from automl_ad.data import open_dataset
-    from automl_ad.deploy.package import export_package
+    from automl_ad.deploy.package import check_package_target, export_package
     from automl_ad.detectors import Detector
     from automl_ad.evaluation.metrics import evaluate
     from automl_ad.search.engine import work_dir_for
@@ -58,6 +61,8 @@ def export_run(tracker, run_id: str, out: str | Path, far: float = DEFAULT_FALSE
         raise UsageError(f"run {run_id} is not a completed search trial")
     parent = tracker.client.get_run(run.data.tags["automl_ad.search"])
     dataset = open_dataset(parent.data.params["data"])
+    protected = _protected_paths(tracker, dataset.root, work_dir_for(dataset))
+    check_package_target(out, overwrite, protected)
     seed = int(parent.data.params.get("seed", 0))
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = _model_dir(tracker, run, work_dir_for(dataset), Path(tmp))
@@ -89,7 +94,16 @@ def export_run(tracker, run_id: str, out: str | Path, far: float = DEFAULT_FALSE
         training = {"dataset": str(dataset.root), "fingerprint": dataset.fingerprint(), "n_train": len(data.train),
                     "run_id": run_id, "search_run_id": parent.info.run_id, "tracking_uri": tracker.uri}
         return export_package(detector, out, thresholds, metrics, cost, training, overwrite=overwrite,
-                              parity_images=parity_images(data.validation))
+                              parity_images=parity_images(data.validation), protected=protected)
+
+
+def _protected_paths(tracker, dataset_root: Path, work_dir: Path) -> tuple[Path, ...]:
+    """What an export must never replace: automl-ad's working state, the search's folder, the dataset and a local
+    SQLite tracking store."""
+    paths = [Path.cwd() / STATE_DIR, work_dir, Path(dataset_root)]
+    if tracker.uri.startswith("sqlite:///"):
+        paths.append(Path(tracker.uri[len("sqlite:///"):]))
+    return tuple(paths)
 
 
 def parity_images(validation, per_label: int = 3):

@@ -1,20 +1,32 @@
 """Model packages: a self-describing, tamper-evident folder that predicts with calibrated thresholds.
 
-Layout: ``manifest.json`` (format, versions, family, parameters, preprocessing, thresholds, metrics, costs,
-training-data fingerprint, sha256 of every other file), ``detector.json`` (the detector's fitted state),
-``weights.safetensors`` (its arrays), ``backbone.safetensors`` (pretrained backbone weights, when the family
-uses one, so the package works offline), ``model.onnx`` (the whole inference as one ONNX graph, for families
-whose inference is plain torch, checked against the detector at export; see :mod:`automl_ad.deploy.onnx_export`)
-and a short ``README.md``. Loading verifies every hash and the format
-version before reading anything, and never unpickles: JSON and safetensors only.
+Layout: ``manifest.json`` (``"kind": "automl-ad-package"``, format, versions, family, parameters, preprocessing,
+thresholds, metrics, costs, training-data fingerprint, sha256 of every other file, and an integrity record),
+``detector.json`` (the detector's fitted state), ``weights.safetensors`` (its arrays), ``backbone.safetensors``
+(pretrained backbone weights, when the family uses one, so the package works offline), ``model.onnx`` (the whole
+inference as one ONNX graph, for families whose inference is plain torch, checked against the detector at export;
+see :mod:`automl_ad.deploy.onnx_export`) and a short ``README.md``.
+
+Integrity: ``integrity.core_sha256`` is the sha256 of the canonical JSON of every other manifest field (so an
+edited threshold is noticed) and, when :data:`~automl_ad.defaults.PACKAGE_KEY_ENV` is set at export,
+``integrity.hmac_sha256`` signs it with that key. A hash detects accidental or naive edits; only the HMAC detects
+deliberate ones (whoever edits a file can recompute a hash, not the HMAC without the key).
+
+Loading validates every manifest field, verifies the integrity record and every file's hash, refuses symbolic
+links and anything that is not a regular file, and never unpickles: JSON and safetensors only (backbone weights
+must be the package's own ``backbone.safetensors``, so nothing can reach ``torch.load``).
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
+import math
+import os
+import re
 import shutil
-import tempfile
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,62 +34,93 @@ import numpy as np
 
 from automl_ad import __version__
 from automl_ad.data.imageset import ImageSet
+from automl_ad.defaults import PACKAGE_KEY_ENV
 from automl_ad.deploy.onnx_export import export_onnx
-from automl_ad.errors import AutomlAdError, UsageError
+from automl_ad.detectors import Detector, list_detectors
+from automl_ad.errors import AutomlAdError
+from automl_ad.folders import check_output_folder, write_output_folder
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+PACKAGE_KIND = "automl-ad-package"
 MANIFEST = "manifest.json"
-ONNX_FILE = "model.onnx"
+DETECTOR_FILE, WEIGHTS_FILE, BACKBONE_FILE = "detector.json", "weights.safetensors", "backbone.safetensors"
+ONNX_FILE, README_FILE = "model.onnx", "README.md"
+#: Every file a manifest may list (the manifest itself is not listed).
+PACKAGE_FILES = frozenset({DETECTOR_FILE, WEIGHTS_FILE, BACKBONE_FILE, ONNX_FILE, README_FILE})
+#: Largest manifest.json and detector.json read; a larger one is refused before it is parsed.
+MAX_MANIFEST_BYTES = 1 << 20
+MAX_DETECTOR_JSON_BYTES = 64 << 20
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 class PackageError(AutomlAdError):
-    """A package is missing, tampered with, truncated or of an unknown format."""
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    """A package is missing, tampered with, truncated, malformed or of an unknown format."""
 
 
 def export_package(detector, out: str | Path, thresholds: dict, metrics: dict | None = None,
                    cost: dict | None = None, training: dict | None = None, overwrite: bool = False,
-                   parity_images: ImageSet | None = None) -> Path:
-    """Write ``detector`` (fitted) with its thresholds as a package at ``out`` (written aside, then moved).
-    ``parity_images`` (a few, e.g. held-out normals) check ``model.onnx`` against the detector; without them
-    the package has no ``model.onnx``."""
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UsageError(f"{out} already holds files; choose another folder or pass --overwrite")
-    staging = Path(tempfile.mkdtemp(prefix=".pkg-", dir=out.parent if out.parent.exists() else None))
+                   parity_images: ImageSet | None = None, protected: tuple = ()) -> Path:
+    """Write ``detector`` (fitted) with its thresholds as a package at ``out``: written and verified in a staging
+    folder, then swapped in (:func:`automl_ad.folders.write_output_folder`; with ``overwrite`` it replaces only an
+    automl-ad package, never a folder holding a ``protected`` path). ``parity_images`` (a few, e.g. held-out
+    normals) check ``model.onnx`` against the detector; without them the package has no ``model.onnx``."""
+    def fill(folder: Path) -> None:
+        _write_package(detector, folder, thresholds, metrics, cost, training, parity_images)
+        verify_package(folder)  # never hand out a package that loading would refuse
+
+    return write_output_folder(out, fill, what="package", replaceable=package_folder_problem, overwrite=overwrite,
+                               protected=protected)
+
+
+def check_package_target(out: str | Path, overwrite: bool = False, protected: tuple = ()) -> None:
+    """Raise UsageError now if :func:`export_package` would refuse ``out`` (to fail before a long export)."""
+    check_output_folder(out, what="package", replaceable=package_folder_problem, overwrite=overwrite,
+                        protected=protected)
+
+
+def _write_package(detector, folder: Path, thresholds: dict, metrics: dict | None, cost: dict | None,
+                   training: dict | None, parity_images: ImageSet | None) -> None:
+    saved = detector.save(folder / "saved")
+    shutil.move(saved / "tensors.safetensors", folder / WEIGHTS_FILE)
+    record = json.loads((saved / "detector.json").read_text())
+    shutil.rmtree(saved)
+    backbone = _bundle_backbone(detector, folder)
+    if backbone:
+        record["params"]["weights"] = backbone["file"]
+        record["state"]["weights_identity"] = backbone["identity"]
+    (folder / DETECTOR_FILE).write_text(json.dumps(record, indent=2))
+    manifest = {
+        "kind": PACKAGE_KIND, "format_version": FORMAT_VERSION, "automl_ad_version": __version__,
+        "family": detector.name, "route": detector.route, "params": record["params"],
+        "preprocessing": _preprocessing(detector, backbone), "thresholds": thresholds, "metrics": metrics or {},
+        "cost": cost or {}, "training": training or {}, "supports_localization": detector.supports_localization,
+        "onnx": export_onnx(detector, folder / ONNX_FILE, parity_images)}
+    (folder / README_FILE).write_text(_readme(manifest))
+    manifest["files"] = {p.name: _sha256(p) for p in sorted(folder.iterdir()) if p.is_file()}
+    core = json.loads(json.dumps(manifest))  # as a reader will see it: tuples as lists, keys as strings
+    core["integrity"] = _integrity(core)
+    (folder / MANIFEST).write_text(json.dumps(core, indent=2))
+
+
+def package_folder_problem(folder: Path) -> str | None:
+    """Why ``folder`` is not (only) an automl-ad package, or None when it is: its manifest says
+    ``"kind": "automl-ad-package"`` and it holds nothing but the manifest and the regular files it lists."""
+    if not (folder / MANIFEST).is_file() or (folder / MANIFEST).is_symlink():
+        return f"no {MANIFEST}"
     try:
-        saved = detector.save(staging / "saved")
-        shutil.move(saved / "tensors.safetensors", staging / "weights.safetensors")
-        record = json.loads((saved / "detector.json").read_text())
-        shutil.rmtree(saved)
-        backbone = _bundle_backbone(detector, staging)
-        if backbone:
-            record["params"]["weights"] = backbone["file"]
-            record["state"]["weights_identity"] = backbone["identity"]
-        (staging / "detector.json").write_text(json.dumps(record, indent=2))
-        manifest = {
-            "format_version": FORMAT_VERSION, "automl_ad_version": __version__, "family": detector.name,
-            "route": detector.route, "params": record["params"], "preprocessing": _preprocessing(detector, backbone),
-            "thresholds": thresholds, "metrics": metrics or {}, "cost": cost or {}, "training": training or {},
-            "supports_localization": detector.supports_localization,
-            "onnx": export_onnx(detector, staging / ONNX_FILE, parity_images)}
-        (staging / "README.md").write_text(_readme(manifest))
-        manifest["files"] = {p.name: _sha256(p) for p in sorted(staging.iterdir()) if p.is_file()}
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging.rename(out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return out
+        manifest = _read_json(folder, MANIFEST, MAX_MANIFEST_BYTES)
+    except PackageError as exc:
+        return str(exc)
+    if manifest.get("kind") != PACKAGE_KIND:
+        return f'its {MANIFEST} does not say "kind": "{PACKAGE_KIND}"'
+    listed = manifest.get("files")
+    allowed = {MANIFEST} | (set(listed) & PACKAGE_FILES if isinstance(listed, dict) else set())
+    others = sorted(entry.name for entry in os.scandir(folder)
+                    if entry.name not in allowed or entry.is_symlink() or not entry.is_file(follow_symlinks=False))
+    if others:
+        return f"it also holds {', '.join(others[:5])}{' ...' if len(others) > 5 else ''}"
+    return None
 
 
 def _bundle_backbone(detector, staging: Path) -> dict | None:
@@ -165,7 +208,6 @@ class Package:
 
     def predict(self, image, threshold: float | None = None) -> Prediction:
         """Score one image (a path, or an array as ``ImageSet.from_arrays`` takes) against the threshold."""
-        from automl_ad.data.imageset import ImageSet
         from automl_ad.data.io import load_image, resize_image
 
         array = load_image(image) if isinstance(image, (str, Path)) else np.asarray(image)
@@ -181,39 +223,322 @@ class Package:
 
 
 def load_package(path: str | Path) -> Package:
-    """Verify and load a package; a missing, altered or truncated file raises PackageError before any use."""
-    from automl_ad.detectors import Detector
-
+    """Verify (:func:`verify_package`) and load a package; anything wrong raises PackageError before any use."""
     path = Path(path)
+    manifest = verify_package(path)
+    weights = manifest["params"].get("weights")
+    overrides = {"weights": str(path / weights)} if weights else {}
     try:
-        manifest = json.loads((path / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise PackageError(f"{path} is not a readable automl-ad package ({MANIFEST}: {exc})") from exc
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise PackageError(f"{path}: package format {manifest.get('format_version')!r}; this automl-ad "
-                           f"({__version__}) reads format {FORMAT_VERSION}. Export it again with this version")
-    files = manifest.get("files") or {}
-    for required in ("detector.json", "weights.safetensors"):
-        if required not in files:
-            raise PackageError(f"{path}: the manifest does not list {required}")
-    for name, expected in files.items():
-        file = path / name
-        if Path(name).name != name or not file.is_file():
-            raise PackageError(f"{path}: {name} is missing (the package is incomplete)")
-        if _sha256(file) != expected:
-            raise PackageError(f"{path}: {name} does not match its sha256 in the manifest: the file was changed or "
-                               "truncated. Export the package again; do not use this one")
-    overrides = {}
-    weights = json.loads((path / "detector.json").read_text())["params"].get("weights")
-    if weights:
-        if weights not in files:
-            raise PackageError(f"{path}: backbone weights {weights} are not part of the package")
-        overrides["weights"] = str(path / weights)
-    try:
-        detector = Detector.load(path, params_file="detector.json", tensors_file="weights.safetensors",
-                                 overrides=overrides)
+        detector = Detector.load(path, params_file=DETECTOR_FILE, tensors_file=WEIGHTS_FILE, overrides=overrides)
     except AutomlAdError:
         raise
     except Exception as exc:  # noqa: BLE001 - a verified but unreadable package is still a package problem
         raise PackageError(f"{path}: the package could not be loaded ({type(exc).__name__}: {exc})") from exc
     return Package(path, manifest, detector)
+
+
+def verify_package(path: str | Path) -> dict:
+    """Check a package without loading its detector and return its manifest: only regular files, no symbolic
+    links; every manifest field valid; the manifest's integrity record (and signature when
+    :data:`~automl_ad.defaults.PACKAGE_KEY_ENV` is set); every listed file's sha256; ``detector.json`` describing
+    the manifest's detector, with the package's own safetensors backbone weights. Raises PackageError."""
+    path = Path(path)
+    if not path.is_dir():
+        raise PackageError(f"{path} is not a package folder (written by `automl-ad export`)")
+    for entry in os.scandir(path):
+        if entry.is_symlink():
+            raise PackageError(f"{path}: {entry.name} is a symbolic link; a package holds only regular files (a "
+                               "link can point outside it). Export the package again; do not use this one")
+    _check_regular(path, MANIFEST)
+    manifest = _read_json(path, MANIFEST, MAX_MANIFEST_BYTES)
+    _check_format(path, manifest)
+    _check_manifest(path, manifest)
+    _check_integrity(path, manifest)
+    for name, expected in manifest["files"].items():
+        _check_regular(path, name)
+        if _sha256(path / name) != expected:
+            raise PackageError(f"{path}: {name} does not match its sha256 in the manifest: the file was changed or "
+                               "truncated. Export the package again; do not use this one")
+    _check_detector_record(path, manifest, _read_json(path, DETECTOR_FILE, MAX_DETECTOR_JSON_BYTES))
+    return manifest
+
+
+# --- integrity -------------------------------------------------------------------------------------------------
+def _core_bytes(manifest: dict) -> bytes:
+    """Canonical JSON of every manifest field except the integrity record."""
+    core = {key: value for key, value in manifest.items() if key != "integrity"}
+    return json.dumps(core, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def _package_key() -> bytes | None:
+    key = os.environ.get(PACKAGE_KEY_ENV, "")
+    return key.encode() if key else None
+
+
+def _integrity(core: dict) -> dict:
+    data = _core_bytes(core)
+    record = {"core_sha256": hashlib.sha256(data).hexdigest()}
+    key = _package_key()
+    if key:
+        record["hmac_sha256"] = hmac.new(key, data, hashlib.sha256).hexdigest()
+    return record
+
+
+def _check_integrity(path: Path, manifest: dict) -> None:
+    integrity, data = manifest["integrity"], _core_bytes(manifest)
+    if not hmac.compare_digest(hashlib.sha256(data).hexdigest(), integrity["core_sha256"]):
+        raise PackageError(f"{path}: {MANIFEST} was changed after export (its fields no longer match "
+                           "integrity.core_sha256; e.g. a threshold was edited). Export the package again; do not "
+                           "use this one")
+    key = _package_key()
+    if key is None:
+        return
+    if "hmac_sha256" not in integrity:
+        raise PackageError(f"{path}: {PACKAGE_KEY_ENV} is set but the package is not signed; export it again with "
+                           f"{PACKAGE_KEY_ENV} set, or unset it to accept unsigned packages")
+    if not hmac.compare_digest(hmac.new(key, data, hashlib.sha256).hexdigest(), integrity["hmac_sha256"]):
+        raise PackageError(f"{path}: the package signature does not match the key in {PACKAGE_KEY_ENV}: it was "
+                           "signed with another key or altered after export. Do not use this package")
+
+
+# --- reading files ---------------------------------------------------------------------------------------------
+def _check_regular(path: Path, name: str) -> None:
+    try:
+        mode = os.lstat(path / name).st_mode
+    except FileNotFoundError:
+        raise PackageError(f"{path}: {name} is missing (the package is incomplete)") from None
+    except OSError as exc:
+        raise PackageError(f"{path}: {name} cannot be read ({exc.strerror})") from exc
+    if not stat.S_ISREG(mode):
+        raise PackageError(f"{path}: {name} is not a regular file; export the package again")
+
+
+def _open_regular(file: Path):
+    """A binary handle on ``file``, refusing symbolic links and anything but a regular file (never blocks)."""
+    fd = os.open(file, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    handle = os.fdopen(fd, "rb")
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        handle.close()
+        raise PackageError(f"{file} is not a regular file")
+    return handle
+
+
+def _sha256(file: Path) -> str:
+    digest = hashlib.sha256()
+    with _open_regular(file) as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _unique_keys(pairs: list) -> dict:
+    result = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"the key {key!r} appears twice")
+        result[key] = value
+    return result
+
+
+def _read_json(path: Path, name: str, limit: int) -> dict:
+    """The JSON object in ``path/name``, at most ``limit`` bytes, without duplicate keys."""
+    try:
+        with _open_regular(path / name) as handle:
+            data = handle.read(limit + 1)
+    except OSError as exc:
+        raise PackageError(f"{path} is not a readable automl-ad package ({name}: {exc.strerror})") from exc
+    if len(data) > limit:
+        raise PackageError(f"{path}: {name} is larger than {limit >> 20} MiB, far more than automl-ad writes; "
+                           "refusing to read it")
+    try:
+        value = json.loads(data.decode("utf-8"), object_pairs_hook=_unique_keys)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise PackageError(f"{path}: {name} is not valid JSON ({exc})") from exc
+    if not isinstance(value, dict):
+        raise PackageError(f"{path}: {name} holds a JSON {type(value).__name__}, not an object")
+    return value
+
+
+# --- validation ------------------------------------------------------------------------------------------------
+#: Manifest fields and their JSON types (every one required, no others allowed).
+_MANIFEST_FIELDS = {
+    "kind": str, "format_version": int, "automl_ad_version": str, "family": str, "route": str, "params": dict,
+    "preprocessing": dict, "thresholds": dict, "metrics": dict, "cost": dict, "training": dict,
+    "supports_localization": bool, "onnx": dict, "files": dict, "integrity": dict}
+_THRESHOLD_FIELDS = {"value", "method", "target_false_alarm_rate", "empirical", "evt", "n_normal", "note"}
+_PREPROCESSING_FIELDS = {"input_size", "resize", "colour", "mean", "std", "backbone"}
+
+
+def _field_error(path: Path, field: str, problem: str) -> PackageError:
+    return PackageError(f"{path}: {MANIFEST} field '{field}' {problem}; the package is damaged or was not written "
+                        "by automl-ad. Export it again")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_finite(value) -> bool:
+    return _is_number(value) and math.isfinite(value)
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_format(path: Path, manifest: dict) -> None:
+    version = manifest.get("format_version")
+    if manifest.get("kind") != PACKAGE_KIND and version != 1:
+        raise PackageError(f'{path}: {MANIFEST} does not say "kind": "{PACKAGE_KIND}"; this is not an automl-ad '
+                           "model package")
+    if version != FORMAT_VERSION:
+        raise PackageError(f"{path}: package format {version!r}; this automl-ad ({__version__}) reads format "
+                           f"{FORMAT_VERSION}. Export it again with this version")
+
+
+def _check_manifest(path: Path, manifest: dict) -> None:
+    """Every field present, of its type and meaning; a PackageError names the first field that is not."""
+    for field, kind in _MANIFEST_FIELDS.items():
+        if field not in manifest:
+            raise _field_error(path, field, "is missing")
+        value = manifest[field]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise _field_error(path, field, f"must be a JSON {_json_type(kind)}, not {_json_type(type(value))}")
+    unknown = sorted(set(manifest) - set(_MANIFEST_FIELDS))
+    if unknown:
+        raise _field_error(path, unknown[0], "is not a field of this format")
+    if manifest["family"] not in list_detectors():
+        raise _field_error(path, "family", f"names {manifest['family']!r}, not a known family "
+                           f"({', '.join(list_detectors())})")
+    _check_files(path, manifest["files"])
+    _check_thresholds(path, manifest["thresholds"])
+    _check_preprocessing(path, manifest["preprocessing"])
+    _check_onnx(path, manifest["onnx"], manifest["files"])
+    for key, value in manifest["cost"].items():
+        if value is not None and not _is_number(value):
+            raise _field_error(path, f"cost.{key}", "must be a number or null")
+    integrity = manifest["integrity"]
+    for key in sorted(set(integrity) | {"core_sha256"}):
+        if key not in ("core_sha256", "hmac_sha256"):
+            raise _field_error(path, f"integrity.{key}", "is not a field of this format")
+        if not isinstance(integrity.get(key), str) or not _HEX64.fullmatch(integrity[key]):
+            raise _field_error(path, f"integrity.{key}", "must be 64 lowercase hex digits")
+
+
+def _json_type(kind: type) -> str:
+    return {dict: "object", list: "array", str: "string", int: "integer", float: "number", bool: "boolean",
+            type(None): "null"}.get(kind, kind.__name__)
+
+
+def _check_files(path: Path, files: dict) -> None:
+    for name, digest in files.items():
+        if name not in PACKAGE_FILES:
+            raise _field_error(path, f"files.{name}", f"is not a package file (one of {', '.join(sorted(PACKAGE_FILES))})")
+        if not isinstance(digest, str) or not _HEX64.fullmatch(digest):
+            raise _field_error(path, f"files.{name}", "must be a sha256 of 64 lowercase hex digits")
+    for required in (DETECTOR_FILE, WEIGHTS_FILE):
+        if required not in files:
+            raise _field_error(path, "files", f"does not list {required}")
+
+
+def _check_thresholds(path: Path, thresholds: dict) -> None:
+    if "image" not in thresholds:
+        raise _field_error(path, "thresholds.image", "is missing")
+    for name, threshold in thresholds.items():
+        field = f"thresholds.{name}"
+        if name == "active":
+            if not isinstance(threshold, str) or threshold not in thresholds or threshold == "active":
+                raise _field_error(path, field, f"names {threshold!r}, which is not one of the thresholds")
+            continue
+        if name == "pixel" and threshold is None:
+            continue
+        if not isinstance(threshold, dict):
+            raise _field_error(path, field, "must be an object")
+        if not _is_finite(threshold.get("value")):
+            raise _field_error(path, f"{field}.value", "must be a finite number")
+        unknown = sorted(set(threshold) - _THRESHOLD_FIELDS)
+        if unknown:
+            raise _field_error(path, f"{field}.{unknown[0]}", "is not a field of a threshold")
+        rate = threshold.get("target_false_alarm_rate")
+        if rate is not None and not (_is_finite(rate) and 0 < rate < 1):
+            raise _field_error(path, f"{field}.target_false_alarm_rate", "must be a number between 0 and 1, or null")
+        for key in ("empirical", "evt"):
+            if threshold.get(key) is not None and not _is_finite(threshold[key]):
+                raise _field_error(path, f"{field}.{key}", "must be a finite number or null")
+        if "n_normal" in threshold and not _is_count(threshold["n_normal"]):
+            raise _field_error(path, f"{field}.n_normal", "must be a whole number of images")
+        for key in ("method", "note"):
+            if key in threshold and not isinstance(threshold[key], str):
+                raise _field_error(path, f"{field}.{key}", "must be a string")
+
+
+def _check_preprocessing(path: Path, preprocessing: dict) -> None:
+    unknown = sorted(set(preprocessing) - _PREPROCESSING_FIELDS)
+    if unknown:
+        raise _field_error(path, f"preprocessing.{unknown[0]}", "is not a field of this format")
+    size = preprocessing.get("input_size")
+    if size is not None and not (_is_count(size) and size > 0):
+        raise _field_error(path, "preprocessing.input_size", "must be a positive whole number of pixels or null")
+    for key in ("resize", "colour", "backbone"):
+        if key in preprocessing and not isinstance(preprocessing[key], str):
+            raise _field_error(path, f"preprocessing.{key}", "must be a string")
+    for key in ("mean", "std"):
+        values = preprocessing.get(key)
+        if key in preprocessing and not (isinstance(values, list) and len(values) == 3
+                                         and all(_is_finite(v) for v in values)):
+            raise _field_error(path, f"preprocessing.{key}", "must be a list of 3 finite numbers (R, G, B)")
+
+
+def _check_onnx(path: Path, onnx: dict, files: dict) -> None:
+    file = onnx.get("file")
+    if file is None:
+        if not isinstance(onnx.get("reason"), str):
+            raise _field_error(path, "onnx.reason", "must say why the package has no model.onnx")
+        if ONNX_FILE in files:
+            raise _field_error(path, "onnx.file", f"is null but files lists {ONNX_FILE}")
+        return
+    if file != ONNX_FILE or file not in files:
+        raise _field_error(path, "onnx.file", f"must be {ONNX_FILE} (listed in files) or null")
+    spec = onnx.get("input")
+    if not isinstance(spec, dict):
+        raise _field_error(path, "onnx.input", "must be an object")
+    for key in ("name", "layout", "resize", "colour"):
+        if not isinstance(spec.get(key), str):
+            raise _field_error(path, f"onnx.input.{key}", "must be a string")
+    if spec.get("channels") not in (1, 3) or isinstance(spec.get("channels"), bool):
+        raise _field_error(path, "onnx.input.channels", "must be 1 or 3")
+    if not (_is_count(spec.get("size")) and spec["size"] > 0):
+        raise _field_error(path, "onnx.input.size", "must be a positive whole number of pixels")
+    if not _is_count(onnx.get("opset")):
+        raise _field_error(path, "onnx.opset", "must be a whole number")
+    if not _is_finite(onnx.get("parity_relative")):
+        raise _field_error(path, "onnx.parity_relative", "must be a finite number")
+    if not _is_count(onnx.get("parity_images")):
+        raise _field_error(path, "onnx.parity_images", "must be a whole number of images")
+
+
+def _check_detector_record(path: Path, manifest: dict, record: dict) -> None:
+    """``detector.json`` describes the manifest's detector; backbone weights can only be the package's own
+    ``backbone.safetensors`` (a ``.pth`` would be unpickled by ``torch.load``, which can run code)."""
+    for key, kind in (("family", str), ("params", dict), ("state", dict)):
+        if not isinstance(record.get(key), kind):
+            raise PackageError(f"{path}: {DETECTOR_FILE} field '{key}' is missing or not a JSON {_json_type(kind)}; "
+                               "export the package again")
+    if record["family"] != manifest["family"] or _canonical(record["params"]) != _canonical(manifest["params"]):
+        raise PackageError(f"{path}: {DETECTOR_FILE} describes another detector than {MANIFEST} (family or "
+                           "parameters differ); export the package again")
+    params = manifest["params"]
+    weights = params.get("weights")
+    if weights is None:
+        if "backbone" in params and params.get("pretrained", True) is not False:
+            raise _field_error(path, "params.weights", "is empty although the backbone is pretrained: its weights "
+                               "are not in the package and would be fetched from outside it")
+        return
+    if weights != BACKBONE_FILE or weights not in manifest["files"]:
+        raise _field_error(path, "params.weights", f"names {weights!r}; backbone weights must be the package's own "
+                           f"{BACKBONE_FILE}, listed in files (a .pth file would be unpickled by torch.load, which "
+                           "can run code)")
+
+
+def _canonical(value) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))

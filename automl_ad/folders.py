@@ -1,0 +1,103 @@
+"""Output folders written whole (``export``'s package, ``fit``'s model) without ever deleting a user's files.
+
+The folder is filled in a staging folder next to the target, then swapped in: an existing target is renamed
+aside, the new folder renamed in, and the old one deleted only after that succeeded, so a failure at any point
+leaves the old folder as it was. An existing non-empty target is replaced only with ``overwrite`` and only when
+``replaceable`` recognises it as a folder of that kind (a package, a saved model); the working directory, its
+parents, the home folder, the filesystem root, a folder holding a ``protected`` path (tracking store, working
+state) or automl-ad's state, and a path that is a file or a symbolic link are never targets.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from automl_ad.defaults import STATE_DIR
+from automl_ad.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+#: Names that mark a tracking store or automl-ad's working state: a folder holding one is never replaced.
+STORE_MARKERS = (STATE_DIR, "mlruns", "mlflow.db")
+
+#: Says why an existing folder is not one this command wrote (None: it is, and may be replaced).
+Recogniser = Callable[[Path], "str | None"]
+
+
+def check_output_folder(out: str | Path, *, what: str, replaceable: Recogniser, overwrite: bool,
+                        protected: Iterable[str | Path] = ()) -> Path:
+    """Raise UsageError unless ``out`` may receive a new ``what`` (see the module docstring); returns it resolved."""
+    out = Path(out)
+    if out.is_symlink():
+        raise UsageError(f"{out} is a symbolic link; give the {what} a real folder path")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out} is an existing file, not a folder; choose a new folder for the {what}")
+    target = out.resolve()
+    cwd, home = Path.cwd().resolve(), Path.home().resolve()
+    if target == Path(target.anchor) or target == home or home.is_relative_to(target):
+        raise UsageError(f"{out} is the home folder, the filesystem root or a parent of them; choose a new "
+                         f"folder for the {what}")
+    if cwd.is_relative_to(target):
+        raise UsageError(f"{out} is the working directory or one of its parents; choose a new folder for the "
+                         f"{what}")
+    for path in protected:
+        held = Path(path).resolve()
+        if held.is_relative_to(target):
+            raise UsageError(f"{out} holds {held}, which automl-ad needs (tracking store or working state); "
+                             f"choose a new folder for the {what}")
+    if not target.exists() or not any(target.iterdir()):
+        return target
+    markers = [name for name in STORE_MARKERS if os.path.lexists(target / name)]
+    if markers:
+        raise UsageError(f"{out} holds a tracking store or automl-ad's working state ({', '.join(markers)}); "
+                         f"choose a new folder for the {what}")
+    problem = replaceable(target)
+    if problem:
+        raise UsageError(f"{out} already holds files and is not an automl-ad {what} ({problem}); --overwrite "
+                         f"replaces only an automl-ad {what}, so choose a new or empty folder")
+    if not overwrite:
+        raise UsageError(f"{out} already holds an automl-ad {what}; pass --overwrite to replace it, or choose "
+                         "another folder")
+    return target
+
+
+def write_output_folder(out: str | Path, fill: Callable[[Path], None], *, what: str, replaceable: Recogniser,
+                        overwrite: bool, protected: Iterable[str | Path] = ()) -> Path:
+    """Check ``out`` (:func:`check_output_folder`), let ``fill`` write the new folder into a staging folder next
+    to it, check again (it may have changed meanwhile) and swap it in; returns ``out``."""
+    protected = tuple(protected)
+    target = check_output_folder(out, what=what, replaceable=replaceable, overwrite=overwrite, protected=protected)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
+    try:
+        fill(staging)
+        check_output_folder(out, what=what, replaceable=replaceable, overwrite=overwrite, protected=protected)
+        _swap_in(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # our own staging folder; gone already after a swap
+    return Path(out)
+
+
+def _swap_in(staging: Path, target: Path) -> None:
+    """Rename ``target`` (if any) aside, ``staging`` into its place, then delete the old one; on a failed rename
+    the old folder is put back."""
+    if not os.path.lexists(target):
+        os.rename(staging, target)
+        return
+    aside = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:12]}"
+    os.rename(target, aside)
+    try:
+        os.rename(staging, target)
+    except BaseException:
+        os.rename(aside, target)
+        raise
+    try:
+        shutil.rmtree(aside)
+    except OSError as exc:
+        log.warning("the replaced folder %s could not be removed (%s); delete it by hand", aside, exc)
