@@ -54,12 +54,15 @@ def _save_state(results: list[tuple], constraints_source: str | None, data: str)
 
 
 def _print_profile(console, profile) -> None:
+    from rich.markup import escape
+
     c, s, st, al = profile.counts, profile.size, profile.structure, profile.alignment
     defects = ", ".join(f"{k} {v}" for k, v in c.abnormal.items()) or "none"
     size = (f"{s.width_median:g}x{s.height_median:g}" if s.distinct_sizes == 1 else
             f"{s.distinct_sizes} sizes, {s.width_min}-{s.width_max} x {s.height_min}-{s.height_max} (median "
             f"{s.width_median:g}x{s.height_median:g})")
-    console.print(f"[bold]{profile.name}[/bold]  ({profile.layout} layout, {profile.root})")
+    console.print(f"[bold]{escape(profile.name)}[/bold]  ({profile.layout} layout, {escape(str(profile.root))})",
+                  emoji=False)
     console.print(f"  images: {c.normal_for_training} normal for training, {c.normal_test} normal test, "
                   f"defects: {defects}; {c.masks} masks; {c.skipped_files} file(s) skipped")
     console.print(f"  size: {size}; colour: {profile.color.mode}; bit depth: "
@@ -76,7 +79,7 @@ def _print_profile(console, profile) -> None:
         console.print(f"  defect size: {d.area_fraction_median:.2%} of the image (median; {d.area_fraction_min:.2%}"
                       f"-{d.area_fraction_max:.2%}), {d.small_defect_share:.0%} under 1%")
     if profile.overrides:
-        console.print(f"  overridden by your constraint profile: {profile.overrides}")
+        console.print(f"  overridden by your constraint profile: {escape(str(profile.overrides))}", emoji=False)
 
 
 def _print_recommendation(console, recommendation, top_reasons: int = 3) -> None:
@@ -140,7 +143,7 @@ def _print_problems(console, problems) -> None:
     serious = [p for p in problems if p.severity != "note"]
     notes = len(problems) - len(serious)
     for problem in serious[:20]:
-        console.print(f"[yellow]{problem}[/yellow]", markup=False)
+        console.print(str(problem), style="yellow", markup=False, emoji=False)
     if len(serious) > 20:
         console.print(f"... and {len(serious) - 20} more problems (see --json)")
     if notes:
@@ -339,16 +342,15 @@ def cmd_predict(args) -> int:
 
 def _parse_params(items: list[str]) -> dict:
     """``k=v`` pairs; values are read as YAML scalars/lists (0.1, true, [8, 16], resnet18)."""
-    import yaml
-
     from automl_ad.errors import UsageError
+    from automl_ad.safe_yaml import load_yaml_text
 
     params = {}
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise UsageError(f"--param expects key=value, got {item!r}")
-        parsed = yaml.safe_load(value) if value else None
+        parsed = load_yaml_text(value, f"--param {key}") if value else None
         params[key.strip()] = tuple(parsed) if isinstance(parsed, list) else parsed
     return params
 

@@ -20,6 +20,12 @@ IO_WORKERS = 4
 MAX_IMAGE_PIXELS = 150_000_000
 MAX_IMAGE_PIXELS_ENV = "AUTOML_AD_MAX_IMAGE_PIXELS"
 
+#: YAML a user supplies (constraint profiles, search spaces, ``--param`` values): the largest file read, and the
+#: most values a document may hold once its aliases are expanded. The shipped files are under 4 KB and 300 values;
+#: the value limit stops "billion laughs" alias bombs (a 510-byte file that expands to 10^9 values).
+YAML_MAX_BYTES = 1_000_000
+YAML_MAX_VALUES = 100_000
+
 #: Profiling: images used for the expensive structure statistics, and their working resolution.
 PROFILE_SAMPLE_IMAGES = 120
 PROFILE_RESOLUTION = 128

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-import yaml
-
 from automl_ad.errors import ConfigError
+from automl_ad.safe_yaml import load_yaml_file
 
 #: Priority keys a user can weight, and the report score dimension each one reads.
 PRIORITY_DIMENSIONS = {
@@ -79,16 +79,27 @@ def parse_duration(value: str | int | float) -> float:
     if isinstance(value, bool):
         raise ConfigError(f"{value!r} is not a duration; write e.g. 8h, 30m or 90s")
     if isinstance(value, (int, float)):
-        seconds = float(value)
+        seconds = _finite(value)
     else:
         match = _DURATION.match(str(value))
         if not match or not any(match.groups()):
             raise ConfigError(f"{value!r} is not a duration; write e.g. 8h, 30m, 90s or 1h30m")
         days, hours, minutes, secs = (float(g) if g else 0.0 for g in match.groups())
         seconds = days * 86400 + hours * 3600 + minutes * 60 + secs
-    if seconds <= 0:
-        raise ConfigError(f"duration {value!r} must be positive")
+    if seconds is None or not math.isfinite(seconds) or seconds <= 0:
+        raise ConfigError(f"duration {value!r} must be a positive, finite time such as 8h, 30m or 90s")
     return seconds
+
+
+def _finite(value) -> float | None:
+    """``value`` as a float when it is a finite real number (not a bool), else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond float range
+        return None
+    return number if math.isfinite(number) else None
 
 
 def _did_you_mean(key: str, options) -> str:
@@ -105,9 +116,12 @@ def _check_keys(section: str, data: dict, allowed, where: str) -> None:
 def _number(value, key: str, where: str, allow_none: bool = True) -> float | None:
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise ConfigError(f"{where}: '{key}' must be a positive number, got {value!r}")
-    return float(value)
+    number = _finite(value)
+    if number is None or number <= 0:
+        infinite = isinstance(value, (int, float)) and not isinstance(value, bool) and number is None
+        raise ConfigError(f"{where}: '{key}' must be a positive number, got {value!r}"
+                          + (" (not a finite number); leave the key out for no limit" if infinite else ""))
+    return number
 
 
 _TOP_KEYS = {"name", "description", "latency_ms", "throughput_fps", "hardware", "max_model_mb", "localization",
@@ -144,7 +158,7 @@ def constraints_from_dict(data: dict, where: str = "constraint profile") -> Cons
         raise ConfigError(f"{where}: 'priorities' must be a mapping such as {{accuracy: 1.0, speed: 2.0}}")
     _check_keys("priorities", priorities, PRIORITY_DIMENSIONS, where)
     for key, value in priorities.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        if _finite(value) is None or value < 0:
             raise ConfigError(f"{where}: priority '{key}' must be a number >= 0, got {value!r}")
     merged = {**defaults.priorities, **{k: float(v) for k, v in priorities.items()}}
     if not any(merged.values()):
@@ -218,13 +232,7 @@ def load_constraints(path: str | Path | None) -> ConstraintProfile:
     if path is None:
         return ConstraintProfile(hardware=detect_hardware())
     path = profile_path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"{path}: not valid YAML{at}: {getattr(exc, 'problem', exc)}") from exc
-    profile = constraints_from_dict(data or {}, where=str(path))
+    profile = constraints_from_dict(load_yaml_file(path) or {}, where=str(path))
     return dataclasses.replace(profile, source=str(path))
 
 

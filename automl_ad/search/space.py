@@ -15,9 +15,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-import yaml
-
 from automl_ad.errors import ConfigError
+from automl_ad.safe_yaml import load_yaml_file
 
 TYPES = ("float", "int", "categorical", "backbone")
 SPACES_ENV = "AUTOML_AD_SEARCH_SPACES"
@@ -112,10 +111,7 @@ def load_space(family: str, directory: str | Path | None = None) -> SearchSpace:
     if not path.is_file():
         raise ConfigError(f"no search space for family '{family}': {path} is missing. Write one (see "
                           "search_spaces/patchcore.yaml for the format) or leave the family out with --families")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    raw = load_yaml_file(path) or {}
     if raw.get("family", family) != family:
         raise ConfigError(f"{path}: says family '{raw['family']}' but is named for '{family}'")
     accepted = detector_class(family)._get_param_names()
