@@ -333,7 +333,7 @@ def cmd_predict(args) -> int:
     errors = [r for r in rows if r["verdict"] == "error"]
     anomalous = sum(r["verdict"] == "anomalous" for r in rows)
     for row in errors:
-        console.print(f"[yellow]skipped {row['image']}: {row['error']}[/yellow]", markup=True)
+        console.print(f"skipped {row['image']}: {row['error']}", style="yellow", markup=False, emoji=False)
     console.print(f"{len(rows) - len(errors)} images scored: {anomalous} anomalous, "
                   f"{len(rows) - len(errors) - anomalous} normal; {len(errors)} skipped. Results in {args.out} "
                   "(predictions.csv, predictions.json, overlays/, masks/).")
@@ -355,15 +355,36 @@ def _parse_params(items: list[str]) -> dict:
     return params
 
 
+#: What ``fit --out`` holds: the saved detector, its fit record and ``evaluate``'s default output folder.
+_MODEL_FOLDER_ENTRIES = ("detector.json", "tensors.safetensors", "fit.json", "evaluation")
+
+
+def _saved_model_problem(folder: Path) -> str | None:
+    """Why ``folder`` is not a model written by ``fit`` (None when it is, so ``--overwrite`` may replace it)."""
+    others = sorted(p.name for p in folder.iterdir() if p.name not in _MODEL_FOLDER_ENTRIES or p.is_symlink()
+                    or p.is_dir() != (p.name == "evaluation"))
+    if others:
+        return f"it holds {', '.join(others[:5])}{' ...' if len(others) > 5 else ''}"
+    record = folder / "detector.json"
+    try:
+        saved = json.loads(record.read_text()) if record.stat().st_size < 64 << 20 else None
+    except (OSError, UnicodeDecodeError, ValueError):
+        saved = None
+    if not (isinstance(saved, dict) and "format" in saved and "family" in saved):
+        return "no detector.json of a saved detector"
+    return None
+
+
 def cmd_fit(args) -> int:
     from automl_ad.data import open_dataset
     from automl_ad.data.imageset import ImageSet
     from automl_ad.detectors import create_detector
     from automl_ad.errors import UsageError
+    from automl_ad.folders import check_output_folder, write_output_folder
 
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise UsageError(f"{out} already holds files; choose another --out or pass --overwrite")
+    target = {"what": "model", "replaceable": _saved_model_problem, "overwrite": args.overwrite,
+              "protected": (args.data, _state_path())}
+    check_output_folder(args.out, **target)  # before fitting, which may take long
     params = _parse_params(args.param)
     detector = create_detector(args.family, **params)
     if args.weights:
@@ -382,10 +403,14 @@ def cmd_fit(args) -> int:
     console = _console()
     console.print(f"Fitting {args.family} on {len(train)} normal images of {dataset.name} ...")
     detector.fit(train)
-    detector.save(out)
     record = {"dataset": str(dataset.root), "category": dataset.name, "fingerprint": dataset.fingerprint(),
               "n_train": len(train), "fit_seconds": detector.fit_seconds_, "peak_rss_mb": detector.fit_peak_rss_mb_}
-    (out / "fit.json").write_text(json.dumps(record, indent=2))
+
+    def save(folder: Path) -> None:
+        detector.save(folder)
+        (folder / "fit.json").write_text(json.dumps(record, indent=2))
+
+    out = write_output_folder(args.out, save, **target)
     console.print(f"Fitted in {detector.fit_seconds_:.1f} s (peak memory {detector.fit_peak_rss_mb_:.0f} MB); "
                   f"saved to {out}. Next: automl-ad evaluate {out} {args.data}")
     return EXIT_OK
@@ -476,7 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", help="local backbone weights file (timm state_dict) for offline use")
     p.add_argument("--profile", help="constraint profile whose backbone_weights supply local weights")
     p.add_argument("--out", required=True, help="folder for the fitted model")
-    p.add_argument("--overwrite", action="store_true", help="replace files in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace a model folder written by an earlier fit")
     p.add_argument("--category", help="only this category of a multi-category root")
     p.add_argument("--strict", action="store_true", help="fail on any bad file instead of skipping it")
     p.set_defaults(func=cmd_fit)
@@ -527,7 +552,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", help="experiment name or dataset folder for --best (default: newest search)")
     p.add_argument("--false-alarm-rate", type=float, default=0.01, help="target rate on normal images (default 0.01)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite .automl-ad/mlflow.db here)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing package folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an automl-ad package (never another folder)")
     p.add_argument("--mlflow", action="store_true", help="also log the package as an MLflow pyfunc model to serve")
     p.set_defaults(func=cmd_export)
 

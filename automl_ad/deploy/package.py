@@ -433,7 +433,8 @@ def _json_type(kind: type) -> str:
 def _check_files(path: Path, files: dict) -> None:
     for name, digest in files.items():
         if name not in PACKAGE_FILES:
-            raise _field_error(path, f"files.{name}", f"is not a package file (one of {', '.join(sorted(PACKAGE_FILES))})")
+            raise _field_error(path, f"files.{name}",
+                               f"is not a package file (one of {', '.join(sorted(PACKAGE_FILES))})")
         if not isinstance(digest, str) or not _HEX64.fullmatch(digest):
             raise _field_error(path, f"files.{name}", "must be a sha256 of 64 lowercase hex digits")
     for required in (DETECTOR_FILE, WEIGHTS_FILE):

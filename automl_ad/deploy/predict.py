@@ -30,16 +30,19 @@ def collect_images(inputs: list[str]) -> list[Path]:
 
 def predict_files(package, inputs: list[str], out: str | Path, threshold: float | None = None,
                   progress: bool = True) -> list[dict]:
-    """Score every image; a file that cannot be read is reported in the summary and skipped."""
+    """Score every image; a file that cannot be read (corrupt, truncated, over the pixel limit) is reported in the
+    summary with its reason and skipped, and the rest are still scored and summarised."""
     from PIL import Image
 
     from automl_ad.progress import track
     from automl_ad.reporting.heatmaps import overlay
 
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is an existing file; give a folder for the predictions")
+    paths = collect_images(inputs)
     (out / "overlays").mkdir(parents=True, exist_ok=True)
     (out / "masks").mkdir(parents=True, exist_ok=True)
-    paths = collect_images(inputs)
     rows = []
     limit = package.image_threshold if threshold is None else threshold
     for index, path in enumerate(track(paths, "predicting", enabled=progress)):
