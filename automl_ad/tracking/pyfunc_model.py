@@ -1,47 +1,25 @@
 """MLflow "model from code" that serves an automl-ad package (logged by :func:`automl_ad.tracking.serving.log_package`).
 
-Input: a DataFrame with an ``image`` column holding file paths or base64-encoded image files (PNG, JPEG, ...).
-Output: a DataFrame with ``score``, ``anomalous`` (against the package's calibrated threshold) and ``error``.
+Input: base64-encoded image files, as ``{"inputs": [...]}`` or a DataFrame with an ``image`` column.
+Output: one row per image with ``score``, ``anomalous`` (against the package's calibrated threshold) and ``error``.
+Request handling (limits, per-image errors, server-side paths only inside an allowed folder) is
+:class:`automl_ad.tracking.serving.RequestScorer`; it never raises, so MLflow never answers with a stack trace.
 The package is verified (sha256 of every file) when the model loads; nothing is unpickled.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import io
-
 import mlflow
-import numpy as np
-import pandas as pd
+
+from automl_ad.tracking.serving import scorer_for
 
 
 class PackageModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
-        from automl_ad import load_package
-
-        self.package = load_package(context.artifacts["package"])
+        self.scorer = scorer_for(context.artifacts["package"], context.model_config)
 
     def predict(self, context, model_input, params=None):
-        from PIL import Image
-
-        from automl_ad.data.io import ImageReadError, load_image, to_float
-
-        frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame({"image": list(model_input)})
-        rows = []
-        for item in frame["image"]:
-            try:
-                if isinstance(item, str) and not item.startswith(("/", ".")) and len(item) > 256:
-                    with Image.open(io.BytesIO(base64.b64decode(item, validate=True))) as image:
-                        array = to_float(np.asarray(image.convert("RGB") if image.mode not in ("L", "RGB")
-                                                    else image))
-                else:
-                    array = load_image(item)
-                result = self.package.predict(array)
-                rows.append({"score": result.score, "anomalous": bool(result.anomalous), "error": ""})
-            except (ImageReadError, OSError, ValueError, binascii.Error) as exc:
-                rows.append({"score": float("nan"), "anomalous": False, "error": f"{type(exc).__name__}: {exc}"})
-        return pd.DataFrame(rows)
+        return self.scorer.score(model_input)
 
 
 mlflow.models.set_model(PackageModel())
