@@ -304,7 +304,7 @@ def cmd_export(args) -> int:
 
         uri = log_package(path, tracker.uri, run_id)
         console.print(f"Logged as MLflow model {uri}. Serve it: MLFLOW_TRACKING_URI={tracker.uri} mlflow models serve "
-                      f"-m {uri} --env-manager local -p 5001, then POST {{\"inputs\": [\"<path or base64>\"]}} "
+                      f"-m {uri} --env-manager local -p 5001, then POST {{\"inputs\": [\"<base64 image file>\"]}} "
                       "to http://127.0.0.1:5001/invocations")
     console.print(f"Next: automl-ad predict {path} IMAGES --out predictions/")
     return EXIT_OK
