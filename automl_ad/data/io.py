@@ -163,11 +163,7 @@ def _open_pillow(file: Path | BinaryIO, source: str, limit: int) -> Image.Image:
     """Open lazily (the header only) and refuse an image above ``limit`` before anything is decoded."""
     if Image.MAX_IMAGE_PIXELS is not None and limit > 2 * Image.MAX_IMAGE_PIXELS:
         Image.MAX_IMAGE_PIXELS = limit // 2 + 1  # let the user's larger limit decide, not Pillow's
-    try:
-        image = Image.open(file)
-    except Image.DecompressionBombError as exc:
-        found = re.search(r"\((\d+) pixels\)", str(exc))
-        raise ImageTooLargeError(source, int(found.group(1)) if found else None, limit) from exc
+    image = Image.open(file)
     width, height = image.size
     if width * height > limit:
         image.close()
@@ -196,6 +192,9 @@ def _decode_pillow(file: Path | BinaryIO, source: str, limit: int) -> tuple[np.n
             return np.asarray(image), has_alpha
     except ImageReadError:
         raise
+    except Image.DecompressionBombError as exc:  # Pillow's own, larger limit (raised with ours, never lowered)
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        raise ImageTooLargeError(source, int(found.group(1)) if found else None, limit) from exc
     except UnidentifiedImageError as exc:
         raise ImageReadError("is not a recognised image format", source) from exc
     except OSError as exc:
