@@ -75,6 +75,9 @@ def write_output_folder(out: str | Path, fill: Callable[[Path], None], *, what: 
     target = check_output_folder(out, what=what, replaceable=replaceable, overwrite=overwrite, protected=protected)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp's 0700 would hide the result from other users (e.g. a server)
     try:
         fill(staging)
         check_output_folder(out, what=what, replaceable=replaceable, overwrite=overwrite, protected=protected)

@@ -116,8 +116,9 @@ def package_folder_problem(folder: Path) -> str | None:
         return f'its {MANIFEST} does not say "kind": "{PACKAGE_KIND}"'
     listed = manifest.get("files")
     allowed = {MANIFEST} | (set(listed) & PACKAGE_FILES if isinstance(listed, dict) else set())
-    others = sorted(entry.name for entry in os.scandir(folder)
-                    if entry.name not in allowed or entry.is_symlink() or not entry.is_file(follow_symlinks=False))
+    with os.scandir(folder) as entries:
+        others = sorted(entry.name for entry in entries if entry.name not in allowed or entry.is_symlink()
+                        or not entry.is_file(follow_symlinks=False))
     if others:
         return f"it also holds {', '.join(others[:5])}{' ...' if len(others) > 5 else ''}"
     return None
@@ -245,10 +246,11 @@ def verify_package(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_dir():
         raise PackageError(f"{path} is not a package folder (written by `automl-ad export`)")
-    for entry in os.scandir(path):
-        if entry.is_symlink():
-            raise PackageError(f"{path}: {entry.name} is a symbolic link; a package holds only regular files (a "
-                               "link can point outside it). Export the package again; do not use this one")
+    with os.scandir(path) as entries:
+        links = sorted(entry.name for entry in entries if entry.is_symlink())
+    if links:
+        raise PackageError(f"{path}: {links[0]} is a symbolic link; a package holds only regular files (a link can "
+                           "point outside it). Export the package again; do not use this one")
     _check_regular(path, MANIFEST)
     manifest = _read_json(path, MANIFEST, MAX_MANIFEST_BYTES)
     _check_format(path, manifest)

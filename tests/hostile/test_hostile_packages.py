@@ -162,6 +162,9 @@ def test_export_onto_a_package_needs_overwrite_and_then_replaces_it(detector, pa
     raised = {"image": {**THRESHOLDS["image"], "value": 0.75}}
     export_package(detector, package, raised, overwrite=True)
     assert load_package(package).image_threshold == 0.75 and no_leftovers(tmp_path)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert package.stat().st_mode & 0o777 == 0o777 & ~umask  # readable as the umask allows, not 0700
 
 
 def test_failure_mid_export_keeps_the_old_package(detector, package, tmp_path, monkeypatch):
