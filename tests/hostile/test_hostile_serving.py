@@ -72,10 +72,14 @@ def _load(package_dir, tmp_path_factory, **log_options):
 
     uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
     model_uri = log_package(package_dir, tracking_uri=uri, **log_options)
+    previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(uri)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return mlflow.pyfunc.load_model(model_uri)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return mlflow.pyfunc.load_model(model_uri)
+    finally:
+        mlflow.set_tracking_uri(previous)
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +175,7 @@ def test_paths_outside_the_allowed_folder_get_one_message(served_with_paths, ima
 
 
 def test_paths_inside_the_allowed_folder_are_scored(served_with_paths, package_dir, images):
-    expected = expected_score(package_dir, images["good"].read_bytes())
+    expected = load_package(package_dir).predict(str(images["good"])).score  # as `automl-ad predict` scores it
     rows = predictions(served_with_paths, ["nothing-here.png", "good.png", str(images["good"])])
     assert rows[0]["error"] == "cannot open that file in the served folder (No such file or directory)"
     assert [row["score"] for row in rows[1:]] == [pytest.approx(expected)] * 2
@@ -199,6 +203,14 @@ def test_jpeg_base64_and_data_urls_are_scored(served, package_dir):
     rows = predictions(served, [text, "data:image/jpeg;base64," + text, wrapped])
     assert [row["score"] for row in rows] == [pytest.approx(expected_score(package_dir, jpeg))] * 3
     assert all(isinstance(row["anomalous"], bool) for row in rows)
+
+
+def test_other_formats_are_scored(served, package_dir):
+    colour, grey16 = noise_image(16, size=64), (noise_image(17, size=64, channels=1).astype(np.uint16) * 257)
+    files = [encoded(colour, "BMP"), encoded(colour, "TIFF"), encoded(grey16, "PNG"), encoded(colour, "GIF"),
+             encoded(colour, "WEBP", lossless=True)]
+    rows = predictions(served, [b64(data) for data in files])
+    assert [row["score"] for row in rows] == [pytest.approx(expected_score(package_dir, data)) for data in files]
 
 
 def test_tiny_png_base64_is_image_data_not_a_path(served, package_dir):
@@ -264,6 +276,29 @@ def test_oversized_items_and_requests(served_with_paths):
                            ([image + "\n" * 15_000] * 3, "characters of image data; this server takes at most 60,000")]:
         rows = predictions(served_with_paths, items)
         assert all(message in row["error"] for row in rows), rows[0]
+
+
+def test_failures_inside_the_model_never_reach_mlflow(served, monkeypatch):
+    scorer = served.unwrap_python_model().scorer
+    real_predict, good = scorer.package.predict, b64(encoded(noise_image(18, size=64)))
+
+    def fail_on_bright_images(array):
+        if array.mean() > 0.6:
+            raise RuntimeError("failed reading /srv/secret/weights")
+        return real_predict(array)
+
+    monkeypatch.setattr(scorer.package, "predict", fail_on_bright_images)
+    rows = predictions(served, [b64(encoded(np.full((64, 64, 3), 250, np.uint8))), good])
+    assert rows[0]["error"] == "the image could not be scored (RuntimeError); the server log has the details"
+    assert rows[1]["error"] == ""
+
+    def bug(items):
+        raise KeyError("/srv/secret")
+
+    monkeypatch.setattr(scorer, "_score_items", bug)
+    status, answer = post(served, {"inputs": [good, good]})
+    assert status == 200 and [row["error"] for row in answer["predictions"]] == [
+        "internal error while scoring this request; the server log has the details"] * 2
 
 
 def test_request_shapes_and_what_mlflow_itself_answers(served):
