@@ -49,22 +49,30 @@ def check_output_folder(out: str | Path, *, what: str, replaceable: Recogniser, 
     for path in protected:
         held = Path(path).resolve()
         if held.is_relative_to(target):
-            raise UsageError(f"{out} holds {held}, which automl-ad needs (tracking store or working state); "
-                             f"choose a new folder for the {what}")
+            raise UsageError(f"{out} holds {held}, which automl-ad needs (tracking store, working state or "
+                             f"dataset); choose a new folder for the {what}")
     if not target.exists() or not any(target.iterdir()):
         return target
-    markers = [name for name in STORE_MARKERS if os.path.lexists(target / name)]
-    if markers:
-        raise UsageError(f"{out} holds a tracking store or automl-ad's working state ({', '.join(markers)}); "
-                         f"choose a new folder for the {what}")
+    _refuse_stores(out, target, what, deep=False)
     problem = replaceable(target)
     if problem:
         raise UsageError(f"{out} already holds files and is not an automl-ad {what} ({problem}); --overwrite "
                          f"replaces only an automl-ad {what}, so choose a new or empty folder")
+    _refuse_stores(out, target, what, deep=True)  # a recognised folder is small: look inside its subfolders too
     if not overwrite:
         raise UsageError(f"{out} already holds an automl-ad {what}; pass --overwrite to replace it, or choose "
                          "another folder")
     return target
+
+
+def _refuse_stores(out: Path, target: Path, what: str, deep: bool) -> None:
+    markers = []
+    for folder, dirs, files in os.walk(target):  # links are not followed
+        markers += [str(Path(folder, name).relative_to(target)) for name in dirs + files if name in STORE_MARKERS]
+        dirs[:] = [name for name in dirs if deep and name not in STORE_MARKERS]
+    if markers:
+        raise UsageError(f"{out} holds a tracking store or automl-ad's working state ({', '.join(markers[:3])}); "
+                         f"choose a new folder for the {what}")
 
 
 def write_output_folder(out: str | Path, fill: Callable[[Path], None], *, what: str, replaceable: Recogniser,

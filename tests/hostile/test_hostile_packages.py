@@ -429,6 +429,10 @@ def test_fit_overwrite_replaces_only_an_earlier_model(mvtec_dir, tmp_path, monke
     (model / "evaluation" / "metrics.json").write_text("{}")
     assert main(fit) == EXIT_USAGE
     assert "already holds an automl-ad model; pass --overwrite" in capsys.readouterr().err
+    (model / "evaluation" / "mlruns").mkdir()  # a store anywhere inside is never deleted
+    assert main([*fit, "--overwrite"]) == EXIT_USAGE
+    assert "holds a tracking store or automl-ad's working state (evaluation/mlruns)" in capsys.readouterr().err
+    (model / "evaluation" / "mlruns").rmdir()
     assert main([*fit, "--overwrite"]) == EXIT_OK
     assert sorted(p.name for p in model.iterdir()) == ["detector.json", "fit.json", "tensors.safetensors"]
     assert no_leftovers(tmp_path) and np.isfinite(json.loads((model / "fit.json").read_text())["n_train"])
