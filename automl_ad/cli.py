@@ -438,7 +438,7 @@ def cmd_evaluate(args) -> int:
     (out / "metrics.json").write_text(json.dumps(summary, indent=2))
     overlays = []
     if result.anomaly_maps is not None:
-        images = test.load(detector.input_size) if hasattr(detector, "input_size") else test.load(result.anomaly_maps.shape[-1])
+        images = test.load(detector.input_size)
         overlays = save_overlays(out / "heatmaps", images, result.anomaly_maps, test.labels, result.image_scores,
                                  [str(p) for p in test.paths], test.masks())
     if args.json:

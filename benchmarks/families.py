@@ -99,7 +99,7 @@ def run_single(family: str, dataset: str, params: dict) -> dict:
         return {**row, "status": "not applicable", "error": str(exc)}
     result = evaluate_detector(detector, test)
     return {**row, "status": "ok", "route": detector.route, **result.metrics, **result.cost.to_dict(),
-            "epochs": getattr(detector, "epochs_trained_", None)}
+            "epochs": detector.epochs_trained_}
 
 
 def cache_speedup() -> dict:

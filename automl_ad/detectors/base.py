@@ -2,13 +2,18 @@
 
 * ``__init__`` only stores keyword arguments, so ``get_params``/``set_params``/``sklearn.base.clone`` work and
   a search can construct any configuration; defaults live in each family's ``__init__`` signature.
-* ``fit(train) -> self`` on normal images; fitted attributes end in ``_``.
-* ``score(images) -> Scores``: image scores ``(N,)`` and anomaly maps ``(N, H, W)`` or None; higher = more
-  anomalous. Calling it before ``fit`` raises :class:`NotFittedError`.
+* ``_parameter_constraints`` declares what every constructor parameter accepts (see ``parameters.py``);
+  ``fit`` and ``score_samples`` check them first and raise :class:`~automl_ad.errors.InvalidParameterError`.
+* ``fit(train) -> self`` on normal images; fitted attributes end in ``_`` and are declared on :class:`Detector`
+  (``fit_seconds_``, ``fit_peak_rss_mb_`` and ``n_train_`` record the fit; ``loss_history_`` and
+  ``epochs_trained_`` the training of iterative families). Scoring costs are measured by the evaluation
+  (``automl_ad.evaluation.run.measure_costs``), not by the detector.
+* ``score_samples(images) -> Scores``: image scores ``(N,)`` and anomaly maps ``(N, H, W)`` or None; higher =
+  more anomalous (PyOD's direction; scikit-learn's outlier detectors use the opposite sign). Calling it before
+  ``fit`` raises :class:`NotFittedError`. ``score`` is a deprecated alias.
 * ``save(dir)`` / ``Detector.load(dir)``: arrays in safetensors, everything else in JSON — never pickle.
-* Every fit and score records its cost (:attr:`fit_cost_`, :attr:`score_cost_`) in one structure.
-* ``inference_graph()``: for families whose inference is plain torch, a module reproducing ``score`` on the
-  preprocessed batch of :meth:`Detector.graph_input` (exported as ONNX in packages); None otherwise, with
+* ``inference_graph()``: for families whose inference is plain torch, a module reproducing ``score_samples`` on
+  the preprocessed batch of :meth:`Detector.graph_input` (exported as ONNX in packages); None otherwise, with
   :meth:`Detector.graph_absent_reason` saying why.
 """
 
@@ -18,6 +23,7 @@ import contextlib
 import json
 import logging
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -30,7 +36,8 @@ from sklearn.exceptions import NotFittedError as SklearnNotFittedError
 
 from automl_ad import __version__
 from automl_ad.data.imageset import ImageSet
-from automl_ad.errors import AutomlAdError
+from automl_ad.detectors.parameters import check_parameters
+from automl_ad.errors import AutomlAdError, InvalidParameterError
 
 if TYPE_CHECKING:
     import torch
@@ -46,7 +53,7 @@ EpochCallback = Callable[[int, dict], "bool | None"]
 
 
 class NotFittedError(AutomlAdError, SklearnNotFittedError):
-    """``score``/``save`` was called before ``fit``."""
+    """``score_samples``/``save`` was called before ``fit``."""
 
 
 class NotApplicableError(AutomlAdError):
@@ -73,33 +80,59 @@ class Detector(BaseEstimator):
     test_params: ClassVar[dict] = {}
     #: Which built-in demo category the contract test fits this family on ("object" or "texture").
     test_category: ClassVar[str] = "object"
-    #: The family always reads luma images (families with a ``gray`` parameter read it from there).
-    reads_gray: ClassVar[bool] = False
     #: Why the family has no inference graph (see :meth:`inference_graph`).
     no_graph: ClassVar[str] = "its inference is not a plain torch graph"
+    #: Constructor parameter -> list of constraints, one of which its value must meet (see ``parameters.py``).
+    _parameter_constraints: ClassVar[dict[str, list]] = {}
+
+    # --- attributes every family has ----------------------------------------------------------------------------
+    #: Side in pixels images are resized to (square) before the family reads them; a constructor parameter.
+    input_size: int
+    #: Whether the family reads luma (one channel) rather than colour: a constructor parameter in families that
+    #: offer the choice, a fixed class value otherwise.
+    gray: bool = False
+
+    # --- fitted attributes, set by fit and load -----------------------------------------------------------------
+    fit_seconds_: float | None
+    fit_peak_rss_mb_: float | None
+    n_train_: int | None
+    #: Mean training loss of each epoch (empty for families that do not train iteratively).
+    loss_history_: list[float]
+    #: Epochs run, early stopping included (None for families that do not train iteratively).
+    epochs_trained_: int | None
 
     # --- public API -------------------------------------------------------------------------------------------
     def fit(self, train: ImageSet, on_epoch: EpochCallback | None = None) -> Detector:
         """Fit on normal images. Iterative families call ``on_epoch`` after every epoch."""
         from automl_ad.evaluation.cost import PeakRss
 
+        self._validate_params()
         if len(train) == 0:
             raise ValueError(f"{self.name}: fit needs at least one normal image")
         if train.labels is not None and train.labels.any():
             raise ValueError(f"{self.name}: fit on normal images only ({int(train.labels.sum())} are labelled "
                              "anomalous); anomalous images belong in validation or test")
+        self.loss_history_ = []
         start = time.perf_counter()
         with PeakRss() as memory:
             self._fit(train, on_epoch)
         self.fit_seconds_ = time.perf_counter() - start
         self.fit_peak_rss_mb_ = memory.peak_mb
         self.n_train_ = len(train)
+        self.epochs_trained_ = len(self.loss_history_) if self.iterative else None
         return self
 
-    def score(self, images: ImageSet) -> Scores:
-        """Image scores and (if the family localises) anomaly maps for ``images``."""
+    def score_samples(self, images: ImageSet) -> Scores:
+        """Image scores and (if the family localises) anomaly maps for ``images``; higher = more anomalous."""
         self._check_fitted()
+        self._validate_params()
         return self._checked_score(images)
+
+    def score(self, images: ImageSet) -> Scores:
+        """Deprecated alias of :meth:`score_samples` (scikit-learn's ``score(X, y)`` returns one number)."""
+        warnings.warn(f"{type(self).__name__}.score(images) is deprecated and will be removed; use "
+                      "score_samples(images)", DeprecationWarning, stacklevel=2)
+        return self.score_samples(images)
 
     def _checked_score(self, images: ImageSet) -> Scores:
         """``_score`` with its output checked (shapes, finite values)."""
@@ -157,6 +190,11 @@ class Detector(BaseEstimator):
         if cls is not Detector and not issubclass(family, cls):
             raise AutomlAdError(f"{directory} holds a {record['family']} detector, not {cls.name}")
         detector = family(**_restore_tuples(family, {**record["params"], **(overrides or {})}))
+        try:
+            detector._validate_params()
+        except InvalidParameterError as exc:
+            raise InvalidParameterError(f"{directory / params_file}: {exc}") from exc
+        detector.loss_history_, detector.epochs_trained_ = [], None  # iterative families restore theirs
         detector._restore(load_file(str(directory / tensors_file)), record["state"])
         fit = record.get("fit", {})
         detector.fit_seconds_, detector.fit_peak_rss_mb_ = fit.get("seconds"), fit.get("peak_rss_mb")
@@ -165,8 +203,8 @@ class Detector(BaseEstimator):
 
     def inference_graph(self) -> torch.nn.Module | None:
         """A torch module mapping :meth:`graph_input`'s batch (float32 NCHW in [0, 1]) to ``(image_scores (N,),
-        anomaly_maps (N, H, W))`` exactly as ``score`` does, or None when the family has none. It may share the
-        detector's own (eval-mode) modules: use it for inference or export only."""
+        anomaly_maps (N, H, W))`` exactly as ``score_samples`` does, or None when the family has none. It may share
+        the detector's own (eval-mode) modules: use it for inference or export only."""
         return None
 
     def graph_absent_reason(self) -> str:
@@ -175,12 +213,16 @@ class Detector(BaseEstimator):
 
     def graph_input(self, images: ImageSet) -> np.ndarray:
         """The inference graph's input for ``images``: float32 (N, C, S, S) in [0, 1] at ``input_size``, resized
-        as ``score`` reads them; C = 1 (luma) for families reading gray images, else 3 (gray repeated)."""
-        gray = self.reads_gray or bool(getattr(self, "gray", False))
+        as ``score_samples`` reads them; C = 1 (luma) for families reading gray images, else 3 (gray repeated)."""
+        gray = bool(self.gray)
         pixels = images.load(self.input_size, gray=gray)
         return np.ascontiguousarray(pixels[:, None] if gray else pixels.transpose(0, 3, 1, 2), dtype=np.float32)
 
     # --- hooks for families -----------------------------------------------------------------------------------
+    def _check_parameter_relations(self) -> None:
+        """Raise :class:`~automl_ad.errors.InvalidParameterError` when parameters that are each allowed do not
+        fit together (e.g. a patch larger than the image); called after the declared constraints are checked."""
+
     def _fit(self, train: ImageSet, on_epoch: EpochCallback | None) -> None:
         raise NotImplementedError
 
@@ -195,6 +237,11 @@ class Detector(BaseEstimator):
         raise NotImplementedError
 
     # --- helpers ----------------------------------------------------------------------------------------------
+    def _validate_params(self) -> None:
+        """Check every constructor parameter against ``_parameter_constraints``, then their relations."""
+        check_parameters(self.name, self._parameter_constraints, self.get_params(deep=False))
+        self._check_parameter_relations()
+
     def _record_epoch(self, epoch: int, loss: float, on_epoch: EpochCallback | None, hint: str,
                       interim: Callable[[], AbstractContextManager] | None = None) -> bool:
         """For iterative families: keep the epoch's mean loss in ``loss_history_``, raise if training diverged
@@ -244,8 +291,15 @@ class Detector(BaseEstimator):
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        if cls.name and not cls.route:
+        if not cls.name:
+            return
+        if not cls.route:
             raise TypeError(f"detector family {cls.__name__} must declare its route")
+        params, declared = set(cls._get_param_names()), set(cls._parameter_constraints)
+        if params != declared:
+            raise TypeError(f"detector family {cls.__name__}: _parameter_constraints must cover exactly its "
+                            f"constructor parameters (undeclared: {sorted(params - declared)}, not parameters: "
+                            f"{sorted(declared - params)})")
 
 
 def _restore_tuples(family: type, params: dict) -> dict:

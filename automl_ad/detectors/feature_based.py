@@ -2,15 +2,19 @@
 
 Subclasses list the backbone parameters in their own ``__init__`` (scikit-learn reads parameters from the
 signature): ``backbone``, ``feature_strides``, ``weights``, ``pretrained``, ``input_size``, ``device``,
-``cache_features``.
+``cache_features``; their constraints are :data:`BACKBONE_CONSTRAINTS`.
 """
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 
 from automl_ad.data.imageset import ImageSet
 from automl_ad.detectors.base import Detector
+from automl_ad.detectors.parameters import POSITIVE_INT, PowerOfTwo, TupleOf
+from automl_ad.errors import AutomlAdError
 from automl_ad.features import FeatureCache, extract_features, load_extractor
 
 _CACHE: FeatureCache | None = None
@@ -22,6 +26,13 @@ def feature_cache() -> FeatureCache:
     if _CACHE is None:
         _CACHE = FeatureCache()
     return _CACHE
+
+
+#: Constraints of the backbone parameters (which strides a backbone offers is checked when it is loaded).
+BACKBONE_CONSTRAINTS = {
+    "backbone": [str], "feature_strides": [TupleOf(PowerOfTwo(2))], "weights": [None, str, os.PathLike],
+    "pretrained": [bool], "input_size": [POSITIVE_INT], "device": [str], "cache_features": [bool],
+}
 
 
 class BackboneDetector(Detector):
@@ -46,8 +57,6 @@ class BackboneDetector(Detector):
     def _check_backbone(self, state: dict) -> None:
         identity = self._extractor().spec.weights.identity
         if state.get("weights_identity") not in (None, identity):
-            from automl_ad.errors import AutomlAdError
-
             raise AutomlAdError(f"{self.name}: the model was fitted with backbone weights {state['weights_identity']}"
                                 f" but {identity} are loaded now; pass the same weights file")
 

@@ -1,46 +1,14 @@
 """Shared pieces for the generative families that train their own networks on pixels (autoencoder, GANomaly,
-diffusion): parameter checks, image tensors, seeded mini-batches, map smoothing and reduction to image scores.
+diffusion): image tensors, seeded mini-batches, map smoothing and reduction to image scores.
 """
 
 from __future__ import annotations
-
-from numbers import Integral, Real
 
 import numpy as np
 
 from automl_ad.data.imageset import ImageSet
 
 IMAGE_SCORES = ("max", "top_k_mean")
-
-
-def check_int(owner, name: str, low: int = 1) -> None:
-    """Raise a ValueError unless ``owner.<name>`` is an integer >= ``low``."""
-    value = getattr(owner, name)
-    if isinstance(value, bool) or not isinstance(value, Integral) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-
-
-def check_float(owner, name: str, low: float = 0.0, high: float | None = None, open_low: bool = False) -> None:
-    """Raise a ValueError unless ``owner.<name>`` is a real number in [low, high] (``open_low``: > low)."""
-    value = getattr(owner, name)
-    ok = isinstance(value, Real) and not isinstance(value, bool) and np.isfinite(value)
-    ok = ok and (value > low if open_low else value >= low) and (high is None or value <= high)
-    if not ok:
-        bound = f"{'>' if open_low else '>='} {low}" + (f" and <= {high}" if high is not None else "")
-        raise ValueError(f"{name} must be a number {bound}, got {value!r}")
-
-
-def check_power_of_two(owner, name: str, low: int) -> None:
-    """Raise a ValueError unless ``owner.<name>`` is a power of two >= ``low`` (strided architectures)."""
-    value = getattr(owner, name)
-    if isinstance(value, bool) or not isinstance(value, Integral) or value < low or value & (value - 1):
-        raise ValueError(f"{name} must be a power of two >= {low} (e.g. 64, 128, 256), got {value!r}")
-
-
-def check_choice(owner, name: str, choices: tuple) -> None:
-    value = getattr(owner, name)
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}, got {value!r}")
 
 
 def image_tensor(images: ImageSet, size: int, gray: bool, device: str):

@@ -1,5 +1,5 @@
 """Building blocks of detectors' inference graphs (:meth:`Detector.inference_graph`): plain torch modules that
-reproduce ``score`` on a preprocessed image batch, so they can be exported (ONNX) and run without automl-ad.
+reproduce ``score_samples`` on a preprocessed image batch, so they can be exported (ONNX) and run without automl-ad.
 
 * :class:`Backbone`: normalisation with the weights' mean/std, then the eager timm feature pyramid.
 * :class:`GaussianBlur`: scipy's ``gaussian_filter`` (truncate 4, 'reflect' border, optional derivative order)
@@ -138,7 +138,7 @@ def on_cpu(module: nn.Module) -> nn.Module:
 
 
 class PatchCoreGraph(nn.Module):
-    """PatchCore's ``score``: exact nearest neighbours in the bank (a constant) by the squared-norm expansion, as
+    """PatchCore's scoring: exact nearest neighbours in the bank (a constant) by the squared-norm expansion, as
     faiss' exact index, the re-weighted image score and the smoothed distance map."""
 
     def __init__(self, embed: PatchEmbedding, bank: np.ndarray, num_neighbors: int, size: int, sigma: float):
@@ -175,7 +175,7 @@ class PatchCoreGraph(nn.Module):
 
 
 class PadimGraph(nn.Module):
-    """PaDiM's ``score``: the selected channels on the finest grid, Mahalanobis distance with the stored inverse
+    """PaDiM's scoring: the selected channels on the finest grid, Mahalanobis distance with the stored inverse
     covariances (constants), the smoothed map and its maximum."""
 
     def __init__(self, backbone: Backbone, channels: np.ndarray, widths: list[int], grid: tuple[int, int],
@@ -248,7 +248,7 @@ class NegatedDiscriminator(nn.Module):
 
 
 class STPMGraph(nn.Module):
-    """STPM's ``score``: teacher and student on the normalised images, per-stage normalised feature distances
+    """STPM's scoring: teacher and student on the normalised images, per-stage normalised feature distances
     upsampled and combined (product or sum), optionally smoothed; image score = the map's maximum."""
 
     def __init__(self, teacher: Backbone, student: nn.Module, size: int, combination: str, sigma: float):
@@ -269,7 +269,7 @@ class STPMGraph(nn.Module):
 
 
 class FastFlowGraph(nn.Module):
-    """FastFlow's ``score``: flows on the backbone's stages, 1 - mean over stages of the upsampled likelihood
+    """FastFlow's scoring: flows on the backbone's stages, 1 - mean over stages of the upsampled likelihood
     exp(-0.5 mean_c z^2), optionally smoothed; image score = the map's maximum."""
 
     def __init__(self, backbone: Backbone, model: nn.Module, size: int, sigma: float):
@@ -287,7 +287,7 @@ class FastFlowGraph(nn.Module):
 
 
 class AutoencoderGraph(nn.Module):
-    """The autoencoder's ``score``: reconstruction error map (squared error summed over channels, or 1 - SSIM
+    """The autoencoder's scoring: reconstruction error map (squared error summed over channels, or 1 - SSIM
     averaged over channels), Gaussian-smoothed, reduced to the image score by ``head``."""
 
     def __init__(self, model: nn.Module, metric: str, size: int, sigma: float, head: MapHead):
@@ -312,7 +312,7 @@ class AutoencoderGraph(nn.Module):
 
 
 class GanomalyGraph(nn.Module):
-    """GANomaly's ``score``: images mapped to [-1, 1], the generator's reconstruction; map = smoothed mean
+    """GANomaly's scoring: images mapped to [-1, 1], the generator's reconstruction; map = smoothed mean
     absolute residual / 2, image score = the latent distance or the map's maximum."""
 
     def __init__(self, generator: nn.Module, size: int, sigma: float, latent_score: bool):
@@ -332,7 +332,7 @@ class GanomalyGraph(nn.Module):
 
 
 class GaussianGraph(nn.Module):
-    """The statistical route's ``score`` on luma images (N, 1, S, S): per scale the local mean, local standard
+    """The statistical route's scoring on luma images (N, 1, S, S): per scale the local mean, local standard
     deviation and scale-normalised Gaussian derivatives, the Mahalanobis distance to the normal model (one per
     position or shared), smoothed; image score = the map's maximum."""
 

@@ -45,9 +45,9 @@ def measure_costs(detector, images, batch_size: int = THROUGHPUT_BATCH, repeats:
         throughput = measure_throughput(detector.score, batch, repeats=3)
     with tempfile.TemporaryDirectory() as tmp:
         model_mb = directory_size_mb(detector.save(tmp))
-    return CostReport(fit_seconds=getattr(detector, "fit_seconds_", None), latency_ms_p50=p50, latency_ms_p95=p95,
+    return CostReport(fit_seconds=detector.fit_seconds_, latency_ms_p50=p50, latency_ms_p95=p95,
                       throughput_ips=throughput, batch_size=batch_size,
-                      peak_rss_mb_fit=getattr(detector, "fit_peak_rss_mb_", None),
+                      peak_rss_mb_fit=detector.fit_peak_rss_mb_,
                       peak_rss_mb_score=memory.peak_mb, model_mb=model_mb)
 
 
@@ -58,6 +58,6 @@ def evaluate_detector(detector, test, measure_cost: bool = True) -> EvaluationRe
     seconds = time.perf_counter() - start
     metrics = evaluate(test.labels, scores.image_scores, scores.anomaly_maps, test.masks())
     cost = measure_costs(detector, test) if measure_cost else CostReport(
-        fit_seconds=getattr(detector, "fit_seconds_", None), peak_rss_mb_fit=getattr(detector, "fit_peak_rss_mb_", None))
+        fit_seconds=detector.fit_seconds_, peak_rss_mb_fit=detector.fit_peak_rss_mb_)
     return EvaluationResult(metrics, cost, scores.image_scores, scores.anomaly_maps, seconds)
 

@@ -90,7 +90,7 @@ def run_trial(spec: dict) -> dict:
         result.update({f"real_{k}": v for k, v in ref_metrics.items()}, real_quality=quality(ref_metrics, metric))
     cost = measure_costs(detector, validation, repeats=int(spec.get("latency_repeats", 10)))
     result.update(cost.to_dict())
-    result["epochs_trained"] = getattr(detector, "epochs_trained_", None)
+    result["epochs_trained"] = detector.epochs_trained_
     result["training_cut_by_time"] = bool(cut)
     result.update(FEATURE_TIMES.as_metrics())
     out = Path(spec["out_dir"])

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+from numbers import Real
 
 import numpy as np
 import torch
@@ -34,10 +35,6 @@ from automl_ad.data.imageset import ImageSet
 from automl_ad.detectors.base import Detector, EpochCallback, Scores
 from automl_ad.detectors.generative import (
     IMAGE_SCORES,
-    check_choice,
-    check_float,
-    check_int,
-    check_power_of_two,
     epoch_batches,
     image_tensor,
     load_module_tensors,
@@ -45,6 +42,15 @@ from automl_ad.detectors.generative import (
     random_flips,
     reduce_maps,
     smooth_maps,
+)
+from automl_ad.detectors.parameters import (
+    NON_NEGATIVE,
+    NON_NEGATIVE_INT,
+    POSITIVE,
+    POSITIVE_INT,
+    Interval,
+    Options,
+    PowerOfTwo,
 )
 from automl_ad.detectors.registry import register_detector
 from automl_ad.features import resolve_device
@@ -69,6 +75,14 @@ class Autoencoder(Detector):
     test_params = {"input_size": 32, "epochs": 50, "batch_size": 4, "learning_rate": 1e-3, "latent_dim": 32,
                    "base_channels": 16, "loss": "mse", "map_metric": "l2", "smoothing_sigma": 1.0}
     test_category = "object"
+    _parameter_constraints = {
+        "input_size": [PowerOfTwo(32)], "gray": [bool], "latent_dim": [POSITIVE_INT], "base_channels": [POSITIVE_INT],
+        "loss": [Options(*LOSSES)], "ssim_weight": [Interval(Real, 0, 1, closed="both")], "epochs": [POSITIVE_INT],
+        "batch_size": [POSITIVE_INT], "learning_rate": [POSITIVE], "weight_decay": [NON_NEGATIVE], "augment": [bool],
+        "map_metric": [Options(*MAP_METRICS)], "smoothing_sigma": [NON_NEGATIVE],
+        "image_score": [Options(*IMAGE_SCORES)], "top_k_fraction": [Interval(Real, 0, 1, closed="right")],
+        "device": [str], "seed": [NON_NEGATIVE_INT],
+    }
 
     def __init__(self, input_size=128, gray=False, latent_dim=100, base_channels=32, loss="ssim", ssim_weight=0.5,
                  epochs=200, batch_size=16, learning_rate=2e-4, weight_decay=1e-5, augment=False,
@@ -92,22 +106,6 @@ class Autoencoder(Detector):
         self.device = device
         self.seed = seed
 
-    def _check_params(self) -> None:
-        check_power_of_two(self, "input_size", 32)
-        for key in ("latent_dim", "base_channels", "epochs", "batch_size"):
-            check_int(self, key)
-        check_choice(self, "loss", LOSSES)
-        check_float(self, "ssim_weight", 0.0, 1.0)
-        check_float(self, "learning_rate", open_low=True)
-        check_float(self, "weight_decay")
-        self._check_score_params()
-
-    def _check_score_params(self) -> None:
-        check_choice(self, "map_metric", MAP_METRICS)
-        check_float(self, "smoothing_sigma")
-        check_choice(self, "image_score", IMAGE_SCORES)
-        check_float(self, "top_k_fraction", 0.0, 1.0, open_low=True)
-
     # --- model ------------------------------------------------------------------------------------------------
     def _build(self):
         with torch.random.fork_rng(devices=[]):
@@ -118,13 +116,11 @@ class Autoencoder(Detector):
 
     # --- fit --------------------------------------------------------------------------------------------------
     def _fit(self, train: ImageSet, on_epoch: EpochCallback | None) -> None:
-        self._check_params()
         model = self._build().train()
         device = next(model.parameters()).device
         images = image_tensor(train, int(self.input_size), bool(self.gray), device)
         optimiser = torch.optim.Adam(model.parameters(), lr=self.learning_rate, weight_decay=self.weight_decay)
         generator = torch.Generator().manual_seed(self.seed)
-        self.loss_history_ = []
         for epoch in range(int(self.epochs)):
             total = 0.0
             for index in epoch_batches(len(images), int(self.batch_size), generator):
@@ -139,9 +135,8 @@ class Autoencoder(Detector):
             if self._record_epoch(epoch, total / len(images), on_epoch, "lower learning_rate",
                                   interim=lambda: self._interim_state([model], model_=model)):
                 break
-        self.epochs_trained_ = len(self.loss_history_)
         self.model_ = model.eval()
-        log.info("%s: %d epochs, final loss %.5f", self.name, self.epochs_trained_, self.loss_history_[-1])
+        log.info("%s: %d epochs, final loss %.5f", self.name, len(self.loss_history_), self.loss_history_[-1])
 
     def _loss(self, reconstruction, target):
         if self.loss == "mse":
@@ -163,7 +158,6 @@ class Autoencoder(Detector):
         return inputs.cpu().numpy(), torch.cat(outputs).cpu().numpy()
 
     def _score(self, images: ImageSet) -> Scores:
-        self._check_score_params()
         inputs, outputs = self.reconstruct(images)
         if self.map_metric == "l2":
             maps = ((inputs - outputs) ** 2).sum(axis=1)
@@ -178,7 +172,7 @@ class Autoencoder(Detector):
         from automl_ad.detectors.graph import AutoencoderGraph, MapHead
 
         self._check_fitted()
-        self._check_score_params()
+        self._validate_params()
         size = int(self.input_size)
         top_k = None if self.image_score == "max" else max(1, int(round(self.top_k_fraction * size * size)))
         return AutoencoderGraph(self.model_, self.map_metric, size, self.smoothing_sigma, MapHead(top_k))

@@ -32,7 +32,8 @@ import numpy as np
 
 from automl_ad.data.imageset import ImageSet
 from automl_ad.detectors.base import EpochCallback, Scores
-from automl_ad.detectors.feature_based import BackboneDetector, upsample_and_smooth
+from automl_ad.detectors.feature_based import BACKBONE_CONSTRAINTS, BackboneDetector, upsample_and_smooth
+from automl_ad.detectors.parameters import NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, Interval, Options
 from automl_ad.detectors.registry import register_detector
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,13 @@ class OneClassSvm(BackboneDetector):
     no_graph = "the decision function is a scikit-learn one-class SVM, not a torch graph"
     test_params = {"backbone": "resnet18", "pretrained": False, "input_size": 64}
     test_category = "object"
+    _parameter_constraints = {
+        **BACKBONE_CONSTRAINTS, "pooling": [Options(*POOLINGS)], "kernel": [Options(*KERNELS)],
+        "nu": [Interval(Real, 0, 1, closed="right")], "gamma_scale": [POSITIVE],
+        "localization": [Options(*LOCALIZATIONS)], "window": [POSITIVE_INT],
+        "max_windows": [Interval(Integral, 2, None, closed="left")], "smoothing_sigma": [NON_NEGATIVE],
+        "seed": [NON_NEGATIVE_INT],
+    }
 
     def __init__(self, backbone="resnet18", feature_strides=(16, 32), weights=None, pretrained=True,
                  input_size=256, device="auto", cache_features=True, pooling="avgmax", kernel="rbf", nu=0.1,
@@ -73,25 +81,6 @@ class OneClassSvm(BackboneDetector):
         self.max_windows = max_windows
         self.smoothing_sigma = smoothing_sigma
         self.seed = seed
-
-    def _check_params(self) -> None:
-        if self.pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
-        if self.kernel not in KERNELS:
-            raise ValueError(f"kernel must be one of {KERNELS}, got {self.kernel!r}")
-        if self.localization not in LOCALIZATIONS:
-            raise ValueError(f"localization must be one of {LOCALIZATIONS}, got {self.localization!r}")
-        if not isinstance(self.nu, Real) or not 0 < self.nu <= 1:
-            raise ValueError(f"nu must be in (0, 1] (bound on the fraction of training outliers), got {self.nu!r}")
-        if not isinstance(self.gamma_scale, Real) or not self.gamma_scale > 0:
-            raise ValueError(f"gamma_scale must be > 0 (multiple of 1 / (dimensions x variance)), got "
-                             f"{self.gamma_scale!r}")
-        for name, low in (("window", 1), ("max_windows", 2)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, Integral) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-        if not isinstance(self.smoothing_sigma, Real) or self.smoothing_sigma < 0:
-            raise ValueError(f"smoothing_sigma must be >= 0 pixels, got {self.smoothing_sigma!r}")
 
     # --- descriptors ------------------------------------------------------------------------------------------
     def _pooled(self, features: list[np.ndarray]) -> np.ndarray:
@@ -121,7 +110,6 @@ class OneClassSvm(BackboneDetector):
 
     # --- fit --------------------------------------------------------------------------------------------------
     def _fit(self, train: ImageSet, on_epoch: EpochCallback | None) -> None:
-        self._check_params()
         features = self._features(train)
         self.boundary_ = self._fit_boundary(self._pooled(features))
         log.info("%s: %d of %d training images are support vectors", self.name, len(self.boundary_.support),

@@ -33,6 +33,7 @@ from scipy import ndimage
 
 from automl_ad.data.imageset import ImageSet
 from automl_ad.detectors.base import Detector, EpochCallback, Scores
+from automl_ad.detectors.parameters import NON_NEGATIVE, POSITIVE, POSITIVE_INT, Interval
 from automl_ad.detectors.registry import register_detector
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,12 @@ class RobustPCA(Detector):
                 " convergence), not a fixed graph")
     test_params = {"input_size": 96, "smoothing_sigma": 2.0}
     test_category = "texture"
+    gray = True
+    _parameter_constraints = {
+        "input_size": [Interval(Integral, 16, None, closed="left")], "lambda_scale": [POSITIVE],
+        "tol": [Interval(Real, 0, 1, closed="neither")], "max_iter": [POSITIVE_INT], "smoothing_sigma": [NON_NEGATIVE],
+        "top_fraction": [Interval(Real, 0, 1, closed="both")],
+    }
 
     def __init__(self, input_size=256, lambda_scale=3.0, tol=1e-7, max_iter=100, smoothing_sigma=2.0,
                  top_fraction=0.0):
@@ -64,20 +71,7 @@ class RobustPCA(Detector):
         self.top_fraction = top_fraction
 
     def _fit(self, train: ImageSet, on_epoch: EpochCallback | None) -> None:
-        if not isinstance(self.input_size, Integral) or self.input_size < 16:
-            raise ValueError(f"input_size must be an integer >= 16, got {self.input_size!r}")
-        if not isinstance(self.lambda_scale, Real) or not self.lambda_scale > 0:
-            raise ValueError(f"lambda_scale must be > 0 (1 is the paper's lambda = 1/sqrt(max(m, n))), got "
-                             f"{self.lambda_scale!r}")
-        if not isinstance(self.tol, Real) or not 0 < self.tol < 1:
-            raise ValueError(f"tol must be in (0, 1) (relative residual ||D - L - S||_F / ||D||_F), got {self.tol!r}")
-        if not isinstance(self.max_iter, Integral) or self.max_iter < 1:
-            raise ValueError(f"max_iter must be a positive integer, got {self.max_iter!r}")
-        if not isinstance(self.smoothing_sigma, Real) or self.smoothing_sigma < 0:
-            raise ValueError(f"smoothing_sigma must be >= 0 pixels, got {self.smoothing_sigma!r}")
-        if not isinstance(self.top_fraction, Real) or not 0 <= self.top_fraction <= 1:
-            raise ValueError(f"top_fraction must be in [0, 1] (0 scores an image by its map's maximum), got "
-                             f"{self.top_fraction!r}")
+        """Nothing to learn: each image is decomposed on its own when it is scored."""
 
     def _score(self, images: ImageSet) -> Scores:
         from threadpoolctl import threadpool_limits

@@ -40,6 +40,7 @@ import contextlib
 import copy
 import logging
 import math
+from numbers import Integral, Real
 
 import numpy as np
 import torch
@@ -48,18 +49,26 @@ from torch import nn
 
 from automl_ad.data.imageset import ImageSet
 from automl_ad.detectors.base import EpochCallback, Scores
-from automl_ad.detectors.feature_based import BackboneDetector
+from automl_ad.detectors.feature_based import BACKBONE_CONSTRAINTS, BackboneDetector
 from automl_ad.detectors.generative import (
-    check_choice,
-    check_float,
-    check_int,
     epoch_batches,
     image_tensor,
     load_module_tensors,
     module_tensors,
     smooth_maps,
 )
+from automl_ad.detectors.parameters import (
+    NON_NEGATIVE,
+    NON_NEGATIVE_INT,
+    POSITIVE,
+    POSITIVE_INT,
+    Interval,
+    MultipleOf,
+    Options,
+    TupleOf,
+)
 from automl_ad.detectors.registry import register_detector
+from automl_ad.errors import InvalidParameterError
 from automl_ad.features import BackboneWeightsError, resolve_device
 
 log = logging.getLogger(__name__)
@@ -85,6 +94,14 @@ class Diffusion(BackboneDetector):
                    "channel_mults": (1, 2), "epochs": 150, "batch_size": 8, "learning_rate": 2e-3, "t0": 50,
                    "steps": 1, "feature_scoring": False}
     test_category = "object"
+    _parameter_constraints = {
+        **BACKBONE_CONSTRAINTS, "input_size": [Interval(Integral, 8, None, closed="left")],
+        "channels": [MultipleOf(_GROUPS)], "channel_mults": [TupleOf(POSITIVE_INT)], "timesteps": [POSITIVE_INT],
+        "schedule": [Options(*SCHEDULES)], "epochs": [POSITIVE_INT], "batch_size": [POSITIVE_INT],
+        "learning_rate": [POSITIVE], "weight_decay": [NON_NEGATIVE], "ema_decay": [Interval(Real, 0, 1, closed="both")],
+        "t0": [NON_NEGATIVE_INT], "steps": [POSITIVE_INT], "guidance": [NON_NEGATIVE], "feature_scoring": [bool],
+        "pixel_weight": [NON_NEGATIVE], "smoothing_sigma": [NON_NEGATIVE], "seed": [NON_NEGATIVE_INT],
+    }
 
     def __init__(self, backbone="wide_resnet50_2", feature_strides=(8, 16), weights=None, pretrained=True,
                  input_size=64, device="auto", cache_features=True, channels=32, channel_mults=(1, 2, 2),
@@ -116,36 +133,16 @@ class Diffusion(BackboneDetector):
         self.seed = seed
 
     # --- parameters -------------------------------------------------------------------------------------------
-    def _check_params(self) -> None:
-        for key in ("channels", "timesteps", "epochs", "batch_size"):
-            check_int(self, key)
-        if self.channels % _GROUPS:
-            raise ValueError(f"channels must be a multiple of {_GROUPS} (GroupNorm groups), got {self.channels!r}")
-        mults = self.channel_mults
-        if (not isinstance(mults, (tuple, list)) or not mults
-                or any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in mults)):
-            raise ValueError(f"channel_mults must be a non-empty tuple of positive integers, got {mults!r}")
-        check_int(self, "input_size", low=8)
-        if self.input_size % 2 ** (len(mults) - 1):
-            raise ValueError(f"input_size {self.input_size} must be divisible by 2^{len(mults) - 1} for "
-                             f"{len(mults)} UNet levels")
-        check_choice(self, "schedule", SCHEDULES)
-        check_float(self, "learning_rate", open_low=True)
-        check_float(self, "weight_decay")
-        check_float(self, "ema_decay", 0.0, 1.0)
-        self._check_score_params()
-
-    def _check_score_params(self) -> None:
-        check_int(self, "t0", low=0)
-        check_int(self, "steps")
+    def _check_parameter_relations(self) -> None:
+        levels = len(self.channel_mults)
+        if self.input_size % 2 ** (levels - 1):
+            raise InvalidParameterError(f"{self.name}: input_size {self.input_size} must be divisible by "
+                                        f"2^{levels - 1} for {levels} UNet levels (channel_mults)")
         if self.t0 >= self.timesteps:
-            raise ValueError(f"t0 must be below timesteps ({self.timesteps}), got {self.t0}")
+            raise InvalidParameterError(f"{self.name}: t0 must be below timesteps ({self.timesteps}), got {self.t0}")
         if self.steps > self.t0 + 1:
-            raise ValueError(f"steps ({self.steps}) cannot exceed t0 + 1 ({self.t0 + 1}) distinct timesteps")
-        for key in ("guidance", "pixel_weight", "smoothing_sigma"):
-            check_float(self, key)
-        if not isinstance(self.feature_scoring, bool):
-            raise ValueError(f"feature_scoring must be True or False, got {self.feature_scoring!r}")
+            raise InvalidParameterError(f"{self.name}: steps ({self.steps}) cannot exceed t0 + 1 ({self.t0 + 1}) "
+                                        "distinct timesteps")
 
     # --- model ------------------------------------------------------------------------------------------------
     def _build(self) -> nn.Module:
@@ -165,7 +162,6 @@ class Diffusion(BackboneDetector):
 
     # --- fit --------------------------------------------------------------------------------------------------
     def _fit(self, train: ImageSet, on_epoch: EpochCallback | None) -> None:
-        self._check_params()
         model = self._build().train()
         device = next(model.parameters()).device
         images = image_tensor(train, int(self.input_size), False, device) * 2 - 1
@@ -173,7 +169,7 @@ class Diffusion(BackboneDetector):
         ema = copy.deepcopy(model).eval() if self.ema_decay > 0 else None
         optimiser = torch.optim.Adam(model.parameters(), lr=self.learning_rate, weight_decay=self.weight_decay)
         generator = torch.Generator().manual_seed(self.seed)
-        self.loss_history_, updates = [], 0
+        updates = 0
         for epoch in range(int(self.epochs)):
             total = 0.0
             for index in epoch_batches(len(images), int(self.batch_size), generator):
@@ -193,10 +189,9 @@ class Diffusion(BackboneDetector):
             if self._record_epoch(epoch, total / len(images), on_epoch, "lower learning_rate",
                                   interim=lambda: self._interim(ema if ema is not None else model, train)):
                 break
-        self.epochs_trained_ = len(self.loss_history_)
         self._set_model(ema if ema is not None else model)
         self.pixel_scale_ = self._pixel_scale(train)
-        log.info("%s: %d epochs, final loss %.5f", self.name, self.epochs_trained_, self.loss_history_[-1])
+        log.info("%s: %d epochs, final loss %.5f", self.name, len(self.loss_history_), self.loss_history_[-1])
 
     def _pixel_scale(self, train: ImageSet) -> float | None:
         """Scale that brings pixel distances to the feature distances' range (None without feature scoring),
@@ -223,7 +218,7 @@ class Diffusion(BackboneDetector):
     def reconstruct(self, images: ImageSet) -> tuple[np.ndarray, np.ndarray]:
         """(inputs, reconstructions) as float32 NHWC arrays in [0, 1] at ``input_size``."""
         self._check_fitted()
-        self._check_score_params()
+        self._validate_params()
         return self._reconstruct(images)
 
     def _reconstruct(self, images: ImageSet) -> tuple[np.ndarray, np.ndarray]:
@@ -267,7 +262,6 @@ class Diffusion(BackboneDetector):
         return pixel, feature[:, 0].numpy()
 
     def _score(self, images: ImageSet) -> Scores:
-        self._check_score_params()
         if self.feature_scoring and self.pixel_scale_ is None:
             raise ValueError(f"{self.name} was fitted with feature_scoring=False; refit with feature_scoring=True "
                              "to score in feature space")

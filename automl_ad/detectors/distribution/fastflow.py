@@ -27,7 +27,8 @@ import numpy as np
 
 from automl_ad.data.imageset import ImageSet
 from automl_ad.detectors.base import EpochCallback, Scores
-from automl_ad.detectors.feature_based import BackboneDetector, upsample_and_smooth
+from automl_ad.detectors.feature_based import BACKBONE_CONSTRAINTS, BackboneDetector, upsample_and_smooth
+from automl_ad.detectors.parameters import NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT
 from automl_ad.detectors.registry import register_detector
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,12 @@ class FastFlow(BackboneDetector):
     iterative = True
     test_params = {"backbone": "resnet18", "pretrained": False, "input_size": 64, "flow_steps": 4, "epochs": 15,
                    "batch_size": 8}
+    _parameter_constraints = {
+        **BACKBONE_CONSTRAINTS, "flow_steps": [POSITIVE_INT], "hidden_ratio": [POSITIVE], "conv3x3_only": [bool],
+        "affine_clamping": [POSITIVE], "norm_affine": [bool], "epochs": [POSITIVE_INT], "batch_size": [POSITIVE_INT],
+        "learning_rate": [POSITIVE], "weight_decay": [NON_NEGATIVE], "smoothing_sigma": [NON_NEGATIVE],
+        "seed": [NON_NEGATIVE_INT],
+    }
 
     def __init__(self, backbone="resnet18", feature_strides=(4, 8, 16), weights=None, pretrained=True,
                  input_size=256, device="auto", cache_features=True, flow_steps=8, hidden_ratio=1.0,
@@ -68,19 +75,6 @@ class FastFlow(BackboneDetector):
         self.smoothing_sigma = smoothing_sigma
         self.seed = seed
 
-    def _check_params(self) -> None:
-        for key in ("flow_steps", "epochs", "batch_size"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"{key} must be a positive integer, got {value!r}")
-        for key in ("hidden_ratio", "affine_clamping", "learning_rate"):
-            if not getattr(self, key) > 0:
-                raise ValueError(f"{key} must be > 0, got {getattr(self, key)!r}")
-        if not self.weight_decay >= 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
-        if not self.smoothing_sigma >= 0:
-            raise ValueError(f"smoothing_sigma must be >= 0 pixels, got {self.smoothing_sigma!r}")
-
     # --- model ------------------------------------------------------------------------------------------------
     def _build(self, shapes: list[tuple[int, int, int]]):
         """LayerNorms and flows for feature maps of ``shapes`` (C, h, w); weights initialised from ``seed``."""
@@ -101,7 +95,6 @@ class FastFlow(BackboneDetector):
     def _fit(self, train: ImageSet, on_epoch: EpochCallback | None) -> None:
         import torch
 
-        self._check_params()
         features = [torch.from_numpy(f) for f in self._features(train)]
         self.feature_shapes_ = [tuple(int(s) for s in f.shape[1:]) for f in features]
         model = self._build(self.feature_shapes_)
@@ -111,7 +104,6 @@ class FastFlow(BackboneDetector):
                                      weight_decay=self.weight_decay)
         generator = torch.Generator().manual_seed(self.seed)
         count = len(features[0])
-        self.loss_history_ = []
         model.train()
         for epoch in range(int(self.epochs)):
             order = torch.randperm(count, generator=generator)
@@ -128,9 +120,8 @@ class FastFlow(BackboneDetector):
             if self._record_epoch(epoch, mean_loss, on_epoch, "lower learning_rate or affine_clamping",
                                   interim=lambda: self._interim_state([model], model_=model)):
                 break
-        self.epochs_trained_ = len(self.loss_history_)
         self.model_ = model.eval()
-        log.info("%s: %d epochs, final NLL per position %.4f", self.name, self.epochs_trained_,
+        log.info("%s: %d epochs, final NLL per position %.4f", self.name, len(self.loss_history_),
                  self.loss_history_[-1])
 
     # --- score ------------------------------------------------------------------------------------------------

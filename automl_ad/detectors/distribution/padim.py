@@ -19,7 +19,8 @@ import numpy as np
 
 from automl_ad.data.imageset import ImageSet
 from automl_ad.detectors.base import EpochCallback, Scores
-from automl_ad.detectors.feature_based import BackboneDetector, upsample_and_smooth
+from automl_ad.detectors.feature_based import BACKBONE_CONSTRAINTS, BackboneDetector, upsample_and_smooth
+from automl_ad.detectors.parameters import NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT
 from automl_ad.detectors.registry import register_detector
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,8 @@ class Padim(BackboneDetector):
     supports_localization = True
     needs_training = False
     test_params = {"backbone": "resnet18", "pretrained": False, "input_size": 64}
+    _parameter_constraints = {**BACKBONE_CONSTRAINTS, "n_features": [POSITIVE_INT], "epsilon": [POSITIVE],
+                              "smoothing_sigma": [NON_NEGATIVE], "seed": [NON_NEGATIVE_INT]}
 
     def __init__(self, backbone="resnet18", feature_strides=(8, 16), weights=None, pretrained=True,
                  input_size=256, device="auto", cache_features=True, n_features=100, epsilon=0.01,
@@ -51,15 +54,6 @@ class Padim(BackboneDetector):
         self.epsilon = epsilon
         self.smoothing_sigma = smoothing_sigma
         self.seed = seed
-
-    def _check_params(self) -> None:
-        if isinstance(self.n_features, bool) or not isinstance(self.n_features, (int, np.integer)) \
-                or self.n_features < 1:
-            raise ValueError(f"n_features must be a positive integer, got {self.n_features!r}")
-        if not self.epsilon > 0:
-            raise ValueError(f"epsilon must be > 0 (the covariance regulariser), got {self.epsilon!r}")
-        if not self.smoothing_sigma >= 0:
-            raise ValueError(f"smoothing_sigma must be >= 0 pixels, got {self.smoothing_sigma!r}")
 
     # --- features ---------------------------------------------------------------------------------------------
     def _embed(self, features: list[np.ndarray]):
@@ -85,7 +79,6 @@ class Padim(BackboneDetector):
     def _fit(self, train: ImageSet, on_epoch: EpochCallback | None) -> None:
         import torch
 
-        self._check_params()
         features = self._features(train)
         total = sum(f.shape[1] for f in features)
         count = min(int(self.n_features), total)

@@ -35,6 +35,7 @@ from scipy import ndimage
 
 from automl_ad.data.imageset import ImageSet
 from automl_ad.detectors.base import Detector, EpochCallback, Scores
+from automl_ad.detectors.parameters import NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, Interval, Options
 from automl_ad.detectors.registry import register_detector
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,12 @@ class FrequencyDomain(Detector):
                 " not a torch graph")
     test_params = {"input_size": 96, "smoothing_sigma": 3.0}
     test_category = "texture"
+    gray = True
+    _parameter_constraints = {
+        "input_size": [Interval(Integral, 16, None, closed="left")], "method": [Options(*METHODS)],
+        "smoothing_sigma": [NON_NEGATIVE], "peak_threshold": [POSITIVE],
+        "baseline_size": [Interval(Integral, 3, None, closed="left")], "notch_radius": [NON_NEGATIVE_INT],
+    }
 
     def __init__(self, input_size=256, method="spectrum", smoothing_sigma=4.0, peak_threshold=0.5, baseline_size=9,
                  notch_radius=1):
@@ -67,7 +74,6 @@ class FrequencyDomain(Detector):
 
     # --- fit --------------------------------------------------------------------------------------------------
     def _fit(self, train: ImageSet, on_epoch: EpochCallback | None) -> None:
-        self._check_params()
         images = train.load(self.input_size, gray=True)
         if self.method == "spectrum":
             mean_log = sum(np.log(np.abs(_periodic_spectrum(image)) + _EPS) for image in images) / len(images)
@@ -87,21 +93,6 @@ class FrequencyDomain(Detector):
         count = images.size
         self.residual_mean_ = float(total / count)
         self.residual_std_ = float(np.sqrt(max(squares / count - self.residual_mean_ ** 2, 0))) + _EPS
-
-    def _check_params(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        if not isinstance(self.input_size, Integral) or self.input_size < 16:
-            raise ValueError(f"input_size must be an integer >= 16, got {self.input_size!r}")
-        if self.smoothing_sigma < 0:
-            raise ValueError(f"smoothing_sigma must be >= 0, got {self.smoothing_sigma!r}")
-        if self.peak_threshold <= 0:
-            raise ValueError(f"peak_threshold must be > 0 (log-magnitude above the baseline), got "
-                             f"{self.peak_threshold!r}")
-        if not isinstance(self.baseline_size, Integral) or self.baseline_size < 3:
-            raise ValueError(f"baseline_size must be an integer >= 3 (frequency bins), got {self.baseline_size!r}")
-        if not isinstance(self.notch_radius, Integral) or self.notch_radius < 0:
-            raise ValueError(f"notch_radius must be an integer >= 0 (frequency bins), got {self.notch_radius!r}")
 
     # --- residuals and scoring --------------------------------------------------------------------------------
     def _residual(self, image: np.ndarray) -> np.ndarray:

@@ -37,10 +37,6 @@ from torch import nn
 from automl_ad.data.imageset import ImageSet
 from automl_ad.detectors.base import Detector, EpochCallback, Scores
 from automl_ad.detectors.generative import (
-    check_choice,
-    check_float,
-    check_int,
-    check_power_of_two,
     epoch_batches,
     image_tensor,
     load_module_tensors,
@@ -48,7 +44,17 @@ from automl_ad.detectors.generative import (
     reduce_maps,
     smooth_maps,
 )
+from automl_ad.detectors.parameters import (
+    DECAY,
+    NON_NEGATIVE,
+    NON_NEGATIVE_INT,
+    POSITIVE,
+    POSITIVE_INT,
+    Options,
+    PowerOfTwo,
+)
 from automl_ad.detectors.registry import register_detector
+from automl_ad.errors import InvalidParameterError
 from automl_ad.features import resolve_device
 
 log = logging.getLogger(__name__)
@@ -72,6 +78,13 @@ class GANomaly(Detector):
     test_params = {"input_size": 32, "epochs": 60, "batch_size": 8, "base_channels": 16, "latent_dim": 8,
                    "image_score": "residual"}
     test_category = "object"
+    _parameter_constraints = {
+        "input_size": [PowerOfTwo(16)], "gray": [bool], "latent_dim": [POSITIVE_INT], "base_channels": [POSITIVE_INT],
+        "extra_layers": [NON_NEGATIVE_INT], "epochs": [POSITIVE_INT], "batch_size": [POSITIVE_INT],
+        "learning_rate": [POSITIVE], "beta1": [DECAY], "w_adv": [NON_NEGATIVE], "w_con": [NON_NEGATIVE],
+        "w_enc": [NON_NEGATIVE], "image_score": [Options(*IMAGE_SCORES)], "smoothing_sigma": [NON_NEGATIVE],
+        "device": [str], "seed": [NON_NEGATIVE_INT],
+    }
 
     def __init__(self, input_size=64, gray=False, latent_dim=100, base_channels=64, extra_layers=0, epochs=15,
                  batch_size=64, learning_rate=2e-4, beta1=0.5, w_adv=1.0, w_con=50.0, w_enc=1.0,
@@ -93,24 +106,9 @@ class GANomaly(Detector):
         self.device = device
         self.seed = seed
 
-    def _check_params(self) -> None:
-        check_power_of_two(self, "input_size", 16)
-        for key in ("latent_dim", "base_channels", "epochs", "batch_size"):
-            check_int(self, key)
-        check_int(self, "extra_layers", low=0)
-        check_float(self, "learning_rate", open_low=True)
-        check_float(self, "beta1", 0.0, 1.0)
-        if self.beta1 == 1:
-            raise ValueError("beta1 must be below 1 (Adam's first-moment decay)")
-        for key in ("w_adv", "w_con", "w_enc"):
-            check_float(self, key)
+    def _check_parameter_relations(self) -> None:
         if self.w_adv + self.w_con + self.w_enc <= 0:
-            raise ValueError("at least one of w_adv, w_con and w_enc must be > 0")
-        self._check_score_params()
-
-    def _check_score_params(self) -> None:
-        check_choice(self, "image_score", IMAGE_SCORES)
-        check_float(self, "smoothing_sigma")
+            raise InvalidParameterError(f"{self.name}: at least one of w_adv, w_con and w_enc must be > 0")
 
     # --- model ------------------------------------------------------------------------------------------------
     def _build(self):
@@ -129,7 +127,6 @@ class GANomaly(Detector):
 
     # --- fit --------------------------------------------------------------------------------------------------
     def _fit(self, train: ImageSet, on_epoch: EpochCallback | None) -> None:
-        self._check_params()
         generator, discriminator = self._build()
         device = next(generator.parameters()).device
         images = image_tensor(train, int(self.input_size), bool(self.gray), device) * 2 - 1
@@ -137,7 +134,7 @@ class GANomaly(Detector):
         optimiser_g = torch.optim.Adam(generator.parameters(), lr=self.learning_rate, betas=betas)
         optimiser_d = torch.optim.Adam(discriminator.parameters(), lr=self.learning_rate, betas=betas)
         shuffle = torch.Generator().manual_seed(self.seed)
-        self.loss_history_, self.loss_parts_, self.discriminator_resets_ = [], [], 0
+        self.loss_parts_, self.discriminator_resets_ = [], 0
         generator.train()
         discriminator.train()
         with torch.random.fork_rng(devices=[]):
@@ -176,10 +173,9 @@ class GANomaly(Detector):
                                                                           generator_=generator,
                                                                           discriminator_=discriminator)):
                     break
-        self.epochs_trained_ = len(self.loss_history_)
         self._set_models(generator, discriminator)
         log.info("%s: %d epochs, final generator loss %.4f, %d discriminator resets", self.name,
-                 self.epochs_trained_, self.loss_history_[-1], self.discriminator_resets_)
+                 len(self.loss_history_), self.loss_history_[-1], self.discriminator_resets_)
 
     def _set_models(self, generator, discriminator) -> None:
         self.generator_ = generator.eval()
@@ -199,7 +195,6 @@ class GANomaly(Detector):
         return inputs, torch.cat(outputs), torch.cat(distances)
 
     def _score(self, images: ImageSet) -> Scores:
-        self._check_score_params()
         inputs, outputs, distances = self._forward(images)
         maps = smooth_maps((inputs - outputs).abs().mean(dim=1).cpu().numpy() / 2, self.smoothing_sigma)
         scores = distances.cpu().numpy() if self.image_score == "latent" else reduce_maps(maps, "max", 1.0)
@@ -211,7 +206,7 @@ class GANomaly(Detector):
         from automl_ad.detectors.graph import GanomalyGraph
 
         self._check_fitted()
-        self._check_score_params()
+        self._validate_params()
         return GanomalyGraph(self.generator_, int(self.input_size), self.smoothing_sigma,
                              self.image_score == "latent")
 

@@ -20,12 +20,14 @@
 from __future__ import annotations
 
 import logging
+from numbers import Real
 
 import numpy as np
 
 from automl_ad.data.imageset import ImageSet
 from automl_ad.detectors.base import EpochCallback, Scores
-from automl_ad.detectors.feature_based import BackboneDetector, upsample_and_smooth
+from automl_ad.detectors.feature_based import BACKBONE_CONSTRAINTS, BackboneDetector, upsample_and_smooth
+from automl_ad.detectors.parameters import NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE_INT, Interval, Options
 from automl_ad.detectors.registry import register_detector
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,12 @@ class PatchCore(BackboneDetector):
     supports_localization = True
     needs_training = False
     test_params = {"backbone": "resnet18", "pretrained": False, "input_size": 64, "coreset_ratio": 0.5}
+    _parameter_constraints = {
+        **BACKBONE_CONSTRAINTS, "neighbourhood": [POSITIVE_INT], "embedding_dim": [None, POSITIVE_INT],
+        "coreset_ratio": [Interval(Real, 0, 1, closed="right")], "coreset_projection_dim": [None, POSITIVE_INT],
+        "num_neighbors": [POSITIVE_INT], "index": [Options("exact", "hnsw")], "smoothing_sigma": [NON_NEGATIVE],
+        "seed": [NON_NEGATIVE_INT],
+    }
 
     def __init__(self, backbone="wide_resnet50_2", feature_strides=(8, 16), weights=None, pretrained=True,
                  input_size=256, device="auto", cache_features=True, neighbourhood=3, embedding_dim=None,
@@ -75,8 +83,6 @@ class PatchCore(BackboneDetector):
 
     # --- fit --------------------------------------------------------------------------------------------------
     def _fit(self, train: ImageSet, on_epoch: EpochCallback | None) -> None:
-        if not 0 < self.coreset_ratio <= 1:
-            raise ValueError(f"coreset_ratio must be in (0, 1], got {self.coreset_ratio}")
         embedding = self._embed(self._features(train))
         patches = embedding.reshape(-1, embedding.shape[-1])
         selected = greedy_coreset(patches, self.coreset_ratio, self.coreset_projection_dim, self.seed)
@@ -90,13 +96,11 @@ class PatchCore(BackboneDetector):
         import faiss
 
         dim = self.memory_bank_.shape[1]
-        if self.index == "exact":
-            index = faiss.IndexFlatL2(dim)
-        elif self.index == "hnsw":
+        if self.index == "hnsw":
             index = faiss.IndexHNSWFlat(dim, 32)
             index.hnsw.efSearch = 64
         else:
-            raise ValueError(f"index must be 'exact' or 'hnsw', got {self.index!r}")
+            index = faiss.IndexFlatL2(dim)
         index.add(self.memory_bank_)
         self.index_ = index
 

@@ -24,13 +24,21 @@
 from __future__ import annotations
 
 import logging
-
-import numpy as np
+from numbers import Real
 
 from automl_ad.data.imageset import ImageSet
 from automl_ad.detectors.base import EpochCallback, Scores
-from automl_ad.detectors.feature_based import BackboneDetector, upsample_and_smooth
+from automl_ad.detectors.feature_based import BACKBONE_CONSTRAINTS, BackboneDetector, upsample_and_smooth
 from automl_ad.detectors.memory_bank.patchcore import PatchCore
+from automl_ad.detectors.parameters import (
+    NON_NEGATIVE,
+    NON_NEGATIVE_INT,
+    POSITIVE,
+    POSITIVE_INT,
+    Interval,
+    Options,
+    TupleOf,
+)
 from automl_ad.detectors.registry import register_detector
 
 log = logging.getLogger(__name__)
@@ -51,6 +59,14 @@ class DeepSVDD(BackboneDetector):
     iterative = True
     test_params = {"backbone": "resnet18", "pretrained": False, "input_size": 64, "epochs": 5, "batch_size": 256,
                    "learning_rate": 1e-3}
+    _parameter_constraints = {
+        **BACKBONE_CONSTRAINTS, "neighbourhood": [POSITIVE_INT], "embedding_dim": [None, POSITIVE_INT],
+        "hidden_dims": [TupleOf(POSITIVE_INT, min_length=0)], "rep_dim": [POSITIVE_INT],
+        "objective": [Options(*OBJECTIVES)], "nu": [Interval(Real, 0, 1, closed="right")], "epochs": [POSITIVE_INT],
+        "batch_size": [POSITIVE_INT], "learning_rate": [POSITIVE], "weight_decay": [NON_NEGATIVE],
+        "warm_up_epochs": [NON_NEGATIVE_INT], "centre_eps": [POSITIVE], "smoothing_sigma": [NON_NEGATIVE],
+        "seed": [NON_NEGATIVE_INT],
+    }
 
     def __init__(self, backbone="resnet18", feature_strides=(8, 16), weights=None, pretrained=True, input_size=256,
                  device="auto", cache_features=True, neighbourhood=3, embedding_dim=None, hidden_dims=(256,),
@@ -81,29 +97,6 @@ class DeepSVDD(BackboneDetector):
     #: PatchCore's locally aware patch embedding (N, h, w, D).
     _embed = PatchCore._embed
 
-    def _check_params(self) -> None:
-        for key in ("epochs", "batch_size", "rep_dim", "neighbourhood"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"{key} must be a positive integer, got {value!r}")
-        if not all(isinstance(h, (int, np.integer)) and h >= 1 for h in self.hidden_dims):
-            raise ValueError(f"hidden_dims must be positive integers (layer widths), got {self.hidden_dims!r}")
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
-        if not 0 < self.nu <= 1:
-            raise ValueError(f"nu must be in (0, 1] (the fraction of patches allowed outside), got {self.nu!r}")
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate!r}")
-        if not self.weight_decay >= 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
-        if isinstance(self.warm_up_epochs, bool) or not isinstance(self.warm_up_epochs, (int, np.integer)) \
-                or self.warm_up_epochs < 0:
-            raise ValueError(f"warm_up_epochs must be a non-negative integer, got {self.warm_up_epochs!r}")
-        if not self.centre_eps > 0:
-            raise ValueError(f"centre_eps must be > 0, got {self.centre_eps!r}")
-        if not self.smoothing_sigma >= 0:
-            raise ValueError(f"smoothing_sigma must be >= 0 pixels, got {self.smoothing_sigma!r}")
-
     # --- network ----------------------------------------------------------------------------------------------
     def _build(self, in_dim: int):
         """phi for ``in_dim``-wide patch features, initialised from ``seed``, on the backbone's device."""
@@ -124,7 +117,6 @@ class DeepSVDD(BackboneDetector):
     def _fit(self, train: ImageSet, on_epoch: EpochCallback | None) -> None:
         import torch
 
-        self._check_params()
         patches, self.feature_shape_ = self._patches(train)
         network = self._build(patches.shape[1])
         batch_size = int(self.batch_size)
@@ -134,7 +126,6 @@ class DeepSVDD(BackboneDetector):
         optimiser = torch.optim.Adam(network.parameters(), lr=self.learning_rate, weight_decay=self.weight_decay)
         generator = torch.Generator().manual_seed(self.seed)
         soft = self.objective == "soft-boundary"
-        self.loss_history_ = []
         for epoch in range(int(self.epochs)):
             network.train()
             order = torch.randperm(len(patches), generator=generator).to(patches.device)
@@ -157,12 +148,11 @@ class DeepSVDD(BackboneDetector):
             if self._record_epoch(epoch, total / len(patches), on_epoch, "lower learning_rate",
                                   interim=lambda: self._interim_state([network], network_=network, radius_=0.0)):
                 break
-        self.epochs_trained_ = len(self.loss_history_)
         self.network_ = network.eval()
         self.radius_ = 0.0
         if soft:  # the final radius: the (1 - nu)-quantile over all training patches, as phi is used to score
             self.radius_ = float(torch.quantile(self._distances(patches).sqrt(), 1 - self.nu))
-        log.info("%s: %d epochs on %d patches, final loss %.5f", self.name, self.epochs_trained_, len(patches),
+        log.info("%s: %d epochs on %d patches, final loss %.5f", self.name, len(self.loss_history_), len(patches),
                  self.loss_history_[-1])
 
     # --- score ------------------------------------------------------------------------------------------------

@@ -35,13 +35,24 @@ import contextlib
 import copy
 import logging
 import math
+from numbers import Real
 
 import numpy as np
 
 from automl_ad.data.imageset import ImageSet
 from automl_ad.detectors.base import EpochCallback, Scores
-from automl_ad.detectors.feature_based import BackboneDetector, upsample_and_smooth
+from automl_ad.detectors.feature_based import BACKBONE_CONSTRAINTS, BackboneDetector, upsample_and_smooth
+from automl_ad.detectors.parameters import (
+    DECAY,
+    NON_NEGATIVE,
+    NON_NEGATIVE_INT,
+    POSITIVE,
+    POSITIVE_INT,
+    Interval,
+    TupleOf,
+)
 from automl_ad.detectors.registry import register_detector
+from automl_ad.errors import InvalidParameterError
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +71,17 @@ class CutPaste(BackboneDetector):
     iterative = True
     test_params = {"backbone": "resnet18", "pretrained": False, "input_size": 64, "patch_size": 32,
                    "patch_stride": 16, "epochs": 3, "batch_size": 8, "head_dims": (128, 64), "learning_rate": 0.003}
+    _parameter_constraints = {
+        **{k: v for k, v in BACKBONE_CONSTRAINTS.items() if k != "cache_features"},  # it fine-tunes the backbone
+        "patch_size": [POSITIVE_INT], "patch_stride": [POSITIVE_INT], "head_dims": [TupleOf(POSITIVE_INT)],
+        "epochs": [POSITIVE_INT], "batch_size": [POSITIVE_INT], "learning_rate": [POSITIVE], "momentum": [DECAY],
+        "weight_decay": [NON_NEGATIVE], "area_ratio": [TupleOf(Interval(Real, 0, 1, closed="neither"), pair=True)],
+        "aspect_ratio": [Interval(Real, 0, 1, closed="right")],
+        "scar_width": [TupleOf(Interval(Real, 1, None, closed="left"), pair=True)],
+        "scar_length": [TupleOf(Interval(Real, 1, None, closed="left"), pair=True)],
+        "scar_rotation": [Interval(Real, 0, 180, closed="both")], "jitter": [NON_NEGATIVE],
+        "smoothing_sigma": [NON_NEGATIVE], "seed": [NON_NEGATIVE_INT],
+    }
 
     def __init__(self, backbone="resnet18", feature_strides=(32,), weights=None, pretrained=True, input_size=256,
                  device="auto", patch_size=32, patch_stride=16,
@@ -90,33 +112,10 @@ class CutPaste(BackboneDetector):
         self.smoothing_sigma = smoothing_sigma
         self.seed = seed
 
-    def _check_params(self) -> None:
-        for key in ("epochs", "batch_size", "patch_size", "patch_stride"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"{key} must be a positive integer, got {value!r}")
+    def _check_parameter_relations(self) -> None:
         if self.patch_size > self.input_size:
-            raise ValueError(f"patch_size ({self.patch_size}) must not exceed input_size ({self.input_size})")
-        if not self.head_dims or not all(isinstance(h, (int, np.integer)) and h >= 1 for h in self.head_dims):
-            raise ValueError(f"head_dims must be one or more positive layer widths, got {self.head_dims!r}")
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate!r}")
-        for key in ("weight_decay", "jitter", "smoothing_sigma"):
-            if not getattr(self, key) >= 0:
-                raise ValueError(f"{key} must be >= 0, got {getattr(self, key)!r}")
-        if not 0 <= self.momentum < 1:
-            raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
-        low, high = self.area_ratio
-        if not 0 < low <= high < 1:
-            raise ValueError(f"area_ratio must be (low, high) with 0 < low <= high < 1, got {self.area_ratio!r}")
-        if not 0 < self.aspect_ratio <= 1:
-            raise ValueError(f"aspect_ratio must be in (0, 1], got {self.aspect_ratio!r}")
-        for key in ("scar_width", "scar_length"):
-            low, high = getattr(self, key)
-            if not 1 <= low <= high:
-                raise ValueError(f"{key} must be (low, high) pixels with 1 <= low <= high, got {getattr(self, key)!r}")
-        if not 0 <= self.scar_rotation <= 180:
-            raise ValueError(f"scar_rotation must be in [0, 180] degrees, got {self.scar_rotation!r}")
+            raise InvalidParameterError(f"{self.name}: patch_size ({self.patch_size}) must not exceed input_size "
+                                        f"({self.input_size})")
 
     # --- network ----------------------------------------------------------------------------------------------
     def _new_backbone(self):
@@ -155,7 +154,6 @@ class CutPaste(BackboneDetector):
         import torch
         from torch import nn
 
-        self._check_params()
         extractor = self._extractor()
         device = extractor.device
         pixels = train.load(self.input_size)
@@ -169,7 +167,6 @@ class CutPaste(BackboneDetector):
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=int(self.epochs))
         rng = np.random.default_rng(self.seed)
         batch_size, size = int(self.batch_size), int(self.patch_size)
-        self.loss_history_ = []
         for epoch in range(int(self.epochs)):
             network.train()
             for module in network.modules():
@@ -193,11 +190,10 @@ class CutPaste(BackboneDetector):
             if self._record_epoch(epoch, total / len(pixels), on_epoch, "lower learning_rate",
                                   interim=lambda: self._interim(network, pixels)):
                 break
-        self.epochs_trained_ = len(self.loss_history_)
         self._set_network(network)
         self.mean_, self.precision_ = self._density(network, pixels)
         log.info("%s: %d epochs, final loss %.4f; Gaussian of the training patch embeddings", self.name,
-                 self.epochs_trained_, self.loss_history_[-1])
+                 len(self.loss_history_), self.loss_history_[-1])
 
     def _density(self, network, pixels) -> tuple[np.ndarray, np.ndarray]:
         """Mean and (Ledoit-Wolf) precision of the training patches' embeddings under ``network``."""

@@ -25,12 +25,11 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
-
 from automl_ad.data.imageset import ImageSet
 from automl_ad.detectors.base import EpochCallback, Scores
-from automl_ad.detectors.feature_based import BackboneDetector, upsample_and_smooth
+from automl_ad.detectors.feature_based import BACKBONE_CONSTRAINTS, BackboneDetector, upsample_and_smooth
 from automl_ad.detectors.memory_bank.patchcore import PatchCore
+from automl_ad.detectors.parameters import NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT
 from automl_ad.detectors.registry import register_detector
 
 log = logging.getLogger(__name__)
@@ -50,6 +49,12 @@ class SimpleNet(BackboneDetector):
     iterative = True
     test_params = {"backbone": "resnet18", "pretrained": False, "input_size": 64, "epochs": 8, "hidden_dim": 256,
                    "batch_size": 2, "noise_std": 0.5}
+    _parameter_constraints = {
+        **BACKBONE_CONSTRAINTS, "neighbourhood": [POSITIVE_INT], "embedding_dim": [None, POSITIVE_INT],
+        "hidden_dim": [POSITIVE_INT], "noise_std": [POSITIVE], "margin": [POSITIVE], "epochs": [POSITIVE_INT],
+        "batch_size": [POSITIVE_INT], "learning_rate": [POSITIVE], "adaptor_learning_rate": [POSITIVE],
+        "smoothing_sigma": [NON_NEGATIVE], "seed": [NON_NEGATIVE_INT],
+    }
 
     def __init__(self, backbone="resnet18", feature_strides=(8, 16), weights=None, pretrained=True, input_size=256,
                  device="auto", cache_features=True, neighbourhood=3, embedding_dim=None, hidden_dim=1024,
@@ -77,17 +82,6 @@ class SimpleNet(BackboneDetector):
     #: PatchCore's locally aware patch embedding (N, h, w, D).
     _embed = PatchCore._embed
 
-    def _check_params(self) -> None:
-        for key in ("epochs", "batch_size", "hidden_dim", "neighbourhood"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"{key} must be a positive integer, got {value!r}")
-        for key in ("noise_std", "margin", "learning_rate", "adaptor_learning_rate"):
-            if not getattr(self, key) > 0:
-                raise ValueError(f"{key} must be > 0, got {getattr(self, key)!r}")
-        if not self.smoothing_sigma >= 0:
-            raise ValueError(f"smoothing_sigma must be >= 0 pixels, got {self.smoothing_sigma!r}")
-
     # --- model ------------------------------------------------------------------------------------------------
     def _build(self, dim: int):
         """Adaptor and discriminator for ``dim``-wide features, initialised from ``seed``."""
@@ -108,7 +102,6 @@ class SimpleNet(BackboneDetector):
     def _fit(self, train: ImageSet, on_epoch: EpochCallback | None) -> None:
         import torch
 
-        self._check_params()
         features, self.feature_shape_ = self._patch_grids(train)
         model = self._build(features.shape[-1])
         adaptor_optimiser = torch.optim.AdamW(model["adaptor"].parameters(), lr=self.adaptor_learning_rate)
@@ -116,7 +109,6 @@ class SimpleNet(BackboneDetector):
                                                    weight_decay=_DISCRIMINATOR_WEIGHT_DECAY)
         generator = torch.Generator().manual_seed(self.seed)
         count, batch_size = len(features), int(self.batch_size)
-        self.loss_history_ = []
         model.train()
         for epoch in range(int(self.epochs)):
             order = torch.randperm(count, generator=generator)
@@ -136,9 +128,8 @@ class SimpleNet(BackboneDetector):
             if self._record_epoch(epoch, total / count, on_epoch, "lower learning_rate",
                                   interim=lambda: self._interim_state([model], model_=model)):
                 break
-        self.epochs_trained_ = len(self.loss_history_)
         self.model_ = model.eval()
-        log.info("%s: %d epochs, final loss %.5f", self.name, self.epochs_trained_, self.loss_history_[-1])
+        log.info("%s: %d epochs, final loss %.5f", self.name, len(self.loss_history_), self.loss_history_[-1])
 
     # --- score ------------------------------------------------------------------------------------------------
     def patch_scores(self, features):

@@ -24,14 +24,16 @@ slower than filtering methods.
 from __future__ import annotations
 
 import logging
-from numbers import Integral, Real
+from numbers import Integral
 
 import numpy as np
 from scipy import ndimage
 
 from automl_ad.data.imageset import ImageSet
 from automl_ad.detectors.base import Detector, EpochCallback, Scores
+from automl_ad.detectors.parameters import NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, Interval, Options
 from automl_ad.detectors.registry import register_detector
+from automl_ad.errors import InvalidParameterError
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,14 @@ class SparseCoding(Detector):
     test_params = {"input_size": 64, "patch_size": 8, "stride": 4, "n_atoms": 32, "max_patches": 4000,
                    "max_iter": 5, "remove_mean": False, "smoothing_sigma": 2.0}
     test_category = "texture"
+    _parameter_constraints = {
+        "input_size": [Interval(Integral, 16, None, closed="left")], "color": [bool],
+        "patch_size": [Interval(Integral, 2, None, closed="left")], "stride": [POSITIVE_INT], "remove_mean": [bool],
+        "n_atoms": [POSITIVE_INT], "alpha": [POSITIVE], "transform_algorithm": [Options(*ALGORITHMS)],
+        "n_nonzero_coefs": [POSITIVE_INT], "max_patches": [Interval(Integral, 16, None, closed="left")],
+        "max_iter": [POSITIVE_INT], "batch_size": [POSITIVE_INT], "smoothing_sigma": [NON_NEGATIVE],
+        "seed": [NON_NEGATIVE_INT],
+    }
 
     def __init__(self, input_size=256, color=False, patch_size=16, stride=8, remove_mean=True, n_atoms=128,
                  alpha=0.5, transform_algorithm="lasso_lars", n_nonzero_coefs=5, max_patches=20000, max_iter=20,
@@ -74,7 +84,6 @@ class SparseCoding(Detector):
         from sklearn.covariance import EmpiricalCovariance
         from sklearn.decomposition import MiniBatchDictionaryLearning
 
-        self._check_params()
         rng = np.random.default_rng(self.seed)
         images = self._load(train)
         per_image = max(1, -(-self.max_patches // len(images)))
@@ -100,28 +109,15 @@ class SparseCoding(Detector):
         self.indicator_mean_ = gaussian.location_
         self.indicator_precision_ = gaussian.precision_
 
-    def _check_params(self) -> None:
-        def integer(name, low):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, Integral) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-
-        integer("input_size", 16)
-        integer("patch_size", 2)
-        integer("stride", 1)
-        integer("n_atoms", 1)
-        integer("n_nonzero_coefs", 1)
-        integer("max_patches", 16)
-        integer("max_iter", 1)
-        integer("batch_size", 1)
+    def _check_parameter_relations(self) -> None:
         if self.patch_size > self.input_size:
-            raise ValueError(f"patch_size ({self.patch_size}) must not exceed input_size ({self.input_size})")
-        if self.transform_algorithm not in ALGORITHMS:
-            raise ValueError(f"transform_algorithm must be one of {ALGORITHMS}, got {self.transform_algorithm!r}")
-        if not isinstance(self.alpha, Real) or not self.alpha > 0:
-            raise ValueError(f"alpha must be > 0 (the l1 weight of the sparse code), got {self.alpha!r}")
-        if not isinstance(self.smoothing_sigma, Real) or self.smoothing_sigma < 0:
-            raise ValueError(f"smoothing_sigma must be >= 0 pixels, got {self.smoothing_sigma!r}")
+            raise InvalidParameterError(f"{self.name}: patch_size ({self.patch_size}) must not exceed input_size "
+                                        f"({self.input_size})")
+
+    @property
+    def gray(self) -> bool:
+        """Luma unless ``color``."""
+        return not self.color
 
     # --- patches and codes ------------------------------------------------------------------------------------
     def _load(self, images: ImageSet) -> np.ndarray:

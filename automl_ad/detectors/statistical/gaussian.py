@@ -33,6 +33,7 @@ from scipy import ndimage
 
 from automl_ad.data.imageset import ImageSet
 from automl_ad.detectors.base import Detector, EpochCallback, Scores
+from automl_ad.detectors.parameters import NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, Interval, Options, TupleOf
 from automl_ad.detectors.registry import register_detector
 
 log = logging.getLogger(__name__)
@@ -50,9 +51,15 @@ class GaussianModel(Detector):
     route = "statistical"
     supports_localization = True
     needs_training = True
-    reads_gray = True
+    gray = True
     test_params = {"input_size": 64, "scales": (1.0, 2.0), "smoothing_sigma": 2.0}
     test_category = "object"
+    _parameter_constraints = {
+        "input_size": [Interval(Integral, 16, None, closed="left")], "mode": [Options(*MODES)],
+        "scales": [TupleOf(POSITIVE)], "regularisation": [POSITIVE], "covariance": [Options(*COVARIANCES)],
+        "max_samples": [Interval(Integral, 100, None, closed="left")], "smoothing_sigma": [NON_NEGATIVE],
+        "seed": [NON_NEGATIVE_INT],
+    }
 
     def __init__(self, input_size=256, mode="auto", scales=(2.0, 4.0), regularisation=0.01,
                  covariance="ledoit_wolf", max_samples=20000, smoothing_sigma=4.0, seed=0):
@@ -67,29 +74,12 @@ class GaussianModel(Detector):
 
     # --- fit --------------------------------------------------------------------------------------------------
     def _fit(self, train: ImageSet, on_epoch: EpochCallback | None) -> None:
-        self._check_params()
         images = train.load(self.input_size, gray=True)
         self.mode_ = self.mode if self.mode != "auto" else self._choose_mode(images)
         if self.mode_ == "per_position":
             self._fit_per_position(images)
         else:
             self._fit_shared(images)
-
-    def _check_params(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if self.covariance not in COVARIANCES:
-            raise ValueError(f"covariance must be one of {COVARIANCES}, got {self.covariance!r}")
-        if not isinstance(self.input_size, Integral) or self.input_size < 16:
-            raise ValueError(f"input_size must be an integer >= 16, got {self.input_size!r}")
-        if not isinstance(self.scales, (tuple, list)) or not self.scales or min(self.scales) <= 0:
-            raise ValueError(f"scales must be a non-empty tuple of positive Gaussian sigmas, got {self.scales!r}")
-        if self.regularisation <= 0:
-            raise ValueError(f"regularisation must be > 0, got {self.regularisation!r}")
-        if not isinstance(self.max_samples, Integral) or self.max_samples < 100:
-            raise ValueError(f"max_samples must be an integer >= 100, got {self.max_samples!r}")
-        if self.smoothing_sigma < 0:
-            raise ValueError(f"smoothing_sigma must be >= 0, got {self.smoothing_sigma!r}")
 
     def _choose_mode(self, images: np.ndarray) -> str:
         from automl_ad.data.io import resize_image

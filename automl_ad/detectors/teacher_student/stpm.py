@@ -27,7 +27,8 @@ import numpy as np
 
 from automl_ad.data.imageset import ImageSet
 from automl_ad.detectors.base import EpochCallback, Scores
-from automl_ad.detectors.feature_based import BackboneDetector, upsample_and_smooth
+from automl_ad.detectors.feature_based import BACKBONE_CONSTRAINTS, BackboneDetector, upsample_and_smooth
+from automl_ad.detectors.parameters import DECAY, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, Options
 from automl_ad.detectors.registry import register_detector
 from automl_ad.features.backbone import drop_unused_blocks
 from automl_ad.features.runtime import cpu_runner
@@ -48,6 +49,12 @@ class STPM(BackboneDetector):
     needs_training = True
     iterative = True
     test_params = {"backbone": "resnet18", "pretrained": False, "input_size": 64, "epochs": 12, "batch_size": 4}
+    _parameter_constraints = {
+        **BACKBONE_CONSTRAINTS, "epochs": [POSITIVE_INT], "batch_size": [POSITIVE_INT],
+        "optimizer": [Options(*OPTIMIZERS)], "learning_rate": [POSITIVE], "momentum": [DECAY],
+        "weight_decay": [NON_NEGATIVE], "map_combination": [Options(*MAP_COMBINATIONS)],
+        "smoothing_sigma": [NON_NEGATIVE], "seed": [NON_NEGATIVE_INT],
+    }
 
     def __init__(self, backbone="resnet18", feature_strides=(4, 8, 16), weights=None, pretrained=True,
                  input_size=256, device="auto", cache_features=True, epochs=100, batch_size=8, optimizer="sgd",
@@ -69,28 +76,6 @@ class STPM(BackboneDetector):
         self.map_combination = map_combination
         self.smoothing_sigma = smoothing_sigma
         self.seed = seed
-
-    def _check_params(self) -> None:
-        for key in ("epochs", "batch_size"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"{key} must be a positive integer, got {value!r}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate!r}")
-        if not 0 <= self.momentum < 1:
-            raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
-        if not self.weight_decay >= 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
-        self._check_map_params()
-
-    def _check_map_params(self) -> None:
-        if self.map_combination not in MAP_COMBINATIONS:
-            raise ValueError(f"map_combination must be one of {', '.join(MAP_COMBINATIONS)}, "
-                             f"got {self.map_combination!r}")
-        if not self.smoothing_sigma >= 0:
-            raise ValueError(f"smoothing_sigma must be >= 0 pixels, got {self.smoothing_sigma!r}")
 
     # --- student ----------------------------------------------------------------------------------------------
     def _new_student(self):
@@ -141,7 +126,6 @@ class STPM(BackboneDetector):
     def _fit(self, train: ImageSet, on_epoch: EpochCallback | None) -> None:
         import torch
 
-        self._check_params()
         extractor = self._extractor()
         device = extractor.device
         targets = [torch.from_numpy(f) for f in self._features(train)]
@@ -154,7 +138,6 @@ class STPM(BackboneDetector):
             optimiser = torch.optim.Adam(student.parameters(), lr=self.learning_rate, weight_decay=self.weight_decay)
         generator = torch.Generator().manual_seed(self.seed)
         count, batch_size = len(inputs), int(self.batch_size)
-        self.loss_history_ = []
         for epoch in range(int(self.epochs)):
             order = torch.randperm(count, generator=generator)
             total = 0.0
@@ -170,16 +153,14 @@ class STPM(BackboneDetector):
             if self._record_epoch(epoch, mean_loss, on_epoch, "lower learning_rate",
                                   interim=lambda: self._interim(student)):
                 break
-        self.epochs_trained_ = len(self.loss_history_)
         self._set_student(student.to(memory_format=torch.contiguous_format))
-        log.info("%s: %d epochs, final loss %.5f", self.name, self.epochs_trained_, self.loss_history_[-1])
+        log.info("%s: %d epochs, final loss %.5f", self.name, len(self.loss_history_), self.loss_history_[-1])
 
     # --- score ------------------------------------------------------------------------------------------------
     def _score(self, images: ImageSet) -> Scores:
         import torch
         import torch.nn.functional as F
 
-        self._check_map_params()
         extractor = self._extractor()
         teacher = self._features(images)
         pixels = images.load(self.input_size)
@@ -210,7 +191,7 @@ class STPM(BackboneDetector):
         from automl_ad.detectors.graph import Backbone, STPMGraph
 
         self._check_fitted()
-        self._check_map_params()
+        self._validate_params()
         return STPMGraph(Backbone(self._extractor()), self.student_, self.input_size, self.map_combination,
                          self.smoothing_sigma)
 

@@ -27,13 +27,14 @@ Rotation search is off by default: on MVTec bottle at 256 px a +-2 degree search
 from __future__ import annotations
 
 import logging
-from numbers import Integral
+from numbers import Integral, Real
 
 import numpy as np
 from scipy import ndimage
 
 from automl_ad.data.imageset import ImageSet
 from automl_ad.detectors.base import Detector, EpochCallback, NotApplicableError, Scores
+from automl_ad.detectors.parameters import NON_NEGATIVE, POSITIVE, POSITIVE_INT, Interval
 from automl_ad.detectors.registry import register_detector
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,13 @@ class TemplateMatching(Detector):
                 " scikit-image, not a fixed torch graph")
     test_params = {"input_size": 96}
     test_category = "object"
+    gray = True
+    _parameter_constraints = {
+        "input_size": [Interval(Integral, 16, None, closed="left")], "upsample_factor": [POSITIVE_INT],
+        "max_rotation": [Interval(Real, 0, 45, closed="both")], "rotation_step": [POSITIVE],
+        "tolerance_floor": [POSITIVE], "opening_size": [POSITIVE_INT], "smoothing_sigma": [NON_NEGATIVE],
+        "min_alignment": [Interval(Real, -1, 1, closed="both")],
+    }
 
     def __init__(self, input_size=256, upsample_factor=10, max_rotation=0.0, rotation_step=0.5,
                  tolerance_floor=0.01, opening_size=3, smoothing_sigma=4.0, min_alignment=0.5):
@@ -67,7 +75,6 @@ class TemplateMatching(Detector):
 
     # --- fit --------------------------------------------------------------------------------------------------
     def _fit(self, train: ImageSet, on_epoch: EpochCallback | None) -> None:
-        self._check_params()
         images = train.load(self.input_size, gray=True)
         reference = images[_medoid(images)]
         registered = np.stack([self._register(image, reference)[0] for image in images])
@@ -87,24 +94,6 @@ class TemplateMatching(Detector):
                 f"template matching needs aligned images: the normal images correlate only {self.alignment_:.2f} "
                 f"with their template after registration (needs >= {self.min_alignment}); use a route for "
                 "unaligned data (memory bank, statistical 'shared', frequency for textures)")
-
-    def _check_params(self) -> None:
-        if not isinstance(self.input_size, Integral) or self.input_size < 16:
-            raise ValueError(f"input_size must be an integer >= 16, got {self.input_size!r}")
-        if not isinstance(self.upsample_factor, Integral) or self.upsample_factor < 1:
-            raise ValueError(f"upsample_factor must be an integer >= 1, got {self.upsample_factor!r}")
-        if not 0 <= self.max_rotation <= 45:
-            raise ValueError(f"max_rotation must be in [0, 45] degrees, got {self.max_rotation!r}")
-        if self.rotation_step <= 0:
-            raise ValueError(f"rotation_step must be > 0 degrees, got {self.rotation_step!r}")
-        if self.tolerance_floor <= 0:
-            raise ValueError(f"tolerance_floor must be > 0, got {self.tolerance_floor!r}")
-        if not isinstance(self.opening_size, Integral) or self.opening_size < 1:
-            raise ValueError(f"opening_size must be an integer >= 1 (1 = no opening), got {self.opening_size!r}")
-        if self.smoothing_sigma < 0:
-            raise ValueError(f"smoothing_sigma must be >= 0, got {self.smoothing_sigma!r}")
-        if not -1 <= self.min_alignment <= 1:
-            raise ValueError(f"min_alignment must be a correlation in [-1, 1], got {self.min_alignment!r}")
 
     # --- registration -----------------------------------------------------------------------------------------
     def _angles(self) -> np.ndarray:
