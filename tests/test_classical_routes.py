@@ -52,7 +52,7 @@ def test_robust_pca_flags_a_defect_on_a_periodic_texture():
     detector = create_detector("rpca", input_size=SIZE, lambda_scale=1.0, smoothing_sigma=1.0)
     detector.fit(ImageSet.from_arrays([_periodic(0)]))
     normals = [_periodic(seed) for seed in range(1, 5)]
-    scores = detector.score(ImageSet.from_arrays(normals + [_with_blob(_periodic(9))]))
+    scores = detector.score_samples(ImageSet.from_arrays(normals + [_with_blob(_periodic(9))]))
     assert scores.image_scores[-1] > 2 * scores.image_scores[:-1].max()
     assert np.abs(_peak(scores.anomaly_maps[-1]) - (40, 20)).max() <= 4
 
@@ -74,7 +74,7 @@ def test_sparse_coding_codes_normal_patches_better_than_foreign_ones(sparse_code
 
 
 def test_sparse_coding_localises_a_defect(sparse_coder):
-    scores = sparse_coder.score(ImageSet.from_arrays([_periodic(21), _periodic(22), _with_blob(_periodic(23))]))
+    scores = sparse_coder.score_samples(ImageSet.from_arrays([_periodic(21), _periodic(22), _with_blob(_periodic(23))]))
     assert scores.image_scores[2] > scores.image_scores[:2].max()
     assert np.abs(_peak(scores.anomaly_maps[2]) - (40, 20)).max() <= 6
 
@@ -95,7 +95,7 @@ def test_ocsvm_ranks_outliers_above_inliers_and_matches_sklearn(tmp_path):
     rng = np.random.default_rng(0)
     outliers = [rng.uniform(0, 1, (SIZE, SIZE, 3)).astype(np.float32), np.full((SIZE, SIZE), 0.9, np.float32)]
     test = ImageSet.from_arrays([_periodic(seed) for seed in range(30, 34)] + outliers)
-    scores = detector.score(test)
+    scores = detector.score_samples(test)
     assert scores.anomaly_maps is None
     assert scores.image_scores[-2:].min() > scores.image_scores[:-2].max()
     # the saved arrays reproduce scikit-learn's decision function, and reload gives the same scores
@@ -107,7 +107,7 @@ def test_ocsvm_ranks_outliers_above_inliers_and_matches_sklearn(tmp_path):
     svm = OneClassSVM(kernel="rbf", nu=0.2, gamma=boundary.gamma).fit(standardise(train))
     np.testing.assert_allclose(-scores.image_scores, svm.decision_function(standardise(test)), rtol=1e-6, atol=1e-8)
     loaded = Detector.load(detector.save(tmp_path / "model"))
-    np.testing.assert_allclose(loaded.score(test).image_scores, scores.image_scores, rtol=1e-6)
+    np.testing.assert_allclose(loaded.score_samples(test).image_scores, scores.image_scores, rtol=1e-6)
 
 
 def test_ocsvm_sliding_regions_give_maps(tmp_path):
@@ -115,10 +115,10 @@ def test_ocsvm_sliding_regions_give_maps(tmp_path):
                                window=2, max_windows=400)
     detector.fit(ImageSet.from_arrays([_periodic(seed) for seed in range(10)]))
     test = ImageSet.from_arrays([_periodic(40), _with_blob(_periodic(41), radius=8, value=1.0)])
-    scores = detector.score(test)
+    scores = detector.score_samples(test)
     assert scores.anomaly_maps.shape == (2, SIZE, SIZE)
     loaded = Detector.load(detector.save(tmp_path / "model"))
-    np.testing.assert_allclose(loaded.score(test).anomaly_maps, scores.anomaly_maps, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(loaded.score_samples(test).anomaly_maps, scores.anomaly_maps, rtol=1e-5, atol=1e-6)
 
 
 # --- parameters and search spaces ----------------------------------------------------------------------------

@@ -85,7 +85,7 @@ def test_autoencoder_learns_normals_and_flags_the_defect(autoencoder, normals, t
     inputs, outputs = detector.reconstruct(test_set)
     errors = ((inputs - outputs) ** 2).mean(axis=(1, 2, 3))
     assert errors[4:].min() > errors[:4].max()  # defective images reconstruct worse than unseen normals
-    scores = detector.score(test_set)
+    scores = detector.score_samples(test_set)
     assert scores.image_scores[4:].min() > scores.image_scores[:4].max()
     peaks = [np.unravel_index(m.argmax(), m.shape) for m in scores.anomaly_maps[4:]]
     assert all(4 <= y <= 12 and 16 <= x <= 24 for y, x in peaks)  # the map peaks on the stain
@@ -95,7 +95,7 @@ def test_autoencoder_ssim_loss_map_and_top_k(normals, test_set):
     detector = create_detector("autoencoder", **{**AE, "loss": "mixed", "map_metric": "ssim",
                                                  "image_score": "top_k_mean", "top_k_fraction": 0.05},
                                epochs=2).fit(normals)
-    scores = detector.score(test_set)
+    scores = detector.score_samples(test_set)
     assert scores.anomaly_maps.shape == (8, SIZE, SIZE) and (scores.anomaly_maps >= -1e-6).all()
     top = np.sort(scores.anomaly_maps.reshape(8, -1), axis=1)[:, -round(0.05 * SIZE * SIZE):].mean(axis=1)
     np.testing.assert_allclose(scores.image_scores, top, rtol=1e-5)
@@ -139,8 +139,8 @@ def test_ganomaly_losses_are_finite_and_reconstruction_improves(normals, test_se
     with torch.no_grad():
         _, latent_in, latent_out = trained.generator_(inputs)
     expected = (latent_in - latent_out).pow(2).mean(dim=(1, 2, 3)).numpy()
-    np.testing.assert_allclose(trained.score(normals).image_scores, expected, rtol=1e-4, atol=1e-7)
-    residual_scores = trained.set_params(image_score="residual").score(test_set)
+    np.testing.assert_allclose(trained.score_samples(normals).image_scores, expected, rtol=1e-4, atol=1e-7)
+    residual_scores = trained.set_params(image_score="residual").score_samples(test_set)
     np.testing.assert_allclose(residual_scores.image_scores, residual_scores.anomaly_maps.max(axis=(1, 2)))
 
 
@@ -213,11 +213,11 @@ def test_diffusion_feature_scoring_combines_maps(normals, test_set):
     assert np.isfinite(detector.pixel_scale_) and detector.pixel_scale_ > 0
     pixel, feature = detector._distances(test_set)
     assert pixel.shape == feature.shape == (8, 32, 32) and (feature >= -1e-6).all()
-    scores = detector.set_params(smoothing_sigma=0.0).score(test_set)
+    scores = detector.set_params(smoothing_sigma=0.0).score_samples(test_set)
     np.testing.assert_allclose(scores.anomaly_maps, feature + detector.pixel_scale_ * pixel, rtol=1e-5, atol=1e-6)
     pixel_only = create_detector("diffusion", **DIFFUSION, epochs=1).fit(normals)
     with pytest.raises(ValueError, match="refit with feature_scoring=True"):
-        pixel_only.set_params(feature_scoring=True).score(test_set)
+        pixel_only.set_params(feature_scoring=True).score_samples(test_set)
 
 
 # --- parameter checks ---------------------------------------------------------------------------------------------

@@ -77,7 +77,7 @@ def test_svdd_fit_pulls_patches_towards_the_centre(svdd):
 
 
 def test_svdd_scores_are_the_maps_maximum(svdd, images):
-    scores = svdd[0].score(images)
+    scores = svdd[0].score_samples(images)
     assert scores.anomaly_maps.shape == (8, 32, 32) and (scores.anomaly_maps >= 0).all()
     np.testing.assert_allclose(scores.image_scores, scores.anomaly_maps.max(axis=(1, 2)))
 
@@ -90,7 +90,7 @@ def test_svdd_soft_boundary_sets_the_radius_and_stops_early(images):
     assert detector.radius_ > 0
     distances = detector._distances(detector._patches(images)[0])
     assert float((distances > detector.radius_ ** 2).float().mean()) == pytest.approx(0.2, abs=0.02)
-    maps = detector.score(images).anomaly_maps  # distance minus R^2: inliers below zero
+    maps = detector.score_samples(images).anomaly_maps  # distance minus R^2: inliers below zero
     assert maps.min() < 0 < maps.max()
 
 
@@ -167,7 +167,7 @@ def test_cutpaste_fine_tunes_a_copy_with_frozen_batchnorm_statistics(images):
     stats = [k for k in before if k.endswith(("running_mean", "running_var"))]
     assert stats and all(torch.equal(after[k], before[k]) for k in stats)
     assert any(not torch.equal(after[k], before[k]) for k in before if k.endswith("conv1.weight"))
-    scores = detector.score(images)
+    scores = detector.score_samples(images)
     assert scores.anomaly_maps.shape == (8, 32, 32)
     assert detector.mean_.shape == (detector._extractor().channels[-1],)
     assert detector.precision_.shape == (len(detector.mean_),) * 2
@@ -206,7 +206,7 @@ def test_simplenet_learns_to_score_noisy_features_higher(images):
     noisy = flat + torch.randn(flat.shape, generator=generator) * detector.noise_std
     normal_scores, noisy_scores = detector.patch_scores(flat), detector.patch_scores(noisy)
     assert float((noisy_scores > normal_scores).float().mean()) > 0.8
-    scores = detector.score(images)
+    scores = detector.score_samples(images)
     np.testing.assert_allclose(scores.image_scores, scores.anomaly_maps.max(axis=(1, 2)))
 
 

@@ -55,7 +55,7 @@ def test_onnx_matches_score(name, params, demo, tmp_path):
     assert record["parity_relative"] <= PARITY_TOLERANCE
     # all test images at once: another batch size than the export's and the check's
     scores, maps = run_onnx(tmp_path / "model.onnx", detector.graph_input(test))
-    expected = detector.score(test)
+    expected = detector.score_samples(test)
     span = np.ptp(expected.anomaly_maps)
     assert np.abs(scores - expected.image_scores).max() <= PARITY_TOLERANCE * span
     assert np.abs(maps - expected.anomaly_maps).max() <= PARITY_TOLERANCE * span
@@ -100,8 +100,8 @@ def test_failed_parity_or_no_images_ship_no_onnx(demo, tmp_path, monkeypatch):
     detector = _fit("padim", train)
     with pytest.warns(UserWarning, match="no images"):
         assert export_onnx(detector, tmp_path / "a.onnx", None)["file"] is None
-    real = detector.score
-    monkeypatch.setattr(detector, "score", lambda images: type(real(images))(real(images).image_scores + 1,
+    real = detector.score_samples
+    monkeypatch.setattr(detector, "score_samples", lambda images: type(real(images))(real(images).image_scores + 1,
                                                                              real(images).anomaly_maps))
     with pytest.warns(UserWarning, match="parity check failed"):
         record = export_onnx(detector, tmp_path / "b.onnx", test)

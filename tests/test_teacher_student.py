@@ -65,10 +65,10 @@ def test_on_epoch_returning_true_stops_training_and_seed_repeats(trained, images
 
 def test_maps_combine_levels_by_product_or_sum(trained, images):
     detector = trained[0]
-    product = detector.score(images)
+    product = detector.score_samples(images)
     assert product.anomaly_maps.shape == (8, 32, 32) and (product.anomaly_maps >= 0).all()
     np.testing.assert_allclose(product.image_scores, product.anomaly_maps.max(axis=(1, 2)))
-    summed = detector.set_params(map_combination="sum").score(images)
+    summed = detector.set_params(map_combination="sum").score_samples(images)
     detector.set_params(map_combination="product")
     assert not np.allclose(summed.anomaly_maps, product.anomaly_maps)
 

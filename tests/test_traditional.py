@@ -71,7 +71,7 @@ def test_template_registers_shifted_parts_and_localises_a_defect():
     normal = _part(shift, seed=100)
     defect_at = (int(SIZE / 2 + shift[0] - 16), int(SIZE / 2 + shift[1]))  # on the bright ring of the moved part
     defective = _paste_blob(normal, defect_at, radius=2.5, value=0.0)
-    scores = detector.score(ImageSet.from_arrays([defective, normal]))
+    scores = detector.score_samples(ImageSet.from_arrays([defective, normal]))
     assert scores.image_scores[0] > 2 * scores.image_scores[1]
     assert np.hypot(*(np.array(_peak(scores)) - defect_at)) <= 3  # the map is in the test image's frame
 
@@ -84,7 +84,7 @@ def test_frequency_suppresses_a_grating_and_keeps_a_blob(method):
     detector = create_detector("frequency", input_size=SIZE, method=method, smoothing_sigma=2.0).fit(train)
     clean = _grating(1.0, seed=50)
     noise_only = np.clip(0.5 + np.random.default_rng(50).normal(0, 0.01, clean.shape), 0, 1).astype(np.float32)
-    scores = detector.score(ImageSet.from_arrays([_paste_blob(clean, (20, 40)), clean, noise_only]))
+    scores = detector.score_samples(ImageSet.from_arrays([_paste_blob(clean, (20, 40)), clean, noise_only]))
     assert scores.image_scores[0] > 3 * scores.image_scores[1]
     assert np.hypot(*(np.array(_peak(scores)) - (20, 40))) <= 5
     # the grating, the image's dominant content, is gone: what is left is the residual of the sensor noise alone
@@ -107,10 +107,10 @@ def test_gaussian_flags_a_blob_and_round_trips(mode, tmp_path):
     detector.fit(train)
     normal = _part((0.0, 0.0), seed=77)
     images = ImageSet.from_arrays([_paste_blob(normal, (32, 14), value=0.0), normal])
-    scores = detector.score(images)
+    scores = detector.score_samples(images)
     assert scores.image_scores[0] > scores.image_scores[1]
     assert np.hypot(*(np.array(_peak(scores)) - (32, 14))) <= 6  # on the blob or its rim
-    again = Detector.load(detector.save(tmp_path / mode)).score(images)
+    again = Detector.load(detector.save(tmp_path / mode)).score_samples(images)
     np.testing.assert_allclose(again.anomaly_maps, scores.anomaly_maps, rtol=1e-5, atol=1e-6)
 
 

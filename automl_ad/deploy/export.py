@@ -70,7 +70,7 @@ def export_run(tracker, run_id: str, out: str | Path, far: float = DEFAULT_FALSE
         data = prepare_search_data(dataset, work_dir_for(dataset), parent.data.params.get("validation", "auto"), seed)
         normals = data.validation.subset(np.flatnonzero(data.validation.labels == 0))
         say(f"Calibrating thresholds on {len(normals)} held-out normal images (target false-alarm rate {far:g}) ...")
-        normal_scores = detector.score(normals)
+        normal_scores = detector.score_samples(normals)
         thresholds = {"image": calibrate_image_threshold(normal_scores.image_scores, far).to_dict(),
                       "active": "image"}
         if normal_scores.anomaly_maps is not None:
@@ -78,11 +78,11 @@ def export_run(tracker, run_id: str, out: str | Path, far: float = DEFAULT_FALSE
         metrics = {"validation": {k[4:]: v for k, v in run.data.metrics.items() if k.startswith("val_")},
                    "validation_kind": data.validation_kind}
         if data.validation_kind == "real":
-            scores = detector.score(data.validation)
+            scores = detector.score_samples(data.validation)
             thresholds["image_f1_optimal"] = f1_optimal_threshold(data.validation.labels, scores.image_scores).to_dict()
         if len(data.test) and data.test.labels.any():
             say(f"Scoring the {len(data.test)} test images (never used for selection) ...")
-            test = detector.score(data.test)
+            test = detector.score_samples(data.test)
             metrics["test"] = evaluate(data.test.labels, test.image_scores, test.anomaly_maps, data.test.masks())
             limit = thresholds["image"]["value"]
             normal_test = test.image_scores[data.test.labels == 0]

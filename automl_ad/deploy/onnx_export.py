@@ -1,9 +1,10 @@
-"""ONNX export of a detector's inference graph (:meth:`Detector.inference_graph`), checked against ``score``.
+"""ONNX export of a detector's inference graph (:meth:`Detector.inference_graph`), checked against
+``score_samples``.
 
 The graph is exported with torch's TorchScript-based exporter (``dynamo=False``, opset 17, dynamic batch axis),
-then run with onnxruntime (CPU) on the images given for the check and compared with ``detector.score`` on the
-same images. Parity: the largest absolute difference of the image scores and of the anomaly maps, each divided
-by the span (max - min) of ``score``'s anomaly maps over those images (of its image scores for families without
+then run with onnxruntime (CPU) on the images given for the check and compared with ``detector.score_samples``
+on the same images. Parity: the largest absolute difference of the image scores and of the anomaly maps, each divided
+by the span (max - min) of ``score_samples``' anomaly maps over those images (of its image scores for families without
 maps), must not exceed :data:`PARITY_TOLERANCE`. A family without a graph, an export error or a failed check
 gives no file, and the returned record says why; it never raises for those.
 """
@@ -23,9 +24,9 @@ INPUT_NAME, OUTPUT_NAMES = "images", ("image_scores", "anomaly_maps")
 
 
 def export_onnx(detector, path: str | Path, images: ImageSet | None) -> dict:
-    """Write ``detector``'s graph to ``path`` when it reproduces ``score`` on ``images``; return the manifest's
-    ``onnx`` record: ``file``, ``opset``, ``input``, ``outputs`` and parity figures, or ``file`` None and a
-    ``reason``."""
+    """Write ``detector``'s graph to ``path`` when it reproduces ``score_samples`` on ``images``; return the
+    manifest's ``onnx`` record: ``file``, ``opset``, ``input``, ``outputs`` and parity figures, or ``file`` None
+    and a ``reason``."""
     path = Path(path)
     if images is None or len(images) == 0:
         return _absent("no images were given for the parity check")
@@ -36,7 +37,7 @@ def export_onnx(detector, path: str | Path, images: ImageSet | None) -> dict:
         inputs = detector.graph_input(images)
         _export(graph.eval(), inputs[:2], path)
         scores, maps = run_onnx(path, inputs)
-        expected = detector.score(images)
+        expected = detector.score_samples(images)
     except Exception as exc:  # noqa: BLE001 - any export or runtime failure only means: no ONNX in the package
         path.unlink(missing_ok=True)
         return _absent(f"ONNX export failed ({type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]})")
@@ -81,7 +82,7 @@ def _export(graph, example: np.ndarray, path: Path) -> None:
 
 
 def _parity(expected, scores: np.ndarray, maps: np.ndarray) -> dict:
-    """Largest absolute differences and the larger of them relative to the span of ``score``'s outputs."""
+    """Largest absolute differences and the larger of them relative to the span of ``score_samples``' outputs."""
     score_diff = float(np.abs(scores - expected.image_scores).max())
     map_diff = 0.0
     reference = expected.image_scores

@@ -212,7 +212,7 @@ class Package:
         from automl_ad.data.io import load_image, resize_image
 
         array = load_image(image) if isinstance(image, (str, Path)) else np.asarray(image)
-        scores = self.detector.score(ImageSet.from_arrays([array]))
+        scores = self.detector.score_samples(ImageSet.from_arrays([array]))
         score = float(scores.image_scores[0])
         limit = self.image_threshold if threshold is None else float(threshold)
         amap = mask = None

@@ -39,10 +39,10 @@ def measure_costs(detector, images, batch_size: int = THROUGHPUT_BATCH, repeats:
 
     decoded = ImageSet.from_arrays(list(images.subset(range(min(len(images), LATENCY_IMAGES))).load_each()))
     singles = [decoded.subset([i]) for i in range(len(decoded))]
-    p50, p95 = measure_latency(detector.score, singles, warmup=LATENCY_WARMUP, repeats=repeats)
+    p50, p95 = measure_latency(detector.score_samples, singles, warmup=LATENCY_WARMUP, repeats=repeats)
     batch = decoded.subset([i % len(decoded) for i in range(batch_size)])
     with PeakRss() as memory:
-        throughput = measure_throughput(detector.score, batch, repeats=3)
+        throughput = measure_throughput(detector.score_samples, batch, repeats=3)
     with tempfile.TemporaryDirectory() as tmp:
         model_mb = directory_size_mb(detector.save(tmp))
     return CostReport(fit_seconds=detector.fit_seconds_, latency_ms_p50=p50, latency_ms_p95=p95,
@@ -54,7 +54,7 @@ def measure_costs(detector, images, batch_size: int = THROUGHPUT_BATCH, repeats:
 def evaluate_detector(detector, test, measure_cost: bool = True) -> EvaluationResult:
     """Score ``test`` (an ImageSet with labels and masks), compute every metric, and measure costs."""
     start = time.perf_counter()
-    scores = detector.score(test)
+    scores = detector.score_samples(test)
     seconds = time.perf_counter() - start
     metrics = evaluate(test.labels, scores.image_scores, scores.anomaly_maps, test.masks())
     cost = measure_costs(detector, test) if measure_cost else CostReport(

@@ -193,7 +193,7 @@ def evaluate_best(tracker, facts: SearchFacts, max_images: int = MAX_TEST_IMAGES
             detector = Detector.load(trial_model_dir(tracker, best["run"], work_dir_for(dataset), Path(tmp)))
         normals = split.validation.subset(np.flatnonzero(split.validation.labels == 0))
         say(f"Calibrating the image threshold of {best['family']} on {len(normals)} held-out normal images ...")
-        threshold = calibrate_image_threshold(detector.score(normals).image_scores, far).to_dict()
+        threshold = calibrate_image_threshold(detector.score_samples(normals).image_scores, far).to_dict()
     except (UsageError, ValueError, OSError) as exc:
         return Evaluation(f"The best front model ({best['family']}, run {best['run_id']}) could not be reloaded "
                           f"and calibrated: {exc}", best["run_id"], best["family"])
@@ -207,7 +207,7 @@ def evaluate_best(tracker, facts: SearchFacts, max_images: int = MAX_TEST_IMAGES
         result.note = (f"{len(keep)} of the {len(split.test)} test images scored (a stratified random sample, "
                        f"seed {seed}), to keep the report quick.")
     say(f"Scoring {len(test)} test images (never used for selection) ...")
-    scores = detector.score(test)
+    scores = detector.score_samples(test)
     result.labels, result.scores, result.maps = test.labels, scores.image_scores, scores.anomaly_maps
     result.images = test
     result.names = [_short_name(p, dataset.root) for p in test.paths]

@@ -78,14 +78,14 @@ def run_trial(spec: dict) -> dict:
     if time.monotonic() > deadline:
         raise TrialTimeout(f"fit took {detector.fit_seconds_:.0f} s, past the per-trial limit of "
                            f"{spec['timeout_s']:.0f} s")
-    scores = detector.score(validation)
+    scores = detector.score_samples(validation)
     metrics = evaluate(validation.labels, scores.image_scores, scores.anomaly_maps, validation.masks())
     result = {"event": "result", "quality": quality(metrics, metric),
               **{f"val_{k}": v for k, v in metrics.items()}}
     if result["quality"] is None or not np.isfinite(result["quality"]):
         raise FloatingPointError(f"validation quality is {result['quality']} (metric {metric})")
     if reference is not None:
-        ref = detector.score(reference)
+        ref = detector.score_samples(reference)
         ref_metrics = evaluate(reference.labels, ref.image_scores, ref.anomaly_maps, reference.masks())
         result.update({f"real_{k}": v for k, v in ref_metrics.items()}, real_quality=quality(ref_metrics, metric))
     cost = measure_costs(detector, validation, repeats=int(spec.get("latency_repeats", 10)))
