@@ -51,7 +51,7 @@ def package_dir(tmp_path_factory):
     dataset = open_dataset(root)
     train = ImageSet.from_records(dataset.normal_in("train"), dataset)
     detector = create_detector("gaussian", input_size=64, scales=(1.0,)).fit(train)
-    normal = detector.score(train).image_scores
+    normal = detector.score_samples(train).image_scores
     return export_package(detector, tmp_path_factory.mktemp("pkg") / "pkg",
                           {"image": calibrate_image_threshold(normal).to_dict()})
 
