@@ -184,7 +184,7 @@ def test_failure_mid_export_keeps_the_old_package(detector, package, tmp_path, m
 
 
 def test_failed_swap_puts_the_old_package_back(detector, package, tmp_path, monkeypatch):
-    import automl_ad.folders as folders
+    from automl_ad import folders
 
     monkeypatch.chdir(tmp_path)
     before = snapshot(package)
