@@ -26,9 +26,38 @@ MAX_IMAGE_PIXELS_ENV = "AUTOML_AD_MAX_IMAGE_PIXELS"
 YAML_MAX_BYTES = 1_000_000
 YAML_MAX_VALUES = 100_000
 
-#: Profiling: images used for the expensive structure statistics, and their working resolution.
+#: Profiling: images used for the expensive structure statistics, and their working resolution: the short side.
+#: Images are analysed at the dataset's median aspect ratio (a 16:1 fabric at 128 x 2048, not squashed to a square,
+#: which would average its weave away), the long side capped at PROFILE_MAX_ASPECT short sides. Elongated data
+#: gets fewer images so the sample holds at most PROFILE_SAMPLE_PIXELS pixels (120 images of aspect 4 at 128 px).
 PROFILE_SAMPLE_IMAGES = 120
 PROFILE_RESOLUTION = 128
+PROFILE_MAX_ASPECT = 16
+PROFILE_SAMPLE_PIXELS = 120 * 128 * 512
+#: Masks read to measure defect sizes (evenly spaced sample).
+PROFILE_SAMPLE_MASKS = 400
+
+#: Input geometry proposal (reasoning in automl_ad/recommend/geometry.py).
+#: The families' default square input, and the least a proposal feeds the backbone: ImageNet backbones were
+#: trained on 224-px views and the families' defaults are tuned at 256.
+GEOMETRY_BASE_SIDE = 256
+#: Finest stride of the default feature pyramid of the backbone families (strides 8 and 16).
+GEOMETRY_FEATURE_STRIDE = 8
+#: Feature cells a defect must span on its short side: at 2 cells it contains at least one whole cell wherever it
+#: falls, so at least one feature vector is computed mostly from defect pixels.
+GEOMETRY_MIN_DEFECT_CELLS = 2
+#: Largest aspect distortion a squash may cause: the aspect jitter ImageNet backbones were trained with
+#: (RandomResizedCrop ratio 3/4..4/3), so squashed features stay in the distribution the backbone knows.
+GEOMETRY_SQUASH_MAX_ASPECT = 4 / 3
+#: Longest side of a single (untiled) network input; larger views are tiled (bounded memory per inference: a
+#: per-position model such as PaDiM holds a covariance per cell, 4096 cells at 512 px and stride 8).
+GEOMETRY_MAX_SINGLE_SIDE = 512
+#: Tile sides tried (square tiles, multiples of the deepest stride 32).
+GEOMETRY_TILE_SIDES = (256, 384, 512)
+#: Without masks or a declared size, the smallest defect worth finding is assumed to span this fraction of the
+#: image's short side (1/20: 12.8 px of a 256-px view). Declare the real size with `data: {smallest_defect_px: N}`
+#: in a constraint profile.
+SMALLEST_DEFECT_FRACTION = 0.05
 
 #: Split: fraction of normal training images held out for validation, and of labelled defects used for selection.
 VALIDATION_FRACTION = 0.2

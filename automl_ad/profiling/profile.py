@@ -1,4 +1,10 @@
-"""DatasetProfile: the facts about a dataset that the recommender and the search use (saved as JSON)."""
+"""DatasetProfile: the facts about a dataset that the recommender and the search use (saved as JSON).
+
+Cheap facts (counts, sizes, aspect ratios, colour, mask areas) use every file. Structure statistics use a sample of
+normal images analysed at the dataset's median aspect ratio (see :func:`structure_shape`). Defect sizes come from
+a sample of masks: per mask, the short side of the bounding box of its largest defect region (an image is
+flagged when its main defect is seen; fragments of the same defect ride along).
+"""
 
 from __future__ import annotations
 
@@ -11,16 +17,22 @@ from pathlib import Path
 import numpy as np
 
 from automl_ad import __version__
+from scipy import ndimage
+
 from automl_ad.data.dataset import Dataset
-from automl_ad.data.io import load_image
-from automl_ad.defaults import IO_WORKERS, PROFILE_RESOLUTION, PROFILE_SAMPLE_IMAGES
+from automl_ad.data.geometry import Geometry, feature_cells
+from automl_ad.data.io import ImageReadError, load_image, read_mask
+from automl_ad.defaults import (GEOMETRY_BASE_SIDE, GEOMETRY_FEATURE_STRIDE, IO_WORKERS, PROFILE_MAX_ASPECT,
+                                PROFILE_RESOLUTION, PROFILE_SAMPLE_IMAGES, PROFILE_SAMPLE_MASKS, PROFILE_SAMPLE_PIXELS,
+                                SMALLEST_DEFECT_FRACTION)
 from automl_ad.errors import ConfigError
 from automl_ad.profiling.structure import AlignmentStats, StructureStats, alignment_stats, structure_stats
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 #: Facts a constraint profile may override, with their types.
-OVERRIDABLE_FACTS = {"kind": str, "periodic": bool, "aligned": bool, "color": str, "n_normal": int}
+OVERRIDABLE_FACTS = {"kind": str, "periodic": bool, "aligned": bool, "color": str, "n_normal": int,
+                     "smallest_defect_px": int}
 
 
 _ALLOWED_VALUES = {"kind": ("texture", "object"), "color": ("gray", "color", "mixed")}
@@ -35,6 +47,8 @@ def validate_overrides(overrides: dict, where: str = "data overrides") -> None:
             raise ConfigError(f"{where}: '{key}' must be {OVERRIDABLE_FACTS[key].__name__}, got {value!r}")
         if key in _ALLOWED_VALUES and value not in _ALLOWED_VALUES[key]:
             raise ConfigError(f"{where}: {key}={value!r}; use one of {_ALLOWED_VALUES[key]}")
+        if key == "smallest_defect_px" and value < 1:
+            raise ConfigError(f"{where}: smallest_defect_px={value}; give the defect's size in image pixels (>= 1)")
 
 
 @dataclass(frozen=True)
@@ -64,6 +78,18 @@ class SizeStats:
     height_median: float
     height_max: int
     distinct_sizes: int
+    aspect_median: float  # width / height
+    aspect_p10: float
+    aspect_p90: float
+
+    @property
+    def median_hw(self) -> tuple[int, int]:
+        return round(self.height_median), round(self.width_median)
+
+    @property
+    def elongation(self) -> float:
+        """Long side over short side of the median image (1 = square)."""
+        return max(self.aspect_median, 1 / self.aspect_median)
 
 
 @dataclass(frozen=True)
@@ -77,7 +103,9 @@ class ColorStats:
 
 @dataclass(frozen=True)
 class DefectStats:
-    """Defect size from masks: area as a fraction of the image, and connected regions per image."""
+    """Defect size from masks: area as a fraction of the image, connected regions per image, and the size of each
+    mask's largest region (short side of its bounding box) in pixels, as a fraction of the image's short side and
+    in feature cells at the families' default geometry (a 256 x 256 squash, stride 8)."""
 
     masks: int
     area_fraction_min: float
@@ -85,6 +113,13 @@ class DefectStats:
     area_fraction_max: float
     small_defect_share: float  # share of masks covering less than 1% of the image
     regions_median: float
+    measured_masks: int  # masks read for the sizes below (a sample; empty masks are not counted)
+    size_px_p10: float
+    size_px_median: float
+    size_fraction_p10: float
+    size_fraction_median: float
+    base_cells_p10: float
+    base_cells_median: float
 
 
 @dataclass(frozen=True)
@@ -102,7 +137,8 @@ class DatasetProfile:
     alignment: AlignmentStats
     defects: DefectStats | None
     sample_images: int
-    sample_resolution: int
+    sample_resolution: int  # short side of the structure sample
+    sample_hw: tuple[int, int]  # (height, width) of the structure sample: the median aspect ratio kept
     profiling_seconds: float
     overrides: dict = field(default_factory=dict)
     automl_ad_version: str = __version__
@@ -120,11 +156,30 @@ class DatasetProfile:
             "n_abnormal": self.counts.abnormal_total,
             "has_masks": self.counts.masks > 0,
             "image_side": int(max(self.size.width_median, self.size.height_median)),
+            "aspect": round(self.size.elongation, 2),
+            "smallest_defect_px": round(self.smallest_defect()[0], 1),
             "structure_confidence": self.structure.confidence,
         }
         if "aligned" in self.overrides:
             detected["per_position_aligned"] = self.overrides["aligned"]
         return {**detected, **self.overrides}
+
+    def smallest_defect(self) -> tuple[float, str]:
+        """Size in image pixels of the smallest defect worth finding, and where that figure comes from: declared
+        in the constraint profile, else the 10th percentile of the measured masks, else an assumed fraction of the
+        median image's short side."""
+        if "smallest_defect_px" in self.overrides:
+            return float(self.overrides["smallest_defect_px"]), "declared in the constraint profile"
+        if self.defects is not None and self.defects.measured_masks:
+            return self.defects.size_px_p10, (f"10th percentile of {self.defects.measured_masks} masks (short side "
+                                               "of the largest defect's bounding box)")
+        short = min(self.size.median_hw)
+        return SMALLEST_DEFECT_FRACTION * short, (f"no masks: assumed {SMALLEST_DEFECT_FRACTION:.0%} of the "
+                                                  f"{short}-px short side")
+
+    def defect_cells(self, geometry: Geometry, stride: int = GEOMETRY_FEATURE_STRIDE) -> float:
+        """Feature cells (at ``stride``) the smallest defect spans in the median image under ``geometry``."""
+        return feature_cells(geometry, self.size.median_hw, self.smallest_defect()[0], stride)
 
     def with_overrides(self, overrides: dict) -> DatasetProfile:
         """Return a copy whose facts are replaced by user-declared ones."""
@@ -150,6 +205,7 @@ class DatasetProfile:
         for key, kind in parts.items():
             if values.get(key) is not None:
                 values[key] = kind(**values[key])
+        values["sample_hw"] = tuple(values["sample_hw"])
         return cls(**values)
 
     @classmethod
@@ -164,33 +220,73 @@ def _sample(items: list, limit: int) -> list:
     return [items[i] for i in np.linspace(0, len(items) - 1, limit).round().astype(int)]
 
 
+def structure_shape(aspect: float, short_side: int = PROFILE_RESOLUTION) -> tuple[int, int]:
+    """(height, width) at which structure statistics are computed for data of median ``aspect`` (width / height):
+    the aspect kept and the short side ``short_side``; beyond ``PROFILE_MAX_ASPECT`` the long side stops at that
+    many short sides and the short side shrinks instead (never below 16 px)."""
+    elongation = max(aspect, 1 / aspect)
+    long_side = round(short_side * min(elongation, PROFILE_MAX_ASPECT))
+    short = max(16, round(long_side / elongation))
+    return (short, long_side) if aspect >= 1 else (long_side, short)
+
+
+def _largest_defect(mask_path) -> tuple[int, tuple[int, int]] | None:
+    """Short side of the bounding box of the mask's largest region, and the mask's (height, width)."""
+    try:
+        binary = read_mask(mask_path) > 0
+    except ImageReadError:
+        return None  # validated moments ago; a file that vanished since is left out of the sample
+    labels, count = ndimage.label(binary)
+    if not count:
+        return None
+    largest = int(np.argmax(np.bincount(labels.ravel())[1:])) + 1
+    rows, cols = ndimage.find_objects((labels == largest).astype(np.int32))[0]
+    return min(rows.stop - rows.start, cols.stop - cols.start), binary.shape
+
+
+def _defect_stats(dataset: Dataset) -> DefectStats | None:
+    checks = dataset.masks
+    if not checks:
+        return None
+    fractions = np.array([m.defect_fraction for m in checks.values()])
+    with ThreadPoolExecutor(IO_WORKERS) as pool:
+        measured = [m for m in pool.map(_largest_defect, _sample(sorted(checks), PROFILE_SAMPLE_MASKS)) if m]
+    sizes = np.array([size for size, _ in measured], float)
+    relative = np.array([size / min(hw) for size, hw in measured])
+    base = Geometry.squash(GEOMETRY_BASE_SIDE)
+    cells = np.array([feature_cells(base, hw, size, GEOMETRY_FEATURE_STRIDE) for size, hw in measured])
+    pct = lambda values, q: round(float(np.percentile(values, q)), 4) if len(values) else 0.0  # noqa: E731
+    return DefectStats(
+        masks=len(fractions), area_fraction_min=round(float(fractions.min()), 5),
+        area_fraction_median=round(float(np.median(fractions)), 5), area_fraction_max=round(float(fractions.max()), 5),
+        small_defect_share=round(float(np.mean(fractions < 0.01)), 3),
+        regions_median=float(np.median([m.regions for m in checks.values()])), measured_masks=len(measured),
+        size_px_p10=pct(sizes, 10), size_px_median=pct(sizes, 50), size_fraction_p10=pct(relative, 10),
+        size_fraction_median=pct(relative, 50), base_cells_p10=pct(cells, 10), base_cells_median=pct(cells, 50))
+
+
 def profile_dataset(dataset: Dataset, sample_images: int = PROFILE_SAMPLE_IMAGES,
                     resolution: int = PROFILE_RESOLUTION) -> DatasetProfile:
-    """Compute the profile. Cheap facts use every file; structure statistics use a subsample of normals."""
+    """Compute the profile. Cheap facts use every file; structure statistics a subsample of normals at their median
+    aspect ratio (short side ``resolution``, at most ``PROFILE_SAMPLE_PIXELS`` pixels in all); defect sizes a
+    subsample of masks."""
     start = time.perf_counter()
     infos = [dataset.info[r.path] for r in dataset.records]
-    normals = dataset.normal_in("train") or dataset.normal
-    sample = _sample(normals, sample_images)
-    with ThreadPoolExecutor(IO_WORKERS) as pool:
-        images = np.stack(list(pool.map(lambda r: load_image(r.path, resolution, gray=True), sample)))
-
     widths = np.array([i.width for i in infos])
     heights = np.array([i.height for i in infos])
+    aspects = widths / heights
+    shape = structure_shape(float(np.median(aspects)), resolution)
+    normals = dataset.normal_in("train") or dataset.normal
+    sample = _sample(normals, min(sample_images, max(1, PROFILE_SAMPLE_PIXELS // (shape[0] * shape[1]))))
+    with ThreadPoolExecutor(IO_WORKERS) as pool:
+        images = np.stack(list(pool.map(lambda r: load_image(r.path, shape, gray=True), sample)))
+
     gray = sum(i.channels == 1 for i in infos)
     colour = len(infos) - gray
     effectively_gray = sum(i.effectively_gray for i in infos)
     truly_colour = colour - effectively_gray
     mode = "gray" if truly_colour == 0 else "color" if truly_colour == len(infos) else "mixed"
 
-    fractions = np.array([m.defect_fraction for m in dataset.masks.values()])
-    defects = None
-    if len(fractions):
-        defects = DefectStats(
-            masks=len(fractions), area_fraction_min=round(float(fractions.min()), 5),
-            area_fraction_median=round(float(np.median(fractions)), 5),
-            area_fraction_max=round(float(fractions.max()), 5),
-            small_defect_share=round(float(np.mean(fractions < 0.01)), 3),
-            regions_median=float(np.median([m.regions for m in dataset.masks.values()])))
     counts = Counts(normal_train=len(dataset.normal_in("train")), normal_test=len(dataset.normal_in("test")),
                     normal_unsplit=len(dataset.normal_in(None)), abnormal=dataset.defect_types,
                     masks=len(dataset.masks),
@@ -199,9 +295,10 @@ def profile_dataset(dataset: Dataset, sample_images: int = PROFILE_SAMPLE_IMAGES
         name=dataset.name, root=str(dataset.root), layout=dataset.layout, fingerprint=dataset.fingerprint(),
         counts=counts,
         size=SizeStats(int(widths.min()), float(np.median(widths)), int(widths.max()), int(heights.min()),
-                       float(np.median(heights)), int(heights.max()), len(set(zip(widths, heights)))),
+                       float(np.median(heights)), int(heights.max()), len(set(zip(widths, heights))),
+                       *(round(float(np.percentile(aspects, q)), 4) for q in (50, 10, 90))),
         color=ColorStats(mode, int(gray), int(colour), int(effectively_gray),
                          sorted({i.bit_depth for i in infos})),
-        structure=structure_stats(images), alignment=alignment_stats(images), defects=defects,
-        sample_images=len(sample), sample_resolution=resolution,
+        structure=structure_stats(images), alignment=alignment_stats(images), defects=_defect_stats(dataset),
+        sample_images=len(sample), sample_resolution=min(shape), sample_hw=shape,
         profiling_seconds=round(time.perf_counter() - start, 2))

@@ -1,6 +1,9 @@
 """Structure statistics of normal images: texture vs object, periodicity, alignment to a common template.
 
-All functions take a stack of gray images ``(N, R, R)`` as float32 at one working resolution.
+All functions take a stack of gray images ``(N, H, W)`` as float32 at one working size. The profile analyses images
+at their native aspect ratio (short side at the working resolution), not squashed to a square: squashing a 16:1
+fabric to a square averages its weave away along the long side and leaves only what every image shares (fixed
+illumination or sensor stripes), which reads as an aligned object.
 
 * **Aligned detail** — z-score each image's high-pass detail and average across images: structure that sits at
   the same place in every image (an object's edges) survives, texture detail at random phase cancels. The
@@ -56,7 +59,7 @@ class AlignmentStats:
     score: float  # best of raw and registered detail correlation, 0..1
     raw_correlation: float
     registered_correlation: float
-    median_shift: float  # fraction of the image side
+    median_shift: float  # fraction of the image side (the geometric mean of height and width)
     template_viable: bool
     per_position_viable: bool
 
@@ -84,12 +87,14 @@ def background_share(images: np.ndarray) -> float:
 
     Blocks whose detail energy is below a fifth of the image's 90th-percentile block are "plain"; an object's
     background forms one large plain region around it, while flat patches of a texture (brick faces) are small
-    and separated by busy borders.
+    and separated by busy borders. Blocks are square: ``_BLOCKS`` along the short side, as many as fit along the
+    long one.
     """
     n, height, width = images.shape
-    bh, bw = height // _BLOCKS, width // _BLOCKS
-    energy = np.abs(detail(images))[:, : bh * _BLOCKS, : bw * _BLOCKS]
-    blocks = energy.reshape(n, _BLOCKS, bh, _BLOCKS, bw).mean(axis=(2, 4))
+    side = max(1, min(height, width) // _BLOCKS)
+    rows, cols = height // side, width // side
+    energy = np.abs(detail(images))[:, : rows * side, : cols * side]
+    blocks = energy.reshape(n, rows, side, cols, side).mean(axis=(2, 4))
     reference = np.percentile(blocks.reshape(n, -1), 90, axis=1)[:, None, None] + 1e-9
     shares = []
     for plain in blocks < _LOW_ENERGY * reference:
@@ -140,7 +145,7 @@ def alignment_stats(images: np.ndarray, max_images: int = 60) -> AlignmentStats:
         shift, _, _ = phase_cross_correlation(template, image, normalization=None)
         moved = _zscore(ndimage.shift(image, shift, mode="nearest")[None])[0]
         registered.append(float((moved * template).mean()))
-        shifts.append(float(np.hypot(*shift)) / images.shape[-1])
+        shifts.append(float(np.hypot(*shift)) / np.sqrt(images.shape[-2] * images.shape[-1]))
     raw_corr, reg_corr = float(np.median(raw)), float(np.median(registered))
     score = max(0.0, raw_corr, reg_corr)
     return AlignmentStats(score=round(score, 4), raw_correlation=round(raw_corr, 4),
