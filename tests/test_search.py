@@ -100,18 +100,21 @@ def test_search_without_data_uses_the_last_recommendation(tmp_path, monkeypatch)
     data = generate_demo(tmp_path / "d", categories=["texture"], n_train=12, n_test_good=3, n_test_per_defect=1,
                          size=64)["texture"]
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("AUTOML_AD_OFFLINE", "1")  # no weights download: backbone families must give way
+    monkeypatch.setenv("AUTOML_AD_OFFLINE", "1")  # no hub: backbone families run on the built-in weights only
     assert main(["recommend", str(data), "--json"]) == 0
     messages = []
     request = plan_search(None, say=messages.append, budget_s=60)
     assert request.data == str(data.resolve()) and "last `automl-ad recommend`" in messages[0]
     assert request.families and request.budget_s == 60
+    from automl_ad.defaults import BUILTIN_BACKBONE
     from automl_ad.detectors import detector_class
     from automl_ad.detectors.feature_based import BackboneDetector
 
     assert not request.backbone_weights
-    assert not any(issubclass(detector_class(f), BackboneDetector) for f in request.families)
-    assert any("left out" in m for m in messages)
+    backbone_families = [f for f in request.families if issubclass(detector_class(f), BackboneDetector)]
+    assert backbone_families, "offline, the built-in backbone keeps the backbone families in the search"
+    assert all(request.backbones[f] == [BUILTIN_BACKBONE] for f in backbone_families)
+    assert any("built into automl-ad" in m for m in messages)
 
 
 def test_iterative_trial_out_of_training_time_is_evaluated_not_failed(tmp_path, mvtec_dir):
