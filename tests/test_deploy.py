@@ -130,7 +130,7 @@ def test_package_served_as_mlflow_pyfunc(package, demo, tmp_path):
     import mlflow
     import pandas as pd
 
-    from automl_ad.tracking.serving import log_package
+    from automl_ad.deploy.serving import log_package
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     model_uri = log_package(package[0], tracking_uri=uri)

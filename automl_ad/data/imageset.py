@@ -47,6 +47,23 @@ class ImageSet:
         return cls(paths=[r.path for r in records], labels=[0 if r.is_normal else 1 for r in records],
                    mask_paths=[r.mask for r in records], content_hashes=hashes)
 
+    def to_json(self) -> dict:
+        """Absolute paths, labels, masks and content hashes as JSON-ready data (file-backed sets only)."""
+        if self.paths is None:
+            raise ValueError("only an ImageSet of files can be written as JSON")
+        labels = self.labels if self.labels is not None else np.zeros(len(self), np.int64)
+        return {"paths": [str(Path(p).resolve()) for p in self.paths], "labels": labels.tolist(),
+                "masks": [None if m is None else str(Path(m).resolve())
+                          for m in (self.mask_paths or [None] * len(self))],
+                "hashes": self.content_hashes}
+
+    @classmethod
+    def from_json(cls, data: dict) -> ImageSet:
+        """The inverse of :meth:`to_json`."""
+        return cls(paths=[Path(p) for p in data["paths"]], labels=np.asarray(data["labels"], np.int64),
+                   mask_paths=[None if m is None else Path(m) for m in data["masks"]],
+                   content_hashes=data.get("hashes"))
+
     @classmethod
     def from_paths(cls, paths: Sequence[str | Path], labels=None) -> ImageSet:
         return cls(paths=[Path(p) for p in paths], labels=labels)

@@ -35,7 +35,7 @@ def predict_files(package, inputs: list[str], out: str | Path, threshold: float 
     from PIL import Image
 
     from automl_ad.progress import track
-    from automl_ad.reporting.heatmaps import overlay
+    from automl_ad.figures.heatmaps import overlay
 
     out = Path(out)
     if out.exists() and not out.is_dir():

@@ -1,9 +1,9 @@
-"""MLflow "model from code" that serves an automl-ad package (logged by :func:`automl_ad.tracking.serving.log_package`).
+"""MLflow "model from code" that serves an automl-ad package (logged by :func:`automl_ad.deploy.serving.log_package`).
 
 Input: base64-encoded image files, as ``{"inputs": [...]}`` or a DataFrame with an ``image`` column.
 Output: one row per image with ``score``, ``anomalous`` (against the package's calibrated threshold) and ``error``.
 Request handling (limits, per-image errors, server-side paths only inside an allowed folder) is
-:class:`automl_ad.tracking.serving.RequestScorer`; it never raises, so MLflow never answers with a stack trace.
+:class:`automl_ad.deploy.serving.RequestScorer`; it never raises, so MLflow never answers with a stack trace.
 The package is verified (sha256 of every file) when the model loads; nothing is unpickled.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import mlflow
 
-from automl_ad.tracking.serving import scorer_for
+from automl_ad.deploy.serving import scorer_for
 
 
 class PackageModel(mlflow.pyfunc.PythonModel):

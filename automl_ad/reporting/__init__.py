@@ -1,1 +1,1 @@
-"""Plots and visual reports: heatmap overlays, benchmark figures."""
+"""The HTML report of a search: profile, recommendation, trials, Pareto front, test-split evaluation."""

@@ -245,7 +245,7 @@ def _figure_uri(fig) -> str:
 
 
 def pareto_figure(trials: list[dict]) -> str | None:
-    from automl_ad.reporting.plots import pareto_plot
+    from automl_ad.figures.plots import pareto_plot
     from automl_ad.tracking.store import OBJECTIVES, pareto_ranks
 
     done = [t for t in trials if t.get("status") == "ok" and all(k in t for k, _ in OBJECTIVES)]
@@ -314,7 +314,7 @@ def curves_figure(ev: Evaluation) -> str:
 def _thumbnail(ev: Evaluation, index: int, vmin: float, vmax: float) -> str:
     from PIL import Image
 
-    from automl_ad.reporting.heatmaps import overlay
+    from automl_ad.figures.heatmaps import overlay
 
     one = ev.images.subset([index])
     if ev.maps is not None:
