@@ -20,12 +20,14 @@ an iterative family still training at ``SEARCH_TRAINING_SHARE`` of the limit sto
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import math
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -39,8 +41,10 @@ import numpy as np
 from automl_ad.defaults import (FEATURE_CACHE_ENV, SEARCH_ARTIFACT_CAP_MB, SEARCH_CACHE_CAP_MB, SEARCH_REPORT_EVERY,
                                 STATE_DIR, default_cache_dir)
 from automl_ad.errors import UsageError
+from automl_ad.search.trial import unreported_failure
 
 OBJECTIVE_METRICS, OBJECTIVE_MODES = ["quality", "throughput", "memory_mb"], ["max", "max", "min"]
+NODE_FILE = "node.json"  # in a trial's folder: the Ray node (id, host) it ran on
 ALLOCATION_TEMPERATURE = 0.05
 
 
@@ -174,7 +178,8 @@ def run_trial_process(config: dict, work_dir: str, data_file: str, metric: str, 
         process.kill()
 
     # iterative families check the limit every epoch; this hard limit also covers one long, non-iterative fit
-    hard_limit = threading.Timer(timeout_s * 1.2 + 60, kill_after_limit)
+    hard_limit_s = timeout_s * 1.2 + 60
+    hard_limit = threading.Timer(hard_limit_s, kill_after_limit)
     hard_limit.start()
     final = None
     try:
@@ -193,11 +198,10 @@ def run_trial_process(config: dict, work_dir: str, data_file: str, metric: str, 
         if process.poll() is None:
             process.kill()
         stderr.close()
-    if final is None:
-        code = process.returncode
-        tail = (out_dir / "stderr.log").read_text()[-1500:]
-        reason = ("timeout" if expired.is_set() else "killed (out of memory?)" if code in (-9, 137) else "crashed")
-        final = {"event": "failed", "reason": reason, "error": f"exit code {code}. {tail}"}
+    if final is None:  # killed, or crashed before it could report its own error
+        final = unreported_failure(process.returncode, (out_dir / "stderr.log").read_text(errors="replace"),
+                                   hard_limit_s if expired.is_set() else None)
+        final["error"] += f" (its output: {out_dir / 'stderr.log'})"
     if final["event"] == "failed":
         (out_dir / "failure.json").write_text(json.dumps(final))
         raise TrialFailed(f"{final['reason']}: {final['error']}")
@@ -211,9 +215,15 @@ class TrialFailed(RuntimeError):
 
 def _trainable(config: dict, work_dir: str, data_file: str, metric: str, timeout_s: float, threads: int,
                cache_dir: str):
+    import ray
     from ray import tune
 
-    config = {**config, "trial_id": tune.get_context().get_trial_id()}
+    trial_id = tune.get_context().get_trial_id()
+    trial_dir = Path(work_dir) / "trials" / trial_id
+    trial_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(trial_dir / NODE_FILE, {"node_id": ray.get_runtime_context().get_node_id(),
+                                        "host": socket.gethostname()})
+    config = {**config, "trial_id": trial_id}
     result = run_trial_process(config, work_dir, data_file, metric, timeout_s, threads, cache_dir, tune.report)
     tune.report({k: v for k, v in result.items() if k not in ("event", "heatmaps")}
                 | {"heatmaps": json.dumps(result.get("heatmaps", []))})
@@ -228,16 +238,53 @@ def experiment_name(dataset) -> str:
     return f"automl-ad/{dataset.name}-{dataset.fingerprint()[:8]}"
 
 
-def _concurrency(address: str | None) -> tuple[int, dict, int]:
-    """(parallel trials, resources per trial, threads per trial) from the Ray cluster's CPUs and GPUs."""
+#: Ray's switch between its one-machine mode (every Ray server on 127.0.0.1) and its cluster mode (servers on the
+#: machine's network address, for other nodes to reach); Ray reads it once, when it is first imported.
+RAY_CLUSTER_MODE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def start_ray(address: str | None) -> None:
+    """Join the Ray cluster at ``address``, or start a local Ray that only this machine can reach.
+
+    A local Ray binds its GCS, raylet, object manager, agents and workers to 127.0.0.1. Ray does so only in its
+    one-machine mode (otherwise it turns a node address of 127.0.0.1 into the machine's network address and
+    listens on all interfaces), so that mode is switched on before ray is imported.
+    """
+    if address is None:
+        os.environ[RAY_CLUSTER_MODE_ENV] = "0"
     import ray
 
-    cpus = int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    threads = min(4, cpus)
-    if gpus:
-        return gpus, {"cpu": threads, "gpu": 1}, threads
-    return max(1, cpus // threads), {"cpu": threads}, threads
+    if ray.is_initialized():
+        return
+    ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
+             runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore"}} if address else None)
+    node_ip = None if address else ray.util.get_node_ip_address()
+    if node_ip is not None and not ipaddress.ip_address(node_ip).is_loopback:
+        ray.shutdown()
+        raise UsageError(f"a local Ray would listen on {node_ip}, reachable from the network: ray was imported "
+                         f"before the search without {RAY_CLUSTER_MODE_ENV}=0. Set that variable before importing "
+                         "ray, start Ray yourself (ray.init), or give a cluster --address")
+
+
+def _concurrency() -> tuple[int, dict, int]:
+    """(parallel trials, resources per trial, threads per trial) from the CPUs and GPUs of the Ray nodes.
+
+    Every trial gets the same threads, so latencies compare: up to 4, and no more than the smallest node has (per
+    GPU on GPU nodes), so that a trial fits on every node; each node runs as many trials as it has room for.
+    """
+    import ray
+
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) >= 1]
+    if not nodes:
+        raise UsageError("the Ray cluster has no live node with a CPU to run trials on; start one with "
+                         "`ray start --address HEAD:PORT --num-cpus N`")
+    gpu_nodes = [r for r in nodes if r.get("GPU", 0) >= 1]
+    if gpu_nodes:
+        threads = min([4] + [int(r["CPU"] // r["GPU"]) or 1 for r in gpu_nodes])
+        parallel = sum(min(int(r["GPU"]), int(r["CPU"]) // threads) for r in gpu_nodes)
+        return parallel, {"cpu": threads, "gpu": 1}, threads
+    threads = min([4] + [int(r["CPU"]) for r in nodes])
+    return sum(int(r["CPU"]) // threads for r in nodes), {"cpu": threads}, threads
 
 
 def run_search(request: SearchRequest, console=None) -> SearchResult:
@@ -342,8 +389,8 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def _tune(request, spaces, defaults, work_dir, data_file, state, remaining, tracker, experiment_id, console):
+    start_ray(request.address)  # first: whether a local Ray listens on 127.0.0.1 only is settled as ray is imported
     import optuna
-    import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
@@ -355,10 +402,7 @@ def _tune(request, spaces, defaults, work_dir, data_file, state, remaining, trac
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    if not ray.is_initialized():
-        ray.init(address=request.address, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
-                 runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore"}} if request.address else None)
-    parallel, resources, threads = _concurrency(request.address)
+    parallel, resources, threads = _concurrency()
     storage = optuna.storages.RDBStorage(f"sqlite:///{work_dir / 'optuna.db'}",
                                          engine_kwargs={"connect_args": {"timeout": 30}})
     _fail_stale_trials(storage, state["study"])

@@ -10,8 +10,14 @@ import numpy as np
 from ray.tune import Callback
 
 from automl_ad.features import FeatureCache
-from automl_ad.search.engine import OBJECTIVE_METRICS, OBJECTIVE_MODES, trim_disk
+from automl_ad.search.engine import NODE_FILE, OBJECTIVE_METRICS, OBJECTIVE_MODES, trim_disk
 from automl_ad.tracking.store import pareto_ranks
+
+
+def _failure_text(record: dict) -> str:
+    """"reason: error", without repeating a reason the error starts with (an exception's type name)."""
+    reason, error = str(record.get("reason", "")), str(record.get("error", ""))
+    return error if error.startswith(reason) else f"{reason}: {error}"
 
 
 class SearchCallback(Callback):
@@ -56,8 +62,7 @@ class SearchCallback(Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         failure = self.work_dir / "trials" / trial.trial_id / "failure.json"
-        details = json.loads(failure.read_text()) if failure.is_file() else {
-            "reason": "error", "error": str(getattr(trial, "error_message", None) or "see the Ray trial log")}
+        details = json.loads(failure.read_text()) if failure.is_file() else self._ray_failure(trial)
         self._log(self._record(trial, "failed", {"reason": details["reason"], "error": details["error"]}), [])
 
     def on_step_end(self, iteration, trials, **info):
@@ -71,11 +76,47 @@ class SearchCallback(Callback):
         record = {"trial_id": trial.trial_id, "family": config.get("family"), "params": config.get("params", {}),
                   "default": bool(config.get("default")), "status": status,
                   "route": self.request.routes.get(config.get("family"), ""),
-                  "curve": self.curves.get(trial.trial_id, []), **result}
+                  "curve": self.curves.get(trial.trial_id, []), **self._node(trial), **result}
         if status == "failed":
             record.pop("quality", None)
         record["wall_seconds"] = result.get("time_total_s")
         return record
+
+    def _node(self, trial) -> dict:
+        """The Ray node a trial ran on (``node_id``, ``host``), as its trainable wrote it; empty if it never started."""
+        path = self.work_dir / "trials" / trial.trial_id / NODE_FILE
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def _ray_failure(self, trial) -> dict:
+        """Reason and error of a trial that Ray ended rather than the trial itself, e.g. its worker or node died.
+
+        Tune has just written the error beside the trial (its storage copy comes later): the exception, pickled by
+        Tune in this process, and its text.
+        """
+        from ray import cloudpickle
+        from ray.exceptions import RayActorError
+
+        error, text = None, ""
+        try:
+            error = cloudpickle.loads(Path(trial.pickled_error_file).read_bytes())
+        except Exception:  # noqa: BLE001 - no or unreadable pickled error: the text version remains
+            pass
+        try:
+            text = str(error) if error is not None else Path(trial.error_file).read_text(errors="replace")
+        except (OSError, TypeError):
+            pass
+        lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("Failure #")]
+        message = lines[0] if lines else "Ray recorded no error for this trial"
+        if isinstance(error, RayActorError):
+            node = self._node(trial)
+            where = f"node {node['node_id']} on {node['host']}" if node else "its node"
+            return {"reason": "worker lost", "error": f"the Ray worker running this trial on {where} was lost (the "
+                                                      f"worker process or its node died): {type(error).__name__}: "
+                                                      f"{message}"}
+        return {"reason": "error", "error": message}
 
     def _log(self, record: dict, artifacts: list[str]) -> None:
         try:
@@ -90,7 +131,7 @@ class SearchCallback(Callback):
         quality = record.get("quality")
         detail = (f"quality {quality:.3f}, {record.get('throughput', 0):.1f} img/s, {record.get('memory_mb', 0):.0f} MB"
                   if record["status"] == "ok" else
-                  f"{record.get('reason')}: {str(record.get('error', ''))[:140]}" if record["status"] == "failed"
+                  _failure_text(record)[:160] if record["status"] == "failed"
                   else f"stopped at epoch {record['curve'][-1][0] if record['curve'] else '?'}")
         if record.get("training_cut_by_time"):
             detail += f" (training stopped by the time limit after {record.get('epochs_trained', 0):.0f} epochs)"

@@ -1,15 +1,19 @@
 """One search trial, run in its own process: fit, report intermediate quality, validate, measure cost, save.
 
 ``python -m automl_ad.search.trial SPEC.json`` prints JSON lines on stdout — ``{"event": "epoch", ...}`` while an
-iterative family trains, then one ``{"event": "result", ...}`` (or ``{"event": "failed", ...}``). A process per
+iterative family trains, then one ``{"event": "result", ...}`` (or ``{"event": "failed", ...}`` naming the
+trial's own exception, type and message). A process that ends without either (killed, a native crash) is described
+by :func:`unreported_failure` from its exit status and its stderr. A process per
 trial keeps memory bounded over a long search (everything is freed when it exits), lets a timeout or an
 out-of-memory kill end one trial without touching the others, and measures peak memory per configuration.
 """
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import math
+import signal
 import sys
 import time
 import traceback
@@ -103,7 +107,7 @@ def _heatmaps(images: ImageSet, scores, out: Path) -> list[str]:
     """Two overlays: the most anomalous-looking anomaly and normal image of the validation set."""
     if scores.anomaly_maps is None:
         return []
-    from automl_ad.reporting.heatmaps import save_overlays
+    from automl_ad.figures.heatmaps import save_overlays
 
     picked = [int(np.argmax(np.where(images.labels == k, scores.image_scores, -np.inf))) for k in (1, 0)
               if (images.labels == k).any()]
@@ -117,13 +121,13 @@ def main(argv: list[str] | None = None) -> int:
     import warnings
 
     warnings.filterwarnings("ignore")
-    spec = json.loads(Path((argv or sys.argv[1:])[0]).read_text())
+    faulthandler.enable()  # a native crash (segfault in a library) still leaves a "Fatal Python error" line
     try:
-        _emit(run_trial(spec))
+        _emit(run_trial(json.loads(Path((argv or sys.argv[1:])[0]).read_text())))
     except TrialTimeout as exc:
         _emit({"event": "failed", "reason": "timeout", "error": str(exc)})
     except MemoryError as exc:
-        _emit({"event": "failed", "reason": "out of memory", "error": str(exc)})
+        _emit({"event": "failed", "reason": "out of memory", "error": f"MemoryError: {exc}"})
     except Exception as exc:  # noqa: BLE001 - any failure of a configuration is a result the search records
         reason = "nan" if isinstance(exc, FloatingPointError) else type(exc).__name__
         if "out of memory" in str(exc).lower():
@@ -131,6 +135,40 @@ def main(argv: list[str] | None = None) -> int:
         _emit({"event": "failed", "reason": reason, "error": f"{type(exc).__name__}: {exc}",
                "traceback": traceback.format_exc(limit=8)})
     return 0
+
+
+def unreported_failure(returncode: int, stderr: str, time_limit_s: float | None = None) -> dict:
+    """The failed event of a trial process that ended without reporting one.
+
+    Its error is the last Python error in ``stderr`` (a traceback's final line or a "Fatal Python error" line),
+    never whatever a library last printed (a warning about unexpected weight keys, say); else how it exited.
+    ``time_limit_s`` is set when the process was killed for running past that hard limit.
+    """
+    if returncode < 0:
+        try:
+            exit_text = f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            exit_text = f"killed by signal {-returncode}"
+    else:
+        exit_text = f"exit code {returncode}"
+    if time_limit_s is not None:
+        return {"event": "failed", "reason": "timeout",
+                "error": f"{exit_text} after the hard time limit of {time_limit_s:.0f} s"}
+    error = last_python_error(stderr)
+    reason = "killed (out of memory?)" if returncode in (-signal.SIGKILL, 128 + signal.SIGKILL) else "crashed"
+    return {"event": "failed", "reason": reason,
+            "error": f"{exit_text}: {error}" if error else f"{exit_text}, without a Python error"}
+
+
+def last_python_error(text: str) -> str | None:
+    """The exception line ending the last traceback in ``text``, or its last "Fatal Python error" line."""
+    error, in_traceback = None, False
+    for line in text.splitlines():
+        if line.startswith("Traceback (most recent call last):"):
+            in_traceback = True
+        elif line.startswith("Fatal Python error:") or (in_traceback and line.strip() and not line[0].isspace()):
+            error, in_traceback = line.strip(), False
+    return error
 
 
 if __name__ == "__main__":

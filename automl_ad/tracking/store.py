@@ -99,6 +99,7 @@ class Tracker:
         if record.get("reason"):
             tags["failure_reason"] = record["reason"]
             tags["error"] = str(record.get("error", ""))[:4000]
+        tags.update({key: str(record[key]) for key in ("node_id", "host") if record.get(key)})  # where it ran
         run = _retry(self.client.create_run, experiment_id, run_name=f"{record['family']}-{record['trial_id']}",
                      tags=tags)
         run_id = run.info.run_id

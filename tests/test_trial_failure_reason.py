@@ -1,0 +1,77 @@
+"""A failed trial's reason is its own error: the exception the trial process reports, or, for a process that ended
+without reporting one, the last Python error in its stderr or how it was killed — never a warning it printed."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from automl_ad.search.engine import TrialFailed, run_trial_process
+from automl_ad.search.trial import last_python_error, unreported_failure
+
+WARNING = "Unexpected keys (classifier.bias, classifier.weight) found while loading pretrained weights."
+TRACEBACK = ("Traceback (most recent call last):\n"
+             '  File "trial.py", line 3, in fit\n'
+             "    raise KeyError('first')\n"
+             "KeyError: 'first'\n"
+             "\n"
+             "During handling of the above exception, another exception occurred:\n"
+             "\n"
+             "Traceback (most recent call last):\n"
+             '  File "trial.py", line 9, in fit\n'
+             "    raise ValueError(\n"
+             "ValueError: input_size must be positive\n"
+             "  with a second line\n")
+
+
+def test_last_python_error_is_the_final_exception_line():
+    assert last_python_error(f"{WARNING}\n{TRACEBACK}{WARNING}\n") == "ValueError: input_size must be positive"
+    assert last_python_error(f"{WARNING}\nFatal Python error: Segmentation fault\n\nCurrent thread 0x1 (most "
+                             "recent call first):\n  File \"x.py\", line 1\n") == "Fatal Python error: Segmentation fault"
+    assert last_python_error(f"{WARNING}\n") is None
+
+
+def test_unreported_failure_names_the_kill_not_a_warning():
+    killed = unreported_failure(-9, f"{WARNING}\n")
+    assert killed == {"event": "failed", "reason": "killed (out of memory?)",
+                      "error": "killed by SIGKILL, without a Python error"}
+    crashed = unreported_failure(1, f"{TRACEBACK}{WARNING}\n")
+    assert crashed["reason"] == "crashed" and crashed["error"] == "exit code 1: ValueError: input_size must be positive"
+    timeout = unreported_failure(-9, f"{WARNING}\n", time_limit_s=84)
+    assert timeout["reason"] == "timeout" and timeout["error"] == "killed by SIGKILL after the hard time limit of 84 s"
+
+
+def _run(tmp_path, data_file: str) -> dict:
+    config = {"trial_id": "t1", "family": "gaussian", "params": {}}
+    with pytest.raises(TrialFailed) as failed:
+        run_trial_process(config, str(tmp_path / "work"), data_file, "combined", 60, 1, str(tmp_path / "cache"),
+                          report=lambda _: None)
+    details = json.loads((tmp_path / "work" / "trials" / "t1" / "failure.json").read_text())
+    assert f"{details['reason']}: {details['error']}" in str(failed.value)
+    return details
+
+
+def test_trial_process_reports_its_own_exception(tmp_path):
+    details = _run(tmp_path, str(tmp_path / "missing.json"))
+    assert details["reason"] == "FileNotFoundError"
+    assert details["error"].startswith("FileNotFoundError: ") and "missing.json" in details["error"]
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="the stand-in trial process is a POSIX shell script")
+@pytest.mark.parametrize("ending, reason, error", [
+    ("kill -9 $$", "killed (out of memory?)", "killed by SIGKILL, without a Python error"),
+    (f"exec {sys.executable} -c \"raise RuntimeError('no weights for mobilenet')\"", "crashed",
+     "exit code 1: RuntimeError: no weights for mobilenet"),
+])
+def test_trial_process_ending_without_a_report(tmp_path, monkeypatch, ending, reason, error):
+    """A process that prints a library warning and then dies is described by how it died, not by the warning."""
+    stand_in = tmp_path / "python"
+    stand_in.write_text(f"#!/bin/sh\necho '{WARNING}' >&2\n{ending}\n")
+    stand_in.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(stand_in))
+    details = _run(tmp_path, str(tmp_path / "data.json"))
+    assert details["reason"] == reason
+    assert details["error"].startswith(error) and "stderr.log" in details["error"]
+    assert "Unexpected keys" not in details["error"]
