@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from automl_ad.data import open_dataset
 from automl_ad.defaults import STATE_DIR
 
 
@@ -21,3 +22,8 @@ def work_dir_for(dataset) -> Path:
 def experiment_name(dataset) -> str:
     """The MLflow experiment that holds every search of ``dataset`` (name and content fingerprint)."""
     return f"automl-ad/{dataset.name}-{dataset.fingerprint()[:8]}"
+
+
+def dataset_experiment(folder: str | Path) -> str:
+    """The experiment of the dataset in ``folder`` (opened and fingerprinted)."""
+    return experiment_name(open_dataset(folder))

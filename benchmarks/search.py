@@ -37,7 +37,7 @@ def main() -> None:
 
     from automl_ad.cli import main as cli
     from automl_ad.tracking.board import leaderboard
-    from automl_ad.tracking.store import Tracker
+    from automl_ad.tracking.records import SearchStore
 
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
@@ -52,9 +52,7 @@ def main() -> None:
     ok = [r for r in rows if r.get("status") == "ok" and r.get("real_quality") is not None]
     rho = spearmanr([r["quality"] for r in ok], [r["real_quality"] for r in ok]).statistic if len(ok) > 2 else None
     out = Path(args.out)
-    tracker = Tracker()
-    parent = rows[0]["automl_ad.search"]
-    png = Path(tracker.client.download_artifacts(parent, "pareto.png", str(work)))
+    png = SearchStore().artifact_file(rows[0]["search_id"], "pareto.png", work)
     shutil.copy(png, out / f"search-{args.dataset}.png")
     (out / f"search-{args.dataset}.json").write_text(json.dumps({"spearman": rho, "trials": rows}, indent=2,
                                                                  default=str))

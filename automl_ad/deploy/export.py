@@ -1,108 +1,145 @@
-"""Export a searched model: choose the run, calibrate its thresholds on held-out normal images, write the package."""
+"""Export a searched model: choose the trial, calibrate its thresholds on the search's held-out normal images,
+state its operating point, write the package. Everything is read from the tracking store (the trial, its model,
+the data split it was ranked on), so export works from any working directory."""
 
 from __future__ import annotations
 
 import math
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from automl_ad.data.split import DataSplit
 from automl_ad.defaults import STATE_DIR
+from automl_ad.deploy.package import check_package_target, export_package, verify_package
+from automl_ad.deploy.serving import log_package
 from automl_ad.deploy.thresholds import (DEFAULT_FALSE_ALARM_RATE, calibrate_image_threshold,
-                                         calibrate_pixel_threshold, f1_optimal_threshold)
+                                         calibrate_pixel_threshold, f1_optimal_threshold, operating_points, rates_at)
+from automl_ad.detectors import Detector
 from automl_ad.errors import UsageError
+from automl_ad.evaluation.metrics import evaluate
+from automl_ad.tracking.records import SearchStore, TrialRecord
+from automl_ad.workspace import dataset_experiment
 
 OBJECTIVES = ("quality", "throughput", "memory", "balanced")
+#: Below this detection rate of validation defects at the target false-alarm rate, export warns.
+LOW_DETECTION_RATE = 0.5
 
 
-def choose_run(tracker, experiment: str | None, objective: str) -> str:
-    """The front member of the newest search that is best for ``objective``."""
+def choose_run(store: SearchStore, target: str | None, objective: str, experiment_of=None) -> TrialRecord:
+    """The Pareto-front trial of the search meant by ``target`` (None: the newest) that is best for ``objective``."""
     if objective not in OBJECTIVES:
         raise UsageError(f"--objective must be one of {', '.join(OBJECTIVES)}")
-    from automl_ad.tracking.board import leaderboard
-
-    front = [r for r in leaderboard(experiment, tracking_uri=tracker.uri, pareto=True) if r.get("status") == "ok"]
+    search = store.resolve(target, experiment_of)
+    front = store.front(search.run_id)
     if not front:
-        raise UsageError("the newest search has no complete trial on its Pareto front; run or resume a search")
+        raise UsageError(f"search {search.run_id} has no complete trial on its Pareto front; run or resume a search")
     if objective == "quality":
-        best = max(front, key=lambda r: r["quality"])
-    elif objective == "throughput":
-        best = max(front, key=lambda r: r["throughput"])
-    elif objective == "memory":
-        best = min(front, key=lambda r: r["memory_mb"])
-    else:  # equal weight to each objective after min-max scaling (throughput on a log scale)
-        def scaled(key, sign, transform=lambda v: v):
-            values = [transform(r[key]) for r in front]
-            low, high = min(values), max(values)
-            return [sign * (v - low) / (high - low) if high > low else 0.0 for v in values]
-        total = np.sum([scaled("quality", 1), scaled("throughput", 1, math.log), scaled("memory_mb", -1)], axis=0)
-        best = front[int(np.argmax(total))]
-    return best["run_id"]
+        return max(front, key=lambda t: t.metrics["quality"])
+    if objective == "throughput":
+        return max(front, key=lambda t: t.metrics["throughput"])
+    if objective == "memory":
+        return min(front, key=lambda t: t.metrics["memory_mb"])
+
+    def scaled(key, sign, transform=lambda v: v):  # equal weight after min-max scaling (throughput on a log scale)
+        values = [transform(t.metrics[key]) for t in front]
+        low, high = min(values), max(values)
+        return [sign * (v - low) / (high - low) if high > low else 0.0 for v in values]
+    total = np.sum([scaled("quality", 1), scaled("throughput", 1, math.log), scaled("memory_mb", -1)], axis=0)
+    return front[int(np.argmax(total))]
 
 
-def export_run(tracker, run_id: str, out: str | Path, far: float = DEFAULT_FALSE_ALARM_RATE,
+@dataclass
+class Calibration:
+    """Thresholds calibrated on held-out normals, and what they mean on the validation images."""
+
+    thresholds: dict
+    validation_rates: dict
+    operating_points: list[dict]
+    warnings: list[str] = field(default_factory=list)
+
+
+def calibrate(detector, split: DataSplit, far: float = DEFAULT_FALSE_ALARM_RATE, say=print) -> Calibration:
+    """Image (and pixel) thresholds at false-alarm rate ``far`` from the validation normals; the false-alarm and
+    detection rates they give on the validation images, the threshold → rates table, and plain warnings."""
+    normals = split.normal_validation()
+    say(f"Calibrating thresholds on {len(normals)} held-out normal images (target false-alarm rate {far:g}) ...")
+    scores = detector.score_samples(split.validation)
+    labels = split.validation.labels
+    normal_scores = scores.image_scores[labels == 0]
+    thresholds = {"image": calibrate_image_threshold(normal_scores, far).to_dict(), "active": "image"}
+    if scores.anomaly_maps is not None:
+        thresholds["pixel"] = calibrate_pixel_threshold(scores.anomaly_maps[labels == 0], far).to_dict()
+    if split.validation_kind == "real" and labels.any():
+        thresholds["image_f1_optimal"] = f1_optimal_threshold(labels, scores.image_scores).to_dict()
+    rates = rates_at(thresholds["image"]["value"], labels, scores.image_scores)
+    table = operating_points(normal_scores, scores.image_scores[labels == 1])
+    warnings = []
+    detected = rates["detection_rate"]
+    if detected is not None and detected < LOW_DETECTION_RATE:
+        kind = "real defects" if split.validation_kind == "real" else "synthetic anomalies"
+        best = max((r for r in table if r["detection_rate"] is not None), key=lambda r: r["detection_rate"])
+        warnings.append(
+            f"at the target false-alarm rate {far:g} this model detects only {detected:.0%} of the validation "
+            f"{kind}. Options: accept more false alarms (at {best['target_false_alarm_rate']:g} it detects "
+            f"{best['detection_rate']:.0%}; export with --false-alarm-rate), search longer or with "
+            "--metric detection_at_far, or label more defects so the search can rank on them.")
+    return Calibration(thresholds, rates, table, warnings)
+
+
+def export_run(store: SearchStore, run_id: str, out: str | Path, far: float = DEFAULT_FALSE_ALARM_RATE,
                overwrite: bool = False, say=print) -> Path:
-    """Package the model of trial ``run_id``: thresholds from the search's held-out normals, test metrics.
-    ``out`` never replaces anything but an automl-ad package (with ``overwrite``), nor a folder holding the
-    tracking store, automl-ad's working state or the dataset."""
-    from automl_ad.data import open_dataset
-    from automl_ad.deploy.package import check_package_target, export_package
-    from automl_ad.detectors import Detector
-    from automl_ad.evaluation.metrics import evaluate
-    from automl_ad.search.engine import work_dir_for
-    from automl_ad.search.validation import prepare_search_data
-
-    try:
-        run = tracker.client.get_run(run_id)
-    except Exception as exc:  # noqa: BLE001 - MLflow raises its own exception types
-        raise UsageError(f"no run {run_id} in {tracker.uri} ({exc})") from exc
-    if run.data.tags.get("automl_ad.kind") != "trial" or run.data.tags.get("status") != "ok":
-        raise UsageError(f"run {run_id} is not a completed search trial")
-    parent = tracker.client.get_run(run.data.tags["automl_ad.search"])
-    dataset = open_dataset(parent.data.params["data"])
-    protected = _protected_paths(tracker, dataset.root, work_dir_for(dataset))
+    """Package the model of trial ``run_id``: thresholds from the search's held-out normals, its operating point
+    on validation and test. ``out`` never replaces anything but an automl-ad package (with ``overwrite``), nor a
+    folder holding the tracking store, automl-ad's working state, the search's folder or the dataset."""
+    trial = store.trial(run_id)
+    if not trial.ok:
+        raise UsageError(f"run {run_id} is not a completed search trial (status {trial.status})")
+    search = store.search(trial.search_id)
+    protected = _protected_paths(store.uri, search)
     check_package_target(out, overwrite, protected)
-    seed = int(parent.data.params.get("seed", 0))
+    split = store.split(search)
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = _model_dir(tracker, run, work_dir_for(dataset), Path(tmp))
-        detector = Detector.load(model_dir)
-        data = prepare_search_data(dataset, work_dir_for(dataset), parent.data.params.get("validation", "auto"), seed)
-        normals = data.validation.subset(np.flatnonzero(data.validation.labels == 0))
-        say(f"Calibrating thresholds on {len(normals)} held-out normal images (target false-alarm rate {far:g}) ...")
-        normal_scores = detector.score_samples(normals)
-        thresholds = {"image": calibrate_image_threshold(normal_scores.image_scores, far).to_dict(),
-                      "active": "image"}
-        if normal_scores.anomaly_maps is not None:
-            thresholds["pixel"] = calibrate_pixel_threshold(normal_scores.anomaly_maps, far).to_dict()
-        metrics = {"validation": {k[4:]: v for k, v in run.data.metrics.items() if k.startswith("val_")},
-                   "validation_kind": data.validation_kind}
-        if data.validation_kind == "real":
-            scores = detector.score_samples(data.validation)
-            thresholds["image_f1_optimal"] = f1_optimal_threshold(data.validation.labels, scores.image_scores).to_dict()
-        if len(data.test) and data.test.labels.any():
-            say(f"Scoring the {len(data.test)} test images (never used for selection) ...")
-            test = detector.score_samples(data.test)
-            metrics["test"] = evaluate(data.test.labels, test.image_scores, test.anomaly_maps, data.test.masks())
-            limit = thresholds["image"]["value"]
-            normal_test = test.image_scores[data.test.labels == 0]
-            metrics["test"]["false_alarm_rate"] = float((normal_test > limit).mean()) if len(normal_test) else None
-            metrics["test"]["detection_rate"] = float((test.image_scores[data.test.labels == 1] > limit).mean())
-        cost = {k: run.data.metrics.get(k) for k in ("latency_ms_p50", "latency_ms_p95", "throughput_ips",
-                                                       "peak_rss_mb_score", "peak_rss_mb_fit", "fit_seconds",
-                                                       "model_mb")}
-        training = {"dataset": str(dataset.root), "fingerprint": dataset.fingerprint(), "n_train": len(data.train),
-                    "run_id": run_id, "search_run_id": parent.info.run_id, "tracking_uri": tracker.uri}
-        return export_package(detector, out, thresholds, metrics, cost, training, overwrite=overwrite,
-                              parity_images=parity_images(data.validation), protected=protected)
+        detector = Detector.load(store.model_dir(trial, Path(tmp), search.work_dir))
+        calibration = calibrate(detector, split, far, say)
+        metrics = {"validation": {k[4:]: v for k, v in trial.metrics.items() if k.startswith("val_")},
+                   "validation_kind": split.validation_kind, "validation_at_threshold": calibration.validation_rates}
+        if len(split.test) and split.test.labels.any():
+            say(f"Scoring the {len(split.test)} test images (never used for selection) ...")
+            test = detector.score_samples(split.test)
+            metrics["test"] = evaluate(split.test.labels, test.image_scores, test.anomaly_maps, split.test.masks())
+            metrics["test"].update(rates_at(calibration.thresholds["image"]["value"], split.test.labels,
+                                            test.image_scores))
+        cost = {k: trial.metrics.get(k) for k in ("latency_ms_p50", "latency_ms_p95", "throughput_ips",
+                                                   "peak_rss_mb_score", "peak_rss_mb_fit", "fit_seconds", "model_mb")}
+        training = {"dataset": search.data, "fingerprint": search.fingerprint, "n_train": len(split.train), "run_id": run_id,
+                    "search_run_id": search.run_id, "tracking_uri": store.uri}
+        path = export_package(detector, out, calibration.thresholds, metrics, cost, training, overwrite=overwrite,
+                              parity_images=parity_images(split.validation), protected=protected,
+                              operating=calibration.operating_points)
+    _say_operating_point(calibration, metrics, far, say)
+    return path
 
 
-def _protected_paths(tracker, dataset_root: Path, work_dir: Path) -> tuple[Path, ...]:
+def _say_operating_point(calibration: Calibration, metrics: dict, far: float, say) -> None:
+    """What the threshold will do in production, in rounded figures, and any warning."""
+    for name, rates in (("validation", calibration.validation_rates), ("test", metrics.get("test"))):
+        if rates and rates.get("detection_rate") is not None:
+            alarms = rates.get("false_alarm_rate")
+            say(f"At the threshold (target false-alarm rate {far:g}) on {name}: false alarms "
+                f"{'n/a' if alarms is None else f'{alarms:.1%}'}, defects detected {rates['detection_rate']:.1%}")
+    for warning in calibration.warnings:
+        say(f"warning: {warning}")
+
+
+def _protected_paths(uri: str, search) -> tuple[Path, ...]:
     """What an export must never replace: automl-ad's working state, the search's folder, the dataset and a local
     SQLite tracking store."""
-    paths = [Path.cwd() / STATE_DIR, work_dir, Path(dataset_root)]
-    if tracker.uri.startswith("sqlite:///"):
-        paths.append(Path(tracker.uri[len("sqlite:///"):]))
+    paths = [Path.cwd() / STATE_DIR, Path(search.data)] + ([Path(search.work_dir)] if search.work_dir else [])
+    if uri.startswith("sqlite:///"):
+        paths.append(Path(uri[len("sqlite:///"):]))
     return tuple(paths)
 
 
@@ -112,19 +149,24 @@ def parity_images(validation, per_label: int = 3):
     return validation.subset(picks)
 
 
-def trial_model_dir(tracker, run, work_dir: Path, tmp: Path) -> Path:
-    """Where the saved model of trial ``run`` is (downloaded into ``tmp`` when it is logged in MLflow); raises
-    UsageError when it was not kept. Public for the report; the same as export uses."""
-    return _model_dir(tracker, run, work_dir, tmp)
+@dataclass
+class Export:
+    """What :func:`export_model` produced."""
+
+    path: Path
+    trial: TrialRecord
+    manifest: dict
+    model_uri: str | None = None
+    tracking_uri: str = ""
 
 
-def _model_dir(tracker, run, work_dir: Path, tmp: Path) -> Path:
-    """The trial's saved model: logged in MLflow (front members) or still in the search's working folder."""
-    if any(a.path == "model" for a in tracker.client.list_artifacts(run.info.run_id)):
-        return Path(tracker.client.download_artifacts(run.info.run_id, "model", str(tmp)))
-    local = work_dir / "trials" / run.data.tags["trial"] / "model"
-    if local.is_dir():
-        return local
-    raise UsageError(f"the model of run {run.info.run_id} was not kept (only Pareto-front models are logged; "
-                     "dominated ones are evicted to respect the disk cap). Export a front member: "
-                     "automl-ad leaderboard --pareto")
+def export_model(out: str | Path, run_id: str | None = None, target: str | None = None, objective: str = "balanced",
+                 tracking_uri: str | None = None, far: float = DEFAULT_FALSE_ALARM_RATE, overwrite: bool = False,
+                 mlflow: bool = False, say=print) -> Export:
+    """The `export` command: trial ``run_id``, or the front member of search ``target`` (None: the newest) best for
+    ``objective``, packaged at ``out``; with ``mlflow`` also logged as a servable MLflow model."""
+    store = SearchStore(tracking_uri)
+    trial = store.trial(run_id) if run_id else choose_run(store, target, objective, dataset_experiment)
+    path = export_run(store, trial.run_id, out, far=far, overwrite=overwrite, say=say)
+    model_uri = log_package(path, store.uri, trial.run_id) if mlflow else None
+    return Export(path, trial, verify_package(path), model_uri, store.uri)

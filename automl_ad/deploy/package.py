@@ -60,13 +60,15 @@ class PackageError(AutomlAdError):
 
 def export_package(detector, out: str | Path, thresholds: dict, metrics: dict | None = None,
                    cost: dict | None = None, training: dict | None = None, overwrite: bool = False,
-                   parity_images: ImageSet | None = None, protected: tuple = ()) -> Path:
+                   parity_images: ImageSet | None = None, protected: tuple = (),
+                   operating: list[dict] | None = None) -> Path:
     """Write ``detector`` (fitted) with its thresholds as a package at ``out``: written and verified in a staging
     folder, then swapped in (:func:`automl_ad.folders.write_output_folder`; with ``overwrite`` it replaces only an
     automl-ad package, never a folder holding a ``protected`` path). ``parity_images`` (a few, e.g. held-out
-    normals) check ``model.onnx`` against the detector; without them the package has no ``model.onnx``."""
+    normals) check ``model.onnx`` against the detector; without them the package has no ``model.onnx``.
+    ``operating`` is the threshold → (false-alarm rate, detection rate) table measured on validation."""
     def fill(folder: Path) -> None:
-        _write_package(detector, folder, thresholds, metrics, cost, training, parity_images)
+        _write_package(detector, folder, thresholds, metrics, cost, training, parity_images, operating or [])
         verify_package(folder)  # never hand out a package that loading would refuse
 
     return write_output_folder(out, fill, what="package", replaceable=package_folder_problem, overwrite=overwrite,
@@ -80,7 +82,7 @@ def check_package_target(out: str | Path, overwrite: bool = False, protected: tu
 
 
 def _write_package(detector, folder: Path, thresholds: dict, metrics: dict | None, cost: dict | None,
-                   training: dict | None, parity_images: ImageSet | None) -> None:
+                   training: dict | None, parity_images: ImageSet | None, operating: list[dict]) -> None:
     saved = detector.save(folder / "saved")
     shutil.move(saved / "tensors.safetensors", folder / WEIGHTS_FILE)
     record = json.loads((saved / "detector.json").read_text())
@@ -94,7 +96,8 @@ def _write_package(detector, folder: Path, thresholds: dict, metrics: dict | Non
         "kind": PACKAGE_KIND, "format_version": FORMAT_VERSION, "automl_ad_version": __version__,
         "family": detector.name, "route": detector.route, "params": record["params"],
         "preprocessing": _preprocessing(detector, backbone), "thresholds": thresholds, "metrics": metrics or {},
-        "cost": cost or {}, "training": training or {}, "supports_localization": detector.supports_localization,
+        "cost": cost or {}, "training": training or {}, "operating_points": operating,
+        "supports_localization": detector.supports_localization,
         "onnx": export_onnx(detector, folder / ONNX_FILE, parity_images)}
     (folder / README_FILE).write_text(_readme(manifest))
     manifest["files"] = {p.name: _sha256(p) for p in sorted(folder.iterdir()) if p.is_file()}
@@ -366,7 +369,7 @@ def _read_json(path: Path, name: str, limit: int) -> dict:
 _MANIFEST_FIELDS = {
     "kind": str, "format_version": int, "automl_ad_version": str, "family": str, "route": str, "params": dict,
     "preprocessing": dict, "thresholds": dict, "metrics": dict, "cost": dict, "training": dict,
-    "supports_localization": bool, "onnx": dict, "files": dict, "integrity": dict}
+    "operating_points": list, "supports_localization": bool, "onnx": dict, "files": dict, "integrity": dict}
 _THRESHOLD_FIELDS = {"value", "method", "target_false_alarm_rate", "empirical", "evt", "n_normal", "note"}
 _PREPROCESSING_FIELDS = {"input_size", "resize", "colour", "mean", "std", "backbone"}
 
@@ -416,6 +419,7 @@ def _check_manifest(path: Path, manifest: dict) -> None:
     _check_thresholds(path, manifest["thresholds"])
     _check_preprocessing(path, manifest["preprocessing"])
     _check_onnx(path, manifest["onnx"], manifest["files"])
+    _check_operating_points(path, manifest["operating_points"])
     for key, value in manifest["cost"].items():
         if value is not None and not _is_number(value):
             raise _field_error(path, f"cost.{key}", "must be a number or null")
@@ -425,6 +429,22 @@ def _check_manifest(path: Path, manifest: dict) -> None:
             raise _field_error(path, f"integrity.{key}", "is not a field of this format")
         if not isinstance(integrity.get(key), str) or not _HEX64.fullmatch(integrity[key]):
             raise _field_error(path, f"integrity.{key}", "must be 64 lowercase hex digits")
+
+
+_OPERATING_FIELDS = {"target_false_alarm_rate", "threshold", "false_alarm_rate", "detection_rate"}
+
+
+def _check_operating_points(path: Path, table: list) -> None:
+    for i, row in enumerate(table):
+        field = f"operating_points[{i}]"
+        if not isinstance(row, dict) or set(row) != _OPERATING_FIELDS:
+            raise _field_error(path, field, f"must be an object with {', '.join(sorted(_OPERATING_FIELDS))}")
+        if not _is_finite(row["threshold"]):
+            raise _field_error(path, f"{field}.threshold", "must be a finite number")
+        for key in ("target_false_alarm_rate", "false_alarm_rate", "detection_rate"):
+            value = row[key]
+            if not (value is None and key == "detection_rate") and not (_is_finite(value) and 0 <= value <= 1):
+                raise _field_error(path, f"{field}.{key}", "must be a rate between 0 and 1")
 
 
 def _json_type(kind: type) -> str:

@@ -82,3 +82,29 @@ def f1_optimal_threshold(labels, scores) -> Threshold:
     best = int(np.argmax(f1[:-1]))
     return Threshold(float(thresholds[best]), "f1_optimal", None, None, None, int((np.asarray(labels) == 0).sum()),
                      f"F1 {f1[best]:.3f} on {len(labels)} labelled images")
+
+
+#: False-alarm rates at which the operating-point table states the threshold and detection rate.
+OPERATING_FALSE_ALARM_RATES = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
+
+
+def operating_points(normal_scores, defect_scores=None, rates=OPERATING_FALSE_ALARM_RATES) -> list[dict]:
+    """Threshold → (false-alarm rate, detection rate) on labelled scores: for each target rate, the empirical
+    threshold of the normal scores and the share of defects above it (None without defects)."""
+    normal = np.asarray(normal_scores, dtype=np.float64)
+    defects = None if defect_scores is None or not len(defect_scores) else np.asarray(defect_scores, np.float64)
+    table = []
+    for rate in rates:
+        value = float(np.quantile(normal, 1 - rate))
+        table.append({"target_false_alarm_rate": rate, "threshold": value,
+                      "false_alarm_rate": float((normal > value).mean()),
+                      "detection_rate": None if defects is None else float((defects > value).mean())})
+    return table
+
+
+def rates_at(threshold: float, labels, scores) -> dict:
+    """False-alarm and detection rates of ``threshold`` on labelled image scores (None for a missing class)."""
+    labels, scores = np.asarray(labels), np.asarray(scores, dtype=np.float64)
+    normal, defects = scores[labels == 0], scores[labels == 1]
+    return {"false_alarm_rate": float((normal > threshold).mean()) if len(normal) else None,
+            "detection_rate": float((defects > threshold).mean()) if len(defects) else None}

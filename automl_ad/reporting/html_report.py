@@ -23,8 +23,15 @@ from pathlib import Path
 
 import numpy as np
 
+from automl_ad.deploy.export import calibrate
 from automl_ad.deploy.thresholds import DEFAULT_FALSE_ALARM_RATE
+from automl_ad.detectors import Detector
 from automl_ad.errors import UsageError
+from automl_ad.evaluation.metrics import evaluate
+from automl_ad.evaluation.objectives import OBJECTIVES, pareto_ranks
+from automl_ad.figures.plots import pareto_plot
+from automl_ad.tracking.records import SearchRecord, SearchStore
+from automl_ad.workspace import dataset_experiment
 
 log = logging.getLogger(__name__)
 
@@ -60,76 +67,40 @@ class Evaluation:
 
 @dataclass
 class SearchFacts:
-    parent: object
-    experiment: str
+    search: SearchRecord
     trials: list[dict]
     profile: dict | None
     profile_note: str
     recommendation: dict | None
     search_space: dict | None
 
+    @property
+    def experiment(self) -> str:
+        return self.search.experiment
 
-def resolve_search(tracker, target: str | None) -> str:
-    """Parent run id of the search meant by ``target``: a search run id (a trial's id gives its search), an
-    experiment name or id, a dataset folder, or None for the newest search in the store."""
-    if target is None:
-        experiments = [e.experiment_id for e in tracker.client.search_experiments()]
-        runs = tracker.client.search_runs(experiments, filter_string="tags.`automl_ad.kind` = 'search'",
-                                          order_by=["attributes.start_time DESC"], max_results=1) if experiments else []
-        if not runs:
-            raise UsageError(f"no search in {tracker.uri}; run `automl-ad search` first")
-        return runs[0].info.run_id
-    if len(target) == 32 and all(c in "0123456789abcdef" for c in target.lower()):
-        try:
-            run = tracker.client.get_run(target)
-        except Exception:  # noqa: BLE001 - MLflow raises its own types for an unknown id
-            run = None
-        if run is not None:
-            kind = run.data.tags.get("automl_ad.kind")
-            if kind == "search":
-                return run.info.run_id
-            if kind == "trial":
-                return run.data.tags["automl_ad.search"]
-            raise UsageError(f"run {target} is neither a search nor a search trial")
-    if Path(target).is_dir():
-        from automl_ad.data import open_dataset
-        from automl_ad.search.engine import experiment_name
-
-        return tracker.latest_search(experiment_name(open_dataset(target)))
-    return tracker.latest_search(target)
+    @property
+    def params(self) -> dict:
+        return self.search.params
 
 
-def _artifact_json(tracker, run_id: str, path: str, tmp: Path) -> dict | None:
+def gather(store: SearchStore, search: SearchRecord) -> SearchFacts:
+    """The search, its trials (as table rows) and the JSON artifacts logged with it."""
+    trials = [t.row() for t in store.trials(search.run_id)]
+    profile = _artifact_json(store, search.run_id, "search/profile.json")
+    recommendation = _artifact_json(store, search.run_id, "search/recommendation.json")
+    space = _artifact_json(store, search.run_id, "search/search_space.json")
+    note = "profile logged with the search (from `automl-ad recommend`)"
+    if profile is None:
+        profile, note = _profile_now(search.data)
+    return SearchFacts(search, trials, profile, note, recommendation, space)
+
+
+def _artifact_json(store: SearchStore, run_id: str, path: str) -> dict | None:
     try:
-        listed = {a.path for a in tracker.client.list_artifacts(run_id, str(Path(path).parent))}
-        if path not in listed:
-            return None
-        return json.loads(Path(tracker.client.download_artifacts(run_id, path, str(tmp))).read_text())
+        return store.artifact_json(run_id, path)
     except Exception as exc:  # noqa: BLE001 - a damaged or unreachable artifact only blanks its section
         log.warning("could not read artifact %s of run %s: %s", path, run_id, exc)
         return None
-
-
-def gather(tracker, parent_id: str) -> SearchFacts:
-    """The search's parent run, its trials (tags, metrics, params) and the JSON artifacts logged with it."""
-    parent = tracker.client.get_run(parent_id)
-    experiment = tracker.client.get_experiment(parent.info.experiment_id).name
-    trials = []
-    for run in tracker.trials(parent_id):
-        tags = {k: v for k, v in run.data.tags.items() if not k.startswith("mlflow.")}
-        rank = tags.get("pareto_rank")
-        trials.append({"run_id": run.info.run_id, "run": run, **tags, **run.data.metrics,
-                       "pareto_rank": int(rank) if rank not in (None, "") else None,
-                       "params": {k: v for k, v in run.data.params.items() if k != "family"}})
-    trials.sort(key=lambda t: (t.get("status") != "ok", -(t.get("quality") or 0.0)))
-    with tempfile.TemporaryDirectory() as tmp:
-        profile = _artifact_json(tracker, parent_id, "search/profile.json", Path(tmp))
-        recommendation = _artifact_json(tracker, parent_id, "search/recommendation.json", Path(tmp))
-        space = _artifact_json(tracker, parent_id, "search/search_space.json", Path(tmp))
-    note = "profile logged with the search (from `automl-ad recommend`)"
-    if profile is None:
-        profile, note = _profile_now(parent.data.params.get("data"))
-    return SearchFacts(parent, experiment, trials, profile, note, recommendation, space)
 
 
 def _profile_now(data: str | None) -> tuple[dict | None, str]:
@@ -166,37 +137,25 @@ def _cap(labels: np.ndarray, limit: int, seed: int) -> np.ndarray:
     return np.sort(picked.astype(int))
 
 
-def evaluate_best(tracker, facts: SearchFacts, max_images: int = MAX_TEST_IMAGES,
+def evaluate_best(store: SearchStore, facts: SearchFacts, max_images: int = MAX_TEST_IMAGES,
                   far: float = DEFAULT_FALSE_ALARM_RATE, say=print) -> Evaluation:
-    """Score the best front model on the test split; threshold from held-out validation normals (as export)."""
-    from automl_ad.data import open_dataset
-    from automl_ad.deploy.export import trial_model_dir
-    from automl_ad.deploy.thresholds import calibrate_image_threshold
-    from automl_ad.detectors import Detector
-    from automl_ad.evaluation.metrics import evaluate
-    from automl_ad.search.engine import work_dir_for
-    from automl_ad.search.validation import prepare_search_data
-
+    """Score the best front model on the test split; thresholds calibrated as export does."""
     best = best_front_trial(facts.trials)
     if best is None:
         return Evaluation("The search has no completed trial on its Pareto front, so there is no model to score.")
-    params = facts.parent.data.params
-    data = params.get("data")
-    if not data or not Path(data).is_dir():
-        return Evaluation(f"The dataset {data} is not on this machine, so the test images cannot be scored.",
-                          best["run_id"], best["family"])
+    seed = facts.search.seed
     try:
-        dataset = open_dataset(data)
-        seed = int(params.get("seed", 0))
-        split = prepare_search_data(dataset, work_dir_for(dataset), params.get("validation", "auto"), seed)
+        split = store.split(facts.search)
         with tempfile.TemporaryDirectory() as tmp:
-            detector = Detector.load(trial_model_dir(tracker, best["run"], work_dir_for(dataset), Path(tmp)))
-        normals = split.validation.subset(np.flatnonzero(split.validation.labels == 0))
-        say(f"Calibrating the image threshold of {best['family']} on {len(normals)} held-out normal images ...")
-        threshold = calibrate_image_threshold(detector.score_samples(normals).image_scores, far).to_dict()
+            detector = Detector.load(store.model_dir(store.trial(best["run_id"]), Path(tmp), facts.search.work_dir))
+        threshold = calibrate(detector, split, far, say).thresholds["image"]
     except (UsageError, ValueError, OSError) as exc:
         return Evaluation(f"The best front model ({best['family']}, run {best['run_id']}) could not be reloaded "
                           f"and calibrated: {exc}", best["run_id"], best["family"])
+    missing = [p for p in split.test.paths if not Path(p).is_file()]
+    if missing:
+        return Evaluation(f"{len(missing)} of the test images are not on this machine (e.g. {missing[0]}), so the "
+                          "test split cannot be scored.", best["run_id"], best["family"])
     result = Evaluation(None, best["run_id"], best["family"], threshold, n_test=len(split.test))
     if not len(split.test):
         result.missing = "The search's split holds no test images."
@@ -210,7 +169,7 @@ def evaluate_best(tracker, facts: SearchFacts, max_images: int = MAX_TEST_IMAGES
     scores = detector.score_samples(test)
     result.labels, result.scores, result.maps = test.labels, scores.image_scores, scores.anomaly_maps
     result.images = test
-    result.names = [_short_name(p, dataset.root) for p in test.paths]
+    result.names = [_short_name(p, Path(facts.search.data)) for p in test.paths]
     if test.labels.any():
         result.metrics = evaluate(test.labels, scores.image_scores, scores.anomaly_maps, test.masks())
     return result
@@ -245,9 +204,6 @@ def _figure_uri(fig) -> str:
 
 
 def pareto_figure(trials: list[dict]) -> str | None:
-    from automl_ad.figures.plots import pareto_plot
-    from automl_ad.tracking.store import OBJECTIVES, pareto_ranks
-
     done = [t for t in trials if t.get("status") == "ok" and all(k in t for k, _ in OBJECTIVES)]
     if not done:
         return None
@@ -463,7 +419,7 @@ def _status_badge(status: str | None) -> str:
 
 
 def profile_section(facts: SearchFacts) -> str:
-    params = facts.parent.data.params
+    params = facts.params
     split = (f"<p>Search split: <b>{_e(params.get('split'))}</b>; trials ranked on "
              f"<b>{_e(params.get('validation'))}</b> validation anomalies.</p>")
     p = facts.profile
@@ -496,7 +452,7 @@ def profile_section(facts: SearchFacts) -> str:
 
 
 def recommendation_section(facts: SearchFacts) -> str:
-    families = facts.parent.data.params.get("families", "[]")
+    families = facts.params.get("families", "[]")
     try:
         families = ", ".join(json.loads(families))
     except (TypeError, ValueError):
@@ -550,19 +506,19 @@ def trials_section(facts: SearchFacts) -> str:
     for t in trials:
         reason, error = t.get("failure_reason") or "", _e(t.get("error", "")[:1500])
         rows.append([_e(t.get("trial")), _e(t.get("family")) + (" <span class='muted'>(default)</span>"
-                                                               if t.get("default_config") == "True" else ""),
+                                                               if t.get("default_config") else ""),
                      _status_badge(t.get("status"))
                      + (f"<br><span class='muted' title='{error}'>{_e(reason[:120])}</span>" if reason else ""),
                      *[_num(t.get(key), digits) for key, _, digits in _TRIAL_COLUMNS],
                      _num(t.get("pareto_rank")),
-                     '<td class="params">' + ("" if t.get("default_config") != "True" else
+                     '<td class="params">' + ("" if not t.get("default_config") else
                                               '<span class="muted">family defaults</span> ')
                      + f'{_e(_params_text(t["params"]))}</td>'])
         classes.append("front" if t.get("pareto_rank") == 0 else "")
     headers = ["trial", "family", "status", *[title for _, title, _ in _TRIAL_COLUMNS], "Pareto rank", "parameters"]
-    metric = facts.parent.data.params.get("metric", "combined")
+    metric = facts.params.get("metric", "combined")
     return (f"<p>{len(trials)} trials: {_e(summary)}. Quality = validation <b>{_e(metric)}</b> on "
-            f"{_e(facts.parent.data.params.get('validation'))} anomalies; Pareto-front rows are shaded. Best quality "
+            f"{_e(facts.params.get('validation'))} anomalies; Pareto-front rows are shaded. Best quality "
             "first, failed trials last.</p>"
             + _table(headers, rows, set(range(3, 3 + len(_TRIAL_COLUMNS) + 1)), classes))
 
@@ -682,11 +638,11 @@ def gallery_section(ev: Evaluation) -> str:
 
 
 def _header(facts: SearchFacts, tracking_uri: str) -> str:
-    parent, params = facts.parent, facts.parent.data.params
-    started = time.strftime("%Y-%m-%d %H:%M", time.localtime(parent.info.start_time / 1000))
+    search, params = facts.search, facts.params
+    started = time.strftime("%Y-%m-%d %H:%M", time.localtime(search.start_time / 1000))
     done = sum(t.get("status") == "ok" for t in facts.trials)
-    return (f"<header><h1>automl-ad search report — {_e(parent.data.tags.get('dataset', facts.experiment))}</h1>"
-            f"<div class='sub'>search run {_e(parent.info.run_id)} · experiment {_e(facts.experiment)} · started "
+    return (f"<header><h1>automl-ad search report — {_e(search.dataset_name or facts.experiment)}</h1>"
+            f"<div class='sub'>search run {_e(search.run_id)} · experiment {_e(facts.experiment)} · started "
             f"{_e(started)} · {len(facts.trials)} trials ({done} complete) · budget {_e(params.get('budget_s'))} s"
             f" · seed {_e(params.get('seed'))}<br>data {_e(params.get('data'))} · tracking {_e(tracking_uri)}</div>"
             "</header>")
@@ -717,22 +673,21 @@ def render(facts: SearchFacts, ev: Evaluation, tracking_uri: str) -> str:
 
 def write_report(target: str | None, out: str | Path, tracking_uri: str | None = None,
                  max_images: int = MAX_TEST_IMAGES, far: float = DEFAULT_FALSE_ALARM_RATE, say=print) -> Path:
-    """Build the report of the search ``target`` (see :func:`resolve_search`) into the HTML file ``out``."""
-    from automl_ad.tracking.store import Tracker
-
+    """Build the report of the search ``target`` (a search or trial run id, an experiment, a dataset folder, or
+    None for the newest) into the HTML file ``out``."""
     if max_images < 1:
         raise UsageError("--max-images must be at least 1")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bars for each small download
-    tracker = Tracker(tracking_uri)
-    parent_id = resolve_search(tracker, target)
-    say(f"Reading search {parent_id} from {tracker.uri} ...")
-    facts = gather(tracker, parent_id)
+    store = SearchStore(tracking_uri)
+    search = store.resolve(target, experiment_of=dataset_experiment)
+    say(f"Reading search {search.run_id} from {store.uri} ...")
+    facts = gather(store, search)
     try:
-        ev = evaluate_best(tracker, facts, max_images, far, say)
+        ev = evaluate_best(store, facts, max_images, far, say)
     except Exception as exc:  # noqa: BLE001 - the search's own sections still make a useful report
         log.warning("scoring the best model failed", exc_info=True)
         ev = Evaluation(f"Scoring the best front model on the test images failed: {type(exc).__name__}: {exc}")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render(facts, ev, tracker.uri), encoding="utf-8")
+    out.write_text(render(facts, ev, store.uri), encoding="utf-8")
     return out

@@ -17,6 +17,7 @@ import numpy as np
 
 from automl_ad.data.dataset import Dataset
 from automl_ad.data.imageset import ImageSet
+from automl_ad.data.split import DataSplit
 from automl_ad.data.io import read_image, to_float
 from automl_ad.data.synthetic import KINDS, make_anomaly
 from automl_ad.errors import UsageError
@@ -25,27 +26,7 @@ VALIDATION_MODES = ("auto", "real", "synthetic")
 QUALITY_METRICS = ("combined", "image_auroc", "aupro", "pixel_auroc", "pixel_ap", "image_f1_max")
 
 
-@dataclass
-class SearchData:
-    """Train (normal), validation (what trials are ranked on) and test (final report only) image sets.
-    ``reference`` holds the real-defect validation images when ranking is on synthetic anomalies although real
-    defects exist: trials are scored on both to measure how well the synthetic ranking agrees with the real one."""
-
-    train: ImageSet
-    validation: ImageSet
-    test: ImageSet
-    validation_kind: str  # "real" or "synthetic"
-    reference: ImageSet | None = None
-
-    def describe(self) -> str:
-        n_val_bad = int(self.validation.labels.sum())
-        n_test_bad = int(self.test.labels.sum()) if len(self.test) else 0
-        return (f"train {len(self.train)} normal; validation {len(self.validation) - n_val_bad} normal + "
-                f"{n_val_bad} {self.validation_kind} anomalies; test {len(self.test) - n_test_bad} normal + "
-                f"{n_test_bad} defective")
-
-
-def prepare_search_data(dataset: Dataset, work_dir: str | Path, mode: str = "auto", seed: int = 0) -> SearchData:
+def prepare_search_data(dataset: Dataset, work_dir: str | Path, mode: str = "auto", seed: int = 0) -> DataSplit:
     """Split ``dataset`` for a search; synthesise validation anomalies under ``work_dir`` when needed."""
     if mode not in VALIDATION_MODES:
         raise UsageError(f"validation must be one of {', '.join(VALIDATION_MODES)}, got {mode!r}")
@@ -61,14 +42,14 @@ def prepare_search_data(dataset: Dataset, work_dir: str | Path, mode: str = "aut
         raise UsageError(f"{dataset.root}: --validation real needs labelled defect images, and there are none; "
                          "use --validation auto (synthetic anomalies on held-out normal images)")
     if mode == "real" or (mode == "auto" and defects):
-        return SearchData(train, real, test, "real")
+        return DataSplit(train, real, test, "real")
     synthetic = synthesise_validation([r.path for r in normals], Path(work_dir) / "synthetic-validation", seed)
     normal_set = ImageSet.from_records(normals, dataset)
     validation = ImageSet(paths=normal_set.paths + synthetic.paths,
                           labels=np.concatenate([np.zeros(len(normals), np.int64), synthetic.labels]),
                           mask_paths=[None] * len(normals) + synthetic.mask_paths,
                           content_hashes=None)
-    return SearchData(train, validation, test, "synthetic", reference=real if defects else None)
+    return DataSplit(train, validation, test, "synthetic", reference=real if defects else None)
 
 
 def synthesise_validation(paths: list[Path], out: Path, seed: int = 0) -> ImageSet:
