@@ -170,12 +170,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ray_start(args: list[str], env: dict, log: Path) -> int:
-    """Run `ray start` in a session of its own; returns its process group, which the node's daemons keep."""
+def _ray_start(args: list[str], env: dict, log: Path, groups: list[int]) -> int:
+    """Run `ray start` in a session of its own, whose process group the node's daemons keep; the group is added to
+    ``groups`` (to be killed afterwards) before anything can fail. Returns it."""
     with log.open("a") as out:
         process = subprocess.Popen([str(RAY), "start", *args], stdout=out, stderr=subprocess.STDOUT, env=env,
                                    start_new_session=True)
-        assert process.wait(timeout=240) == 0, log.read_text()[-3000:]
+    groups.append(process.pid)
+    assert process.wait(timeout=240) == 0, log.read_text()[-3000:]
     return process.pid
 
 
@@ -213,12 +215,10 @@ def test_search_on_two_node_cluster_survives_losing_a_node(tmp_path):
     groups: list[int] = []
     search, search_log = None, (tmp_path / "search.log").open("w")
     try:
-        groups.append(_ray_start(["--head", "--port", str(port), "--temp-dir", str(temp_dir),
-                                  "--include-dashboard", "false", "--resources", '{"head_node": 1}', *common],
-                                 env, tmp_path / "head.log"))
-        groups.append(_ray_start(["--address", f"127.0.0.1:{port}", "--resources", '{"worker_node": 1}', *common],
-                                 env, tmp_path / "worker.log"))
-        head, worker = groups
+        head = _ray_start(["--head", "--port", str(port), "--temp-dir", str(temp_dir), "--include-dashboard", "false",
+                           "--resources", '{"head_node": 1}', *common], env, tmp_path / "head.log", groups)
+        worker = _ray_start(["--address", f"127.0.0.1:{port}", "--resources", '{"worker_node": 1}', *common], env,
+                            tmp_path / "worker.log", groups)
         head_node, worker_node = _node_id(head), _node_id(worker)
         uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
         # autoencoder trials train until 70% of their 40 s limit: long enough to be caught running on the worker
