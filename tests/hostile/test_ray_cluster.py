@@ -1,6 +1,6 @@
-"""Ray on the network: a local search's Ray listens on 127.0.0.1 only, and a real two-node Ray cluster on this
-machine runs `search --address` on both nodes, loses its worker node mid-search, and the search still finishes with
-the lost trial recorded as failed and why.
+"""Ray on the network: a local search's Ray listens on 127.0.0.1 only; trials are sized to fit every node of a
+cluster; and a real two-node Ray cluster on this machine runs `search --address` on both nodes, loses its worker node
+mid-search, and the search still finishes with the lost trial recorded as failed and why.
 
 Processes and sockets are read from /proc (Linux); elsewhere these tests skip.
 """
@@ -18,11 +18,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from automl_ad.data.demo import generate_demo
-from automl_ad.search.engine import RAY_CLUSTER_MODE_ENV
+from automl_ad.errors import UsageError
+from automl_ad.search.engine import RAY_CLUSTER_MODE_ENV, _concurrency
 from automl_ad.tracking.store import Tracker
 
 PROC = Path("/proc")
@@ -161,6 +163,30 @@ def test_local_ray_refuses_to_start_exposed():
     else:
         assert result.returncode == 3, result.stderr[-2000:]
         assert "reachable from the network" in result.stdout and f"{RAY_CLUSTER_MODE_ENV}=0" in result.stdout
+
+
+# --- trials per node ------------------------------------------------------------------------------------------------
+def _node(cpus: float, gpus: float = 0, alive: bool = True) -> dict:
+    return {"Alive": alive, "Resources": {"CPU": cpus, **({"GPU": gpus} if gpus else {})}}
+
+
+@pytest.mark.parametrize("nodes, expected", [
+    ([_node(8)], (2, {"cpu": 4}, 4)),  # one machine: 4 threads a trial
+    ([_node(1), _node(1)], (2, {"cpu": 1}, 1)),  # the test cluster: one trial on each node
+    ([_node(16), _node(2)], (9, {"cpu": 2}, 2)),  # a trial fits on the small node too, with the same threads
+    ([_node(0), _node(4), _node(64, alive=False)], (1, {"cpu": 4}, 4)),  # a CPU-less head and a dead node: skipped
+    ([_node(8, gpus=2), _node(32)], (2, {"cpu": 4, "gpu": 1}, 4)),  # one trial per GPU
+    ([_node(4, gpus=2), _node(12, gpus=1)], (3, {"cpu": 2, "gpu": 1}, 2)),
+])
+def test_trials_fit_every_node(monkeypatch, nodes, expected):
+    monkeypatch.setitem(sys.modules, "ray", SimpleNamespace(nodes=lambda: nodes))  # not the real ray: see start_ray
+    assert _concurrency() == expected
+
+
+def test_cluster_without_cpus_is_refused(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", SimpleNamespace(nodes=lambda: [_node(0), _node(8, alive=False)]))
+    with pytest.raises(UsageError, match="no live node with a CPU"):
+        _concurrency()
 
 
 # --- a real two-node cluster ---------------------------------------------------------------------------------------
