@@ -4,6 +4,7 @@ without reporting one, the last Python error in its stderr or how it was killed 
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 
 import pytest
@@ -75,3 +76,43 @@ def test_trial_process_ending_without_a_report(tmp_path, monkeypatch, ending, re
     assert details["reason"] == reason
     assert details["error"].startswith(error) and "stderr.log" in details["error"]
     assert "Unexpected keys" not in details["error"]
+
+
+RAY_FAILURES = '''
+import json, sys
+from pathlib import Path
+from types import SimpleNamespace
+from ray import cloudpickle
+from ray.exceptions import ActorDiedError, RayTaskError
+from automl_ad.search.progress import SearchCallback
+
+work = Path(sys.argv[1])
+callback = object.__new__(SearchCallback)  # only the failure reading is exercised, no tracker
+callback.work_dir = work
+out = {}
+for name, error in (("lost", ActorDiedError()),
+                    ("raised", RayTaskError("train", "Traceback ...", ValueError("no node.json"), "proc", 1, "ip")),
+                    ("none", None)):
+    trial_dir = work / "trials" / name
+    trial_dir.mkdir(parents=True)
+    (trial_dir / "node.json").write_text(json.dumps({"node_id": "abc123", "host": "box"}))
+    pickled = trial_dir / "error.pkl"
+    if error is not None:
+        pickled.write_bytes(cloudpickle.dumps(error))
+    trial = SimpleNamespace(trial_id=name, pickled_error_file=str(pickled), error_file=str(trial_dir / "error.txt"))
+    out[name] = callback._ray_failure(trial)
+print(json.dumps(out))
+'''
+
+
+def test_trial_ended_by_ray_gets_its_reason(tmp_path):
+    """Tune's own errors: a lost worker names the node; an exception in the trainable is itself (run in a fresh
+    process: importing ray here would put it in cluster mode before a local search of this session starts it)."""
+    result = subprocess.run([sys.executable, "-c", RAY_FAILURES, str(tmp_path)], capture_output=True, text=True,
+                            timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    failures = json.loads(result.stdout.splitlines()[-1])
+    assert failures["lost"]["reason"] == "worker lost"
+    assert "node abc123 on box" in failures["lost"]["error"] and "ActorDiedError" in failures["lost"]["error"]
+    assert failures["raised"] == {"reason": "ValueError", "error": "ValueError: no node.json"}
+    assert failures["none"] == {"reason": "error", "error": "Ray recorded no error for this trial"}

@@ -97,7 +97,7 @@ class SearchCallback(Callback):
         Tune in this process, and its text.
         """
         from ray import cloudpickle
-        from ray.exceptions import RayActorError
+        from ray.exceptions import RayActorError, RayTaskError
 
         error, text = None, ""
         try:
@@ -116,6 +116,9 @@ class SearchCallback(Callback):
             return {"reason": "worker lost", "error": f"the Ray worker running this trial on {where} was lost (the "
                                                       f"worker process or its node died): {type(error).__name__}: "
                                                       f"{message}"}
+        cause = getattr(error, "cause", None) if isinstance(error, RayTaskError) else None
+        if cause is not None:  # raised in the trainable itself (outside the trial process): that exception
+            return {"reason": type(cause).__name__, "error": f"{type(cause).__name__}: {cause}"}
         return {"reason": "error", "error": message}
 
     def _log(self, record: dict, artifacts: list[str]) -> None:
