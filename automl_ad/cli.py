@@ -74,39 +74,62 @@ def _print_profile(console, profile) -> None:
     console.print(f"  alignment: {al.score:.2f} (template matching {'viable' if al.template_viable else 'not viable'}, "
                   f"per-position statistics {'viable' if al.per_position_viable else 'not viable'}; "
                   f"median shift {al.median_shift:.1%})")
+    console.print(f"  aspect ratio (width/height): {s.aspect_median:.2f} (10-90%: {s.aspect_p10:.2f}-"
+                  f"{s.aspect_p90:.2f}); structure analysed at {profile.sample_hw[1]}x{profile.sample_hw[0]}")
     if profile.defects:
         d = profile.defects
         console.print(f"  defect size: {d.area_fraction_median:.2%} of the image (median; {d.area_fraction_min:.2%}"
-                      f"-{d.area_fraction_max:.2%}), {d.small_defect_share:.0%} under 1%")
+                      f"-{d.area_fraction_max:.2%}), {d.small_defect_share:.0%} under 1%; largest region "
+                      f"{d.size_px_median:.0f} px across (median; 10%: {d.size_px_p10:.0f} px = "
+                      f"{d.size_fraction_p10:.1%} of the short side), {d.base_cells_p10:.1f} feature cells at the "
+                      "default 256x256 squash")
+    else:
+        px, source = profile.smallest_defect()
+        console.print(f"  smallest defect: ~{px:.0f} px ({escape(source)})", emoji=False)
     if profile.overrides:
         console.print(f"  overridden by your constraint profile: {escape(str(profile.overrides))}", emoji=False)
 
 
 def _print_recommendation(console, recommendation, top_reasons: int = 3) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     sc = recommendation.scenario
     console.print(f"  scenario (report §6): complexity {sc['complexity']}, {sc['normals']} normals, "
                   f"{sc['abnormals']} abnormals → anomaly detection: {sc['anomaly_detection']}, "
                   f"supervised model: {sc['supervised']}")
-    table = Table(title=f"Routes for {recommendation.dataset} under '{recommendation.constraints}'", show_lines=False)
+    g = recommendation.geometry
+    if g:
+        console.print(f"  input geometry: [bold]{escape(g['key'])}[/bold] ({g['tiles']} network input(s) per "
+                      f"image): smallest defect {g['cells']:.1f} feature cells (default "
+                      f"{escape(g['default']['key'])}: {g['default']['cells']:.1f})", emoji=False)
+        for reason in g["reasons"]:
+            console.print(f"     why: {escape(reason)}", emoji=False)
+        if g["alternatives"]:
+            others = ", ".join(f"{a['key']} ({a['cells']:.1f} cells, ~{a['backbone_ms']:g} ms)"
+                               for a in g["alternatives"])
+            console.print(f"     also worth searching: {escape(others)}", emoji=False)
+    if recommendation.backbone_note:
+        console.print(f"  backbones: {escape(recommendation.backbone_note)}", emoji=False)
+    table = Table(title=f"Routes for {escape(recommendation.dataset)} under '{escape(recommendation.constraints)}'",
+                  show_lines=False)
     for column in ("#", "route", "score", "conf.", "status", "families", "backbone @ px", "est. ms"):
         table.add_column(column, justify="right" if column in ("#", "score", "conf.", "est. ms") else "left")
     for i, c in enumerate(recommendation.candidates, 1):
         status = "[green]shortlist[/green]" if c.shortlisted else "[red]excluded[/red]" if c.excluded else ""
         backbone = f"{c.backbone} @ {c.resolution}" if c.backbone else f"— @ {c.resolution}"
-        table.add_row(str(i), c.name, f"{c.score:.1f}", f"{c.confidence:.2f}", status, ", ".join(c.families),
-                      backbone, f"{c.estimated_latency_ms:g}")
-    console.print(table)
+        table.add_row(str(i), escape(c.name), f"{c.score:.1f}", f"{c.confidence:.2f}", status,
+                      escape(", ".join(c.families)), escape(backbone), f"{c.estimated_latency_ms:g}")
+    console.print(table, emoji=False)
     for c in recommendation.candidates:
         if not (c.shortlisted or c.excluded):
             continue
         mark = "[green]+[/green]" if c.shortlisted else "[red]x[/red]"
-        console.print(f" {mark} [bold]{c.name}[/bold]")
+        console.print(f" {mark} [bold]{escape(c.name)}[/bold]", emoji=False)
         for reason in c.reasons_for[:top_reasons]:
-            console.print(f"     for: {reason}")
+            console.print(f"     for: {escape(reason)}", emoji=False)
         for reason in c.reasons_against[:top_reasons]:
-            console.print(f"     against: {reason}")
+            console.print(f"     against: {escape(reason)}", emoji=False)
 
 
 def cmd_recommend(args) -> int:
@@ -121,7 +144,7 @@ def cmd_recommend(args) -> int:
         profile = profile_dataset(dataset)
         if constraints.data:
             profile = profile.with_overrides(constraints.data)
-        results.append((profile, recommend(profile, constraints, top=args.top)))
+        results.append((profile, recommend(profile, constraints, top=args.top, weights=args.weights)))
     state_file = _save_state(results, constraints.source, args.data)
     if args.json:
         payload = [{"profile": p.to_dict(), "recommendation": r.to_dict(),
@@ -487,6 +510,8 @@ def build_parser() -> argparse.ArgumentParser:
     data_args(p)
     p.add_argument("--profile", help="constraint profile YAML (see profiles/); default: this machine, accuracy first")
     p.add_argument("--top", type=int, default=SHORTLIST_SIZE, help=f"shortlist size (default {SHORTLIST_SIZE})")
+    p.add_argument("--weights", help="local backbone weights file (as for search): offline, only backbones with "
+                   "weights here are proposed")
     p.set_defaults(func=cmd_recommend)
 
     p = sub.add_parser("profile", help="validate the data and print its profile (counts, texture/object, alignment)")

@@ -6,6 +6,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from conftest import SHARED_WEIGHTS, needs
 
 from automl_ad.constraints import ConstraintProfile, Hardware, load_constraints
 from automl_ad.knowledge import ROUTE_KEYS
@@ -17,18 +18,29 @@ from automl_ad.search.space import searchable_families
 PROFILES = Path(__file__).resolve().parents[1] / "profiles"
 
 
-def make_profile(kind="object", n_normal=200, aligned=True, periodic=False, n_abnormal=0) -> DatasetProfile:
-    """A profile with chosen facts (what profiling would report for such data)."""
+@pytest.fixture(autouse=True)
+def online(monkeypatch):
+    """Recommendations as on a machine that reaches the hub (every backbone can be downloaded), unless a test
+    says otherwise: the result must not depend on this machine's network."""
+    import automl_ad.recommend.engine as engine
+
+    monkeypatch.setattr(engine, "hub_reachable", lambda: True)
+
+
+def make_profile(kind="object", n_normal=200, aligned=True, periodic=False, n_abnormal=0, size=(256, 256),
+                 defects=None) -> DatasetProfile:
+    """A profile with chosen facts (what profiling would report for such data); ``size`` is (height, width)."""
+    height, width = size
     return DatasetProfile(
         name="synthetic", root="/data/synthetic", layout="mvtec", fingerprint="0" * 16,
-        counts=Counts(n_normal, 10, 0, {"crack": n_abnormal} if n_abnormal else {}, 0, 0),
-        size=SizeStats(256, 256, 256, 256, 256, 256, 1),
+        counts=Counts(n_normal, 10, 0, {"crack": n_abnormal} if n_abnormal else {}, 0 if defects is None else 50, 0),
+        size=SizeStats(width, width, width, height, height, height, 1, width / height, width / height, width / height),
         color=ColorStats("color", 0, n_normal, 0, [8]),
         structure=StructureStats(kind, 0.95, 0.8 if aligned and kind == "object" else 0.03, 0.05, 0.4 if periodic else 0.05,
                                  periodic),
         alignment=AlignmentStats(0.9 if aligned else 0.1, 0.9 if aligned else 0.1, 0.9 if aligned else 0.1, 0.0,
                                  aligned, aligned),
-        defects=None, sample_images=n_normal, sample_resolution=128, profiling_seconds=0.1)
+        defects=defects, sample_images=n_normal, sample_resolution=128, sample_hw=(128, 128), profiling_seconds=0.1)
 
 
 CPU = ConstraintProfile(name="cpu", hardware=Hardware("cpu", 4, 16.0))
@@ -148,3 +160,168 @@ def test_recommendation_round_trips_to_json(tmp_path):
     data = json.loads(rec.save(tmp_path / "r.json").read_text())
     assert data["shortlist"] == rec.shortlist and len(data["candidates"]) == 14
     assert data["scenario"]["anomaly_detection"] in ("yes", "no", "few_shot")
+
+
+# --- input geometry and available backbones ----------------------------------------------------------------------
+
+def _defects(p10_px: float, median_px: float):
+    from automl_ad.profiling.profile import DefectStats
+
+    return DefectStats(masks=50, area_fraction_min=0.0005, area_fraction_median=0.003, area_fraction_max=0.02,
+                       small_defect_share=0.9, regions_median=1.0, measured_masks=50, size_px_p10=p10_px,
+                       size_px_median=median_px, size_fraction_p10=0.04, size_fraction_median=0.09,
+                       base_cells_p10=0.5, base_cells_median=1.1)
+
+
+def _geometry(rec):
+    from automl_ad.data.geometry import Geometry
+
+    return Geometry.from_dict(rec.geometry["geometry"])
+
+
+def test_a_256_image_is_not_tiled():
+    rec = recommend(make_profile(size=(256, 256)), CPU)
+    assert rec.geometry["key"] == "squash-256x256" == rec.geometry["default"]["key"] and rec.geometry["tiles"] == 1
+    assert any("the default is kept" in r for r in rec.geometry["reasons"])
+    # large defects in a large image: the default view already shows them with room to spare
+    rec = recommend(make_profile(size=(900, 900), defects=_defects(70, 150)), CPU)
+    assert rec.geometry["key"] == "squash-256x256" and rec.geometry["cells"] >= 2
+
+
+def test_small_defects_in_wide_images_are_tiled_and_the_reason_says_why():
+    from automl_ad.data.geometry import tile_grid
+
+    rec = recommend(make_profile(size=(460, 1130), defects=_defects(18, 40)), CPU)
+    g = rec.geometry
+    assert g["default"]["cells"] < 1  # 18 px * 256/1130 / 8
+    assert g["geometry"]["mode"] == "tile" and g["tiles"] > 1 and g["cells"] >= 2
+    geometry = _geometry(rec)
+    assert geometry.overlap >= 18 * geometry.scale  # the typical defect fits in an overlap
+    assert tile_grid(geometry, (460, 1130)).n_tiles == g["tiles"]
+    why = " ".join(g["reasons"])
+    assert "~18 px" in why and "1130x460" in why and f"{g['default']['cells']:.1f}" in why and "tiles per image" in why
+    # every backbone route is costed at the tiled geometry's pixels
+    memory_bank = rec.candidate("memory_bank")
+    assert memory_bank.resolution == geometry.height
+
+
+def test_extreme_aspect_tiles_along_the_long_side():
+    from automl_ad.data.geometry import tile_grid
+
+    rec = recommend(make_profile(kind="texture", aligned=False, size=(256, 4096)), CPU)
+    geometry = _geometry(rec)
+    assert geometry.mode == "tile" and geometry.scale == 1.0
+    grid = tile_grid(geometry, (256, 4096))
+    assert {y for y, _ in grid.origins} == {0} and grid.n_tiles >= 4096 // geometry.width
+    assert "assumed 5% of the 256-px short side" in rec.geometry["reasons"][0]
+
+
+def test_moderate_need_grows_a_single_view_before_tiling():
+    rec = recommend(make_profile(size=(1024, 1024)), CPU)  # no masks: 5% of 1024 = 51 px needs scale 0.31
+    assert rec.geometry["geometry"]["mode"] == "squash" and rec.geometry["tiles"] == 1
+    assert 256 < rec.geometry["geometry"]["height"] <= 512 and rec.geometry["cells"] >= 2
+    wide = recommend(make_profile(size=(500, 1250), defects=_defects(60, 100)), CPU)
+    assert wide.geometry["geometry"]["mode"] == "letterbox"  # aspect 2.5 is kept, not squashed
+
+
+def test_latency_budget_caps_the_geometry():
+    tight = ConstraintProfile(name="tight", latency_ms=20, hardware=Hardware("cpu", 4, 16.0))
+    profile = make_profile(size=(460, 1130), defects=_defects(18, 40))
+    loose = recommend(profile, CPU).geometry
+    capped = recommend(profile, tight).geometry
+    assert capped["backbone_ms"] <= 20 < loose["backbone_ms"] and capped["cells"] < loose["cells"]
+    assert any("over your 20 ms budget" in r for r in capped["reasons"])
+
+
+def test_more_pixels_cost_proportionally_more_backbone_time():
+    from automl_ad.recommend.cost import pixels_ms
+
+    assert pixels_ms(0.3, 2 * 256 * 256, CPU) == pytest.approx(2 * pixels_ms(0.3, 256 * 256, CPU))
+
+
+def test_a_declared_defect_size_drives_the_geometry():
+    profile = make_profile(size=(1024, 1024))
+    tiny = recommend(profile, replace(CPU, data={"smallest_defect_px": 10})).geometry
+    large = recommend(profile, replace(CPU, data={"smallest_defect_px": 200})).geometry
+    assert "declared" in tiny["defect_source"] and tiny["smallest_defect_px"] == 10
+    assert tiny["geometry"]["mode"] == "tile" and large["key"] == "squash-256x256"
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """No hub and an empty hub cache: only the built-in backbone and local files have weights."""
+    import automl_ad.features.backbone as backbone
+    import automl_ad.recommend.engine as engine
+
+    monkeypatch.setenv("AUTOML_AD_OFFLINE", "1")
+    backbone.hub_reachable.cache_clear()
+    monkeypatch.setattr(engine, "hub_reachable", backbone.hub_reachable)
+    monkeypatch.setattr(backbone, "hub_weights_cached", lambda name: False)
+    yield
+    backbone.hub_reachable.cache_clear()
+
+
+def test_offline_only_backbones_with_weights_are_proposed(offline):
+    constraints = load_constraints(PROFILES / "offline-high-accuracy.yaml")  # online: wide_resnet50_2
+    rec = recommend(make_profile(kind="object", n_normal=400), constraints)
+    assert rec.backbones == ["mobilenetv2_100"] and "not for" in rec.backbone_note
+    assert {c.backbone for c in rec.candidates if c.backbone} == {"mobilenetv2_100"}
+    assert rec.geometry["costed_with"] == "mobilenetv2_100"
+    declared = replace(constraints, backbone_weights={"resnet18": "/models/resnet18.safetensors"})
+    rec = recommend(make_profile(kind="object", n_normal=400), declared)
+    assert rec.backbones == ["mobilenetv2_100", "resnet18"] and rec.candidate("memory_bank").backbone == "resnet18"
+
+
+@needs(SHARED_WEIGHTS)
+def test_weights_file_names_its_backbone_and_unknown_files_are_refused(offline, tmp_path):
+    from automl_ad.errors import UsageError
+
+    rec = recommend(make_profile(), CPU, weights=str(SHARED_WEIGHTS))
+    assert rec.backbones == ["mobilenetv2_100"]
+    junk = tmp_path / "weights.safetensors"
+    junk.write_bytes(b"not weights")
+    with pytest.raises(UsageError, match="unknown weights file"):
+        recommend(make_profile(), CPU, weights=str(junk))
+    with pytest.raises(UsageError, match="does not exist"):
+        recommend(make_profile(), CPU, weights=str(tmp_path / "missing.safetensors"))
+
+
+def test_geometry_is_saved_with_the_recommendation(tmp_path):
+    import json
+
+    from automl_ad.data.geometry import Geometry
+
+    rec = recommend(make_profile(size=(460, 1130), defects=_defects(18, 40)), CPU)
+    data = json.loads(rec.save(tmp_path / "r.json").read_text())
+    geometry = Geometry.from_dict(data["geometry"]["geometry"])
+    assert geometry.key() == data["geometry"]["key"] and data["backbones"] == rec.backbones
+    assert all(Geometry.from_dict(a["geometry"]).key() == a["key"] for a in data["geometry"]["alternatives"])
+
+
+def test_printed_recommendation_survives_markup_in_names():
+    import io
+
+    from rich.console import Console
+
+    from automl_ad.cli import _print_recommendation
+
+    rec = recommend(replace(make_profile(size=(460, 1130), defects=_defects(18, 40)), name="[/red]evil[bold]"),
+                    replace(CPU, name="[/]x"))
+    out = io.StringIO()
+    _print_recommendation(Console(file=out, width=200), rec)
+    text = out.getvalue()
+    assert "[/red]evil[bold]" in text and "'[/]x'" in text and "input geometry: tile-" in text
+
+
+@needs(SHARED_WEIGHTS)
+def test_cli_recommend_takes_weights_and_reports_the_geometry(offline, mvtec_dir, tmp_path, monkeypatch, capsys):
+    import json
+
+    from automl_ad.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["recommend", str(mvtec_dir), "--weights", str(SHARED_WEIGHTS), "--json"]) == 0
+    rec = json.loads(capsys.readouterr().out)["categories"][0]["recommendation"]
+    assert rec["backbones"] == ["mobilenetv2_100"] and rec["geometry"]["key"] == "squash-256x256"
+    assert main(["recommend", str(mvtec_dir), "--weights", str(tmp_path / "nope.safetensors")]) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -1,4 +1,5 @@
-"""Planning estimates of inference latency per route, and the backbone/resolution that fits a budget."""
+"""Planning estimates of inference latency per route, and the backbone that fits a budget at the proposed input
+geometry (backbone time grows with the pixels the network sees: more tiles or a larger view cost proportionally)."""
 
 from __future__ import annotations
 
@@ -13,12 +14,12 @@ from automl_ad.constraints import ConstraintProfile
 
 @dataclass(frozen=True)
 class CostEstimate:
-    """Estimated latency of one route under the constraints, with the backbone and resolution it assumes."""
+    """Estimated latency of one route under the constraints, with the backbone and input side it assumes."""
 
     latency_ms: float
     budget_ms: float | None  # the stated budget (None when the profile states none)
     backbone: str | None
-    resolution: int
+    resolution: int  # network input side: the geometry's (tile) side for backbone routes, the working side otherwise
     basis: str
 
     @property
@@ -32,9 +33,15 @@ def cost_model() -> dict:
 
 
 def backbone_ms(gmac_224: float, resolution: int, constraints: ConstraintProfile) -> float:
-    """Estimated backbone time for one image at ``resolution`` on the profile's hardware."""
+    """Estimated backbone time for one square image at ``resolution`` on the profile's hardware."""
+    return pixels_ms(gmac_224, resolution * resolution, constraints)
+
+
+def pixels_ms(gmac_224: float, pixels: int, constraints: ConstraintProfile) -> float:
+    """Estimated backbone time for ``pixels`` network input pixels per image (all tiles of it, batched in one
+    call) on the profile's hardware: convolutional work is proportional to the pixels."""
     model = cost_model()["devices"]
-    gmac = gmac_224 * (resolution / 224) ** 2
+    gmac = gmac_224 * pixels / 224 ** 2
     if constraints.hardware.device == "gpu":
         return model["gpu"]["overhead_ms"] + gmac * model["gpu"]["ms_per_gmac"]
     cpu = model["cpu"]
@@ -42,13 +49,29 @@ def backbone_ms(gmac_224: float, resolution: int, constraints: ConstraintProfile
     return gmac * cpu["ms_per_gmac_2_cores"] / speedup
 
 
-def estimate_route(route: str, constraints: ConstraintProfile, image_side: int) -> CostEstimate:
-    """Pick the heaviest backbone (and the larger resolution) whose estimate fits the budget; estimate latency."""
+def latency_target_ms(constraints: ConstraintProfile) -> tuple[float, bool]:
+    """The per-image time to aim at: the stated budget, else the one assumed for the device; and whether stated."""
+    budget = constraints.effective_latency_ms
+    if budget is not None:
+        return budget, True
+    return cost_model()["assumed_latency_ms"][constraints.hardware.device], False
+
+
+def heaviest_head_factor() -> float:
+    """The largest time factor a route's head adds to its backbone (geometry proposals leave room for it)."""
+    return max(r["head_factor"] for r in cost_model()["routes"].values() if r["backbone"])
+
+
+def estimate_route(route: str, constraints: ConstraintProfile, image_side: int, network_pixels: int,
+                   input_side: int, backbones: list[str] | None = None) -> CostEstimate:
+    """Pick the heaviest of ``backbones`` (default: every backbone of the cost model) whose estimate at
+    ``network_pixels`` per image (the proposed geometry) fits the budget, else the lightest; estimate latency.
+    Routes without a backbone work at the image side (64..512)."""
     model = cost_model()
     spec = model["routes"][route]
     device = constraints.hardware.device
     budget = constraints.effective_latency_ms
-    target = budget or model["assumed_latency_ms"][device]
+    target, _ = latency_target_ms(constraints)
     fixed = 0.0
     if "cpu_ms_256" in spec:
         side = min(max(image_side, 64), 512) if not spec["backbone"] else 256
@@ -60,10 +83,12 @@ def estimate_route(route: str, constraints: ConstraintProfile, image_side: int) 
     if not spec["backbone"]:
         side = min(max(image_side, 64), 512)
         return CostEstimate(round(fixed, 1), budget, None, side, spec["basis"])
-    options = [(b["name"], r, backbone_ms(b["gmac_224"], r, constraints) * spec["head_factor"] + fixed)
-               for b in model["backbones"] for r in model["resolutions"]]
+    options = [(b["name"], pixels_ms(b["gmac_224"], network_pixels, constraints) * spec["head_factor"] + fixed)
+               for b in model["backbones"] if backbones is None or b["name"] in backbones]
+    if not options:
+        raise ValueError(f"none of the backbones {backbones} is in the cost model")
     if budget is None:
         target += fixed  # without a stated budget, the route's own fixed cost is accepted
-    fitting = [o for o in options if o[2] <= target]
-    name, resolution, latency = max(fitting, key=lambda o: (o[2], o[1])) if fitting else min(options, key=lambda o: o[2])
-    return CostEstimate(round(latency, 1), budget, name, resolution, spec["basis"])
+    fitting = [o for o in options if o[1] <= target]
+    name, latency = max(fitting, key=lambda o: o[1]) if fitting else min(options, key=lambda o: o[1])
+    return CostEstimate(round(latency, 1), budget, name, input_side, spec["basis"])

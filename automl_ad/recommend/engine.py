@@ -1,4 +1,5 @@
-"""Score every route for a dataset profile and constraints: report scores weighted by priorities + rules."""
+"""Score every route for a dataset profile and constraints: report scores weighted by priorities + rules; propose
+the input geometry and the backbones that have weights on this machine."""
 
 from __future__ import annotations
 
@@ -13,9 +14,12 @@ import yaml
 
 from automl_ad.constraints import PRIORITY_DIMENSIONS, ConstraintProfile
 from automl_ad.defaults import SHORTLIST_SIZE
+from automl_ad.errors import UsageError
+from automl_ad.features.backbone import BackboneWeightsError, backbone_of_weights, hub_reachable, weights_available
 from automl_ad.knowledge import load_knowledge
 from automl_ad.profiling import DatasetProfile
-from automl_ad.recommend.cost import CostEstimate, estimate_route
+from automl_ad.recommend.cost import CostEstimate, cost_model, estimate_route
+from automl_ad.recommend.geometry import propose_geometry
 
 _STRUCTURE_FACTS = {"kind", "periodic", "aligned", "per_position_aligned"}
 _REPORT_RELIABILITY, _DERIVED_RELIABILITY = 0.85, 0.6
@@ -50,13 +54,15 @@ class RouteCandidate:
     adjustments: list[Adjustment]
     families: list[str]
     backbone: str | None
-    resolution: int
+    resolution: int  # network input side (the proposed geometry's for backbone routes)
     estimated_latency_ms: float
 
 
 @dataclass
 class Recommendation:
-    """The ranked, explained list of all routes; ``shortlist`` holds the routes a search would try."""
+    """The ranked, explained list of all routes; ``shortlist`` holds the routes a search would try; ``geometry`` the
+    proposed input geometry with its reasons (:class:`~automl_ad.recommend.geometry.GeometryProposal`);
+    ``backbones`` those with weights here, light to heavy, and ``backbone_note`` where their weights come from."""
 
     dataset: str
     fingerprint: str
@@ -65,6 +71,9 @@ class Recommendation:
     scenario: dict
     candidates: list[RouteCandidate]
     shortlist: list[str] = field(default_factory=list)
+    geometry: dict = field(default_factory=dict)
+    backbones: list[str] = field(default_factory=list)
+    backbone_note: str = ""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -203,8 +212,39 @@ def _scenario(facts: dict) -> dict:
             "basis": thresholds["basis"], "source": entry.source}
 
 
-def recommend(profile: DatasetProfile, constraints: ConstraintProfile, top: int = SHORTLIST_SIZE) -> Recommendation:
-    """Rank all routes (deterministic). Excluded routes are listed last with the reasons they were excluded."""
+def weights_backbone(weights: str) -> str:
+    """The backbone a local weights file (``--weights``) belongs to; :class:`UsageError` when it cannot be told."""
+    try:
+        backbone = backbone_of_weights(weights)
+    except BackboneWeightsError as exc:
+        raise UsageError(str(exc)) from exc
+    if backbone is None:
+        raise UsageError(f"{weights}: unknown weights file; name its backbone in a constraint profile instead "
+                         "(backbone_weights: {timm_model_name: path})")
+    return backbone
+
+
+def available_backbones(constraints: ConstraintProfile, weights: str | None = None) -> tuple[list[str], str]:
+    """Backbones of the cost model (light to heavy) whose weights can be had here: a local file (``weights`` or
+    the constraint profile's ``backbone_weights``), the hub cache, the built-in weights, or, when the hub answers,
+    a download. Also a note saying which."""
+    names = [b["name"] for b in cost_model()["backbones"]]
+    local = set(constraints.backbone_weights) | ({weights_backbone(weights)} if weights else set())
+    if hub_reachable():
+        return names, "the hub is reachable: every backbone's weights can be downloaded"
+    have = [b for b in names if b in local or weights_available(b)]
+    missing = [b for b in names if b not in have]
+    note = (f"offline: weights here for {', '.join(have)}" +
+            (f"; not for {', '.join(missing)} (pass --weights FILE or list backbone_weights in a --profile)"
+             if missing else ""))
+    return have, note
+
+
+def recommend(profile: DatasetProfile, constraints: ConstraintProfile, top: int = SHORTLIST_SIZE,
+              weights: str | None = None) -> Recommendation:
+    """Rank all routes (deterministic for a given machine). Excluded routes are listed last with the reasons they
+    were excluded. Backbones are proposed only when their weights are available (``weights``: a local weights
+    file, as for the search); the input geometry comes from the profile (:mod:`automl_ad.recommend.geometry`)."""
     if top < 1:
         raise ValueError("the shortlist needs at least one route (top >= 1)")
     from automl_ad.search.space import searchable_families
@@ -214,9 +254,14 @@ def recommend(profile: DatasetProfile, constraints: ConstraintProfile, top: int 
     rules = load_rules()["rules"]
     facts = gather_facts(profile, constraints)
     structure_certainty = 1.0 if "kind" in constraints.data else facts["structure_confidence"]
+    backbones, backbone_note = available_backbones(constraints, weights)
+    data = profile.with_overrides(constraints.data) if constraints.data else profile
+    proposal = propose_geometry(data, constraints, backbones[0])
+    chosen = proposal.chosen
     candidates = []
     for key, route in knowledge.routes.items():
-        estimate = estimate_route(key, constraints, facts["image_side"])
+        estimate = estimate_route(key, constraints, facts["image_side"], chosen.network_pixels,
+                                  max(chosen.geometry.input_hw), backbones)
         route_facts = _route_facts(route, estimate)
         base, basis, pros, cons, derived = _base_score(route, constraints.priorities)
         adjustments, structural = [], False
@@ -256,4 +301,4 @@ def recommend(profile: DatasetProfile, constraints: ConstraintProfile, top: int 
     for candidate in candidates:
         candidate.shortlisted = candidate.route in shortlist
     return Recommendation(profile.name, profile.fingerprint, constraints.name, facts, _scenario(facts),
-                          candidates, shortlist)
+                          candidates, shortlist, proposal.to_dict(), backbones, backbone_note)
