@@ -240,14 +240,18 @@ def cmd_demo(args) -> int:
 
 def cmd_search(args) -> int:
     from automl_ad.constraints import parse_duration
-    from automl_ad.search.engine import run_search
+    from automl_ad.defaults import SEARCH_BUDGET
+    from automl_ad.search.engine import check_search_limits, check_store_free, run_search
     from automl_ad.search.plan import plan_search
 
     console = _console()
+    budget_s = parse_duration(args.budget) if args.budget else None if args.resume else parse_duration(SEARCH_BUDGET)
+    check_search_limits(budget_s, args.max_trials, args.trial_timeout, args.resume)  # before the slow planning
+    check_store_free(args.tracking_uri)
     families = [f.strip() for f in args.families.split(",") if f.strip()] if args.families else None
     request = plan_search(args.data, args.category, args.profile, families, args.weights,
                           say=lambda text: console.print(text, markup=False),
-                          budget_s=parse_duration(args.budget), max_trials=args.max_trials, seed=args.seed,
+                          budget_s=budget_s, max_trials=args.max_trials, seed=args.seed,
                           metric=args.metric, validation=args.validation, tracking_uri=args.tracking_uri,
                           address=args.address, resume=args.resume, trial_timeout_s=args.trial_timeout)
     result = run_search(request, console=console)
@@ -542,9 +546,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data", nargs="?", help="dataset folder (default: the one of the last `automl-ad recommend`)")
     p.add_argument("--category", help="only this category of a multi-category root")
     p.add_argument("--profile", help="constraint profile YAML (latency budget narrows the backbones)")
-    p.add_argument("--budget", default=SEARCH_BUDGET, help="time budget: 8h, 30m, 90s (default %(default)s)")
+    p.add_argument("--budget", help=f"time budget: 8h, 30m, 90s (default {SEARCH_BUDGET}; with --resume "
+                   "the search's own budget, which a larger --budget extends)")
     p.add_argument("--families", help="comma-separated families (default: the recommendation's shortlist)")
-    p.add_argument("--max-trials", type=int, help="stop after this many trials")
+    p.add_argument("--max-trials", type=int, help="stop after this many trials (at least 1; default: no limit but "
+                   "the budget)")
     p.add_argument("--trial-timeout", type=float, help="seconds one trial may take (default: a quarter of the budget)")
     p.add_argument("--metric", default="combined", help="quality metric: combined (image AUROC + AUPRO), image_auroc, "
                    "aupro, pixel_auroc, pixel_ap, image_f1_max")
@@ -553,7 +559,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", help="local backbone weights file for offline use")
     p.add_argument("--address", help="Ray cluster: auto or ray://host:port (default: a local Ray)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite .automl-ad/mlflow.db here)")
-    p.add_argument("--resume", action="store_true", help="continue the last search of this dataset")
+    p.add_argument("--resume", action="store_true", help="continue the last search of this dataset from this "
+                   "working directory (remaining budget; trials a killed search lost run again)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_search)
 

@@ -16,6 +16,12 @@ Objectives: validation quality ↑, throughput ↑, peak memory while scoring �
 every few epochs; an ASHA scheduler stops poor ones early (on quality alone). Each trial runs in its own process
 (:mod:`automl_ad.search.trial`) with a time limit, so a crash, NaN, out-of-memory or timeout fails that trial only;
 an iterative family still training at ``SEARCH_TRAINING_SHARE`` of the limit stops and is evaluated as it is.
+
+One search writes to a working directory's search folder and to a local tracking store at a time (file locks that
+name their holder; a second search is refused at once). Each search keeps its own resume state
+(``searches/<parent run id>.json``) with the time spent, saved every ``SEARCH_CHECKPOINT_EVERY_S`` while it runs;
+finished trials are in MLflow as they end. So after a hard kill, ``--resume`` gets the rest of the budget, records
+the trials that were running as failed (``INTERRUPTED``) and runs their configurations again.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import ipaddress
 import json
 import logging
 import math
+import numbers
 import os
 import shutil
 import signal
@@ -33,15 +40,19 @@ import sys
 import threading
 import time
 import warnings
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from automl_ad.defaults import (FEATURE_CACHE_ENV, SEARCH_ARTIFACT_CAP_MB, SEARCH_CACHE_CAP_MB, SEARCH_REPORT_EVERY,
-                                STATE_DIR, default_cache_dir)
+from automl_ad.defaults import (FEATURE_CACHE_ENV, SEARCH_ARTIFACT_CAP_MB, SEARCH_CACHE_CAP_MB,
+                                SEARCH_CHECKPOINT_EVERY_S, SEARCH_MAX_BUDGET_S, SEARCH_REPORT_EVERY, STATE_DIR,
+                                default_cache_dir)
 from automl_ad.errors import UsageError
 from automl_ad.search.trial import unreported_failure
+from automl_ad.tracking.lock import FileLock, describe_holder
+from automl_ad.tracking.store import INTERRUPTED, Tracker, default_tracking_uri, pareto_ranks, writer_lock_path
 
 OBJECTIVE_METRICS, OBJECTIVE_MODES = ["quality", "throughput", "memory_mb"], ["max", "max", "min"]
 NODE_FILE = "node.json"  # in a trial's folder: the Ray node (id, host) it ran on
@@ -57,7 +68,7 @@ class SearchRequest:
     families: list[str] = field(default_factory=list)
     priors: dict[str, float] = field(default_factory=dict)
     routes: dict[str, str] = field(default_factory=dict)
-    budget_s: float = 3600.0
+    budget_s: float | None = 3600.0  # None when resuming: the search keeps its own budget
     max_trials: int | None = None
     seed: int = 0
     metric: str = "combined"
@@ -90,13 +101,21 @@ class SearchResult:
 class Proposer:
     """Define-by-run proposal function for OptunaSearch (see the module docstring)."""
 
-    def __init__(self, request: SearchRequest, spaces: dict, defaults: dict):
+    def __init__(self, request: SearchRequest, spaces: dict, defaults: dict, reruns: list[dict] | None = None):
         self.request, self.spaces, self.defaults = request, spaces, defaults
         self.order = sorted(request.families, key=lambda f: -request.priors.get(f, 0.5))
+        self.reruns = list(reruns or [])  # specs of trials a killed search interrupted, proposed again first
 
     def __call__(self, trial):
+        if self.reruns:
+            spec = self.reruns.pop(0)
+            trial.set_user_attr("family", spec["family"])
+            trial.set_user_attr("default", spec["default"])
+            return {"family": spec["family"], "params": spec["params"], "default": spec["default"],
+                    "rerun_of": spec["trial_id"]}
         earlier = [t for t in trial.study.get_trials(deepcopy=False) if t.number != trial.number]
-        started = {t.user_attrs.get("family") for t in earlier if t.user_attrs.get("default")}
+        started = {t.user_attrs.get("family") for t in earlier
+                   if t.user_attrs.get("default") and not t.user_attrs.get("interrupted")}
         pending = [f for f in self.order if f not in started]
         if pending:
             family = pending[0]
@@ -117,8 +136,6 @@ class Proposer:
     def weights(self, earlier) -> np.ndarray:
         from optuna.trial import TrialState
 
-        from automl_ad.tracking.store import pareto_ranks
-
         done = [t for t in earlier if t.state == TrialState.COMPLETE and t.values and None not in t.values]
         best = {f: max((t.values[0] for t in done if t.user_attrs.get("family") == f), default=None)
                 for f in self.order}
@@ -130,8 +147,8 @@ class Proposer:
             for f in front:
                 if f in share:
                     share[f] += 1 / len(front)
-        failures = {f: sum(t.state == TrialState.FAIL and t.user_attrs.get("family") == f for t in earlier)
-                    for f in self.order}
+        failures = {f: sum(t.state == TrialState.FAIL and t.user_attrs.get("family") == f
+                           and not t.user_attrs.get("interrupted") for t in earlier) for f in self.order}
         weights = []
         for f in self.order:
             prior = self.request.priors.get(f, 0.5)
@@ -164,7 +181,8 @@ def run_trial_process(config: dict, work_dir: str, data_file: str, metric: str, 
     out_dir.mkdir(parents=True, exist_ok=True)
     spec = {"family": config["family"], "params": config["params"], "data_file": data_file, "metric": metric,
             "timeout_s": timeout_s, "threads": threads, "out_dir": str(out_dir),
-            "report_every": SEARCH_REPORT_EVERY}
+            "report_every": SEARCH_REPORT_EVERY, "trial_id": trial_id, "search": config.get("search"),
+            "default": bool(config.get("default")), "rerun_of": config.get("rerun_of")}
     (out_dir / "spec.json").write_text(json.dumps(spec, indent=2))
     env = {**os.environ, FEATURE_CACHE_ENV: cache_dir, "OMP_NUM_THREADS": str(threads), "PYTHONWARNINGS": "ignore"}
     stderr = (out_dir / "stderr.log").open("w")
@@ -214,7 +232,7 @@ class TrialFailed(RuntimeError):
 
 
 def _trainable(config: dict, work_dir: str, data_file: str, metric: str, timeout_s: float, threads: int,
-               cache_dir: str):
+               cache_dir: str, search_id: str):
     import ray
     from ray import tune
 
@@ -223,7 +241,7 @@ def _trainable(config: dict, work_dir: str, data_file: str, metric: str, timeout
     trial_dir.mkdir(parents=True, exist_ok=True)
     _write_json(trial_dir / NODE_FILE, {"node_id": ray.get_runtime_context().get_node_id(),
                                         "host": socket.gethostname()})
-    config = {**config, "trial_id": trial_id}
+    config = {**config, "trial_id": trial_id, "search": search_id}
     result = run_trial_process(config, work_dir, data_file, metric, timeout_s, threads, cache_dir, tune.report)
     tune.report({k: v for k, v in result.items() if k not in ("event", "heatmaps")}
                 | {"heatmaps": json.dumps(result.get("heatmaps", []))})
@@ -287,30 +305,88 @@ def _concurrency() -> tuple[int, dict, int]:
     return sum(int(r["CPU"]) // threads for r in nodes), {"cpu": threads}, threads
 
 
-def run_search(request: SearchRequest, console=None) -> SearchResult:
-    """Run (or resume) a search; returns where its results are."""
-    from automl_ad.data import open_dataset
-    from automl_ad.search.space import load_space
-    from automl_ad.search.validation import prepare_search_data
-    from automl_ad.tracking.store import Tracker
+def check_search_limits(budget_s, max_trials, trial_timeout_s, resume: bool = False) -> None:
+    """Refuse a budget, trial time limit or trial count a search cannot honour, saying what to give instead.
+    ``budget_s`` may be None when resuming (the search keeps its own budget)."""
+    longest = f"{SEARCH_MAX_BUDGET_S / 86400:g} days ({SEARCH_MAX_BUDGET_S:.0f} s)"
+    for option, value in (("--budget", budget_s), ("--trial-timeout", trial_timeout_s)):
+        if value is None and (option == "--trial-timeout" or resume):
+            continue
+        if (not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value)
+                or not 0 < value <= SEARCH_MAX_BUDGET_S):
+            raise UsageError(f"{option} must be a positive, finite duration of at most {longest}; got {value!r} s. "
+                             "Give e.g. --budget 8h or --trial-timeout 900")
+    if max_trials is not None and (not isinstance(max_trials, numbers.Integral) or isinstance(max_trials, bool)
+                                   or max_trials < 1):
+        raise UsageError(f"--max-trials must be at least 1, got {max_trials!r}; leave it out to let the budget alone "
+                         "end the search")
 
-    dataset = open_dataset(request.data, request.category)
-    work_dir = work_dir_for(dataset)
+
+def run_search(request: SearchRequest, console=None) -> SearchResult:
+    """Run (or resume) a search; returns where its results are. Refused at once while another search writes to the
+    same tracking store or works on the same dataset from this working directory."""
+    from automl_ad.data import open_dataset
+
+    check_search_limits(request.budget_s, request.max_trials, request.trial_timeout_s, bool(request.resume))
+    uri = request.tracking_uri or default_tracking_uri()
+    with ExitStack() as held:
+        store_lock = _hold_store(uri)
+        if store_lock is not None:
+            held.callback(store_lock.release)
+        dataset = open_dataset(request.data, request.category)
+        work_dir = work_dir_for(dataset)
+        held.callback(_hold(work_dir / "search.lock", f"the search folder {work_dir}",
+                            "or search the same data from another working directory").release)
+        state = _resume_state(work_dir, request, uri) if request.resume else None
+        return _run_held(request, dataset, work_dir, uri, state, console)
+
+
+def check_store_free(tracking_uri: str | None) -> None:
+    """Fail at once (e.g. before planning a search) when another search is writing to the tracking store."""
+    lock = _hold_store(tracking_uri or default_tracking_uri())
+    if lock is not None:
+        lock.release()
+
+
+def _hold_store(uri: str) -> FileLock | None:
+    """The single-writer lock of a local tracking store (None for a server, which serialises writes itself)."""
+    path = writer_lock_path(uri)
+    if path is None:
+        return None
+    return _hold(path, f"the tracking store {path.parent / path.stem}",
+                 "or give this search its own store (--tracking-uri sqlite:///OTHER/mlflow.db)")
+
+
+def _hold(path: Path, what: str, alternative: str) -> FileLock:
+    """The single-writer lock at ``path``, or a UsageError naming the search that holds it."""
+    lock = FileLock(path)
+    holder = lock.try_acquire()
+    if holder is not None:
+        raise UsageError(f"another search is already writing to {what}: {describe_holder(holder)}. Wait for it to "
+                         f"end, or stop it (kill {holder.get('pid', 'PID')}) and continue it later with "
+                         f"`automl-ad search --resume`, {alternative}. (Lock file: {path})")
+    return lock
+
+
+def _run_held(request: SearchRequest, dataset, work_dir: Path, uri: str, state: dict | None,
+              console) -> SearchResult:
+    from automl_ad.search.space import load_space
+    from automl_ad.search.trial import imageset_to_json
+    from automl_ad.search.validation import prepare_search_data
+
     work_dir.mkdir(parents=True, exist_ok=True)
     spaces = {f: load_space(f).narrowed(request.backbones.get(f)) for f in request.families}
     defaults = {f: _fixed_params(f, spaces[f], request) for f in request.families}
     search_data = prepare_search_data(dataset, work_dir, request.validation, request.seed)
-    from automl_ad.search.trial import imageset_to_json
-
     data_file = work_dir / "data.json"
     data_file.write_text(json.dumps({k: imageset_to_json(v) for k, v in
                                      {"train": search_data.train, "validation": search_data.validation,
                                       "test": search_data.test, "reference": search_data.reference}.items()
                                      if v is not None}))
-    tracker = Tracker(request.tracking_uri)
+    tracker = Tracker(uri)
     experiment_id = tracker.experiment(experiment_name(dataset))
-    state_file = work_dir / "search.json"
-    state = _resume_state(state_file, request, tracker)
+    say = console.print if console else print
+    reruns = []
     if state is None:
         snapshot = work_dir / "search_space.json"
         snapshot.write_text(json.dumps({f: [asdict(p) for p in spaces[f].parameters] for f in spaces}, indent=2,
@@ -324,22 +400,30 @@ def run_search(request: SearchRequest, console=None) -> SearchResult:
              "priors": request.priors, "backbones": request.backbones},
             {"dataset": dataset.name, "fingerprint": dataset.fingerprint()}, files)
         state = {"parent_run_id": parent, "study": f"search-{parent}", "elapsed_s": 0.0,
-                 "budget_s": request.budget_s, "finished": False}
-        _write_json(state_file, state)
+                 "budget_s": request.budget_s, "finished": False, "tracking_uri": tracker.uri, "created": time.time()}
+    else:
+        if not tracker.has_run(state["parent_run_id"]):
+            raise UsageError(f"search {state['parent_run_id']} is no longer in the tracking store {tracker.uri} "
+                             "(deleted?); start a new search without --resume")
+        reruns = _interrupted_trials(work_dir, state["parent_run_id"], tracker, experiment_id, request.routes)
+        if reruns:
+            say(f"{len(reruns)} trial(s) were running when this search was stopped: recorded as failed "
+                f"({INTERRUPTED}) and run again: {', '.join(r['trial_id'] for r in reruns)}")
     parent = state["parent_run_id"]
+    state_file = _state_file(work_dir, parent)
+    _write_json(state_file, state)
     remaining = state["budget_s"] - state["elapsed_s"]
-    say = console.print if console else print
     say(f"Search {parent} on {dataset.root} ({search_data.describe()}); families {', '.join(request.families)}; "
         f"budget left {remaining:.0f} s; tracking {tracker.uri}")
     if remaining <= 0:
         raise UsageError(f"search {parent} has used its budget of {state['budget_s']:.0f} s; start a new search "
                          "(without --resume) or give a larger --budget")
-    started = time.monotonic()
+    checkpoint = _ElapsedCheckpoint(state_file, state)
     try:
-        _tune(request, spaces, defaults, work_dir, data_file, state, remaining, tracker, experiment_id, console)
+        _tune(request, spaces, defaults, work_dir, data_file, state, remaining, tracker, experiment_id, reruns,
+              console)
     finally:
-        state["elapsed_s"] += time.monotonic() - started
-        _write_json(state_file, state)
+        checkpoint.stop()
     front = tracker.tag_front(parent)
     for run in front:
         model = work_dir / "trials" / run.data.tags["trial"] / "model"
@@ -353,15 +437,83 @@ def run_search(request: SearchRequest, console=None) -> SearchResult:
                         [t for t in trials if t.get("pareto_rank") == "0"], str(work_dir))
 
 
-def _resume_state(state_file: Path, request: SearchRequest, tracker) -> dict | None:
-    if not request.resume:
-        return None
-    if not state_file.is_file():
-        raise UsageError(f"nothing to resume: no earlier search of this dataset under {state_file.parent}")
-    state = json.loads(state_file.read_text())
+def _state_file(work_dir: Path, parent: str) -> Path:
+    """Resume state of one search: its parent run, Optuna study, budget and time spent."""
+    return work_dir / "searches" / f"{parent}.json"
+
+
+def _resume_state(work_dir: Path, request: SearchRequest, uri: str) -> dict:
+    """State of the newest search of this dataset started from this working directory into store ``uri``."""
+    states = []
+    for path in sorted((work_dir / "searches").glob("*.json")):
+        try:
+            states.append(json.loads(path.read_text()))
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"cannot read the resume state {path}: {exc}. Delete it to resume an older search, or "
+                             "start a new search without --resume") from None
+    if not states:
+        raise UsageError(f"nothing to resume: no earlier search of this dataset was started from this working "
+                         f"directory (no resume state under {work_dir / 'searches'}); run without --resume")
+    here = [s for s in states if s.get("tracking_uri") == uri]
+    if not here:
+        stores = ", ".join(sorted({str(s.get("tracking_uri")) for s in states}))
+        raise UsageError(f"nothing to resume in the tracking store {uri}: the earlier searches of this dataset from "
+                         f"this working directory were recorded in {stores}; pass that with --tracking-uri")
+    state = max(here, key=lambda s: s.get("created", 0.0))
     if request.budget_s and request.budget_s > state["budget_s"]:
         state["budget_s"] = request.budget_s
     return state
+
+
+def _interrupted_trials(work_dir: Path, parent: str, tracker, experiment_id: str, routes: dict) -> list[dict]:
+    """Trials of search ``parent`` that a killed search process lost, to run again (their specs, oldest first).
+
+    A trial that started (its spec is in the work folder) but has no MLflow run was running when the process died:
+    it is recorded now as failed with reason ``INTERRUPTED``. Interrupted trials not yet run again are returned.
+    """
+    specs = {}
+    for path in sorted((work_dir / "trials").glob("*/spec.json"), key=lambda p: p.stat().st_mtime):
+        try:
+            spec = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue  # cut short by the kill while being written: that trial had not started
+        if spec.get("search") == parent:
+            specs[path.parent.name] = spec
+    recorded = {r.data.tags.get("trial"): r.data.tags.get("failure_reason") for r in tracker.trials(parent)}
+    for trial_id, spec in specs.items():
+        if trial_id not in recorded:
+            tracker.log_trial(experiment_id, parent, {
+                "trial_id": trial_id, "family": spec["family"], "params": spec["params"], "default": spec["default"],
+                "route": routes.get(spec["family"], ""), "status": "failed", "reason": INTERRUPTED,
+                "error": "the search process ended while this trial was running; `--resume` runs it again"}, [])
+            recorded[trial_id] = INTERRUPTED
+    run_again = {spec.get("rerun_of") for spec in specs.values()}
+    return [{**spec, "trial_id": trial_id} for trial_id, spec in specs.items()
+            if recorded[trial_id] == INTERRUPTED and trial_id not in run_again]
+
+
+class _ElapsedCheckpoint:
+    """Saves a running search's state with the time spent so far, every ``SEARCH_CHECKPOINT_EVERY_S`` and at stop."""
+
+    def __init__(self, path: Path, state: dict):
+        self.path, self.state = path, state
+        self._spent_before, self._started = state["elapsed_s"], time.monotonic()
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="search-checkpoint", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stopped.wait(SEARCH_CHECKPOINT_EVERY_S):
+            self.save()
+
+    def save(self) -> None:
+        self.state["elapsed_s"] = self._spent_before + time.monotonic() - self._started
+        _write_json(self.path, self.state)
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._thread.join()
+        self.save()
 
 
 def _fixed_params(family: str, space, request: SearchRequest) -> dict:
@@ -383,12 +535,14 @@ def _fixed_params(family: str, space, request: SearchRequest) -> dict:
 
 
 def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=2))
     tmp.replace(path)
 
 
-def _tune(request, spaces, defaults, work_dir, data_file, state, remaining, tracker, experiment_id, console):
+def _tune(request, spaces, defaults, work_dir, data_file, state, remaining, tracker, experiment_id, reruns,
+          console):
     start_ray(request.address)  # first: whether a local Ray listens on 127.0.0.1 only is settled as ray is imported
     import optuna
     from ray import tune
@@ -408,21 +562,23 @@ def _tune(request, spaces, defaults, work_dir, data_file, state, remaining, trac
     _fail_stale_trials(storage, state["study"])
     sampler = optuna.samplers.TPESampler(seed=request.seed, multivariate=True, group=True, constant_liar=True,
                                          n_startup_trials=max(4, len(request.families)))
-    searcher = OptunaSearch(space=Proposer(request, spaces, defaults), metric=OBJECTIVE_METRICS,
+    searcher = OptunaSearch(space=Proposer(request, spaces, defaults, reruns), metric=OBJECTIVE_METRICS,
                             mode=OBJECTIVE_MODES, sampler=sampler, study_name=state["study"], storage=storage)
     epochs = [p.high for s in spaces.values() for p in s.parameters if p.name == "epochs"]
     scheduler = ASHAScheduler(time_attr="epoch", metric="quality", mode="max", max_t=int(max(epochs, default=100)),
                               grace_period=3 * SEARCH_REPORT_EVERY, reduction_factor=3)
-    done = tracker.finished_trial_ids(state["parent_run_id"])
-    max_trials = request.max_trials - len(done) if request.max_trials else -1
-    if max_trials == 0:
-        return
+    max_trials = -1  # unlimited: the budget ends the search
+    if request.max_trials is not None:
+        max_trials = request.max_trials - len(tracker.finished_trial_ids(state["parent_run_id"]))
+        if max_trials <= 0:
+            return
     timeout = request.trial_timeout_s or max(120.0, remaining / 4)
     callback = SearchCallback(tracker, experiment_id, state["parent_run_id"], request, work_dir,
                               remaining, console)
     trainable = tune.with_parameters(_trainable, work_dir=str(work_dir), data_file=str(data_file),
                                      metric=request.metric, timeout_s=timeout, threads=threads,
-                                     cache_dir=str(Path(os.environ.get(FEATURE_CACHE_ENV) or default_cache_dir())))
+                                     cache_dir=str(Path(os.environ.get(FEATURE_CACHE_ENV) or default_cache_dir())),
+                                     search_id=state["parent_run_id"])
     tuner = tune.Tuner(
         tune.with_resources(trainable, resources),
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=max_trials,
@@ -437,7 +593,8 @@ def _tune(request, spaces, defaults, work_dir, data_file, state, remaining, trac
 
 
 def _fail_stale_trials(storage, study_name: str) -> None:
-    """Trials left RUNNING by an interrupted search are marked FAIL so the sampler does not wait for them."""
+    """Trials left RUNNING by a killed search are marked FAIL (so the sampler does not wait for them) and
+    ``interrupted`` (so they count neither as a family's failure nor as its default having run)."""
     import optuna
     from optuna.trial import TrialState
 
@@ -446,6 +603,7 @@ def _fail_stale_trials(storage, study_name: str) -> None:
     except KeyError:
         return
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        storage.set_trial_user_attr(t._trial_id, "interrupted", True)
         storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
 
 

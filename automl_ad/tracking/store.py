@@ -2,7 +2,10 @@
 
 This is the only module that imports mlflow. The default store is an embedded SQLite database in the working
 directory (``.automl-ad/mlflow.db``, artifacts beside it); any MLflow tracking URI (a server) works too.
-Writes are retried briefly, because two searches may share one SQLite file.
+A local store has one writing search at a time (:func:`writer_lock_path`; the search takes that lock), while
+readers (leaderboard, export, report, ui) may read meanwhile, so writes are retried briefly when SQLite is busy.
+Creating a new SQLite store is serialised by a file lock beside it, so processes starting at once do not race
+through MLflow's schema migrations.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import numpy as np
 
 from automl_ad.defaults import STATE_DIR
 from automl_ad.errors import UsageError
+from automl_ad.tracking.lock import FileLock
 
 log = logging.getLogger(__name__)
 
@@ -25,12 +29,34 @@ TRIAL_METRICS = ("quality", "real_quality", "throughput", "memory_mb", "fit_seco
                  "latency_ms_p95", "throughput_ips", "peak_rss_mb_fit", "peak_rss_mb_score", "model_mb",
                  "epochs_trained", "training_cut_by_time", "wall_seconds", "features_computed_images",
                  "features_computed_s", "features_loaded_images", "features_loaded_s", "features_saved_s")
+#: Failure reason of a trial that was running when its search process was killed; such a trial runs again.
+INTERRUPTED = "interrupted (search process killed)"
+#: Longest wait for another process that is creating the same SQLite store.
+STORE_CREATION_WAIT_S = 300
 
 
 def default_tracking_uri() -> str:
     path = (Path.cwd() / STATE_DIR / "mlflow.db").resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{path}"
+
+
+def _local_store_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI or the folder of a ``file:`` / plain-path store; else None."""
+    if uri.startswith("sqlite:///"):
+        return Path(uri[len("sqlite:///"):])
+    if uri.startswith("file:"):
+        from urllib.parse import urlparse
+        from urllib.request import url2pathname
+
+        return Path(url2pathname(urlparse(uri).path))
+    return None if "://" in uri else Path(uri)
+
+
+def writer_lock_path(uri: str) -> Path | None:
+    """Lock file held by the one search writing to a local store (None for servers, which serialise writes)."""
+    path = _local_store_path(uri)
+    return None if path is None else path.with_name(f"{path.name}.search.lock")
 
 
 def _retry(fn, *args, attempts: int = 6, **kwargs):
@@ -54,7 +80,26 @@ class Tracker:
         logging.getLogger("alembic").setLevel(logging.WARNING)
         self.uri = tracking_uri or default_tracking_uri()
         mlflow.set_tracking_uri(self.uri)
-        self.client = MlflowClient(self.uri)
+        database = _local_store_path(self.uri) if self.uri.startswith("sqlite:///") else None
+        if database is None:
+            self.client = MlflowClient(self.uri)
+            return
+        # the client creates the store (all schema migrations) when it is missing: one process at a time
+        creation = FileLock(database.with_name(f"{database.name}.init.lock"))
+        try:
+            creation.acquire(STORE_CREATION_WAIT_S)
+        except TimeoutError as exc:
+            raise UsageError(f"the tracking store {database} is still being created by another process: {exc}. "
+                             "If that process hangs, stop it and try again") from None
+        except PermissionError:
+            if not database.is_file():
+                raise
+            creation = None  # an existing store in a read-only folder: nothing will be created
+        try:
+            self.client = MlflowClient(self.uri)
+        finally:
+            if creation is not None:
+                creation.release()
 
     # --- experiments and runs ---------------------------------------------------------------------------------
     def experiment(self, name: str) -> str:
@@ -117,13 +162,24 @@ class Tracker:
         _retry(self.client.set_terminated, run_id, "FAILED" if record["status"] == "failed" else "FINISHED")
         return run_id
 
+    def has_run(self, run_id: str) -> bool:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.get_run(run_id)
+        except MlflowException:
+            return False
+        return True
+
     def trials(self, parent_id: str) -> list:
         """Child runs of a search."""
         return _retry(self.client.search_runs, [self.client.get_run(parent_id).info.experiment_id],
                       filter_string=f"tags.`automl_ad.search` = '{parent_id}'", max_results=50000)
 
     def finished_trial_ids(self, parent_id: str) -> set[str]:
-        return {r.data.tags.get("trial") for r in self.trials(parent_id)}
+        """Trials of a search that count as done: all recorded ones except those its killed process interrupted."""
+        return {r.data.tags.get("trial") for r in self.trials(parent_id)
+                if r.data.tags.get("failure_reason") != INTERRUPTED}
 
     # --- Pareto front -----------------------------------------------------------------------------------------
     def tag_front(self, parent_id: str) -> list:
