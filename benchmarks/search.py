@@ -78,8 +78,7 @@ def main() -> None:
               "| family | synthetic | real | img/s | peak MB | parameters (besides device and weights) |",
               "|---|---|---|---|---|---|"]
     for family, r in best.items():
-        params = {k: v for k, v in tracker.client.get_run(r["run_id"]).data.params.items()
-                  if k not in ("family", "device", "weights")}
+        params = {k: v for k, v in r["params"].items() if k not in ("device", "weights")}
         lines.append(f"| {family} | {r['quality']:.3f} | {r['real_quality']:.3f} | {r.get('throughput', 0):.1f} | "
                      f"{r.get('memory_mb', 0):.0f} | {', '.join(f'{k}={v}' for k, v in sorted(params.items()))} |")
     lines += ["", "## Feature cache", "", *_cache_lines(rows), "", f"![Pareto](search-{args.dataset}.png)", ""]

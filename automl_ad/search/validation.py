@@ -10,7 +10,6 @@ files (and the feature cache can serve them).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
