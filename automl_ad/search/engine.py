@@ -353,7 +353,7 @@ def _hold_store(uri: str) -> FileLock | None:
     path = writer_lock_path(uri)
     if path is None:
         return None
-    return _hold(path, f"the tracking store {path.parent / path.stem}",
+    return _hold(path, f"the tracking store {uri}",
                  "or give this search its own store (--tracking-uri sqlite:///OTHER/mlflow.db)")
 
 

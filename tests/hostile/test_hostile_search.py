@@ -78,7 +78,7 @@ def test_second_search_on_a_busy_store_is_refused_naming_the_holder(tmp_path, da
     code = main(["search", str(data), "--families", "gaussian", "--budget", "1m", "--tracking-uri", uri])
     err = capsys.readouterr().err
     assert code == 2
-    assert "another search is already writing to the tracking store" in err and f"pid {holder.pid}" in err
+    assert f"another search is already writing to the tracking store {uri}" in err and f"pid {holder.pid}" in err
     assert "started" in err and "--tracking-uri" in err and "--resume" in err
     assert not (tmp_path / ".automl-ad" / "search").exists()  # refused before anything was prepared
     # readers do not wait for the writer: the earlier search is still there and readable meanwhile

@@ -1,1 +1,0 @@
-"""Image decomposition route: low-rank background plus sparse anomalies (robust PCA)."""

@@ -1,1 +1,0 @@
-"""One-class route: a learned region (hypersphere) that encloses the normal data."""
