@@ -9,7 +9,7 @@ from conftest import SHARED_WEIGHTS
 
 from automl_ad.data.imageset import ImageSet
 from automl_ad.detectors import Detector, create_detector
-from automl_ad.detectors.decomposition.rpca import robust_pca
+from automl_ad.detectors.rpca.detector import robust_pca
 from automl_ad.search.space import load_space
 
 SIZE = 64

@@ -97,7 +97,7 @@ def test_bad_parameters_raise(family, params, match):
 
 def test_padim_streamed_moments_equal_the_two_pass_formula(monkeypatch):
     """PaDiM accumulates mean and covariance over image chunks; the result is the plain two-pass estimate."""
-    from automl_ad.detectors.distribution import padim as padim_module
+    from automl_ad.detectors.padim import detector as padim_module
 
     rng = np.random.default_rng(0)
     features = [rng.normal(3, 1, (50, 16, 8, 8)).astype(np.float32), rng.normal(0, 2, (50, 32, 4, 4)).astype(np.float32)]

@@ -10,9 +10,9 @@ from skimage.metrics import structural_similarity
 
 from automl_ad.data.imageset import ImageSet
 from automl_ad.detectors import create_detector
-from automl_ad.detectors.autoencoder.autoencoder import ssim_map
-from automl_ad.detectors.diffusion.diffusion import alphas_bar, betas
-from automl_ad.detectors.gan import ganomaly
+from automl_ad.detectors.autoencoder.detector import ssim_map
+from automl_ad.detectors.diffusion.detector import alphas_bar, betas
+from automl_ad.detectors.ganomaly import detector as ganomaly
 
 SIZE = 32
 

@@ -258,7 +258,7 @@ class STPMGraph(nn.Module):
         self.smooth, self.head = UpsampleSmooth(size, sigma), MapHead()
 
     def forward(self, images):
-        from automl_ad.detectors.teacher_student.stpm import feature_distances
+        from automl_ad.detectors.stpm.detector import feature_distances
 
         normalised = self.teacher.normalise(images)
         combined = None
@@ -278,7 +278,7 @@ class FastFlowGraph(nn.Module):
         self.smooth, self.head = UpsampleSmooth(size, sigma), MapHead()
 
     def forward(self, images):
-        from automl_ad.detectors.distribution.fastflow import _forward
+        from automl_ad.detectors.fastflow.detector import _forward
 
         stages = _forward(self.model, self.backbone(images))
         likelihood = sum(upsample(torch.exp(-0.5 * z.pow(2).mean(dim=1, keepdim=True)), self.size)
@@ -292,7 +292,7 @@ class AutoencoderGraph(nn.Module):
 
     def __init__(self, model: nn.Module, metric: str, size: int, sigma: float, head: MapHead):
         super().__init__()
-        from automl_ad.detectors.autoencoder.autoencoder import ssim_window
+        from automl_ad.detectors.autoencoder.detector import ssim_window
 
         self.model, self.metric = on_cpu(model), metric
         channels = next(self.model.parameters()).shape[1]  # the first convolution's input channels
@@ -301,7 +301,7 @@ class AutoencoderGraph(nn.Module):
         self.head = head
 
     def forward(self, images):
-        from automl_ad.detectors.autoencoder.autoencoder import ssim_map
+        from automl_ad.detectors.autoencoder.detector import ssim_map
 
         reconstruction = self.model(images)
         if self.metric == "l2":

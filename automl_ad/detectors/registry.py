@@ -13,22 +13,22 @@ from automl_ad.errors import UsageError
 
 #: Family name → module that defines (and registers) it.
 FAMILY_MODULES = {
-    "patchcore": "automl_ad.detectors.memory_bank.patchcore",
-    "padim": "automl_ad.detectors.distribution.padim",
-    "fastflow": "automl_ad.detectors.distribution.fastflow",
-    "stpm": "automl_ad.detectors.teacher_student.stpm",
-    "gaussian": "automl_ad.detectors.statistical.gaussian",
-    "frequency": "automl_ad.detectors.frequency.frequency",
-    "template": "automl_ad.detectors.template.template",
-    "rpca": "automl_ad.detectors.decomposition.rpca",
-    "sparse_coding": "automl_ad.detectors.sparse_coding.sparse_coding",
-    "ocsvm": "automl_ad.detectors.classification_surface.ocsvm",
-    "autoencoder": "automl_ad.detectors.autoencoder.autoencoder",
-    "ganomaly": "automl_ad.detectors.gan.ganomaly",
-    "diffusion": "automl_ad.detectors.diffusion.diffusion",
-    "deep_svdd": "automl_ad.detectors.one_class.deep_svdd",
-    "cutpaste": "automl_ad.detectors.self_supervised.cutpaste",
-    "simplenet": "automl_ad.detectors.self_supervised.simplenet",
+    "patchcore": "automl_ad.detectors.patchcore.detector",
+    "padim": "automl_ad.detectors.padim.detector",
+    "fastflow": "automl_ad.detectors.fastflow.detector",
+    "stpm": "automl_ad.detectors.stpm.detector",
+    "gaussian": "automl_ad.detectors.gaussian.detector",
+    "frequency": "automl_ad.detectors.frequency.detector",
+    "template": "automl_ad.detectors.template.detector",
+    "rpca": "automl_ad.detectors.rpca.detector",
+    "sparse_coding": "automl_ad.detectors.sparse_coding.detector",
+    "ocsvm": "automl_ad.detectors.ocsvm.detector",
+    "autoencoder": "automl_ad.detectors.autoencoder.detector",
+    "ganomaly": "automl_ad.detectors.ganomaly.detector",
+    "diffusion": "automl_ad.detectors.diffusion.detector",
+    "deep_svdd": "automl_ad.detectors.deep_svdd.detector",
+    "cutpaste": "automl_ad.detectors.cutpaste.detector",
+    "simplenet": "automl_ad.detectors.simplenet.detector",
 }
 
 _REGISTRY: dict[str, type] = {}

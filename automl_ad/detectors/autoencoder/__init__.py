@@ -1,0 +1,1 @@
+"""Convolutional autoencoder, reconstruction error as the anomaly map (autoencoder route)."""

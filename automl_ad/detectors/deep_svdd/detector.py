@@ -29,7 +29,7 @@ from numbers import Real
 from automl_ad.data.imageset import ImageSet
 from automl_ad.detectors.base import EpochCallback, Scores
 from automl_ad.detectors.feature_based import BACKBONE_CONSTRAINTS, BackboneDetector, upsample_and_smooth
-from automl_ad.detectors.memory_bank.patchcore import PatchCore
+from automl_ad.detectors.patchcore.detector import PatchCore
 from automl_ad.detectors.parameters import (
     NON_NEGATIVE,
     NON_NEGATIVE_INT,

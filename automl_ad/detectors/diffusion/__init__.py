@@ -1,0 +1,1 @@
+"""Denoising diffusion reconstruction, DDAD-style (diffusion route)."""

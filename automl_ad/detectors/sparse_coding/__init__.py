@@ -1,1 +1,1 @@
-"""Sparse-coding route: a dictionary of normal patches; anomalies are coded badly."""
+"""Sparse coding: patches coded over a dictionary of normal patches (sparse-coding route)."""

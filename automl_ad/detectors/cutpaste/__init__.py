@@ -1,0 +1,2 @@
+"""CutPaste: a CNN fine-tuned to recognise pasted patches; Gaussian density of its embeddings (self-supervised
+route)."""

@@ -1,0 +1,1 @@
+"""Deep SVDD on patch features: distance to a learnt hypersphere centre (one-class route)."""

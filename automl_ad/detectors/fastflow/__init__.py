@@ -1,0 +1,1 @@
+"""FastFlow: 2-D normalising flows on backbone feature maps (distribution-map route)."""

@@ -1,0 +1,1 @@
+"""GANomaly: adversarially trained encoder-decoder-encoder (GAN route)."""

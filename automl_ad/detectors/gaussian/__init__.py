@@ -1,0 +1,1 @@
+"""Gaussian model of local filter-bank features (statistical route)."""

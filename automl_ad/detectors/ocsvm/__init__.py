@@ -1,0 +1,1 @@
+"""One-class SVM on pooled backbone features (classification-surface route)."""

@@ -1,0 +1,1 @@
+"""PaDiM: per-position Gaussians of patch embeddings, Mahalanobis distance (distribution-map route)."""

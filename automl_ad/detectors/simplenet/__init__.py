@@ -1,0 +1,1 @@
+"""SimpleNet: a discriminator separating adapted patch features from noisy ones (self-supervised route)."""

@@ -1,0 +1,1 @@
+"""STPM: a student network regresses a pretrained teacher's feature pyramid (teacher-student route)."""
