@@ -80,9 +80,9 @@ def _print_profile(console, profile) -> None:
         d = profile.defects
         console.print(f"  defect size: {d.area_fraction_median:.2%} of the image (median; {d.area_fraction_min:.2%}"
                       f"-{d.area_fraction_max:.2%}), {d.small_defect_share:.0%} under 1%; largest region "
-                      f"{d.size_px_median:.0f} px across (median; 10%: {d.size_px_p10:.0f} px = "
-                      f"{d.size_fraction_p10:.1%} of the short side), {d.base_cells_p10:.1f} feature cells at the "
-                      "default 256x256 squash")
+                      f"{d.size_px_median:.0f} px across (median; 10% of masks: {d.size_px_p10:.0f} px or less, "
+                      f"{d.size_fraction_p10:.1%} of the short side, {d.base_cells_p10:.1f} feature cells at the "
+                      "default 256x256 squash)")
     else:
         px, source = profile.smallest_defect()
         console.print(f"  smallest defect: ~{px:.0f} px ({escape(source)})", emoji=False)

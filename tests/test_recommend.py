@@ -224,6 +224,14 @@ def test_moderate_need_grows_a_single_view_before_tiling():
     assert wide.geometry["geometry"]["mode"] == "letterbox"  # aspect 2.5 is kept, not squashed
 
 
+def test_images_of_varied_aspect_are_letterboxed_not_squashed():
+    profile = make_profile(size=(324, 270), defects=_defects(8, 21))
+    square = recommend(profile, CPU).geometry
+    varied = recommend(replace(profile, size=replace(profile.size, aspect_p10=0.46, aspect_p90=1.7)), CPU).geometry
+    assert square["geometry"]["mode"] == "squash" and varied["geometry"]["mode"] == "letterbox"
+    assert any("0.46-1.70 (width/height) kept instead of squashed" in r for r in varied["reasons"])
+
+
 def test_latency_budget_caps_the_geometry():
     tight = ConstraintProfile(name="tight", latency_ms=20, hardware=Hardware("cpu", 4, 16.0))
     profile = make_profile(size=(460, 1130), defects=_defects(18, 40))

@@ -12,8 +12,9 @@ The rules (constants in :mod:`automl_ad.defaults`), from how a CNN feature map s
 2. **No enlarging.** The scale needed (network pixels per image pixel) is ``2 * 8 / defect_px``, but never above 1:
    native pixels hold all the detail there is; enlarging makes cells smaller than pixels without adding any.
    A single view may still enlarge a small image up to the families' default side (256), as they always did.
-3. **Aspect.** Within 3/4..4/3 (``GEOMETRY_SQUASH_MAX_ASPECT``: the aspect jitter ImageNet backbones were trained
-   with) a square squash; beyond, the aspect is kept: a letterbox into a box of the median aspect ratio, its short
+3. **Aspect.** When the images (10th to 90th percentile of their aspect ratios) lie within 3/4..4/3
+   (``GEOMETRY_SQUASH_MAX_ASPECT``: the aspect jitter ImageNet backbones were trained with) a square squash;
+   otherwise the aspect is kept: a letterbox into a box of the median aspect ratio, its short
    side rounded up to a multiple of the deepest stride (32), so the median image is padded by under 32 px, and at
    least 64 px (two cells of the deepest level).
 4. **Single view or tiles.** A single view is 256..512 px on its long side (``GEOMETRY_MAX_SINGLE_SIDE``: memory per
@@ -93,13 +94,13 @@ def _ceil_to(value: float, multiple: int) -> int:
     return int(-(-value // multiple) * multiple)
 
 
-def _single_views(image_hw: tuple[int, int], elongation: float) -> list[Geometry]:
+def _single_views(image_hw: tuple[int, int], elongation: float, squash: bool) -> list[Geometry]:
     """Squashes (near-square images) or letterboxes of the median aspect, long side 256..512, never enlarging the
     image beyond native pixels on both axes except at the default side."""
     height, width = image_hw
     views = []
     for side in range(GEOMETRY_BASE_SIDE, GEOMETRY_MAX_SINGLE_SIDE + 1, _SIDE_STEP):
-        if elongation <= GEOMETRY_SQUASH_MAX_ASPECT + 1e-9:
+        if squash:
             view = Geometry.squash(side)
         else:
             short = _ceil_to(side / elongation, _DEEPEST_STRIDE)
@@ -131,12 +132,12 @@ def _cheapest(candidates: list[Candidate]) -> Candidate:
     return min(candidates, key=lambda c: (c.network_pixels, c.tiles))
 
 
-def _why(chosen: Candidate, elongation: float, typical_px: float) -> str:
+def _why(chosen: Candidate, aspects: str, typical_px: float) -> str:
     geometry = chosen.geometry
     if geometry.mode == "squash":
-        return f"aspect {elongation:.2f}:1, within the 3/4..4/3 jitter ImageNet backbones were trained with"
+        return f"aspects {aspects}, within the 3/4..4/3 jitter ImageNet backbones were trained with"
     if geometry.mode == "letterbox":
-        return f"aspect {elongation:.2f}:1 kept instead of squashed"
+        return f"aspects {aspects} kept instead of squashed"
     typical = typical_px * geometry.scale
     overlap = (f"a typical defect ({typical:.0f} px at this scale) lies whole in one tile"
                if geometry.overlap >= typical else "capped at a quarter of the tile")
@@ -150,6 +151,11 @@ def propose_geometry(profile: DatasetProfile, constraints: ConstraintProfile, ba
     target, stated = latency_target_ms(constraints)
     image_hw = profile.size.median_hw
     elongation = max(image_hw) / min(image_hw)
+    size = profile.size
+    spread = [max(a, 1 / a) for a in (size.aspect_p10, size.aspect_median, size.aspect_p90)]
+    squash = max(spread) <= GEOMETRY_SQUASH_MAX_ASPECT + 1e-9
+    aspects = (f"{size.aspect_median:.2f}" if size.aspect_p10 == size.aspect_p90 else
+               f"{size.aspect_p10:.2f}-{size.aspect_p90:.2f}") + " (width/height)"
     defect_px, source = profile.smallest_defect()
     stride, need = GEOMETRY_FEATURE_STRIDE, GEOMETRY_MIN_DEFECT_CELLS
     needed_scale = need * stride / defect_px
@@ -158,7 +164,7 @@ def propose_geometry(profile: DatasetProfile, constraints: ConstraintProfile, ba
 
     make = lambda g: _candidate(g, image_hw, defect_px, gmac, constraints, head)  # noqa: E731
     default = make(Geometry.squash(GEOMETRY_BASE_SIDE))
-    candidates = [make(g) for g in _single_views(image_hw, elongation)]
+    candidates = [make(g) for g in _single_views(image_hw, elongation, squash)]
     # a tiling that fits the image in one tile is a view; worth having only at native pixels (none of the views
     # can give those when the image is larger than 256)
     candidates += [c for c in map(make, _tilings(image_hw, scale, typical_px)) if c.tiles > 1 or scale == 1]
@@ -179,7 +185,7 @@ def propose_geometry(profile: DatasetProfile, constraints: ConstraintProfile, ba
         reasons.append("the default is kept" + (": no larger view is needed" if visible else ""))
     else:
         reasons.append(f"proposed: {chosen.geometry.describe()}, giving it {chosen.cells:.1f} cells "
-                       f"({_why(chosen, elongation, typical_px)})")
+                       f"({_why(chosen, aspects, typical_px)})")
     if not visible:
         limit = (budget if any(c.cells >= need - 1e-9 for c in candidates) else
                  "native pixels (enlarging adds no detail)")
