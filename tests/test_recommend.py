@@ -333,3 +333,15 @@ def test_cli_recommend_takes_weights_and_reports_the_geometry(offline, mvtec_dir
     assert rec["backbones"] == ["mobilenetv2_100"] and rec["geometry"]["key"] == "squash-256x256"
     assert main(["recommend", str(mvtec_dir), "--weights", str(tmp_path / "nope.safetensors")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_constraint_profiles_declare_the_smallest_defect():
+    from automl_ad.constraints.profile import constraints_from_dict
+    from automl_ad.errors import ConfigError
+
+    constraints = constraints_from_dict({"data": {"smallest_defect_px": 12}})
+    rec = recommend(make_profile(size=(1024, 1024)), constraints)
+    assert rec.facts["smallest_defect_px"] == 12 and rec.geometry["smallest_defect_px"] == 12
+    for bad in (0, 2.5, "12"):
+        with pytest.raises(ConfigError, match="smallest_defect_px"):
+            constraints_from_dict({"data": {"smallest_defect_px": bad}})
