@@ -3,6 +3,8 @@ the input geometry and the backbones that have weights on this machine."""
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import dataclasses
 import json
 from dataclasses import dataclass, field
@@ -241,16 +243,16 @@ def available_backbones(constraints: ConstraintProfile, weights: str | None = No
 
 
 def recommend(profile: DatasetProfile, constraints: ConstraintProfile, top: int = SHORTLIST_SIZE,
-              weights: str | None = None) -> Recommendation:
+              weights: str | None = None, families: Collection[str] | None = None) -> Recommendation:
     """Rank all routes (deterministic for a given machine). Excluded routes are listed last with the reasons they
     were excluded. Backbones are proposed only when their weights are available (``weights``: a local weights
-    file, as for the search); the input geometry comes from the profile (:mod:`automl_ad.recommend.geometry`)."""
+    file, as for the search); the input geometry comes from the profile (:mod:`automl_ad.recommend.geometry`).
+    ``families``: the families that can run (e.g. those with a search space); a route is shortlisted only with
+    one of them (None: every family the knowledge base names)."""
     if top < 1:
         raise ValueError("the shortlist needs at least one route (top >= 1)")
-    from automl_ad.search.space import searchable_families
-
     knowledge = load_knowledge()
-    searchable = set(searchable_families())
+    searchable = set(families) if families is not None else {f for r in knowledge.routes.values() for f in r.families}
     rules = load_rules()["rules"]
     facts = gather_facts(profile, constraints)
     structure_certainty = 1.0 if "kind" in constraints.data else facts["structure_confidence"]

@@ -2,45 +2,27 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from automl_ad.defaults import STATE_DIR
+from automl_ad.constraints import load_constraints
+from automl_ad.data import open_dataset
+from automl_ad.detectors import detector_class
+from automl_ad.detectors.feature_based import BackboneDetector
 from automl_ad.errors import UsageError
+from automl_ad.features.backbone import hub_reachable, uses_builtin_weights, weights_available
+from automl_ad.profiling import profile_dataset
+from automl_ad.recommend import recommend
+from automl_ad.recommend.engine import weights_backbone
+from automl_ad.recommend.state import entry_for, load_state, read_recommendation
 from automl_ad.search.engine import SearchRequest
-
-
-def _state() -> dict | None:
-    path = Path.cwd() / STATE_DIR / "state.json"
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def _entry_for(state: dict | None, data: str | None, category: str | None) -> dict | None:
-    """The recommend state entry for this dataset (or the only/named one when no data is given)."""
-    if not state:
-        return None
-    entries = state.get("categories", [])
-    if data is not None:
-        root = (Path(data) / category if category else Path(data)).resolve()
-        entries = [e for e in entries if Path(e["dataset"]).resolve() == root or
-                   (Path(e["dataset"]).parent.resolve() == root and len(entries) == 1)]
-    if category:
-        entries = [e for e in entries if e["category"] == category]
-    if len(entries) > 1:
-        names = ", ".join(e["category"] for e in entries)
-        raise UsageError(f"the last recommendation covers several categories ({names}); search one at a time with "
-                         "--category NAME")
-    return entries[0] if entries else None
+from automl_ad.search.space import allowed_backbones, load_space, searchable_families
 
 
 def plan_search(data: str | None, category: str | None = None, profile: str | None = None,
                 families: list[str] | None = None, weights: str | None = None, say=print, **options) -> SearchRequest:
     """Dataset, shortlist (families with priors), constraints and backbones for a search."""
-    from automl_ad.constraints import load_constraints
-    from automl_ad.search.space import searchable_families
-
-    state = _state()
-    entry = _entry_for(state, data, category)
+    state = load_state()
+    entry = entry_for(state, data, category)
     if data is None:
         if entry is None:
             raise UsageError("no dataset given and no earlier recommendation here: run `automl-ad recommend DATA` "
@@ -49,17 +31,13 @@ def plan_search(data: str | None, category: str | None = None, profile: str | No
         say(f"Using the dataset and shortlist of the last `automl-ad recommend`: {data}")
     constraints = load_constraints(profile or (state or {}).get("constraints") if entry else profile)
     if entry is None:
-        from automl_ad.data import open_dataset
-        from automl_ad.profiling import profile_dataset
-        from automl_ad.recommend import recommend
-
         dataset = open_dataset(data, category)
         facts = profile_dataset(dataset)
         recommendation = recommend(facts.with_overrides(constraints.data) if constraints.data else facts,
-                                   constraints).to_dict()
+                                   constraints, weights=weights, families=searchable_families()).to_dict()
         data, category = str(dataset.root), None
     else:
-        recommendation = json.loads(Path(entry["recommendation"]).read_text())
+        recommendation = read_recommendation(entry)
     candidates = {c["route"]: c for c in recommendation["candidates"]}
     routes = {f: c["route"] for c in recommendation["candidates"] for f in c["families"]}
     searchable = set(searchable_families())
@@ -78,7 +56,7 @@ def plan_search(data: str | None, category: str | None = None, profile: str | No
     priors = {f: max(0.05, candidates[routes[f]]["score"] / 10) if f in routes else 0.5 for f in families}
     backbone_weights = dict(constraints.backbone_weights)
     if weights:
-        backbone_weights[_weights_backbone(weights)] = str(Path(weights).resolve())
+        backbone_weights[weights_backbone(weights)] = str(Path(weights).resolve())
     backbones, kept = _backbones(families, routes, constraints, backbone_weights, say)
     if not explicit and len({routes.get(f) for f in kept}) < len({routes.get(f) for f in families}):
         wanted = len({routes.get(f) for f in families})
@@ -101,27 +79,9 @@ def plan_search(data: str | None, category: str | None = None, profile: str | No
                          recommendation_file=entry["recommendation"] if entry else None, **options)
 
 
-def _weights_backbone(weights: str) -> str:
-    from automl_ad.features.backbone import BackboneWeightsError, backbone_of_weights
-
-    try:
-        backbone = backbone_of_weights(weights)
-    except BackboneWeightsError as exc:
-        raise UsageError(str(exc)) from exc
-    if backbone is None:
-        raise UsageError(f"{weights}: unknown weights file; name its backbone in a constraint profile instead "
-                         "(backbone_weights: {timm_model_name: path})")
-    return backbone
-
-
 def _backbones(families, routes, constraints, backbone_weights, say):
     """Per family: backbones that fit the latency budget and have weights here. Families left without any are
     dropped with a note saying how to provide weights."""
-    from automl_ad.detectors import detector_class
-    from automl_ad.detectors.feature_based import BackboneDetector
-    from automl_ad.features.backbone import hub_reachable, uses_builtin_weights, weights_available
-    from automl_ad.search.space import allowed_backbones, load_space
-
     online = None
     allowed, kept = {}, []
     for family in families:
