@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
 import time
 from pathlib import Path
+from urllib.parse import urlparse
 
 import numpy as np
 
@@ -59,6 +62,38 @@ def writer_lock_path(uri: str) -> Path | None:
     return None if path is None else path.with_name(f"{path.name}.search.lock")
 
 
+#: Tracking URI schemes MLflow opens (a ``+driver`` suffix, as in ``postgresql+psycopg2``, is allowed).
+_STORE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks", "databricks-uc", "uc",
+                  "file")
+#: Seconds an MLflow server has to accept a connection before it is reported unreachable.
+SERVER_CONNECT_TIMEOUT_S = 5
+
+
+def check_tracking_uri(uri: str) -> None:
+    """Raise :class:`UsageError` for a tracking URI that names no usable store: an unknown scheme, a folder (MLflow's
+    retired file store, unless ``MLFLOW_ALLOW_FILE_STORE`` is set) or a server that does not accept connections."""
+    parsed = urlparse(uri)
+    scheme = parsed.scheme.split("+", 1)[0].lower()
+    usable = "sqlite:///PATH/mlflow.db, a database URL (postgresql://...) or http://HOST:PORT of an MLflow server"
+    if scheme in ("", "file") or len(scheme) == 1:  # a path (a one-letter scheme is a Windows drive)
+        if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() not in ("true", "1"):
+            raise UsageError(f"tracking URI {uri!r} is a folder (MLflow's file store, which MLflow has retired); use "
+                             f"{usable}, or set MLFLOW_ALLOW_FILE_STORE=true to keep a file store")
+        return
+    if scheme not in _STORE_SCHEMES:
+        raise UsageError(f"tracking URI {uri!r} has an unknown scheme '{parsed.scheme}'; use {usable}")
+    if scheme in ("http", "https"):
+        try:
+            address = (parsed.hostname, parsed.port or (443 if scheme == "https" else 80))
+            if not parsed.hostname:
+                raise ValueError("no host")
+            socket.create_connection(address, timeout=SERVER_CONNECT_TIMEOUT_S).close()
+        except (OSError, ValueError) as exc:
+            reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+            raise UsageError(f"cannot reach the MLflow server at {uri} ({reason}); start it (`mlflow server`) or "
+                             "fix the tracking URI") from None
+
+
 def _retry(fn, *args, attempts: int = 6, **kwargs):
     for attempt in range(attempts):
         try:
@@ -79,6 +114,7 @@ class Tracker:
         logging.getLogger("mlflow").setLevel(logging.WARNING)
         logging.getLogger("alembic").setLevel(logging.WARNING)
         self.uri = tracking_uri or default_tracking_uri()
+        check_tracking_uri(self.uri)
         mlflow.set_tracking_uri(self.uri)
         database = _local_store_path(self.uri) if self.uri.startswith("sqlite:///") else None
         if database is None:
