@@ -6,6 +6,7 @@ Exit codes: 0 success, 1 unexpected error, 2 usage or configuration error, 3 dat
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -14,6 +15,66 @@ from pathlib import Path
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_DATA = 0, 1, 2, 3
 
 log = logging.getLogger("automl_ad")
+
+
+def _port(text: str) -> int:
+    """argparse type: a TCP port number (1-65535)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number; use 1-65535") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a valid port; use 1-65535")
+    return port
+
+
+def _at_least_one(text: str) -> int:
+    """argparse type: a whole number of at least 1."""
+    try:
+        number = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    return number
+
+
+def _rate(text: str) -> float:
+    """argparse type: a rate strictly between 0 and 1 (e.g. 0.01 for 1%)."""
+    try:
+        rate = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < rate < 1:
+        raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1 (0.01 = 1%), got {text}")
+    return rate
+
+
+def _non_negative(text: str) -> int:
+    """argparse type: a whole number of at least 0."""
+    try:
+        number = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {number}")
+    return number
+
+
+def _check_output_path(out: str | Path, kind: str | None = None) -> Path:
+    """Raise UsageError, before any long work, when ``out`` cannot be written as a ``kind`` ("file" or "folder"; None:
+    either): it exists as the other kind, or a path component above it is a file. Missing folders are created."""
+    from automl_ad.errors import UsageError
+
+    out = Path(out)
+    if kind == "folder" and out.exists() and not out.is_dir():
+        raise UsageError(f"{out} is an existing file; give a folder path")
+    if kind == "file" and out.is_dir():
+        raise UsageError(f"{out} is a folder; give the path of the file to write")
+    blocking = next((parent for parent in out.parents if parent.exists() and not parent.is_dir()), None)
+    if blocking is not None:
+        raise UsageError(f"cannot write {out}: {blocking} is a file, not a folder")
+    return out
 
 
 def _console(stderr: bool = False):
@@ -176,6 +237,8 @@ def _print_problems(console, problems) -> None:
 def cmd_profile(args) -> int:
     from automl_ad.profiling import profile_dataset
 
+    if args.out:
+        _check_output_path(args.out)
     datasets = _open_all(args.data, args.category, args.strict, progress=not args.json)
     profiles = [profile_dataset(d) for d in datasets]
     if args.out:
@@ -294,15 +357,87 @@ def cmd_leaderboard(args) -> int:
     return EXIT_OK
 
 
+def _check_port_free(host: str, port: int) -> None:
+    """Raise UsageError when nothing may listen on ``host:port`` (another program holds it, or it is privileged)."""
+    import errno
+    import socket
+
+    from automl_ad.errors import UsageError
+
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: a closed port is free
+        try:
+            probe.bind((host, port))
+        except PermissionError:
+            raise UsageError(f"port {port} needs administrator rights; choose one above 1023 with --port") from None
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise UsageError(f"port {port} on {host} is already in use (another `automl-ad ui` or MLflow "
+                                 "server?); stop that one or choose another port with --port") from None
+            raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
+def _stop_process_group(group: int, grace_s: float) -> None:
+    """SIGTERM every process of ``group``, give them ``grace_s`` to exit, then SIGKILL whatever is left."""
+    import os
+    import signal
+    import time
+
+    for signum, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+        deadline = time.monotonic() + wait_s
+        try:
+            os.killpg(group, signum)
+            while time.monotonic() < deadline:
+                time.sleep(0.1)
+                os.killpg(group, 0)
+        except ProcessLookupError:
+            return
+
+
 def cmd_ui(args) -> int:
+    import os
+    import signal
     import subprocess
 
-    from automl_ad.tracking.store import default_tracking_uri
+    from automl_ad.defaults import UI_HOST, UI_STOP_GRACE_S
+    from automl_ad.errors import UsageError
+    from automl_ad.tracking.store import check_tracking_uri, default_tracking_uri
 
     uri = args.tracking_uri or default_tracking_uri()
-    print(f"MLflow UI for {uri} at http://127.0.0.1:{args.port} (Ctrl-C to stop)")
-    return subprocess.call([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-                            "--host", "127.0.0.1", "--port", str(args.port)])
+    check_tracking_uri(uri)
+    if uri.startswith(("http://", "https://")):
+        raise UsageError(f"{uri} is an MLflow server with its own UI: open that address in a browser")
+    _check_port_free(UI_HOST, args.port)
+    # one worker and no GenAI job runner: MLflow's defaults start a dozen processes a local browse does not need
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", UI_HOST,
+               "--port", str(args.port), "--workers", "1"]
+    server, received = None, []
+
+    def forward(signum, frame=None):  # a stop request goes to the server's whole process group
+        if signum not in received:
+            received.append(signum)
+        if server is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(server.pid, signum)
+
+    stop_signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    previous = {signum: signal.signal(signum, forward) for signum in stop_signals}
+    try:
+        print(f"MLflow UI for {uri} at http://{UI_HOST}:{args.port} (starting; Ctrl-C to stop)", flush=True)
+        server = subprocess.Popen(command, env=env, start_new_session=True)  # its own group, stopped as a whole
+        if received:  # a stop request came while it was being started
+            forward(received[0])
+        code = server.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if server is not None:
+            _stop_process_group(server.pid, UI_STOP_GRACE_S)  # anything the server left behind
+    if received:
+        print("MLflow UI stopped.", file=sys.stderr)
+        return 128 + received[0]
+    return code
 
 
 def cmd_export(args) -> int:
@@ -340,6 +475,7 @@ def cmd_export(args) -> int:
 def cmd_report(args) -> int:
     from automl_ad.reporting.html_report import write_report
 
+    _check_output_path(args.out, "file")
     console = _console()
     path = write_report(args.target, args.out, tracking_uri=args.tracking_uri, max_images=args.max_images,
                         far=args.false_alarm_rate, say=lambda text: console.print(text, markup=False))
@@ -402,21 +538,48 @@ def _saved_model_problem(folder: Path) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def _blaming_params(family: str, params: dict):
+    """Turn a ValueError/TypeError raised while a detector is built or fitted with the user's ``--param`` values into
+    a UsageError naming them; the original exception stays chained (``--verbose`` prints it)."""
+    from automl_ad.errors import AutomlAdError, UsageError
+
+    try:
+        yield
+    except AutomlAdError:
+        raise
+    except (ValueError, TypeError) as exc:
+        if not params:
+            raise
+        given = ", ".join(f"{key}={value!r}" for key, value in params.items())
+        raise UsageError(f"{family} failed with your parameters ({given}): {type(exc).__name__}: {exc}. Check these "
+                         "values (`automl-ad --verbose fit ...` shows where it failed)") from exc
+
+
+def _normal_folder(dataset) -> Path:
+    """Where normal training images of ``dataset`` go in its layout."""
+    return {"mvtec": dataset.root / "train" / "good", "plain": dataset.root / "good"}.get(dataset.layout, dataset.root)
+
+
 def cmd_fit(args) -> int:
     from automl_ad.data import open_dataset
     from automl_ad.data.imageset import ImageSet
+    from automl_ad.defaults import MIN_TRAIN_IMAGES
     from automl_ad.detectors import create_detector
-    from automl_ad.errors import UsageError
+    from automl_ad.errors import InvalidDatasetError, UsageError
     from automl_ad.folders import check_output_folder, write_output_folder
 
     target = {"what": "model", "replaceable": _saved_model_problem, "overwrite": args.overwrite,
               "protected": (args.data, _state_path())}
     check_output_folder(args.out, **target)  # before fitting, which may take long
     params = _parse_params(args.param)
-    detector = create_detector(args.family, **params)
+    with _blaming_params(args.family, params):
+        detector = create_detector(args.family, **params)
     if args.weights:
         if "weights" not in detector.get_params():
             raise UsageError(f"{args.family} uses no pretrained backbone; drop --weights")
+        if not Path(args.weights).is_file():
+            raise UsageError(f"--weights {args.weights} is not a file; pass a timm state_dict (.safetensors or .pth)")
         detector.set_params(weights=str(Path(args.weights).resolve()))
     elif args.profile and "backbone" in detector.get_params():
         from automl_ad.constraints import load_constraints
@@ -427,9 +590,13 @@ def cmd_fit(args) -> int:
     dataset = open_dataset(args.data, category=args.category, strict=args.strict, progress=True)
     split = dataset.holdout_split()
     train = ImageSet.from_records(split.train, dataset)
+    if len(train) < MIN_TRAIN_IMAGES:
+        raise InvalidDatasetError(f"{dataset.root}: {len(train)} normal image(s) to fit on, and fitting needs at least "
+                                  f"{MIN_TRAIN_IMAGES}; add normal (defect-free) images to {_normal_folder(dataset)}")
     console = _console()
     console.print(f"Fitting {args.family} on {len(train)} normal images of {dataset.name} ...")
-    detector.fit(train)
+    with _blaming_params(args.family, params):
+        detector.fit(train)
     record = {"dataset": str(dataset.root), "category": dataset.name, "fingerprint": dataset.fingerprint(),
               "n_train": len(train), "fit_seconds": detector.fit_seconds_, "peak_rss_mb": detector.fit_peak_rss_mb_}
 
@@ -443,14 +610,35 @@ def cmd_fit(args) -> int:
     return EXIT_OK
 
 
+def _test_images_hint(dataset) -> str:
+    """Where test images go in the layout of ``dataset``."""
+    root = dataset.root
+    if dataset.layout == "mvtec":
+        return (f"Put normal test images in {root / 'test' / 'good'} and defective ones in "
+                f"{root / 'test'}/<defect_type>/ (masks, optional, in {root / 'ground_truth'}/<defect_type>/"
+                "<name>_mask.png).")
+    if dataset.layout == "plain":
+        return (f"In this layout the defect folders ({root}/<defect_type>/) and a fifth of {root / 'good'} are tested: "
+                "add a folder of defective images or more normal images.")
+    return (f"A flat folder holds only normal images and a fifth of them are tested; {len(dataset.normal)} are too "
+            "few. Add images, or use the MVTec layout: train/good/, test/good/, test/<defect_type>/.")
+
+
 def cmd_evaluate(args) -> int:
     from automl_ad.data import open_dataset
     from automl_ad.data.imageset import ImageSet
     from automl_ad.detectors import Detector
+    from automl_ad.errors import InvalidDatasetError, UsageError
     from automl_ad.evaluation.run import evaluate_detector
-    from automl_ad.reporting.heatmaps import save_overlays
+    from automl_ad.figures.heatmaps import save_overlays
 
     model_dir = Path(args.model)
+    if not (model_dir / "detector.json").is_file():
+        package = (model_dir / "manifest.json").is_file()
+        raise UsageError(f"{model_dir} is not a model folder written by `automl-ad fit` (it has no detector.json)"
+                         + ("; it is a package: score images with `automl-ad predict`" if package else ""))
+    if args.out:
+        _check_output_path(args.out, "folder")
     detector = Detector.load(model_dir)
     dataset = open_dataset(args.data, category=args.category, strict=args.strict, progress=not args.json)
     fit_record = model_dir / "fit.json"
@@ -458,6 +646,8 @@ def cmd_evaluate(args) -> int:
         log.warning("the model was fitted on other data than %s; test images may overlap its training images",
                     dataset.root)
     test = ImageSet.from_records(dataset.holdout_split().test, dataset)
+    if not len(test):
+        raise InvalidDatasetError(f"{dataset.root} has no test images to evaluate on. {_test_images_hint(dataset)}")
     result = evaluate_detector(detector, test, measure_cost=not args.no_cost)
     out = Path(args.out) if args.out else model_dir / "evaluation"
     out.mkdir(parents=True, exist_ok=True)
@@ -495,7 +685,7 @@ def _print_evaluation(console, summary: dict, out: Path, overlays: list) -> None
 
 def build_parser() -> argparse.ArgumentParser:
     from automl_ad import __version__
-    from automl_ad.defaults import DEMO_DATA_DIR, SEARCH_BUDGET, SHORTLIST_SIZE
+    from automl_ad.defaults import DEMO_DATA_DIR, SEARCH_BUDGET, SHORTLIST_SIZE, UI_PORT
 
     parser = argparse.ArgumentParser(
         prog="automl-ad", description="Pick and tune the right industrial image anomaly-detection method.",
@@ -513,7 +703,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("recommend", help="profile the data, rank the 14 routes, explain why, shortlist for search")
     data_args(p)
     p.add_argument("--profile", help="constraint profile YAML (see profiles/); default: this machine, accuracy first")
-    p.add_argument("--top", type=int, default=SHORTLIST_SIZE, help=f"shortlist size (default {SHORTLIST_SIZE})")
+    p.add_argument("--top", type=_at_least_one, default=SHORTLIST_SIZE,
+                   help=f"shortlist size (default {SHORTLIST_SIZE})")
     p.add_argument("--weights", help="local backbone weights file (as for search): offline, only backbones with "
                    "weights here are proposed")
     p.set_defaults(func=cmd_recommend)
@@ -572,7 +763,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_leaderboard)
 
     p = sub.add_parser("ui", help="start the MLflow UI on the tracking store at localhost")
-    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--port", type=_port, default=UI_PORT, help="port on 127.0.0.1 (default %(default)s)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite .automl-ad/mlflow.db here)")
     p.set_defaults(func=cmd_ui)
 
@@ -582,7 +773,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--best", action="store_true", help="take the Pareto-front trial best for --objective")
     p.add_argument("--objective", default="balanced", help="quality, throughput, memory or balanced (default)")
     p.add_argument("--experiment", help="experiment name or dataset folder for --best (default: newest search)")
-    p.add_argument("--false-alarm-rate", type=float, default=0.01, help="target rate on normal images (default 0.01)")
+    p.add_argument("--false-alarm-rate", type=_rate, default=0.01, help="target rate on normal images (default 0.01)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite .automl-ad/mlflow.db here)")
     p.add_argument("--overwrite", action="store_true", help="replace an automl-ad package (never another folder)")
     p.add_argument("--mlflow", action="store_true", help="also log the package as an MLflow pyfunc model to serve")
@@ -592,8 +783,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "Pareto front, test scores, curves, heatmaps")
     p.add_argument("target", nargs="?", help="search run id, experiment name or dataset folder (default: newest search)")
     p.add_argument("--out", default="report.html", help="HTML file to write (default %(default)s)")
-    p.add_argument("--max-images", type=int, default=200, help="most test images to score (default %(default)s)")
-    p.add_argument("--false-alarm-rate", type=float, default=0.01, help="threshold target on normals (default 0.01)")
+    p.add_argument("--max-images", type=_at_least_one, default=200,
+                   help="most test images to score (default %(default)s)")
+    p.add_argument("--false-alarm-rate", type=_rate, default=0.01, help="threshold target on normals (default 0.01)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite .automl-ad/mlflow.db here)")
     p.set_defaults(func=cmd_report)
 
@@ -608,8 +800,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="generate the built-in demo dataset and run the journey on it")
     p.add_argument("--out", default=str(Path(DEMO_DATA_DIR).parent), help="output folder (default %(default)s)")
     p.add_argument("--profile", help="constraint profile YAML for the recommendation")
-    p.add_argument("--top", type=int, default=SHORTLIST_SIZE, help="shortlist size")
-    p.add_argument("--seed", type=int, default=0, help="demo data seed")
+    p.add_argument("--top", type=_at_least_one, default=SHORTLIST_SIZE, help="shortlist size")
+    p.add_argument("--seed", type=_non_negative, default=0, help="demo data seed")
     p.add_argument("--budget", default="3m", help="budget of the demo search (0 = recommend only; default %(default)s)")
     p.add_argument("--weights", help="local backbone weights file, so backbone families can run offline")
     p.set_defaults(func=cmd_demo)
@@ -622,11 +814,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR, format="%(levelname)s: %(message)s")
     from automl_ad.errors import AutomlAdError
 
-    if getattr(args, "top", 1) < 1:
-        parser.error("--top must be at least 1")
     try:
         return args.func(args)
     except AutomlAdError as exc:
+        if args.verbose and exc.__cause__ is not None:  # where a wrapped failure came from
+            log.info("details:", exc_info=exc.__cause__)
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:

@@ -63,9 +63,18 @@ SMALLEST_DEFECT_FRACTION = 0.05
 VALIDATION_FRACTION = 0.2
 DEFECT_VALIDATION_FRACTION = 0.5
 SPLIT_SEED = 0
+#: Fewest normal training images `automl-ad fit` accepts: one image shows no normal variation (the per-position
+#: Gaussian cannot fit it; spread estimates of the other families collapse). Every family fits from two.
+MIN_TRAIN_IMAGES = 2
 
 #: Recommendation: how many routes are shortlisted unless the user asks otherwise.
 SHORTLIST_SIZE = 4
+
+#: `automl-ad ui`: the MLflow UI listens on this machine only (loopback), on this port unless --port says otherwise.
+UI_HOST = "127.0.0.1"
+UI_PORT = 5000
+#: Seconds the MLflow UI has to exit after a stop request before it is killed.
+UI_STOP_GRACE_S = 10
 
 #: Built-in demo data location (relative to the working directory).
 DEMO_DATA_DIR = "automl-ad-demo/data"
