@@ -299,7 +299,7 @@ def _specs(work_dir: Path, parent: str) -> dict[str, dict]:
     return found
 
 
-@pytest.mark.slow  # about 100 s on a busy 2-core machine: two searches, each with its own Ray start
+@pytest.mark.slow  # 75-105 s on a busy 2-core machine: two searches, each starting its own Ray
 @pytest.mark.skipif(sys.platform != "linux", reason="finds the search's processes through /proc")
 def test_search_killed_with_sigkill_resumes_without_losing_trials(tmp_path, data):
     cli = [sys.executable, "-m", "automl_ad.cli", "search", str(data), "--families", "gaussian,frequency"]
