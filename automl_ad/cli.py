@@ -266,7 +266,7 @@ def cmd_demo(args) -> int:
     generate_demo(data_dir, seed=args.seed)
     console.print(f"Recommending routes for each demo category (constraint profile: {args.profile or 'default'}):\n")
     rec_args = argparse.Namespace(data=str(data_dir), category=None, strict=False, json=False, top=args.top,
-                                  profile=args.profile)
+                                  profile=args.profile, weights=args.weights)
     code = cmd_recommend(rec_args)
     if code != EXIT_OK or args.budget in ("0", "0s"):
         return code
