@@ -661,7 +661,12 @@ def cmd_evaluate(args) -> int:
     if args.json:
         print(json.dumps(summary, indent=2))
         return EXIT_OK
-    _print_evaluation(_console(), summary, out, overlays)
+    console = _console()
+    _print_evaluation(console, summary, out, overlays)
+    if test.labels.min() == test.labels.max():
+        present, missing = ("defective", "normal") if test.labels.min() else ("normal", "defective")
+        console.print(f"Note: every test image is {present}, so the detection metrics are n/a; add {missing} test "
+                      "images to measure them.", markup=False)
     return EXIT_OK
 
 

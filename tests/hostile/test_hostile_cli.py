@@ -120,9 +120,10 @@ def test_fit_missing_weights_file_is_refused_before_fitting(mvtec_dir, tmp_path,
 
 # --- evaluate ---------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("layout", ["mvtec", "flat"])
+@pytest.mark.parametrize("layout", ["mvtec", "plain", "flat"])
 def test_evaluate_on_data_without_test_images(layout, tmp_path, capsys):
-    data = mvtec(tmp_path / "d", 4, with_test=False) if layout == "mvtec" else flat(tmp_path / "d", 2)
+    data = {"mvtec": lambda: mvtec(tmp_path / "d", 4, with_test=False),
+            "plain": lambda: flat(tmp_path / "d" / "good", 2).parent, "flat": lambda: flat(tmp_path / "d", 2)}[layout]()
     model = tmp_path / "m"
     assert run_cli(capsys, "fit", data, "--family", "gaussian", "--param", "input_size=32", "--out", model)[0] \
         == EXIT_OK
@@ -130,9 +131,23 @@ def test_evaluate_on_data_without_test_images(layout, tmp_path, capsys):
     assert code == EXIT_DATA and f"{data} has no test images" in err
     if layout == "mvtec":
         assert str(data / "test" / "good") in err and f"{data / 'test'}/<defect_type>/" in err
+    elif layout == "plain":
+        assert f"{data}/<defect_type>/" in err and "add a folder of defective images" in err
     else:
         assert "flat folder" in err and "test/good/" in err
     assert not (model / "evaluation").exists()
+
+
+def test_evaluate_on_normal_test_images_only_explains_the_missing_metrics(tmp_path, capsys):
+    data = mvtec(tmp_path / "d", 4, with_test=False)
+    for i in range(2):
+        write_image(data / "test" / "good" / f"{i}.png", noise_image(50 + i))
+    model = tmp_path / "m"
+    assert run_cli(capsys, "fit", data, "--family", "gaussian", "--param", "input_size=32", "--out", model)[0] \
+        == EXIT_OK
+    assert main(["evaluate", str(model), str(data), "--no-cost"]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "every test image is normal, so the detection metrics are n/a; add defective test images" in out
 
 
 def test_evaluate_a_folder_that_is_not_a_model(mvtec_dir, tmp_path, capsys):
