@@ -9,7 +9,7 @@ from automl_ad.data.imageset import ImageSet
 
 
 @dataclass
-class DataSplit:
+class SearchSplit:
     """Train (normal), validation (what trials are ranked on) and test (final report only) image sets.
     ``validation_kind`` is "real" or "synthetic"; ``reference`` holds the real-defect validation images when
     ranking is on synthetic anomalies although real defects exist (trials are scored on both, to measure how
@@ -38,7 +38,7 @@ class DataSplit:
                 **{name: images.to_json() for name, images in sets.items() if images is not None}}
 
     @classmethod
-    def from_json(cls, data: dict) -> DataSplit:
+    def from_json(cls, data: dict) -> SearchSplit:
         sets = {name: ImageSet.from_json(data[name]) if data.get(name) else None
                 for name in ("train", "validation", "test", "reference")}
         if sets["test"] is None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from automl_ad.data.split import DataSplit
+from automl_ad.data.split import SearchSplit
 from automl_ad.defaults import STATE_DIR
 from automl_ad.deploy.package import check_package_target, export_package, verify_package
 from automl_ad.deploy.serving import log_package
@@ -61,7 +61,7 @@ class Calibration:
     warnings: list[str] = field(default_factory=list)
 
 
-def calibrate(detector, split: DataSplit, far: float = DEFAULT_FALSE_ALARM_RATE, say=print) -> Calibration:
+def calibrate(detector, split: SearchSplit, far: float = DEFAULT_FALSE_ALARM_RATE, say=print) -> Calibration:
     """Image (and pixel) thresholds at false-alarm rate ``far`` from the validation normals; the false-alarm and
     detection rates they give on the validation images, the threshold → rates table, and plain warnings."""
     normals = split.normal_validation()

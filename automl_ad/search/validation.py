@@ -16,7 +16,7 @@ import numpy as np
 
 from automl_ad.data.dataset import Dataset
 from automl_ad.data.imageset import ImageSet
-from automl_ad.data.split import DataSplit
+from automl_ad.data.split import SearchSplit
 from automl_ad.data.io import read_image, to_float
 from automl_ad.data.synthetic import KINDS, make_anomaly
 from automl_ad.errors import UsageError
@@ -25,7 +25,7 @@ VALIDATION_MODES = ("auto", "real", "synthetic")
 QUALITY_METRICS = ("combined", "image_auroc", "aupro", "pixel_auroc", "pixel_ap", "image_f1_max")
 
 
-def prepare_search_data(dataset: Dataset, work_dir: str | Path, mode: str = "auto", seed: int = 0) -> DataSplit:
+def prepare_search_data(dataset: Dataset, work_dir: str | Path, mode: str = "auto", seed: int = 0) -> SearchSplit:
     """Split ``dataset`` for a search; synthesise validation anomalies under ``work_dir`` when needed."""
     if mode not in VALIDATION_MODES:
         raise UsageError(f"validation must be one of {', '.join(VALIDATION_MODES)}, got {mode!r}")
@@ -41,14 +41,14 @@ def prepare_search_data(dataset: Dataset, work_dir: str | Path, mode: str = "aut
         raise UsageError(f"{dataset.root}: --validation real needs labelled defect images, and there are none; "
                          "use --validation auto (synthetic anomalies on held-out normal images)")
     if mode == "real" or (mode == "auto" and defects):
-        return DataSplit(train, real, test, "real")
+        return SearchSplit(train, real, test, "real")
     synthetic = synthesise_validation([r.path for r in normals], Path(work_dir) / "synthetic-validation", seed)
     normal_set = ImageSet.from_records(normals, dataset)
     validation = ImageSet(paths=normal_set.paths + synthetic.paths,
                           labels=np.concatenate([np.zeros(len(normals), np.int64), synthetic.labels]),
                           mask_paths=[None] * len(normals) + synthetic.mask_paths,
                           content_hashes=None)
-    return DataSplit(train, validation, test, "synthetic", reference=real if defects else None)
+    return SearchSplit(train, validation, test, "synthetic", reference=real if defects else None)
 
 
 def synthesise_validation(paths: list[Path], out: Path, seed: int = 0) -> ImageSet:

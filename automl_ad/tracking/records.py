@@ -10,7 +10,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from automl_ad.data.split import DataSplit
+from automl_ad.data.split import SearchSplit
 from automl_ad.errors import UsageError
 from automl_ad.evaluation.objectives import OBJECTIVE_METRICS
 from automl_ad.tracking.store import Tracker
@@ -154,13 +154,13 @@ class SearchStore:
                             dataset_name=run.data.tags.get("dataset", ""), start_time=run.info.start_time,
                             params=dict(params))
 
-    def split(self, search: SearchRecord) -> DataSplit:
+    def split(self, search: SearchRecord) -> SearchSplit:
         """The data split the search's trials used, as logged with the search."""
         data = self.artifact_json(search.run_id, SPLIT_ARTIFACT)
         if data is None:
             raise UsageError(f"search {search.run_id} has no logged data split ({SPLIT_ARTIFACT}); it was made by an "
                              "older automl-ad: run the search again")
-        return DataSplit.from_json(data)
+        return SearchSplit.from_json(data)
 
     # --- trials -----------------------------------------------------------------------------------------------
     def trials(self, search_id: str) -> list[TrialRecord]:
