@@ -10,7 +10,7 @@ from skimage.metrics import structural_similarity
 
 from automl_ad.data.imageset import ImageSet
 from automl_ad.detectors import create_detector
-from automl_ad.detectors.autoencoder.detector import ssim_map
+from automl_ad.detectors.blocks import ssim_map
 from automl_ad.detectors.diffusion.detector import alphas_bar, betas
 from automl_ad.detectors.ganomaly import detector as ganomaly
 
@@ -113,7 +113,9 @@ GAN = {"input_size": SIZE, "latent_dim": 8, "base_channels": 16, "batch_size": 4
 
 
 def _residual(detector, images: ImageSet) -> float:
-    inputs, outputs, _ = detector._forward(images)
+    inputs = torch.from_numpy(images.load(SIZE).transpose(0, 3, 1, 2)) * 2 - 1
+    with torch.no_grad():
+        outputs = detector.generator_(inputs)[0]
     return float((inputs - outputs).abs().mean())
 
 

@@ -88,8 +88,9 @@ def test_svdd_soft_boundary_sets_the_radius_and_stops_early(images):
                                warm_up_epochs=1).fit(images, on_epoch=_stop_after(3, seen))
     assert [e for e, _ in seen] == [0, 1, 2] and detector.epochs_trained_ == 3
     assert detector.radius_ > 0
-    distances = detector._distances(detector._patches(images)[0])
-    assert float((distances > detector.radius_ ** 2).float().mean()) == pytest.approx(0.2, abs=0.02)
+    grids, _ = detector._patch_grids(images)
+    scores = detector.patch_scores(grids.reshape(-1, grids.shape[-1]))  # the distance to the centre minus R^2
+    assert float((scores > 0).float().mean()) == pytest.approx(0.2, abs=0.02)
     maps = detector.score_samples(images).anomaly_maps  # distance minus R^2: inliers below zero
     assert maps.min() < 0 < maps.max()
 

@@ -12,9 +12,9 @@
   more anomalous (PyOD's direction; scikit-learn's outlier detectors use the opposite sign). Calling it before
   ``fit`` raises :class:`NotFittedError`. ``score`` is a deprecated alias.
 * ``save(dir)`` / ``Detector.load(dir)``: arrays in safetensors, everything else in JSON — never pickle.
-* ``inference_graph()``: for families whose inference is plain torch, a module reproducing ``score_samples`` on
-  the preprocessed batch of :meth:`Detector.graph_input` (exported as ONNX in packages); None otherwise, with
-  :meth:`Detector.graph_absent_reason` saying why.
+* ``inference_graph()``: for families whose inference is plain torch, the module ``score_samples`` runs (see
+  ``graph_based.py``), from the preprocessed batch of :meth:`Detector.graph_input` on (exported as ONNX in
+  packages); None otherwise, with :meth:`Detector.graph_absent_reason` saying why.
 """
 
 from __future__ import annotations
@@ -69,7 +69,8 @@ class Scores:
 
 
 class Detector(BaseEstimator):
-    """Base class. Subclasses implement ``_fit``, ``_score``, ``_state`` and ``_restore``."""
+    """Base class. Subclasses implement ``_fit``, ``_score``, ``_state`` and ``_restore``; families whose
+    inference is a torch graph derive from ``graph_based.GraphDetector``, whose ``_score`` runs that graph."""
 
     name: ClassVar[str] = ""
     route: ClassVar[str] = ""
@@ -84,6 +85,8 @@ class Detector(BaseEstimator):
     no_graph: ClassVar[str] = "its inference is not a plain torch graph"
     #: Constructor parameter -> list of constraints, one of which its value must meet (see ``parameters.py``).
     _parameter_constraints: ClassVar[dict[str, list]] = {}
+    #: True while ``_score`` runs mid-training, under :meth:`_interim_state` (the weights change every epoch).
+    _scoring_mid_training: bool = False
 
     # --- attributes every family has ----------------------------------------------------------------------------
     #: Side in pixels images are resized to (square) before the family reads them; a constructor parameter.
@@ -202,9 +205,9 @@ class Detector(BaseEstimator):
         return detector
 
     def inference_graph(self) -> torch.nn.Module | None:
-        """A torch module mapping :meth:`graph_input`'s batch (float32 NCHW in [0, 1]) to ``(image_scores (N,),
-        anomaly_maps (N, H, W))`` exactly as ``score_samples`` does, or None when the family has none. It may share
-        the detector's own (eval-mode) modules: use it for inference or export only."""
+        """A torch module (on the CPU) mapping :meth:`graph_input`'s batch (float32 NCHW in [0, 1]) to
+        ``(image_scores (N,), anomaly_maps (N, H, W))``: the computation ``score_samples`` runs, or None when the
+        family has none. It may share the detector's own (eval-mode) modules: use it for inference or export only."""
         return None
 
     def graph_absent_reason(self) -> str:
@@ -270,9 +273,11 @@ class Detector(BaseEstimator):
     def _interim_state(self, modules: Sequence = (), **attributes):
         """Mid-training scoring state for ``_record_epoch``'s ``interim``: ``modules`` in eval mode and
         ``attributes`` set as ``_score`` expects them after fit; afterwards the modules return to the mode they
-        were in and the attributes are removed. The detector counts as fitted meanwhile (its public helpers work)."""
+        were in and the attributes are removed. The detector counts as fitted meanwhile (its public helpers work)
+        and ``_scoring_mid_training`` is True."""
+        attributes = {**attributes, "_scoring_mid_training": True}
         if not hasattr(self, "fit_seconds_"):
-            attributes = {**attributes, "fit_seconds_": None}
+            attributes["fit_seconds_"] = None
         modes = [module.training for module in modules]
         for module in modules:
             module.eval()

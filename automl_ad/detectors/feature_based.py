@@ -60,15 +60,3 @@ class BackboneDetector(Detector):
             raise AutomlAdError(f"{self.name}: the model was fitted with backbone weights {state['weights_identity']}"
                                 f" but {identity} are loaded now; pass the same weights file")
 
-
-def upsample_and_smooth(maps: np.ndarray, size: int, sigma: float) -> np.ndarray:
-    """Bilinear upsampling of (N, h, w) maps to (N, size, size), then a Gaussian blur of ``sigma`` pixels."""
-    import torch
-    import torch.nn.functional as F
-    from scipy import ndimage
-
-    tensor = torch.from_numpy(np.ascontiguousarray(maps, dtype=np.float32))[:, None]
-    up = F.interpolate(tensor, size=(size, size), mode="bilinear", align_corners=False)[:, 0].numpy()
-    if sigma > 0:
-        up = ndimage.gaussian_filter(up, sigma=(0, sigma, sigma), truncate=4.0)
-    return up.astype(np.float32)

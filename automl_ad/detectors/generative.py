@@ -1,5 +1,5 @@
 """Shared pieces for the generative families that train their own networks on pixels (autoencoder, GANomaly,
-diffusion): image tensors, seeded mini-batches, map smoothing and reduction to image scores.
+diffusion): image tensors, seeded mini-batches, augmentation and module weights as arrays.
 """
 
 from __future__ import annotations
@@ -7,8 +7,6 @@ from __future__ import annotations
 import numpy as np
 
 from automl_ad.data.imageset import ImageSet
-
-IMAGE_SCORES = ("max", "top_k_mean")
 
 
 def image_tensor(images: ImageSet, size: int, gray: bool, device: str):
@@ -37,25 +35,6 @@ def random_flips(batch, generator):
     batch[flip[0]] = batch[flip[0]].flip(-1)
     batch[flip[1]] = batch[flip[1]].flip(-2)
     return batch
-
-
-def smooth_maps(maps: np.ndarray, sigma: float) -> np.ndarray:
-    """A Gaussian blur of ``sigma`` pixels over each (H, W) map of an (N, H, W) stack (0 = unchanged)."""
-    from scipy import ndimage
-
-    maps = np.asarray(maps, dtype=np.float32)
-    if sigma > 0:
-        maps = ndimage.gaussian_filter(maps, sigma=(0, sigma, sigma), truncate=4.0)
-    return maps.astype(np.float32)
-
-
-def reduce_maps(maps: np.ndarray, how: str, top_k_fraction: float) -> np.ndarray:
-    """Image scores from (N, H, W) maps: the maximum, or the mean of the ``top_k_fraction`` highest pixels."""
-    flat = maps.reshape(len(maps), -1)
-    if how == "max":
-        return flat.max(axis=1)
-    k = max(1, int(round(top_k_fraction * flat.shape[1])))
-    return np.sort(flat, axis=1)[:, -k:].mean(axis=1)
 
 
 def module_tensors(module, prefix: str = "") -> dict[str, np.ndarray]:

@@ -19,51 +19,54 @@ Runner = Callable[..., list]
 
 
 def cpu_runner(module, example, backend: str = "auto") -> Runner:
-    """A callable ``runner(batch) -> list of tensors`` equivalent to ``module(batch)`` (a tensor or a sequence of
-    tensors) for batches shaped like ``example`` (any batch size). ``backend``: ``auto`` (ONNX Runtime, falling back
-    to TorchScript), ``onnxruntime`` or ``torchscript``."""
+    """A callable ``runner(*batches) -> list of tensors`` equivalent to ``module(*batches)`` (a tensor or a sequence
+    of tensors) for batches shaped like ``example`` (any batch size): one tensor, or a tuple of tensors for a module
+    of several inputs. ``backend``: ``auto`` (ONNX Runtime, falling back to TorchScript), ``onnxruntime`` or
+    ``torchscript``."""
     if backend not in ("auto", "onnxruntime", "torchscript"):
         raise ValueError(f"backend must be 'auto', 'onnxruntime' or 'torchscript', not {backend!r}")
     module = module.eval()
+    examples = tuple(example) if isinstance(example, (tuple, list)) else (example,)
     if backend != "torchscript":
         try:
-            return _onnx_runner(module, example)
+            return _onnx_runner(module, examples)
         except Exception as exc:  # noqa: BLE001 - any export/runtime failure falls back to TorchScript
             if backend == "onnxruntime":
                 raise
             log.info("ONNX Runtime unavailable for %s (%s); using frozen TorchScript", type(module).__name__, exc)
-    return _torchscript_runner(module, example)
+    return _torchscript_runner(module, examples)
 
 
 def _as_list(outputs) -> list:
     return list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
 
 
-def _torchscript_runner(module, example) -> Runner:
+def _torchscript_runner(module, examples: tuple) -> Runner:
     import torch
 
     with warnings.catch_warnings(), torch.inference_mode():
         warnings.simplefilter("ignore")
-        graph = torch.jit.freeze(torch.jit.trace(module, example, strict=False, check_trace=False).eval())
+        graph = torch.jit.freeze(torch.jit.trace(module, examples, strict=False, check_trace=False).eval())
 
-    def run(batch) -> list:
+    def run(*batches) -> list:
         with torch.inference_mode():
-            return _as_list(graph(batch))
+            return _as_list(graph(*batches))
 
     return run
 
 
-def _onnx_runner(module, example) -> Runner:
+def _onnx_runner(module, examples: tuple) -> Runner:
     import onnxruntime
     import torch
 
     buffer = io.BytesIO()
+    inputs = ["input"] if len(examples) == 1 else [f"input_{i}" for i in range(len(examples))]
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        count = len(_as_list(module(example)))
+        count = len(_as_list(module(*examples)))
         names = [f"output_{i}" for i in range(count)]
-        torch.onnx.export(module, (example,), buffer, dynamo=False, opset_version=17, input_names=["input"],
-                          output_names=names, dynamic_axes={name: {0: "batch"} for name in ["input", *names]})
+        torch.onnx.export(module, examples, buffer, dynamo=False, opset_version=17, input_names=inputs,
+                          output_names=names, dynamic_axes={name: {0: "batch"} for name in [*inputs, *names]})
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
     options.inter_op_num_threads = 1
@@ -72,8 +75,8 @@ def _onnx_runner(module, example) -> Runner:
     options.enable_cpu_mem_arena = False  # no arena kept at its high-water mark: lower peak memory, same speed
     session = onnxruntime.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
 
-    def run(batch) -> list:
-        array = batch.detach().cpu().contiguous().float().numpy()
-        return [torch.from_numpy(output) for output in session.run(names, {"input": array})]
+    def run(*batches) -> list:
+        feed = {name: batch.detach().cpu().contiguous().float().numpy() for name, batch in zip(inputs, batches)}
+        return [torch.from_numpy(output) for output in session.run(names, feed)]
 
     return run

@@ -32,17 +32,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from automl_ad.data.imageset import ImageSet
-from automl_ad.detectors.base import Detector, EpochCallback, Scores
+from automl_ad.detectors.autoencoder.graph import AutoencoderGraph
+from automl_ad.detectors.base import EpochCallback
+from automl_ad.detectors.blocks import MapHead, ssim_map
 from automl_ad.detectors.generative import (
-    IMAGE_SCORES,
     epoch_batches,
     image_tensor,
     load_module_tensors,
     module_tensors,
     random_flips,
-    reduce_maps,
-    smooth_maps,
 )
+from automl_ad.detectors.graph_based import GraphDetector
 from automl_ad.detectors.parameters import (
     NON_NEGATIVE,
     NON_NEGATIVE_INT,
@@ -59,11 +59,11 @@ log = logging.getLogger(__name__)
 
 LOSSES = ("ssim", "mse", "mixed")
 MAP_METRICS = ("ssim", "l2")
-SSIM_WINDOW, SSIM_SIGMA = 11, 1.5
+IMAGE_SCORES = ("max", "top_k_mean")
 
 
 @register_detector
-class Autoencoder(Detector):
+class Autoencoder(GraphDetector):
     """Autoencoder route: reconstruct through a bottleneck; the reconstruction error (SSIM or L2) is the map."""
 
     name = "autoencoder"
@@ -157,22 +157,7 @@ class Autoencoder(Detector):
                                                                                     int(self.batch_size))]
         return inputs.cpu().numpy(), torch.cat(outputs).cpu().numpy()
 
-    def _score(self, images: ImageSet) -> Scores:
-        inputs, outputs = self.reconstruct(images)
-        if self.map_metric == "l2":
-            maps = ((inputs - outputs) ** 2).sum(axis=1)
-        else:
-            maps = (1 - ssim_map(torch.from_numpy(outputs), torch.from_numpy(inputs))).mean(dim=1).numpy()
-        maps = smooth_maps(maps, self.smoothing_sigma)
-        return Scores(reduce_maps(maps, self.image_score, self.top_k_fraction), maps)
-
-    # --- inference graph --------------------------------------------------------------------------------------
-    def inference_graph(self):
-        """The network, the reconstruction-error map, its smoothing and reduction as one torch graph."""
-        from automl_ad.detectors.graph import AutoencoderGraph, MapHead
-
-        self._check_fitted()
-        self._validate_params()
+    def _scoring_graph(self) -> AutoencoderGraph:
         size = int(self.input_size)
         top_k = None if self.image_score == "max" else max(1, int(round(self.top_k_fraction * size * size)))
         return AutoencoderGraph(self.model_, self.map_metric, size, self.smoothing_sigma, MapHead(top_k))
@@ -217,34 +202,3 @@ def build_autoencoder(input_size: int, channels: int, latent_dim: int, base_chan
         previous = out
     return nn.Sequential(nn.Sequential(*encoder), nn.Sequential(*decoder))
 
-
-def gaussian_window(size: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA):
-    """A normalised 2-D Gaussian window (torch, float64)."""
-    coordinates = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
-    line = torch.exp(-coordinates ** 2 / (2 * sigma ** 2))
-    line = line / line.sum()
-    return line[:, None] * line[None, :]
-
-
-def ssim_window(channels: int):
-    """:func:`gaussian_window` as a depthwise filter (C, 1, 11, 11) for :func:`ssim_map`."""
-    return gaussian_window()[None, None].expand(channels, 1, -1, -1)
-
-
-def ssim_map(x, y, data_range: float = 1.0, same_size: bool = True, window=None):
-    """Per-channel SSIM map of NCHW tensors (Wang et al. 2004: Gaussian window 11 px, sigma 1.5, K1 0.01,
-    K2 0.03, population covariances as scikit-image's default). ``same_size`` pads by reflection so the map
-    has the input's size; otherwise only fully covered ('valid') positions are returned. Differentiable.
-    ``window``: the (C, 1, 11, 11) filter of :func:`ssim_window`, when it is made beforehand (graph export)."""
-    channels = x.shape[1]
-    window = ssim_window(channels).to(x) if window is None else window
-    if same_size:
-        pad = SSIM_WINDOW // 2
-        x, y = (F.pad(t, (pad, pad, pad, pad), mode="reflect") for t in (x, y))
-    blur = lambda t: F.conv2d(t, window, groups=channels)  # noqa: E731
-    mu_x, mu_y = blur(x), blur(y)
-    var_x = blur(x * x) - mu_x ** 2
-    var_y = blur(y * y) - mu_y ** 2
-    cov = blur(x * y) - mu_x * mu_y
-    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    return ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))

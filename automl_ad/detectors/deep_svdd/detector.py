@@ -1,7 +1,7 @@
 """Deep SVDD (Ruff et al., ICML 2018) on locally aware patch features of a frozen pretrained backbone.
 
 1. Patch features as PatchCore's (stages at ``feature_strides``, each averaged over its ``neighbourhood`` and
-   concatenated on the finest grid; the method itself is reused from PatchCore), extracted once through the
+   concatenated on the finest grid; the same embedding, ``patch_based.py``), extracted once through the
    feature cache. Every grid position of every training image is one sample.
 2. Network phi: bias-free linear layers (``hidden_dims`` then ``rep_dim``), each hidden one followed by a
    BatchNorm without affine parameters and a leaky ReLU, as the paper prescribes against hypersphere collapse
@@ -27,9 +27,9 @@ import logging
 from numbers import Real
 
 from automl_ad.data.imageset import ImageSet
-from automl_ad.detectors.base import EpochCallback, Scores
-from automl_ad.detectors.feature_based import BACKBONE_CONSTRAINTS, BackboneDetector, upsample_and_smooth
-from automl_ad.detectors.patchcore.detector import PatchCore
+from automl_ad.detectors.base import EpochCallback
+from automl_ad.detectors.deep_svdd.graph import SvddDistance
+from automl_ad.detectors.feature_based import BACKBONE_CONSTRAINTS
 from automl_ad.detectors.parameters import (
     NON_NEGATIVE,
     NON_NEGATIVE_INT,
@@ -39,16 +39,16 @@ from automl_ad.detectors.parameters import (
     Options,
     TupleOf,
 )
+from automl_ad.detectors.patch_based import PATCH_CONSTRAINTS, PatchScoreDetector, run_on_patches
 from automl_ad.detectors.registry import register_detector
 
 log = logging.getLogger(__name__)
 
 OBJECTIVES = ("one-class", "soft-boundary")
-_SCORE_CHUNK = 1 << 16  # patches per forward pass when scoring
 
 
 @register_detector
-class DeepSVDD(BackboneDetector):
+class DeepSVDD(PatchScoreDetector):
     """One-class route: patch features mapped into a minimal hypersphere; the distance to its centre is the
     anomaly score."""
 
@@ -60,12 +60,11 @@ class DeepSVDD(BackboneDetector):
     test_params = {"backbone": "resnet18", "pretrained": False, "input_size": 64, "epochs": 5, "batch_size": 256,
                    "learning_rate": 1e-3}
     _parameter_constraints = {
-        **BACKBONE_CONSTRAINTS, "neighbourhood": [POSITIVE_INT], "embedding_dim": [None, POSITIVE_INT],
-        "hidden_dims": [TupleOf(POSITIVE_INT, min_length=0)], "rep_dim": [POSITIVE_INT],
-        "objective": [Options(*OBJECTIVES)], "nu": [Interval(Real, 0, 1, closed="right")], "epochs": [POSITIVE_INT],
-        "batch_size": [POSITIVE_INT], "learning_rate": [POSITIVE], "weight_decay": [NON_NEGATIVE],
-        "warm_up_epochs": [NON_NEGATIVE_INT], "centre_eps": [POSITIVE], "smoothing_sigma": [NON_NEGATIVE],
-        "seed": [NON_NEGATIVE_INT],
+        **BACKBONE_CONSTRAINTS, **PATCH_CONSTRAINTS, "hidden_dims": [TupleOf(POSITIVE_INT, min_length=0)],
+        "rep_dim": [POSITIVE_INT], "objective": [Options(*OBJECTIVES)], "nu": [Interval(Real, 0, 1, closed="right")],
+        "epochs": [POSITIVE_INT], "batch_size": [POSITIVE_INT], "learning_rate": [POSITIVE],
+        "weight_decay": [NON_NEGATIVE], "warm_up_epochs": [NON_NEGATIVE_INT], "centre_eps": [POSITIVE],
+        "smoothing_sigma": [NON_NEGATIVE], "seed": [NON_NEGATIVE_INT],
     }
 
     def __init__(self, backbone="resnet18", feature_strides=(8, 16), weights=None, pretrained=True, input_size=256,
@@ -94,9 +93,6 @@ class DeepSVDD(BackboneDetector):
         self.smoothing_sigma = smoothing_sigma
         self.seed = seed
 
-    #: PatchCore's locally aware patch embedding (N, h, w, D).
-    _embed = PatchCore._embed
-
     # --- network ----------------------------------------------------------------------------------------------
     def _build(self, in_dim: int):
         """phi for ``in_dim``-wide patch features, initialised from ``seed``, on the backbone's device."""
@@ -107,21 +103,17 @@ class DeepSVDD(BackboneDetector):
             network = svdd_network(in_dim, tuple(int(h) for h in self.hidden_dims), int(self.rep_dim))
         return network.to(self._extractor().device)
 
-    def _patches(self, images: ImageSet):
-        """Patch features (N * h * w, D) on the backbone's device and the grid (h, w)."""
-        embedding = self._embed(self._features(images))
-        n, h, w, d = embedding.shape
-        return embedding.reshape(-1, d).to(self._extractor().device), (h, w)
-
     # --- fit --------------------------------------------------------------------------------------------------
     def _fit(self, train: ImageSet, on_epoch: EpochCallback | None) -> None:
         import torch
 
-        patches, self.feature_shape_ = self._patches(train)
+        grids, self.feature_shape_ = self._patch_grids(train)
+        patches = grids.reshape(-1, grids.shape[-1])
         network = self._build(patches.shape[1])
         batch_size = int(self.batch_size)
         _estimate_batchnorm(network, patches, batch_size)
         self.centre_ = initial_centre(network, patches, float(self.centre_eps), batch_size)
+        distance_to_centre = SvddDistance(network, self.centre_, 0.0)
         radius = torch.zeros((), device=patches.device)
         optimiser = torch.optim.Adam(network.parameters(), lr=self.learning_rate, weight_decay=self.weight_decay)
         generator = torch.Generator().manual_seed(self.seed)
@@ -134,7 +126,7 @@ class DeepSVDD(BackboneDetector):
                 batch = patches[order[start:start + batch_size]]
                 if len(batch) < 2:  # BatchNorm needs two samples; a single leftover patch is skipped
                     continue
-                distance = (network(batch) - self.centre_).pow(2).sum(dim=1)
+                distance = distance_to_centre(batch)
                 if soft:
                     loss = radius ** 2 + torch.relu(distance - radius ** 2).mean() / self.nu
                 else:
@@ -151,38 +143,15 @@ class DeepSVDD(BackboneDetector):
         self.network_ = network.eval()
         self.radius_ = 0.0
         if soft:  # the final radius: the (1 - nu)-quantile over all training patches, as phi is used to score
-            self.radius_ = float(torch.quantile(self._distances(patches).sqrt(), 1 - self.nu))
+            self.radius_ = float(torch.quantile(run_on_patches(distance_to_centre, patches).sqrt(), 1 - self.nu))
         log.info("%s: %d epochs on %d patches, final loss %.5f", self.name, len(self.loss_history_), len(patches),
                  self.loss_history_[-1])
 
     # --- score ------------------------------------------------------------------------------------------------
-    def _distances(self, patches):
-        """||phi(x) - c||^2 for (P, D) patch features, phi in evaluation mode."""
-        import torch
-
-        with torch.inference_mode():
-            return torch.cat([(self.network_(chunk) - self.centre_).pow(2).sum(dim=1)
-                              for chunk in patches.split(_SCORE_CHUNK)])
-
-    def _score(self, images: ImageSet) -> Scores:
-        patches, (h, w) = self._patches(images)
-        distances = self._distances(patches)
-        if self.objective == "soft-boundary":
-            distances = distances - self.radius_ ** 2
-        maps = upsample_and_smooth(distances.float().cpu().numpy().reshape(len(images), h, w), self.input_size,
-                                   self.smoothing_sigma)
-        return Scores(maps.reshape(len(maps), -1).max(axis=1), maps)
-
-    # --- inference graph --------------------------------------------------------------------------------------
-    def inference_graph(self):
-        """Backbone, patch features and the distance to the centre as one torch graph."""
-        from automl_ad.detectors.graph import Backbone, PatchEmbedding, PatchScoreGraph, SvddDistance
-
-        self._check_fitted()
+    def _patch_score(self) -> SvddDistance:
+        """||phi(x) - c||^2, minus R^2 for the soft-boundary objective."""
         offset = self.radius_ ** 2 if self.objective == "soft-boundary" else 0.0
-        return PatchScoreGraph(PatchEmbedding(Backbone(self._extractor()), self.neighbourhood, self.embedding_dim),
-                               SvddDistance(self.network_, self.centre_, offset), self.input_size,
-                               self.smoothing_sigma)
+        return SvddDistance(self.network_, self.centre_, offset)
 
     # --- persistence ------------------------------------------------------------------------------------------
     def _state(self):

@@ -49,14 +49,9 @@ from torch import nn
 
 from automl_ad.data.imageset import ImageSet
 from automl_ad.detectors.base import EpochCallback, Scores
+from automl_ad.detectors.blocks import smooth_maps
 from automl_ad.detectors.feature_based import BACKBONE_CONSTRAINTS, BackboneDetector
-from automl_ad.detectors.generative import (
-    epoch_batches,
-    image_tensor,
-    load_module_tensors,
-    module_tensors,
-    smooth_maps,
-)
+from automl_ad.detectors.generative import epoch_batches, image_tensor, load_module_tensors, module_tensors
 from automl_ad.detectors.parameters import (
     NON_NEGATIVE,
     NON_NEGATIVE_INT,

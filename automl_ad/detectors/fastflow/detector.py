@@ -26,8 +26,10 @@ import logging
 import numpy as np
 
 from automl_ad.data.imageset import ImageSet
-from automl_ad.detectors.base import EpochCallback, Scores
-from automl_ad.detectors.feature_based import BACKBONE_CONSTRAINTS, BackboneDetector, upsample_and_smooth
+from automl_ad.detectors.base import EpochCallback
+from automl_ad.detectors.fastflow.graph import FastFlowHead, flow_outputs
+from automl_ad.detectors.feature_based import BACKBONE_CONSTRAINTS
+from automl_ad.detectors.graph_based import BackboneGraphDetector
 from automl_ad.detectors.parameters import NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT
 from automl_ad.detectors.registry import register_detector
 
@@ -35,7 +37,7 @@ log = logging.getLogger(__name__)
 
 
 @register_detector
-class FastFlow(BackboneDetector):
+class FastFlow(BackboneGraphDetector):
     """Distribution-map route: per-stage normalising flows on frozen backbone features, likelihood maps."""
 
     name = "fastflow"
@@ -110,7 +112,7 @@ class FastFlow(BackboneDetector):
             total = 0.0
             for start in range(0, count, int(self.batch_size)):
                 index = order[start:start + int(self.batch_size)]
-                outputs = _forward(model, [f[index].to(device) for f in features])
+                outputs = flow_outputs(model, [f[index].to(device) for f in features])
                 loss = sum(torch.mean(0.5 * z.pow(2).sum(dim=(1, 2, 3)) - log_det) for z, log_det in outputs)
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
@@ -125,34 +127,8 @@ class FastFlow(BackboneDetector):
                  self.loss_history_[-1])
 
     # --- score ------------------------------------------------------------------------------------------------
-    def _score(self, images: ImageSet) -> Scores:
-        import torch
-        import torch.nn.functional as F
-
-        features = [torch.from_numpy(f) for f in self._features(images)]
-        device = next(self.model_.parameters()).device
-        size = (self.input_size, self.input_size)
-        maps = []
-        with torch.inference_mode():
-            for start in range(0, len(features[0]), int(self.batch_size)):
-                batch = [f[start:start + int(self.batch_size)].to(device) for f in features]
-                likelihood = 0
-                for z, _ in _forward(self.model_, batch):
-                    stage = torch.exp(-0.5 * z.pow(2).mean(dim=1, keepdim=True))
-                    likelihood = likelihood + F.interpolate(stage, size=size, mode="bilinear", align_corners=False)
-                maps.append((1 - likelihood / len(features))[:, 0].float().cpu().numpy())
-        maps = np.concatenate(maps)
-        if self.smoothing_sigma > 0:
-            maps = upsample_and_smooth(maps, self.input_size, self.smoothing_sigma)
-        return Scores(maps.reshape(len(maps), -1).max(axis=1), maps)
-
-    # --- inference graph --------------------------------------------------------------------------------------
-    def inference_graph(self):
-        """Backbone and flows as one torch graph with the likelihood map and its maximum."""
-        from automl_ad.detectors.graph import Backbone, FastFlowGraph
-
-        self._check_fitted()
-        return FastFlowGraph(Backbone(self._extractor()), self.model_, self.input_size, self.smoothing_sigma)
+    def _scoring_graph(self) -> FastFlowHead:
+        return FastFlowHead(self.model_, self.input_size, self.smoothing_sigma)
 
     # --- persistence ------------------------------------------------------------------------------------------
     def _state(self):
@@ -207,7 +183,3 @@ def _model(shapes, steps: int, hidden_ratio: float, conv3x3_only: bool, clamp: f
         "norms": nn.ModuleList(nn.LayerNorm(list(shape), elementwise_affine=norm_affine) for shape in shapes),
         "flows": nn.ModuleList(_flow(tuple(shape), steps, hidden_ratio, conv3x3_only, clamp) for shape in shapes)})
 
-
-def _forward(model, features) -> list:
-    """[(z, log|det J|)] per stage for per-stage feature batches."""
-    return [flow(norm(feature)) for feature, norm, flow in zip(features, model["norms"], model["flows"])]

@@ -35,15 +35,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from automl_ad.data.imageset import ImageSet
-from automl_ad.detectors.base import Detector, EpochCallback, Scores
-from automl_ad.detectors.generative import (
-    epoch_batches,
-    image_tensor,
-    load_module_tensors,
-    module_tensors,
-    reduce_maps,
-    smooth_maps,
-)
+from automl_ad.detectors.base import EpochCallback
+from automl_ad.detectors.ganomaly.graph import GanomalyGraph
+from automl_ad.detectors.generative import epoch_batches, image_tensor, load_module_tensors, module_tensors
+from automl_ad.detectors.graph_based import GraphDetector
 from automl_ad.detectors.parameters import (
     DECAY,
     NON_NEGATIVE,
@@ -65,7 +60,7 @@ DISCRIMINATOR_COLLAPSE = 1e-5
 
 
 @register_detector
-class GANomaly(Detector):
+class GANomaly(GraphDetector):
     """GAN route: encoder-decoder-encoder generator trained adversarially; latent-code distance is the score."""
 
     name = "ganomaly"
@@ -182,31 +177,7 @@ class GANomaly(Detector):
         self.discriminator_ = discriminator.eval()
 
     # --- score ------------------------------------------------------------------------------------------------
-    def _forward(self, images: ImageSet):
-        """(inputs, reconstructions, latent distances) for ``images``; inputs and outputs in [-1, 1]."""
-        device = next(self.generator_.parameters()).device
-        inputs = image_tensor(images, int(self.input_size), bool(self.gray), device) * 2 - 1
-        outputs, distances = [], []
-        with torch.inference_mode():
-            for start in range(0, len(inputs), int(self.batch_size)):
-                fake, latent_in, latent_out = self.generator_(inputs[start:start + int(self.batch_size)])
-                outputs.append(fake)
-                distances.append((latent_in - latent_out).pow(2).flatten(1).mean(dim=1))
-        return inputs, torch.cat(outputs), torch.cat(distances)
-
-    def _score(self, images: ImageSet) -> Scores:
-        inputs, outputs, distances = self._forward(images)
-        maps = smooth_maps((inputs - outputs).abs().mean(dim=1).cpu().numpy() / 2, self.smoothing_sigma)
-        scores = distances.cpu().numpy() if self.image_score == "latent" else reduce_maps(maps, "max", 1.0)
-        return Scores(scores, maps)
-
-    # --- inference graph --------------------------------------------------------------------------------------
-    def inference_graph(self):
-        """The generator, the residual map and the image score as one torch graph."""
-        from automl_ad.detectors.graph import GanomalyGraph
-
-        self._check_fitted()
-        self._validate_params()
+    def _scoring_graph(self) -> GanomalyGraph:
         return GanomalyGraph(self.generator_, int(self.input_size), self.smoothing_sigma,
                              self.image_score == "latent")
 

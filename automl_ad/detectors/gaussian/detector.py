@@ -29,10 +29,12 @@ import logging
 from numbers import Integral
 
 import numpy as np
-from scipy import ndimage
+import torch
 
 from automl_ad.data.imageset import ImageSet
-from automl_ad.detectors.base import Detector, EpochCallback, Scores
+from automl_ad.detectors.base import EpochCallback
+from automl_ad.detectors.gaussian.graph import FEATURES_PER_SCALE, GaussianGraph, LocalFeatures
+from automl_ad.detectors.graph_based import GraphDetector
 from automl_ad.detectors.parameters import NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, Interval, Options, TupleOf
 from automl_ad.detectors.registry import register_detector
 
@@ -41,10 +43,11 @@ log = logging.getLogger(__name__)
 MODES = ("auto", "per_position", "shared")
 COVARIANCES = ("ledoit_wolf", "min_cov_det")
 _ALIGNMENT_SIZE = 128
+_FIT_BATCH = 8  # images whose features are computed at once during fit
 
 
 @register_detector
-class GaussianModel(Detector):
+class GaussianModel(GraphDetector):
     """Statistical route: Mahalanobis distance of local filter-bank features to a Gaussian of normal ones."""
 
     name = "gaussian"
@@ -96,12 +99,10 @@ class GaussianModel(Detector):
         count = len(images)
         if count < 2:
             raise ValueError(f"{self.name} per_position needs at least 2 normal images, got {count}")
-        total = second = None
-        for image in images:  # streaming sums keep memory at one image's features
-            features = self._features(image).astype(np.float64)
-            outer = features[..., :, None] * features[..., None, :]
-            total = features if total is None else total + features
-            second = outer if second is None else second + outer
+        total = second = 0.0
+        for features in self._local_features(images):  # streaming sums keep memory at a few images' features
+            total = total + features.sum(axis=0)
+            second = second + np.einsum("nhwi,nhwj->hwij", features, features)
         mean = total / count
         covariance = (second - count * mean[..., :, None] * mean[..., None, :]) / (count - 1)
         overall = np.einsum("hwdd->d", second) / (count * mean[..., 0].size) - mean.mean(axis=(0, 1)) ** 2
@@ -115,51 +116,28 @@ class GaussianModel(Detector):
         rng = np.random.default_rng(self.seed)
         per_image = max(1, self.max_samples // len(images))
         samples = []
-        for image in images:
-            features = self._features(image).reshape(-1, len(self.scales) * 7)
-            samples.append(features[rng.choice(len(features), min(per_image, len(features)), replace=False)])
-        samples = np.concatenate(samples).astype(np.float64)
+        for features in self._local_features(images):
+            for image_features in features.reshape(len(features), -1, len(self.scales) * FEATURES_PER_SCALE):
+                count = len(image_features)
+                samples.append(image_features[rng.choice(count, min(per_image, count), replace=False)])
+        samples = np.concatenate(samples)
         estimator = (LedoitWolf() if self.covariance == "ledoit_wolf"
                      else MinCovDet(random_state=self.seed)).fit(samples)
         self.location_ = estimator.location_.astype(np.float32)
         self.precision_ = estimator.precision_.astype(np.float32)
 
     # --- features and scoring ---------------------------------------------------------------------------------
-    def _features(self, image: np.ndarray) -> np.ndarray:
-        """(H, W, 7 x len(scales)) local features of one gray image."""
-        image = image.astype(np.float32)
-        channels = []
-        for sigma in self.scales:
-            mean = ndimage.gaussian_filter(image, sigma)
-            spread = np.sqrt(np.maximum(ndimage.gaussian_filter(image * image, sigma) - mean * mean, 0))
-            channels += [mean, spread]
-            for order, power in (((0, 1), 1), ((1, 0), 1), ((0, 2), 2), ((2, 0), 2), ((1, 1), 2)):
-                channels.append(sigma ** power * ndimage.gaussian_filter(image, sigma, order=order))
-        return np.stack(channels, axis=-1)
+    def _local_features(self, images: np.ndarray):
+        """Local features (n, H, W, 7 x len(scales)), float64, of (N, H, W) gray images, a few images at a time
+        (the scoring graph's own filter bank)."""
+        bank = LocalFeatures(self.scales, self.input_size)
+        with torch.inference_mode():
+            for start in range(0, len(images), _FIT_BATCH):
+                yield bank(torch.from_numpy(images[start:start + _FIT_BATCH, None])).double().numpy()
 
-    def _score(self, images: ImageSet) -> Scores:
-        gray = images.load(self.input_size, gray=True)
-        maps = np.empty(gray.shape, np.float32)
-        for i, image in enumerate(gray):
-            centred = self._features(image) - self.location_
-            if self.mode_ == "per_position":
-                squared = np.einsum("hwi,hwij,hwj->hw", centred, self.precision_, centred)
-            else:
-                squared = np.einsum("hwi,ij,hwj->hw", centred, self.precision_, centred)
-            distance = np.sqrt(np.maximum(squared, 0))
-            if self.smoothing_sigma > 0:
-                distance = ndimage.gaussian_filter(distance, self.smoothing_sigma, truncate=4.0)
-            maps[i] = distance
-        return Scores(maps.reshape(len(maps), -1).max(axis=1), maps)
-
-    # --- inference graph --------------------------------------------------------------------------------------
-    def inference_graph(self):
-        """Filter bank (separable Gaussian convolutions), Mahalanobis distance and smoothing as a torch graph."""
-        from automl_ad.detectors.graph import GaussianGraph
-
-        self._check_fitted()
-        return GaussianGraph(self.scales, self.input_size, self.location_, self.precision_,
-                             self.mode_ == "per_position", self.smoothing_sigma)
+    def _scoring_graph(self) -> GaussianGraph:
+        return GaussianGraph(LocalFeatures(self.scales, self.input_size), self.location_, self.precision_,
+                             self.mode_ == "per_position", self.input_size, self.smoothing_sigma)
 
     # --- persistence ------------------------------------------------------------------------------------------
     def _state(self):

@@ -18,8 +18,10 @@ import logging
 import numpy as np
 
 from automl_ad.data.imageset import ImageSet
-from automl_ad.detectors.base import EpochCallback, Scores
-from automl_ad.detectors.feature_based import BACKBONE_CONSTRAINTS, BackboneDetector, upsample_and_smooth
+from automl_ad.detectors.base import EpochCallback
+from automl_ad.detectors.feature_based import BACKBONE_CONSTRAINTS
+from automl_ad.detectors.graph_based import BackboneGraphDetector
+from automl_ad.detectors.padim.graph import PadimEmbedding, PadimHead
 from automl_ad.detectors.parameters import NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT
 from automl_ad.detectors.registry import register_detector
 
@@ -29,7 +31,7 @@ _CHUNK_VALUES = 1 << 23  # values per chunk of positions (fit, float64: 64 MiB) 
 
 
 @register_detector
-class Padim(BackboneDetector):
+class Padim(BackboneGraphDetector):
     """Distribution-map route: per-position Gaussians of normal patch embeddings, Mahalanobis distance."""
 
     name = "padim"
@@ -59,21 +61,10 @@ class Padim(BackboneDetector):
     def _embed(self, features: list[np.ndarray]):
         """Embeddings (N, h*w, D) of the selected channels on the finest grid, as a CPU torch tensor."""
         import torch
-        import torch.nn.functional as F
 
-        offsets = np.cumsum([0] + [f.shape[1] for f in features])
-        height, width = _finest_grid(features)
-        maps = []
-        for level, feature in enumerate(features):
-            local = self.channels_[(self.channels_ >= offsets[level]) & (self.channels_ < offsets[level + 1])]
-            if len(local) == 0:
-                continue
-            selected = torch.from_numpy(np.ascontiguousarray(feature[:, local - offsets[level]]))
-            if selected.shape[-2:] != (height, width):
-                selected = F.interpolate(selected, size=(height, width), mode="nearest")
-            maps.append(selected)
-        embedding = torch.cat(maps, dim=1)
-        return embedding.flatten(2).transpose(1, 2).contiguous()
+        with torch.inference_mode():
+            embed = PadimEmbedding(self.channels_, _finest_grid(features))
+            return embed(*[torch.from_numpy(f) for f in features]).contiguous()
 
     # --- fit --------------------------------------------------------------------------------------------------
     def _fit(self, train: ImageSet, on_epoch: EpochCallback | None) -> None:
@@ -96,36 +87,13 @@ class Padim(BackboneDetector):
             inverse[start:start + chunk] = torch.linalg.inv(covariance[start:start + chunk] + regulariser).float()
         self.mean_ = mean.float().numpy()
         self.inv_covariance_ = inverse.numpy()
-        self._prepare()
         log.info("%s: %d Gaussians of %d dimensions from %d images", self.name, len(self.mean_), count,
                  len(features[0]))
 
-    def _prepare(self) -> None:
-        import torch
-
-        self._mean_t = torch.from_numpy(self.mean_)
-        self._inv_covariance_t = torch.from_numpy(self.inv_covariance_)
-
     # --- score ------------------------------------------------------------------------------------------------
-    def _score(self, images: ImageSet) -> Scores:
-        embedding = self._embed(self._features(images))
-        n, positions, dim = embedding.shape
-        chunk = max(1, _CHUNK_VALUES // (positions * dim))
-        distances = np.concatenate([mahalanobis(embedding[start:start + chunk], self._mean_t,
-                                                self._inv_covariance_t).numpy() for start in range(0, n, chunk)])
-        maps = upsample_and_smooth(distances.reshape(-1, *self.feature_shape_), self.input_size,
-                                   self.smoothing_sigma)
-        return Scores(maps.reshape(len(maps), -1).max(axis=1), maps)
-
-    # --- inference graph --------------------------------------------------------------------------------------
-    def inference_graph(self):
-        """PaDiM as a torch graph: backbone, channel selection, Mahalanobis distance, smoothed map."""
-        from automl_ad.detectors.graph import Backbone, PadimGraph
-
-        self._check_fitted()
-        extractor = self._extractor()
-        return PadimGraph(Backbone(extractor), self.channels_, list(extractor.channels), self.feature_shape_,
-                          self.mean_, self.inv_covariance_, self.input_size, self.smoothing_sigma)
+    def _scoring_graph(self) -> PadimHead:
+        return PadimHead(PadimEmbedding(self.channels_, self.feature_shape_), self.mean_, self.inv_covariance_,
+                         self.input_size, self.smoothing_sigma)
 
     # --- persistence ------------------------------------------------------------------------------------------
     def _state(self):
@@ -138,24 +106,10 @@ class Padim(BackboneDetector):
         self.inv_covariance_ = tensors["inv_covariance"]
         self.channels_ = tensors["channels"]
         self.feature_shape_ = tuple(state["feature_shape"])
-        self._prepare()
 
 
 def _finest_grid(features: list[np.ndarray]) -> tuple[int, int]:
     return max((tuple(int(s) for s in f.shape[-2:]) for f in features), key=lambda shape: shape[0] * shape[1])
-
-
-def mahalanobis(embedding, mean, inv_covariance):
-    """Mahalanobis distances (N, P) of embeddings (N, P, D) to per-position Gaussians (P, D), (P, D, D).
-
-    One batched product over positions: each position's inverse covariance is read once per call, whatever N.
-    """
-    import torch
-
-    with torch.inference_mode():
-        delta = (embedding - mean).transpose(0, 1)  # (P, N, D)
-        squared = torch.einsum("pnd,pde,pne->pn", delta, inv_covariance, delta)
-        return squared.clamp_(min=0).sqrt_().transpose(0, 1)
 
 
 def _streamed_moments(padim: Padim, features: list[np.ndarray]):

@@ -2,7 +2,7 @@
 
 1. Feature extractor: the frozen pretrained backbone's locally aware patch features, as PatchCore's (stages at
    ``feature_strides``, each averaged over its ``neighbourhood``, concatenated on the finest grid, optionally
-   pooled to ``embedding_dim`` channels; the method itself is reused from PatchCore). They are extracted once
+   pooled to ``embedding_dim`` channels; the same embedding, ``patch_based.py``). They are extracted once
    through the feature cache, so training runs on cached features. The paper uses WideResNet50 layers 2 and 3
    pooled to 1536 channels; the default here is ResNet18 (384 channels) for CPU budgets.
 2. Feature adaptor: one linear layer (same width, Xavier-normal weights), as the official ``pre_proj=1``.
@@ -26,20 +26,20 @@ from __future__ import annotations
 import logging
 
 from automl_ad.data.imageset import ImageSet
-from automl_ad.detectors.base import EpochCallback, Scores
-from automl_ad.detectors.feature_based import BACKBONE_CONSTRAINTS, BackboneDetector, upsample_and_smooth
-from automl_ad.detectors.patchcore.detector import PatchCore
+from automl_ad.detectors.base import EpochCallback
+from automl_ad.detectors.feature_based import BACKBONE_CONSTRAINTS
 from automl_ad.detectors.parameters import NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT
+from automl_ad.detectors.patch_based import PATCH_CONSTRAINTS, PatchScoreDetector
 from automl_ad.detectors.registry import register_detector
+from automl_ad.detectors.simplenet.graph import NegatedDiscriminator
 
 log = logging.getLogger(__name__)
 
 _DISCRIMINATOR_WEIGHT_DECAY = 1e-5  # official code
-_SCORE_CHUNK = 1 << 16  # patches per forward pass when scoring
 
 
 @register_detector
-class SimpleNet(BackboneDetector):
+class SimpleNet(PatchScoreDetector):
     """Self-supervised route: adapted patch features, synthetic anomalies by feature noise, an MLP discriminator."""
 
     name = "simplenet"
@@ -50,10 +50,9 @@ class SimpleNet(BackboneDetector):
     test_params = {"backbone": "resnet18", "pretrained": False, "input_size": 64, "epochs": 8, "hidden_dim": 256,
                    "batch_size": 2, "noise_std": 0.5}
     _parameter_constraints = {
-        **BACKBONE_CONSTRAINTS, "neighbourhood": [POSITIVE_INT], "embedding_dim": [None, POSITIVE_INT],
-        "hidden_dim": [POSITIVE_INT], "noise_std": [POSITIVE], "margin": [POSITIVE], "epochs": [POSITIVE_INT],
-        "batch_size": [POSITIVE_INT], "learning_rate": [POSITIVE], "adaptor_learning_rate": [POSITIVE],
-        "smoothing_sigma": [NON_NEGATIVE], "seed": [NON_NEGATIVE_INT],
+        **BACKBONE_CONSTRAINTS, **PATCH_CONSTRAINTS, "hidden_dim": [POSITIVE_INT], "noise_std": [POSITIVE],
+        "margin": [POSITIVE], "epochs": [POSITIVE_INT], "batch_size": [POSITIVE_INT], "learning_rate": [POSITIVE],
+        "adaptor_learning_rate": [POSITIVE], "smoothing_sigma": [NON_NEGATIVE], "seed": [NON_NEGATIVE_INT],
     }
 
     def __init__(self, backbone="resnet18", feature_strides=(8, 16), weights=None, pretrained=True, input_size=256,
@@ -79,9 +78,6 @@ class SimpleNet(BackboneDetector):
         self.smoothing_sigma = smoothing_sigma
         self.seed = seed
 
-    #: PatchCore's locally aware patch embedding (N, h, w, D).
-    _embed = PatchCore._embed
-
     # --- model ------------------------------------------------------------------------------------------------
     def _build(self, dim: int):
         """Adaptor and discriminator for ``dim``-wide features, initialised from ``seed``."""
@@ -91,12 +87,6 @@ class SimpleNet(BackboneDetector):
             torch.manual_seed(self.seed)
             model = simplenet_model(dim, int(self.hidden_dim))
         return model.to(self._extractor().device)
-
-    def _patch_grids(self, images: ImageSet):
-        """Patch features (N, h * w, D) on the backbone's device and the grid (h, w)."""
-        embedding = self._embed(self._features(images))
-        n, h, w, d = embedding.shape
-        return embedding.reshape(n, h * w, d).to(self._extractor().device), (h, w)
 
     # --- fit --------------------------------------------------------------------------------------------------
     def _fit(self, train: ImageSet, on_epoch: EpochCallback | None) -> None:
@@ -132,29 +122,8 @@ class SimpleNet(BackboneDetector):
         log.info("%s: %d epochs, final loss %.5f", self.name, len(self.loss_history_), self.loss_history_[-1])
 
     # --- score ------------------------------------------------------------------------------------------------
-    def patch_scores(self, features):
-        """-D(adaptor(features)) for (P, D) features (higher = more anomalous)."""
-        import torch
-
-        with torch.inference_mode():
-            return torch.cat([-self.model_["discriminator"](self.model_["adaptor"](chunk))[:, 0]
-                              for chunk in features.split(_SCORE_CHUNK)])
-
-    def _score(self, images: ImageSet) -> Scores:
-        features, (h, w) = self._patch_grids(images)
-        scores = self.patch_scores(features.reshape(-1, features.shape[-1]))
-        maps = upsample_and_smooth(scores.float().cpu().numpy().reshape(len(images), h, w), self.input_size,
-                                   self.smoothing_sigma)
-        return Scores(maps.reshape(len(maps), -1).max(axis=1), maps)
-
-    # --- inference graph --------------------------------------------------------------------------------------
-    def inference_graph(self):
-        """Backbone, patch features, adaptor and discriminator as one torch graph."""
-        from automl_ad.detectors.graph import Backbone, NegatedDiscriminator, PatchEmbedding, PatchScoreGraph
-
-        self._check_fitted()
-        return PatchScoreGraph(PatchEmbedding(Backbone(self._extractor()), self.neighbourhood, self.embedding_dim),
-                               NegatedDiscriminator(self.model_), self.input_size, self.smoothing_sigma)
+    def _patch_score(self) -> NegatedDiscriminator:
+        return NegatedDiscriminator(self.model_)
 
     # --- persistence ------------------------------------------------------------------------------------------
     def _state(self):

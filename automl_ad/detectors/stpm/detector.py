@@ -14,24 +14,23 @@
 3. Anomaly map: per stage 0.5 * ||t/||t|| - s/||s|| ||^2 at every position, upsampled (bilinear) to the input
    size, combined by ``map_combination`` (the paper's product, or a sum); image score = the map's maximum.
    No smoothing by default, as the paper and anomalib (``smoothing_sigma`` > 0 adds a Gaussian blur).
-   On CPU the trained student runs through ONNX Runtime, like the teacher.
+   The student and the map run as one graph (ONNX Runtime on CPU), beside the teacher's cached features.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import warnings
 
-import numpy as np
-
 from automl_ad.data.imageset import ImageSet
-from automl_ad.detectors.base import EpochCallback, Scores
-from automl_ad.detectors.feature_based import BACKBONE_CONSTRAINTS, BackboneDetector, upsample_and_smooth
+from automl_ad.detectors.base import EpochCallback
+from automl_ad.detectors.blocks import Normalise
+from automl_ad.detectors.feature_based import BACKBONE_CONSTRAINTS
+from automl_ad.detectors.graph_based import BackboneGraphDetector
 from automl_ad.detectors.parameters import DECAY, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, Options
 from automl_ad.detectors.registry import register_detector
+from automl_ad.detectors.stpm.graph import STPMHead, feature_distances
 from automl_ad.features.backbone import drop_unused_blocks
-from automl_ad.features.runtime import cpu_runner
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +39,7 @@ MAP_COMBINATIONS = ("product", "sum")
 
 
 @register_detector
-class STPM(BackboneDetector):
+class STPM(BackboneGraphDetector):
     """Teacher-student route: a student regresses the teacher's normalised features; their gap is the anomaly."""
 
     name = "stpm"
@@ -48,6 +47,7 @@ class STPM(BackboneDetector):
     supports_localization = True
     needs_training = True
     iterative = True
+    head_reads_images = True
     test_params = {"backbone": "resnet18", "pretrained": False, "input_size": 64, "epochs": 12, "batch_size": 4}
     _parameter_constraints = {
         **BACKBONE_CONSTRAINTS, "epochs": [POSITIVE_INT], "batch_size": [POSITIVE_INT],
@@ -93,34 +93,10 @@ class STPM(BackboneDetector):
         drop_unused_blocks(student)
         return student.to(extractor.device)
 
-    def _student_runner(self):
-        """The trained student for inference: a fast CPU runner (ONNX Runtime) on CPU, the eager module on GPU."""
-        import torch
-
-        if self._extractor().device != "cpu":
-            return self.student_
-        if self._student_graph is None:
-            example = torch.zeros(1, 3, self.input_size, self.input_size)
-            self._student_graph = cpu_runner(self.student_, example)
-        return self._student_graph
-
     def _set_student(self, student) -> None:
         self.student_ = student.eval()
         for parameter in self.student_.parameters():
             parameter.requires_grad_(False)
-        self._student_graph = None
-
-    @contextlib.contextmanager
-    def _interim(self, student):
-        """Score with the student being trained (eval mode, eager), then back to training."""
-        student.eval()
-        self.student_, self._student_graph = student, student
-        try:
-            yield
-        finally:
-            student.train()
-            del self.student_
-            self._student_graph = None
 
     # --- fit --------------------------------------------------------------------------------------------------
     def _fit(self, train: ImageSet, on_epoch: EpochCallback | None) -> None:
@@ -151,49 +127,16 @@ class STPM(BackboneDetector):
                 total += float(loss.detach()) * len(index)
             mean_loss = total / count
             if self._record_epoch(epoch, mean_loss, on_epoch, "lower learning_rate",
-                                  interim=lambda: self._interim(student)):
+                                  interim=lambda: self._interim_state([student], student_=student)):
                 break
         self._set_student(student.to(memory_format=torch.contiguous_format))
         log.info("%s: %d epochs, final loss %.5f", self.name, len(self.loss_history_), self.loss_history_[-1])
 
     # --- score ------------------------------------------------------------------------------------------------
-    def _score(self, images: ImageSet) -> Scores:
-        import torch
-        import torch.nn.functional as F
-
-        extractor = self._extractor()
-        teacher = self._features(images)
-        pixels = images.load(self.input_size)
-        student = self._student_runner()
-        size = (self.input_size, self.input_size)
-        batch_size = extractor.batch_size
-        maps = []
-        with torch.inference_mode():
-            for start in range(0, len(pixels), batch_size):
-                outputs = student(extractor.normalise(pixels[start:start + batch_size]))
-                combined = None
-                for t, s in zip(teacher, outputs):
-                    distance = feature_distances(torch.from_numpy(t[start:start + batch_size]).to(s.device), s)
-                    level = F.interpolate(distance[:, None], size=size, mode="bilinear", align_corners=False)
-                    if combined is None:
-                        combined = level
-                    else:
-                        combined = combined * level if self.map_combination == "product" else combined + level
-                maps.append(combined[:, 0].float().cpu().numpy())
-        maps = np.concatenate(maps)
-        if self.smoothing_sigma > 0:
-            maps = upsample_and_smooth(maps, self.input_size, self.smoothing_sigma)
-        return Scores(maps.reshape(len(maps), -1).max(axis=1), maps)
-
-    # --- inference graph --------------------------------------------------------------------------------------
-    def inference_graph(self):
-        """Teacher and student as one torch graph with the map combination and its maximum."""
-        from automl_ad.detectors.graph import Backbone, STPMGraph
-
-        self._check_fitted()
-        self._validate_params()
-        return STPMGraph(Backbone(self._extractor()), self.student_, self.input_size, self.map_combination,
-                         self.smoothing_sigma)
+    def _scoring_graph(self) -> STPMHead:
+        weights = self._extractor().spec.weights
+        return STPMHead(Normalise(weights.mean, weights.std), self.student_, self.input_size, self.map_combination,
+                        self.smoothing_sigma)
 
     # --- persistence ------------------------------------------------------------------------------------------
     def _state(self):
@@ -212,9 +155,3 @@ class STPM(BackboneDetector):
         student.load_state_dict({k: torch.from_numpy(v).to(device) for k, v in tensors.items()})
         self._set_student(student)
 
-
-def feature_distances(teacher, student):
-    """Per-position 0.5 * squared distance of channel-L2-normalised features: (N, C, h, w) pairs -> (N, h, w)."""
-    import torch.nn.functional as F
-
-    return 0.5 * (F.normalize(teacher, dim=1) - F.normalize(student, dim=1)).pow(2).sum(dim=1)

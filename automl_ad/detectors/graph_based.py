@@ -1,0 +1,136 @@
+"""Families whose inference is a torch graph score through it: the graph is their one implementation of
+``score_samples``, the same module exported as ONNX in packages (:meth:`Detector.inference_graph`).
+
+``_score`` builds the family's scoring graph once per fitted state (again after ``fit`` or ``set_params``) and
+runs it in batches: on CPU through ONNX Runtime (:func:`~automl_ad.features.runtime.cpu_runner`: exported once
+in memory), on a GPU in torch. Mid-training (interim scores for early stopping) it runs the graph eagerly, since
+the weights change every epoch.
+
+Backbone families (:class:`BackboneGraphDetector`) run a *head*: the graph from the backbone's feature maps on,
+so that the features still come from the feature cache; their exported graph is the backbone followed by that
+head.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from automl_ad.data.imageset import ImageSet
+from automl_ad.detectors.base import Detector, EpochCallback, Scores
+from automl_ad.detectors.blocks import Backbone, FeatureGraph, on_cpu, tensors_of
+from automl_ad.detectors.feature_based import BackboneDetector
+from automl_ad.features.runtime import Runner, cpu_runner
+
+#: An ONNX model is one protobuf message, which cannot exceed 2 GiB: a graph whose constants (weights, a PatchCore
+#: memory bank, PaDiM's inverse covariances) come close to it runs in eager torch on CPU instead of ONNX Runtime.
+#: The margin leaves room for the graph's own structure.
+ONNX_CONSTANTS_LIMIT = 2**31 - 2**26
+#: Images per graph run unless a family bounds it (see :meth:`GraphDetector._graph_batch_size`).
+GRAPH_BATCH = 16
+
+
+class GraphDetector(Detector):
+    """A family whose scoring is :meth:`_scoring_graph`: subclasses implement it instead of ``_score``."""
+
+    _runner: Runner | None = None
+
+    # --- hooks for families -----------------------------------------------------------------------------------
+    def _scoring_graph(self) -> nn.Module:
+        """The module ``_score`` runs on :meth:`_graph_inputs`, returning (image scores (N,), maps (N, H, W)).
+        It may share the detector's own (eval-mode) modules."""
+        raise NotImplementedError
+
+    def _graph_inputs(self, images: ImageSet) -> list[np.ndarray]:
+        """The scoring graph's inputs for ``images`` (arrays with one row per image)."""
+        return [self.graph_input(images)]
+
+    def _graph_batch_size(self) -> int:
+        """Images per graph run (bounds the memory of the graph's intermediate tensors)."""
+        return GRAPH_BATCH
+
+    def _graph_exportable(self) -> bool:
+        """Whether the scoring graph is plain torch (False: it calls into another library, so it runs eagerly and
+        :meth:`inference_graph` is None)."""
+        return True
+
+    def _graph_device(self, graph: nn.Module) -> torch.device:
+        """Where the graph runs: the device of its modules (the CPU when it has none elsewhere)."""
+        return next((t.device for t in tensors_of(graph) if t.device.type != "cpu"), torch.device("cpu"))
+
+    def _whole_graph(self) -> nn.Module:
+        """The whole inference, from :meth:`graph_input`'s batch to (image scores, maps)."""
+        return self._scoring_graph()
+
+    # --- the contract -----------------------------------------------------------------------------------------
+    def inference_graph(self) -> nn.Module | None:
+        self._check_fitted()
+        self._validate_params()
+        return on_cpu(self._whole_graph().eval()) if self._graph_exportable() else None
+
+    def fit(self, train: ImageSet, on_epoch: EpochCallback | None = None) -> Detector:
+        self._runner = None
+        return super().fit(train, on_epoch)
+
+    def set_params(self, **params):
+        self._runner = None
+        return super().set_params(**params)
+
+    def _score(self, images: ImageSet) -> Scores:
+        inputs = self._graph_inputs(images)
+        run = self._graph_runner(inputs)
+        step = self._graph_batch_size()
+        scores, maps = [], []
+        for start in range(0, len(images), step):
+            batch = [torch.from_numpy(np.ascontiguousarray(x[start:start + step])) for x in inputs]
+            image_scores, anomaly_maps = run(*batch)
+            scores.append(image_scores.float().cpu().numpy())
+            maps.append(anomaly_maps.float().cpu().numpy())
+        return Scores(np.concatenate(scores), np.concatenate(maps))
+
+    def _graph_runner(self, inputs: list[np.ndarray]) -> Runner:
+        """The scoring graph ready to run: built once per fitted state, but afresh (eager) mid-training."""
+        if self._scoring_mid_training:
+            return self._eager(self._scoring_graph())
+        if self._runner is None:
+            graph = self._scoring_graph().eval()
+            device = self._graph_device(graph)
+            if device.type == "cpu" and self._graph_exportable() and \
+                    sum(t.numel() * t.element_size() for t in tensors_of(graph)) <= ONNX_CONSTANTS_LIMIT:
+                # a batch of two: a trace at batch 1 could fix shapes that vary with the batch
+                example = tuple(torch.from_numpy(np.ascontiguousarray(np.concatenate([x[:1]] * 2))) for x in inputs)
+                self._runner = cpu_runner(graph, example)
+            else:
+                self._runner = self._eager(graph)
+        return self._runner
+
+    def _eager(self, graph: nn.Module) -> Runner:
+        device = self._graph_device(graph)
+        graph = graph.to(device)
+
+        def run(*batches) -> list:
+            with torch.inference_mode():
+                return list(graph(*[b.to(device) for b in batches]))
+
+        return run
+
+
+class BackboneGraphDetector(GraphDetector, BackboneDetector):
+    """A backbone family whose scoring graph is a head on the backbone's feature maps (read through the feature
+    cache); its :meth:`inference_graph` is the backbone followed by the head (:class:`FeatureGraph`)."""
+
+    #: Whether the head reads the images (before the feature maps), as STPM's student does.
+    head_reads_images: ClassVar[bool] = False
+
+    def _graph_inputs(self, images: ImageSet) -> list[np.ndarray]:
+        features = self._features(images)
+        return [self.graph_input(images), *features] if self.head_reads_images else features
+
+    def _graph_device(self, graph: nn.Module) -> torch.device:
+        return torch.device(self._extractor().device)
+
+    def _whole_graph(self) -> nn.Module:
+        return FeatureGraph(Backbone(self._extractor()), self._scoring_graph(), self.head_reads_images)

@@ -1,0 +1,63 @@
+"""PatchCore's scoring head: patch features, nearest neighbours in the memory bank, re-weighted image score and
+the smoothed distance map."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from automl_ad.detectors.blocks import PatchEmbedding, UpsampleSmooth
+
+
+class PatchCoreHead(nn.Module):
+    """Feature maps -> (image scores, maps). Nearest neighbours in the bank (a constant) are exact, by the
+    squared-norm expansion as faiss' ``IndexFlatL2`` (a plain graph), or come from an approximate faiss ``index``
+    (then the head runs in eager torch only)."""
+
+    def __init__(self, embed: PatchEmbedding, bank: np.ndarray, num_neighbors: int, size: int, sigma: float,
+                 index=None):
+        super().__init__()
+        self.embed, self.index = embed, index
+        self.register_buffer("bank", torch.from_numpy(np.ascontiguousarray(bank, dtype=np.float32)))
+        self.register_buffer("bank_norms", self.bank.pow(2).sum(dim=1))
+        self.k = min(int(num_neighbors), len(bank)) if num_neighbors > 1 and len(bank) > 1 else 1
+        self.smooth = UpsampleSmooth(size, sigma)
+
+    def forward(self, *features):
+        embedding = self.embed(*features)
+        _, h, w, d = embedding.shape
+        queries = embedding.reshape(-1, h * w, d)
+        distances, nearest = self._nearest(queries)  # (N, h*w) each
+        worst = distances.argmax(dim=1, keepdim=True)
+        star = distances.gather(1, worst)[:, 0]
+        scores = star if self.k == 1 else self._reweight(queries, star, nearest.gather(1, worst)[:, 0], worst)
+        return scores, self.smooth(distances.reshape(-1, h, w))
+
+    def _squared_distances(self, queries):
+        """(..., D) queries -> (..., M) squared L2 distances to every bank feature."""
+        return queries.pow(2).sum(dim=-1, keepdim=True) - 2 * queries @ self.bank.T + self.bank_norms
+
+    def _nearest(self, queries):
+        """(N, P, D) queries -> distances (N, P) to their nearest bank feature and its index (N, P)."""
+        if self.index is None:
+            squared, nearest = self._squared_distances(queries).min(dim=-1)
+        else:
+            found_squared, found = self.index.search(queries.reshape(-1, queries.shape[-1]).cpu().numpy(), 1)
+            squared = torch.from_numpy(found_squared[:, 0]).reshape(queries.shape[:2]).to(queries.device)
+            nearest = torch.from_numpy(found[:, 0]).reshape(queries.shape[:2]).to(queries.device)
+        return squared.clamp(min=0).sqrt(), nearest
+
+    def _neighbours(self, points):
+        """(N, D) bank features -> indices (N, k) of their ``k`` nearest bank features (themselves first)."""
+        if self.index is None:
+            return self._squared_distances(points).topk(self.k, dim=1, largest=False).indices
+        return torch.from_numpy(self.index.search(points.cpu().numpy(), self.k)[1]).to(points.device)
+
+    def _reweight(self, queries, star, star_bank, worst):
+        """The paper's image score: s* x (1 - softmax weight of m* among its ``k`` bank neighbours)."""
+        support = self._neighbours(self.bank[star_bank])  # m* first
+        test_point = queries.gather(1, worst[:, :, None].expand(-1, -1, queries.shape[-1]))  # (N, 1, D)
+        support_distances = (self.bank[support] - test_point).pow(2).sum(dim=2).sqrt()
+        support_distances = torch.cat([star[:, None], support_distances[:, 1:]], dim=1)  # the distance to m*
+        return (1 - support_distances.softmax(dim=1)[:, 0]) * star
