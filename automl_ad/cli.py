@@ -1,4 +1,6 @@
-"""The ``automl-ad`` command line: a thin front over the library. Heavy modules load inside the commands.
+"""The ``automl-ad`` command line: each command parses its arguments, calls one library function
+(:mod:`automl_ad.journey` or a lower layer) and prints the result. The library (numpy, torch, MLflow...) is
+imported when a command runs, so ``--help`` and argument errors answer at once.
 
 Exit codes: 0 success, 1 unexpected error, 2 usage or configuration error, 3 data problems.
 """
@@ -7,10 +9,25 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import logging
+import os
+import signal
+import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from automl_ad import __version__
+from automl_ad.defaults import (DEMO_DATA_DIR, SEARCH_BUDGET, SHORTLIST_SIZE, UI_HOST, UI_PORT,
+                                UI_STOP_GRACE_S)
+from automl_ad.errors import AutomlAdError, UsageError
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_DATA = 0, 1, 2, 3
 
@@ -64,8 +81,6 @@ def _non_negative(text: str) -> int:
 def _check_output_path(out: str | Path, kind: str | None = None) -> Path:
     """Raise UsageError, before any long work, when ``out`` cannot be written as a ``kind`` ("file" or "folder"; None:
     either): it exists as the other kind, or a path component above it is a file. Missing folders are created."""
-    from automl_ad.errors import UsageError
-
     out = Path(out)
     if kind == "folder" and out.exists() and not out.is_dir():
         raise UsageError(f"{out} is an existing file; give a folder path")
@@ -78,45 +93,10 @@ def _check_output_path(out: str | Path, kind: str | None = None) -> Path:
 
 
 def _console(stderr: bool = False):
-    from rich.console import Console
-
     return Console(stderr=stderr, highlight=False, soft_wrap=False, width=None if sys.stdout.isatty() else 120)
 
 
-def _open_all(data: str, category: str | None, strict: bool, progress: bool):
-    from automl_ad.data import load_datasets
-
-    root = Path(data) / category if category else Path(data)
-    return load_datasets(root, strict=strict, progress=progress)
-
-
-def _state_path() -> Path:
-    from automl_ad.defaults import STATE_DIR
-
-    return Path.cwd() / STATE_DIR
-
-
-def _save_state(results: list[tuple], constraints_source: str | None, data: str) -> Path:
-    """Keep profiles and recommendations in the working directory so later steps (search) can pick them up."""
-    state_dir = _state_path()
-    entries = []
-    for profile, recommendation in results:
-        profile_file = profile.save(state_dir / f"{profile.name}-{profile.fingerprint}" / "profile.json")
-        rec_file = recommendation.save(profile_file.parent / "recommendation.json")
-        entries.append({"dataset": profile.root, "category": profile.name, "fingerprint": profile.fingerprint,
-                        "profile": str(profile_file), "recommendation": str(rec_file),
-                        "shortlist": recommendation.shortlist})
-    state = {"data": str(Path(data).resolve()), "constraints": constraints_source, "categories": entries}
-    state_file = state_dir / "state.json"
-    tmp = state_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state, indent=2))
-    tmp.replace(state_file)
-    return state_file
-
-
 def _print_profile(console, profile) -> None:
-    from rich.markup import escape
-
     c, s, st, al = profile.counts, profile.size, profile.structure, profile.alignment
     defects = ", ".join(f"{k} {v}" for k, v in c.abnormal.items()) or "none"
     size = (f"{s.width_median:g}x{s.height_median:g}" if s.distinct_sizes == 1 else
@@ -152,9 +132,6 @@ def _print_profile(console, profile) -> None:
 
 
 def _print_recommendation(console, recommendation, top_reasons: int = 3) -> None:
-    from rich.markup import escape
-    from rich.table import Table
-
     sc = recommendation.scenario
     console.print(f"  scenario (report §6): complexity {sc['complexity']}, {sc['normals']} normals, "
                   f"{sc['abnormals']} abnormals → anomaly detection: {sc['anomaly_detection']}, "
@@ -194,33 +171,28 @@ def _print_recommendation(console, recommendation, top_reasons: int = 3) -> None
 
 
 def cmd_recommend(args) -> int:
-    from automl_ad.constraints import load_constraints
-    from automl_ad.profiling import profile_dataset
-    from automl_ad.recommend import recommend
+    from automl_ad import journey
 
-    constraints = load_constraints(args.profile)
-    datasets = _open_all(args.data, args.category, args.strict, progress=not args.json)
-    results = []
-    for dataset in datasets:
-        profile = profile_dataset(dataset)
-        if constraints.data:
-            profile = profile.with_overrides(constraints.data)
-        results.append((profile, recommend(profile, constraints, top=args.top, weights=args.weights)))
-    state_file = _save_state(results, constraints.source, args.data)
+    result = journey.recommend_data(args.data, args.category, args.profile, args.weights, args.top, args.strict,
+                                    progress=not args.json)
     if args.json:
-        payload = [{"profile": p.to_dict(), "recommendation": r.to_dict(),
-                    "problems": [x.to_dict() for x in d.problems]} for d, (p, r) in zip(datasets, results)]
-        print(json.dumps({"categories": payload, "state": str(state_file)}, indent=2))
+        payload = [{"profile": p.to_dict(), "recommendation": r.to_dict(), "problems": [x.to_dict() for x in d.problems]}
+                   for d, p, r in zip(result.datasets, result.profiles, result.recommendations)]
+        print(json.dumps({"categories": payload, "state": str(result.state_file)}, indent=2))
         return EXIT_OK
     console = _console()
-    for dataset, (profile, recommendation) in zip(datasets, results):
+    _show_recommended(console, result)
+    console.print(f"Saved profile and recommendation under {result.state_file.parent} "
+                  "(a later `automl-ad search` picks them up).", markup=False)
+    return EXIT_OK
+
+
+def _show_recommended(console, result) -> None:
+    for dataset, profile, recommendation in zip(result.datasets, result.profiles, result.recommendations):
         _print_problems(console, dataset.problems)
         _print_profile(console, profile)
         _print_recommendation(console, recommendation)
         console.print()
-    console.print(f"Saved profile and recommendation under {state_file.parent} "
-                  "(a later `automl-ad search` picks them up).")
-    return EXIT_OK
 
 
 def _print_problems(console, problems) -> None:
@@ -235,21 +207,16 @@ def _print_problems(console, problems) -> None:
 
 
 def cmd_profile(args) -> int:
-    from automl_ad.profiling import profile_dataset
+    from automl_ad import journey
 
     if args.out:
         _check_output_path(args.out)
-    datasets = _open_all(args.data, args.category, args.strict, progress=not args.json)
-    profiles = [profile_dataset(d) for d in datasets]
-    if args.out:
-        out = Path(args.out)
-        for profile in profiles:
-            profile.save(out / f"{profile.name}.json" if len(profiles) > 1 or out.suffix != ".json" else out)
+    result = journey.profile_data(args.data, args.category, args.strict, progress=not args.json, out=args.out)
     if args.json:
-        print(json.dumps([p.to_dict() for p in profiles], indent=2))
+        print(json.dumps([p.to_dict() for p in result.profiles], indent=2))
         return EXIT_OK
     console = _console()
-    for dataset, profile in zip(datasets, profiles):
+    for dataset, profile in zip(result.datasets, result.profiles):
         _print_problems(console, dataset.problems)
         _print_profile(console, profile)
         console.print(f"  profiled in {profile.profiling_seconds:.1f} s")
@@ -257,73 +224,46 @@ def cmd_profile(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from automl_ad.data.demo import generate_demo
+    from automl_ad import journey
 
-    out = Path(args.out)
-    data_dir = out / "data"
     console = _console()
-    console.print(f"Generating the built-in demo dataset in {data_dir} ...")
-    generate_demo(data_dir, seed=args.seed)
-    console.print(f"Recommending routes for each demo category (constraint profile: {args.profile or 'default'}):\n")
-    rec_args = argparse.Namespace(data=str(data_dir), category=None, strict=False, json=False, top=args.top,
-                                  profile=args.profile, weights=args.weights)
-    code = cmd_recommend(rec_args)
-    if code != EXIT_OK or args.budget in ("0", "0s"):
-        return code
-    category = data_dir / "texture"
-    console.print(f"\nSearching the recommended families on {category} for {args.budget} ...")
-    search_args = argparse.Namespace(data=str(category), category=None, profile=args.profile, families=None,
-                                     weights=args.weights, budget=args.budget, max_trials=None, seed=args.seed,
-                                     metric="combined", validation="auto", tracking_uri=None, address=None,
-                                     resume=False, trial_timeout=None)
-    code = cmd_search(search_args)
-    if code != EXIT_OK:
-        return code
-    package, predictions = out / "package", out / "predictions"
-    console.print(f"\nExporting the most balanced model of the Pareto front to {package} ...")
-    code = cmd_export(argparse.Namespace(run_id=None, out=str(package), best=True, objective="balanced",
-                                         experiment=None, false_alarm_rate=0.01, tracking_uri=None, overwrite=True,
-                                         mlflow=False))
-    if code != EXIT_OK:
-        return code
-    console.print(f"\nPredicting the demo test images with the package into {predictions} ...")
-    code = cmd_predict(argparse.Namespace(package=str(package), inputs=[str(category / "test")],
-                                          out=str(predictions), threshold=None, json=False))
-    if code != EXIT_OK:
-        return code
-    report = out / "report.html"
-    code = cmd_report(argparse.Namespace(target=None, out=str(report), tracking_uri=None, max_images=200,
-                                         false_alarm_rate=0.01))
-    console.print(f"\nDemo data: {data_dir}\nPackage: {package}\nPredictions: {predictions}\nReport: {report}\n"
+    demo = journey.run_demo(args.out, args.budget, args.profile, args.weights, args.seed, args.top,
+                            say=lambda text: console.print(text, markup=False),
+                            show_recommended=lambda result: _show_recommended(console, result), console=console)
+    if demo.search is None:
+        return EXIT_OK
+    scored = [r for r in demo.predictions if r["verdict"] != "error"]
+    console.print(f"\nDemo data: {demo.data}\nPackage: {demo.export.path} ({demo.export.trial.family})\n"
+                  f"Predictions: {len(scored)} images scored, "
+                  f"{sum(r['verdict'] == 'anomalous' for r in scored)} anomalous\nReport: {demo.report}\n"
                   "Browse the search: automl-ad ui   |   ranked trials: automl-ad leaderboard --pareto\n"
-                  f"Try: automl-ad recommend {data_dir}/object --profile profiles/edge-cpu.yaml, then "
-                  "automl-ad search --budget 10m")
-    return code
+                  f"Try: automl-ad recommend {demo.data}/object --profile edge-cpu, then automl-ad search --budget 10m",
+                  markup=False)
+    return EXIT_OK
 
 
 def cmd_search(args) -> int:
+    from automl_ad import journey
     from automl_ad.constraints import parse_duration
-    from automl_ad.defaults import SEARCH_BUDGET
-    from automl_ad.search.engine import check_search_limits, check_store_free, run_search
-    from automl_ad.search.plan import plan_search
+    from automl_ad.search.engine import check_search_limits, check_store_free
 
     console = _console()
-    budget_s = parse_duration(args.budget) if args.budget else None if args.resume else parse_duration(SEARCH_BUDGET)
-    check_search_limits(budget_s, args.max_trials, args.trial_timeout, args.resume)  # before the slow planning
+    budget = args.budget or (None if args.resume else SEARCH_BUDGET)
+    check_search_limits(parse_duration(budget) if budget else None, args.max_trials, args.trial_timeout,
+                        args.resume)  # before the slow planning
     check_store_free(args.tracking_uri)
     families = [f.strip() for f in args.families.split(",") if f.strip()] if args.families else None
-    request = plan_search(args.data, args.category, args.profile, families, args.weights,
-                          say=lambda text: console.print(text, markup=False),
-                          budget_s=budget_s, max_trials=args.max_trials, seed=args.seed,
-                          metric=args.metric, validation=args.validation, tracking_uri=args.tracking_uri,
-                          address=args.address, resume=args.resume, trial_timeout_s=args.trial_timeout)
-    result = run_search(request, console=console)
+    result = journey.search_data(args.data, args.category, args.profile, families, args.weights, budget,
+                                 say=lambda text: console.print(text, markup=False), console=console,
+                                 max_trials=args.max_trials, seed=args.seed, metric=args.metric,
+                                 validation=args.validation, tracking_uri=args.tracking_uri, address=args.address,
+                                 resume=args.resume, trial_timeout_s=args.trial_timeout)
     ok = [t for t in result.trials if t.get("status") == "ok"]
     console.print(f"\n{len(result.trials)} trials ({len(ok)} complete); Pareto front of {len(result.front)}:")
     _print_leaderboard(console, result.front)
     console.print(f"\nTracking store: {result.tracking_uri} (experiment '{result.experiment}', search run "
                   f"{result.parent_run_id}).\nCompare: automl-ad leaderboard '{result.experiment}' "
-                  "--pareto   |   browse: automl-ad ui")
+                  "--pareto   |   browse: automl-ad ui", markup=False)
     return EXIT_OK
 
 
@@ -332,8 +272,6 @@ _BOARD_COLUMNS = (("family", "family"), ("quality", "quality"), ("throughput", "
 
 
 def _print_leaderboard(console, rows: list[dict]) -> None:
-    from rich.table import Table
-
     table = Table()
     for _, title in _BOARD_COLUMNS:
         table.add_column(title)
@@ -359,11 +297,6 @@ def cmd_leaderboard(args) -> int:
 
 def _check_port_free(host: str, port: int) -> None:
     """Raise UsageError when nothing may listen on ``host:port`` (another program holds it, or it is privileged)."""
-    import errno
-    import socket
-
-    from automl_ad.errors import UsageError
-
     with socket.socket() as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: a closed port is free
         try:
@@ -379,10 +312,6 @@ def _check_port_free(host: str, port: int) -> None:
 
 def _stop_process_group(group: int, grace_s: float) -> None:
     """SIGTERM every process of ``group``, give them ``grace_s`` to exit, then SIGKILL whatever is left."""
-    import os
-    import signal
-    import time
-
     for signum, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
         deadline = time.monotonic() + wait_s
         try:
@@ -395,12 +324,6 @@ def _stop_process_group(group: int, grace_s: float) -> None:
 
 
 def cmd_ui(args) -> int:
-    import os
-    import signal
-    import subprocess
-
-    from automl_ad.defaults import UI_HOST, UI_STOP_GRACE_S
-    from automl_ad.errors import UsageError
     from automl_ad.tracking.store import check_tracking_uri, default_tracking_uri
 
     uri = args.tracking_uri or default_tracking_uri()
@@ -441,35 +364,33 @@ def cmd_ui(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from automl_ad.deploy.export import choose_run, export_run
-    from automl_ad.errors import UsageError
-    from automl_ad.tracking.store import Tracker
+    from automl_ad.deploy.export import export_model
 
-    tracker = Tracker(args.tracking_uri)
     if args.best == bool(args.run_id):
         raise UsageError("give either a RUN_ID or --best (with --objective), not both or neither")
-    run_id = choose_run(tracker, args.experiment, args.objective) if args.best else args.run_id
     console = _console()
-    path = export_run(tracker, run_id, args.out, far=args.false_alarm_rate, overwrite=args.overwrite,
-                      say=lambda text: console.print(text, markup=False))
-    manifest = json.loads((path / "manifest.json").read_text())
-    image = manifest["thresholds"]["image"]
-    console.print(f"Exported run {run_id} ({manifest['family']}) to {path}; image threshold {image['value']:.4g} "
-                  f"({image['method']}, target false-alarm rate {image['target_false_alarm_rate']:g}).")
-    test = manifest["metrics"].get("test")
+    result = export_model(args.out, run_id=args.run_id, target=args.experiment if args.best else None,
+                          objective=args.objective, tracking_uri=args.tracking_uri, far=args.false_alarm_rate,
+                          overwrite=args.overwrite, mlflow=args.mlflow, say=lambda text: console.print(text, markup=False))
+    image = result.manifest["thresholds"]["image"]
+    console.print(f"Exported run {result.trial.run_id} ({result.trial.family}) to {result.path}; image threshold "
+                  f"{image['value']:.4g} ({image['method']}, target false-alarm rate "
+                  f"{image['target_false_alarm_rate']:g}).", markup=False)
+    test = result.manifest["metrics"].get("test")
     if test:
-        console.print(f"Test set (never used for selection): image AUROC {test.get('image_auroc')}, AUPRO "
-                      f"{test.get('aupro')}, false alarms {test.get('false_alarm_rate')}, detections "
-                      f"{test.get('detection_rate')} at that threshold.")
-    if args.mlflow:
-        from automl_ad.tracking.serving import log_package
-
-        uri = log_package(path, tracker.uri, run_id)
-        console.print(f"Logged as MLflow model {uri}. Serve it: MLFLOW_TRACKING_URI={tracker.uri} mlflow models serve "
-                      f"-m {uri} --env-manager local -p 5001, then POST {{\"inputs\": [\"<base64 image file>\"]}} "
-                      "to http://127.0.0.1:5001/invocations")
-    console.print(f"Next: automl-ad predict {path} IMAGES --out predictions/")
+        console.print(f"Test set (never used for selection): image AUROC {_rounded(test.get('image_auroc'))}, AUPRO "
+                      f"{_rounded(test.get('aupro'))}.", markup=False)
+    if result.model_uri:
+        console.print(f"Logged as MLflow model {result.model_uri}. Serve it: MLFLOW_TRACKING_URI={result.tracking_uri} "
+                      f"mlflow models serve -m {result.model_uri} --env-manager local -p 5001, then POST "
+                      "{\"inputs\": [\"<base64 image file>\"]} to http://127.0.0.1:5001/invocations", markup=False)
+    console.print(f"Next: automl-ad predict {result.path} IMAGES --out predictions/", markup=False)
     return EXIT_OK
+
+
+def _rounded(value, digits: int = 3) -> str:
+    """A figure for people: rounded, or n/a."""
+    return "n/a" if value is None else f"{value:.{digits}f}"
 
 
 def cmd_report(args) -> int:
@@ -484,11 +405,9 @@ def cmd_report(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from automl_ad.deploy.package import load_package
-    from automl_ad.deploy.predict import predict_files
+    from automl_ad import journey
 
-    package = load_package(args.package)
-    rows = predict_files(package, args.inputs, args.out, args.threshold, progress=not args.json)
+    rows = journey.predict_images(args.package, args.inputs, args.out, args.threshold, progress=not args.json)
     if args.json:
         print(json.dumps(rows, indent=2))
         return EXIT_OK
@@ -499,15 +418,14 @@ def cmd_predict(args) -> int:
         console.print(f"skipped {row['image']}: {row['error']}", style="yellow", markup=False, emoji=False)
     console.print(f"{len(rows) - len(errors)} images scored: {anomalous} anomalous, "
                   f"{len(rows) - len(errors) - anomalous} normal; {len(errors)} skipped. Results in {args.out} "
-                  "(predictions.csv, predictions.json, overlays/, masks/).")
+                  "(predictions.csv, predictions.json, overlays/, masks/).", markup=False)
     return EXIT_OK
 
 
 def _parse_params(items: list[str]) -> dict:
-    """``k=v`` pairs; values are read as YAML scalars/lists (0.1, true, [8, 16], resnet18)."""
-    from automl_ad.errors import UsageError
     from automl_ad.safe_yaml import load_yaml_text
 
+    """``k=v`` pairs; values are read as YAML scalars/lists (0.1, true, [8, 16], resnet18)."""
     params = {}
     for item in items or []:
         key, sep, value = item.partition("=")
@@ -518,161 +436,41 @@ def _parse_params(items: list[str]) -> dict:
     return params
 
 
-#: What ``fit --out`` holds: the saved detector, its fit record and ``evaluate``'s default output folder.
-_MODEL_FOLDER_ENTRIES = ("detector.json", "tensors.safetensors", "fit.json", "evaluation")
-
-
-def _saved_model_problem(folder: Path) -> str | None:
-    """Why ``folder`` is not a model written by ``fit`` (None when it is, so ``--overwrite`` may replace it)."""
-    others = sorted(p.name for p in folder.iterdir() if p.name not in _MODEL_FOLDER_ENTRIES or p.is_symlink()
-                    or p.is_dir() != (p.name == "evaluation"))
-    if others:
-        return f"it holds {', '.join(others[:5])}{' ...' if len(others) > 5 else ''}"
-    record = folder / "detector.json"
-    try:
-        saved = json.loads(record.read_text()) if record.stat().st_size < 64 << 20 else None
-    except (OSError, UnicodeDecodeError, ValueError):
-        saved = None
-    if not (isinstance(saved, dict) and "format" in saved and "family" in saved):
-        return "no detector.json of a saved detector"
-    return None
-
-
-@contextlib.contextmanager
-def _blaming_params(family: str, params: dict):
-    """Turn a ValueError/TypeError raised while a detector is built or fitted with the user's ``--param`` values into
-    a UsageError naming them; the original exception stays chained (``--verbose`` prints it)."""
-    from automl_ad.errors import AutomlAdError, UsageError
-
-    try:
-        yield
-    except AutomlAdError:
-        raise
-    except (ValueError, TypeError) as exc:
-        if not params:
-            raise
-        given = ", ".join(f"{key}={value!r}" for key, value in params.items())
-        raise UsageError(f"{family} failed with your parameters ({given}): {type(exc).__name__}: {exc}. Check these "
-                         "values (`automl-ad --verbose fit ...` shows where it failed)") from exc
-
-
-def _normal_folder(dataset) -> Path:
-    """Where normal training images of ``dataset`` go in its layout."""
-    return {"mvtec": dataset.root / "train" / "good", "plain": dataset.root / "good"}.get(dataset.layout, dataset.root)
-
-
 def cmd_fit(args) -> int:
-    from automl_ad.data import open_dataset
-    from automl_ad.data.imageset import ImageSet
-    from automl_ad.defaults import MIN_TRAIN_IMAGES
-    from automl_ad.detectors import create_detector
-    from automl_ad.errors import InvalidDatasetError, UsageError
-    from automl_ad.folders import check_output_folder, write_output_folder
+    from automl_ad import journey
 
-    target = {"what": "model", "replaceable": _saved_model_problem, "overwrite": args.overwrite,
-              "protected": (args.data, _state_path())}
-    check_output_folder(args.out, **target)  # before fitting, which may take long
-    params = _parse_params(args.param)
-    with _blaming_params(args.family, params):
-        detector = create_detector(args.family, **params)
-    if args.weights:
-        if "weights" not in detector.get_params():
-            raise UsageError(f"{args.family} uses no pretrained backbone; drop --weights")
-        if not Path(args.weights).is_file():
-            raise UsageError(f"--weights {args.weights} is not a file; pass a timm state_dict (.safetensors or .pth)")
-        detector.set_params(weights=str(Path(args.weights).resolve()))
-    elif args.profile and "backbone" in detector.get_params():
-        from automl_ad.constraints import load_constraints
-
-        local = load_constraints(args.profile).backbone_weights.get(detector.get_params()["backbone"])
-        if local:
-            detector.set_params(weights=local)
-    dataset = open_dataset(args.data, category=args.category, strict=args.strict, progress=True)
-    split = dataset.holdout_split()
-    train = ImageSet.from_records(split.train, dataset)
-    if len(train) < MIN_TRAIN_IMAGES:
-        raise InvalidDatasetError(f"{dataset.root}: {len(train)} normal image(s) to fit on, and fitting needs at least "
-                                  f"{MIN_TRAIN_IMAGES}; add normal (defect-free) images to {_normal_folder(dataset)}")
     console = _console()
-    console.print(f"Fitting {args.family} on {len(train)} normal images of {dataset.name} ...")
-    with _blaming_params(args.family, params):
-        detector.fit(train)
-    record = {"dataset": str(dataset.root), "category": dataset.name, "fingerprint": dataset.fingerprint(),
-              "n_train": len(train), "fit_seconds": detector.fit_seconds_, "peak_rss_mb": detector.fit_peak_rss_mb_}
-
-    def save(folder: Path) -> None:
-        detector.save(folder)
-        (folder / "fit.json").write_text(json.dumps(record, indent=2))
-
-    out = write_output_folder(args.out, save, **target)
+    params = _parse_params(args.param)
+    fitted = journey.fit_model(args.data, args.family, args.out, params, args.category, args.weights, args.profile,
+                               args.strict, args.overwrite, say=lambda text: console.print(text, markup=False))
+    detector = fitted.detector
     console.print(f"Fitted in {detector.fit_seconds_:.1f} s (peak memory {detector.fit_peak_rss_mb_:.0f} MB); "
-                  f"saved to {out}. Next: automl-ad evaluate {out} {args.data}")
+                  f"saved to {fitted.out}. Next: automl-ad evaluate {fitted.out} {args.data}", markup=False)
     return EXIT_OK
 
 
-def _test_images_hint(dataset) -> str:
-    """Where test images go in the layout of ``dataset``."""
-    root = dataset.root
-    if dataset.layout == "mvtec":
-        return (f"Put normal test images in {root / 'test' / 'good'} and defective ones in "
-                f"{root / 'test'}/<defect_type>/ (masks, optional, in {root / 'ground_truth'}/<defect_type>/"
-                "<name>_mask.png).")
-    if dataset.layout == "plain":
-        return (f"In this layout the defect folders ({root}/<defect_type>/) and a fifth of {root / 'good'} are tested: "
-                "add a folder of defective images or more normal images.")
-    return (f"A flat folder holds only normal images and a fifth of them are tested; {len(dataset.normal)} are too "
-            "few. Add images, or use the MVTec layout: train/good/, test/good/, test/<defect_type>/.")
-
-
 def cmd_evaluate(args) -> int:
-    from automl_ad.data import open_dataset
-    from automl_ad.data.imageset import ImageSet
-    from automl_ad.detectors import Detector
-    from automl_ad.errors import InvalidDatasetError, UsageError
-    from automl_ad.evaluation.run import evaluate_detector
-    from automl_ad.figures.heatmaps import save_overlays
+    from automl_ad import journey
 
-    model_dir = Path(args.model)
-    if not (model_dir / "detector.json").is_file():
-        package = (model_dir / "manifest.json").is_file()
-        raise UsageError(f"{model_dir} is not a model folder written by `automl-ad fit` (it has no detector.json)"
-                         + ("; it is a package: score images with `automl-ad predict`" if package else ""))
     if args.out:
         _check_output_path(args.out, "folder")
-    detector = Detector.load(model_dir)
-    dataset = open_dataset(args.data, category=args.category, strict=args.strict, progress=not args.json)
-    fit_record = model_dir / "fit.json"
-    if fit_record.is_file() and json.loads(fit_record.read_text()).get("fingerprint") != dataset.fingerprint():
-        log.warning("the model was fitted on other data than %s; test images may overlap its training images",
-                    dataset.root)
-    test = ImageSet.from_records(dataset.holdout_split().test, dataset)
-    if not len(test):
-        raise InvalidDatasetError(f"{dataset.root} has no test images to evaluate on. {_test_images_hint(dataset)}")
-    result = evaluate_detector(detector, test, measure_cost=not args.no_cost)
-    out = Path(args.out) if args.out else model_dir / "evaluation"
-    out.mkdir(parents=True, exist_ok=True)
-    summary = {"family": detector.name, "dataset": str(dataset.root), "n_test": len(test), **result.summary()}
-    (out / "metrics.json").write_text(json.dumps(summary, indent=2))
-    overlays = []
-    if result.anomaly_maps is not None:
-        images = test.load(detector.input_size)
-        overlays = save_overlays(out / "heatmaps", images, result.anomaly_maps, test.labels, result.image_scores,
-                                 [str(p) for p in test.paths], test.masks())
+    result = journey.evaluate_model(args.model, args.data, args.out, args.category, args.strict,
+                                    measure_cost=not args.no_cost, progress=not args.json)
+    for warning in result.warnings:
+        log.warning(warning)
     if args.json:
-        print(json.dumps(summary, indent=2))
+        print(json.dumps(result.summary, indent=2))
         return EXIT_OK
     console = _console()
-    _print_evaluation(console, summary, out, overlays)
-    if test.labels.min() == test.labels.max():
-        present, missing = ("defective", "normal") if test.labels.min() else ("normal", "defective")
+    _print_evaluation(console, result.summary, result.out, result.overlays)
+    if result.labels.min() == result.labels.max():
+        present, missing = ("defective", "normal") if result.labels.min() else ("normal", "defective")
         console.print(f"Note: every test image is {present}, so the detection metrics are n/a; add {missing} test "
                       "images to measure them.", markup=False)
     return EXIT_OK
 
 
 def _print_evaluation(console, summary: dict, out: Path, overlays: list) -> None:
-    from rich.table import Table
-
     table = Table(title=f"{summary['family']} on {summary['dataset']} ({summary['n_test']} test images)")
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -689,9 +487,6 @@ def _print_evaluation(console, summary: dict, out: Path, overlays: list) -> None
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from automl_ad import __version__
-    from automl_ad.defaults import DEMO_DATA_DIR, SEARCH_BUDGET, SHORTLIST_SIZE, UI_PORT
-
     parser = argparse.ArgumentParser(
         prog="automl-ad", description="Pick and tune the right industrial image anomaly-detection method.",
         epilog="Exit codes: 0 ok, 1 unexpected error, 2 usage/configuration error, 3 data problems.")
@@ -817,7 +612,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR, format="%(levelname)s: %(message)s")
-    from automl_ad.errors import AutomlAdError
 
     try:
         return args.func(args)

@@ -237,7 +237,7 @@ class Tracker:
     def _log_pareto_plot(self, parent_id: str, runs: list, ranks: np.ndarray) -> None:
         import tempfile
 
-        from automl_ad.reporting.plots import pareto_plot
+        from automl_ad.figures.plots import pareto_plot
 
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "pareto.png"
