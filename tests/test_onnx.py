@@ -1,4 +1,6 @@
-"""ONNX export: every family with an inference graph matches its own ``score`` under onnxruntime, packages ship
+"""ONNX export: every family with an inference graph matches its own ``score_samples`` under onnxruntime (the
+exported file holds the whole inference from the preprocessed image, where ``score_samples`` runs the family's
+head on the extracted features; ``test_graph_references.py`` checks that head against numpy), packages ship
 model.onnx with its parity figures (covered by the sha256 manifest), and the others say why they have none."""
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """The detector contract every method family follows (scikit-learn parameters, PyOD score direction).
 
-* ``__init__`` only stores keyword arguments, so ``get_params``/``set_params``/``sklearn.base.clone`` work and
-  a search can construct any configuration; defaults live in each family's ``__init__`` signature.
+* ``__init__`` only stores keyword arguments (``self._store_parameters(locals())``), so ``get_params``/
+  ``set_params``/``sklearn.base.clone`` work and a search can construct any configuration; defaults live in each
+  family's ``__init__`` signature.
 * ``_parameter_constraints`` declares what every constructor parameter accepts (see ``parameters.py``);
   ``fit`` and ``score_samples`` check them first and raise :class:`~automl_ad.errors.InvalidParameterError`.
 * ``fit(train) -> self`` on normal images; fitted attributes end in ``_`` and are declared on :class:`Detector`
@@ -165,6 +166,7 @@ class Detector(BaseEstimator):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors, state = self._state()
+        state = {**state, "loss_history": self.loss_history_, "epochs_trained": self.epochs_trained_}
         save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(directory / _TENSORS_FILE))
         record = {"format": SAVE_FORMAT, "automl_ad_version": __version__, "family": self.name,
                   "params": _jsonable(self.get_params()), "state": _jsonable(state),
@@ -197,8 +199,10 @@ class Detector(BaseEstimator):
             detector._validate_params()
         except InvalidParameterError as exc:
             raise InvalidParameterError(f"{directory / params_file}: {exc}") from exc
-        detector.loss_history_, detector.epochs_trained_ = [], None  # iterative families restore theirs
-        detector._restore(load_file(str(directory / tensors_file)), record["state"])
+        state = record["state"]
+        detector.loss_history_ = list(state.get("loss_history", []))
+        detector.epochs_trained_ = state.get("epochs_trained")
+        detector._restore(load_file(str(directory / tensors_file)), state)
         fit = record.get("fit", {})
         detector.fit_seconds_, detector.fit_peak_rss_mb_ = fit.get("seconds"), fit.get("peak_rss_mb")
         detector.n_train_ = fit.get("n_train")
@@ -233,13 +237,19 @@ class Detector(BaseEstimator):
         raise NotImplementedError
 
     def _state(self) -> tuple[dict[str, np.ndarray], dict]:
-        """Fitted arrays (saved in safetensors) and JSON-able fitted values."""
+        """Fitted arrays (saved in safetensors) and JSON-able fitted values (``save`` adds the training history)."""
         raise NotImplementedError
 
     def _restore(self, tensors: dict[str, np.ndarray], state: dict) -> None:
         raise NotImplementedError
 
     # --- helpers ----------------------------------------------------------------------------------------------
+    def _store_parameters(self, arguments: dict) -> None:
+        """The body of every family's ``__init__`` (``self._store_parameters(locals())``): each constructor
+        parameter kept as the attribute of its name, unchanged, as scikit-learn expects (``fit`` validates)."""
+        for name in self._get_param_names():
+            setattr(self, name, arguments[name])
+
     def _validate_params(self) -> None:
         """Check every constructor parameter against ``_parameter_constraints``, then their relations."""
         check_parameters(self.name, self._parameter_constraints, self.get_params(deep=False))

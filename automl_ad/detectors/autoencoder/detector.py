@@ -68,8 +68,6 @@ class Autoencoder(GraphDetector):
 
     name = "autoencoder"
     route = "autoencoder"
-    supports_localization = True
-    needs_training = True
     iterative = True
     # 32 px, L2: at that size an 11 px SSIM window spans a third of the flange and SSIM ranks worse (AUROC ~0.6)
     test_params = {"input_size": 32, "epochs": 50, "batch_size": 4, "learning_rate": 1e-3, "latent_dim": 32,
@@ -88,23 +86,7 @@ class Autoencoder(GraphDetector):
                  epochs=200, batch_size=16, learning_rate=2e-4, weight_decay=1e-5, augment=False,
                  map_metric="ssim", smoothing_sigma=2.0, image_score="max", top_k_fraction=0.01, device="auto",
                  seed=0):
-        self.input_size = input_size
-        self.gray = gray
-        self.latent_dim = latent_dim
-        self.base_channels = base_channels
-        self.loss = loss
-        self.ssim_weight = ssim_weight
-        self.epochs = epochs
-        self.batch_size = batch_size
-        self.learning_rate = learning_rate
-        self.weight_decay = weight_decay
-        self.augment = augment
-        self.map_metric = map_metric
-        self.smoothing_sigma = smoothing_sigma
-        self.image_score = image_score
-        self.top_k_fraction = top_k_fraction
-        self.device = device
-        self.seed = seed
+        self._store_parameters(locals())
 
     # --- model ------------------------------------------------------------------------------------------------
     def _build(self):
@@ -164,12 +146,9 @@ class Autoencoder(GraphDetector):
 
     # --- persistence ------------------------------------------------------------------------------------------
     def _state(self):
-        return module_tensors(self.model_), {"loss_history": self.loss_history_,
-                                             "epochs_trained": self.epochs_trained_}
+        return module_tensors(self.model_), {}
 
     def _restore(self, tensors, state):
-        self.loss_history_ = list(state["loss_history"])
-        self.epochs_trained_ = state["epochs_trained"]
         self.model_ = self._build()
         load_module_tensors(self.model_, tensors)
         self.model_.eval()

@@ -66,8 +66,6 @@ class CutPaste(BackboneDetector):
 
     name = "cutpaste"
     route = "self_supervised"
-    supports_localization = True
-    needs_training = True
     no_graph = "its maps accumulate patch scores over overlapping crops with numpy; no graph for it yet"
     iterative = True
     test_params = {"backbone": "resnet18", "pretrained": False, "input_size": 64, "patch_size": 32,
@@ -90,28 +88,7 @@ class CutPaste(BackboneDetector):
                  learning_rate=0.03, momentum=0.9, weight_decay=3e-5, area_ratio=(0.02, 0.15), aspect_ratio=0.3,
                  scar_width=(2, 16), scar_length=(10, 25), scar_rotation=45.0, jitter=0.1, smoothing_sigma=4.0,
                  seed=0):
-        self.backbone = backbone
-        self.feature_strides = feature_strides
-        self.weights = weights
-        self.pretrained = pretrained
-        self.input_size = input_size
-        self.device = device
-        self.patch_size = patch_size
-        self.patch_stride = patch_stride
-        self.head_dims = head_dims
-        self.epochs = epochs
-        self.batch_size = batch_size
-        self.learning_rate = learning_rate
-        self.momentum = momentum
-        self.weight_decay = weight_decay
-        self.area_ratio = area_ratio
-        self.aspect_ratio = aspect_ratio
-        self.scar_width = scar_width
-        self.scar_length = scar_length
-        self.scar_rotation = scar_rotation
-        self.jitter = jitter
-        self.smoothing_sigma = smoothing_sigma
-        self.seed = seed
+        self._store_parameters(locals())
 
     def _check_parameter_relations(self) -> None:
         if self.patch_size > self.input_size:
@@ -237,8 +214,7 @@ class CutPaste(BackboneDetector):
     def _state(self):
         tensors = {f"network.{k}": v.detach().cpu().numpy() for k, v in self.network_.state_dict().items()}
         tensors.update(mean=self.mean_, precision=self.precision_)
-        return tensors, {"loss_history": self.loss_history_, "epochs_trained": self.epochs_trained_,
-                         **self._backbone_state()}
+        return tensors, self._backbone_state()
 
     def _restore(self, tensors, state):
         import torch
@@ -250,8 +226,6 @@ class CutPaste(BackboneDetector):
                                  for k, v in tensors.items() if k.startswith("network.")})
         self._set_network(network)
         self.mean_, self.precision_ = tensors["mean"], tensors["precision"]
-        self.loss_history_ = list(state["loss_history"])
-        self.epochs_trained_ = state["epochs_trained"]
 
 
 def projection_head(in_dim: int, head_dims: tuple[int, ...]):

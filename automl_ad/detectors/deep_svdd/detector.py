@@ -54,8 +54,6 @@ class DeepSVDD(PatchScoreDetector):
 
     name = "deep_svdd"
     route = "one_class"
-    supports_localization = True
-    needs_training = True
     iterative = True
     test_params = {"backbone": "resnet18", "pretrained": False, "input_size": 64, "epochs": 5, "batch_size": 256,
                    "learning_rate": 1e-3}
@@ -71,27 +69,7 @@ class DeepSVDD(PatchScoreDetector):
                  device="auto", cache_features=True, neighbourhood=3, embedding_dim=None, hidden_dims=(256,),
                  rep_dim=64, objective="one-class", nu=0.1, epochs=30, batch_size=1024, learning_rate=1e-4,
                  weight_decay=1e-6, warm_up_epochs=10, centre_eps=0.1, smoothing_sigma=4.0, seed=0):
-        self.backbone = backbone
-        self.feature_strides = feature_strides
-        self.weights = weights
-        self.pretrained = pretrained
-        self.input_size = input_size
-        self.device = device
-        self.cache_features = cache_features
-        self.neighbourhood = neighbourhood
-        self.embedding_dim = embedding_dim
-        self.hidden_dims = hidden_dims
-        self.rep_dim = rep_dim
-        self.objective = objective
-        self.nu = nu
-        self.epochs = epochs
-        self.batch_size = batch_size
-        self.learning_rate = learning_rate
-        self.weight_decay = weight_decay
-        self.warm_up_epochs = warm_up_epochs
-        self.centre_eps = centre_eps
-        self.smoothing_sigma = smoothing_sigma
-        self.seed = seed
+        self._store_parameters(locals())
 
     # --- network ----------------------------------------------------------------------------------------------
     def _build(self, in_dim: int):
@@ -157,9 +135,7 @@ class DeepSVDD(PatchScoreDetector):
     def _state(self):
         tensors = {f"network.{k}": v.detach().cpu().numpy() for k, v in self.network_.state_dict().items()}
         tensors["centre"] = self.centre_.detach().cpu().numpy()
-        return tensors, {"radius": self.radius_, "feature_shape": list(self.feature_shape_),
-                         "loss_history": self.loss_history_, "epochs_trained": self.epochs_trained_,
-                         **self._backbone_state()}
+        return tensors, {"radius": self.radius_, "feature_shape": list(self.feature_shape_), **self._backbone_state()}
 
     def _restore(self, tensors, state):
         import torch
@@ -173,8 +149,6 @@ class DeepSVDD(PatchScoreDetector):
         self.centre_ = torch.from_numpy(tensors["centre"]).to(self._extractor().device)
         self.radius_ = float(state["radius"])
         self.feature_shape_ = tuple(state["feature_shape"])
-        self.loss_history_ = list(state["loss_history"])
-        self.epochs_trained_ = state["epochs_trained"]
 
 
 def svdd_network(in_dim: int, hidden_dims: tuple[int, ...], rep_dim: int):

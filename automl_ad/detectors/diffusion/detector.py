@@ -80,8 +80,6 @@ class Diffusion(BackboneDetector):
 
     name = "diffusion"
     route = "diffusion"
-    supports_localization = True
-    needs_training = True
     no_graph = "scoring draws random noise and runs an iterative denoising loop, so it is not a deterministic graph"
     iterative = True
     # At 32 px the backbone's stride-8/16 maps are 4x4/2x2, too coarse to help: the contract test scores pixels.
@@ -103,29 +101,7 @@ class Diffusion(BackboneDetector):
                  timesteps=1000, schedule="linear", epochs=1000, batch_size=32, learning_rate=1e-3,
                  weight_decay=1e-5, ema_decay=0.999, t0=250, steps=10, guidance=3.0, feature_scoring=True,
                  pixel_weight=1.0, smoothing_sigma=4.0, seed=0):
-        self.backbone = backbone
-        self.feature_strides = feature_strides
-        self.weights = weights
-        self.pretrained = pretrained
-        self.input_size = input_size
-        self.device = device
-        self.cache_features = cache_features
-        self.channels = channels
-        self.channel_mults = channel_mults
-        self.timesteps = timesteps
-        self.schedule = schedule
-        self.epochs = epochs
-        self.batch_size = batch_size
-        self.learning_rate = learning_rate
-        self.weight_decay = weight_decay
-        self.ema_decay = ema_decay
-        self.t0 = t0
-        self.steps = steps
-        self.guidance = guidance
-        self.feature_scoring = feature_scoring
-        self.pixel_weight = pixel_weight
-        self.smoothing_sigma = smoothing_sigma
-        self.seed = seed
+        self._store_parameters(locals())
 
     # --- parameters -------------------------------------------------------------------------------------------
     def _check_parameter_relations(self) -> None:
@@ -267,8 +243,7 @@ class Diffusion(BackboneDetector):
 
     # --- persistence ------------------------------------------------------------------------------------------
     def _state(self):
-        state = {"loss_history": self.loss_history_, "epochs_trained": self.epochs_trained_,
-                 "pixel_scale": self.pixel_scale_}
+        state = {"pixel_scale": self.pixel_scale_}
         if self.feature_scoring:
             state.update(self._backbone_state())
         return module_tensors(self.model_), state
@@ -276,8 +251,6 @@ class Diffusion(BackboneDetector):
     def _restore(self, tensors, state):
         if self.feature_scoring:
             self._check_backbone(state)
-        self.loss_history_ = list(state["loss_history"])
-        self.epochs_trained_ = state["epochs_trained"]
         self.pixel_scale_ = state["pixel_scale"]
         model = self._build()
         load_module_tensors(model, tensors)

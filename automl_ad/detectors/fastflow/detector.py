@@ -42,8 +42,6 @@ class FastFlow(BackboneGraphDetector):
 
     name = "fastflow"
     route = "distribution_map"
-    supports_localization = True
-    needs_training = True
     iterative = True
     test_params = {"backbone": "resnet18", "pretrained": False, "input_size": 64, "flow_steps": 4, "epochs": 15,
                    "batch_size": 8}
@@ -58,24 +56,7 @@ class FastFlow(BackboneGraphDetector):
                  input_size=256, device="auto", cache_features=True, flow_steps=8, hidden_ratio=1.0,
                  conv3x3_only=False, affine_clamping=2.0, norm_affine=True, epochs=100, batch_size=32,
                  learning_rate=1e-3, weight_decay=1e-5, smoothing_sigma=0.0, seed=0):
-        self.backbone = backbone
-        self.feature_strides = feature_strides
-        self.weights = weights
-        self.pretrained = pretrained
-        self.input_size = input_size
-        self.device = device
-        self.cache_features = cache_features
-        self.flow_steps = flow_steps
-        self.hidden_ratio = hidden_ratio
-        self.conv3x3_only = conv3x3_only
-        self.affine_clamping = affine_clamping
-        self.norm_affine = norm_affine
-        self.epochs = epochs
-        self.batch_size = batch_size
-        self.learning_rate = learning_rate
-        self.weight_decay = weight_decay
-        self.smoothing_sigma = smoothing_sigma
-        self.seed = seed
+        self._store_parameters(locals())
 
     # --- model ------------------------------------------------------------------------------------------------
     def _build(self, shapes: list[tuple[int, int, int]]):
@@ -133,17 +114,13 @@ class FastFlow(BackboneGraphDetector):
     # --- persistence ------------------------------------------------------------------------------------------
     def _state(self):
         tensors = {k: v.detach().cpu().numpy() for k, v in self.model_.state_dict().items()}
-        return tensors, {"feature_shapes": [list(s) for s in self.feature_shapes_],
-                         "loss_history": self.loss_history_, "epochs_trained": self.epochs_trained_,
-                         **self._backbone_state()}
+        return tensors, {"feature_shapes": [list(s) for s in self.feature_shapes_], **self._backbone_state()}
 
     def _restore(self, tensors, state):
         import torch
 
         self._check_backbone(state)
         self.feature_shapes_ = [tuple(s) for s in state["feature_shapes"]]
-        self.loss_history_ = list(state["loss_history"])
-        self.epochs_trained_ = state["epochs_trained"]
         model = self._build(self.feature_shapes_)
         device = next(model.parameters()).device
         model.load_state_dict({k: torch.from_numpy(v).to(device) for k, v in tensors.items()})

@@ -50,7 +50,6 @@ class FrequencyDomain(Detector):
 
     name = "frequency"
     route = "frequency_domain"
-    supports_localization = True
     needs_training = False
     no_graph = ("it filters each image's Fourier spectrum with numpy (periodic-plus-smooth decomposition),"
                 " not a torch graph")
@@ -65,12 +64,7 @@ class FrequencyDomain(Detector):
 
     def __init__(self, input_size=256, method="spectrum", smoothing_sigma=4.0, peak_threshold=0.5, baseline_size=9,
                  notch_radius=1):
-        self.input_size = input_size
-        self.method = method
-        self.smoothing_sigma = smoothing_sigma
-        self.peak_threshold = peak_threshold
-        self.baseline_size = baseline_size
-        self.notch_radius = notch_radius
+        self._store_parameters(locals())
 
     # --- fit --------------------------------------------------------------------------------------------------
     def _fit(self, train: ImageSet, on_epoch: EpochCallback | None) -> None:

@@ -65,8 +65,6 @@ class GANomaly(GraphDetector):
 
     name = "ganomaly"
     route = "gan"
-    supports_localization = True
-    needs_training = True
     iterative = True
     # The paper's latent score is unreliable after a few seconds of training on 24 demo images (image AUROC 0.2-0.85
     # over seeds); the residual map's maximum is not (0.82-1.0), so the contract test uses it.
@@ -84,22 +82,7 @@ class GANomaly(GraphDetector):
     def __init__(self, input_size=64, gray=False, latent_dim=100, base_channels=64, extra_layers=0, epochs=15,
                  batch_size=64, learning_rate=2e-4, beta1=0.5, w_adv=1.0, w_con=50.0, w_enc=1.0,
                  image_score="latent", smoothing_sigma=2.0, device="auto", seed=0):
-        self.input_size = input_size
-        self.gray = gray
-        self.latent_dim = latent_dim
-        self.base_channels = base_channels
-        self.extra_layers = extra_layers
-        self.epochs = epochs
-        self.batch_size = batch_size
-        self.learning_rate = learning_rate
-        self.beta1 = beta1
-        self.w_adv = w_adv
-        self.w_con = w_con
-        self.w_enc = w_enc
-        self.image_score = image_score
-        self.smoothing_sigma = smoothing_sigma
-        self.device = device
-        self.seed = seed
+        self._store_parameters(locals())
 
     def _check_parameter_relations(self) -> None:
         if self.w_adv + self.w_con + self.w_enc <= 0:
@@ -185,13 +168,10 @@ class GANomaly(GraphDetector):
     def _state(self):
         tensors = {**module_tensors(self.generator_, "generator."),
                    **module_tensors(self.discriminator_, "discriminator.")}
-        return tensors, {"loss_history": self.loss_history_, "loss_parts": self.loss_parts_,
-                         "epochs_trained": self.epochs_trained_, "discriminator_resets": self.discriminator_resets_}
+        return tensors, {"loss_parts": self.loss_parts_, "discriminator_resets": self.discriminator_resets_}
 
     def _restore(self, tensors, state):
-        self.loss_history_ = list(state["loss_history"])
         self.loss_parts_ = list(state["loss_parts"])
-        self.epochs_trained_ = state["epochs_trained"]
         self.discriminator_resets_ = state["discriminator_resets"]
         generator, discriminator = self._build()
         load_module_tensors(generator, tensors, "generator.")

@@ -52,8 +52,6 @@ class GaussianModel(GraphDetector):
 
     name = "gaussian"
     route = "statistical"
-    supports_localization = True
-    needs_training = True
     gray = True
     test_params = {"input_size": 64, "scales": (1.0, 2.0), "smoothing_sigma": 2.0}
     test_category = "object"
@@ -66,14 +64,7 @@ class GaussianModel(GraphDetector):
 
     def __init__(self, input_size=256, mode="auto", scales=(2.0, 4.0), regularisation=0.01,
                  covariance="ledoit_wolf", max_samples=20000, smoothing_sigma=4.0, seed=0):
-        self.input_size = input_size
-        self.mode = mode
-        self.scales = scales
-        self.regularisation = regularisation
-        self.covariance = covariance
-        self.max_samples = max_samples
-        self.smoothing_sigma = smoothing_sigma
-        self.seed = seed
+        self._store_parameters(locals())
 
     # --- fit --------------------------------------------------------------------------------------------------
     def _fit(self, train: ImageSet, on_epoch: EpochCallback | None) -> None:

@@ -51,7 +51,6 @@ class OneClassSvm(BackboneDetector):
     name = "ocsvm"
     route = "classification_surface"
     supports_localization = False
-    needs_training = True
     no_graph = "the decision function is a scikit-learn one-class SVM, not a torch graph"
     test_params = {"backbone": "resnet18", "pretrained": False, "input_size": 64}
     test_category = "object"
@@ -66,22 +65,7 @@ class OneClassSvm(BackboneDetector):
     def __init__(self, backbone="resnet18", feature_strides=(16, 32), weights=None, pretrained=True,
                  input_size=256, device="auto", cache_features=True, pooling="avgmax", kernel="rbf", nu=0.1,
                  gamma_scale=1.0, localization="none", window=4, max_windows=5000, smoothing_sigma=4.0, seed=0):
-        self.backbone = backbone
-        self.feature_strides = feature_strides
-        self.weights = weights
-        self.pretrained = pretrained
-        self.input_size = input_size
-        self.device = device
-        self.cache_features = cache_features
-        self.pooling = pooling
-        self.kernel = kernel
-        self.nu = nu
-        self.gamma_scale = gamma_scale
-        self.localization = localization
-        self.window = window
-        self.max_windows = max_windows
-        self.smoothing_sigma = smoothing_sigma
-        self.seed = seed
+        self._store_parameters(locals())
 
     # --- descriptors ------------------------------------------------------------------------------------------
     def _pooled(self, features: list[np.ndarray]) -> np.ndarray:

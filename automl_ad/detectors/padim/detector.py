@@ -36,7 +36,6 @@ class Padim(BackboneGraphDetector):
 
     name = "padim"
     route = "distribution_map"
-    supports_localization = True
     needs_training = False
     test_params = {"backbone": "resnet18", "pretrained": False, "input_size": 64}
     _parameter_constraints = {**BACKBONE_CONSTRAINTS, "n_features": [POSITIVE_INT], "epsilon": [POSITIVE],
@@ -45,17 +44,7 @@ class Padim(BackboneGraphDetector):
     def __init__(self, backbone="resnet18", feature_strides=(8, 16), weights=None, pretrained=True,
                  input_size=256, device="auto", cache_features=True, n_features=100, epsilon=0.01,
                  smoothing_sigma=4.0, seed=0):
-        self.backbone = backbone
-        self.feature_strides = feature_strides
-        self.weights = weights
-        self.pretrained = pretrained
-        self.input_size = input_size
-        self.device = device
-        self.cache_features = cache_features
-        self.n_features = n_features
-        self.epsilon = epsilon
-        self.smoothing_sigma = smoothing_sigma
-        self.seed = seed
+        self._store_parameters(locals())
 
     # --- features ---------------------------------------------------------------------------------------------
     def _embed(self, features: list[np.ndarray]):

@@ -44,7 +44,6 @@ class PatchCore(PatchFeatureDetector):
 
     name = "patchcore"
     route = "memory_bank"
-    supports_localization = True
     needs_training = False
     test_params = {"backbone": "resnet18", "pretrained": False, "input_size": 64, "coreset_ratio": 0.5}
     _parameter_constraints = {
@@ -57,21 +56,7 @@ class PatchCore(PatchFeatureDetector):
                  input_size=256, device="auto", cache_features=True, neighbourhood=3, embedding_dim=None,
                  coreset_ratio=0.01, coreset_projection_dim=64, num_neighbors=9, index="exact", smoothing_sigma=4.0,
                  seed=0):
-        self.backbone = backbone
-        self.feature_strides = feature_strides
-        self.weights = weights
-        self.pretrained = pretrained
-        self.input_size = input_size
-        self.device = device
-        self.cache_features = cache_features
-        self.neighbourhood = neighbourhood
-        self.embedding_dim = embedding_dim
-        self.coreset_ratio = coreset_ratio
-        self.coreset_projection_dim = coreset_projection_dim
-        self.num_neighbors = num_neighbors
-        self.index = index
-        self.smoothing_sigma = smoothing_sigma
-        self.seed = seed
+        self._store_parameters(locals())
 
     # --- fit --------------------------------------------------------------------------------------------------
     def _fit(self, train: ImageSet, on_epoch: EpochCallback | None) -> None:

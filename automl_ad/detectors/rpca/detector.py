@@ -48,7 +48,6 @@ class RobustPCA(Detector):
 
     name = "rpca"
     route = "image_decomposition"
-    supports_localization = True
     needs_training = False
     no_graph = ("robust PCA solves an iterative optimisation per image batch (numpy SVDs until"
                 " convergence), not a fixed graph")
@@ -63,12 +62,7 @@ class RobustPCA(Detector):
 
     def __init__(self, input_size=256, lambda_scale=3.0, tol=1e-7, max_iter=100, smoothing_sigma=2.0,
                  top_fraction=0.0):
-        self.input_size = input_size
-        self.lambda_scale = lambda_scale
-        self.tol = tol
-        self.max_iter = max_iter
-        self.smoothing_sigma = smoothing_sigma
-        self.top_fraction = top_fraction
+        self._store_parameters(locals())
 
     def _fit(self, train: ImageSet, on_epoch: EpochCallback | None) -> None:
         """Nothing to learn: each image is decomposed on its own when it is scored."""

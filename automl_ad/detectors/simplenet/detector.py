@@ -44,8 +44,6 @@ class SimpleNet(PatchScoreDetector):
 
     name = "simplenet"
     route = "self_supervised"
-    supports_localization = True
-    needs_training = True
     iterative = True
     test_params = {"backbone": "resnet18", "pretrained": False, "input_size": 64, "epochs": 8, "hidden_dim": 256,
                    "batch_size": 2, "noise_std": 0.5}
@@ -59,24 +57,7 @@ class SimpleNet(PatchScoreDetector):
                  device="auto", cache_features=True, neighbourhood=3, embedding_dim=None, hidden_dim=1024,
                  noise_std=0.015, margin=0.5, epochs=160, batch_size=8, learning_rate=2e-4,
                  adaptor_learning_rate=1e-4, smoothing_sigma=4.0, seed=0):
-        self.backbone = backbone
-        self.feature_strides = feature_strides
-        self.weights = weights
-        self.pretrained = pretrained
-        self.input_size = input_size
-        self.device = device
-        self.cache_features = cache_features
-        self.neighbourhood = neighbourhood
-        self.embedding_dim = embedding_dim
-        self.hidden_dim = hidden_dim
-        self.noise_std = noise_std
-        self.margin = margin
-        self.epochs = epochs
-        self.batch_size = batch_size
-        self.learning_rate = learning_rate
-        self.adaptor_learning_rate = adaptor_learning_rate
-        self.smoothing_sigma = smoothing_sigma
-        self.seed = seed
+        self._store_parameters(locals())
 
     # --- model ------------------------------------------------------------------------------------------------
     def _build(self, dim: int):
@@ -128,8 +109,7 @@ class SimpleNet(PatchScoreDetector):
     # --- persistence ------------------------------------------------------------------------------------------
     def _state(self):
         tensors = {k: v.detach().cpu().numpy() for k, v in self.model_.state_dict().items()}
-        return tensors, {"feature_shape": list(self.feature_shape_), "loss_history": self.loss_history_,
-                         "epochs_trained": self.epochs_trained_, **self._backbone_state()}
+        return tensors, {"feature_shape": list(self.feature_shape_), **self._backbone_state()}
 
     def _restore(self, tensors, state):
         import torch
@@ -140,8 +120,6 @@ class SimpleNet(PatchScoreDetector):
         model.load_state_dict({k: torch.from_numpy(v).to(device) for k, v in tensors.items()})
         self.model_ = model.eval()
         self.feature_shape_ = tuple(state["feature_shape"])
-        self.loss_history_ = list(state["loss_history"])
-        self.epochs_trained_ = state["epochs_trained"]
 
 
 def simplenet_model(dim: int, hidden_dim: int):

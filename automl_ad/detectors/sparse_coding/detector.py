@@ -46,8 +46,6 @@ class SparseCoding(Detector):
 
     name = "sparse_coding"
     route = "sparse_coding"
-    supports_localization = True
-    needs_training = True
     no_graph = "each patch is sparse-coded by an iterative scikit-learn solver, not a fixed graph"
     test_params = {"input_size": 64, "patch_size": 8, "stride": 4, "n_atoms": 32, "max_patches": 4000,
                    "max_iter": 5, "remove_mean": False, "smoothing_sigma": 2.0}
@@ -64,20 +62,7 @@ class SparseCoding(Detector):
     def __init__(self, input_size=256, color=False, patch_size=16, stride=8, remove_mean=True, n_atoms=128,
                  alpha=0.5, transform_algorithm="lasso_lars", n_nonzero_coefs=5, max_patches=20000, max_iter=20,
                  batch_size=256, smoothing_sigma=2.0, seed=0):
-        self.input_size = input_size
-        self.color = color
-        self.patch_size = patch_size
-        self.stride = stride
-        self.remove_mean = remove_mean
-        self.n_atoms = n_atoms
-        self.alpha = alpha
-        self.transform_algorithm = transform_algorithm
-        self.n_nonzero_coefs = n_nonzero_coefs
-        self.max_patches = max_patches
-        self.max_iter = max_iter
-        self.batch_size = batch_size
-        self.smoothing_sigma = smoothing_sigma
-        self.seed = seed
+        self._store_parameters(locals())
 
     # --- fit --------------------------------------------------------------------------------------------------
     def _fit(self, train: ImageSet, on_epoch: EpochCallback | None) -> None:

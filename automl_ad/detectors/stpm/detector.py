@@ -44,8 +44,6 @@ class STPM(BackboneGraphDetector):
 
     name = "stpm"
     route = "teacher_student"
-    supports_localization = True
-    needs_training = True
     iterative = True
     head_reads_images = True
     test_params = {"backbone": "resnet18", "pretrained": False, "input_size": 64, "epochs": 12, "batch_size": 4}
@@ -60,22 +58,7 @@ class STPM(BackboneGraphDetector):
                  input_size=256, device="auto", cache_features=True, epochs=100, batch_size=8, optimizer="sgd",
                  learning_rate=0.4, momentum=0.9, weight_decay=1e-4, map_combination="product",
                  smoothing_sigma=0.0, seed=0):
-        self.backbone = backbone
-        self.feature_strides = feature_strides
-        self.weights = weights
-        self.pretrained = pretrained
-        self.input_size = input_size
-        self.device = device
-        self.cache_features = cache_features
-        self.epochs = epochs
-        self.batch_size = batch_size
-        self.optimizer = optimizer
-        self.learning_rate = learning_rate
-        self.momentum = momentum
-        self.weight_decay = weight_decay
-        self.map_combination = map_combination
-        self.smoothing_sigma = smoothing_sigma
-        self.seed = seed
+        self._store_parameters(locals())
 
     # --- student ----------------------------------------------------------------------------------------------
     def _new_student(self):
@@ -141,15 +124,12 @@ class STPM(BackboneGraphDetector):
     # --- persistence ------------------------------------------------------------------------------------------
     def _state(self):
         tensors = {k: v.detach().cpu().numpy() for k, v in self.student_.state_dict().items()}
-        return tensors, {"loss_history": self.loss_history_, "epochs_trained": self.epochs_trained_,
-                         **self._backbone_state()}
+        return tensors, self._backbone_state()
 
     def _restore(self, tensors, state):
         import torch
 
         self._check_backbone(state)
-        self.loss_history_ = list(state["loss_history"])
-        self.epochs_trained_ = state["epochs_trained"]
         student = self._new_student()
         device = self._extractor().device
         student.load_state_dict({k: torch.from_numpy(v).to(device) for k, v in tensors.items()})

@@ -48,7 +48,6 @@ class TemplateMatching(Detector):
 
     name = "template"
     route = "template_matching"
-    supports_localization = True
     needs_training = False
     no_graph = ("each image is registered to the template by a search over shifts (and rotations) with"
                 " scikit-image, not a fixed torch graph")
@@ -64,14 +63,7 @@ class TemplateMatching(Detector):
 
     def __init__(self, input_size=256, upsample_factor=10, max_rotation=0.0, rotation_step=0.5,
                  tolerance_floor=0.01, opening_size=3, smoothing_sigma=4.0, min_alignment=0.5):
-        self.input_size = input_size
-        self.upsample_factor = upsample_factor
-        self.max_rotation = max_rotation
-        self.rotation_step = rotation_step
-        self.tolerance_floor = tolerance_floor
-        self.opening_size = opening_size
-        self.smoothing_sigma = smoothing_sigma
-        self.min_alignment = min_alignment
+        self._store_parameters(locals())
 
     # --- fit --------------------------------------------------------------------------------------------------
     def _fit(self, train: ImageSet, on_epoch: EpochCallback | None) -> None:
