@@ -11,7 +11,7 @@ import torch
 from scipy import ndimage
 
 from automl_ad.data.imageset import ImageSet
-from automl_ad.detectors import create_detector
+from automl_ad.detectors import create_detector, graph_based
 
 SIZE = 32
 BACKBONE = {"backbone": "resnet18", "pretrained": False, "input_size": SIZE, "cache_features": False}
@@ -227,3 +227,31 @@ def test_simplenet_maps_the_negated_discriminator(images):
     scores = -run(lambda x: model["discriminator"](model["adaptor"](x)), embedding.reshape(-1, d))[0][:, 0]
     maps = pixel_map(scores.reshape(n, h, w), 1.5)
     assert_scores(detector, test, maps.max(axis=(1, 2)), maps)
+
+
+# --- how the graph runs -----------------------------------------------------------------------------------------
+def test_graph_runs_in_eager_torch_past_the_onnx_size_limit(images, monkeypatch):
+    """A graph whose constants pass protobuf's 2 GiB limit runs in torch (the path a GPU takes), with the same
+    scores as through ONNX Runtime."""
+    train, test = images.subset(range(6)), images.subset(range(6, 10))
+    detector = create_detector("padim", **BACKBONE, n_features=20).fit(train)
+    through_onnx = detector.score_samples(test)
+    monkeypatch.setattr(graph_based, "ONNX_CONSTANTS_LIMIT", 0)
+    monkeypatch.setattr(graph_based, "cpu_runner", lambda *args: pytest.fail("exported despite the size limit"))
+    eager = detector.set_params(n_features=20).score_samples(test)  # set_params: the graph is built again
+    np.testing.assert_allclose(eager.anomaly_maps, through_onnx.anomaly_maps, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(eager.image_scores, through_onnx.image_scores, rtol=1e-5, atol=1e-5)
+
+
+def test_the_graph_follows_parameters_set_after_fit_and_survives_copies(images):
+    import copy
+    import pickle
+
+    train, test = images.subset(range(6)), images.subset(range(6, 10))
+    detector = create_detector("patchcore", **BACKBONE, smoothing_sigma=0.0).fit(train)
+    sharp = detector.score_samples(test)
+    smooth = detector.set_params(smoothing_sigma=2.0).score_samples(test)
+    np.testing.assert_allclose(smooth.anomaly_maps, blur(sharp.anomaly_maps.astype(np.float64), 2.0), rtol=0,
+                               atol=TOLERANCE * np.ptp(sharp.anomaly_maps))
+    for twin in (copy.deepcopy(detector), pickle.loads(pickle.dumps(detector))):
+        np.testing.assert_allclose(twin.score_samples(test).anomaly_maps, smooth.anomaly_maps, rtol=1e-5, atol=1e-6)

@@ -79,6 +79,12 @@ class GraphDetector(Detector):
         self._runner = None
         return super().set_params(**params)
 
+    def __getstate__(self):
+        """Copies and pickles leave the runner out (an ONNX Runtime session); they build their own."""
+        state = super().__getstate__()
+        state.pop("_runner", None)
+        return state
+
     def _score(self, images: ImageSet) -> Scores:
         inputs = self._graph_inputs(images)
         run = self._graph_runner(inputs)
