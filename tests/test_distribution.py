@@ -100,7 +100,8 @@ def test_padim_streamed_moments_equal_the_two_pass_formula(monkeypatch):
     from automl_ad.detectors.padim import detector as padim_module
 
     rng = np.random.default_rng(0)
-    features = [rng.normal(3, 1, (50, 16, 8, 8)).astype(np.float32), rng.normal(0, 2, (50, 32, 4, 4)).astype(np.float32)]
+    features = [rng.normal(3, 1, (50, 16, 8, 8)).astype(np.float32),
+                rng.normal(0, 2, (50, 32, 4, 4)).astype(np.float32)]
     detector = create_detector("padim", backbone="resnet18", pretrained=False, input_size=64)
     detector.channels_ = np.sort(rng.choice(48, 20, replace=False))
     monkeypatch.setattr(padim_module, "_CHUNK_VALUES", 64 * 20 * 7)  # 7 images per chunk

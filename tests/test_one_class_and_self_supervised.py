@@ -11,8 +11,13 @@ from torch import nn
 
 from automl_ad.data.imageset import ImageSet
 from automl_ad.detectors import create_detector
+from automl_ad.detectors.cutpaste.detector import (
+    cut_paste,
+    patch_origins,
+    receptive_field_maps,
+    scar,
+)
 from automl_ad.detectors.deep_svdd.detector import initial_centre, svdd_network
-from automl_ad.detectors.cutpaste.detector import cut_paste, patch_origins, receptive_field_maps, scar
 from automl_ad.detectors.simplenet.detector import truncated_l1_loss
 
 # Random resnet18 at 32 px: no weights needed and a fit takes about a second.

@@ -114,6 +114,7 @@ class GraphDetector(Detector):
         return self._runner
 
     def _eager(self, graph: nn.Module) -> Runner:
+        """``graph`` run by torch on its device (a GPU, or the CPU past the ONNX size limit or mid-training)."""
         device = self._graph_device(graph)
         graph = graph.to(device)
 
