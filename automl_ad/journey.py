@@ -245,11 +245,12 @@ def evaluate_model(model: str, data: str, out: str | None = None, category: str 
 
 # --- search -------------------------------------------------------------------------------------------------------
 def search_data(data: str | None, category: str | None = None, profile: str | None = None,
-                families: list[str] | None = None, weights: str | None = None, budget: str | float = SEARCH_BUDGET,
-                say=print, console=None, **options) -> SearchResult:
-    """Plan the search (the last recommendation's shortlist, or a fresh one) and run it."""
-    request = plan_search(data, category, profile, families, weights, say=say, budget_s=parse_duration(budget),
-                          **options)
+                families: list[str] | None = None, weights: str | None = None,
+                budget: str | float | None = SEARCH_BUDGET, say=print, console=None, **options) -> SearchResult:
+    """Plan the search (the last recommendation's shortlist, or a fresh one) and run it. ``budget`` None with
+    ``resume=True``: the resumed search keeps its own budget."""
+    request = plan_search(data, category, profile, families, weights, say=say,
+                          budget_s=None if budget is None else parse_duration(budget), **options)
     return run_search(request, console=console)
 
 
