@@ -105,6 +105,13 @@ SEARCH_BUDGET = "1h"
 SEARCH_MAX_BUDGET_S = 30 * 86400
 #: How often a running search saves the time it has spent, so that `--resume` after a hard kill gets the rest.
 SEARCH_CHECKPOINT_EVERY_S = 5
+#: Numbers a search can rank trials by (`search --metric`, see automl_ad.search.validation.quality): combined =
+#: mean of image AUROC and AUPRO; detection_at_far = share of validation defects detected at the threshold that
+#: flags DEFAULT_FALSE_ALARM_RATE of the validation normals.
+QUALITY_METRICS = ("combined", "image_auroc", "aupro", "pixel_auroc", "pixel_ap", "image_f1_max", "detection_at_far")
+
+#: Target false-alarm rate (share of normal images flagged) of calibrated thresholds and of detection_at_far.
+DEFAULT_FALSE_ALARM_RATE = 0.01
 
 #: Offline default backbone: its ImageNet weights ship inside the package (``automl_ad/features/builtin/``) and
 #: are used when no other weights for it are available and the hub cannot be reached.

@@ -15,10 +15,12 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from automl_ad.defaults import DEFAULT_FALSE_ALARM_RATE
+from automl_ad.evaluation.metrics import rates_at, threshold_at_far
+
 #: Share of the normal scores used as the tail for the generalised Pareto fit, and the fewest exceedances.
 TAIL_FRACTION = 0.3
 MIN_EXCEEDANCES = 8
-DEFAULT_FALSE_ALARM_RATE = 0.01
 
 
 @dataclass
@@ -46,7 +48,7 @@ def calibrate_image_threshold(normal_scores, far: float = DEFAULT_FALSE_ALARM_RA
         raise ValueError("calibration needs at least two finite normal scores")
     if not 0 < far < 1:
         raise ValueError(f"the false-alarm rate must lie in (0, 1), got {far}")
-    empirical = float(np.quantile(scores, 1 - far))
+    empirical = threshold_at_far(scores, far)
     k = max(MIN_EXCEEDANCES, int(round(len(scores) * TAIL_FRACTION)))
     if len(scores) <= k + 1:
         return Threshold(empirical, "empirical", far, empirical, None, len(scores),
@@ -92,19 +94,10 @@ def operating_points(normal_scores, defect_scores=None, rates=OPERATING_FALSE_AL
     """Threshold → (false-alarm rate, detection rate) on labelled scores: for each target rate, the empirical
     threshold of the normal scores and the share of defects above it (None without defects)."""
     normal = np.asarray(normal_scores, dtype=np.float64)
-    defects = None if defect_scores is None or not len(defect_scores) else np.asarray(defect_scores, np.float64)
+    defects = np.asarray(defect_scores if defect_scores is not None else [], dtype=np.float64)
+    labels, scores = np.r_[np.zeros(len(normal), int), np.ones(len(defects), int)], np.r_[normal, defects]
     table = []
     for rate in rates:
-        value = float(np.quantile(normal, 1 - rate))
-        table.append({"target_false_alarm_rate": rate, "threshold": value,
-                      "false_alarm_rate": float((normal > value).mean()),
-                      "detection_rate": None if defects is None else float((defects > value).mean())})
+        value = threshold_at_far(normal, rate)
+        table.append({"target_false_alarm_rate": rate, "threshold": value, **rates_at(value, labels, scores)})
     return table
-
-
-def rates_at(threshold: float, labels, scores) -> dict:
-    """False-alarm and detection rates of ``threshold`` on labelled image scores (None for a missing class)."""
-    labels, scores = np.asarray(labels), np.asarray(scores, dtype=np.float64)
-    normal, defects = scores[labels == 0], scores[labels == 1]
-    return {"false_alarm_rate": float((normal > threshold).mean()) if len(normal) else None,
-            "detection_rate": float((defects > threshold).mean()) if len(defects) else None}

@@ -10,12 +10,15 @@ from automl_ad.evaluation.cost import (
 from automl_ad.evaluation.metrics import (
     METRIC_NAMES,
     aupro,
+    detection_at_far,
     evaluate,
     format_metrics,
     image_auroc,
     image_f1_max,
     pixel_ap,
     pixel_auroc,
+    rates_at,
+    threshold_at_far,
 )
 
 __all__ = [
@@ -23,6 +26,7 @@ __all__ = [
     "CostReport",
     "PeakRss",
     "aupro",
+    "detection_at_far",
     "directory_size_mb",
     "evaluate",
     "format_metrics",
@@ -32,4 +36,6 @@ __all__ = [
     "measure_throughput",
     "pixel_ap",
     "pixel_auroc",
+    "rates_at",
+    "threshold_at_far",
 ]

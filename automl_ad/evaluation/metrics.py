@@ -23,10 +23,12 @@ from scipy import ndimage
 from skimage.transform import resize
 from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_auc_score
 
+from automl_ad.defaults import DEFAULT_FALSE_ALARM_RATE
+
 logger = logging.getLogger(__name__)
 
 #: Keys of the dict returned by :func:`evaluate`, in reporting order.
-METRIC_NAMES = ("image_auroc", "image_f1_max", "pixel_auroc", "pixel_ap", "aupro")
+METRIC_NAMES = ("image_auroc", "image_f1_max", "detection_at_far", "pixel_auroc", "pixel_ap", "aupro")
 
 #: 8-connectivity for ground-truth regions, as in the MVTec AD PRO definition.
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
@@ -127,6 +129,36 @@ def image_f1_max(labels, scores) -> float | None:
     return float(f1.max())
 
 
+def threshold_at_far(normal_scores, far: float = DEFAULT_FALSE_ALARM_RATE) -> float:
+    """The empirical threshold that flags about ``far`` of the normal images: the (1 - ``far``) quantile of their
+    scores (numpy's linear interpolation between order statistics)."""
+    if not 0 < far < 1:
+        raise ValueError(f"the false-alarm rate must lie in (0, 1), got {far}")
+    normal = np.asarray(normal_scores, dtype=np.float64)
+    if normal.size == 0:
+        raise ValueError("a threshold at a false-alarm rate needs at least one normal score")
+    return float(np.quantile(normal, 1 - far))
+
+
+def rates_at(threshold: float, labels, scores) -> dict[str, float | None]:
+    """False-alarm rate (normal images scoring above ``threshold``) and detection rate (anomalous images above
+    it); None for a class that is absent."""
+    labels, scores = np.asarray(labels), np.asarray(scores, dtype=np.float64)
+    normal, defects = scores[labels == 0], scores[labels == 1]
+    return {"false_alarm_rate": float((normal > threshold).mean()) if len(normal) else None,
+            "detection_rate": float((defects > threshold).mean()) if len(defects) else None}
+
+
+def detection_at_far(labels, scores, far: float = DEFAULT_FALSE_ALARM_RATE) -> float | None:
+    """Share of the anomalous images detected at the threshold that flags ``far`` of the normal images
+    (:func:`threshold_at_far` of the normal images' scores): what a deployment at that false-alarm rate catches.
+    None unless both normal and anomalous images are present."""
+    labels, scores = _check_scores(labels, scores)
+    if labels.min() == labels.max():
+        return None
+    return rates_at(threshold_at_far(scores[labels == 0], far), labels, scores)["detection_rate"]
+
+
 def _pixel_auroc(pairs: list[_Pair]) -> float | None:
     flat = _flat_pixels(pairs)
     return None if flat is None else float(roc_auc_score(flat[1], flat[0]))
@@ -217,12 +249,15 @@ def aupro(anomaly_maps, masks, labels, fpr_limit: float = 0.3) -> float | None:
     return _aupro(_eligible_pairs(anomaly_maps, masks, labels), fpr_limit)
 
 
-def evaluate(labels, image_scores, anomaly_maps=None, masks=None, fpr_limit: float = 0.3) -> dict[str, float | None]:
-    """All metrics of :data:`METRIC_NAMES` in one dict (AUPRO up to ``fpr_limit``); unavailable ones are None."""
+def evaluate(labels, image_scores, anomaly_maps=None, masks=None, fpr_limit: float = 0.3,
+             far: float = DEFAULT_FALSE_ALARM_RATE) -> dict[str, float | None]:
+    """All metrics of :data:`METRIC_NAMES` in one dict (AUPRO up to ``fpr_limit``, detection rate at false-alarm
+    rate ``far``); unavailable ones are None."""
     pairs = _eligible_pairs(anomaly_maps, masks, labels)
     return {
         "image_auroc": image_auroc(labels, image_scores),
         "image_f1_max": image_f1_max(labels, image_scores),
+        "detection_at_far": detection_at_far(labels, image_scores, far),
         "pixel_auroc": _pixel_auroc(pairs),
         "pixel_ap": _pixel_ap(pairs),
         "aupro": _aupro(pairs, fpr_limit),
