@@ -20,6 +20,8 @@ class ImageSet:
 
     Build it with :meth:`from_records` (files of a validated dataset), :meth:`from_paths` or
     :meth:`from_arrays`. ``fingerprint`` identifies the content (used as a feature-cache key) without decoding.
+    ``kinds`` names, per image, the kind of a synthesised anomaly (:data:`automl_ad.data.synthetic.KINDS`); None
+    for real images.
     """
 
     paths: list[Path] | None = None
@@ -27,6 +29,7 @@ class ImageSet:
     labels: np.ndarray | None = None
     mask_paths: list[Path | None] | None = None
     content_hashes: list[str] | None = None
+    kinds: list[str | None] | None = None
     _fingerprint: str | None = field(default=None, repr=False)
 
     def __post_init__(self):
@@ -39,6 +42,8 @@ class ImageSet:
                 raise ValueError(f"labels has shape {self.labels.shape}, expected ({n},)")
         if self.mask_paths is not None and len(self.mask_paths) != n:
             raise ValueError("mask_paths must have one entry (or None) per image")
+        if self.kinds is not None and len(self.kinds) != n:
+            raise ValueError("kinds must have one entry (or None) per image")
 
     @classmethod
     def from_records(cls, records: Sequence, dataset=None) -> ImageSet:
@@ -55,14 +60,14 @@ class ImageSet:
         return {"paths": [str(Path(p).resolve()) for p in self.paths], "labels": labels.tolist(),
                 "masks": [None if m is None else str(Path(m).resolve())
                           for m in (self.mask_paths or [None] * len(self))],
-                "hashes": self.content_hashes}
+                "hashes": self.content_hashes, **({"kinds": self.kinds} if self.kinds is not None else {})}
 
     @classmethod
     def from_json(cls, data: dict) -> ImageSet:
         """The inverse of :meth:`to_json`."""
         return cls(paths=[Path(p) for p in data["paths"]], labels=np.asarray(data["labels"], np.int64),
                    mask_paths=[None if m is None else Path(m) for m in data["masks"]],
-                   content_hashes=data.get("hashes"))
+                   content_hashes=data.get("hashes"), kinds=data.get("kinds"))
 
     @classmethod
     def from_paths(cls, paths: Sequence[str | Path], labels=None) -> ImageSet:
@@ -84,7 +89,8 @@ class ImageSet:
         pick = lambda items: None if items is None else [items[i] for i in indices]  # noqa: E731
         return ImageSet(paths=pick(self.paths), arrays=pick(self.arrays),
                         labels=None if self.labels is None else self.labels[list(indices)],
-                        mask_paths=pick(self.mask_paths), content_hashes=pick(self.content_hashes))
+                        mask_paths=pick(self.mask_paths), content_hashes=pick(self.content_hashes),
+                        kinds=pick(self.kinds))
 
     @property
     def fingerprint(self) -> str:

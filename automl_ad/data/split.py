@@ -3,9 +3,11 @@ export and reports read the very same images from any working directory."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from automl_ad.data.imageset import ImageSet
+from automl_ad.data.synthetic import without_trained_kinds
 
 
 @dataclass
@@ -13,7 +15,8 @@ class SearchSplit:
     """Train (normal), validation (what trials are ranked on) and test (final report only) image sets.
     ``validation_kind`` is "real" or "synthetic"; ``reference`` holds the real-defect validation images when
     ranking is on synthetic anomalies although real defects exist (trials are scored on both, to measure how
-    well the synthetic ranking agrees with the real one)."""
+    well the synthetic ranking agrees with the real one). Synthetic validation anomalies carry their kind
+    (``validation.kinds``): a family is ranked with :meth:`validation_for` the kinds it trains on."""
 
     train: ImageSet
     validation: ImageSet
@@ -23,10 +26,19 @@ class SearchSplit:
 
     def describe(self) -> str:
         n_val_bad = int(self.validation.labels.sum())
+        n_val_good = len(self.validation) - n_val_bad
         n_test_bad = int(self.test.labels.sum()) if len(self.test) else 0
-        return (f"train {len(self.train)} normal; validation {len(self.validation) - n_val_bad} normal + "
-                f"{n_val_bad} {self.validation_kind} anomalies; test {len(self.test) - n_test_bad} normal + "
+        kinds = sorted({k for k in self.validation.kinds or [] if k is not None})
+        held_out = (f" ({', '.join(kinds)}; each family is ranked on {n_val_good} of kinds it does not train on)"
+                    if kinds and n_val_bad > n_val_good else "")
+        return (f"train {len(self.train)} normal; validation {n_val_good} normal + {n_val_bad} "
+                f"{self.validation_kind} anomalies{held_out}; test {len(self.test) - n_test_bad} normal + "
                 f"{n_test_bad} defective")
+
+    def validation_for(self, trained_on: Sequence[str]) -> ImageSet:
+        """The validation images of a family that trains on the synthetic anomaly kinds ``trained_on`` (its
+        ``trains_on_anomalies``), those kinds held out (:func:`automl_ad.data.synthetic.without_trained_kinds`)."""
+        return without_trained_kinds(self.validation, trained_on)
 
     def normal_validation(self) -> ImageSet:
         """The held-out normal images (thresholds are calibrated on them)."""

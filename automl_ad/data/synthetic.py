@@ -11,13 +11,22 @@ Three kinds, from the self-supervised literature:
   The foreign textures are real photographs shipped with scikit-image, rotated, recoloured and rescaled.
 
 Every anomaly differs visibly from its source inside the mask (it is redrawn when the change is too faint).
+
+Families that train on some of these kinds (CutPaste trains on cut-paste and scar patches; a detector declares
+them in ``trains_on_anomalies``) would be flattered by them, so a search ranks each family only on the kinds it
+does not train on. The validation anomalies are made in rounds (:func:`round_kind`): one round is one anomaly
+per held-out normal image, kinds in turn; :func:`rounds_needed` rounds leave every family at least one anomaly
+of another kind per normal image, and :func:`without_trained_kinds` picks one round's worth of them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from functools import lru_cache
 
 import numpy as np
+
+from automl_ad.data.imageset import ImageSet
 
 KINDS = ("cutpaste", "scar", "perlin")
 _MIN_CHANGE = 0.05  # mean absolute change inside the mask, in [0, 1] intensity units
@@ -33,6 +42,41 @@ def make_anomaly(image: np.ndarray, kind: str, rng: np.random.Generator) -> tupl
         if mask.any() and np.abs(out - image)[mask].mean() >= _MIN_CHANGE:
             return out.astype(np.float32), mask
     return out.astype(np.float32), mask  # a flat image: the last draw, however faint
+
+
+def round_kind(index: int, round_number: int) -> str:
+    """The kind of the anomaly made on normal image ``index`` in round ``round_number``: kinds in turn, shifted by
+    one kind per round (so ``len(KINDS)`` rounds put every kind on every image)."""
+    return KINDS[(index + round_number) % len(KINDS)]
+
+
+def rounds_needed(trained_on: Iterable[Sequence[str]]) -> int:
+    """Rounds of anomalies after which every family, given by the kinds it trains on, has at least one anomaly of
+    another kind on every normal image: r rounds put r different kinds on each image, of which at most
+    ``len(KINDS)`` minus the family's untrained kinds are trained ones. At least 1, at most ``len(KINDS)``."""
+    fewest_untrained = min((len(set(KINDS) - set(kinds)) for kinds in trained_on), default=len(KINDS))
+    return min(len(KINDS), len(KINDS) - fewest_untrained + 1)
+
+
+def without_trained_kinds(images: ImageSet, trained_on: Sequence[str]) -> ImageSet:
+    """The validation images of a family that trains on the synthetic kinds ``trained_on``: every normal image
+    and real defect, and as many synthetic anomalies of the other kinds as there are normal images (the first
+    ones in order, so with nothing held out this is the first round: one per normal image, kinds in turn).
+    ``images`` without synthetic anomalies is returned as it is; a ValueError when every one is of a trained kind."""
+    if images.kinds is None or all(kind is None for kind in images.kinds):
+        return images
+    wanted, kept, keep = int((images.labels == 0).sum()), 0, []
+    for index, kind in enumerate(images.kinds):
+        if kind is None:
+            keep.append(index)
+        elif kind not in trained_on and kept < wanted:
+            keep.append(index)
+            kept += 1
+    if not kept:
+        present = sorted({kind for kind in images.kinds if kind is not None})
+        raise ValueError(f"every synthetic validation anomaly ({', '.join(present)}) is of a kind this family "
+                         f"trains on ({', '.join(trained_on)}); rank it on labelled defects (--validation real)")
+    return images.subset(keep)
 
 
 def _jitter(patch: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -78,6 +78,8 @@ class Detector(BaseEstimator):
     supports_localization: ClassVar[bool] = True
     needs_training: ClassVar[bool] = True
     iterative: ClassVar[bool] = False
+    #: Synthetic anomaly kinds (``automl_ad.data.synthetic.KINDS``) the family trains on: never ranked on them.
+    trains_on_anomalies: ClassVar[tuple[str, ...]] = ()
     #: Cheap settings for the contract test (tiny images, few epochs); merged over the defaults.
     test_params: ClassVar[dict] = {}
     #: Which built-in demo category the contract test fits this family on ("object" or "texture").

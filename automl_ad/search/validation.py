@@ -4,29 +4,34 @@ Normal training images are split into train and validation. Labelled defects, wh
 divided between validation (selection) and test (final report); the test part never influences selection.
 Without labelled defects, validation anomalies are synthesised on the held-out normal images
 (:mod:`automl_ad.data.synthetic`) and written once to the search's working folder, so every trial reads the same
-files (and the feature cache can serve them).
+files (and the feature cache can serve them). Each family is ranked only on anomaly kinds it does not train on
+(:func:`automl_ad.data.synthetic.without_trained_kinds`), with as many anomalies as there are normal images.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from automl_ad.data.dataset import Dataset
 from automl_ad.data.imageset import ImageSet
-from automl_ad.data.split import SearchSplit
 from automl_ad.data.io import read_image, to_float
-from automl_ad.data.synthetic import KINDS, make_anomaly
+from automl_ad.data.split import SearchSplit
+from automl_ad.data.synthetic import KINDS, make_anomaly, round_kind, rounds_needed
+from automl_ad.defaults import QUALITY_METRICS
+from automl_ad.detectors import detector_class
 from automl_ad.errors import UsageError
 
 VALIDATION_MODES = ("auto", "real", "synthetic")
-QUALITY_METRICS = ("combined", "image_auroc", "aupro", "pixel_auroc", "pixel_ap", "image_f1_max")
 
 
-def prepare_search_data(dataset: Dataset, work_dir: str | Path, mode: str = "auto", seed: int = 0) -> SearchSplit:
-    """Split ``dataset`` for a search; synthesise validation anomalies under ``work_dir`` when needed."""
+def prepare_search_data(dataset: Dataset, work_dir: str | Path, mode: str = "auto", seed: int = 0,
+                        families: Sequence[str] | None = None) -> SearchSplit:
+    """Split ``dataset`` for a search; synthesise validation anomalies under ``work_dir`` when needed, enough
+    for every one of ``families`` (None: for any family) to be ranked on kinds it does not train on."""
     if mode not in VALIDATION_MODES:
         raise UsageError(f"validation must be one of {', '.join(VALIDATION_MODES)}, got {mode!r}")
     split = dataset.split(seed=seed)
@@ -42,41 +47,58 @@ def prepare_search_data(dataset: Dataset, work_dir: str | Path, mode: str = "aut
                          "use --validation auto (synthetic anomalies on held-out normal images)")
     if mode == "real" or (mode == "auto" and defects):
         return SearchSplit(train, real, test, "real")
-    synthetic = synthesise_validation([r.path for r in normals], Path(work_dir) / "synthetic-validation", seed)
+    trained_on = None if families is None else [detector_class(f).trains_on_anomalies for f in families]
+    rounds = len(KINDS) if trained_on is None else rounds_needed(trained_on)
     normal_set = ImageSet.from_records(normals, dataset)
+    synthetic = synthesise_validation(normal_set, Path(work_dir) / "synthetic-validation", seed, rounds)
     validation = ImageSet(paths=normal_set.paths + synthetic.paths,
                           labels=np.concatenate([np.zeros(len(normals), np.int64), synthetic.labels]),
                           mask_paths=[None] * len(normals) + synthetic.mask_paths,
-                          content_hashes=None)
+                          kinds=[None] * len(normals) + synthetic.kinds)
     return SearchSplit(train, validation, test, "synthetic", reference=real if defects else None)
 
 
-def synthesise_validation(paths: list[Path], out: Path, seed: int = 0) -> ImageSet:
-    """One synthetic anomaly per normal image (kinds in turn), written as PNG with its mask; reused when the
-    folder already holds the same set (same sources, seed and kinds)."""
+def synthesise_validation(normals: ImageSet, out: Path, seed: int = 0, rounds: int = 1) -> ImageSet:
+    """``rounds`` synthetic anomalies per normal image, round after round (normal image i gets kind
+    :func:`~automl_ad.data.synthetic.round_kind` (i, r) in round r), written as PNG with its mask.
+
+    Each anomaly depends only on its source image, its kind and ``seed``, so a file the folder already holds for
+    the same sources (paths and content) and seed is reused, and more rounds only add files.
+    """
     from PIL import Image
 
-    key = {"sources": [str(p) for p in paths], "seed": seed, "kinds": list(KINDS)}
+    paths = [Path(p) for p in normals.paths]
+    key = {"sources": [str(p) for p in paths], "hashes": normals.content_hashes, "seed": seed, "kinds": list(KINDS)}
     manifest = out / "manifest.json"
-    images = [out / f"{i:04d}_{KINDS[i % len(KINDS)]}_{p.stem}.png" for i, p in enumerate(paths)]
+    reuse = manifest.is_file() and json.loads(manifest.read_text()) == key
+    plan = [(i, round_kind(i, r)) for r in range(rounds) for i in range(len(paths))]
+    images = [out / f"{i:04d}_{kind}_{paths[i].stem}.png" for i, kind in plan]
     masks = [out / "masks" / f.name for f in images]
-    if not (manifest.is_file() and json.loads(manifest.read_text()) == key and all(m.is_file() for m in masks)):
+    missing = [n for n, (image, mask) in enumerate(zip(images, masks))
+               if not (reuse and image.is_file() and mask.is_file())]
+    if missing:
+        manifest.unlink(missing_ok=True)  # a folder being rewritten is not reused if this is interrupted
         (out / "masks").mkdir(parents=True, exist_ok=True)
-        for i, (source, image_path, mask_path) in enumerate(zip(paths, images, masks)):
-            raw = read_image(source)
-            rng = np.random.default_rng([seed, i])
-            anomaly, mask = make_anomaly(to_float(raw), KINDS[i % len(KINDS)], rng)
+        by_source: dict[int, list[int]] = {}
+        for n in missing:
+            by_source.setdefault(plan[n][0], []).append(n)
+        for i, items in by_source.items():
+            raw = read_image(paths[i])
             wide = raw.dtype == np.uint16 and raw.ndim == 2  # Pillow writes 16-bit gray, not 16-bit colour
-            pixels = np.round(np.clip(anomaly, 0, 1) * (65535 if wide else 255)).astype(np.uint16 if wide else np.uint8)
-            Image.fromarray(pixels).save(image_path)
-            Image.fromarray(mask.astype(np.uint8) * 255).save(mask_path)
+            for n in items:
+                kind = plan[n][1]
+                anomaly, mask = make_anomaly(to_float(raw), kind, np.random.default_rng([seed, i, KINDS.index(kind)]))
+                pixels = np.round(np.clip(anomaly, 0, 1) * (65535 if wide else 255))
+                Image.fromarray(pixels.astype(np.uint16 if wide else np.uint8)).save(images[n])
+                Image.fromarray(mask.astype(np.uint8) * 255).save(masks[n])
         manifest.write_text(json.dumps(key))
-    return ImageSet(paths=images, labels=np.ones(len(images), np.int64), mask_paths=masks)
+    return ImageSet(paths=images, labels=np.ones(len(images), np.int64), mask_paths=masks,
+                    kinds=[kind for _, kind in plan])
 
 
 def quality(metrics: dict, metric: str = "combined") -> float | None:
-    """The number trials are ranked by. ``combined`` = mean of image AUROC and AUPRO when the detector
-    localises and masks exist, else image AUROC."""
+    """The number trials are ranked by (one of :data:`~automl_ad.defaults.QUALITY_METRICS`). ``combined`` = mean of
+    image AUROC and AUPRO when the detector localises and masks exist, else image AUROC."""
     if metric not in QUALITY_METRICS:
         raise UsageError(f"quality metric must be one of {', '.join(QUALITY_METRICS)}, got {metric!r}")
     if metric != "combined":

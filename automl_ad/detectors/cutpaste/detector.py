@@ -68,6 +68,7 @@ class CutPaste(BackboneDetector):
     route = "self_supervised"
     no_graph = "its maps accumulate patch scores over overlapping crops with numpy; no graph for it yet"
     iterative = True
+    trains_on_anomalies = ("cutpaste", "scar")
     test_params = {"backbone": "resnet18", "pretrained": False, "input_size": 64, "patch_size": 32,
                    "patch_stride": 16, "epochs": 3, "batch_size": 8, "head_dims": (128, 64), "learning_rate": 0.003}
     _parameter_constraints = {
