@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from automl_ad.data.imageset import ImageSet
+from automl_ad.data.synthetic import KINDS, without_trained_kinds
 from automl_ad.defaults import SEARCH_TRAINING_SHARE
 
 
@@ -63,6 +64,7 @@ def run_trial(spec: dict) -> dict:
     start = time.monotonic()
     deadline, training_deadline = start + limit, start + SEARCH_TRAINING_SHARE * limit
     detector = create_detector(spec["family"], **spec["params"])
+    validation = without_trained_kinds(validation, detector.trains_on_anomalies)  # never ranked on its training kinds
     every = max(1, int(spec.get("report_every", 1)))
     cut = {}
 
@@ -85,7 +87,7 @@ def run_trial(spec: dict) -> dict:
     scores = detector.score_samples(validation)
     metrics = evaluate(validation.labels, scores.image_scores, scores.anomaly_maps, validation.masks())
     result = {"event": "result", "quality": quality(metrics, metric),
-              **{f"val_{k}": v for k, v in metrics.items()}}
+              **{f"val_{k}": v for k, v in metrics.items()}, **anomaly_kinds_used(validation)}
     if result["quality"] is None or not np.isfinite(result["quality"]):
         raise FloatingPointError(f"validation quality is {result['quality']} (metric {metric})")
     if reference is not None:
@@ -101,6 +103,14 @@ def run_trial(spec: dict) -> dict:
     detector.save(out / "model")
     result["heatmaps"] = _heatmaps(validation, scores, out / "heatmaps")
     return result
+
+
+def anomaly_kinds_used(validation: ImageSet) -> dict[str, int]:
+    """``val_anomalies_<kind>``: how many synthetic anomalies of each kind the trial was ranked on (0 for a kind
+    its family trains on); empty when the validation anomalies are real."""
+    if validation.kinds is None or all(kind is None for kind in validation.kinds):
+        return {}
+    return {f"val_anomalies_{kind}": validation.kinds.count(kind) for kind in KINDS}
 
 
 def _heatmaps(images: ImageSet, scores, out: Path) -> list[str]:
