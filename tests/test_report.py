@@ -15,7 +15,7 @@ from automl_ad.profiling import profile_dataset
 from automl_ad.recommend import recommend
 from automl_ad.reporting.html_report import SECTIONS, Evaluation, gather, render
 from automl_ad.search.engine import SearchRequest, run_search
-from automl_ad.tracking.store import Tracker
+from automl_ad.tracking.records import SearchStore
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,8 @@ def test_report_of_experiment_name_and_missing_parts(searched, tmp_path, monkeyp
     out = tmp_path / "by-name.html"
     assert main(["report", result.experiment, "--out", str(out), "--tracking-uri", uri]) == 0
     assert result.parent_run_id in out.read_text()
-    facts = dataclasses.replace(gather(Tracker(uri), result.parent_run_id), profile=None, recommendation=None,
+    store = SearchStore(uri)
+    facts = dataclasses.replace(gather(store, store.search(result.parent_run_id)), profile=None, recommendation=None,
                                 profile_note="No profile was logged with this search.")
     text = render(facts, Evaluation("The dataset /gone is not on this machine."), uri)
     for key, _ in SECTIONS:

@@ -10,7 +10,7 @@ from automl_ad.data.synthetic import KINDS, make_anomaly
 from automl_ad.detectors import create_detector, list_detectors
 from automl_ad.errors import ConfigError
 from automl_ad.search.space import load_space
-from automl_ad.tracking.store import pareto_ranks
+from automl_ad.evaluation.objectives import pareto_ranks
 
 
 @pytest.mark.parametrize("family", list_detectors())
@@ -123,13 +123,12 @@ def test_iterative_trial_out_of_training_time_is_evaluated_not_failed(tmp_path, 
 
     from automl_ad.data import open_dataset
     from automl_ad.data.imageset import ImageSet
-    from automl_ad.search.trial import imageset_to_json, run_trial
+    from automl_ad.search.trial import run_trial
 
     data = open_dataset(mvtec_dir)
     train = ImageSet.from_records(data.normal, data)
     validation = ImageSet.from_records(data.records, data)
-    (tmp_path / "data.json").write_text(json.dumps({"train": imageset_to_json(train),
-                                                    "validation": imageset_to_json(validation)}))
+    (tmp_path / "data.json").write_text(json.dumps({"train": train.to_json(), "validation": validation.to_json()}))
     params = {**create_detector("stpm").test_params, "epochs": 100_000}
     result = run_trial({"family": "stpm", "params": params, "data_file": str(tmp_path / "data.json"),
                         "timeout_s": 20, "out_dir": str(tmp_path / "trial")})

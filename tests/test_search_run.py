@@ -53,7 +53,7 @@ def test_resume_does_not_repeat_finished_trials(searched):
     _, second, _ = searched
     assert len(second.trials) == 6
     assert len({t["trial"] for t in second.trials}) == 6
-    defaults = [t["family"] for t in second.trials if t["default_config"] == "True"]
+    defaults = [t["family"] for t in second.trials if t["default_config"]]
     assert sorted(defaults) == sorted(FAMILIES)  # each default exactly once, even after resuming
 
 
@@ -61,7 +61,7 @@ def test_front_tags_match_non_dominated_runs(searched):
     _, second, uri = searched
     ok = [t for t in second.trials if t["status"] == "ok"]
     ranks = pareto_ranks(np.array([[t[m] for m, _ in OBJECTIVES] for t in ok]), [d for _, d in OBJECTIVES])
-    assert [t["pareto_rank"] == "0" for t in ok] == [r == 0 for r in ranks]
+    assert [t["pareto_rank"] == 0 for t in ok] == [r == 0 for r in ranks]
     front = leaderboard(None, tracking_uri=uri, pareto=True)
     assert {r["run_id"] for r in front} == {t["run_id"] for t, r in zip(ok, ranks) if r == 0}
     tracker = Tracker(uri)
@@ -72,15 +72,16 @@ def test_front_tags_match_non_dominated_runs(searched):
 def test_export_best_front_member_and_predict(searched, tmp_path):
     from automl_ad import load_package
     from automl_ad.deploy.export import choose_run, export_run
+    from automl_ad.tracking.records import SearchStore
 
     _, second, uri = searched
-    tracker = Tracker(uri)
-    run_id = choose_run(tracker, None, "quality")
-    best = max((t for t in second.trials if t.get("pareto_rank") == "0"), key=lambda t: t["quality"])
+    store = SearchStore(uri)
+    run_id = choose_run(store, None, "quality").run_id
+    best = max((t for t in second.trials if t.get("pareto_rank") == 0), key=lambda t: t["quality"])
     assert run_id == best["run_id"]
     with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(tmp_path.parent)  # the search's working folder is not needed: the model is in MLflow
-        path = export_run(tracker, run_id, tmp_path / "pkg", say=lambda _: None)
+        patch.chdir(tmp_path.parent)  # another working folder: the model and the split are read from the store
+        path = export_run(store, run_id, tmp_path / "pkg", say=lambda _: None)
     manifest = load_package(path).manifest
     assert manifest["family"] == best["family"] and manifest["training"]["run_id"] == run_id
     assert manifest["thresholds"]["image"]["n_normal"] > 0 and "test" in manifest["metrics"]

@@ -32,7 +32,6 @@ import logging
 import math
 import numbers
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -47,15 +46,14 @@ from pathlib import Path
 import numpy as np
 
 from automl_ad.defaults import (FEATURE_CACHE_ENV, SEARCH_ARTIFACT_CAP_MB, SEARCH_CACHE_CAP_MB,
-                                SEARCH_CHECKPOINT_EVERY_S, SEARCH_MAX_BUDGET_S, SEARCH_REPORT_EVERY, STATE_DIR,
-                                default_cache_dir)
+                                SEARCH_CHECKPOINT_EVERY_S, SEARCH_MAX_BUDGET_S, SEARCH_REPORT_EVERY, default_cache_dir)
 from automl_ad.errors import UsageError
-from automl_ad.search.trial import unreported_failure
+from automl_ad.evaluation.objectives import OBJECTIVE_METRICS, OBJECTIVE_MODES, pareto_ranks
+from automl_ad.search.trial import NODE_FILE, unreported_failure
 from automl_ad.tracking.lock import FileLock, describe_holder
-from automl_ad.tracking.store import INTERRUPTED, Tracker, default_tracking_uri, pareto_ranks, writer_lock_path
-
-OBJECTIVE_METRICS, OBJECTIVE_MODES = ["quality", "throughput", "memory_mb"], ["max", "max", "min"]
-NODE_FILE = "node.json"  # in a trial's folder: the Ray node (id, host) it ran on
+from automl_ad.tracking.records import SPLIT_ARTIFACT, SearchStore
+from automl_ad.tracking.store import INTERRUPTED, Tracker, default_tracking_uri, writer_lock_path
+from automl_ad.workspace import experiment_name, work_dir_for
 ALLOCATION_TEMPERATURE = 0.05
 
 
@@ -248,14 +246,6 @@ def _trainable(config: dict, work_dir: str, data_file: str, metric: str, timeout
 
 
 # --- the search ---------------------------------------------------------------------------------------------------
-def work_dir_for(dataset) -> Path:
-    return Path.cwd() / STATE_DIR / "search" / f"{dataset.name}-{dataset.fingerprint()}"
-
-
-def experiment_name(dataset) -> str:
-    return f"automl-ad/{dataset.name}-{dataset.fingerprint()[:8]}"
-
-
 #: Ray's switch between its one-machine mode (every Ray server on 127.0.0.1) and its cluster mode (servers on the
 #: machine's network address, for other nodes to reach); Ray reads it once, when it is first imported.
 RAY_CLUSTER_MODE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
@@ -371,18 +361,14 @@ def _hold(path: Path, what: str, alternative: str) -> FileLock:
 def _run_held(request: SearchRequest, dataset, work_dir: Path, uri: str, state: dict | None,
               console) -> SearchResult:
     from automl_ad.search.space import load_space
-    from automl_ad.search.trial import imageset_to_json
     from automl_ad.search.validation import prepare_search_data
 
     work_dir.mkdir(parents=True, exist_ok=True)
     spaces = {f: load_space(f).narrowed(request.backbones.get(f)) for f in request.families}
     defaults = {f: _fixed_params(f, spaces[f], request) for f in request.families}
     search_data = prepare_search_data(dataset, work_dir, request.validation, request.seed)
-    data_file = work_dir / "data.json"
-    data_file.write_text(json.dumps({k: imageset_to_json(v) for k, v in
-                                     {"train": search_data.train, "validation": search_data.validation,
-                                      "test": search_data.test, "reference": search_data.reference}.items()
-                                     if v is not None}))
+    data_file = work_dir / Path(SPLIT_ARTIFACT).name  # logged with the search: export and report read it back
+    data_file.write_text(json.dumps(search_data.to_json()))
     tracker = Tracker(uri)
     experiment_id = tracker.experiment(experiment_name(dataset))
     say = console.print if console else print
@@ -391,13 +377,13 @@ def _run_held(request: SearchRequest, dataset, work_dir: Path, uri: str, state: 
         snapshot = work_dir / "search_space.json"
         snapshot.write_text(json.dumps({f: [asdict(p) for p in spaces[f].parameters] for f in spaces}, indent=2,
                                        default=list))
-        files = [snapshot] + [Path(p) for p in (request.profile_file, request.recommendation_file) if p]
+        files = [snapshot, data_file] + [Path(p) for p in (request.profile_file, request.recommendation_file) if p]
         parent = tracker.start_search(
             experiment_id, f"search-{time.strftime('%Y%m%d-%H%M%S')}",
             {"data": str(dataset.root), "families": request.families, "budget_s": request.budget_s,
              "max_trials": request.max_trials, "seed": request.seed, "metric": request.metric,
              "validation": search_data.validation_kind, "split": search_data.describe(),
-             "priors": request.priors, "backbones": request.backbones},
+             "priors": request.priors, "backbones": request.backbones, "work_dir": str(work_dir.resolve())},
             {"dataset": dataset.name, "fingerprint": dataset.fingerprint()}, files)
         state = {"parent_run_id": parent, "study": f"search-{parent}", "elapsed_s": 0.0,
                  "budget_s": request.budget_s, "finished": False, "tracking_uri": tracker.uri, "created": time.time()}
@@ -432,9 +418,9 @@ def _run_held(request: SearchRequest, dataset, work_dir: Path, uri: str, state: 
     state["finished"] = state["elapsed_s"] >= state["budget_s"] - 1 or request.max_trials is not None
     _write_json(state_file, state)
     tracker.finish_search(parent)
-    trials = [{"run_id": r.info.run_id, **r.data.tags, **r.data.metrics} for r in tracker.trials(parent)]
-    return SearchResult(parent, experiment_name(dataset), tracker.uri, trials,
-                        [t for t in trials if t.get("pareto_rank") == "0"], str(work_dir))
+    records = SearchStore(tracker=tracker).trials(parent)
+    return SearchResult(parent, experiment_name(dataset), tracker.uri, [t.row() for t in records],
+                        [t.row() for t in records if t.complete and t.on_front], str(work_dir))
 
 
 def _state_file(work_dir: Path, parent: str) -> Path:
@@ -549,7 +535,7 @@ def _tune(request, spaces, defaults, work_dir, data_file, state, remaining, trac
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    from automl_ad.search.progress import SearchCallback
+    from automl_ad.search.progress import SearchCallback  # a Ray Tune callback: ray is imported only after start_ray
 
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     logging.getLogger("ray.tune").setLevel(logging.CRITICAL)  # failed trials are reported by SearchCallback
@@ -605,16 +591,3 @@ def _fail_stale_trials(storage, study_name: str) -> None:
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         storage.set_trial_user_attr(t._trial_id, "interrupted", True)
         storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-
-
-def trim_disk(work_dir: Path, keep: set[str], cap_mb: float) -> None:
-    """Delete saved models of trials not in ``keep`` (dominated ones), oldest first, above ``cap_mb``."""
-    trials = Path(work_dir) / "trials"
-    models = sorted((p for p in trials.glob("*/model") if p.parent.name not in keep), key=lambda p: p.stat().st_mtime)
-    total = sum(f.stat().st_size for p in trials.glob("*/model") for f in p.rglob("*") if f.is_file()) / 2**20
-    for model in models:
-        if total <= cap_mb:
-            break
-        size = sum(f.stat().st_size for f in model.rglob("*") if f.is_file()) / 2**20
-        shutil.rmtree(model, ignore_errors=True)
-        total -= size

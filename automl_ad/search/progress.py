@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 from ray.tune import Callback
 
+from automl_ad.evaluation.objectives import OBJECTIVE_METRICS, OBJECTIVE_MODES, pareto_ranks
 from automl_ad.features import FeatureCache
-from automl_ad.search.engine import NODE_FILE, OBJECTIVE_METRICS, OBJECTIVE_MODES, trim_disk
-from automl_ad.tracking.store import pareto_ranks
+from automl_ad.search.trial import NODE_FILE
 
 
 def _failure_text(record: dict) -> str:
@@ -176,3 +177,16 @@ class SearchCallback(Callback):
     def close(self) -> None:
         if self._live is not None:
             self._live.stop()
+
+
+def trim_disk(work_dir: Path, keep: set[str], cap_mb: float) -> None:
+    """Delete saved models of trials not in ``keep`` (dominated ones), oldest first, above ``cap_mb``."""
+    trials = Path(work_dir) / "trials"
+    models = sorted((p for p in trials.glob("*/model") if p.parent.name not in keep), key=lambda p: p.stat().st_mtime)
+    total = sum(f.stat().st_size for p in trials.glob("*/model") for f in p.rglob("*") if f.is_file()) / 2**20
+    for model in models:
+        if total <= cap_mb:
+            break
+        size = sum(f.stat().st_size for f in model.rglob("*") if f.is_file()) / 2**20
+        shutil.rmtree(model, ignore_errors=True)
+        total -= size

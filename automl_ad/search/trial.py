@@ -25,21 +25,12 @@ from automl_ad.data.imageset import ImageSet
 from automl_ad.data.synthetic import KINDS, without_trained_kinds
 from automl_ad.defaults import SEARCH_TRAINING_SHARE
 
+#: In a trial's folder: the Ray node (id, host) it ran on.
+NODE_FILE = "node.json"
+
 
 class TrialTimeout(Exception):
     """The trial ran past its time limit."""
-
-
-def imageset_to_json(images: ImageSet) -> dict:
-    return {"paths": [str(p) for p in images.paths], "labels": images.labels.tolist(),
-            "masks": [None if m is None else str(m) for m in (images.mask_paths or [None] * len(images))],
-            "hashes": images.content_hashes}
-
-
-def imageset_from_json(data: dict) -> ImageSet:
-    return ImageSet(paths=[Path(p) for p in data["paths"]], labels=np.asarray(data["labels"], np.int64),
-                    mask_paths=[None if m is None else Path(m) for m in data["masks"]],
-                    content_hashes=data.get("hashes"))
 
 
 def _emit(event: dict) -> None:
@@ -58,8 +49,8 @@ def run_trial(spec: dict) -> dict:
 
     torch.set_num_threads(max(1, int(spec.get("threads", 1))))
     data = json.loads(Path(spec["data_file"]).read_text())
-    train, validation = imageset_from_json(data["train"]), imageset_from_json(data["validation"])
-    reference = imageset_from_json(data["reference"]) if data.get("reference") else None
+    train, validation = ImageSet.from_json(data["train"]), ImageSet.from_json(data["validation"])
+    reference = ImageSet.from_json(data["reference"]) if data.get("reference") else None
     metric, limit = spec.get("metric", "combined"), float(spec.get("timeout_s", math.inf))
     start = time.monotonic()
     deadline, training_deadline = start + limit, start + SEARCH_TRAINING_SHARE * limit

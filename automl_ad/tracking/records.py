@@ -99,8 +99,8 @@ def _value(text: str):
 class SearchStore:
     """Read-only access to the searches in one tracking store."""
 
-    def __init__(self, tracking_uri: str | None = None):
-        self.tracker = Tracker(tracking_uri)
+    def __init__(self, tracking_uri: str | None = None, tracker: Tracker | None = None):
+        self.tracker = tracker or Tracker(tracking_uri)
         self.uri = self.tracker.uri
 
     # --- searches ---------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import socket
+import tempfile
 import time
 from pathlib import Path
 from urllib.parse import urlparse
@@ -22,12 +23,12 @@ import numpy as np
 
 from automl_ad.defaults import STATE_DIR
 from automl_ad.errors import UsageError
+from automl_ad.evaluation.objectives import OBJECTIVES, pareto_ranks
+from automl_ad.figures.plots import pareto_plot
 from automl_ad.tracking.lock import FileLock
 
 log = logging.getLogger(__name__)
 
-#: Objectives of the search: (metric name, direction).
-OBJECTIVES = (("quality", "max"), ("throughput", "max"), ("memory_mb", "min"))
 TRIAL_METRICS = ("quality", "real_quality", "throughput", "memory_mb", "fit_seconds", "latency_ms_p50",
                  "latency_ms_p95", "throughput_ips", "peak_rss_mb_fit", "peak_rss_mb_score", "model_mb",
                  "epochs_trained", "training_cut_by_time", "wall_seconds", "features_computed_images",
@@ -235,10 +236,6 @@ class Tracker:
         return front
 
     def _log_pareto_plot(self, parent_id: str, runs: list, ranks: np.ndarray) -> None:
-        import tempfile
-
-        from automl_ad.figures.plots import pareto_plot
-
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "pareto.png"
             pareto_plot([{"family": r.data.tags.get("family"), **r.data.metrics} for r in runs], ranks, path)
@@ -264,20 +261,3 @@ class Tracker:
         if not runs:
             raise UsageError(f"experiment '{exp.name}' holds no search yet; run `automl-ad search` first")
         return runs[0].info.run_id
-
-
-def pareto_ranks(values: np.ndarray, directions: list[str]) -> np.ndarray:
-    """Non-dominated sorting: rank 0 = the Pareto front, rank 1 = the front once rank 0 is removed, ..."""
-    signed = values * np.array([1.0 if d == "max" else -1.0 for d in directions])  # all "higher is better"
-    n = len(signed)
-    dominated_by = np.array([[bool(np.all(signed[j] >= signed[i]) and np.any(signed[j] > signed[i]))
-                              for j in range(n)] for i in range(n)]).reshape(n, n)
-    ranks = np.full(n, -1)
-    remaining = np.ones(n, bool)
-    rank = 0
-    while remaining.any():
-        current = remaining & ~(dominated_by & remaining[None, :]).any(axis=1)
-        ranks[current] = rank
-        remaining &= ~current
-        rank += 1
-    return ranks
