@@ -25,9 +25,10 @@ from rich.markup import escape
 from rich.table import Table
 
 from automl_ad import __version__
-from automl_ad.defaults import (DEMO_DATA_DIR, SEARCH_BUDGET, SHORTLIST_SIZE, UI_HOST, UI_PORT,
-                                UI_STOP_GRACE_S)
+from automl_ad.defaults import (DEFAULT_FALSE_ALARM_RATE, DEMO_DATA_DIR, QUALITY_METRICS, SEARCH_BUDGET,
+                                SHORTLIST_SIZE, UI_HOST, UI_PORT, UI_STOP_GRACE_S)
 from automl_ad.errors import AutomlAdError, UsageError
+from automl_ad.reporting.rounding import duration, rounded
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_DATA = 0, 1, 2, 3
 
@@ -267,20 +268,19 @@ def cmd_search(args) -> int:
     return EXIT_OK
 
 
-_BOARD_COLUMNS = (("family", "family"), ("quality", "quality"), ("throughput", "img/s"), ("memory_mb", "MB"),
-                  ("latency_ms_p50", "p50 ms"), ("fit_seconds", "fit s"), ("pareto_rank", "rank"), ("run_id", "run"))
+#: Leaderboard columns: (trial key, title, how a value is shown; None = as it is).
+_BOARD_COLUMNS = (("family", "family", None), ("quality", "quality", rounded),
+                  ("throughput", "img/s", lambda v: rounded(v, 1)), ("memory_mb", "MB", lambda v: rounded(v, 0)),
+                  ("latency_ms_p50", "p50 ms", lambda v: rounded(v, 1)), ("fit_seconds", "fit", duration),
+                  ("pareto_rank", "rank", None), ("run_id", "run", None))
 
 
 def _print_leaderboard(console, rows: list[dict]) -> None:
     table = Table()
-    for _, title in _BOARD_COLUMNS:
+    for _, title, _ in _BOARD_COLUMNS:
         table.add_column(title)
     for row in sorted(rows, key=lambda r: -(r.get("quality") or 0)):
-        cells = []
-        for key, _ in _BOARD_COLUMNS:
-            value = row.get(key)
-            cells.append(f"{value:.4g}" if isinstance(value, float) else str(value if value is not None else "-"))
-        table.add_row(*cells)
+        table.add_row(*["-" if row.get(key) is None else (show or str)(row[key]) for key, _, show in _BOARD_COLUMNS])
     console.print(table)
 
 
@@ -378,19 +378,14 @@ def cmd_export(args) -> int:
                   f"{image['target_false_alarm_rate']:g}).", markup=False)
     test = result.manifest["metrics"].get("test")
     if test:
-        console.print(f"Test set (never used for selection): image AUROC {_rounded(test.get('image_auroc'))}, AUPRO "
-                      f"{_rounded(test.get('aupro'))}.", markup=False)
+        console.print(f"Test set (never used for selection): image AUROC {rounded(test.get('image_auroc'))}, AUPRO "
+                      f"{rounded(test.get('aupro'))}.", markup=False)
     if result.model_uri:
         console.print(f"Logged as MLflow model {result.model_uri}. Serve it: MLFLOW_TRACKING_URI={result.tracking_uri} "
                       f"mlflow models serve -m {result.model_uri} --env-manager local -p 5001, then POST "
                       "{\"inputs\": [\"<base64 image file>\"]} to http://127.0.0.1:5001/invocations", markup=False)
     console.print(f"Next: automl-ad predict {result.path} IMAGES --out predictions/", markup=False)
     return EXIT_OK
-
-
-def _rounded(value, digits: int = 3) -> str:
-    """A figure for people: rounded, or n/a."""
-    return "n/a" if value is None else f"{value:.{digits}f}"
 
 
 def cmd_report(args) -> int:
@@ -475,12 +470,12 @@ def _print_evaluation(console, summary: dict, out: Path, overlays: list) -> None
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in summary["metrics"].items():
-        table.add_row(key, "n/a" if value is None else f"{value:.4f}")
+        table.add_row(key, rounded(value))
     units = {"fit_seconds": "s", "latency_ms_p50": "ms", "latency_ms_p95": "ms", "throughput_ips": "img/s",
              "peak_rss_mb_fit": "MB", "peak_rss_mb_score": "MB", "model_mb": "MB"}
     for key, unit in units.items():
         value = summary["cost"].get(key)
-        table.add_row(key, "n/a" if value is None else f"{value:.1f} {unit}")
+        table.add_row(key, duration(value) if unit == "s" else "n/a" if value is None else f"{value:.1f} {unit}")
     console.print(table)
     console.print(f"Metrics saved to {out / 'metrics.json'}" + (f"; {len(overlays)} heatmaps in {out / 'heatmaps'}"
                                                                   if overlays else ""))
@@ -543,8 +538,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-trials", type=int, help="stop after this many trials (at least 1; default: no limit but "
                    "the budget)")
     p.add_argument("--trial-timeout", type=float, help="seconds one trial may take (default: a quarter of the budget)")
-    p.add_argument("--metric", default="combined", help="quality metric: combined (image AUROC + AUPRO), image_auroc, "
-                   "aupro, pixel_auroc, pixel_ap, image_f1_max")
+    p.add_argument("--metric", default="combined", choices=QUALITY_METRICS,
+                   help="what trials are ranked by on validation: combined = mean of image AUROC and AUPRO; "
+                   "detection_at_far = share of defects detected at a false-alarm rate of "
+                   f"{DEFAULT_FALSE_ALARM_RATE:g}")
     p.add_argument("--validation", default="auto", choices=("auto", "real", "synthetic"),
                    help="rank on labelled defects (real) or synthetic anomalies; auto = real when there are any")
     p.add_argument("--weights", help="local backbone weights file for offline use")
@@ -573,7 +570,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--best", action="store_true", help="take the Pareto-front trial best for --objective")
     p.add_argument("--objective", default="balanced", help="quality, throughput, memory or balanced (default)")
     p.add_argument("--experiment", help="experiment name or dataset folder for --best (default: newest search)")
-    p.add_argument("--false-alarm-rate", type=_rate, default=0.01, help="target rate on normal images (default 0.01)")
+    p.add_argument("--false-alarm-rate", type=_rate, default=DEFAULT_FALSE_ALARM_RATE,
+                   help=f"target rate on normal images (default {DEFAULT_FALSE_ALARM_RATE:g})")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite .automl-ad/mlflow.db here)")
     p.add_argument("--overwrite", action="store_true", help="replace an automl-ad package (never another folder)")
     p.add_argument("--mlflow", action="store_true", help="also log the package as an MLflow pyfunc model to serve")
@@ -585,7 +583,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="report.html", help="HTML file to write (default %(default)s)")
     p.add_argument("--max-images", type=_at_least_one, default=200,
                    help="most test images to score (default %(default)s)")
-    p.add_argument("--false-alarm-rate", type=_rate, default=0.01, help="threshold target on normals (default 0.01)")
+    p.add_argument("--false-alarm-rate", type=_rate, default=DEFAULT_FALSE_ALARM_RATE,
+                   help=f"threshold target on normals (default {DEFAULT_FALSE_ALARM_RATE:g})")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite .automl-ad/mlflow.db here)")
     p.set_defaults(func=cmd_report)
 

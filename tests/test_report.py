@@ -66,4 +66,4 @@ def test_report_of_experiment_name_and_missing_parts(searched, tmp_path, monkeyp
     for key, _ in SECTIONS:
         assert f'<section id="{key}">' in text
     assert "No profile was logged" in text and "No recommendation was logged" in text
-    assert text.count("/gone is not on this machine") == 3  # scores, curves, gallery say why they are empty
+    assert text.count("/gone is not on this machine") == 4  # scores, operating curve, curves, gallery say why

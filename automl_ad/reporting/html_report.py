@@ -5,7 +5,8 @@ Everything is read back from the MLflow store (the search's parent run, its tria
 recommendation logged with it); the best Pareto-front model is reloaded and scored on the test split, with the
 image threshold calibrated on held-out validation normals exactly as ``automl-ad export`` does. Figures are
 matplotlib PNGs embedded as base64; the CSS is inline; the file references nothing outside itself. A section
-whose inputs are missing says why instead of failing the report.
+whose inputs are missing says why instead of failing the report. Figures are rounded for reading
+(:mod:`automl_ad.reporting.rounding`).
 """
 
 from __future__ import annotations
@@ -18,18 +19,20 @@ import logging
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
+from automl_ad.defaults import DEFAULT_FALSE_ALARM_RATE
 from automl_ad.deploy.export import calibrate
-from automl_ad.deploy.thresholds import DEFAULT_FALSE_ALARM_RATE
 from automl_ad.detectors import Detector
 from automl_ad.errors import UsageError
-from automl_ad.evaluation.metrics import evaluate
+from automl_ad.evaluation.metrics import evaluate, rates_at
 from automl_ad.evaluation.objectives import OBJECTIVES, pareto_ranks
+from automl_ad.evaluation.selection import selection_agreement
 from automl_ad.figures.plots import pareto_plot
+from automl_ad.reporting.rounding import duration, rounded
 from automl_ad.tracking.records import SearchRecord, SearchStore
 from automl_ad.workspace import dataset_experiment
 
@@ -38,8 +41,8 @@ log = logging.getLogger(__name__)
 #: Section ids (stable: tests and links rely on them) and titles, in report order.
 SECTIONS = (("profile", "Dataset profile"), ("recommendation", "Recommendation"), ("trials", "Trials"),
             ("pareto", "Pareto front"), ("best-per-family", "Best configuration per family"),
-            ("scores", "Test scores and threshold"), ("curves", "ROC and precision-recall curves"),
-            ("gallery", "Heatmap gallery"))
+            ("scores", "Test scores and threshold"), ("operating", "Operating curve"),
+            ("curves", "ROC and precision-recall curves"), ("gallery", "Heatmap gallery"))
 MAX_TEST_IMAGES = 200
 GALLERY_PER_KIND = 4
 THUMBNAIL_SIDE = 192
@@ -63,6 +66,10 @@ class Evaluation:
     metrics: dict = field(default_factory=dict)
     n_test: int = 0
     note: str = ""
+    #: From the calibration on validation (as export): the threshold table and the rates at the threshold.
+    operating_points: list[dict] = field(default_factory=list)
+    validation_rates: dict = field(default_factory=dict)
+    validation_kind: str = ""
 
 
 @dataclass
@@ -148,7 +155,9 @@ def evaluate_best(store: SearchStore, facts: SearchFacts, max_images: int = MAX_
         split = store.split(facts.search)
         with tempfile.TemporaryDirectory() as tmp:
             detector = Detector.load(store.model_dir(store.trial(best["run_id"]), Path(tmp), facts.search.work_dir))
-        threshold = calibrate(detector, split, far, say).thresholds["image"]
+        # validated as in the search: without the synthetic anomaly kinds the family trains on
+        family_split = replace(split, validation=split.validation_for(detector.trains_on_anomalies))
+        calibration = calibrate(detector, family_split, far, say)
     except (UsageError, ValueError, OSError) as exc:
         return Evaluation(f"The best front model ({best['family']}, run {best['run_id']}) could not be reloaded "
                           f"and calibrated: {exc}", best["run_id"], best["family"])
@@ -156,7 +165,9 @@ def evaluate_best(store: SearchStore, facts: SearchFacts, max_images: int = MAX_
     if missing:
         return Evaluation(f"{len(missing)} of the test images are not on this machine (e.g. {missing[0]}), so the "
                           "test split cannot be scored.", best["run_id"], best["family"])
-    result = Evaluation(None, best["run_id"], best["family"], threshold, n_test=len(split.test))
+    result = Evaluation(None, best["run_id"], best["family"], calibration.thresholds["image"], n_test=len(split.test),
+                        operating_points=calibration.operating_points,
+                        validation_rates=calibration.validation_rates, validation_kind=split.validation_kind)
     if not len(split.test):
         result.missing = "The search's split holds no test images."
         return result
@@ -263,6 +274,49 @@ def curves_figure(ev: Evaluation) -> str:
         ax.set_ylim(-0.02, 1.05)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="lower right" if ax is left else "lower left")
+    fig.tight_layout()
+    return _figure_uri(fig)
+
+
+#: Symmetric-log scale of the operating curve: linear below this false-alarm rate (so 0 is drawn), logarithmic above.
+_FAR_LINEAR_BELOW = 1e-3
+
+
+def operating_figure(ev: Evaluation) -> str:
+    """Detection rate against false-alarm rate (log scale, where deployments operate) on the test images, with the
+    calibrated threshold, the target rate and the validation threshold table."""
+    from sklearn.metrics import roc_curve
+
+    plt = _plt()
+    labels, scores, th = ev.labels, ev.scores, ev.threshold
+    at = rates_at(th["value"], labels, scores)
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    if labels.min() != labels.max():
+        fpr, tpr, _ = roc_curve(labels, scores)
+        ax.plot(fpr, tpr, color=_DEFECT, lw=1.8,
+                label=f"test: every threshold ({int(labels.sum())} defective, {int((labels == 0).sum())} normal)")
+    table = [r for r in ev.operating_points if r.get("detection_rate") is not None]
+    if table:
+        ax.plot([r["false_alarm_rate"] for r in table], [r["detection_rate"] for r in table], "s--", color=_NORMAL,
+                lw=1, ms=5, label=f"validation ({ev.validation_kind} anomalies): the package's threshold table")
+    if ev.validation_rates.get("detection_rate") is not None:
+        ax.plot([ev.validation_rates["false_alarm_rate"]], [ev.validation_rates["detection_rate"]], "o", ms=9,
+                mfc="white", mec="black", label="calibrated threshold on validation")
+    if at["detection_rate"] is not None:
+        ax.plot([at["false_alarm_rate"]], [at["detection_rate"]], "ko", ms=8,
+                label=f"calibrated threshold on test: false alarms {rounded(at['false_alarm_rate'])}, detected "
+                      f"{rounded(at['detection_rate'])}")
+    ax.axvline(th["target_false_alarm_rate"], color="grey", ls=":", lw=1.2,
+               label=f"target false-alarm rate {th['target_false_alarm_rate']:g}")
+    ax.set_xscale("symlog", linthresh=_FAR_LINEAR_BELOW)
+    ticks = [0, 0.001, 0.01, 0.1, 1]
+    ax.set_xticks(ticks, [f"{x:g}" for x in ticks])
+    ax.set_xlim(0, 1)
+    ax.set_ylim(-0.02, 1.05)
+    ax.set_xlabel("false-alarm rate (share of normal images flagged; log scale above 0.001)")
+    ax.set_ylabel("detection rate (share of defective images flagged)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     return _figure_uri(fig)
 
@@ -490,8 +544,55 @@ def recommendation_section(facts: SearchFacts) -> str:
     return "".join(out)
 
 
-_TRIAL_COLUMNS = (("quality", "quality", 4), ("throughput", "img/s", 4), ("memory_mb", "memory MB", 4),
-                  ("latency_ms_p50", "p50 ms", 3), ("fit_seconds", "fit s", 3), ("model_mb", "model MB", 3))
+def _one_decimal(value) -> str:
+    return rounded(value, 1)
+
+
+#: Trial table columns: (trial key, title, how a value is shown).
+_TRIAL_COLUMNS = (("quality", "quality", rounded), ("throughput", "img/s", _one_decimal),
+                  ("memory_mb", "memory MB", lambda v: rounded(v, 0)), ("latency_ms_p50", "p50 ms", _one_decimal),
+                  ("fit_seconds", "fit", duration), ("model_mb", "model MB", _one_decimal))
+#: Shown after quality when the trials were also scored on real defects while ranked on synthetic anomalies.
+_REAL_COLUMN = ("real_quality", "real quality", rounded)
+
+
+def _shown(value, show) -> str:
+    """A table cell: ``show(value)``, or a dash when the value is missing."""
+    text = show(value) if value is not None else "n/a"
+    return "–" if text == "n/a" else _e(text)
+
+
+def agreement_text(trials: list[dict]) -> str | None:
+    """What ranking on synthetic anomalies cost, when the trials were also scored on real validation defects:
+    Spearman correlation of the two rankings and the regret of the synthetic choice (None otherwise)."""
+    done = [t for t in trials if t.get("status") == "ok" and t.get("quality") is not None
+            and t.get("real_quality") is not None]
+    if not done:
+        return None
+    agreement = selection_agreement([t["quality"] for t in done], [t["real_quality"] for t in done])
+    chosen = max(done, key=lambda t: t["quality"])
+    best = max(done, key=lambda t: t["real_quality"])
+    rho = ("n/a (fewer than 3 trials, or a constant ranking)" if agreement.spearman is None
+           else rounded(agreement.spearman))
+    return (f"Synthetic vs real: the {agreement.n_trials} complete trials were also scored on the real validation "
+            f"defects. Spearman rank correlation of synthetic and real quality {rho}; regret of choosing on synthetic "
+            f"anomalies {rounded(agreement.regret)} (the synthetic choice, {chosen.get('family')}, reaches "
+            f"{rounded(chosen['real_quality'])} on the real defects; the best there, {best.get('family')}, "
+            f"{rounded(best['real_quality'])}). Measured on real validation defects: test scores are computed only "
+            "for the exported model.")
+
+
+def kinds_text(trials: list[dict]) -> str | None:
+    """Which synthetic anomaly kinds each family was ranked on (its ``val_anomalies_<kind>`` counts)."""
+    used: dict[str, set[str]] = {}
+    for t in trials:
+        for key, value in t.items():
+            if key.startswith("val_anomalies_") and value:
+                used.setdefault(t.get("family", "?"), set()).add(key[len("val_anomalies_"):])
+    if not used:
+        return None
+    return ("Each family is ranked only on synthetic anomaly kinds it does not train on: "
+            + "; ".join(f"{family}: {', '.join(sorted(kinds))}" for family, kinds in sorted(used.items())) + ".")
 
 
 def trials_section(facts: SearchFacts) -> str:
@@ -502,25 +603,29 @@ def trials_section(facts: SearchFacts) -> str:
     for t in trials:
         counts[t.get("status", "?")] = counts.get(t.get("status", "?"), 0) + 1
     summary = ", ".join(f"{v} {k}" for k, v in counts.items())
+    columns = list(_TRIAL_COLUMNS)
+    if any(t.get("real_quality") is not None for t in trials):
+        columns.insert(1, _REAL_COLUMN)
     rows, classes = [], []
     for t in trials:
-        reason, error = t.get("failure_reason") or "", _e(t.get("error", "")[:1500])
+        reason, error = t.get("failure_reason") or "", _e((t.get("error") or "")[:1500])
         rows.append([_e(t.get("trial")), _e(t.get("family")) + (" <span class='muted'>(default)</span>"
                                                                if t.get("default_config") else ""),
                      _status_badge(t.get("status"))
                      + (f"<br><span class='muted' title='{error}'>{_e(reason[:120])}</span>" if reason else ""),
-                     *[_num(t.get(key), digits) for key, _, digits in _TRIAL_COLUMNS],
+                     *[_shown(t.get(key), show) for key, _, show in columns],
                      _num(t.get("pareto_rank")),
                      '<td class="params">' + ("" if not t.get("default_config") else
                                               '<span class="muted">family defaults</span> ')
                      + f'{_e(_params_text(t["params"]))}</td>'])
         classes.append("front" if t.get("pareto_rank") == 0 else "")
-    headers = ["trial", "family", "status", *[title for _, title, _ in _TRIAL_COLUMNS], "Pareto rank", "parameters"]
+    headers = ["trial", "family", "status", *[title for _, title, _ in columns], "Pareto rank", "parameters"]
     metric = facts.params.get("metric", "combined")
+    notes = "".join(f"<p>{_e(text)}</p>" for text in (kinds_text(trials), agreement_text(trials)) if text)
     return (f"<p>{len(trials)} trials: {_e(summary)}. Quality = validation <b>{_e(metric)}</b> on "
             f"{_e(facts.params.get('validation'))} anomalies; Pareto-front rows are shaded. Best quality "
-            "first, failed trials last.</p>"
-            + _table(headers, rows, set(range(3, 3 + len(_TRIAL_COLUMNS) + 1)), classes))
+            "first, failed trials last.</p>" + notes
+            + _table(headers, rows, set(range(3, 3 + len(columns) + 1)), classes))
 
 
 def pareto_section(facts: SearchFacts) -> str:
@@ -566,10 +671,11 @@ def best_per_family_section(facts: SearchFacts) -> str:
         parts.append(
             f"<h3>{_e(family)}{front}</h3><p class='muted'>best of {len(done)} completed / {tried} trials; trial "
             f"{_e(best.get('trial'))}, run {_e(best['run_id'])}</p>"
-            + _kv([("quality", _num(best.get("quality"))), ("throughput img/s", _num(best.get("throughput"))),
-                   ("memory MB", _num(best.get("memory_mb"))), ("latency p50 / p95 ms",
-                   f"{_num(best.get('latency_ms_p50'), 3)} / {_num(best.get('latency_ms_p95'), 3)}"),
-                   ("fit s", _num(best.get("fit_seconds"), 3)), ("model MB", _num(best.get("model_mb"), 3))])
+            + _kv([("quality", rounded(best.get("quality"))),
+                   ("throughput img/s", _one_decimal(best.get("throughput"))),
+                   ("memory MB", rounded(best.get("memory_mb"), 0)), ("latency p50 / p95 ms",
+                   f"{_one_decimal(best.get('latency_ms_p50'))} / {_one_decimal(best.get('latency_ms_p95'))}"),
+                   ("fit", duration(best.get("fit_seconds"))), ("model MB", _one_decimal(best.get("model_mb")))])
             + (f'<div class="cfglabel">configuration</div><div class="kv cfg">{cells}</div>' if cells
                else "<p class='muted'>no parameters</p>"))
     return "".join(parts)
@@ -612,6 +718,31 @@ def curves_section(ev: Evaluation) -> str:
             f"<img class='figure' alt='ROC and PR curves' src='{curves_figure(ev)}'>")
 
 
+def operating_section(ev: Evaluation) -> str:
+    if ev.missing or ev.scores is None:
+        return _note(ev.missing or "No test scores.")
+    th, labels, scores = ev.threshold, ev.labels, ev.scores
+    rows = []
+    for r in ev.operating_points:
+        test = rates_at(r["threshold"], labels, scores)
+        rows.append([rounded(r["target_false_alarm_rate"]), _e(f"{r['threshold']:.4g}"), rounded(r["false_alarm_rate"]),
+                     rounded(r["detection_rate"]), rounded(test["false_alarm_rate"]), rounded(test["detection_rate"])])
+    at, calibrated = rates_at(th["value"], labels, scores), f"{th['value']:.4g}"
+    validation = ev.validation_rates
+    rows.append([rounded(th["target_false_alarm_rate"]), f"{_e(calibrated)} ({_e(th['method'])})",
+                 rounded(validation.get("false_alarm_rate")), rounded(validation.get("detection_rate")),
+                 rounded(at["false_alarm_rate"]), rounded(at["detection_rate"])])
+    table = _table(["target false-alarm rate", "threshold", "validation false alarms", "validation detected",
+                    "test false alarms", "test detected"], rows, set(range(6)),
+                   [""] * (len(rows) - 1) + ["front"])
+    intro = (f"<p>What the image threshold trades: the share of normal images it flags (false-alarm rate) against "
+             f"the share of defective images it catches (detection rate). The curve runs over every threshold on the "
+             f"{len(scores)} test images; the squares are the threshold table an exported package stores, measured "
+             f"on the validation images ({_e(ev.validation_kind)} anomalies); the dots are the calibrated threshold "
+             f"(target false-alarm rate {th['target_false_alarm_rate']:g}). The shaded row is that threshold.</p>")
+    return (intro + f"<img class='figure' alt='operating curve' src='{operating_figure(ev)}'>" + table)
+
+
 def gallery_section(ev: Evaluation) -> str:
     if ev.missing or ev.scores is None:
         return _note(ev.missing or "No test scores.")
@@ -637,13 +768,21 @@ def gallery_section(ev: Evaluation) -> str:
     return "".join(parts)
 
 
+def _budget(params: dict) -> str:
+    """The search budget (a logged parameter, in seconds) as a duration."""
+    try:
+        return duration(float(params.get("budget_s")))
+    except (TypeError, ValueError):
+        return "n/a"
+
+
 def _header(facts: SearchFacts, tracking_uri: str) -> str:
     search, params = facts.search, facts.params
     started = time.strftime("%Y-%m-%d %H:%M", time.localtime(search.start_time / 1000))
     done = sum(t.get("status") == "ok" for t in facts.trials)
     return (f"<header><h1>automl-ad search report — {_e(search.dataset_name or facts.experiment)}</h1>"
             f"<div class='sub'>search run {_e(search.run_id)} · experiment {_e(facts.experiment)} · started "
-            f"{_e(started)} · {len(facts.trials)} trials ({done} complete) · budget {_e(params.get('budget_s'))} s"
+            f"{_e(started)} · {len(facts.trials)} trials ({done} complete) · budget {_e(_budget(params))}"
             f" · seed {_e(params.get('seed'))}<br>data {_e(params.get('data'))} · tracking {_e(tracking_uri)}</div>"
             "</header>")
 
@@ -652,7 +791,8 @@ def render(facts: SearchFacts, ev: Evaluation, tracking_uri: str) -> str:
     builders = {"profile": lambda: profile_section(facts), "recommendation": lambda: recommendation_section(facts),
                 "trials": lambda: trials_section(facts), "pareto": lambda: pareto_section(facts),
                 "best-per-family": lambda: best_per_family_section(facts), "scores": lambda: scores_section(ev),
-                "curves": lambda: curves_section(ev), "gallery": lambda: gallery_section(ev)}
+                "operating": lambda: operating_section(ev), "curves": lambda: curves_section(ev),
+                "gallery": lambda: gallery_section(ev)}
     sections = []
     for key, title in SECTIONS:
         try:

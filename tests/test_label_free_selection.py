@@ -1,0 +1,250 @@
+"""Label-free selection that does not flatter self-supervised families, and the deployable operating point:
+detection_at_far, synthetic-vs-real agreement, per-family held-out synthetic kinds, and how reports show them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from automl_ad.defaults import QUALITY_METRICS
+from automl_ad.deploy.thresholds import operating_points
+from automl_ad.evaluation.metrics import detection_at_far, evaluate, threshold_at_far
+from automl_ad.evaluation.selection import selection_agreement
+from automl_ad.search.validation import quality
+
+
+# --- detection at a target false-alarm rate -------------------------------------------------------------------------
+def test_detection_at_far_on_hand_made_scores():
+    normal = np.round(np.arange(1, 11) / 10, 2)  # 0.1 .. 1.0
+    defects = np.array([0.5, 0.95, 1.2, 0.91])
+    labels, scores = np.r_[np.zeros(10, int), np.ones(4, int)], np.r_[normal, defects]
+    # threshold = the 0.9 quantile of the normals = 0.1 + 0.9 * 9 * 0.1 = 0.91; a defect must score above it
+    assert threshold_at_far(normal, 0.1) == pytest.approx(0.91)
+    assert detection_at_far(labels, scores, far=0.1) == pytest.approx(0.5)  # 0.95 and 1.2; 0.91 ties, not above
+    assert detection_at_far(labels, scores, far=0.5) == pytest.approx(0.75)  # threshold 0.55
+    assert detection_at_far(labels, -scores, far=0.1) == 0.0
+    # one implementation: the export's threshold table says the same
+    table = {row["target_false_alarm_rate"]: row for row in operating_points(normal, defects, rates=(0.1, 0.5))}
+    assert table[0.1]["detection_rate"] == pytest.approx(0.5) and table[0.5]["detection_rate"] == pytest.approx(0.75)
+    assert table[0.1]["threshold"] == pytest.approx(0.91) and table[0.1]["false_alarm_rate"] == pytest.approx(0.1)
+
+
+def test_detection_at_far_is_none_without_both_classes_and_refuses_bad_rates():
+    assert detection_at_far([0, 0, 0], [0.1, 0.2, 0.3]) is None
+    assert detection_at_far([1, 1], [0.1, 0.2]) is None
+    for far in (0, 1, -0.1, 1.5):
+        with pytest.raises(ValueError, match="false-alarm rate"):
+            detection_at_far([0, 1], [0.1, 0.2], far=far)
+
+
+def test_detection_at_far_is_a_validation_metric_and_a_quality():
+    labels, scores = np.r_[np.zeros(100, int), np.ones(10, int)], np.r_[np.linspace(0, 1, 100), np.full(10, 0.995)]
+    metrics = evaluate(labels, scores)
+    assert metrics["detection_at_far"] == 1.0  # 0.995 is above the 0.99 quantile (0.99) of the normals
+    assert evaluate(labels, scores, far=0.001)["detection_at_far"] == 0.0  # threshold 0.999
+    assert "detection_at_far" in QUALITY_METRICS
+    assert quality(metrics, "detection_at_far") == 1.0
+
+
+# --- synthetic-vs-real agreement --------------------------------------------------------------------------------------
+def test_selection_agreement_on_hand_made_qualities():
+    same = selection_agreement([0.9, 0.8, 0.7, 0.6], [0.5, 0.4, 0.3, 0.2])
+    assert same.n_trials == 4 and same.spearman == pytest.approx(1.0) and same.regret == 0.0
+    # the fabric of issue 11: CutPaste first on synthetic anomalies, PatchCore first on the real defects
+    fabric = selection_agreement([0.984, 0.750, 0.90, 0.80], [0.75, 0.983, 0.90, 0.85])
+    assert fabric.regret == pytest.approx(0.983 - 0.75)
+    assert fabric.spearman == pytest.approx(-0.8)  # ranks (4, 1, 3, 2) vs (1, 4, 3, 2): 1 - 6 * 18 / (4 * 15)
+
+
+def test_selection_agreement_ties_and_small_samples():
+    tied = selection_agreement([0.9, 0.9, 0.5], [0.6, 0.8, 1.0])
+    assert tied.regret == pytest.approx(1.0 - 0.7)  # a coin toss between the two tied for first: mean real 0.7
+    # average ranks (2.5, 2.5, 1) against (1, 2, 3): Pearson of the ranks = -1.5 / sqrt(1.5 * 2)
+    assert tied.spearman == pytest.approx(-1.5 / np.sqrt(3))
+    two = selection_agreement([0.9, 0.5], [0.4, 0.8])
+    assert two.spearman is None and two.regret == pytest.approx(0.4)  # no correlation from two trials
+    assert selection_agreement([0.7], [0.3]).regret == 0.0
+    assert selection_agreement([], []).spearman is None and selection_agreement([], []).regret is None
+    constant = selection_agreement([0.5, 0.5, 0.5], [0.1, 0.2, 0.3])
+    assert constant.spearman is None and constant.regret == pytest.approx(0.3 - 0.2)
+
+
+def test_selection_agreement_refuses_mismatched_or_missing_numbers():
+    with pytest.raises(ValueError, match="one synthetic and one real"):
+        selection_agreement([0.1, 0.2], [0.3])
+    with pytest.raises(ValueError, match="finite"):
+        selection_agreement([0.1, float("nan"), 0.3], [0.3, 0.2, 0.1])
+
+
+# --- per-family held-out synthetic kinds ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def demo_texture(tmp_path_factory):
+    """A small demo texture: 30 train normals (6 held out for validation), labelled defects for test/reference."""
+    from automl_ad.data.demo import generate_demo
+
+    return generate_demo(tmp_path_factory.mktemp("demo"), categories=["texture"], n_train=30, n_test_good=4,
+                         n_test_per_defect=2, size=48)["texture"]
+
+
+def _kinds(images) -> dict:
+    counts = {}
+    for kind, label in zip(images.kinds, images.labels):
+        key = kind or ("normal" if label == 0 else "real")
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def test_families_declare_the_synthetic_kinds_they_train_on():
+    from automl_ad.data.synthetic import KINDS
+    from automl_ad.detectors import detector_class, list_detectors
+
+    declared = {name: detector_class(name).trains_on_anomalies for name in list_detectors()}
+    assert declared["cutpaste"] == ("cutpaste", "scar")
+    # SimpleNet's anomalies are Gaussian noise on features and diffusion's noise is the denoising target: no image
+    # kind; every other family trains on normal images only
+    assert all(kinds == () for name, kinds in declared.items() if name != "cutpaste")
+    assert all(set(kinds) <= set(KINDS) for kinds in declared.values())
+
+
+def test_each_family_is_ranked_without_the_kinds_it_trains_on_and_as_many_anomalies_as_before(demo_texture, tmp_path):
+    from automl_ad.data import open_dataset
+    from automl_ad.data.split import SearchSplit
+    from automl_ad.search.validation import prepare_search_data
+
+    dataset = open_dataset(demo_texture)
+    split = prepare_search_data(dataset, tmp_path, "synthetic", families=["cutpaste", "padim"])
+    n_normal = int((split.validation.labels == 0).sum())
+    assert n_normal == 6 and split.reference is not None
+    # three rounds: every kind on every held-out normal image
+    assert _kinds(split.validation) == {"normal": 6, "cutpaste": 6, "scar": 6, "perlin": 6}
+    cutpaste = split.validation_for(("cutpaste", "scar"))
+    assert _kinds(cutpaste) == {"normal": 6, "perlin": 6}  # never its own training kinds, as many as before
+    padim = split.validation_for(())
+    assert _kinds(padim) == {"normal": 6, "cutpaste": 2, "scar": 2, "perlin": 2}  # one per normal, kinds in turn
+    assert _kinds(split.validation_for(("scar",))) == {"normal": 6, "cutpaste": 3, "perlin": 3}
+    assert len({p.name for p in cutpaste.paths}) == len(cutpaste)
+    # the kinds travel with the split a search logs, and the trial's data file
+    again = SearchSplit.from_json(split.to_json())
+    assert again.validation.kinds == split.validation.kinds
+    assert again.validation_for(("cutpaste", "scar")).paths == cutpaste.paths
+    assert "each family is ranked on 6 of kinds it does not train on" in split.describe()
+
+
+def test_synthesis_makes_only_the_rounds_the_families_need_and_is_deterministic(demo_texture, tmp_path):
+    from automl_ad.data import open_dataset
+    from automl_ad.search.validation import prepare_search_data
+
+    dataset = open_dataset(demo_texture)
+    one = prepare_search_data(dataset, tmp_path / "a", "synthetic", families=["padim", "gaussian"])
+    assert _kinds(one.validation) == {"normal": 6, "cutpaste": 2, "scar": 2, "perlin": 2}
+    written = {p: p.read_bytes() for p in one.validation.paths[6:]}
+    stamps = {p: p.stat().st_mtime_ns for p in written}
+    full = prepare_search_data(dataset, tmp_path / "a", "synthetic", families=["cutpaste"])  # more rounds
+    assert len(full.validation) == 6 + 18
+    assert all(p.stat().st_mtime_ns == stamps[p] for p in written)  # the first round was reused, not rewritten
+    elsewhere = prepare_search_data(dataset, tmp_path / "b", "synthetic")  # all rounds at once, another folder
+    assert [p.name for p in elsewhere.validation.paths] == [p.name for p in full.validation.paths]
+    assert all((tmp_path / "b" / "synthetic-validation" / p.name).read_bytes() == data for p, data in written.items())
+    real = prepare_search_data(dataset, tmp_path / "c", "auto")  # labelled defects: nothing is synthesised
+    assert real.validation.kinds is None and real.validation_for(("cutpaste", "scar")) is real.validation
+
+
+def test_rounds_and_a_family_that_trains_on_every_kind():
+    from automl_ad.data.imageset import ImageSet
+    from automl_ad.data.synthetic import KINDS, rounds_needed, without_trained_kinds
+
+    assert rounds_needed([()]) == 1 and rounds_needed([]) == 1
+    assert rounds_needed([(), ("scar",)]) == 2
+    assert rounds_needed([("cutpaste", "scar"), ()]) == 3
+    assert rounds_needed([KINDS]) == 3
+    images = ImageSet(paths=["n.png", "a.png", "b.png"], labels=[0, 1, 1], kinds=[None, "cutpaste", "scar"])
+    with pytest.raises(ValueError, match="rank it on labelled defects"):
+        without_trained_kinds(images, ("cutpaste", "scar"))
+    with pytest.raises(ValueError, match="one entry"):
+        ImageSet(paths=["n.png"], labels=[0], kinds=[None, "scar"])
+
+
+@pytest.mark.parametrize("family, used", [("cutpaste", {"cutpaste": 0, "scar": 0, "perlin": 6}),
+                                          ("gaussian", {"cutpaste": 2, "scar": 2, "perlin": 2})])
+def test_a_trial_is_scored_only_on_kinds_its_family_does_not_train_on(demo_texture, tmp_path, family, used):
+    import json
+
+    from automl_ad.data import open_dataset
+    from automl_ad.detectors import detector_class
+    from automl_ad.search.trial import run_trial
+    from automl_ad.search.validation import prepare_search_data
+
+    split = prepare_search_data(open_dataset(demo_texture), tmp_path, "synthetic", families=["cutpaste", "gaussian"])
+    (tmp_path / "split.json").write_text(json.dumps(split.to_json()))
+    result = run_trial({"family": family, "params": detector_class(family).test_params,
+                        "data_file": str(tmp_path / "split.json"), "out_dir": str(tmp_path / "trial"),
+                        "latency_repeats": 1})
+    assert {kind: result[f"val_anomalies_{kind}"] for kind in used} == used
+    assert np.isfinite(result["quality"]) and result["real_quality"] is not None  # real defects scored too
+    assert 0 <= result["val_detection_at_far"] <= 1
+
+
+# --- what people are shown -------------------------------------------------------------------------------------------
+def _facts(trials):
+    from automl_ad.reporting.html_report import SearchFacts
+    from automl_ad.tracking.records import SearchRecord
+
+    search = SearchRecord(run_id="r" * 32, experiment="fabric", data="/data/fabric", seed=0, metric="combined",
+                          validation_kind="synthetic", families=["cutpaste", "patchcore"], work_dir=None,
+                          fingerprint="f", dataset_name="fabric", start_time=0,
+                          params={"metric": "combined", "validation": "synthetic", "budget_s": "900.0"})
+    return SearchFacts(search, trials, None, "no profile", None, None)
+
+
+def _trial(trial, family, quality, real, **extra):
+    return {"run_id": trial * 8, "trial": trial, "family": family, "status": "ok", "pareto_rank": 0, "params": {},
+            "quality": quality, "real_quality": real, "throughput": 123.456789, "memory_mb": 1234.5678,
+            "fit_seconds": 312.25, "error": None, **extra}
+
+
+def test_report_trials_section_states_agreement_kinds_and_rounded_figures():
+    from automl_ad.reporting.html_report import trials_section
+
+    trials = [_trial("t1", "cutpaste", 0.9775691184141888, 0.75, val_anomalies_cutpaste=0.0, val_anomalies_scar=0.0,
+                     val_anomalies_perlin=6.0),
+              _trial("t2", "patchcore", 0.750, 0.983, val_anomalies_cutpaste=2.0, val_anomalies_scar=2.0,
+                     val_anomalies_perlin=2.0),
+              _trial("t3", "padim", 0.85, 0.9, val_anomalies_cutpaste=2.0, val_anomalies_scar=2.0,
+                     val_anomalies_perlin=2.0),
+              {"run_id": "x" * 32, "trial": "t4", "family": "stpm", "status": "failed", "params": {},
+               "failure_reason": "timeout", "error": None}]
+    text = trials_section(_facts(trials))
+    assert "0.978" in text and "0.9775" not in text  # qualities to three decimals
+    assert "123.5" in text and "1235" in text and "5 min 12 s" in text  # img/s, MB, fit time in sensible units
+    assert "real quality" in text and "0.983" in text
+    assert "Spearman rank correlation of synthetic and real quality -1.000" in text  # ranks (3, 1, 2), (1, 3, 2)
+    assert "regret of choosing on synthetic anomalies 0.233" in text
+    assert "cutpaste: perlin" in text and "patchcore: cutpaste, perlin, scar" in text
+    # without real defects neither the column nor the agreement line appears
+    plain = trials_section(_facts([{**t, "real_quality": None} for t in trials[:3]]))
+    assert "real quality" not in plain and "Spearman" not in plain
+
+
+def test_report_draws_the_operating_curve_with_the_calibrated_threshold():
+    import re
+
+    from automl_ad.deploy.thresholds import operating_points
+    from automl_ad.reporting.html_report import Evaluation, operating_section
+
+    rng = np.random.default_rng(0)
+    labels = np.r_[np.zeros(40, int), np.ones(10, int)]
+    scores = np.r_[rng.normal(0, 1, 40), rng.normal(2.5, 1, 10)]
+    validation_normal, validation_defects = rng.normal(0, 1, 30), rng.normal(2, 1, 12)
+    threshold = {"value": 2.3263478740408408, "method": "evt", "target_false_alarm_rate": 0.01, "n_normal": 30,
+                 "note": ""}
+    ev = Evaluation(None, "r" * 32, "patchcore", threshold, labels=labels, scores=scores, n_test=50,
+                    operating_points=operating_points(validation_normal, validation_defects),
+                    validation_rates={"false_alarm_rate": 0.0, "detection_rate": 0.4166666666666667},
+                    validation_kind="synthetic")
+    text = operating_section(ev)
+    assert "alt='operating curve' src='data:image/png;base64," in text
+    assert "2.326 (evt)" in text and "0.417" in text and "0.4166" not in text
+    assert not re.search(r"\d\.\d{5,}", text.split("base64,")[0] + text.split("'>", 1)[1])  # no long decimals
+    assert text.count("<tr") == 1 + 7 + 1  # header, the package's threshold table, the calibrated threshold
+    missing = operating_section(Evaluation("The dataset /gone is not on this machine."))
+    assert "/gone is not on this machine" in missing and "base64" not in missing
