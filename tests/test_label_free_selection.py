@@ -248,3 +248,24 @@ def test_report_draws_the_operating_curve_with_the_calibrated_threshold():
     assert text.count("<tr") == 1 + 7 + 1  # header, the package's threshold table, the calibrated threshold
     missing = operating_section(Evaluation("The dataset /gone is not on this machine."))
     assert "/gone is not on this machine" in missing and "base64" not in missing
+
+
+def test_rounding_for_people_and_the_cli_leaderboard():
+    import io
+
+    from rich.console import Console
+
+    from automl_ad.cli import _print_leaderboard
+    from automl_ad.reporting.rounding import duration, rounded
+
+    assert rounded(0.9775691184141888) == "0.978" and rounded(1) == "1.000" and rounded(12.345, 1) == "12.3"
+    assert rounded(None) == "n/a" and rounded(float("nan")) == "n/a"
+    assert [duration(s) for s in (0.42, 12.34, 59.96, 245, 7620)] == ["420 ms", "12.3 s", "1 min 00 s",
+                                                                       "4 min 05 s", "2 h 07 min"]
+    assert duration(None) == "n/a"
+    buffer = io.StringIO()
+    _print_leaderboard(Console(file=buffer, width=200), [_trial("t1", "cutpaste", 0.9775691184141888, None,
+                                                                latency_ms_p50=3.14159)])
+    table = buffer.getvalue()
+    assert "0.978" in table and "123.5" in table and "1235" in table and "3.1" in table and "5 min 12 s" in table
+    assert "0.9775" not in table and "3.1415" not in table
