@@ -1,6 +1,8 @@
 """automl-ad: pick and tune the right industrial image anomaly-detection method for your data."""
 
-__version__ = "0.1.0"
+from automl_ad.version import __version__
+
+__all__ = ["__version__", "load_package"]
 
 
 def load_package(path):
