@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from automl_ad import __version__
+from automl_ad.version import __version__
 from automl_ad.defaults import (DEFAULT_FALSE_ALARM_RATE, DEMO_DATA_DIR, QUALITY_METRICS, SEARCH_BUDGET,
                                 SHORTLIST_SIZE, UI_HOST, UI_PORT, UI_STOP_GRACE_S)
 from automl_ad.errors import AutomlAdError, UsageError

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from automl_ad import __version__
+from automl_ad.version import __version__
 from automl_ad.data.imageset import ImageSet
 from automl_ad.defaults import PACKAGE_KEY_ENV
 from automl_ad.deploy.onnx_export import export_onnx

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from automl_ad import __version__
+from automl_ad.version import __version__
 from scipy import ndimage
 
 from automl_ad.data.dataset import Dataset

@@ -802,7 +802,7 @@ def render(facts: SearchFacts, ev: Evaluation, tracking_uri: str) -> str:
             body = _note(f"This section could not be built: {type(exc).__name__}: {exc}")
         sections.append(f'<section id="{key}"><h2>{_e(title)}</h2>{body}</section>')
     nav = "".join(f'<a href="#{key}">{_e(title)}</a>' for key, title in SECTIONS)
-    from automl_ad import __version__
+    from automl_ad.version import __version__
 
     return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
             f"<meta name='viewport' content='width=device-width, initial-scale=1'><title>automl-ad report — "
