@@ -274,7 +274,7 @@ def run_demo(out: str | Path = "automl-ad-demo", budget: str = "3m", profile: st
              weights: str | None = None, seed: int = 0, top: int | None = None, say=print,
              show_recommended=None, console=None) -> Demo:
     """Generate the built-in demo data, recommend routes for it, search the texture category for ``budget``,
-    export the most balanced front model, predict the test images with it and write the HTML report.
+    export the most accurate front model, predict the test images with it and write the HTML report.
     ``show_recommended(Recommended)`` displays the recommendation (the CLI prints tables)."""
     out = Path(out)
     data_dir = out / "data"
@@ -292,8 +292,8 @@ def run_demo(out: str | Path = "automl-ad-demo", budget: str = "3m", profile: st
     demo.search = search_data(str(category), profile=profile, weights=weights, budget=budget, seed=seed, say=say,
                               console=console)
     package, predictions = out / "package", out / "predictions"
-    say(f"\nExporting the most balanced model of the Pareto front to {package} ...")
-    demo.export = export_model(package, target=demo.search.parent_run_id, objective="balanced", overwrite=True,
+    say(f"\nExporting the most accurate model of the Pareto front to {package} ...")
+    demo.export = export_model(package, target=demo.search.parent_run_id, objective="quality", overwrite=True,
                                say=say)
     say(f"\nPredicting the demo test images with the package into {predictions} ...")
     demo.predictions = predict_images(package, [str(category / "test")], predictions)

@@ -6,6 +6,7 @@ working directory given the tracking URI."""
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,6 +101,7 @@ class SearchStore:
     """Read-only access to the searches in one tracking store."""
 
     def __init__(self, tracking_uri: str | None = None, tracker: Tracker | None = None):
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bar for each small download
         self.tracker = tracker or Tracker(tracking_uri)
         self.uri = self.tracker.uri
 
