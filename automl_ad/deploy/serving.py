@@ -28,6 +28,7 @@ from automl_ad.defaults import (SERVE_MAX_ITEM_CHARS, SERVE_MAX_ITEMS, SERVE_MAX
                                 SERVE_MAX_REQUEST_PIXELS, SERVE_PATHS_ROOT_ENV)
 from automl_ad.deploy.package import Package, load_package
 from automl_ad.errors import ConfigError
+from automl_ad.tracking.store import Tracker
 
 _logger = logging.getLogger(__name__)
 _WHITESPACE = re.compile(r"\s+")
@@ -258,19 +259,8 @@ def log_package(package_dir: str | Path, tracking_uri: str | None = None, run_id
     Serve with ``mlflow models serve -m <uri> --env-manager local`` in an environment that has automl-ad. Clients send
     base64 image files; ``allow_paths_under`` also lets them name files inside that folder (off by default).
     """
-    import mlflow
-
-    from automl_ad.tracking.store import Tracker
-
     load_package(package_dir)  # refuse to log a damaged package
     config = {"allow_paths_under": allowed_root(allow_paths_under) if allow_paths_under else None,
               **asdict(limits or ServingLimits())}
-    tracker = Tracker(tracking_uri)
-    if run_id is None:
-        run_id = tracker.client.create_run(tracker.experiment("automl-ad/served")).info.run_id
-    code = Path(__file__).with_name("pyfunc_model.py")
-    with mlflow.start_run(run_id=run_id):
-        info = mlflow.pyfunc.log_model(name=name, python_model=str(code),
-                                       artifacts={"package": str(Path(package_dir).resolve())},
-                                       model_config=config, pip_requirements=["automl-ad"])
-    return info.model_uri
+    return Tracker(tracking_uri).log_pyfunc(Path(__file__).with_name("pyfunc_model.py"),
+                                           {"package": str(Path(package_dir).resolve())}, config, run_id, name)

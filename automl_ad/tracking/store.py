@@ -244,6 +244,23 @@ class Tracker:
     def log_model(self, run_id: str, model_dir: Path) -> None:
         _retry(self.client.log_artifacts, run_id, str(model_dir), "model")
 
+    def has_model(self, run_id: str) -> bool:
+        """Whether a trial's model is logged with its run."""
+        return "model" in {a.path for a in self.client.list_artifacts(run_id)}
+
+    def log_pyfunc(self, code: Path, artifacts: dict, config: dict, run_id: str | None = None,
+                   name: str = "model", experiment: str = "automl-ad/served") -> str:
+        """Log an MLflow "model from code" (``code``) to run ``run_id`` or a new run of ``experiment``; returns its
+        ``models:/`` URI."""
+        import mlflow
+
+        if run_id is None:
+            run_id = _retry(self.client.create_run, self.experiment(experiment)).info.run_id
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(name=name, python_model=str(code), artifacts=artifacts,
+                                           model_config=config, pip_requirements=["automl-ad"])
+        return info.model_uri
+
     def finish_search(self, parent_id: str, status: str = "FINISHED") -> None:
         _retry(self.client.set_terminated, parent_id, status)
 
