@@ -66,8 +66,9 @@ def calibrate(detector, split: SearchSplit, far: float = DEFAULT_FALSE_ALARM_RAT
     detection rates they give on the validation images, the threshold → rates table, and plain warnings."""
     normals = split.normal_validation()
     say(f"Calibrating thresholds on {len(normals)} held-out normal images (target false-alarm rate {far:g}) ...")
-    scores = detector.score_samples(split.validation)
-    labels = split.validation.labels
+    validation = split.validation_for(detector.trains_on_anomalies)  # never its own training anomaly kinds
+    scores = detector.score_samples(validation)
+    labels = validation.labels
     normal_scores = scores.image_scores[labels == 0]
     thresholds = {"image": calibrate_image_threshold(normal_scores, far).to_dict(), "active": "image"}
     if scores.anomaly_maps is not None:
@@ -117,7 +118,8 @@ def export_run(store: SearchStore, run_id: str, out: str | Path, far: float = DE
         training = {"dataset": search.data, "fingerprint": search.fingerprint, "n_train": len(split.train), "run_id": run_id,
                     "search_run_id": search.run_id, "tracking_uri": store.uri}
         path = export_package(detector, out, calibration.thresholds, metrics, cost, training, overwrite=overwrite,
-                              parity_images=parity_images(split.validation), protected=protected,
+                              parity_images=parity_images(split.validation_for(detector.trains_on_anomalies)),
+                              protected=protected,
                               operating=calibration.operating_points)
     _say_operating_point(calibration, metrics, far, say)
     return path

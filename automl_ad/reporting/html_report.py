@@ -19,7 +19,7 @@ import logging
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -155,9 +155,7 @@ def evaluate_best(store: SearchStore, facts: SearchFacts, max_images: int = MAX_
         split = store.split(facts.search)
         with tempfile.TemporaryDirectory() as tmp:
             detector = Detector.load(store.model_dir(store.trial(best["run_id"]), Path(tmp), facts.search.work_dir))
-        # validated as in the search: without the synthetic anomaly kinds the family trains on
-        family_split = replace(split, validation=split.validation_for(detector.trains_on_anomalies))
-        calibration = calibrate(detector, family_split, far, say)
+        calibration = calibrate(detector, split, far, say)  # as export: without the family's own anomaly kinds
     except (UsageError, ValueError, OSError) as exc:
         return Evaluation(f"The best front model ({best['family']}, run {best['run_id']}) could not be reloaded "
                           f"and calibrated: {exc}", best["run_id"], best["family"])
