@@ -275,23 +275,26 @@ _BOARD_COLUMNS = (("family", "family", None), ("quality", "quality", rounded),
                   ("pareto_rank", "rank", None), ("run_id", "run", None))
 
 
-def _print_leaderboard(console, rows: list[dict]) -> None:
+def _print_leaderboard(console, rows: list[dict], best: list[tuple[float, float]] | None = None) -> None:
     table = Table()
     for _, title, _ in _BOARD_COLUMNS:
         table.add_column(title)
     for row in sorted(rows, key=lambda r: -(r.get("quality") or 0)):
         table.add_row(*["-" if row.get(key) is None else (show or str)(row[key]) for key, _, show in _BOARD_COLUMNS])
     console.print(table)
+    if best:
+        console.print(f"best so far: {rounded(best[-1][1])} at {best[-1][0]:.0f} s (curve: "
+                      + ", ".join(f"{rounded(q)} at {t:.0f} s" for t, q in best) + ")", highlight=False)
 
 
 def cmd_leaderboard(args) -> int:
-    from automl_ad.tracking.board import leaderboard
+    from automl_ad.tracking.board import best_so_far, leaderboard
 
     rows = leaderboard(args.target, tracking_uri=args.tracking_uri, pareto=args.pareto)
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
     else:
-        _print_leaderboard(_console(), rows)
+        _print_leaderboard(_console(), rows, best_so_far(args.target, tracking_uri=args.tracking_uri))
     return EXIT_OK
 
 

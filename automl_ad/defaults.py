@@ -133,3 +133,27 @@ SERVE_PATHS_ROOT_ENV = "AUTOML_AD_SERVE_PATHS_UNDER"
 #: Model packages: environment variable holding a secret key. Set at export, the manifest is signed with an
 #: HMAC-SHA256 under it; set at load, a package must carry a valid signature under it.
 PACKAGE_KEY_ENV = "AUTOML_AD_PACKAGE_KEY"
+
+#: Budget-aware search scheduling (automl_ad.search.cost_predictor, automl_ad.search.engine).
+#: Successive-halving factor η: fidelity rungs train on 1, 1/η, 1/η² ... of the training images; the per-family
+#: ASHA stops iterative trials at 1/η³, 1/η², 1/η of their own schedule, keeping the best 1/η at each rung.
+SEARCH_REDUCTION_FACTOR = 3
+#: Rungs below full fidelity (train fractions 1/η ... 1/η^n), as long as a rung keeps this many training images.
+SEARCH_FIDELITY_RUNGS = 2
+SEARCH_MIN_SCREEN_IMAGES = 8
+#: A new configuration starts at the highest fidelity at which the remaining budget (times the parallel trials)
+#: still affords this many configurations of its predicted cost (η²: one full successive-halving bracket).
+SEARCH_CONFIGS_PER_BUDGET = 9
+#: A trial's limit: this multiple of its predicted seconds plus the slack, capped by the remaining budget
+#: (predictions from a crude prior or a few measurements are off by up to about this factor).
+SEARCH_COST_MARGIN = 2.0
+SEARCH_LIMIT_SLACK_S = 30.0
+#: Until some trial has completed, this share of the remaining budget is kept for cheaper fallbacks.
+SEARCH_FALLBACK_RESERVE = 0.25
+#: Prior for the fixed seconds of a trial process (start, imports, cost measurement, saving) before any is measured.
+SEARCH_TRIAL_OVERHEAD_S = 15.0
+#: Prior training passes per image-epoch relative to one inference (forward + backward of a trained network).
+SEARCH_TRAINING_PASS_FACTOR = 3.0
+#: Metric of a search's run: the best validation quality of a complete full-fidelity trial so far (step = seconds
+#: into the search, time before a resume included); the live view, the leaderboard and a plot show it.
+SEARCH_BEST_QUALITY_METRIC = "best_quality"

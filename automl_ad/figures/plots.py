@@ -38,3 +38,25 @@ def pareto_plot(trials: list[dict], ranks, path: str | Path, title: str = "Searc
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+def quality_time_plot(points: list[tuple[float, float]], path: str | Path,
+                      title: str = "Best validation quality so far") -> Path:
+    """The anytime curve of a search: best validation quality (a step line) against seconds into the search."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    times, qualities = zip(*sorted(points))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.step(times, qualities, where="post", color="tab:blue")
+    ax.plot(times, qualities, "o", color="tab:blue", ms=4)
+    ax.set_xlabel("seconds into the search")
+    ax.set_ylabel("best validation quality")
+    ax.set_title(f"{title}: {qualities[-1]:.3f} at {times[-1]:.0f} s")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

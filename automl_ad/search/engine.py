@@ -45,10 +45,14 @@ from pathlib import Path
 
 import numpy as np
 
-from automl_ad.defaults import (FEATURE_CACHE_ENV, SEARCH_ARTIFACT_CAP_MB, SEARCH_CACHE_CAP_MB,
-                                SEARCH_CHECKPOINT_EVERY_S, SEARCH_MAX_BUDGET_S, SEARCH_REPORT_EVERY, default_cache_dir)
+from automl_ad.defaults import (FEATURE_CACHE_ENV, SEARCH_ARTIFACT_CAP_MB, SEARCH_BEST_QUALITY_METRIC,
+                                SEARCH_CACHE_CAP_MB, SEARCH_CHECKPOINT_EVERY_S, SEARCH_CONFIGS_PER_BUDGET,
+                                SEARCH_FALLBACK_RESERVE, SEARCH_MAX_BUDGET_S, SEARCH_REDUCTION_FACTOR,
+                                SEARCH_REPORT_EVERY, default_cache_dir)
 from automl_ad.errors import UsageError
 from automl_ad.evaluation.objectives import OBJECTIVE_METRICS, OBJECTIVE_MODES, pareto_ranks
+from automl_ad.search.cost_predictor import (CostPredictor, FamilyTraits, TrialPlan, TrialSizes, plan_trial,
+                                             rungs)
 from automl_ad.search.trial import NODE_FILE, unreported_failure
 from automl_ad.tracking.lock import FileLock, describe_holder
 from automl_ad.tracking.records import SPLIT_ARTIFACT, SearchStore
@@ -97,48 +101,150 @@ class SearchResult:
 
 # --- proposals ----------------------------------------------------------------------------------------------------
 class Proposer:
-    """Define-by-run proposal function for OptunaSearch (see the module docstring)."""
+    """Define-by-run proposal function for OptunaSearch (see the module docstring).
 
-    def __init__(self, request: SearchRequest, spaces: dict, defaults: dict, reruns: list[dict] | None = None):
+    Every proposal carries a fidelity and a time limit from :func:`plan_trial`; ``exhausted`` turns True (and the
+    search stops) when no family fits the remaining budget even at its cheapest fidelity.
+    """
+
+    def __init__(self, request: SearchRequest, spaces: dict, defaults: dict, reruns: list[dict] | None = None,
+                 predictor: CostPredictor | None = None, sizes: TrialSizes | None = None,
+                 deadline: float | None = None, parallel: int = 1):
         self.request, self.spaces, self.defaults = request, spaces, defaults
         self.order = sorted(request.families, key=lambda f: -request.priors.get(f, 0.5))
         self.reruns = list(reruns or [])  # specs of trials a killed search interrupted, proposed again first
+        self.predictor = predictor or CostPredictor({})
+        self.sizes = sizes or TrialSizes(1, 1, (256.0, 256.0))
+        self.deadline = deadline if deadline is not None else time.monotonic() + (request.budget_s or 3600.0)
+        self.parallel = max(1, parallel)
+        self.exhausted = False
 
     def __call__(self, trial):
         if self.reruns:
             spec = self.reruns.pop(0)
             trial.set_user_attr("family", spec["family"])
             trial.set_user_attr("default", spec["default"])
-            return {"family": spec["family"], "params": spec["params"], "default": spec["default"],
-                    "rerun_of": spec["trial_id"]}
+            config = {"family": spec["family"], "params": spec["params"], "default": spec["default"],
+                      "rerun_of": spec["trial_id"]}
+            if spec.get("fidelity"):
+                trial.set_user_attr("rung", spec["fidelity"]["rung"])
+                config.update(fidelity=spec["fidelity"], timeout_s=self._cap(complete=True))
+            return config
         earlier = [t for t in trial.study.get_trials(deepcopy=False) if t.number != trial.number]
+        complete = bool(_complete(earlier))
+        promotion = self._promotion(earlier)
+        if promotion is not None:
+            source, family, params, rung = promotion
+            trial.set_user_attr("promoted_from", source)
+            return self._planned(trial, family, params, self.defaults[family] == params, rung)
         started = {t.user_attrs.get("family") for t in earlier
                    if t.user_attrs.get("default") and not t.user_attrs.get("interrupted")}
         pending = [f for f in self.order if f not in started]
+        failed_first = not complete and any(t.user_attrs.get("family") for t in earlier
+                                            if _failed(t) and not t.user_attrs.get("interrupted"))
+        if failed_first:  # nothing has finished yet and something failed: the cheapest candidate next
+            return self._fallback(trial, earlier)
         if pending:
             family = pending[0]
-            trial.set_user_attr("family", family)
-            trial.set_user_attr("default", True)
-            return {"family": family, "params": self._with_weights(dict(self.defaults[family])), "default": True}
-        family = self._pick_family(trial, earlier)
+            return self._planned(trial, family, self._with_weights(dict(self.defaults[family])), True, 0)
+        fitting = [f for f in self.order if self._cheapest(f).skip is None]
+        if not fitting:
+            return self._give_up(trial, self.order[0], self._cheapest(self.order[0]).skip)
+        family = self._pick_family(trial, earlier, fitting)
+        values = self.spaces[family].sample(trial, prefix=f"{family}/")
+        return self._planned(trial, family, self._with_weights({**self.defaults[family], **values}), False,
+                             None)
+
+    # --- fidelity and time limits -----------------------------------------------------------------------------
+    def _cap(self, complete: bool) -> float:
+        """Seconds a trial may run: the remaining budget, less the fallback reserve until some trial completed,
+        and at most the user's --trial-timeout."""
+        remaining = max(0.0, self.deadline - time.monotonic())
+        cap = remaining if complete else remaining * (1 - SEARCH_FALLBACK_RESERVE)
+        return min(cap, self.request.trial_timeout_s) if self.request.trial_timeout_s else cap
+
+    def _screening_rung(self, family: str, params: dict, cap: float) -> int:
+        """Highest fidelity at which the remaining budget still affords SEARCH_CONFIGS_PER_BUDGET configurations."""
+        room = max(0.0, self.deadline - time.monotonic()) * self.parallel / SEARCH_CONFIGS_PER_BUDGET
+        levels = rungs(self.sizes.train_images)
+        for rung in levels:
+            plan = plan_trial(self.predictor, self.sizes, family, params, cap, rung)
+            if plan.skip is None and plan.prediction.total_s <= room:
+                return plan.fidelity.rung
+        return levels[-1]
+
+    def _planned(self, trial, family: str, params: dict, default: bool, rung: int | None) -> dict:
+        """The configuration at the highest fidelity (from ``rung``; None: the screening rung) that fits."""
+        complete = bool(_complete(trial.study.get_trials(deepcopy=False)))
+        cap = self._cap(complete)
+        if rung is None:
+            rung = self._screening_rung(family, params, cap)
+        plan = plan_trial(self.predictor, self.sizes, family, params, cap, rung)
+        if plan.skip is not None and not complete:  # the reserve is for exactly this: a candidate that fits
+            plan = plan_trial(self.predictor, self.sizes, family, params, self._cap(True), rung)
+        trial.set_user_attr("family", family)
+        trial.set_user_attr("default", default)
+        trial.set_user_attr("params", params)
+        if plan.skip is not None:
+            trial.set_user_attr("skipped", True)
+            return {"family": family, "params": params, "default": default, "skip": plan.skip}
+        trial.set_user_attr("rung", plan.fidelity.rung)
+        if plan.fidelity.epochs is not None:
+            params = {**params, "epochs": plan.fidelity.epochs}
+        return {"family": family, "params": params, "default": default, "fidelity": plan.fidelity.to_dict(),
+                "timeout_s": plan.limit_s, "predicted_s": plan.prediction.total_s,
+                "prediction_basis": plan.prediction.basis}
+
+    def _cheapest(self, family: str) -> TrialPlan:
+        """The family's default at its lowest fidelity, with all the remaining time."""
+        return plan_trial(self.predictor, self.sizes, family, self._with_weights(dict(self.defaults[family])),
+                          self._cap(True), max(rungs(self.sizes.train_images)))
+
+    def _fallback(self, trial, earlier) -> dict:
+        """Nothing has completed and something failed: the candidate predicted cheapest (family default, lowest
+        fidelity) that fits the remaining time runs next."""
+        plans = {f: self._cheapest(f) for f in self.order}
+        fitting = [f for f in self.order if plans[f].skip is None]
+        if not fitting:
+            return self._give_up(trial, self.order[0], plans[self.order[0]].skip)
+        family = min(fitting, key=lambda f: plans[f].prediction.total_s)
+        return self._planned(trial, family, self._with_weights(dict(self.defaults[family])), True,
+                             plans[family].fidelity.rung)
+
+    def _give_up(self, trial, family: str, reason: str) -> dict:
+        self.exhausted = True
         trial.set_user_attr("family", family)
         trial.set_user_attr("default", False)
-        values = self.spaces[family].sample(trial, prefix=f"{family}/")
-        return {"family": family, "params": self._with_weights({**self.defaults[family], **values}), "default": False}
+        trial.set_user_attr("skipped", True)
+        return {"family": family, "params": dict(self.defaults[family]), "default": False,
+                "skip": f"no family fits the remaining budget: {reason}"}
+
+    def _promotion(self, earlier) -> tuple[int, str, dict, int] | None:
+        """A completed screening trial in the top 1/η of its rung (ASHA's rule) not yet promoted: (its number,
+        family, parameters, next rung up)."""
+        promoted = {t.user_attrs.get("promoted_from") for t in earlier}
+        done = [t for t in _complete(earlier) if t.user_attrs.get("rung", 0) > 0 and "params" in t.user_attrs]
+        for rung in sorted({t.user_attrs["rung"] for t in done}):
+            at_rung = sorted((t for t in done if t.user_attrs["rung"] == rung), key=lambda t: -t.values[0])
+            for t in at_rung[:math.ceil(len(at_rung) / SEARCH_REDUCTION_FACTOR)]:
+                if t.number not in promoted:
+                    return t.number, t.user_attrs["family"], t.user_attrs["params"], rung - 1
+        return None
 
     def _with_weights(self, params: dict) -> dict:
         """A local weights file for the chosen backbone, when the user supplied one."""
         local = self.request.backbone_weights.get(params.get("backbone"))
         return {**params, "weights": local} if local else params
 
-    def weights(self, earlier) -> np.ndarray:
+    def weights(self, earlier, families: list[str] | None = None) -> np.ndarray:
         from optuna.trial import TrialState
 
-        done = [t for t in earlier if t.state == TrialState.COMPLETE and t.values and None not in t.values]
+        order = families or self.order
+        done = [t for t in _complete(earlier) if not t.user_attrs.get("rung")]  # full fidelity: comparable
         best = {f: max((t.values[0] for t in done if t.user_attrs.get("family") == f), default=None)
-                for f in self.order}
+                for f in order}
         q_best = max((q for q in best.values() if q is not None), default=None)
-        share = dict.fromkeys(self.order, 0.0)
+        share = dict.fromkeys(order, 0.0)
         if done:
             ranks = pareto_ranks(np.array([t.values for t in done]), OBJECTIVE_MODES)
             front = [t.user_attrs.get("family") for t, r in zip(done, ranks) if r == 0]
@@ -146,18 +252,32 @@ class Proposer:
                 if f in share:
                     share[f] += 1 / len(front)
         failures = {f: sum(t.state == TrialState.FAIL and t.user_attrs.get("family") == f
-                           and not t.user_attrs.get("interrupted") for t in earlier) for f in self.order}
+                           and not t.user_attrs.get("interrupted") for t in earlier) for f in order}
         weights = []
-        for f in self.order:
+        for f in order:
             prior = self.request.priors.get(f, 0.5)
             fit = 1.0 if best[f] is None else math.exp((best[f] - q_best) / ALLOCATION_TEMPERATURE) + share[f]
             weights.append(prior * fit * 0.5 ** failures[f])
         weights = np.asarray(weights)
         return weights / weights.sum() if weights.sum() > 0 else np.full(len(weights), 1 / len(weights))
 
-    def _pick_family(self, trial, earlier) -> str:
+    def _pick_family(self, trial, earlier, families: list[str] | None = None) -> str:
+        order = families or self.order
         rng = np.random.default_rng([self.request.seed, trial.number])
-        return self.order[int(rng.choice(len(self.order), p=self.weights(earlier)))]
+        return order[int(rng.choice(len(order), p=self.weights(earlier, order)))]
+
+
+def _complete(trials) -> list:
+    """Optuna trials that finished with every objective measured."""
+    from optuna.trial import TrialState
+
+    return [t for t in trials if t.state == TrialState.COMPLETE and t.values and None not in t.values]
+
+
+def _failed(trial) -> bool:
+    from optuna.trial import TrialState
+
+    return trial.state == TrialState.FAIL or bool(trial.user_attrs.get("skipped"))
 
 
 # --- one trial in a worker ----------------------------------------------------------------------------------------
@@ -180,7 +300,8 @@ def run_trial_process(config: dict, work_dir: str, data_file: str, metric: str, 
     spec = {"family": config["family"], "params": config["params"], "data_file": data_file, "metric": metric,
             "timeout_s": timeout_s, "threads": threads, "out_dir": str(out_dir),
             "report_every": SEARCH_REPORT_EVERY, "trial_id": trial_id, "search": config.get("search"),
-            "default": bool(config.get("default")), "rerun_of": config.get("rerun_of")}
+            "default": bool(config.get("default")), "rerun_of": config.get("rerun_of"),
+            "fidelity": config.get("fidelity")}
     (out_dir / "spec.json").write_text(json.dumps(spec, indent=2))
     env = {**os.environ, FEATURE_CACHE_ENV: cache_dir, "OMP_NUM_THREADS": str(threads), "PYTHONWARNINGS": "ignore"}
     stderr = (out_dir / "stderr.log").open("w")
@@ -205,7 +326,8 @@ def run_trial_process(config: dict, work_dir: str, data_file: str, metric: str, 
             except json.JSONDecodeError:
                 continue
             if event.get("event") == "epoch" and event.get("quality") is not None:
-                report({"epoch": event["epoch"], "quality": event["quality"], "loss": event["loss"]})
+                report({"epoch": event["epoch"], "quality": event["quality"], "loss": event["loss"],
+                        "resource": resource(config.get("fidelity"), event["epoch"])})
             elif event.get("event") in ("result", "failed"):
                 final = event
         process.wait()
@@ -221,8 +343,18 @@ def run_trial_process(config: dict, work_dir: str, data_file: str, metric: str, 
     if final["event"] == "failed":
         (out_dir / "failure.json").write_text(json.dumps(final))
         raise TrialFailed(f"{final['reason']}: {final['error']}")
-    final.update(throughput=final["throughput_ips"], memory_mb=final["peak_rss_mb_score"])
+    final.update(throughput=final["throughput_ips"], memory_mb=final["peak_rss_mb_score"],
+                 resource=resource(config.get("fidelity"), final.get("epochs_trained")))
     return final
+
+
+def resource(fidelity: dict | None, epoch: int | None) -> float:
+    """Progress through the configuration's own full-fidelity schedule, in percent (the schedulers' time axis):
+    its share of the training images × the share of its epochs done."""
+    if not fidelity:
+        return 100.0
+    done = (epoch / fidelity["full_epochs"]) if fidelity.get("full_epochs") and epoch is not None else 1.0
+    return 100.0 * fidelity["train_fraction"] * min(1.0, done)
 
 
 class TrialFailed(RuntimeError):
@@ -240,6 +372,11 @@ def _trainable(config: dict, work_dir: str, data_file: str, metric: str, timeout
     _write_json(trial_dir / NODE_FILE, {"node_id": ray.get_runtime_context().get_node_id(),
                                         "host": socket.gethostname()})
     config = {**config, "trial_id": trial_id, "search": search_id}
+    if config.get("skip"):  # predicted not to finish in any fidelity: recorded with that reason, never started
+        _write_json(trial_dir / "failure.json", {"event": "failed", "reason": "predicted too slow",
+                                                 "error": config["skip"]})
+        raise TrialFailed(f"predicted too slow: {config['skip']}")
+    timeout_s = float(config.get("timeout_s") or timeout_s)
     result = run_trial_process(config, work_dir, data_file, metric, timeout_s, threads, cache_dir, tune.report)
     tune.report({k: v for k, v in result.items() if k not in ("event", "heatmaps")}
                 | {"heatmaps": json.dumps(result.get("heatmaps", []))})
@@ -407,13 +544,15 @@ def _run_held(request: SearchRequest, dataset, work_dir: Path, uri: str, state: 
     checkpoint = _ElapsedCheckpoint(state_file, state)
     try:
         _tune(request, spaces, defaults, work_dir, data_file, state, remaining, tracker, experiment_id, reruns,
-              console)
+              console, trial_sizes(search_data))
     finally:
         checkpoint.stop()
+    _keep_a_model(tracker, parent, state["elapsed_s"], say)
     front = tracker.tag_front(parent)
+    _log_best_quality_plot(tracker, parent)
     for run in front:
         model = work_dir / "trials" / run.data.tags["trial"] / "model"
-        if model.is_dir() and "model" not in {a.path for a in tracker.client.list_artifacts(run.info.run_id)}:
+        if model.is_dir() and not tracker.has_model(run.info.run_id):
             tracker.log_model(run.info.run_id, model)
     state["finished"] = state["elapsed_s"] >= state["budget_s"] - 1 or request.max_trials is not None
     _write_json(state_file, state)
@@ -421,6 +560,40 @@ def _run_held(request: SearchRequest, dataset, work_dir: Path, uri: str, state: 
     records = SearchStore(tracker=tracker).trials(parent)
     return SearchResult(parent, experiment_name(dataset), tracker.uri, [t.row() for t in records],
                         [t.row() for t in records if t.complete and t.on_front], str(work_dir))
+
+
+def _keep_a_model(tracker, parent: str, elapsed_s: float, say) -> None:
+    """A search never ends without a model: when no full-fidelity trial completed, the best screening trial (trained
+    on a share of the images) becomes the search's model, tagged ``fallback_model`` with what it was trained on."""
+    runs = tracker.trials(parent)
+    if any(r.data.tags.get("status") == "ok" for r in runs):
+        return
+    screened = [r for r in runs if r.data.tags.get("status") == "screened" and "quality" in r.data.metrics]
+    if not screened:
+        say("no trial completed within the budget: there is no model to export; give a larger --budget")
+        return
+    best = max(screened, key=lambda r: r.data.metrics["quality"])
+    what = best.data.tags.get("fidelity", "a share of the training images")
+    tracker.client.set_tag(best.info.run_id, "status", "ok")
+    tracker.client.set_tag(best.info.run_id, "fallback_model", f"no full-fidelity trial completed; trained on {what}")
+    tracker.client.log_metric(parent, SEARCH_BEST_QUALITY_METRIC, best.data.metrics["quality"], step=int(elapsed_s))
+    say(f"no full-fidelity trial completed: the best screening trial {best.data.tags.get('trial')} "
+        f"({best.data.tags.get('family')}, trained on {what}) is this search's model; a larger --budget trains on "
+        "all images")
+
+
+def _log_best_quality_plot(tracker, parent: str) -> None:
+    """The best-so-far quality over the search's time, beside the Pareto plot of the search run."""
+    import tempfile
+
+    from automl_ad.figures.plots import quality_time_plot
+
+    points = [(m.step, m.value) for m in tracker.client.get_metric_history(parent, SEARCH_BEST_QUALITY_METRIC)]
+    if not points:
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        path = quality_time_plot(sorted(points), Path(tmp) / "best_quality.png")
+        tracker.client.log_artifact(parent, str(path))
 
 
 def _state_file(work_dir: Path, parent: str) -> Path:
@@ -528,11 +701,10 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def _tune(request, spaces, defaults, work_dir, data_file, state, remaining, tracker, experiment_id, reruns,
-          console):
+          console, sizes):
     start_ray(request.address)  # first: whether a local Ray listens on 127.0.0.1 only is settled as ray is imported
     import optuna
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
     from automl_ad.search.progress import SearchCallback  # a Ray Tune callback: ray is imported only after start_ray
@@ -548,29 +720,30 @@ def _tune(request, spaces, defaults, work_dir, data_file, state, remaining, trac
     _fail_stale_trials(storage, state["study"])
     sampler = optuna.samplers.TPESampler(seed=request.seed, multivariate=True, group=True, constant_liar=True,
                                          n_startup_trials=max(4, len(request.families)))
-    searcher = OptunaSearch(space=Proposer(request, spaces, defaults, reruns), metric=OBJECTIVE_METRICS,
-                            mode=OBJECTIVE_MODES, sampler=sampler, study_name=state["study"], storage=storage)
-    epochs = [p.high for s in spaces.values() for p in s.parameters if p.name == "epochs"]
-    scheduler = ASHAScheduler(time_attr="epoch", metric="quality", mode="max", max_t=int(max(epochs, default=100)),
-                              grace_period=3 * SEARCH_REPORT_EVERY, reduction_factor=3)
+    deadline = time.monotonic() + remaining
+    predictor = CostPredictor(family_traits(request.families), threads=threads,
+                              device="cuda" if resources.get("gpu") else "cpu")
+    proposer = Proposer(request, spaces, defaults, reruns, predictor, sizes, deadline, parallel)
+    searcher = OptunaSearch(space=proposer, metric=OBJECTIVE_METRICS, mode=OBJECTIVE_MODES, sampler=sampler,
+                            study_name=state["study"], storage=storage)
     max_trials = -1  # unlimited: the budget ends the search
     if request.max_trials is not None:
         max_trials = request.max_trials - len(tracker.finished_trial_ids(state["parent_run_id"]))
         if max_trials <= 0:
             return
-    timeout = request.trial_timeout_s or max(120.0, remaining / 4)
     callback = SearchCallback(tracker, experiment_id, state["parent_run_id"], request, work_dir,
-                              remaining, console)
+                              remaining, console, predictor=predictor, sizes=sizes,
+                              elapsed_before_s=state["elapsed_s"])
     trainable = tune.with_parameters(_trainable, work_dir=str(work_dir), data_file=str(data_file),
-                                     metric=request.metric, timeout_s=timeout, threads=threads,
+                                     metric=request.metric, timeout_s=remaining, threads=threads,
                                      cache_dir=str(Path(os.environ.get(FEATURE_CACHE_ENV) or default_cache_dir())),
                                      search_id=state["parent_run_id"])
     tuner = tune.Tuner(
         tune.with_resources(trainable, resources),
-        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=max_trials,
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=family_scheduler(), num_samples=max_trials,
                                     max_concurrent_trials=parallel, time_budget_s=remaining),
         run_config=tune.RunConfig(name=f"{state['study']}-{int(time.time())}", storage_path=str(work_dir / "ray"),
-                                  callbacks=[callback], verbose=0,
+                                  callbacks=[callback], verbose=0, stop=_stop_when(proposer),
                                   failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)))
     try:
         tuner.fit()
@@ -591,3 +764,85 @@ def _fail_stale_trials(storage, study_name: str) -> None:
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         storage.set_trial_user_attr(t._trial_id, "interrupted", True)
         storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+
+
+# --- budget-aware scheduling --------------------------------------------------------------------------------------
+def family_traits(families: list[str]) -> dict[str, FamilyTraits]:
+    """Cost-model route and iterative training of each family (what the cost predictor needs)."""
+    from automl_ad.detectors import detector_class
+
+    return {f: FamilyTraits(detector_class(f).route, bool(detector_class(f).iterative)) for f in families}
+
+
+def trial_sizes(search_data) -> TrialSizes:
+    """Training and validation image counts of a search and the mean size of a few of its images (headers only)."""
+    from PIL import Image
+
+    images = search_data.train
+    sizes = []
+    for i in range(0, len(images), max(1, len(images) // 8)):
+        if images.arrays is not None:
+            sizes.append(images.arrays[i].shape[:2])
+        else:
+            with Image.open(images.paths[i]) as image:
+                sizes.append((image.height, image.width))
+    height, width = np.mean(sizes, axis=0) if sizes else (256.0, 256.0)
+    return TrialSizes(len(search_data.train), len(search_data.validation), (float(height), float(width)))
+
+
+def family_scheduler():
+    """ASHA per family on each trial's ``resource`` (percent of its own full-fidelity schedule): rungs at 1/η³,
+    1/η², 1/η of every family's own epochs, so a family that rises slowly is compared only with itself."""
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    def make() -> ASHAScheduler:
+        return ASHAScheduler(time_attr="resource", metric="quality", mode="max", max_t=100,
+                             grace_period=100 / SEARCH_REDUCTION_FACTOR ** 3, reduction_factor=SEARCH_REDUCTION_FACTOR)
+
+    class FamilyASHA(FIFOScheduler):
+        def __init__(self):
+            super().__init__()
+            self.per_family: dict[str, ASHAScheduler] = {}
+
+        def _of(self, trial) -> ASHAScheduler:
+            family = trial.config.get("family", "")
+            if family not in self.per_family:
+                self.per_family[family] = make()
+            return self.per_family[family]
+
+        def set_search_properties(self, metric, mode, **spec) -> bool:
+            return True
+
+        def on_trial_add(self, tune_controller, trial):
+            self._of(trial).on_trial_add(tune_controller, trial)
+
+        def on_trial_result(self, tune_controller, trial, result):
+            return self._of(trial).on_trial_result(tune_controller, trial, result)
+
+        def on_trial_complete(self, tune_controller, trial, result):
+            self._of(trial).on_trial_complete(tune_controller, trial, result)
+
+        def on_trial_remove(self, tune_controller, trial):
+            self._of(trial).on_trial_remove(tune_controller, trial)
+
+        def on_trial_error(self, tune_controller, trial):
+            self._of(trial).on_trial_error(tune_controller, trial)
+
+        def debug_string(self) -> str:
+            return "; ".join(f"{f}: {s.debug_string()}" for f, s in self.per_family.items())
+
+    return FamilyASHA()
+
+
+def _stop_when(proposer: Proposer):
+    """A Tune stopper that ends the search once no family fits the remaining budget."""
+    from ray import tune
+
+    class NothingFits(tune.Stopper):
+        def __call__(self, trial_id, result) -> bool:
+            return False
+
+        def stop_all(self) -> bool:
+            return proposer.exhausted
+
+    return NothingFits()

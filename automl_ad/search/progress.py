@@ -1,4 +1,6 @@
-"""The search's Tune callback: records every trial in MLflow as it ends, and shows a live view of the search."""
+"""The search's Tune callback: records every trial in MLflow as it ends, teaches the cost predictor what trials
+cost, tracks the best validation quality over time (``best_quality`` on the search run, step = seconds into the
+search) and shows a live view of the search."""
 
 from __future__ import annotations
 
@@ -10,8 +12,10 @@ from pathlib import Path
 import numpy as np
 from ray.tune import Callback
 
+from automl_ad.defaults import SEARCH_BEST_QUALITY_METRIC
 from automl_ad.evaluation.objectives import OBJECTIVE_METRICS, OBJECTIVE_MODES, pareto_ranks
 from automl_ad.features import FeatureCache
+from automl_ad.search.cost_predictor import CostPredictor, Fidelity, TrialSizes
 from automl_ad.search.trial import NODE_FILE
 
 
@@ -25,10 +29,14 @@ class SearchCallback(Callback):
     """Logs finished, stopped and failed trials as MLflow child runs; keeps disk use under the caps."""
 
     def __init__(self, tracker, experiment_id: str, parent_id: str, request, work_dir: Path, budget_s: float,
-                 console=None):
+                 console=None, predictor: CostPredictor | None = None, sizes: TrialSizes | None = None,
+                 elapsed_before_s: float = 0.0):
         self.tracker, self.experiment_id, self.parent_id = tracker, experiment_id, parent_id
         self.request, self.work_dir = request, Path(work_dir)
         self.deadline = time.monotonic() + budget_s
+        self.predictor, self.sizes = predictor, sizes
+        self._started, self._elapsed_before = time.monotonic(), elapsed_before_s
+        self.best_so_far: list[tuple[float, float]] = self._logged_best()
         self.curves: dict[str, list] = {}
         self.records: list[dict] = []
         self.running = 0
@@ -56,14 +64,21 @@ class SearchCallback(Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         result = dict(trial.last_result or {})
         complete = "throughput" in result and result.get("quality") is not None
-        status = "ok" if complete else "stopped early"
+        fidelity = _fidelity(trial.config)
+        status = "stopped early" if not complete else "ok" if fidelity is None or fidelity.rung == 0 else "screened"
         record = self._record(trial, status, result)
+        if complete:
+            self._learn_cost(trial.config, result)
         artifacts = json.loads(result.get("heatmaps", "[]")) if complete else []
         self._log(record, artifacts)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         failure = self.work_dir / "trials" / trial.trial_id / "failure.json"
         details = json.loads(failure.read_text()) if failure.is_file() else self._ray_failure(trial)
+        if details["reason"] == "timeout" and self.predictor is not None and _fidelity(trial.config) is not None:
+            fidelity = _fidelity(trial.config)
+            self.predictor.observe_timeout(self.sizes.work(trial.config["family"], trial.config["params"],
+                                                           fidelity), float(trial.config.get("timeout_s", 0)))
         self._log(self._record(trial, "failed", {"reason": details["reason"], "error": details["error"]}), [])
 
     def on_step_end(self, iteration, trials, **info):
@@ -72,10 +87,70 @@ class SearchCallback(Callback):
             self._draw()
 
     # --- helpers ----------------------------------------------------------------------------------------------
+    def _learn_cost(self, config: dict, result: dict) -> None:
+        """Teach the predictor what this trial cost: its fit seconds for the epochs it really trained, and its wall
+        time."""
+        fidelity = _fidelity(config)
+        if self.predictor is None or fidelity is None or result.get("time_total_s") is None:
+            return
+        epochs = result.get("epochs_trained")
+        if fidelity.epochs is not None and isinstance(epochs, (int, float)) and epochs >= 1:
+            fidelity = Fidelity(fidelity.rung, fidelity.train_fraction, fidelity.train_images, int(epochs),
+                                fidelity.full_epochs)
+        self.predictor.observe(self.sizes.work(config["family"], config["params"], fidelity),
+                               float(result.get("fit_seconds", 0.0)), float(result["time_total_s"]),
+                               config["params"])
+
+    def elapsed(self) -> float:
+        """Seconds into the search, time spent before a resume included."""
+        return self._elapsed_before + time.monotonic() - self._started
+
+    def _logged_best(self) -> list[tuple[float, float]]:
+        """The best-so-far curve already logged (a resumed search continues it)."""
+        try:
+            history = self.tracker.client.get_metric_history(self.parent_id, SEARCH_BEST_QUALITY_METRIC)
+        except Exception:  # noqa: BLE001 - a store that cannot be read starts a fresh curve
+            return []
+        return sorted((float(m.step), float(m.value)) for m in history)
+
+    def _update_best(self, record: dict) -> None:
+        """Log the best-so-far quality when a complete full-fidelity trial beats it."""
+        quality = record.get("quality")
+        if record["status"] != "ok" or not isinstance(quality, (int, float)) or not np.isfinite(quality):
+            return
+        if self.best_so_far and quality <= self.best_so_far[-1][1]:
+            return
+        point = (round(self.elapsed(), 1), float(quality))
+        self.best_so_far.append(point)
+        try:
+            self.tracker.client.log_metric(self.parent_id, SEARCH_BEST_QUALITY_METRIC, point[1], step=int(point[0]))
+        except Exception as exc:  # noqa: BLE001 - tracking trouble must not end the search
+            self._say(f"[yellow]could not record the best quality so far in MLflow: {exc}[/]")
+
+    def _tag_fidelity(self, run_id: str, record: dict) -> None:
+        """Fidelity, predicted seconds and time limit of a trial, as tags of its run."""
+        fidelity = record.get("fidelity")
+        tags = {}
+        if fidelity:
+            tags.update({"fidelity": "full" if Fidelity(**fidelity).full else Fidelity(**fidelity).describe(),
+                         "fidelity_train_fraction": f"{fidelity['train_fraction']:.4g}",
+                         "fidelity_train_images": str(fidelity["train_images"]),
+                         "fidelity_rung": str(fidelity["rung"])})
+            if fidelity.get("full_epochs") is not None:
+                tags.update(fidelity_epochs=str(fidelity["epochs"]), fidelity_full_epochs=str(fidelity["full_epochs"]))
+        for key in ("predicted_s", "timeout_s"):
+            if isinstance(record.get(key), (int, float)):
+                tags[{"predicted_s": "predicted_seconds", "timeout_s": "time_limit_s"}[key]] = f"{record[key]:.1f}"
+        if record.get("prediction_basis"):
+            tags["prediction_basis"] = record["prediction_basis"]
+        for key, value in tags.items():
+            self.tracker.client.set_tag(run_id, key, value)
+
     def _record(self, trial, status: str, result: dict) -> dict:
         config = trial.config
         record = {"trial_id": trial.trial_id, "family": config.get("family"), "params": config.get("params", {}),
                   "default": bool(config.get("default")), "status": status,
+                  **{k: config[k] for k in ("fidelity", "predicted_s", "timeout_s", "prediction_basis") if k in config},
                   "route": self.request.routes.get(config.get("family"), ""),
                   "curve": self.curves.get(trial.trial_id, []), **self._node(trial), **result}
         if status == "failed":
@@ -124,19 +199,23 @@ class SearchCallback(Callback):
 
     def _log(self, record: dict, artifacts: list[str]) -> None:
         try:
-            self.tracker.log_trial(self.experiment_id, self.parent_id, record, artifacts)
+            run_id = self.tracker.log_trial(self.experiment_id, self.parent_id, record, artifacts)
+            self._tag_fidelity(run_id, record)
         except Exception as exc:  # noqa: BLE001 - tracking trouble must not end the search
             self._say(f"[yellow]could not record trial {record['trial_id']} in MLflow: {exc}[/]")
         self.records.append(record)
+        self._update_best(record)
         front = self._front_ids()
         trim_disk(self.work_dir, front, self.request.artifact_cap_mb)
         FeatureCache().trim(self.request.cache_cap_mb)
-        mark = {"ok": "✓", "stopped early": "↓", "failed": "✗"}[record["status"]]
+        mark = {"ok": "✓", "screened": "·", "stopped early": "↓", "failed": "✗"}[record["status"]]
         quality = record.get("quality")
         detail = (f"quality {quality:.3f}, {record.get('throughput', 0):.1f} img/s, {record.get('memory_mb', 0):.0f} MB"
-                  if record["status"] == "ok" else
+                  if record["status"] in ("ok", "screened") else
                   _failure_text(record)[:160] if record["status"] == "failed"
                   else f"stopped at epoch {record['curve'][-1][0] if record['curve'] else '?'}")
+        if record["status"] == "screened":
+            detail += f" (screening: {Fidelity(**record['fidelity']).describe()})"
         if record.get("training_cut_by_time"):
             detail += f" (training stopped by the time limit after {record.get('epochs_trained', 0):.0f} epochs)"
         self._say(f"{mark} {record['family']:<12} {record['trial_id']:<14} {detail}")
@@ -159,6 +238,7 @@ class SearchCallback(Callback):
                                 f"{sum(r['status'] == 'stopped early' for r in self.records)} stopped early, "
                                 f"{sum(r['status'] == 'failed' for r in self.records)} failed")
         table.add_row("best quality", f"{best['quality']:.4f} ({best['family']})" if best else "-")
+        table.add_row("best so far", "  ".join(f"{q:.3f} at {t:.0f} s" for t, q in self.best_so_far[-4:]) or "-")
         table.add_row("Pareto front", f"{len(self._front_ids())} trial(s)")
         table.add_row("budget left", f"{max(0.0, self.deadline - time.monotonic()):.0f} s")
         return table
@@ -190,3 +270,8 @@ def trim_disk(work_dir: Path, keep: set[str], cap_mb: float) -> None:
         size = sum(f.stat().st_size for f in model.rglob("*") if f.is_file()) / 2**20
         shutil.rmtree(model, ignore_errors=True)
         total -= size
+
+
+def _fidelity(config: dict) -> Fidelity | None:
+    """The fidelity a trial ran at (None for trials planned without one)."""
+    return Fidelity(**config["fidelity"]) if config.get("fidelity") else None

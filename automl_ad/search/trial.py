@@ -50,6 +50,7 @@ def run_trial(spec: dict) -> dict:
     torch.set_num_threads(max(1, int(spec.get("threads", 1))))
     data = json.loads(Path(spec["data_file"]).read_text())
     train, validation = ImageSet.from_json(data["train"]), ImageSet.from_json(data["validation"])
+    train = training_subset(train, (spec.get("fidelity") or {}).get("train_images"))
     reference = ImageSet.from_json(data["reference"]) if data.get("reference") else None
     metric, limit = spec.get("metric", "combined"), float(spec.get("timeout_s", math.inf))
     start = time.monotonic()
@@ -89,11 +90,20 @@ def run_trial(spec: dict) -> dict:
     result.update(cost.to_dict())
     result["epochs_trained"] = detector.epochs_trained_
     result["training_cut_by_time"] = bool(cut)
+    result["train_images"] = len(train)
     result.update(FEATURE_TIMES.as_metrics())
     out = Path(spec["out_dir"])
     detector.save(out / "model")
     result["heatmaps"] = _heatmaps(validation, scores, out / "heatmaps")
     return result
+
+
+def training_subset(train: ImageSet, count: int | None) -> ImageSet:
+    """``count`` training images spread evenly over the set (a screening fidelity), or all of them. The same
+    images for every trial of a rung, so screened trials compare and share cached features."""
+    if not count or count >= len(train):
+        return train
+    return train.subset(np.linspace(0, len(train) - 1, int(count)).round().astype(int).tolist())
 
 
 def anomaly_kinds_used(validation: ImageSet) -> dict[str, int]:

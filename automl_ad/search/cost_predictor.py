@@ -1,0 +1,262 @@
+"""How long a trial will take, and at which fidelity it fits the time it may have.
+
+A trial's work is its training images × epochs (1 for families that do not train iteratively) × the pixels the
+network sees per image (``input_size``², times the tiles when the geometry tiles), and its validation images ×
+pixels. Seconds per unit of work are learnt online from the trials this search has finished (per family: median
+of its measurements, so one trial slowed by a neighbour does not swing it); a family not measured yet gets the
+cost model's estimate (:func:`automl_ad.recommend.cost.estimate_route`) times the machine's measured speed
+relative to that model (median over every measured trial). A timed-out trial is a lower bound: its family is then
+predicted to cost at least ``SEARCH_COST_MARGIN`` × what it ran out of.
+
+A fidelity shrinks the work: a fraction of the training images (rungs 1, 1/η, 1/η², as long as a rung keeps
+``SEARCH_MIN_SCREEN_IMAGES``) and, for iterative families, fewer epochs. :func:`plan_trial` picks the highest
+fidelity whose predicted time fits the trial's limit, or says why nothing does.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from statistics import median
+
+from automl_ad.constraints import ConstraintProfile
+from automl_ad.constraints.profile import Hardware
+from automl_ad.data.geometry import Geometry, tile_grid
+from automl_ad.defaults import (
+    SEARCH_COST_MARGIN,
+    SEARCH_FIDELITY_RUNGS,
+    SEARCH_LIMIT_SLACK_S,
+    SEARCH_MIN_SCREEN_IMAGES,
+    SEARCH_REDUCTION_FACTOR,
+    SEARCH_TRAINING_PASS_FACTOR,
+    SEARCH_TRAINING_SHARE,
+    SEARCH_TRIAL_OVERHEAD_S,
+)
+from automl_ad.recommend.cost import cost_model, estimate_route
+
+
+@dataclass(frozen=True)
+class FamilyTraits:
+    """What the predictor needs to know of a family: its cost-model route and whether it trains in epochs."""
+
+    route: str
+    iterative: bool
+
+
+@dataclass(frozen=True)
+class Work:
+    """What one trial has to do."""
+
+    family: str
+    train_images: int
+    validation_images: int
+    pixels: float  # network input pixels per image
+    epochs: int | None  # None for families that do not train iteratively
+
+    @property
+    def fit_units(self) -> float:
+        """Training work in image-epoch megapixels."""
+        return self.train_images * (self.epochs or 1) * self.pixels / 1e6
+
+    @property
+    def eval_units(self) -> float:
+        """Scoring work in image megapixels."""
+        return self.validation_images * self.pixels / 1e6
+
+
+@dataclass(frozen=True)
+class Prediction:
+    fit_s: float
+    eval_s: float
+    overhead_s: float
+    basis: str
+
+    @property
+    def total_s(self) -> float:
+        return self.fit_s + self.eval_s + self.overhead_s
+
+
+def network_pixels(params: dict, image_hw: tuple[float, float]) -> float:
+    """Pixels the network sees per image of ``image_hw``: all inputs of the ``geometry`` (every tile, padding
+    included), else ``input_size``², else the image's own pixels."""
+    hw = (max(1, round(image_hw[0])), max(1, round(image_hw[1])))
+    if isinstance(params.get("geometry"), dict):
+        return float(tile_grid(Geometry.from_dict(params["geometry"]), hw).network_pixels)
+    side = params.get("input_size")
+    if isinstance(side, (int, float)) and side > 0:
+        return float(side) ** 2
+    return float(hw[0] * hw[1])
+
+
+class CostPredictor:
+    """Predicts a trial's seconds from its work; learns from the trials of this search (see module docstring)."""
+
+    def __init__(self, traits: dict[str, FamilyTraits], threads: int = 2, device: str = "cpu"):
+        self.traits = traits
+        self.constraints = ConstraintProfile(hardware=Hardware(device="gpu" if device == "cuda" else "cpu",
+                                                               cpu_cores=max(1, int(threads))))
+        self._fit_rates: dict[str, list[float]] = {}  # seconds per fit unit, per family
+        self._eval_rates: dict[str, list[float]] = {}  # seconds per eval unit, per family
+        self._speed: list[float] = []  # measured / prior seconds, every trial
+        self._at_least: dict[str, float] = {}  # per family: seconds per (fit + eval) unit it needed at least
+
+    # --- learning ---------------------------------------------------------------------------------------------
+    def observe(self, work: Work, fit_s: float, wall_s: float, params: dict | None = None) -> None:
+        """A finished trial: ``fit_s`` seconds fitting, ``wall_s`` seconds in all."""
+        if not (fit_s >= 0 and wall_s > 0) or work.fit_units <= 0:
+            return
+        eval_s = max(0.0, wall_s - fit_s - SEARCH_TRIAL_OVERHEAD_S)
+        self._fit_rates.setdefault(work.family, []).append(fit_s / work.fit_units)
+        if work.eval_units > 0:
+            self._eval_rates.setdefault(work.family, []).append(eval_s / work.eval_units)
+        prior = self._prior(work, params or {})
+        if prior.total_s > 0:
+            self._speed.append(wall_s / prior.total_s)
+
+    def observe_timeout(self, work: Work, limit_s: float) -> None:
+        """A trial of ``work`` ran out of ``limit_s``: its family costs at least that much per unit."""
+        units = work.fit_units + work.eval_units
+        if units > 0 and limit_s > 0:
+            self._at_least[work.family] = max(self._at_least.get(work.family, 0.0), limit_s / units)
+
+    def measured(self, family: str) -> int:
+        """How many finished trials of ``family`` the prediction rests on."""
+        return len(self._fit_rates.get(family, []))
+
+    # --- predicting -------------------------------------------------------------------------------------------
+    def predict(self, work: Work, params: dict | None = None) -> Prediction:
+        params = params or {}
+        if self.measured(work.family):
+            fit = median(self._fit_rates[work.family]) * work.fit_units
+            rates = self._eval_rates.get(work.family)
+            prior = self._prior(work, params)
+            evaluation = median(rates) * work.eval_units if rates else prior.eval_s * self.speed
+            prediction = Prediction(fit, evaluation, SEARCH_TRIAL_OVERHEAD_S,
+                                    f"measured on {self.measured(work.family)} trial(s) of {work.family}")
+        else:
+            prior = self._prior(work, params)
+            prediction = Prediction(prior.fit_s * self.speed, prior.eval_s * self.speed, prior.overhead_s,
+                                    f"cost model × measured machine speed {self.speed:.2g}" if self._speed
+                                    else "cost model")
+        floor = self._at_least.get(work.family, 0.0) * SEARCH_COST_MARGIN * (work.fit_units + work.eval_units)
+        if floor > prediction.total_s:  # it timed out before: at least the margin times what it ran out of
+            scale = (floor - prediction.overhead_s) / max(prediction.fit_s + prediction.eval_s, 1e-9)
+            prediction = Prediction(prediction.fit_s * scale, prediction.eval_s * scale, prediction.overhead_s,
+                                    f"{prediction.basis}, raised: timed out before")
+        return prediction
+
+    @property
+    def speed(self) -> float:
+        """This machine's measured seconds relative to the cost model's (1 until a trial has finished)."""
+        return median(self._speed) if self._speed else 1.0
+
+    def _prior(self, work: Work, params: dict) -> Prediction:
+        """The cost model's estimate: per-image inference time of the family's route and backbone at its pixels;
+        training is that per image-epoch (times the forward + backward factor for iterative families)."""
+        traits = self.traits.get(work.family, FamilyTraits("memory_bank", False))
+        route = traits.route if traits.route in cost_model()["routes"] else "memory_bank"
+        known = {b["name"] for b in cost_model()["backbones"]}
+        backbone = params.get("backbone")
+        side = max(1, int(math.sqrt(work.pixels)))
+        ms = estimate_route(route, self.constraints, side, int(work.pixels), side,
+                            [backbone] if backbone in known else None).latency_ms
+        passes = SEARCH_TRAINING_PASS_FACTOR if traits.iterative else 1.0
+        return Prediction(work.train_images * (work.epochs or 1) * ms * passes / 1000,
+                          work.validation_images * ms / 1000, SEARCH_TRIAL_OVERHEAD_S, "cost model")
+
+
+# --- fidelities ----------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Fidelity:
+    """How much of its full training a trial gets: a share of the training images and (iterative) its epochs."""
+
+    rung: int  # 0 = all training images; k = 1/η^k of them
+    train_fraction: float
+    train_images: int
+    epochs: int | None = None  # epochs it trains (None: not iterative)
+    full_epochs: int | None = None  # the configuration's own epochs
+
+    @property
+    def full(self) -> bool:
+        return self.rung == 0 and self.epochs == self.full_epochs
+
+    @property
+    def work_fraction(self) -> float:
+        """Share of the full-fidelity training work."""
+        return self.train_fraction * ((self.epochs / self.full_epochs) if self.full_epochs else 1.0)
+
+    def describe(self) -> str:
+        text = "all training images" if self.rung == 0 else \
+            f"{self.train_images} training images (1/{SEARCH_REDUCTION_FACTOR ** self.rung})"
+        if self.full_epochs is not None:
+            text += f", {self.epochs}/{self.full_epochs} epochs"
+        return text
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def rungs(train_images: int) -> list[int]:
+    """Fidelity rungs available for ``train_images`` training images, full first."""
+    return [k for k in range(SEARCH_FIDELITY_RUNGS + 1)
+            if k == 0 or train_images / SEARCH_REDUCTION_FACTOR ** k >= SEARCH_MIN_SCREEN_IMAGES]
+
+
+def fidelity_at(rung: int, train_images: int, epochs: int | None) -> Fidelity:
+    fraction = 1.0 / SEARCH_REDUCTION_FACTOR ** rung
+    return Fidelity(rung, fraction, max(1, round(train_images * fraction)), epochs, epochs)
+
+
+@dataclass(frozen=True)
+class TrialPlan:
+    """A trial's fidelity, its predicted seconds and its time limit; or, when nothing fits, why (``skip``)."""
+
+    fidelity: Fidelity | None
+    prediction: Prediction | None
+    limit_s: float
+    skip: str | None = None
+
+
+@dataclass
+class TrialSizes:
+    """The search's data: training and validation images, and their mean height and width."""
+
+    train_images: int
+    validation_images: int
+    image_hw: tuple[float, float]
+
+    def work(self, family: str, params: dict, fidelity: Fidelity) -> Work:
+        return Work(family, fidelity.train_images, self.validation_images,
+                    network_pixels(params, self.image_hw), fidelity.epochs)
+
+
+def plan_trial(predictor: CostPredictor, sizes: TrialSizes, family: str, params: dict, cap_s: float,
+               first_rung: int = 0) -> TrialPlan:
+    """The highest fidelity from ``first_rung`` down whose predicted seconds fit ``cap_s``.
+
+    An iterative family that would not finish its epochs within the training share of the limit (and the time
+    left after scoring) trains fewer epochs (at least one) before a lower rung is tried. The limit is ``SEARCH_COST_MARGIN`` × the prediction plus
+    ``SEARCH_LIMIT_SLACK_S``, never above ``cap_s``.
+    """
+    iterative = predictor.traits.get(family, FamilyTraits("", False)).iterative
+    full_epochs = int(params["epochs"]) if iterative and isinstance(params.get("epochs"), (int, float)) else None
+    levels = [k for k in rungs(sizes.train_images) if k >= first_rung] or [max(rungs(sizes.train_images))]
+    last = None
+    for rung in levels:
+        fidelity = fidelity_at(rung, sizes.train_images, full_epochs)
+        prediction = predictor.predict(sizes.work(family, params, fidelity), params)
+        fit_room = min(SEARCH_TRAINING_SHARE * cap_s, cap_s - prediction.eval_s - prediction.overhead_s)
+        if full_epochs and prediction.fit_s > fit_room:
+            per_epoch = prediction.fit_s / full_epochs
+            epochs = int(max(0.0, fit_room) // per_epoch) if per_epoch > 0 else full_epochs
+            if epochs >= 1:
+                fidelity = Fidelity(rung, fidelity.train_fraction, fidelity.train_images, epochs, full_epochs)
+                prediction = predictor.predict(sizes.work(family, params, fidelity), params)
+        last = (fidelity, prediction)
+        if prediction.total_s <= cap_s:
+            limit = min(cap_s, SEARCH_COST_MARGIN * prediction.total_s + SEARCH_LIMIT_SLACK_S)
+            return TrialPlan(fidelity, prediction, limit)
+    fidelity, prediction = last
+    return TrialPlan(None, prediction, cap_s,
+                     skip=f"predicted {prediction.total_s:.0f} s ({prediction.basis}) even with "
+                          f"{fidelity.describe()}, over the {cap_s:.0f} s it may have")

@@ -1,0 +1,171 @@
+"""Budget-aware scheduling: the cost predictor, fidelities, per-family rungs, the fallback and the anytime curve."""
+
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import optuna
+import pytest
+
+from automl_ad.defaults import SEARCH_COST_MARGIN, SEARCH_TRAINING_SHARE
+from automl_ad.search.cost_predictor import (CostPredictor, FamilyTraits, Fidelity, TrialSizes, Work,
+                                             network_pixels, plan_trial)
+from automl_ad.search.engine import Proposer, SearchRequest, family_scheduler, resource
+from automl_ad.search.space import load_space
+
+TRAITS = {"stpm": FamilyTraits("teacher_student", True), "padim": FamilyTraits("distribution_map", False),
+          "gaussian": FamilyTraits("statistical", False)}
+
+
+def _true_seconds(work: Work) -> tuple[float, float]:
+    """A synthetic machine: fit and total seconds of ``work`` (0.4 s per fit unit, 0.1 s per eval unit)."""
+    fit = 0.4 * work.fit_units
+    return fit, fit + 0.1 * work.eval_units + 12.0
+
+
+def test_cost_predictor_learns_from_measurements_within_a_factor():
+    predictor = CostPredictor(TRAITS)
+    rng = np.random.default_rng(0)
+    works = [Work("stpm", int(rng.integers(20, 400)), int(rng.integers(10, 100)), float(rng.integers(128, 512)) ** 2,
+                  int(rng.integers(2, 40))) for _ in range(12)]
+    prior = predictor.predict(works[0], {"backbone": "resnet18"})
+    assert prior.basis == "cost model" and prior.total_s > 0
+    for work in works[:3]:
+        fit, wall = _true_seconds(work)
+        predictor.observe(work, fit, wall, {"backbone": "resnet18"})
+    assert predictor.measured("stpm") == 3
+    for work in works[3:]:
+        predicted, (_, wall) = predictor.predict(work).total_s, _true_seconds(work)
+        assert wall / 1.5 <= predicted <= wall * 1.5, (work, predicted, wall)
+
+
+def test_unmeasured_family_uses_the_measured_machine_speed():
+    predictor = CostPredictor(TRAITS)
+    work = Work("padim", 100, 20, 256 ** 2, None)
+    before = predictor.predict(work, {"backbone": "resnet18"}).total_s
+    stpm = Work("stpm", 100, 20, 256 ** 2, 10)
+    slow = 5 * predictor.predict(stpm, {"backbone": "resnet18"}).total_s  # this machine is 5x slower than modelled
+    predictor.observe(stpm, 0.8 * slow, slow, {"backbone": "resnet18"})
+    assert predictor.speed == pytest.approx(5.0)
+    after = predictor.predict(work, {"backbone": "resnet18"})
+    assert after.total_s > 2 * before and "machine speed" in after.basis
+
+
+def test_a_timeout_raises_the_family_prediction_above_what_it_ran_out_of():
+    predictor = CostPredictor(TRAITS)
+    work = Work("padim", 100, 20, 256 ** 2, None)
+    predictor.observe_timeout(work, 300.0)
+    assert predictor.predict(work).total_s >= SEARCH_COST_MARGIN * 300.0 * 0.99
+
+
+def test_network_pixels_follow_input_size_and_tiles():
+    assert network_pixels({"input_size": 224}, (1000, 2000)) == 224 ** 2
+    assert network_pixels({}, (100, 300)) == 100 * 300
+    tiled = {"mode": "tile", "height": 256, "width": 256, "scale": 1.0, "overlap": 0, "pad": "reflect"}
+    assert network_pixels({"input_size": 256, "geometry": tiled}, (512, 1024)) == 8 * 256 ** 2
+
+
+def _slow_predictor(seconds_per_unit: float) -> CostPredictor:
+    predictor = CostPredictor(TRAITS)
+    for family in TRAITS:
+        work = Work(family, 90, 30, 256 ** 2, 10 if TRAITS[family].iterative else None)
+        predictor.observe(work, seconds_per_unit * work.fit_units, seconds_per_unit * work.fit_units + 20.0)
+    return predictor
+
+
+def test_a_trial_predicted_too_slow_is_shrunk_not_started():
+    predictor = _slow_predictor(2.0)  # padim: 2 s per training image-megapixel
+    sizes = TrialSizes(train_images=270, validation_images=30, image_hw=(256, 256))
+    params = {"input_size": 256}
+    full = predictor.predict(sizes.work("padim", params, Fidelity(0, 1.0, 270)))
+    cap = full.total_s / 2
+    plan = plan_trial(predictor, sizes, "padim", params, cap)
+    assert plan.skip is None and plan.fidelity.rung >= 1 and plan.fidelity.train_images < 270
+    assert plan.prediction.total_s <= cap and plan.limit_s <= cap
+    # an iterative family trains fewer epochs before it gives up images
+    plan = plan_trial(predictor, sizes, "stpm", {"input_size": 256, "epochs": 50}, cap)
+    assert plan.skip is None and plan.fidelity.epochs < 50
+    assert plan.prediction.fit_s <= SEARCH_TRAINING_SHARE * cap
+    # nothing fits: no trial, a reason
+    plan = plan_trial(predictor, sizes, "padim", params, 1.0)
+    assert plan.fidelity is None and "predicted" in plan.skip and "over the 1 s" in plan.skip
+
+
+def _proposer(families, predictor, sizes, seconds_left, priors=None):
+    request = SearchRequest(data=".", families=families, priors=priors or {}, budget_s=seconds_left)
+    spaces = {f: load_space(f) for f in families}
+    defaults = {f: {"input_size": 256} if f != "gaussian" else {} for f in families}
+    defaults = {f: {**d, "epochs": 20} if TRAITS[f].iterative else d for f, d in defaults.items()}
+    return Proposer(request, spaces, defaults, predictor=predictor, sizes=sizes,
+                    deadline=time.monotonic() + seconds_left)
+
+
+def _study():
+    return optuna.create_study(directions=["maximize", "maximize", "minimize"])
+
+
+def test_first_proposals_are_defaults_at_the_fidelity_that_fits_and_a_slow_one_is_skipped():
+    predictor = _slow_predictor(2.0)
+    sizes = TrialSizes(270, 30, (256, 256))
+    proposer = _proposer(["padim", "gaussian"], predictor, sizes, 60.0, {"padim": 0.9, "gaussian": 0.5})
+    study = _study()
+    first = proposer(study.ask())  # all 270 images: predicted 55 s, over the 45 s left after the fallback reserve
+    assert first["family"] == "padim" and first["default"]
+    assert first["fidelity"]["rung"] >= 1 and first["predicted_s"] <= first["timeout_s"] <= 60 * 0.75 + 1
+    nothing = _proposer(["padim"], predictor, sizes, 5.0)
+    skipped = nothing(study.ask())
+    assert "skip" in skipped and "fidelity" not in skipped
+
+
+def test_after_the_first_candidates_fail_the_cheapest_fidelity_runs_next():
+    predictor = _slow_predictor(2.0)
+    sizes = TrialSizes(270, 30, (256, 256))
+    proposer = _proposer(["stpm", "padim", "gaussian"], predictor, sizes, 600.0,
+                         {"stpm": 0.9, "padim": 0.8, "gaussian": 0.1})
+    study = _study()
+    trial = study.ask()
+    assert proposer(trial)["family"] == "stpm"
+    study.tell(trial, state=optuna.trial.TrialState.FAIL)  # e.g. timed out
+    fallback = proposer(study.ask())
+    cheapest = min(TRAITS, key=lambda f: proposer._cheapest(f).prediction.total_s)
+    assert fallback["family"] == cheapest and fallback["fidelity"]["rung"] == 2  # 270 images: 1/9 = 30 >= 8
+
+
+def test_screening_trials_in_the_top_third_are_promoted():
+    predictor = _slow_predictor(0.001)
+    sizes = TrialSizes(270, 30, (256, 256))
+    proposer = _proposer(["gaussian"], predictor, sizes, 600.0)
+    study = _study()
+    for q in (0.5, 0.9, 0.7):
+        trial = study.ask()
+        trial.set_user_attr("family", "gaussian")
+        trial.set_user_attr("default", True)
+        trial.set_user_attr("rung", 2)
+        trial.set_user_attr("params", {"q": q})
+        study.tell(trial, [q, 10.0, 100.0])
+    promoted = proposer(study.ask())
+    assert promoted["params"] == {"q": 0.9} and promoted["fidelity"]["rung"] == 1
+
+
+def test_rungs_follow_each_family_own_schedule():
+    """Resource is progress through the trial's own schedule; ASHA compares a family only with itself."""
+    fastflow = {"rung": 0, "train_fraction": 1.0, "train_images": 50, "epochs": 60, "full_epochs": 60}
+    stpm = {**fastflow, "epochs": 100, "full_epochs": 100}
+    assert resource(fastflow, 6) == pytest.approx(10.0) and resource(stpm, 6) == pytest.approx(6.0)
+    assert resource({**fastflow, "rung": 1, "train_fraction": 1 / 3}, 60) == pytest.approx(100 / 3)
+    scheduler = family_scheduler()
+
+    def trial(name, family):
+        return SimpleNamespace(trial_id=name, config={"family": family})
+
+    strong, weak, weak_peer = trial("s", "stpm"), trial("f", "fastflow"), trial("s2", "stpm")
+    for t in (strong, weak, weak_peer):
+        scheduler.on_trial_add(None, t)
+    decisions = []
+    scheduler.on_trial_result(None, strong, {"resource": 12.0, "quality": 0.9})
+    decisions.append(scheduler.on_trial_result(None, weak, {"resource": 12.0, "quality": 0.2}))
+    decisions.append(scheduler.on_trial_result(None, weak_peer, {"resource": 12.0, "quality": 0.2}))
+    assert decisions == ["CONTINUE", "STOP"]  # fastflow is not stopped by stpm's quality; a weak stpm is
+    assert set(scheduler.per_family) == {"stpm", "fastflow"}
