@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from types import SimpleNamespace
 
@@ -12,8 +13,11 @@ import pytest
 from automl_ad.defaults import SEARCH_COST_MARGIN, SEARCH_TRAINING_SHARE
 from automl_ad.search.cost_predictor import (CostPredictor, FamilyTraits, Fidelity, TrialSizes, Work,
                                              network_pixels, plan_trial)
-from automl_ad.search.engine import Proposer, SearchRequest, family_scheduler, resource
+from automl_ad.search.engine import RAY_CLUSTER_MODE_ENV, Proposer, SearchRequest, family_scheduler, resource
 from automl_ad.search.space import load_space
+
+# the scheduler test imports Ray; a local Ray must then still listen on 127.0.0.1 only (as start_ray arranges)
+os.environ.setdefault(RAY_CLUSTER_MODE_ENV, "0")
 
 TRAITS = {"stpm": FamilyTraits("teacher_student", True), "padim": FamilyTraits("distribution_map", False),
           "gaussian": FamilyTraits("statistical", False)}
@@ -169,3 +173,50 @@ def test_rungs_follow_each_family_own_schedule():
     decisions.append(scheduler.on_trial_result(None, weak_peer, {"resource": 12.0, "quality": 0.2}))
     assert decisions == ["CONTINUE", "STOP"]  # fastflow is not stopped by stpm's quality; a weak stpm is
     assert set(scheduler.per_family) == {"stpm", "fastflow"}
+
+
+def test_the_best_screening_trial_becomes_the_model_when_nothing_else_completed(tmp_path):
+    from automl_ad.search.engine import _keep_a_model
+    from automl_ad.tracking.board import best_so_far, leaderboard
+    from automl_ad.tracking.store import Tracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = Tracker(uri)
+    experiment = tracker.experiment("screened")
+    parent = tracker.start_search(experiment, "s", {}, {}, [])
+    for i, quality in enumerate((0.6, 0.8)):
+        tracker.log_trial(experiment, parent, {"trial_id": f"t{i}", "family": "gaussian", "status": "screened",
+                                               "quality": quality, "throughput": 10.0, "memory_mb": 100.0}, [])
+    assert leaderboard(parent, uri, pareto=True) == []
+    said = []
+    _keep_a_model(tracker, parent, 12.0, said.append)
+    front = tracker.tag_front(parent)
+    assert [r.data.tags["trial"] for r in front] == ["t1"] and "fallback_model" in front[0].data.tags
+    assert [row["trial"] for row in leaderboard(parent, uri, pareto=True)] == ["t1"]
+    assert best_so_far(parent, uri) == [(12.0, 0.8)] and "is this search's model" in said[0]
+
+
+def test_a_search_on_an_impossible_budget_still_ends_with_a_model(tmp_path, monkeypatch):
+    """30 s for a slow family first: the search falls back to what fits, and a model is on the front."""
+    from automl_ad.data.demo import generate_demo
+    from automl_ad.search.engine import run_search
+    from automl_ad.tracking.board import best_so_far, leaderboard
+    from automl_ad.tracking.store import Tracker
+
+    data = generate_demo(tmp_path / "data", categories=["texture"], n_train=12, n_test_good=4, n_test_per_defect=2,
+                         size=64)["texture"]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("AUTOML_AD_OFFLINE", "1")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    request = SearchRequest(data=str(data), families=["stpm", "gaussian"], priors={"stpm": 0.9, "gaussian": 0.1},
+                            budget_s=30, tracking_uri=uri, backbones={"stpm": ["mobilenetv2_100"]})
+    result = run_search(request)
+    assert any(t["status"] == "ok" for t in result.trials), result.trials
+    assert leaderboard(result.parent_run_id, uri, pareto=True)
+    curve = best_so_far(result.parent_run_id, uri)
+    assert curve and all(b[1] >= a[1] for a, b in zip(curve, curve[1:])) and all(b[0] >= a[0] for a, b in
+                                                                                  zip(curve, curve[1:]))
+    runs = Tracker(uri).trials(result.parent_run_id)
+    started = [r for r in runs if r.data.tags.get("failure_reason") != "predicted too slow"]
+    assert all("fidelity" in r.data.tags and "time_limit_s" in r.data.tags for r in started)
+    assert "best_quality.png" in {a.path for a in Tracker(uri).client.list_artifacts(result.parent_run_id)}

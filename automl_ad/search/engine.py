@@ -157,10 +157,14 @@ class Proposer:
 
     # --- fidelity and time limits -----------------------------------------------------------------------------
     def _cap(self, complete: bool) -> float:
-        """Seconds a trial may run: the remaining budget, less the fallback reserve until some trial completed,
-        and at most the user's --trial-timeout."""
+        """Seconds a trial may run: the remaining budget, less the fallback reserve until some trial completed (a
+        share of the remaining budget, at least what the cheapest candidate is predicted to need), and at most the
+        user's --trial-timeout."""
         remaining = max(0.0, self.deadline - time.monotonic())
-        cap = remaining if complete else remaining * (1 - SEARCH_FALLBACK_RESERVE)
+        cap = remaining
+        if not complete:
+            cheapest = min((self._cheapest(f).prediction.total_s for f in self.order), default=0.0)
+            cap = remaining - max(SEARCH_FALLBACK_RESERVE * remaining, cheapest)
         return min(cap, self.request.trial_timeout_s) if self.request.trial_timeout_s else cap
 
     def _screening_rung(self, family: str, params: dict, cap: float) -> int:
@@ -180,7 +184,7 @@ class Proposer:
         if rung is None:
             rung = self._screening_rung(family, params, cap)
         plan = plan_trial(self.predictor, self.sizes, family, params, cap, rung)
-        if plan.skip is not None and not complete:  # the reserve is for exactly this: a candidate that fits
+        if plan.skip is not None and not complete and self._is_cheapest(family):  # what the reserve is kept for
             plan = plan_trial(self.predictor, self.sizes, family, params, self._cap(True), rung)
         trial.set_user_attr("family", family)
         trial.set_user_attr("default", default)
@@ -194,6 +198,9 @@ class Proposer:
         return {"family": family, "params": params, "default": default, "fidelity": plan.fidelity.to_dict(),
                 "timeout_s": plan.limit_s, "predicted_s": plan.prediction.total_s,
                 "prediction_basis": plan.prediction.basis}
+
+    def _is_cheapest(self, family: str) -> bool:
+        return family == min(self.order, key=lambda f: self._cheapest(f).prediction.total_s)
 
     def _cheapest(self, family: str) -> TrialPlan:
         """The family's default at its lowest fidelity, with all the remaining time."""
