@@ -12,6 +12,7 @@ from importlib import resources
 from pathlib import Path
 
 from automl_ad.errors import ConfigError
+from automl_ad.profiling.profile import OVERRIDABLE_FACTS, validate_overrides
 from automl_ad.safe_yaml import load_yaml_file
 
 #: Priority keys a user can weight, and the report score dimension each one reads.
@@ -130,7 +131,6 @@ _TOP_KEYS = {"name", "description", "latency_ms", "throughput_fps", "hardware", 
 
 def constraints_from_dict(data: dict, where: str = "constraint profile") -> ConstraintProfile:
     """Validate a mapping (as read from YAML) and build a :class:`ConstraintProfile`."""
-    from automl_ad.profiling.profile import OVERRIDABLE_FACTS, validate_overrides
 
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping of keys (name, latency_ms, hardware, ...), got {type(data).__name__}")

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from automl_ad.data.io import ImageInfo, load_image
-from automl_ad.data.layout import ImageRecord, scan
+from automl_ad.data.layout import ImageRecord, detect_layout, scan
 from automl_ad.data.validation import MaskCheck, Problem, validate
 from automl_ad.defaults import DEFECT_VALIDATION_FRACTION, SPLIT_SEED, VALIDATION_FRACTION
 from automl_ad.errors import InvalidDatasetError
@@ -128,7 +128,6 @@ def load_datasets(root: str | Path, strict: bool = False, progress: bool = False
 def open_dataset(root: str | Path, category: str | None = None, strict: bool = False,
                  progress: bool = False) -> Dataset:
     """Open a single category: ``root`` itself, or ``category`` inside a multi-category root."""
-    from automl_ad.data.layout import detect_layout
 
     root = Path(root).expanduser()
     if category is not None:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from automl_ad.data.imageset import ImageSet
 from automl_ad.evaluation.cost import CostReport, PeakRss, directory_size_mb, measure_latency, measure_throughput
 from automl_ad.evaluation.metrics import evaluate
 
@@ -35,7 +36,6 @@ class EvaluationResult:
 def measure_costs(detector, images, batch_size: int = THROUGHPUT_BATCH, repeats: int = LATENCY_REPEATS) -> CostReport:
     """Latency at batch 1 (after warm-up; decoded images at their stored size, so resizing and map
     post-processing count), throughput at ``batch_size``, peak RSS while scoring, and saved model size."""
-    from automl_ad.data.imageset import ImageSet
 
     decoded = ImageSet.from_arrays(list(images.subset(range(min(len(images), LATENCY_IMAGES))).load_each()))
     singles = [decoded.subset([i]) for i in range(len(decoded))]

@@ -24,16 +24,21 @@ from pathlib import Path
 
 import numpy as np
 
+from automl_ad.data import open_dataset
+from automl_ad.data.io import resize_image
 from automl_ad.defaults import DEFAULT_FALSE_ALARM_RATE
 from automl_ad.deploy.export import calibrate
-from automl_ad.detectors import Detector
+from automl_ad.detectors import Detector, detector_class
 from automl_ad.errors import UsageError
 from automl_ad.evaluation.metrics import evaluate, rates_at
 from automl_ad.evaluation.objectives import OBJECTIVES, pareto_ranks
 from automl_ad.evaluation.selection import selection_agreement
+from automl_ad.figures.heatmaps import overlay
 from automl_ad.figures.plots import pareto_plot
+from automl_ad.profiling import profile_dataset
 from automl_ad.reporting.rounding import duration, rounded
 from automl_ad.tracking.records import SearchRecord, SearchStore
+from automl_ad.version import __version__
 from automl_ad.workspace import dataset_experiment
 
 log = logging.getLogger(__name__)
@@ -116,8 +121,6 @@ def _profile_now(data: str | None) -> tuple[dict | None, str]:
         return None, (f"No profile was logged with this search (it ran without `automl-ad recommend`) and the "
                       f"dataset {data} is not on this machine to profile it now.")
     try:
-        from automl_ad.data import open_dataset
-        from automl_ad.profiling import profile_dataset
 
         return profile_dataset(open_dataset(data)).to_dict(), ("No profile was logged with this search (it ran "
                                                                "without `automl-ad recommend`); profiled now.")
@@ -322,7 +325,6 @@ def operating_figure(ev: Evaluation) -> str:
 def _thumbnail(ev: Evaluation, index: int, vmin: float, vmax: float) -> str:
     from PIL import Image
 
-    from automl_ad.figures.heatmaps import overlay
 
     one = ev.images.subset([index])
     if ev.maps is not None:
@@ -334,7 +336,6 @@ def _thumbnail(ev: Evaluation, index: int, vmin: float, vmax: float) -> str:
         if mask is not None:
             from scipy import ndimage
 
-            from automl_ad.data.io import resize_image
 
             inside = resize_image(mask.astype(np.float32), picture.shape[:2]) > 0.5
             picture[inside ^ ndimage.binary_erosion(inside, iterations=2)] = 255
@@ -638,7 +639,6 @@ def pareto_section(facts: SearchFacts) -> str:
 
 def _family_defaults(family: str) -> dict:
     try:
-        from automl_ad.detectors import detector_class
 
         return {k: v for k, v in detector_class(family)().get_params().items() if k not in ("device", "weights")}
     except Exception:  # noqa: BLE001 - a family no longer registered: show what was logged
@@ -800,7 +800,6 @@ def render(facts: SearchFacts, ev: Evaluation, tracking_uri: str) -> str:
             body = _note(f"This section could not be built: {type(exc).__name__}: {exc}")
         sections.append(f'<section id="{key}"><h2>{_e(title)}</h2>{body}</section>')
     nav = "".join(f'<a href="#{key}">{_e(title)}</a>' for key, title in SECTIONS)
-    from automl_ad.version import __version__
 
     return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
             f"<meta name='viewport' content='width=device-width, initial-scale=1'><title>automl-ad report — "
