@@ -32,11 +32,13 @@ import numpy as np
 import torch
 
 from automl_ad.data.imageset import ImageSet
+from automl_ad.data.io import resize_image
 from automl_ad.detectors.base import EpochCallback
 from automl_ad.detectors.gaussian.graph import FEATURES_PER_SCALE, GaussianGraph, LocalFeatures
 from automl_ad.detectors.graph_based import GraphDetector
 from automl_ad.detectors.parameters import NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, Interval, Options, TupleOf
 from automl_ad.detectors.registry import register_detector
+from automl_ad.profiling.structure import alignment_stats
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +78,6 @@ class GaussianModel(GraphDetector):
             self._fit_shared(images)
 
     def _choose_mode(self, images: np.ndarray) -> str:
-        from automl_ad.data.io import resize_image
-        from automl_ad.profiling.structure import alignment_stats
-
         small = np.stack([resize_image(image, _ALIGNMENT_SIZE) for image in images])
         stats = alignment_stats(small)
         mode = "per_position" if stats.per_position_viable else "shared"
