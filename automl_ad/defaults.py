@@ -82,6 +82,11 @@ DEMO_DATA_DIR = "automl-ad-demo/data"
 #: Images decoded at a time when extracting backbone features (bounds memory on large training sets).
 FEATURE_CHUNK_IMAGES = 32
 
+#: Backbone numeric precisions (``precision`` of backbone families): int8 is ONNX Runtime static quantisation on CPU.
+PRECISIONS = ("fp32", "int8")
+#: Training images (spread evenly over the training set) that calibrate an int8 backbone's activation ranges.
+INT8_CALIBRATION_IMAGES = 32
+
 #: Feature cache: environment variable that overrides its location, and the default location.
 FEATURE_CACHE_ENV = "AUTOML_AD_CACHE_DIR"
 

@@ -34,7 +34,7 @@ import numpy as np
 
 from automl_ad.version import __version__
 from automl_ad.data.imageset import ImageSet
-from automl_ad.defaults import PACKAGE_KEY_ENV
+from automl_ad.defaults import PACKAGE_KEY_ENV, PRECISIONS
 from automl_ad.deploy.onnx_export import export_onnx
 from automl_ad.detectors import Detector, list_detectors
 from automl_ad.errors import AutomlAdError
@@ -538,6 +538,12 @@ def _check_onnx(path: Path, onnx: dict, files: dict) -> None:
         raise _field_error(path, "onnx.parity_relative", "must be a finite number")
     if not _is_count(onnx.get("parity_images")):
         raise _field_error(path, "onnx.parity_images", "must be a whole number of images")
+    precision = onnx.get("backbone_precision", "fp32")
+    if precision not in PRECISIONS:
+        raise _field_error(path, "onnx.backbone_precision", f"must be one of {', '.join(PRECISIONS)}")
+    if (precision == "int8") != isinstance(onnx.get("quantisation"), str):
+        raise _field_error(path, "onnx.quantisation", "must describe the quantisation of an int8 backbone, and "
+                           "only of one")
 
 
 def _check_detector_record(path: Path, manifest: dict, record: dict) -> None:

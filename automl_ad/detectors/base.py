@@ -168,6 +168,7 @@ class Detector(BaseEstimator):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors, state = self._state()
+        tensors = {**tensors, **self._shared_tensors()}
         state = {**state, "loss_history": self.loss_history_, "epochs_trained": self.epochs_trained_}
         save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(directory / _TENSORS_FILE))
         record = {"format": SAVE_FORMAT, "automl_ad_version": __version__, "family": self.name,
@@ -204,7 +205,9 @@ class Detector(BaseEstimator):
         state = record["state"]
         detector.loss_history_ = list(state.get("loss_history", []))
         detector.epochs_trained_ = state.get("epochs_trained")
-        detector._restore(load_file(str(directory / tensors_file)), state)
+        tensors = load_file(str(directory / tensors_file))
+        detector._restore_shared(tensors)
+        detector._restore(tensors, state)
         fit = record.get("fit", {})
         detector.fit_seconds_, detector.fit_peak_rss_mb_ = fit.get("seconds"), fit.get("peak_rss_mb")
         detector.n_train_ = fit.get("n_train")
@@ -244,6 +247,13 @@ class Detector(BaseEstimator):
 
     def _restore(self, tensors: dict[str, np.ndarray], state: dict) -> None:
         raise NotImplementedError
+
+    def _shared_tensors(self) -> dict[str, np.ndarray]:
+        """Arrays saved for every family of a kind, besides ``_state``'s (the backbone families' int8 network)."""
+        return {}
+
+    def _restore_shared(self, tensors: dict[str, np.ndarray]) -> None:
+        """Restore :meth:`_shared_tensors` (called by ``load`` before ``_restore``)."""
 
     # --- helpers ----------------------------------------------------------------------------------------------
     def _store_parameters(self, arguments: dict) -> None:

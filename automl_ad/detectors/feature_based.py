@@ -2,7 +2,13 @@
 
 Subclasses list the backbone parameters in their own ``__init__`` (scikit-learn reads parameters from the
 signature): ``backbone``, ``feature_strides``, ``weights``, ``pretrained``, ``input_size``, ``device``,
-``cache_features``; their constraints are :data:`BACKBONE_CONSTRAINTS`.
+``cache_features``, ``precision``; their constraints are :data:`BACKBONE_CONSTRAINTS`.
+
+``precision="int8"`` runs the frozen backbone as an int8 network (ONNX Runtime static quantisation, see
+:mod:`automl_ad.features.quantize`) calibrated at ``fit`` on up to ``INT8_CALIBRATION_IMAGES`` training images, for
+fit and scoring alike, and saves it with the model. It is CPU-only: ``fit`` refuses it when the device is a GPU
+rather than fall back to fp32 (an fp32 result under an int8 label would mislead the search's Pareto front).
+Families that fine-tune the backbone (CutPaste) have no ``precision``: a static int8 graph cannot be trained.
 """
 
 from __future__ import annotations
@@ -12,10 +18,13 @@ import os
 import numpy as np
 
 from automl_ad.data.imageset import ImageSet
+from automl_ad.defaults import INT8_CALIBRATION_IMAGES, PRECISIONS
 from automl_ad.detectors.base import Detector
-from automl_ad.detectors.parameters import POSITIVE_INT, PowerOfTwo, TupleOf
-from automl_ad.errors import AutomlAdError
-from automl_ad.features import FeatureCache, extract_features, load_extractor
+from automl_ad.detectors.parameters import POSITIVE_INT, Options, PowerOfTwo, TupleOf
+from automl_ad.errors import AutomlAdError, InvalidParameterError
+from automl_ad.features import FeatureCache, extract_features, load_extractor, resolve_device
+from automl_ad.features.backbone import int8_extractor
+from automl_ad.features.quantize import calibration_indices, quantise_backbone
 
 _CACHE: FeatureCache | None = None
 
@@ -32,15 +41,59 @@ def feature_cache() -> FeatureCache:
 BACKBONE_CONSTRAINTS = {
     "backbone": [str], "feature_strides": [TupleOf(PowerOfTwo(2))], "weights": [None, str, os.PathLike],
     "pretrained": [bool], "input_size": [POSITIVE_INT], "device": [str], "cache_features": [bool],
+    "precision": [Options(*PRECISIONS)],
 }
+
+#: The saved-state array holding an int8 backbone's ONNX bytes (uint8).
+INT8_BACKBONE_TENSOR = "int8_backbone_onnx"
 
 
 class BackboneDetector(Detector):
     """A detector reading feature maps of a timm backbone at ``feature_strides``."""
 
+    #: The int8 backbone (ONNX bytes) of a fitted ``precision="int8"`` detector, None otherwise.
+    int8_backbone_: bytes | None = None
+    #: The training set while ``fit`` runs: the int8 backbone is calibrated on it when first needed.
+    _calibration_set: ImageSet | None = None
+
+    def fit(self, train: ImageSet, on_epoch=None):
+        self.int8_backbone_ = None
+        if self._precision() == "int8":
+            self._validate_params()
+            self._check_int8_device()
+        self._calibration_set = train
+        try:
+            return super().fit(train, on_epoch)
+        finally:
+            self._calibration_set = None
+
+    def _precision(self) -> str:
+        """``precision``, fp32 for families without the parameter (they fine-tune the backbone)."""
+        return getattr(self, "precision", "fp32")
+
+    def _check_int8_device(self) -> None:
+        device = resolve_device(self.device)
+        if device != "cpu":
+            raise InvalidParameterError(f"{self.name}: precision int8 runs on CPU through ONNX Runtime; use fp32 on "
+                                        f"a GPU (device resolves to {device!r}), or device='cpu'")
+
     def _extractor(self):
-        return load_extractor(self.backbone, self.feature_strides, self.input_size, weights=self.weights,
-                              pretrained=self.pretrained, device=self.device)
+        """The backbone's feature extractor: fp32, or for ``precision="int8"`` the quantised network (calibrated
+        here on the training set during ``fit``, restored by ``load``)."""
+        if self._precision() == "int8":
+            self._check_int8_device()
+        extractor = load_extractor(self.backbone, self.feature_strides, self.input_size, weights=self.weights,
+                                   pretrained=self.pretrained, device=self.device)
+        if self._precision() != "int8":
+            return extractor
+        if self.int8_backbone_ is None:
+            if self._calibration_set is None:
+                raise AutomlAdError(f"{self.name}: the int8 backbone is calibrated by fit; fit (or load) the "
+                                    "detector first")
+            train = self._calibration_set
+            sample = train.subset(calibration_indices(len(train), INT8_CALIBRATION_IMAGES))
+            self.int8_backbone_ = quantise_backbone(extractor, sample.load(self.input_size))
+        return int8_extractor(extractor, self.int8_backbone_)
 
     def _features(self, images: ImageSet) -> list[np.ndarray]:
         """Feature maps (one float32 array (N, C, h, w) per stride). Image files go through the feature cache
@@ -53,6 +106,19 @@ class BackboneDetector(Detector):
     def _backbone_state(self) -> dict:
         """What identifies the backbone weights, saved with the model and checked on load."""
         return {"weights_identity": self._extractor().spec.weights.identity}
+
+    def _shared_tensors(self) -> dict[str, np.ndarray]:
+        """The int8 backbone as a uint8 array (safetensors holds arrays only; loading never parses it as code)."""
+        if self.int8_backbone_ is None:
+            return {}
+        return {INT8_BACKBONE_TENSOR: np.frombuffer(self.int8_backbone_, dtype=np.uint8)}
+
+    def _restore_shared(self, tensors: dict[str, np.ndarray]) -> None:
+        stored = tensors.get(INT8_BACKBONE_TENSOR)
+        self.int8_backbone_ = None if stored is None else stored.tobytes()
+        if (self._precision() == "int8") != (stored is not None):
+            raise AutomlAdError(f"{self.name}: the saved state {'has' if stored is not None else 'lacks'} an int8 "
+                                f"backbone but precision is {self._precision()!r}; the model files do not match")
 
     def _check_backbone(self, state: dict) -> None:
         identity = self._extractor().spec.weights.identity

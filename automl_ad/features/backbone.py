@@ -8,6 +8,8 @@ than eager execution.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import hashlib
 import logging
 import os
@@ -22,7 +24,8 @@ import yaml
 
 from automl_ad.defaults import BUILTIN_BACKBONE, BUILTIN_WEIGHTS_FILE, FEATURE_CHUNK_IMAGES
 from automl_ad.errors import AutomlAdError
-from automl_ad.features.runtime import cpu_runner
+from automl_ad.features.quantize import model_digest
+from automl_ad.features.runtime import cpu_runner, onnx_model_runner
 
 log = logging.getLogger(__name__)
 
@@ -206,12 +209,16 @@ class BackboneSpec:
     strides: tuple[int, ...]
     weights: WeightsSource
     input_size: int
+    #: sha256 of the int8 quantised network (:mod:`automl_ad.features.quantize`) that replaces the fp32 one, if any.
+    int8_model: str | None = None
 
     def key(self) -> dict:
+        precision = {"precision": "fp32"} if self.int8_model is None else \
+            {"precision": "int8", "int8_model": self.int8_model}
         return {"backbone": self.backbone, "strides": list(self.strides), "weights": self.weights.identity,
                 "mean": list(self.weights.mean), "std": list(self.weights.std),
                 "create_kwargs": dict(self.weights.create_kwargs), "input_size": self.input_size,
-                "resize": "bilinear-antialias", "channels": "rgb"}
+                "resize": "bilinear-antialias", "channels": "rgb", **precision}
 
 
 class FeatureExtractor:
@@ -259,6 +266,19 @@ class FeatureExtractor:
         self._mean = torch.tensor(spec.weights.mean, device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(spec.weights.std, device=self.device).view(1, 3, 1, 1)
         self._graph = None
+        #: The int8 network (ONNX bytes) that runs instead of ``model`` (see :meth:`quantised`); None: fp32.
+        self.int8_model: bytes | None = None
+
+    def quantised(self, model: bytes) -> FeatureExtractor:
+        """This extractor running the int8 network ``model`` (from :func:`~automl_ad.features.quantize.
+        quantise_backbone`) through ONNX Runtime on CPU; its spec, so its feature-cache key, names that network."""
+        if self.device != "cpu":
+            raise AutomlAdError(f"an int8 backbone runs on CPU through ONNX Runtime, not on {self.device}")
+        int8 = copy.copy(self)
+        int8.spec = dataclasses.replace(self.spec, int8_model=model_digest(model))
+        int8.int8_model = model
+        int8._graph = onnx_model_runner(model)
+        return int8
 
     def normalise(self, images: np.ndarray):
         """(N, H, W, 3) float in [0, 1] → normalised NCHW tensor on the device."""
@@ -324,6 +344,12 @@ def load_extractor(backbone: str, strides, input_size: int, weights: str | None 
                                _pairs(create_kwargs or {}), _offline())
     spec = BackboneSpec(backbone, tuple(int(s) for s in strides), source, int(input_size))
     return _extractor(spec, resolve_device(device))
+
+
+@lru_cache(maxsize=4)
+def int8_extractor(extractor: FeatureExtractor, model: bytes) -> FeatureExtractor:
+    """``extractor.quantised(model)``, cached per process (detectors look their extractor up on every call)."""
+    return extractor.quantised(model)
 
 
 @lru_cache(maxsize=16)

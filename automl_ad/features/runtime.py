@@ -56,7 +56,12 @@ def _torchscript_runner(module, examples: tuple) -> Runner:
 
 
 def _onnx_runner(module, examples: tuple) -> Runner:
-    import onnxruntime
+    return onnx_model_runner(export_onnx_bytes(module, examples))
+
+
+def export_onnx_bytes(module, examples: tuple) -> bytes:
+    """``module`` exported to ONNX (opset 17, dynamic batch axis) in memory; inputs ``input`` (``input_<i>`` for
+    several), outputs ``output_<i>``."""
     import torch
 
     buffer = io.BytesIO()
@@ -67,13 +72,23 @@ def _onnx_runner(module, examples: tuple) -> Runner:
         names = [f"output_{i}" for i in range(count)]
         torch.onnx.export(module, examples, buffer, dynamo=False, opset_version=17, input_names=inputs,
                           output_names=names, dynamic_axes={name: {0: "batch"} for name in [*inputs, *names]})
+    return buffer.getvalue()
+
+
+def onnx_model_runner(model: bytes) -> Runner:
+    """A runner for an ONNX model given as bytes (inputs fed in the model's order, all outputs returned)."""
+    import onnxruntime
+    import torch
+
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
     options.inter_op_num_threads = 1
     # Idle worker threads sleep instead of spinning, so concurrent trials do not steal each other's cores.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.enable_cpu_mem_arena = False  # no arena kept at its high-water mark: lower peak memory, same speed
-    session = onnxruntime.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
+    session = onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    inputs = [node.name for node in session.get_inputs()]
+    names = [node.name for node in session.get_outputs()]
 
     def run(*batches) -> list:
         feed = {name: batch.detach().cpu().contiguous().float().numpy() for name, batch in zip(inputs, batches)}

@@ -72,7 +72,8 @@ class CutPaste(BackboneDetector):
     test_params = {"backbone": "resnet18", "pretrained": False, "input_size": 64, "patch_size": 32,
                    "patch_stride": 16, "epochs": 3, "batch_size": 8, "head_dims": (128, 64), "learning_rate": 0.003}
     _parameter_constraints = {
-        **{k: v for k, v in BACKBONE_CONSTRAINTS.items() if k != "cache_features"},  # it fine-tunes the backbone
+        # it fine-tunes the backbone: no feature cache, no static int8 network
+        **{k: v for k, v in BACKBONE_CONSTRAINTS.items() if k not in ("cache_features", "precision")},
         "patch_size": [POSITIVE_INT], "patch_stride": [POSITIVE_INT], "head_dims": [TupleOf(POSITIVE_INT)],
         "epochs": [POSITIVE_INT], "batch_size": [POSITIVE_INT], "learning_rate": [POSITIVE], "momentum": [DECAY],
         "weight_decay": [NON_NEGATIVE], "area_ratio": [TupleOf(Interval(Real, 0, 1, closed="neither"), pair=True)],

@@ -97,10 +97,10 @@ class Diffusion(BackboneDetector):
     }
 
     def __init__(self, backbone="wide_resnet50_2", feature_strides=(8, 16), weights=None, pretrained=True,
-                 input_size=64, device="auto", cache_features=True, channels=32, channel_mults=(1, 2, 2),
-                 timesteps=1000, schedule="linear", epochs=1000, batch_size=32, learning_rate=1e-3,
-                 weight_decay=1e-5, ema_decay=0.999, t0=250, steps=10, guidance=3.0, feature_scoring=True,
-                 pixel_weight=1.0, smoothing_sigma=4.0, seed=0):
+                 input_size=64, device="auto", cache_features=True, precision="fp32", channels=32,
+                 channel_mults=(1, 2, 2), timesteps=1000, schedule="linear", epochs=1000, batch_size=32,
+                 learning_rate=1e-3, weight_decay=1e-5, ema_decay=0.999, t0=250, steps=10, guidance=3.0,
+                 feature_scoring=True, pixel_weight=1.0, smoothing_sigma=4.0, seed=0):
         self._store_parameters(locals())
 
     # --- parameters -------------------------------------------------------------------------------------------

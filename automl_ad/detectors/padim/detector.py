@@ -41,8 +41,8 @@ class Padim(BackboneGraphDetector):
     _parameter_constraints = {**BACKBONE_CONSTRAINTS, "n_features": [POSITIVE_INT], "epsilon": [POSITIVE],
                               "smoothing_sigma": [NON_NEGATIVE], "seed": [NON_NEGATIVE_INT]}
 
-    def __init__(self, backbone="resnet18", feature_strides=(8, 16), weights=None, pretrained=True,
-                 input_size=256, device="auto", cache_features=True, n_features=100, epsilon=0.01,
+    def __init__(self, backbone="resnet18", feature_strides=(8, 16), weights=None, pretrained=True, input_size=256,
+                 device="auto", cache_features=True, precision="fp32", n_features=100, epsilon=0.01,
                  smoothing_sigma=4.0, seed=0):
         self._store_parameters(locals())
 

@@ -54,10 +54,10 @@ class STPM(BackboneGraphDetector):
         "smoothing_sigma": [NON_NEGATIVE], "seed": [NON_NEGATIVE_INT],
     }
 
-    def __init__(self, backbone="resnet18", feature_strides=(4, 8, 16), weights=None, pretrained=True,
-                 input_size=256, device="auto", cache_features=True, epochs=100, batch_size=8, optimizer="sgd",
-                 learning_rate=0.4, momentum=0.9, weight_decay=1e-4, map_combination="product",
-                 smoothing_sigma=0.0, seed=0):
+    def __init__(self, backbone="resnet18", feature_strides=(4, 8, 16), weights=None, pretrained=True, input_size=256,
+                 device="auto", cache_features=True, precision="fp32", epochs=100, batch_size=8, optimizer="sgd",
+                 learning_rate=0.4, momentum=0.9, weight_decay=1e-4, map_combination="product", smoothing_sigma=0.0,
+                 seed=0):
         self._store_parameters(locals())
 
     # --- student ----------------------------------------------------------------------------------------------

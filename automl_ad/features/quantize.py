@@ -1,0 +1,81 @@
+"""int8 backbones: ONNX Runtime static quantisation of a frozen feature extractor, calibrated on training images.
+
+:func:`quantise_backbone` exports the extractor's network (normalised NCHW batch -> feature maps, as
+:func:`~automl_ad.features.runtime.cpu_runner` does for fp32) and quantises it with
+``onnxruntime.quantization.quantize_static``:
+
+* QDQ format (QuantizeLinear/DequantizeLinear pairs around the int8 operators): the model stays a standard ONNX
+  graph that any ONNX Runtime runs and that can be composed with a family's head for packages;
+* int8 weights quantised per output channel, int8 activations (S8S8, ONNX Runtime's recommended first choice on
+  CPU);
+* MinMax calibration on up to :data:`~automl_ad.defaults.INT8_CALIBRATION_IMAGES` training images. Not
+  Percentile: anomaly detection reads exactly the activations that normal images rarely produce; a percentile
+  range calibrated on normal images clips them (a defect's feature saturates at the range of normal ones), while
+  the MinMax range keeps the largest activation seen and only loses resolution.
+
+The result is the ONNX model as bytes: the detector saves it (a uint8 array in its safetensors) so that a
+loaded model scores with the same quantised graph, without recalibrating.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from automl_ad.features.runtime import export_onnx_bytes
+
+#: What the manifest and reports say an int8 backbone is.
+INT8_SCHEME = "onnxruntime static QDQ, int8 weights per channel, int8 activations, MinMax calibration"
+
+
+def quantise_backbone(extractor, calibration: np.ndarray) -> bytes:
+    """The extractor's network quantised to int8 (ONNX bytes), calibrated on ``calibration``: (N, h, w, 3) float
+    network inputs in [0, 1] (images under the extractor's geometry), fed one at a time as it runs on CPU."""
+    import onnxruntime
+    import torch
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    if len(calibration) == 0:
+        raise ValueError("int8 calibration needs at least one training image")
+    height, width = calibration.shape[1:3]
+    fp32 = export_onnx_bytes(extractor.model.cpu().eval(), (torch.zeros(1, 3, height, width),))
+    batches = [extractor.normalise(calibration[i:i + 1]).cpu().numpy() for i in range(len(calibration))]
+    with tempfile.TemporaryDirectory(prefix="automl_ad_int8_") as folder:
+        source, prepared, target = (Path(folder) / name for name in ("fp32.onnx", "prepared.onnx", "int8.onnx"))
+        source.write_bytes(fp32)
+        # the quantiser's own sessions warn about every constant the exporter left unused: not the user's concern
+        onnxruntime.set_default_logger_severity(3)
+        # shape inference and graph optimisation first (constant shape arithmetic folded, e.g. timm's "same"
+        # padding), as onnxruntime recommends: fewer tensors to calibrate, fewer quantisation points
+        quant_pre_process(str(source), str(prepared))
+        quantize_static(str(prepared), str(target), _Batches(batches), quant_format=QuantFormat.QDQ,
+                        per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.MinMax)
+        return target.read_bytes()
+
+
+def model_digest(model: bytes) -> str:
+    """sha256 of an ONNX model's bytes: identifies a quantised backbone (feature-cache keys, saved state)."""
+    return hashlib.sha256(model).hexdigest()
+
+
+def calibration_indices(count: int, limit: int) -> np.ndarray:
+    """Up to ``limit`` indices spread evenly over ``count`` training images (deterministic: the same training set
+    gives the same calibration, the same quantised graph and so the same cached features)."""
+    return np.unique(np.linspace(0, count - 1, num=min(count, limit)).round().astype(np.int64))
+
+
+class _Batches:
+    """Feeds the calibration batches to the quantiser once (an ``onnxruntime.quantization.CalibrationDataReader``
+    by its ``get_next`` method, which is all the protocol asks)."""
+
+    def __init__(self, batches: list[np.ndarray]):
+        self._batches = iter(batches)
+
+    def get_next(self) -> dict | None:
+        batch = next(self._batches, None)
+        return None if batch is None else {"input": batch}
