@@ -10,12 +10,13 @@ import json
 import numpy as np
 import onnx
 import pytest
+from conftest import write_image
 
 from automl_ad import load_package
 from automl_ad.data.imageset import ImageSet
 from automl_ad.defaults import BUILTIN_BACKBONE
 from automl_ad.deploy.onnx_export import PARITY_TOLERANCE, _export, _parity, export_onnx, run_onnx
-from automl_ad.deploy.package import export_package
+from automl_ad.deploy.package import PackageError, _check_onnx, export_package
 from automl_ad.detectors import Detector, create_detector, detector_class, feature_based
 from automl_ad.detectors.feature_based import INT8_BACKBONE_TENSOR
 from automl_ad.errors import InvalidParameterError
@@ -170,6 +171,34 @@ def test_parity_check_tells_the_fp32_network_from_the_int8_one(fitted, sets, tmp
     _export(detector.inference_graph(), inputs[:2], tmp_path / "fp32.onnx")  # fp32 torch backbone + the head
     assert _parity(detector.score_samples(test), *run_onnx(tmp_path / "fp32.onnx", inputs))["relative"] > \
         10 * PARITY_TOLERANCE
+
+
+def test_manifest_check_refuses_an_inconsistent_precision_record(fitted, sets, tmp_path):
+    _, test = sets
+    record = export_onnx(fitted["padim", "int8"], tmp_path / "model.onnx", test.subset([0, 8]))
+    files = {"model.onnx": "0" * 64}
+    _check_onnx(tmp_path, record, files)  # as exported: accepted
+    for broken in ({**record, "backbone_precision": "int4"}, {k: v for k, v in record.items() if k != "quantisation"},
+                   {**record, "backbone_precision": "fp32"}):
+        with pytest.raises(PackageError, match="onnx.(backbone_precision|quantisation)"):
+            _check_onnx(tmp_path, broken, files)
+
+
+def test_cached_features_of_files_are_kept_apart_by_precision(sets, tmp_path):
+    """Image files go through the feature cache: int8 and fp32 features get their own entries, and a fit on files
+    scores as one on the same pixels in memory."""
+    train, test = sets
+    paths = [write_image(tmp_path / f"{i}.png", (image * 255).round().astype(np.uint8))
+             for i, image in enumerate(train.load(SIZE))]
+    files = ImageSet.from_paths(paths)
+    cache = feature_based.feature_cache()
+    before = set(cache.root.glob("*.safetensors")) if cache.root.is_dir() else set()
+    int8 = _detector("padim", "int8").fit(files)
+    _detector("padim", "fp32").fit(files)
+    assert len(set(cache.root.glob("*.safetensors")) - before) == 2
+    in_memory = _detector("padim", "int8").fit(ImageSet.from_arrays([np.asarray(p) for p in files.load(SIZE)]))
+    np.testing.assert_allclose(int8.score_samples(test).image_scores, in_memory.score_samples(test).image_scores,
+                               rtol=1e-5)
 
 
 def test_fp32_package_records_fp32(fitted, sets, tmp_path):
