@@ -81,7 +81,7 @@ def test_int8_scores_finite_and_close_to_fp32(family, fitted, sets):
     assert fp32_auroc >= 0.9, f"the synthetic defect should be easy for fp32 {family} (AUROC {fp32_auroc:.3f})"
     assert int8_auroc >= fp32_auroc - AUROC_LOSS, f"{family}: int8 AUROC {int8_auroc:.3f} vs fp32 {fp32_auroc:.3f}"
     # scores rank the images nearly as fp32 does
-    assert np.corrcoef(reference.image_scores, quantised.image_scores)[0, 1] > 0.9
+    assert np.corrcoef(reference.image_scores, quantised.image_scores)[0, 1] > 0.98  # 0.999 seen
 
 
 def test_int8_backbone_is_onnx_qdq_with_per_channel_weights(fitted):
