@@ -9,7 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
+from automl_ad.data.geometry import Geometry, TileGrid, tile_grid, to_tiles
 from automl_ad.data.io import load_image, read_mask, to_float
 from automl_ad.defaults import IO_WORKERS
 
@@ -133,6 +135,38 @@ class ImageSet:
             raise ValueError(f"images differ in size ({len(shapes)} shapes); pass size= to load them at one size")
         return np.stack(images) if images else np.empty((0,), np.float32)
 
+    def network_inputs(self, geometry: Geometry, gray: bool = False) -> np.ndarray:
+        """The network inputs of every image under ``geometry``, in image order (an image's tiles in the order of
+        its grid): float32 ``(M, h, w)`` when ``gray`` else ``(M, h, w, 3)``, ``h x w = geometry.input_hw``.
+
+        A squash is exactly :meth:`load` at the network size (one input per image); letterbox and tile decode each
+        image at its own size and cut it with :func:`~automl_ad.data.geometry.to_tiles`.
+        """
+        if geometry.mode == "squash":
+            return self.load(geometry.input_hw, gray=gray)
+
+        def inputs_of(i: int) -> np.ndarray:
+            image = self._array(i, None, gray)
+            if not gray and image.ndim == 2:
+                image = np.repeat(image[..., None], 3, axis=2)
+            return to_tiles(image, tile_grid(geometry, image.shape[:2]))
+
+        parts = self._map(inputs_of)
+        if not parts:
+            return np.empty((0, *geometry.input_hw, *(() if gray else (3,))), np.float32)
+        return np.concatenate(parts)
+
+    def sizes(self) -> list[tuple[int, int]]:
+        """(height, width) of every image as stored; files are sized from their header when it can be read."""
+        if self.arrays is not None:
+            return [tuple(int(v) for v in a.shape[:2]) for a in self.arrays]
+        return self._map(lambda i: _file_size(self.paths[i]))
+
+    def grids(self, geometry: Geometry) -> list[TileGrid]:
+        """Each image's :class:`~automl_ad.data.geometry.TileGrid` under ``geometry`` (how many network inputs it
+        has, and how their maps are stitched back)."""
+        return [tile_grid(geometry, hw) for hw in self.sizes()]
+
     def load_each(self, gray: bool = False) -> list[np.ndarray]:
         """Every image decoded at its stored size (float32 in [0, 1]); sizes may differ."""
         return self._map(lambda i: self._array(i, None, gray))
@@ -149,3 +183,13 @@ class ImageSet:
         if self.mask_paths is None:
             return [None] * len(self)
         return [None if p is None else read_mask(p) > 0 for p in self.mask_paths]
+
+
+def _file_size(path: Path) -> tuple[int, int]:
+    """(height, width) of an image file: from its header (Pillow opens lazily), else by decoding it."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+        return int(height), int(width)
+    except Exception:  # noqa: BLE001 - a format Pillow cannot open lazily: decode it as loading would
+        return tuple(int(v) for v in load_image(path).shape[:2])

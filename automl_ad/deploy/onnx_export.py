@@ -47,23 +47,26 @@ def export_onnx(detector, path: str | Path, images: ImageSet | None) -> dict:
             _export(graph.eval(), inputs[:2], path)
         else:
             path.write_bytes(_int8_model(graph.eval(), int8_backbone, inputs[:2]))
-        scores, maps = run_onnx(path, inputs)
+        outputs = detector.per_image_scores(images, *run_onnx(path, inputs))  # the package's tile loop
         expected = detector.score_samples(images)
     except Exception as exc:  # noqa: BLE001 - any export or runtime failure only means: no ONNX in the package
         path.unlink(missing_ok=True)
         return _absent(f"ONNX export failed ({type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]})")
-    parity = _parity(expected, scores, maps)
+    parity = _parity(expected, outputs.image_scores, outputs.anomaly_maps)
     if parity["relative"] > PARITY_TOLERANCE:
         path.unlink(missing_ok=True)
         return _absent(f"parity check failed: onnxruntime differs from score() by {parity['relative']:.2e} of the "
                        f"output span (tolerance {PARITY_TOLERANCE:g}) on {len(images)} images")
     _, channels, height, width = inputs.shape
+    geometry = detector.input_geometry()
     return {"file": path.name, "opset": OPSET,
             "input": {"name": INPUT_NAME, "shape": ["batch", channels, height, width], "dtype": "float32",
-                      "layout": "NCHW", "range": [0.0, 1.0], "size": height, "channels": channels,
+                      "layout": "NCHW", "range": [0.0, 1.0], "size": height, "width": width, "channels": channels,
+                      "geometry": None if geometry is None else geometry.to_dict(),
                       "colour": ("luma 0.299 R + 0.587 G + 0.114 B, before resizing" if channels == 1 else
                                  "RGB; gray images repeated to 3 channels"),
-                      "resize": "bilinear, antialiased, aspect ratio not kept",
+                      "resize": "bilinear, antialiased; " + ("aspect ratio not kept" if geometry is None
+                                                            else geometry.describe()),
                       "normalisation": "none outside: the graph normalises"},
             "outputs": [{"name": OUTPUT_NAMES[0], "shape": ["batch"], "dtype": "float32"},
                         {"name": OUTPUT_NAMES[1], "shape": ["batch", height, width], "dtype": "float32"}],
@@ -71,7 +74,6 @@ def export_onnx(detector, path: str | Path, images: ImageSet | None) -> dict:
             "parity_relative": parity["relative"], "parity_tolerance": PARITY_TOLERANCE,
             "parity_images": len(images), "backbone_precision": "fp32" if int8_backbone is None else "int8",
             **({} if int8_backbone is None else {"quantisation": INT8_SCHEME})}
-
 
 
 def run_onnx(path: str | Path, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

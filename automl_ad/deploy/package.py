@@ -33,11 +33,12 @@ from pathlib import Path
 import numpy as np
 
 from automl_ad.version import __version__
+from automl_ad.data.geometry import Geometry
 from automl_ad.data.imageset import ImageSet
 from automl_ad.defaults import PACKAGE_KEY_ENV, PRECISIONS
 from automl_ad.deploy.onnx_export import export_onnx
 from automl_ad.detectors import Detector, list_detectors
-from automl_ad.errors import AutomlAdError
+from automl_ad.errors import AutomlAdError, ConfigError
 from automl_ad.folders import check_output_folder, write_output_folder
 
 FORMAT_VERSION = 2
@@ -146,7 +147,10 @@ def _bundle_backbone(detector, staging: Path) -> dict | None:
 
 def _preprocessing(detector, backbone: dict | None) -> dict:
     params = detector.get_params()
-    info = {"input_size": params.get("input_size"), "resize": "bilinear, antialiased, aspect ratio not kept",
+    geometry = detector.input_geometry()
+    info = {"input_size": params.get("input_size"), "geometry": None if geometry is None else geometry.to_dict(),
+            "resize": "bilinear, antialiased; " + ("aspect ratio not kept" if geometry is None
+                                                   else geometry.describe()),
             "colour": "gray images are repeated to 3 channels" if "backbone" in params else "as the family reads it"}
     if backbone:
         weights = detector._extractor().spec.weights
@@ -171,18 +175,41 @@ def _onnx_readme(onnx: dict) -> list[str]:
     if not onnx.get("file"):
         return ["## Running model.onnx", "", f"This package has no model.onnx: {onnx['reason']}.", ""]
     spec = onnx["input"]
-    return [
+    height, width = spec["size"], spec.get("width", spec["size"])
+    geometry = None if spec.get("geometry") is None else Geometry.from_dict(spec["geometry"])
+    text = [
         "## Running model.onnx", "",
-        f"`{onnx['file']}` (ONNX opset {onnx['opset']}) runs the whole detector without automl-ad: input "
-        f"`{spec['name']}`, float32 {spec['layout']} of shape (batch, {spec['channels']}, {spec['size']}, "
-        f"{spec['size']}) in [0, 1] - the image resized to {spec['size']}x{spec['size']} ({spec['resize']}), "
-        f"{spec['colour']}; the graph normalises. Outputs: `image_scores` (batch,) and `anomaly_maps` "
-        f"(batch, {spec['size']}, {spec['size']}); compare with the thresholds in manifest.json. It matched the "
-        f"detector within {onnx['parity_relative']:.1e} of the score span on {onnx['parity_images']} images.", "",
-        "```python", "import numpy as np, onnxruntime",
-        f"session = onnxruntime.InferenceSession('{onnx['file']}', providers=['CPUExecutionProvider'])",
-        f"batch = np.zeros((1, {spec['channels']}, {spec['size']}, {spec['size']}), np.float32)  # your images",
-        "image_scores, anomaly_maps = session.run(None, {'" + spec["name"] + "': batch})", "```", ""]
+        f"`{onnx['file']}` (ONNX opset {onnx['opset']}) runs the whole detector on network inputs without "
+        f"automl-ad: input `{spec['name']}`, float32 {spec['layout']} of shape (batch, {spec['channels']}, "
+        f"{height}, {width}) in [0, 1], {spec['colour']}; the graph normalises. Outputs: `image_scores` (batch,) "
+        "and `anomaly_maps` (batch, h, w), one per network input; compare with the thresholds in manifest.json. "
+        f"With the loop below it matched the detector within {onnx['parity_relative']:.1e} of the score span on "
+        f"{onnx['parity_images']} images.", "",
+        "Input geometry (`preprocessing.geometry` in manifest.json): "
+        f"{'squash' if geometry is None else geometry.describe()}."]
+    if geometry is None or geometry.mode == "squash":
+        return [*text, f"Each image is one network input: resize it to {height}x{width} (bilinear, antialiased, "
+                       "aspect ratio not kept).", "",
+                "```python", "import numpy as np, onnxruntime",
+                f"session = onnxruntime.InferenceSession('{onnx['file']}', providers=['CPUExecutionProvider'])",
+                f"batch = np.zeros((1, {spec['channels']}, {height}, {width}), np.float32)  # your resized images",
+                "image_scores, anomaly_maps = session.run(None, {'" + spec["name"] + "': batch})", "```", ""]
+    return [*text, "An image becomes several network inputs (tiles) or one padded input (letterbox), and their "
+                   "outputs go back to the image; `automl_ad.data.geometry` does each step: `tile_grid` plans the "
+                   "resize, padding and tile origins for the image size, `to_tiles` cuts the network inputs, and "
+                   "`stitch` resizes each output map to its tile, averages overlaps, crops the padding and resizes "
+                   "to the image. The image score is the largest score of its network inputs; the map has the "
+                   "image's size. `automl-ad predict` and `Package.predict` run this loop.", "",
+            "```python", "import json, numpy as np, onnxruntime",
+            "from automl_ad.data.geometry import Geometry, stitch, tile_grid, to_tiles",
+            "geometry = Geometry.from_dict(json.load(open('manifest.json'))['preprocessing']['geometry'])",
+            f"session = onnxruntime.InferenceSession('{onnx['file']}', providers=['CPUExecutionProvider'])",
+            "image = np.zeros((1000, 2000, 3), np.float32)  # your image, float in [0, 1], (H, W, 3)",
+            "grid = tile_grid(geometry, image.shape[:2])",
+            "inputs = to_tiles(image, grid).transpose(0, 3, 1, 2)" + (
+                "" if spec["channels"] == 3 else "  # (gray families: luma first, then [:, None])"),
+            "scores, maps = session.run(None, {'" + spec["name"] + "': np.ascontiguousarray(inputs)})",
+            "image_score, anomaly_map = scores.max(), stitch(maps, grid)", "```", ""]
 
 
 @dataclass
@@ -211,7 +238,10 @@ class Package:
         return float(pixel["value"]) if pixel else None
 
     def predict(self, image, threshold: float | None = None) -> Prediction:
-        """Score one image (a path, or an array as ``ImageSet.from_arrays`` takes) against the threshold."""
+        """Score one image (a path, or an array as ``ImageSet.from_arrays`` takes) against the threshold. The
+        detector runs the geometry's loop (network inputs of ``preprocessing.geometry``, per-input outputs stitched
+        back: :meth:`~automl_ad.detectors.base.Detector.per_image_scores`), as the README's loop around
+        ``model.onnx`` does; the map has the image's size."""
         from automl_ad.data.io import load_image, resize_image
 
         array = load_image(image) if isinstance(image, (str, Path)) else np.asarray(image)
@@ -371,7 +401,7 @@ _MANIFEST_FIELDS = {
     "preprocessing": dict, "thresholds": dict, "metrics": dict, "cost": dict, "training": dict,
     "operating_points": list, "supports_localization": bool, "onnx": dict, "files": dict, "integrity": dict}
 _THRESHOLD_FIELDS = {"value", "method", "target_false_alarm_rate", "empirical", "evt", "n_normal", "note"}
-_PREPROCESSING_FIELDS = {"input_size", "resize", "colour", "mean", "std", "backbone"}
+_PREPROCESSING_FIELDS = {"input_size", "geometry", "resize", "colour", "mean", "std", "backbone"}
 
 
 def _field_error(path: Path, field: str, problem: str) -> PackageError:
@@ -502,6 +532,11 @@ def _check_preprocessing(path: Path, preprocessing: dict) -> None:
     size = preprocessing.get("input_size")
     if size is not None and not (_is_count(size) and size > 0):
         raise _field_error(path, "preprocessing.input_size", "must be a positive whole number of pixels or null")
+    if preprocessing.get("geometry") is not None:
+        try:
+            Geometry.from_dict(preprocessing["geometry"])
+        except (ConfigError, TypeError) as exc:
+            raise _field_error(path, "preprocessing.geometry", f"is not an input geometry ({exc})") from exc
     for key in ("resize", "colour", "backbone"):
         if key in preprocessing and not isinstance(preprocessing[key], str):
             raise _field_error(path, f"preprocessing.{key}", "must be a string")
@@ -532,6 +567,13 @@ def _check_onnx(path: Path, onnx: dict, files: dict) -> None:
         raise _field_error(path, "onnx.input.channels", "must be 1 or 3")
     if not (_is_count(spec.get("size")) and spec["size"] > 0):
         raise _field_error(path, "onnx.input.size", "must be a positive whole number of pixels")
+    if "width" in spec and not (_is_count(spec["width"]) and spec["width"] > 0):
+        raise _field_error(path, "onnx.input.width", "must be a positive whole number of pixels")
+    if spec.get("geometry") is not None:
+        try:
+            Geometry.from_dict(spec["geometry"])
+        except (ConfigError, TypeError) as exc:
+            raise _field_error(path, "onnx.input.geometry", f"is not an input geometry ({exc})") from exc
     if not _is_count(onnx.get("opset")):
         raise _field_error(path, "onnx.opset", "must be a whole number")
     if not _is_finite(onnx.get("parity_relative")):

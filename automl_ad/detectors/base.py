@@ -11,7 +11,10 @@
   (``automl_ad.evaluation.run.measure_costs``), not by the detector.
 * ``score_samples(images) -> Scores``: image scores ``(N,)`` and anomaly maps ``(N, H, W)`` or None; higher =
   more anomalous (PyOD's direction; scikit-learn's outlier detectors use the opposite sign). Calling it before
-  ``fit`` raises :class:`NotFittedError`. ``score`` is a deprecated alias.
+  ``fit`` raises :class:`NotFittedError`. ``score`` is a deprecated alias. Under a squash (every family's
+  default) maps are at the network input; under a letterbox or tile geometry (backbone families' ``geometry``)
+  ``_score`` returns one row per network input and :meth:`Detector.per_image_scores` stitches them back to each
+  image's full resolution (images of different sizes: every map at the most common size).
 * ``save(dir)`` / ``Detector.load(dir)``: arrays in safetensors, everything else in JSON — never pickle.
 * ``inference_graph()``: for families whose inference is plain torch, the module ``score_samples`` runs (see
   ``graph_based.py``), from the preprocessed batch of :meth:`Detector.graph_input` on (exported as ONNX in
@@ -36,7 +39,9 @@ from sklearn.base import BaseEstimator
 from sklearn.exceptions import NotFittedError as SklearnNotFittedError
 
 from automl_ad.version import __version__
+from automl_ad.data.geometry import Geometry, stitch
 from automl_ad.data.imageset import ImageSet
+from automl_ad.data.io import resize_image
 from automl_ad.detectors.parameters import check_parameters
 from automl_ad.errors import AutomlAdError, InvalidParameterError
 
@@ -144,7 +149,8 @@ class Detector(BaseEstimator):
         """``_score`` with its output checked (shapes, finite values)."""
         if len(images) == 0:
             return Scores(np.zeros(0, np.float32), None)
-        scores = self._score(images)
+        raw = self._score(images)
+        scores = self.per_image_scores(images, raw.image_scores, raw.anomaly_maps)
         image_scores = np.asarray(scores.image_scores, dtype=np.float32).reshape(-1)
         if image_scores.shape != (len(images),):
             raise RuntimeError(f"{self.name} returned {image_scores.shape} scores for {len(images)} images")
@@ -223,12 +229,50 @@ class Detector(BaseEstimator):
         """Why :meth:`inference_graph` is None for this detector."""
         return f"{self.name}: {self.no_graph}"
 
+    def input_geometry(self) -> Geometry | None:
+        """How images become network inputs; None: each image squashed to ``input_size`` x ``input_size``, one
+        input per image (what every family does unless a backbone family is given a ``geometry``)."""
+        return None
+
+    def network_pixels(self, images: ImageSet, gray: bool = False) -> np.ndarray:
+        """The network inputs of :meth:`input_geometry` as float32 (M, h, w[, 3]) in [0, 1], in image order."""
+        geometry = self.input_geometry()
+        return images.load(self.input_size, gray=gray) if geometry is None else images.network_inputs(geometry, gray)
+
     def graph_input(self, images: ImageSet) -> np.ndarray:
-        """The inference graph's input for ``images``: float32 (N, C, S, S) in [0, 1] at ``input_size``, resized
-        as ``score_samples`` reads them; C = 1 (luma) for families reading gray images, else 3 (gray repeated)."""
+        """The inference graph's input for ``images``: float32 (M, C, h, w) in [0, 1], the network inputs of
+        :meth:`input_geometry` (M = N for a squash or letterbox; every tile of every image for tiles) as
+        ``score_samples`` reads them; C = 1 (luma) for families reading gray images, else 3 (gray repeated).
+        :meth:`per_image_scores` turns the graph's per-input outputs into per-image scores and maps."""
         gray = bool(self.gray)
-        pixels = images.load(self.input_size, gray=gray)
+        pixels = self.network_pixels(images, gray=gray)
         return np.ascontiguousarray(pixels[:, None] if gray else pixels.transpose(0, 3, 1, 2), dtype=np.float32)
+
+    def per_image_scores(self, images: ImageSet, input_scores: np.ndarray,
+                         input_maps: np.ndarray | None) -> Scores:
+        """Per-image scores from per-network-input outputs (of ``_score`` or of the inference graph on
+        :meth:`graph_input`). A squash has one input per image: returned as they are. Otherwise each image's
+        score is the largest of its inputs' scores and its map is :func:`~automl_ad.data.geometry.stitch`-ed back
+        to the image's full resolution (overlaps averaged, padding cropped); when images differ in size every map
+        is resized to the most common size, so that ``anomaly_maps`` stays one (N, H, W) array (metrics resize
+        masks to their map)."""
+        geometry = self.input_geometry()
+        if geometry is None or geometry.mode == "squash":
+            return Scores(input_scores, input_maps)
+        grids = images.grids(geometry)
+        counts = [grid.n_tiles for grid in grids]
+        input_scores = np.asarray(input_scores, dtype=np.float32).reshape(-1)
+        if len(input_scores) != sum(counts):
+            raise RuntimeError(f"{self.name} returned {len(input_scores)} scores for {sum(counts)} network inputs "
+                               f"of {len(images)} images ({geometry.describe()})")
+        bounds = np.cumsum([0, *counts])
+        image_scores = np.array([input_scores[a:b].max() for a, b in zip(bounds[:-1], bounds[1:])], np.float32)
+        if input_maps is None:
+            return Scores(image_scores, None)
+        maps = [stitch(input_maps[a:b], grid) for a, b, grid in zip(bounds[:-1], bounds[1:], grids)]
+        shapes = [m.shape for m in maps]
+        common = max(set(shapes), key=lambda shape: (shapes.count(shape), shape))
+        return Scores(image_scores, np.stack([resize_image(m, common) for m in maps]))
 
     # --- hooks for families -----------------------------------------------------------------------------------
     def _check_parameter_relations(self) -> None:

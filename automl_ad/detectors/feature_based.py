@@ -2,7 +2,16 @@
 
 Subclasses list the backbone parameters in their own ``__init__`` (scikit-learn reads parameters from the
 signature): ``backbone``, ``feature_strides``, ``weights``, ``pretrained``, ``input_size``, ``device``,
-``cache_features``, ``precision``; their constraints are :data:`BACKBONE_CONSTRAINTS`.
+``cache_features``, ``precision``, ``geometry``; their constraints are :data:`BACKBONE_CONSTRAINTS`.
+
+``geometry`` (a dict as :meth:`Geometry.to_dict <automl_ad.data.geometry.Geometry.to_dict>`; None, the default, is
+a squash to ``input_size`` x ``input_size``, what every family did before) says how an image becomes network
+inputs: squashed, letterboxed (aspect kept, padded) or cut into overlapping tiles. Fit and scoring see one row per
+network input; ``input_size`` stays the side of each input's score map, which
+:meth:`~automl_ad.detectors.base.Detector.per_image_scores` stitches back to the image's full resolution (the image
+score is the largest of its inputs' scores). Families with per-position statistics (PaDiM) treat the tiles of every
+position as samples of one distribution: a grid of tiles depends on the image size, which may vary within a dataset,
+and the tiles that need tiling are the images' small structures, which look alike wherever they fall.
 
 ``precision="int8"`` runs the frozen backbone as an int8 network (ONNX Runtime static quantisation, see
 :mod:`automl_ad.features.quantize`) calibrated at ``fit`` on up to ``INT8_CALIBRATION_IMAGES`` training images, for
@@ -14,14 +23,16 @@ Families that fine-tune the backbone (CutPaste) have no ``precision``: a static 
 from __future__ import annotations
 
 import os
+from typing import ClassVar
 
 import numpy as np
 
+from automl_ad.data.geometry import Geometry
 from automl_ad.data.imageset import ImageSet
 from automl_ad.defaults import INT8_CALIBRATION_IMAGES, PRECISIONS
 from automl_ad.detectors.base import Detector
-from automl_ad.detectors.parameters import POSITIVE_INT, Options, PowerOfTwo, TupleOf
-from automl_ad.errors import AutomlAdError, InvalidParameterError
+from automl_ad.detectors.parameters import POSITIVE_INT, Constraint, Options, PowerOfTwo, TupleOf
+from automl_ad.errors import AutomlAdError, ConfigError, InvalidParameterError
 from automl_ad.features import FeatureCache, extract_features, load_extractor, resolve_device
 from automl_ad.features.backbone import int8_extractor
 from automl_ad.features.quantize import calibration_indices, quantise_backbone
@@ -37,11 +48,31 @@ def feature_cache() -> FeatureCache:
     return _CACHE
 
 
+class InputGeometry(Constraint):
+    """A geometry as :meth:`Geometry.to_dict <automl_ad.data.geometry.Geometry.to_dict>` (JSON-able, so it is
+    saved with the model and searched as a categorical)."""
+
+    def allows(self, value) -> bool:
+        return _geometry_problem(value) is None
+
+    def __str__(self) -> str:
+        return ("a geometry mapping such as {'mode': 'tile', 'height': 256, 'width': 256, 'scale': 0.5, "
+                "'overlap': 32, 'pad': 'reflect'} (modes squash, letterbox, tile)")
+
+
+def _geometry_problem(value) -> str | None:
+    try:
+        Geometry.from_dict(value)
+    except (ConfigError, TypeError) as exc:
+        return str(exc)
+    return None
+
+
 #: Constraints of the backbone parameters (which strides a backbone offers is checked when it is loaded).
 BACKBONE_CONSTRAINTS = {
     "backbone": [str], "feature_strides": [TupleOf(PowerOfTwo(2))], "weights": [None, str, os.PathLike],
     "pretrained": [bool], "input_size": [POSITIVE_INT], "device": [str], "cache_features": [bool],
-    "precision": [Options(*PRECISIONS)],
+    "precision": [Options(*PRECISIONS)], "geometry": [None, InputGeometry()],
 }
 
 #: The saved-state array holding an int8 backbone's ONNX bytes (uint8).
@@ -50,6 +81,10 @@ INT8_BACKBONE_TENSOR = "int8_backbone_onnx"
 
 class BackboneDetector(Detector):
     """A detector reading feature maps of a timm backbone at ``feature_strides``."""
+
+    #: Whether the family's own network reads ``input_size`` x ``input_size`` pixels (it trains on them), so that a
+    #: geometry's network input (a letterbox box, a tile) must be that square.
+    square_network_input: ClassVar[bool] = False
 
     #: The int8 backbone (ONNX bytes) of a fitted ``precision="int8"`` detector, None otherwise.
     int8_backbone_: bytes | None = None
@@ -67,6 +102,23 @@ class BackboneDetector(Detector):
         finally:
             self._calibration_set = None
 
+    def input_geometry(self) -> Geometry | None:
+        """``geometry`` as a :class:`~automl_ad.data.geometry.Geometry` (None: the squash to ``input_size``)."""
+        return None if self.geometry is None else Geometry.from_dict(self.geometry)
+
+    def _validate_params(self) -> None:
+        """The declared constraints, with the reason a geometry is refused."""
+        problem = None if self.geometry is None else _geometry_problem(self.geometry)
+        if problem:
+            raise InvalidParameterError(f"{self.name}: geometry must be {InputGeometry()}, got {self.geometry!r} "
+                                        f"({problem})")
+        super()._validate_params()
+        side = int(self.input_size)
+        if self.square_network_input and self.geometry is not None and self.input_geometry().input_hw != (side, side):
+            raise InvalidParameterError(f"{self.name}: its network reads square {side}x{side} images (input_size), "
+                                        f"so the geometry's network input must be {side}x{side}, not "
+                                        f"{self.input_geometry().height}x{self.input_geometry().width}")
+
     def _precision(self) -> str:
         """``precision``, fp32 for families without the parameter (they fine-tune the backbone)."""
         return getattr(self, "precision", "fp32")
@@ -83,7 +135,8 @@ class BackboneDetector(Detector):
         if self._precision() == "int8":
             self._check_int8_device()
         extractor = load_extractor(self.backbone, self.feature_strides, self.input_size, weights=self.weights,
-                                   pretrained=self.pretrained, device=self.device)
+                                   pretrained=self.pretrained, device=self.device,
+                                   geometry=self.input_geometry())
         if self._precision() != "int8":
             return extractor
         if self.int8_backbone_ is None:
@@ -92,11 +145,14 @@ class BackboneDetector(Detector):
                                     "detector first")
             train = self._calibration_set
             sample = train.subset(calibration_indices(len(train), INT8_CALIBRATION_IMAGES))
-            self.int8_backbone_ = quantise_backbone(extractor, sample.load(self.input_size))
+            inputs = self.network_pixels(sample)  # tiles: several per image
+            self.int8_backbone_ = quantise_backbone(
+                extractor, inputs[calibration_indices(len(inputs), INT8_CALIBRATION_IMAGES)])
         return int8_extractor(extractor, self.int8_backbone_)
 
     def _features(self, images: ImageSet) -> list[np.ndarray]:
-        """Feature maps (one float32 array (N, C, h, w) per stride). Image files go through the feature cache
+        """Feature maps (one float32 array (M, C, h, w) per stride; one row per network input of the geometry, in
+        :meth:`ImageSet.network_inputs` order). Image files go through the feature cache
         (training and validation sets are scored again and again in a search); in-memory images never do."""
         extractor = self._extractor()
         if self.cache_features and images.paths is not None:

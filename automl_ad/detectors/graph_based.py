@@ -9,6 +9,10 @@ the weights change every epoch.
 Backbone families (:class:`BackboneGraphDetector`) run a *head*: the graph from the backbone's feature maps on,
 so that the features still come from the feature cache; their exported graph is the backbone followed by that
 head.
+
+The graph runs on network inputs (:meth:`Detector.graph_input`): one per image for a squash or letterbox, one per
+tile for tiles; ``score_samples`` then turns its per-input outputs into per-image scores and full-resolution maps
+(:meth:`Detector.per_image_scores`), and a package runs the same loop around its ``model.onnx``.
 """
 
 from __future__ import annotations
@@ -45,7 +49,8 @@ class GraphDetector(Detector):
         raise NotImplementedError
 
     def _graph_inputs(self, images: ImageSet) -> list[np.ndarray]:
-        """The scoring graph's inputs for ``images`` (arrays with one row per image)."""
+        """The scoring graph's inputs for ``images`` (arrays with one row per network input of
+        :meth:`~Detector.input_geometry`: per image, or per tile)."""
         return [self.graph_input(images)]
 
     def _graph_batch_size(self) -> int:
@@ -90,7 +95,7 @@ class GraphDetector(Detector):
         run = self._graph_runner(inputs)
         step = self._graph_batch_size()
         scores, maps = [], []
-        for start in range(0, len(images), step):
+        for start in range(0, len(inputs[0]), step):  # one row per network input (tiles: several per image)
             batch = [torch.from_numpy(np.ascontiguousarray(x[start:start + step])) for x in inputs]
             image_scores, anomaly_maps = run(*batch)
             scores.append(image_scores.float().cpu().numpy())

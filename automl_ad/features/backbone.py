@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from automl_ad.data.geometry import Geometry
 from automl_ad.defaults import BUILTIN_BACKBONE, BUILTIN_WEIGHTS_FILE, FEATURE_CHUNK_IMAGES
 from automl_ad.errors import AutomlAdError
 from automl_ad.features.quantize import model_digest
@@ -203,7 +204,8 @@ def _offline_message(backbone: str) -> str:
 
 @dataclass(frozen=True)
 class BackboneSpec:
-    """Everything that determines the features: part of every feature-cache key."""
+    """Everything that determines the features: part of every feature-cache key. ``geometry`` (None: a squash
+    to ``input_size``) says how images become network inputs; features come one row per network input."""
 
     backbone: str
     strides: tuple[int, ...]
@@ -211,6 +213,12 @@ class BackboneSpec:
     input_size: int
     #: sha256 of the int8 quantised network (:mod:`automl_ad.features.quantize`) that replaces the fp32 one, if any.
     int8_model: str | None = None
+    geometry: Geometry | None = None
+
+    @property
+    def input_hw(self) -> tuple[int, int]:
+        """The network input (height, width)."""
+        return self.geometry.input_hw if self.geometry is not None else (self.input_size, self.input_size)
 
     def key(self) -> dict:
         precision = {"precision": "fp32"} if self.int8_model is None else \
@@ -218,6 +226,7 @@ class BackboneSpec:
         return {"backbone": self.backbone, "strides": list(self.strides), "weights": self.weights.identity,
                 "mean": list(self.weights.mean), "std": list(self.weights.std),
                 "create_kwargs": dict(self.weights.create_kwargs), "input_size": self.input_size,
+                "geometry": None if self.geometry is None else self.geometry.key(),
                 "resize": "bilinear-antialias", "channels": "rgb", **precision}
 
 
@@ -294,7 +303,7 @@ class FeatureExtractor:
         if self.device != "cpu":
             return lambda batch: list(self.model(batch))
         if self._graph is None:
-            self._graph = cpu_runner(self.model, torch.zeros(1, 3, self.spec.input_size, self.spec.input_size))
+            self._graph = cpu_runner(self.model, torch.zeros(1, 3, *self.spec.input_hw))
         return self._graph
 
     def __call__(self, batch) -> list:
@@ -310,7 +319,7 @@ class FeatureExtractor:
         return 1 if self.device == "cpu" else 32
 
     def features(self, images: np.ndarray, batch_size: int | None = None) -> list[np.ndarray]:
-        """Feature maps as float32 numpy arrays for (N, H, W, 3) images in [0, 1] at the input size."""
+        """Feature maps as float32 numpy arrays for (N, H, W, 3) network inputs in [0, 1]."""
         batch_size = batch_size or self.batch_size
         outputs: list[list[np.ndarray]] = [[] for _ in self.spec.strides]
         for start in range(0, len(images), batch_size):
@@ -319,17 +328,19 @@ class FeatureExtractor:
         return [level[0] if len(level) == 1 else np.concatenate(level) for level in outputs]
 
     def features_of(self, images) -> list[np.ndarray]:
-        """Feature maps of an :class:`~automl_ad.data.imageset.ImageSet`, decoding ``FEATURE_CHUNK_IMAGES``
-        images at a time into preallocated arrays (a large training set is never held as pixels at once)."""
-        outputs: list[np.ndarray] = []
+        """Feature maps of an :class:`~automl_ad.data.imageset.ImageSet`, one row per network input of the spec's
+        geometry (per image for a squash or letterbox, per tile for tiles), decoding ``FEATURE_CHUNK_IMAGES``
+        images at a time (a large training set is never held as pixels at once)."""
+        levels: list[list[np.ndarray]] = []
         for start in range(0, len(images), FEATURE_CHUNK_IMAGES):
             chunk = images.subset(range(start, min(start + FEATURE_CHUNK_IMAGES, len(images))))
-            features = self.features(chunk.load(self.spec.input_size))
-            if not outputs:
-                outputs = [np.empty((len(images), *f.shape[1:]), np.float32) for f in features]
-            for output, feature in zip(outputs, features):
-                output[start:start + len(feature)] = feature
-        return outputs
+            geometry = self.spec.geometry
+            features = self.features(chunk.load(self.spec.input_size) if geometry is None
+                                     else chunk.network_inputs(geometry))
+            levels = levels or [[] for _ in features]
+            for level, feature in zip(levels, features):
+                level.append(feature)
+        return [level[0] if len(level) == 1 else np.concatenate(level) for level in levels]
 
 
 @lru_cache(maxsize=4)
@@ -338,11 +349,16 @@ def _extractor(spec: BackboneSpec, device: str) -> FeatureExtractor:
 
 
 def load_extractor(backbone: str, strides, input_size: int, weights: str | None = None, pretrained: bool = True,
-                   device: str = "auto", mean=None, std=None, create_kwargs: dict | None = None) -> FeatureExtractor:
-    """A (process-wide cached) feature extractor; repeated calls with the same settings share the model."""
+                   device: str = "auto", mean=None, std=None, create_kwargs: dict | None = None,
+                   geometry: Geometry | None = None) -> FeatureExtractor:
+    """A (process-wide cached) feature extractor; repeated calls with the same settings share the model.
+    ``geometry`` (None: a squash to ``input_size``; a squash to that very size is the same) decides the network
+    inputs of :meth:`~FeatureExtractor.features_of`."""
+    if geometry is not None and geometry.mode == "squash" and geometry.input_hw == (input_size, input_size):
+        geometry = None
     source = _resolved_weights(backbone, weights, pretrained, _tuple(mean), _tuple(std),
                                _pairs(create_kwargs or {}), _offline())
-    spec = BackboneSpec(backbone, tuple(int(s) for s in strides), source, int(input_size))
+    spec = BackboneSpec(backbone, tuple(int(s) for s in strides), source, int(input_size), geometry=geometry)
     return _extractor(spec, resolve_device(device))
 
 

@@ -4,6 +4,10 @@ A space lists constructor parameters with a type (``float``/``int`` with ``low``
 ``categorical`` with ``choices``, ``backbone`` = categorical narrowed by the latency budget) and an optional
 ``when: {earlier_param: value | [values]}`` condition. Sampling is define-by-run, so conditional parameters are
 only suggested when their condition holds. Defaults stay in the detector: an unsampled parameter keeps its default.
+
+Categorical choices may be lists or mappings (Optuna sees them by their JSON text). The input geometry of backbone
+families depends on the dataset, so it is not in the YAML files: :meth:`SearchSpace.with_geometries` adds it as a
+categorical over the geometries the recommendation proposes (chosen, default, alternatives).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from automl_ad.errors import ConfigError
+from automl_ad.errors import ConfigError, InvalidParameterError
 from automl_ad.safe_yaml import load_yaml_file
 
 TYPES = ("float", "int", "categorical", "backbone")
@@ -65,6 +69,32 @@ class SearchSpace:
             params.append(p)
         return SearchSpace(self.family, tuple(params), self.source)
 
+    def with_geometries(self, geometries: list[dict] | None) -> SearchSpace:
+        """The space with a ``geometry`` categorical over ``geometries`` (dicts as ``Geometry.to_dict``, in the
+        given order, duplicates dropped) sampled first, replacing any ``geometry`` the space had. Only geometries
+        the family accepts with its defaults are kept (families whose own network reads ``input_size`` squares take
+        only that square; they keep searching ``input_size`` when their space does). Unchanged when none is left or
+        the family takes no geometry (it reads no backbone)."""
+        from automl_ad.detectors import detector_class
+
+        family = detector_class(self.family)
+        if "geometry" not in family._get_param_names() or (
+                family.square_network_input and any(p.name == "input_size" for p in self.parameters)):
+            return self
+        choices: list[dict] = []
+        for geometry in geometries or []:
+            try:
+                family(geometry=dict(geometry))._validate_params()
+            except InvalidParameterError:
+                continue
+            if geometry not in choices:
+                choices.append(dict(geometry))
+        if not choices:
+            return self
+        rest = tuple(p for p in self.parameters if p.name != "geometry")
+        return SearchSpace(self.family, (Parameter("geometry", "categorical", choices=tuple(choices)), *rest),
+                           self.source)
+
     def sample(self, trial, prefix: str = "") -> dict:
         """Suggest a configuration on an Optuna trial (define-by-run); names are ``prefix + parameter``."""
         values: dict = {}
@@ -82,9 +112,19 @@ class SearchSpace:
         return values
 
 
+def proposed_geometries(recommendation: dict) -> list[dict]:
+    """The geometries a recommendation proposes (``recommendation["geometry"]``: chosen, default, alternatives),
+    chosen first; none when it proposes none."""
+    proposal = recommendation.get("geometry") or {}
+    if not proposal:
+        return []
+    found = [proposal["geometry"], proposal["default"]["geometry"], *(a["geometry"] for a in proposal["alternatives"])]
+    return [g for i, g in enumerate(found) if g not in found[:i]]
+
+
 def _label(choice):
     """Optuna categoricals must be None/bool/int/float/str: lists become their JSON text."""
-    return json.dumps(choice) if isinstance(choice, (list, tuple, dict)) else choice
+    return json.dumps(choice, sort_keys=True) if isinstance(choice, (list, tuple, dict)) else choice
 
 
 def spaces_dir() -> Path:

@@ -65,6 +65,7 @@ class CutPaste(BackboneDetector):
     """Self-supervised route: a CNN fine-tuned to recognise cut-and-pasted patches; patch Gaussian density."""
 
     name = "cutpaste"
+    square_network_input = True
     route = "self_supervised"
     no_graph = "its maps accumulate patch scores over overlapping crops with numpy; no graph for it yet"
     iterative = True
@@ -85,11 +86,10 @@ class CutPaste(BackboneDetector):
     }
 
     def __init__(self, backbone="resnet18", feature_strides=(32,), weights=None, pretrained=True, input_size=256,
-                 device="auto", patch_size=32, patch_stride=16,
-                 head_dims=(512, 512, 512, 512, 512, 512, 512, 512, 128), epochs=256, batch_size=32,
-                 learning_rate=0.03, momentum=0.9, weight_decay=3e-5, area_ratio=(0.02, 0.15), aspect_ratio=0.3,
-                 scar_width=(2, 16), scar_length=(10, 25), scar_rotation=45.0, jitter=0.1, smoothing_sigma=4.0,
-                 seed=0):
+                 geometry=None, device="auto", patch_size=32, patch_stride=16, head_dims=(512, 512, 512, 512, 512, 512,
+                 512, 512, 128), epochs=256, batch_size=32, learning_rate=0.03, momentum=0.9, weight_decay=3e-5,
+                 area_ratio=(0.02, 0.15), aspect_ratio=0.3, scar_width=(2, 16), scar_length=(10, 25),
+                 scar_rotation=45.0, jitter=0.1, smoothing_sigma=4.0, seed=0):
         self._store_parameters(locals())
 
     def _check_parameter_relations(self) -> None:
@@ -136,7 +136,7 @@ class CutPaste(BackboneDetector):
 
         extractor = self._extractor()
         device = extractor.device
-        pixels = train.load(self.input_size)
+        pixels = self.network_pixels(train)
         network = self._new_backbone()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
@@ -205,7 +205,7 @@ class CutPaste(BackboneDetector):
 
     # --- score ------------------------------------------------------------------------------------------------
     def _score(self, images: ImageSet) -> Scores:
-        embeddings, origins = self._embed_patches(self.network_, images.load(self.input_size))
+        embeddings, origins = self._embed_patches(self.network_, self.network_pixels(images))
         centred = embeddings.astype(np.float64) - self.mean_
         scores = np.sqrt(np.maximum(np.einsum("npc,cd,npd->np", centred, self.precision_, centred), 0))
         maps = receptive_field_maps(scores, origins, self.input_size, int(self.patch_size))

@@ -66,9 +66,10 @@ class DeepSVDD(PatchScoreDetector):
     }
 
     def __init__(self, backbone="resnet18", feature_strides=(8, 16), weights=None, pretrained=True, input_size=256,
-                 device="auto", cache_features=True, precision="fp32", neighbourhood=3, embedding_dim=None,
-                 hidden_dims=(256,), rep_dim=64, objective="one-class", nu=0.1, epochs=30, batch_size=1024,
-                 learning_rate=1e-4, weight_decay=1e-6, warm_up_epochs=10, centre_eps=0.1, smoothing_sigma=4.0, seed=0):
+                 geometry=None, device="auto", cache_features=True, precision="fp32", neighbourhood=3,
+                 embedding_dim=None, hidden_dims=(256,), rep_dim=64, objective="one-class", nu=0.1, epochs=30,
+                 batch_size=1024, learning_rate=1e-4, weight_decay=1e-6, warm_up_epochs=10, centre_eps=0.1,
+                 smoothing_sigma=4.0, seed=0):
         self._store_parameters(locals())
 
     # --- network ----------------------------------------------------------------------------------------------

@@ -51,7 +51,7 @@ from automl_ad.data.imageset import ImageSet
 from automl_ad.detectors.base import EpochCallback, Scores
 from automl_ad.detectors.blocks import smooth_maps
 from automl_ad.detectors.feature_based import BACKBONE_CONSTRAINTS, BackboneDetector
-from automl_ad.detectors.generative import epoch_batches, image_tensor, load_module_tensors, module_tensors
+from automl_ad.detectors.generative import epoch_batches, load_module_tensors, module_tensors
 from automl_ad.detectors.parameters import (
     NON_NEGATIVE,
     NON_NEGATIVE_INT,
@@ -79,6 +79,7 @@ class Diffusion(BackboneDetector):
     """Diffusion route: partial-noise DDPM/DDIM reconstruction; pixel + feature differences are the anomaly map."""
 
     name = "diffusion"
+    square_network_input = True
     route = "diffusion"
     no_graph = "scoring draws random noise and runs an iterative denoising loop, so it is not a deterministic graph"
     iterative = True
@@ -97,7 +98,7 @@ class Diffusion(BackboneDetector):
     }
 
     def __init__(self, backbone="wide_resnet50_2", feature_strides=(8, 16), weights=None, pretrained=True,
-                 input_size=64, device="auto", cache_features=True, precision="fp32", channels=32,
+                 input_size=64, geometry=None, device="auto", cache_features=True, precision="fp32", channels=32,
                  channel_mults=(1, 2, 2), timesteps=1000, schedule="linear", epochs=1000, batch_size=32,
                  learning_rate=1e-3, weight_decay=1e-5, ema_decay=0.999, t0=250, steps=10, guidance=3.0,
                  feature_scoring=True, pixel_weight=1.0, smoothing_sigma=4.0, seed=0):
@@ -135,7 +136,7 @@ class Diffusion(BackboneDetector):
     def _fit(self, train: ImageSet, on_epoch: EpochCallback | None) -> None:
         model = self._build().train()
         device = next(model.parameters()).device
-        images = image_tensor(train, int(self.input_size), False, device) * 2 - 1
+        images = torch.from_numpy(self.graph_input(train)).to(device) * 2 - 1
         abar = self._alphas_bar().to(device)
         ema = copy.deepcopy(model).eval() if self.ema_decay > 0 else None
         optimiser = torch.optim.Adam(model.parameters(), lr=self.learning_rate, weight_decay=self.weight_decay)
@@ -194,7 +195,7 @@ class Diffusion(BackboneDetector):
 
     def _reconstruct(self, images: ImageSet) -> tuple[np.ndarray, np.ndarray]:
         device = next(self.model_.parameters()).device
-        inputs = image_tensor(images, int(self.input_size), False, device) * 2 - 1
+        inputs = torch.from_numpy(self.graph_input(images)).to(device) * 2 - 1
         abar = self._alphas_bar().to(device)
         noise = torch.randn(inputs.shape[1:], generator=torch.Generator().manual_seed(self.seed)).to(device)
         t0, steps = int(self.t0), int(self.steps)

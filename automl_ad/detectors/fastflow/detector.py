@@ -53,7 +53,7 @@ class FastFlow(BackboneGraphDetector):
     }
 
     def __init__(self, backbone="resnet18", feature_strides=(4, 8, 16), weights=None, pretrained=True, input_size=256,
-                 device="auto", cache_features=True, precision="fp32", flow_steps=8, hidden_ratio=1.0,
+                 geometry=None, device="auto", cache_features=True, precision="fp32", flow_steps=8, hidden_ratio=1.0,
                  conv3x3_only=False, affine_clamping=2.0, norm_affine=True, epochs=100, batch_size=32,
                  learning_rate=1e-3, weight_decay=1e-5, smoothing_sigma=0.0, seed=0):
         self._store_parameters(locals())

@@ -63,8 +63,8 @@ class OneClassSvm(BackboneDetector):
     }
 
     def __init__(self, backbone="resnet18", feature_strides=(16, 32), weights=None, pretrained=True, input_size=256,
-                 device="auto", cache_features=True, precision="fp32", pooling="avgmax", kernel="rbf", nu=0.1,
-                 gamma_scale=1.0, localization="none", window=4, max_windows=5000, smoothing_sigma=4.0, seed=0):
+                 geometry=None, device="auto", cache_features=True, precision="fp32", pooling="avgmax", kernel="rbf",
+                 nu=0.1, gamma_scale=1.0, localization="none", window=4, max_windows=5000, smoothing_sigma=4.0, seed=0):
         self._store_parameters(locals())
 
     # --- descriptors ------------------------------------------------------------------------------------------

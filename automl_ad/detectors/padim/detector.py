@@ -42,7 +42,7 @@ class Padim(BackboneGraphDetector):
                               "smoothing_sigma": [NON_NEGATIVE], "seed": [NON_NEGATIVE_INT]}
 
     def __init__(self, backbone="resnet18", feature_strides=(8, 16), weights=None, pretrained=True, input_size=256,
-                 device="auto", cache_features=True, precision="fp32", n_features=100, epsilon=0.01,
+                 geometry=None, device="auto", cache_features=True, precision="fp32", n_features=100, epsilon=0.01,
                  smoothing_sigma=4.0, seed=0):
         self._store_parameters(locals())
 

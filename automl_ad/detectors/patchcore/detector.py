@@ -53,7 +53,7 @@ class PatchCore(PatchFeatureDetector):
     }
 
     def __init__(self, backbone="wide_resnet50_2", feature_strides=(8, 16), weights=None, pretrained=True,
-                 input_size=256, device="auto", cache_features=True, precision="fp32", neighbourhood=3,
+                 input_size=256, geometry=None, device="auto", cache_features=True, precision="fp32", neighbourhood=3,
                  embedding_dim=None, coreset_ratio=0.01, coreset_projection_dim=64, num_neighbors=9, index="exact",
                  smoothing_sigma=4.0, seed=0):
         self._store_parameters(locals())

@@ -54,9 +54,9 @@ class SimpleNet(PatchScoreDetector):
     }
 
     def __init__(self, backbone="resnet18", feature_strides=(8, 16), weights=None, pretrained=True, input_size=256,
-                 device="auto", cache_features=True, precision="fp32", neighbourhood=3, embedding_dim=None,
-                 hidden_dim=1024, noise_std=0.015, margin=0.5, epochs=160, batch_size=8, learning_rate=2e-4,
-                 adaptor_learning_rate=1e-4, smoothing_sigma=4.0, seed=0):
+                 geometry=None, device="auto", cache_features=True, precision="fp32", neighbourhood=3,
+                 embedding_dim=None, hidden_dim=1024, noise_std=0.015, margin=0.5, epochs=160, batch_size=8,
+                 learning_rate=2e-4, adaptor_learning_rate=1e-4, smoothing_sigma=4.0, seed=0):
         self._store_parameters(locals())
 
     # --- model ------------------------------------------------------------------------------------------------

@@ -55,9 +55,9 @@ class STPM(BackboneGraphDetector):
     }
 
     def __init__(self, backbone="resnet18", feature_strides=(4, 8, 16), weights=None, pretrained=True, input_size=256,
-                 device="auto", cache_features=True, precision="fp32", epochs=100, batch_size=8, optimizer="sgd",
-                 learning_rate=0.4, momentum=0.9, weight_decay=1e-4, map_combination="product", smoothing_sigma=0.0,
-                 seed=0):
+                 geometry=None, device="auto", cache_features=True, precision="fp32", epochs=100, batch_size=8,
+                 optimizer="sgd", learning_rate=0.4, momentum=0.9, weight_decay=1e-4, map_combination="product",
+                 smoothing_sigma=0.0, seed=0):
         self._store_parameters(locals())
 
     # --- student ----------------------------------------------------------------------------------------------
@@ -88,7 +88,8 @@ class STPM(BackboneGraphDetector):
         extractor = self._extractor()
         device = extractor.device
         targets = [torch.from_numpy(f) for f in self._features(train)]
-        inputs = extractor.normalise(train.load(self.input_size)).contiguous(memory_format=torch.channels_last)
+        inputs = extractor.normalise(self.network_pixels(train))
+        inputs = inputs.contiguous(memory_format=torch.channels_last)
         student = self._new_student().to(memory_format=torch.channels_last).train()
         if self.optimizer == "sgd":
             optimiser = torch.optim.SGD(student.parameters(), lr=self.learning_rate, momentum=self.momentum,
