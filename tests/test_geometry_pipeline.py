@@ -169,3 +169,32 @@ def test_recommended_geometries_reach_every_backbone_space_the_family_accepts():
     assert list(next(p for p in cutpaste.parameters if p.name == "geometry").choices) == [tile, squash]
     gaussian = load_space("gaussian")
     assert gaussian.with_geometries(proposed) == gaussian  # no backbone, no geometry
+
+
+BACKBONE_FAMILIES = ["patchcore", "padim", "fastflow", "stpm", "simplenet", "deep_svdd", "ocsvm", "cutpaste",
+                     "diffusion"]
+
+
+@pytest.mark.parametrize("family", BACKBONE_FAMILIES)
+def test_every_backbone_family_fits_and_scores_tiles_and_letterboxes(family):
+    """Tiles (square, at the family's input_size) and, where the family's network allows, a letterbox of another
+    aspect: fit, then maps at every image's full resolution."""
+    from automl_ad.detectors import detector_class
+
+    params = {**detector_class(family).test_params, "backbone": "resnet18", "pretrained": False, "weights": None}
+    params.update({"epochs": min(params.get("epochs", 1), 2)} if "epochs" in params else {})
+    if family == "ocsvm":
+        params["localization"] = "sliding"
+    side = int(params["input_size"])
+    rng = np.random.default_rng(2)
+    train = ImageSet.from_arrays([_texture(rng, (48, 3 * side)) for _ in range(4)])
+    test = ImageSet.from_arrays([_texture(rng, (48, 3 * side)) for _ in range(2)])
+    geometries = [Geometry("tile", side, side, scale=1.0, overlap=side // 4)]
+    if not detector_class(family).square_network_input:
+        geometries.append(Geometry("letterbox", side, 2 * side))
+    for geometry in geometries:
+        detector = create_detector(family, **params, geometry=geometry.to_dict()).fit(train)
+        scores = detector.score_samples(test)
+        assert scores.image_scores.shape == (2,) and np.isfinite(scores.image_scores).all(), geometry
+        if scores.anomaly_maps is not None:
+            assert scores.anomaly_maps.shape == (2, 48, 3 * side), geometry
