@@ -162,3 +162,5 @@ SEARCH_TRAINING_PASS_FACTOR = 3.0
 #: Metric of a search's run: the best validation quality of a complete full-fidelity trial so far (step = seconds
 #: into the search, time before a resume included); the live view, the leaderboard and a plot show it.
 SEARCH_BEST_QUALITY_METRIC = "best_quality"
+#: Seconds before a search's end by which every trial has ended (its limit and its hard kill), so that it is recorded.
+SEARCH_END_TAIL_S = 6.0

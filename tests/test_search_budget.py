@@ -11,8 +11,15 @@ import optuna
 import pytest
 
 from automl_ad.defaults import SEARCH_COST_MARGIN, SEARCH_TRAINING_SHARE
-from automl_ad.search.cost_predictor import (CostPredictor, FamilyTraits, Fidelity, TrialSizes, Work,
-                                             network_pixels, plan_trial)
+from automl_ad.search.cost_predictor import (
+    CostPredictor,
+    FamilyTraits,
+    Fidelity,
+    TrialSizes,
+    Work,
+    network_pixels,
+    plan_trial,
+)
 from automl_ad.search.engine import RAY_CLUSTER_MODE_ENV, Proposer, SearchRequest, family_scheduler, resource
 from automl_ad.search.space import load_space
 

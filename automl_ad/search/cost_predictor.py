@@ -235,8 +235,8 @@ def plan_trial(predictor: CostPredictor, sizes: TrialSizes, family: str, params:
     """The highest fidelity from ``first_rung`` down whose predicted seconds fit ``cap_s``.
 
     An iterative family that would not finish its epochs within the training share of the limit (and the time
-    left after scoring) trains fewer epochs (at least one) before a lower rung is tried. The limit is ``SEARCH_COST_MARGIN`` × the prediction plus
-    ``SEARCH_LIMIT_SLACK_S``, never above ``cap_s``.
+    left after scoring) trains fewer epochs (at least one) before a lower rung is tried. The limit is
+    ``SEARCH_COST_MARGIN`` × the prediction plus ``SEARCH_LIMIT_SLACK_S``, never above ``cap_s``.
     """
     iterative = predictor.traits.get(family, FamilyTraits("", False)).iterative
     full_epochs = int(params["epochs"]) if iterative and isinstance(params.get("epochs"), (int, float)) else None

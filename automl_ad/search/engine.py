@@ -12,8 +12,22 @@ How trials are proposed (define-by-run, :func:`_propose`):
 3. **Parameters.** Optuna's multi-objective TPE (grouped, so each family's conditional space is modelled on its own
    trials) samples the family's space from ``search_spaces/<family>.yaml``.
 
+Budget (:mod:`automl_ad.search.cost_predictor`): every proposal is planned before it starts. Its seconds are
+predicted from its work (training images × epochs × network pixels, validation images × pixels), the family's cost
+measured earlier in this search, else the cost model scaled by the machine speed measured so far. It runs at the
+highest fidelity that fits: all training images, else 1/3 or 1/9 of them (iterative families first train fewer
+epochs), with a limit of twice the prediction plus slack, capped by the remaining budget; what fits nowhere is
+recorded as skipped ("predicted too slow") and never started. Until a trial has completed, part of the budget is
+kept for the cheapest candidate; once something failed, the cheapest candidate (lowest fidelity) runs next. New
+configurations start at the highest fidelity at which the budget still affords ``SEARCH_CONFIGS_PER_BUDGET`` of
+them; a screening trial in the top third of its rung is run again one rung up (successive halving). Screening
+trials are recorded with status ``screened`` and stay off the Pareto front, unless none at full fidelity
+completed: then the best of them is the search's model (tag ``fallback_model``).
+
 Objectives: validation quality ↑, throughput ↑, peak memory while scoring ↓. Iterative families report quality
-every few epochs; an ASHA scheduler stops poor ones early (on quality alone). Each trial runs in its own process
+every few epochs; an ASHA scheduler per family stops poor ones early (on quality alone), with rungs at 1/27, 1/9
+and 1/3 of each trial's own schedule (``resource``: share of its full-fidelity training done), so a family is
+compared only with itself. Each trial runs in its own process
 (:mod:`automl_ad.search.trial`) with a time limit, so a crash, NaN, out-of-memory or timeout fails that trial only;
 an iterative family still training at ``SEARCH_TRAINING_SHARE`` of the limit stops and is evaluated as it is.
 
@@ -47,8 +61,8 @@ import numpy as np
 
 from automl_ad.defaults import (FEATURE_CACHE_ENV, SEARCH_ARTIFACT_CAP_MB, SEARCH_BEST_QUALITY_METRIC,
                                 SEARCH_CACHE_CAP_MB, SEARCH_CHECKPOINT_EVERY_S, SEARCH_CONFIGS_PER_BUDGET,
-                                SEARCH_FALLBACK_RESERVE, SEARCH_MAX_BUDGET_S, SEARCH_REDUCTION_FACTOR,
-                                SEARCH_REPORT_EVERY, default_cache_dir)
+                                SEARCH_END_TAIL_S, SEARCH_FALLBACK_RESERVE, SEARCH_MAX_BUDGET_S,
+                                SEARCH_REDUCTION_FACTOR, SEARCH_REPORT_EVERY, default_cache_dir)
 from automl_ad.errors import UsageError
 from automl_ad.evaluation.objectives import OBJECTIVE_METRICS, OBJECTIVE_MODES, pareto_ranks
 from automl_ad.search.cost_predictor import (CostPredictor, FamilyTraits, TrialPlan, TrialSizes, plan_trial,
@@ -160,7 +174,7 @@ class Proposer:
         """Seconds a trial may run: the remaining budget, less the fallback reserve until some trial completed (a
         share of the remaining budget, at least what the cheapest candidate is predicted to need), and at most the
         user's --trial-timeout."""
-        remaining = max(0.0, self.deadline - time.monotonic())
+        remaining = max(0.0, self.deadline - time.monotonic() - SEARCH_END_TAIL_S)
         cap = remaining
         if not complete:
             cheapest = min((self._cheapest(f).prediction.total_s for f in self.order), default=0.0)
@@ -197,6 +211,7 @@ class Proposer:
             params = {**params, "epochs": plan.fidelity.epochs}
         return {"family": family, "params": params, "default": default, "fidelity": plan.fidelity.to_dict(),
                 "timeout_s": plan.limit_s, "predicted_s": plan.prediction.total_s,
+                "search_ends_in_s": self.deadline - time.monotonic() - SEARCH_END_TAIL_S / 2,
                 "prediction_basis": plan.prediction.basis}
 
     def _is_cheapest(self, family: str) -> bool:
@@ -209,12 +224,15 @@ class Proposer:
 
     def _fallback(self, trial, earlier) -> dict:
         """Nothing has completed and something failed: the candidate predicted cheapest (family default, lowest
-        fidelity) that fits the remaining time runs next."""
+        fidelity) that fits the remaining time runs next; each failure of a family doubles its cost here, so a
+        family that fails for another reason than time does not take every turn."""
         plans = {f: self._cheapest(f) for f in self.order}
         fitting = [f for f in self.order if plans[f].skip is None]
         if not fitting:
             return self._give_up(trial, self.order[0], plans[self.order[0]].skip)
-        family = min(fitting, key=lambda f: plans[f].prediction.total_s)
+        failures = {f: sum(_failed(t) and t.user_attrs.get("family") == f and not t.user_attrs.get("interrupted")
+                           for t in earlier) for f in fitting}
+        family = min(fitting, key=lambda f: plans[f].prediction.total_s * 2 ** failures[f])
         return self._planned(trial, family, self._with_weights(dict(self.defaults[family])), True,
                              plans[family].fidelity.rung)
 
@@ -323,6 +341,8 @@ def run_trial_process(config: dict, work_dir: str, data_file: str, metric: str, 
 
     # iterative families check the limit every epoch; this hard limit also covers one long, non-iterative fit
     hard_limit_s = timeout_s * 1.2 + 60
+    if config.get("search_ends_in_s") is not None:  # killed, and recorded, before the search ends
+        hard_limit_s = max(1.0, min(hard_limit_s, float(config["search_ends_in_s"])))
     hard_limit = threading.Timer(hard_limit_s, kill_after_limit)
     hard_limit.start()
     final = None

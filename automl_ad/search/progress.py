@@ -143,8 +143,10 @@ class SearchCallback(Callback):
                 tags[{"predicted_s": "predicted_seconds", "timeout_s": "time_limit_s"}[key]] = f"{record[key]:.1f}"
         if record.get("prediction_basis"):
             tags["prediction_basis"] = record["prediction_basis"]
-        for key, value in tags.items():
-            self.tracker.client.set_tag(run_id, key, value)
+        if tags:
+            from mlflow.entities import RunTag
+
+            self.tracker.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
 
     def _record(self, trial, status: str, result: dict) -> dict:
         config = trial.config
