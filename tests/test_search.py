@@ -135,3 +135,13 @@ def test_iterative_trial_out_of_training_time_is_evaluated_not_failed(tmp_path, 
     assert result["training_cut_by_time"] is True
     assert 1 <= result["epochs_trained"] < 100_000
     assert np.isfinite(result["quality"])
+
+
+def test_gpu_search_space_has_no_int8():
+    from automl_ad.search.space import load_space
+
+    cpu = load_space("patchcore")
+    assert "int8" in next(p.choices for p in cpu.parameters if p.name == "precision")
+    gpu = cpu.for_gpu()
+    assert next(p.choices for p in gpu.parameters if p.name == "precision") == ("fp32",)
+    assert [p.name for p in gpu.parameters] == [p.name for p in cpu.parameters]

@@ -69,6 +69,13 @@ class SearchSpace:
             params.append(p)
         return SearchSpace(self.family, tuple(params), self.source)
 
+    def for_gpu(self) -> SearchSpace:
+        """The space a GPU trial can run: without ``precision: int8`` (ONNX Runtime on CPU only; fit refuses it)."""
+        params = tuple(p if p.name != "precision" else
+                       Parameter(p.name, p.type, choices=tuple(c for c in p.choices if c != "int8") or ("fp32",),
+                                 when=p.when) for p in self.parameters)
+        return SearchSpace(self.family, params, self.source)
+
     def with_geometries(self, geometries: list[dict] | None) -> SearchSpace:
         """The space with a ``geometry`` categorical over ``geometries`` (dicts as ``Geometry.to_dict``, in the
         given order, duplicates dropped) sampled first, replacing any ``geometry`` the space had. Only geometries
