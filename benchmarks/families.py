@@ -238,13 +238,15 @@ def write_report(rows: list[dict], anchor: dict, out: Path) -> None:
             ratio = lambda ours, theirs: ("n/a" if ours is None else  # noqa: E731
                                           f"{ours:.1f} / {float(theirs):.1f} ({ours / float(theirs):.2f}x)")
             lines.append(
-                f"| {r['family']}{' (' + r['note'] + ')' if r.get('note') else ''} | {r['dataset']} | {_fmt(r['image_auroc'])} / {_fmt(a['image_AUROC'])} | "
+                f"| {r['family']}{' (' + r['note'] + ')' if r.get('note') else ''} | {r['dataset']} | "
+                f"{_fmt(r['image_auroc'])} / {_fmt(a['image_AUROC'])} | "
                 f"{_fmt(r['aupro'])} / {_fmt(a['pixel_AUPRO'])} | "
                 f"{ratio(r['latency_ms_p50'], a['lat_b1_e2e_ms_median'])} | {ratio(r['fit_seconds'], a['fit_s'])} | "
                 f"{ratio(r['peak_rss_mb_fit'], a['peak_rss_fit_mb'])} | {a['source']} |")
     speedup = next((r for r in rows if r.get("note") == "cache speed-up" and "first_fit_s" in r), None)
     if speedup:
-        lines += ["", f"Feature cache: a first PatchCore fit on bottle (coreset 0.01) took {speedup['first_fit_s']:.1f} s; "
+        lines += ["", "Feature cache: a first PatchCore fit on bottle (coreset 0.01) took "
+                  f"{speedup['first_fit_s']:.1f} s; "
                   f"a second fit with coreset 0.02 reused the cached features and took {speedup['second_fit_s']:.1f} s "
                   f"({speedup['first_fit_s'] / speedup['second_fit_s']:.1f}x faster, although it selects twice as "
                   "many coreset points)."]

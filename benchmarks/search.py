@@ -78,8 +78,8 @@ def main() -> None:
              "|---|---|---|---|---|---|---|---|"]
     for r in ok:
         lines.append(f"| {r['family']} | {r['quality']:.3f} | {r['real_quality']:.3f} | {r.get('throughput', 0):.1f} | "
-                     f"{r.get('memory_mb', 0):.0f} | {r.get('latency_ms_p50', 0):.1f} | {r.get('fit_seconds', 0):.1f} | "
-                     f"{r.get('pareto_rank')} |")
+                     f"{r.get('memory_mb', 0):.0f} | {r.get('latency_ms_p50', 0):.1f} | "
+                     f"{r.get('fit_seconds', 0):.1f} | {r.get('pareto_rank')} |")
     best = {}
     for r in ok:
         if r["family"] not in best or r["quality"] > best[r["family"]]["quality"]:

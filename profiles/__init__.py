@@ -1,1 +1,4 @@
-"""Example constraint profiles shipped with automl-ad (package data ``automl_ad.profiles``); ``--profile NAME`` finds them."""
+"""Example constraint profiles shipped with automl-ad (package data ``automl_ad.profiles``).
+
+``--profile NAME`` finds them.
+"""

@@ -99,7 +99,8 @@ def test_good_sample_has_no_mask():
 
 def test_objects_aligned_textures_not(demo_root):
     def mean_ncc(category):
-        images = [np.asarray(Image.open(p).convert("L"), float) for p in (demo_root / category / "train" / "good").glob("*.png")]
+        train_good = demo_root / category / "train" / "good"
+        images = [np.asarray(Image.open(p).convert("L"), float) for p in train_good.glob("*.png")]
         return np.mean([_ncc(a, b) for a, b in itertools.combinations(images, 2)])
 
     assert mean_ncc("object") > 0.8

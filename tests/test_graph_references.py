@@ -126,7 +126,7 @@ def test_fastflow_is_one_minus_the_mean_stage_likelihood(images):
     model = detector.model_
     likelihoods = []
     for feature, norm, flow in zip(detector._features(test), model["norms"], model["flows"]):
-        z = run(lambda f: flow(norm(f))[0], feature)[0]
+        z = run(lambda f, flow=flow, norm=norm: flow(norm(f))[0], feature)[0]
         likelihoods.append(bilinear(np.exp(-0.5 * (z ** 2).mean(axis=1)), (SIZE, SIZE)))
     maps = blur(1 - np.mean(likelihoods, axis=0), 1.0)
     assert_scores(detector, test, maps.max(axis=(1, 2)), maps)

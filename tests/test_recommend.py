@@ -36,8 +36,8 @@ def make_profile(kind="object", n_normal=200, aligned=True, periodic=False, n_ab
         counts=Counts(n_normal, 10, 0, {"crack": n_abnormal} if n_abnormal else {}, 0 if defects is None else 50, 0),
         size=SizeStats(width, width, width, height, height, height, 1, width / height, width / height, width / height),
         color=ColorStats("color", 0, n_normal, 0, [8]),
-        structure=StructureStats(kind, 0.95, 0.8 if aligned and kind == "object" else 0.03, 0.05, 0.4 if periodic else 0.05,
-                                 periodic),
+        structure=StructureStats(kind, 0.95, 0.8 if aligned and kind == "object" else 0.03, 0.05,
+                                 0.4 if periodic else 0.05, periodic),
         alignment=AlignmentStats(0.9 if aligned else 0.1, 0.9 if aligned else 0.1, 0.9 if aligned else 0.1, 0.0,
                                  aligned, aligned),
         defects=defects, sample_images=n_normal, sample_resolution=128, sample_hw=(128, 128), profiling_seconds=0.1)
@@ -115,7 +115,8 @@ def test_tight_cpu_budget_puts_light_routes_ahead_of_diffusion_and_flows():
 
 def test_gpu_high_accuracy_many_normals_puts_distribution_memory_bank_diffusion_on_top():
     constraints = load_constraints(PROFILES / "offline-high-accuracy.yaml")
-    for profile in (make_profile(kind="object", n_normal=400), make_profile(kind="texture", aligned=False, n_normal=400)):
+    for profile in (make_profile(kind="object", n_normal=400),
+                    make_profile(kind="texture", aligned=False, n_normal=400)):
         rec = recommend(profile, constraints)
         top3 = {c.route for c in rec.candidates[:3]}
         assert top3 == {"distribution_map", "memory_bank", "diffusion"}
@@ -147,7 +148,8 @@ def test_constraint_profile_can_override_detected_facts():
 def test_rules_are_documented_data():
     for rule in load_rules()["rules"]:
         assert rule["id"] and rule["reason"] and rule["evidence"]
-        assert rule["effect"] == "exclude" or {"adjust"} <= set(rule["effect"]) or {"scale", "per_point"} <= set(rule["effect"])
+        effect = rule["effect"]
+        assert effect == "exclude" or {"adjust"} <= set(effect) or {"scale", "per_point"} <= set(effect)
 
 
 def test_recommendation_round_trips_to_json(tmp_path):

@@ -30,7 +30,8 @@ TRACEBACK = ("Traceback (most recent call last):\n"
 def test_last_python_error_is_the_final_exception_line():
     assert last_python_error(f"{WARNING}\n{TRACEBACK}{WARNING}\n") == "ValueError: input_size must be positive"
     assert last_python_error(f"{WARNING}\nFatal Python error: Segmentation fault\n\nCurrent thread 0x1 (most "
-                             "recent call first):\n  File \"x.py\", line 1\n") == "Fatal Python error: Segmentation fault"
+                             "recent call first):\n  File \"x.py\", line 1\n") \
+        == "Fatal Python error: Segmentation fault"
     assert last_python_error(f"{WARNING}\n") is None
 
 

@@ -133,7 +133,8 @@ def constraints_from_dict(data: dict, where: str = "constraint profile") -> Cons
     """Validate a mapping (as read from YAML) and build a :class:`ConstraintProfile`."""
 
     if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping of keys (name, latency_ms, hardware, ...), got {type(data).__name__}")
+        raise ConfigError(f"{where}: expected a mapping of keys (name, latency_ms, hardware, ...), "
+                          f"got {type(data).__name__}")
     _check_keys("the profile", data, _TOP_KEYS, where)
     defaults = ConstraintProfile()
 

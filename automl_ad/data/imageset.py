@@ -105,7 +105,8 @@ class ImageSet:
                     digest.update(np.ascontiguousarray(a).tobytes())
             else:
                 for i, path in enumerate(self.paths):
-                    content = self.content_hashes[i] if self.content_hashes else hashlib.sha256(path.read_bytes()).hexdigest()
+                    content = (self.content_hashes[i] if self.content_hashes
+                               else hashlib.sha256(path.read_bytes()).hexdigest())
                     digest.update(content.encode())
             self._fingerprint = digest.hexdigest()[:20]
         return self._fingerprint

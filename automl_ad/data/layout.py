@@ -122,7 +122,8 @@ def _mask_index(mask_root: Path, ignored: list[Path]) -> dict[tuple[str, str], P
     return index
 
 
-def _attach_masks(records: list[ImageRecord], masks: dict[tuple[str, str], Path]) -> tuple[list[ImageRecord], list[Path]]:
+def _attach_masks(
+        records: list[ImageRecord], masks: dict[tuple[str, str], Path]) -> tuple[list[ImageRecord], list[Path]]:
     used: set[Path] = set()
     attached = []
     for record in records:

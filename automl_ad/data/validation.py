@@ -137,7 +137,8 @@ def _check_mask(mask_path: Path, image: ImageInfo) -> MaskCheck:
     if mask.shape != (image.height, image.width):
         return MaskCheck(Problem(
             mask_path, f"mask is {mask.shape[1]}x{mask.shape[0]} but its image is {image.width}x{image.height}; "
-            "the image is kept without a mask", "Resize the mask with nearest-neighbour interpolation to the image size"))
+            "the image is kept without a mask",
+            "Resize the mask with nearest-neighbour interpolation to the image size"))
     values = np.unique(mask)
     if len(values) > 2 or (len(values) == 2 and values[0] != 0):
         return MaskCheck(Problem(
@@ -152,7 +153,8 @@ def _check_mask(mask_path: Path, image: ImageInfo) -> MaskCheck:
     return MaskCheck(empty, float(binary.mean()), regions)
 
 
-def _drop_duplicates(records: list[ImageRecord], infos: dict[Path, ImageInfo]) -> tuple[list[ImageRecord], list[Problem]]:
+def _drop_duplicates(
+        records: list[ImageRecord], infos: dict[Path, ImageInfo]) -> tuple[list[ImageRecord], list[Problem]]:
     """Identical files in different splits or with different labels leak or contradict: keep one, report the rest."""
     groups: dict[str, list[ImageRecord]] = defaultdict(list)
     for record in records:

@@ -17,7 +17,8 @@ def pareto_ranks(values: np.ndarray, directions: list[str] = OBJECTIVE_MODES) ->
     if n == 0:
         return np.zeros(0, int)
     # dominated_by[i, j]: j is at least as good as i everywhere and better somewhere
-    dominated_by = (signed[None, :, :] >= signed[:, None, :]).all(-1) & (signed[None, :, :] > signed[:, None, :]).any(-1)
+    dominated_by = ((signed[None, :, :] >= signed[:, None, :]).all(-1)
+                    & (signed[None, :, :] > signed[:, None, :]).any(-1))
     ranks = np.full(n, -1)
     remaining = np.ones(n, bool)
     rank = 0

@@ -124,7 +124,8 @@ def resolve_weights(backbone: str, weights: str | None, pretrained: bool,
     create_kwargs = dict(create_kwargs or {})
     cfg = timm.models.get_pretrained_cfg(backbone)
     cfg = cfg.to_dict() if cfg is not None else {}
-    default_mean, default_std = tuple(cfg.get("mean", (0.485, 0.456, 0.406))), tuple(cfg.get("std", (0.229, 0.224, 0.225)))
+    default_mean = tuple(cfg.get("mean", (0.485, 0.456, 0.406)))
+    default_std = tuple(cfg.get("std", (0.229, 0.224, 0.225)))
     if weights is not None:
         return _file_source(Path(weights).expanduser(), backbone, mean or default_mean, std or default_std,
                             create_kwargs, explicit_norm=(mean, std))

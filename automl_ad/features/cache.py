@@ -60,7 +60,7 @@ class FeatureCache:
             with safe_open(str(path), framework="numpy") as handle:
                 meta = json.loads((handle.metadata() or {}).get("meta", "{}"))
                 arrays = [handle.get_tensor(f"level{i}") for i in range(len(handle.keys()))]
-        except Exception as exc:  # a damaged entry is recomputed, never trusted
+        except Exception as exc:  # noqa: BLE001 - a damaged entry is recomputed, never trusted
             log.warning("feature cache entry %s is unreadable (%s); recomputing", path, exc)
             self.misses += 1
             return None

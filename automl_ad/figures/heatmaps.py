@@ -37,7 +37,8 @@ def save_overlays(out_dir: str | Path, images, maps: np.ndarray, labels: np.ndar
     normal_maps = maps[labels == 0] if (labels == 0).any() else maps
     vmin, vmax = float(np.percentile(normal_maps, 1)), float(np.percentile(maps, 99.9))
     order = np.argsort(-scores)
-    chosen = [i for i in order if labels[i] == 1][: count - count // 3] + [i for i in order if labels[i] == 0][: count // 3]
+    chosen = ([i for i in order if labels[i] == 1][: count - count // 3]
+              + [i for i in order if labels[i] == 0][: count // 3])
     paths = []
     for i in chosen:
         picture = overlay(images[i], maps[i], vmin, vmax, None if masks is None else masks[i])

@@ -80,10 +80,10 @@ class TrialRecord:
 
     def row(self) -> dict:
         """A flat dictionary for tables and JSON output."""
-        return {"run_id": self.run_id, "search_id": self.search_id, "trial": self.trial, "family": self.family, "route": self.route,
-                "status": self.status, "default_config": self.default_config, "pareto_rank": self.pareto_rank,
-                "failure_reason": self.failure_reason, "error": self.error, "node": self.node,
-                "params": self.params, **self.metrics}
+        return {"run_id": self.run_id, "search_id": self.search_id, "trial": self.trial, "family": self.family,
+                "route": self.route, "status": self.status, "default_config": self.default_config,
+                "pareto_rank": self.pareto_rank, "failure_reason": self.failure_reason, "error": self.error,
+                "node": self.node, "params": self.params, **self.metrics}
 
 
 def _value(text: str):

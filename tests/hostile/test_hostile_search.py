@@ -144,7 +144,7 @@ def test_processes_creating_one_new_store_at_once_all_succeed(tmp_path):
         assert proc.stdout.readline().strip() == "ready"
     go.touch()  # all start creating the store at the same moment
     outputs = [proc.communicate(timeout=300) for proc in procs]
-    for proc, (out, err) in zip(procs, outputs):
+    for proc, (_out, err) in zip(procs, outputs):
         assert proc.returncode == 0, err[-2000:]
         assert "alembic" not in err and "Traceback" not in err
     tracker = Tracker(uri)
@@ -269,7 +269,7 @@ def _kill_session(proc: subprocess.Popen) -> None:
         pass
     proc.wait()
     deadline = time.monotonic() + 30
-    while (members := _session_members(proc.pid)) and time.monotonic() < deadline:
+    while _session_members(proc.pid) and time.monotonic() < deadline:
         time.sleep(0.5)
     for pid in _session_members(proc.pid):
         try:

@@ -109,7 +109,7 @@ def robust_pca(matrix: np.ndarray, lam: float, tol: float, max_iter: int) -> tup
     dual = matrix / max(norm_two, np.abs(matrix).max() / lam)
     mu = 1.25 / norm_two
     mu_max = mu * _MU_GROWTH_LIMIT
-    for iteration in range(1, max_iter + 1):
+    for iteration in range(1, max_iter + 1):  # noqa: B007 - its last value is the iteration count returned
         shifted = matrix - low_rank + dual / mu
         sparse = np.sign(shifted) * np.maximum(np.abs(shifted) - lam / mu, 0)
         u, sigma, vt = np.linalg.svd(matrix - sparse + dual / mu, full_matrices=False)
