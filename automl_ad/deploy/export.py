@@ -115,8 +115,8 @@ def export_run(store: SearchStore, run_id: str, out: str | Path, far: float = DE
                                             test.image_scores))
         cost = {k: trial.metrics.get(k) for k in ("latency_ms_p50", "latency_ms_p95", "throughput_ips",
                                                    "peak_rss_mb_score", "peak_rss_mb_fit", "fit_seconds", "model_mb")}
-        training = {"dataset": search.data, "fingerprint": search.fingerprint, "n_train": len(split.train), "run_id": run_id,
-                    "search_run_id": search.run_id, "tracking_uri": store.uri}
+        training = {"dataset": search.data, "fingerprint": search.fingerprint, "n_train": len(split.train),
+                    "run_id": run_id, "search_run_id": search.run_id, "tracking_uri": store.uri}
         path = export_package(detector, out, calibration.thresholds, metrics, cost, training, overwrite=overwrite,
                               parity_images=parity_images(split.validation_for(detector.trains_on_anomalies)),
                               protected=protected,

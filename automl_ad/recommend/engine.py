@@ -295,8 +295,8 @@ def recommend(profile: DatasetProfile, constraints: ConstraintProfile, top: int 
             confidence=round(confidence, 2), basis=basis, excluded=excluded, shortlisted=False,
             reasons_for=pros + [a.reason for a in adjustments if a.points > 0],
             reasons_against=cons + [a.reason for a in adjustments if a.effect == "exclude" or a.points < 0],
-            adjustments=adjustments, families=[f for f in route.families if f in searchable], backbone=estimate.backbone,
-            resolution=estimate.resolution, estimated_latency_ms=estimate.latency_ms))
+            adjustments=adjustments, families=[f for f in route.families if f in searchable],
+            backbone=estimate.backbone, resolution=estimate.resolution, estimated_latency_ms=estimate.latency_ms))
     order = list(knowledge.routes)
     candidates.sort(key=lambda c: (c.excluded, -c.score, order.index(c.route)))
     shortlist = [c.route for c in candidates if not c.excluded and c.families][:top]
