@@ -7,11 +7,11 @@ import shutil
 import numpy as np
 import pytest
 import tifffile
-from PIL import Image
 from conftest import BOTTLE, needs, noise_image, square_mask, write_image
+from PIL import Image
 
 from automl_ad.data import load_datasets, open_dataset
-from automl_ad.data.io import ImageReadError, inspect_image, load_image, read_image
+from automl_ad.data.io import inspect_image, load_image, read_image
 from automl_ad.errors import InvalidDatasetError
 
 

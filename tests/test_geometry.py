@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from automl_ad.data.geometry import (Geometry, axis_origins, feature_cells, resize_target, stitch, tile_grid,
-                                     to_tiles)
+from automl_ad.data.geometry import Geometry, axis_origins, feature_cells, resize_target, stitch, tile_grid, to_tiles
 from automl_ad.errors import ConfigError
 
 

@@ -9,8 +9,8 @@ import pytest
 from automl_ad.data.synthetic import KINDS, make_anomaly
 from automl_ad.detectors import create_detector, list_detectors
 from automl_ad.errors import ConfigError
-from automl_ad.search.space import load_space
 from automl_ad.evaluation.objectives import pareto_ranks
+from automl_ad.search.space import load_space
 
 
 @pytest.mark.parametrize("family", list_detectors())

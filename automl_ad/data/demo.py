@@ -23,10 +23,11 @@ import operator
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
-from typing import Callable, Iterable, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -258,7 +259,7 @@ def _to_uint8(image: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- texture
 
 
-@lru_cache(maxsize=None)
+@cache
 def _texture_array(name: str) -> np.ndarray:
     texture = getattr(skdata, name)().astype(np.float64) / 255.0
     texture.setflags(write=False)
@@ -380,7 +381,7 @@ def _box_distance(u: np.ndarray, v: np.ndarray, half: np.ndarray) -> np.ndarray:
     return np.hypot(np.maximum(qu, 0), np.maximum(qv, 0)) + np.minimum(np.maximum(qu, qv), 0)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _marking_canvas(size: int) -> np.ndarray:
     """Ink map of the laser marking (a data-matrix-like code and a part number), blurred for ``size``."""
     canvas = np.zeros((_MARK_RES, _MARK_RES))

@@ -15,8 +15,14 @@ from automl_ad.data.split import SearchSplit
 from automl_ad.defaults import STATE_DIR
 from automl_ad.deploy.package import check_package_target, export_package, verify_package
 from automl_ad.deploy.serving import log_package
-from automl_ad.deploy.thresholds import (DEFAULT_FALSE_ALARM_RATE, calibrate_image_threshold,
-                                         calibrate_pixel_threshold, f1_optimal_threshold, operating_points, rates_at)
+from automl_ad.deploy.thresholds import (
+    DEFAULT_FALSE_ALARM_RATE,
+    calibrate_image_threshold,
+    calibrate_pixel_threshold,
+    f1_optimal_threshold,
+    operating_points,
+    rates_at,
+)
 from automl_ad.detectors import Detector
 from automl_ad.errors import UsageError
 from automl_ad.evaluation.metrics import evaluate

@@ -32,7 +32,6 @@ from pathlib import Path
 
 import numpy as np
 
-from automl_ad.version import __version__
 from automl_ad.data.geometry import Geometry
 from automl_ad.data.imageset import ImageSet
 from automl_ad.defaults import PACKAGE_KEY_ENV, PRECISIONS
@@ -40,6 +39,7 @@ from automl_ad.deploy.onnx_export import export_onnx
 from automl_ad.detectors import Detector, list_detectors
 from automl_ad.errors import AutomlAdError, ConfigError
 from automl_ad.folders import check_output_folder, write_output_folder
+from automl_ad.version import __version__
 
 FORMAT_VERSION = 2
 PACKAGE_KIND = "automl-ad-package"
@@ -266,7 +266,7 @@ def load_package(path: str | Path) -> Package:
         detector = Detector.load(path, params_file=DETECTOR_FILE, tensors_file=WEIGHTS_FILE, overrides=overrides)
     except AutomlAdError:
         raise
-    except Exception as exc:  # noqa: BLE001 - a verified but unreadable package is still a package problem
+    except Exception as exc:
         raise PackageError(f"{path}: the package could not be loaded ({type(exc).__name__}: {exc})") from exc
     return Package(path, manifest, detector)
 

@@ -34,8 +34,8 @@ def predict_files(package, inputs: list[str], out: str | Path, threshold: float 
     summary with its reason and skipped, and the rest are still scored and summarised."""
     from PIL import Image
 
-    from automl_ad.progress import track
     from automl_ad.figures.heatmaps import overlay
+    from automl_ad.progress import track
 
     out = Path(out)
     if out.exists() and not out.is_dir():

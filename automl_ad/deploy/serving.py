@@ -24,8 +24,13 @@ import numpy as np
 import pandas as pd
 
 from automl_ad.data.io import ImageReadError, ImageTooLargeError, decode_image_bytes, max_image_pixels, to_float
-from automl_ad.defaults import (SERVE_MAX_ITEM_CHARS, SERVE_MAX_ITEMS, SERVE_MAX_REQUEST_CHARS,
-                                SERVE_MAX_REQUEST_PIXELS, SERVE_PATHS_ROOT_ENV)
+from automl_ad.defaults import (
+    SERVE_MAX_ITEM_CHARS,
+    SERVE_MAX_ITEMS,
+    SERVE_MAX_REQUEST_CHARS,
+    SERVE_MAX_REQUEST_PIXELS,
+    SERVE_PATHS_ROOT_ENV,
+)
 from automl_ad.deploy.package import Package, load_package
 from automl_ad.errors import ConfigError
 from automl_ad.tracking.store import Tracker

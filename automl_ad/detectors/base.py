@@ -38,12 +38,12 @@ import numpy as np
 from sklearn.base import BaseEstimator
 from sklearn.exceptions import NotFittedError as SklearnNotFittedError
 
-from automl_ad.version import __version__
 from automl_ad.data.geometry import Geometry, stitch
 from automl_ad.data.imageset import ImageSet
 from automl_ad.data.io import resize_image
 from automl_ad.detectors.parameters import check_parameters
 from automl_ad.errors import AutomlAdError, InvalidParameterError
+from automl_ad.version import __version__
 
 if TYPE_CHECKING:
     import torch

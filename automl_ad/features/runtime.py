@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import logging
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ def cpu_runner(module, example, backend: str = "auto") -> Runner:
     if backend != "torchscript":
         try:
             return _onnx_runner(module, examples)
-        except Exception as exc:  # noqa: BLE001 - any export/runtime failure falls back to TorchScript
+        except Exception as exc:
             if backend == "onnxruntime":
                 raise
             log.info("ONNX Runtime unavailable for %s (%s); using frozen TorchScript", type(module).__name__, exc)

@@ -56,7 +56,7 @@ _FACT_KEYS = ({"value", "basis", "source"}, {"derived"})
 _METRICS = ("image_auroc", "pixel_auroc", "aupro", "pixel_ap")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_knowledge(data_dir: str | os.PathLike[str] | None = None) -> KnowledgeBase:
     """Load the packaged knowledge (or the files in ``data_dir``), validated; cached per argument.
 

@@ -15,18 +15,25 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-
-from automl_ad.version import __version__
 from scipy import ndimage
 
 from automl_ad.data.dataset import Dataset
 from automl_ad.data.geometry import Geometry, feature_cells
 from automl_ad.data.io import ImageReadError, load_image, read_mask
-from automl_ad.defaults import (GEOMETRY_BASE_SIDE, GEOMETRY_FEATURE_STRIDE, IO_WORKERS, PROFILE_MAX_ASPECT,
-                                PROFILE_RESOLUTION, PROFILE_SAMPLE_IMAGES, PROFILE_SAMPLE_MASKS, PROFILE_SAMPLE_PIXELS,
-                                SMALLEST_DEFECT_FRACTION)
+from automl_ad.defaults import (
+    GEOMETRY_BASE_SIDE,
+    GEOMETRY_FEATURE_STRIDE,
+    IO_WORKERS,
+    PROFILE_MAX_ASPECT,
+    PROFILE_RESOLUTION,
+    PROFILE_SAMPLE_IMAGES,
+    PROFILE_SAMPLE_MASKS,
+    PROFILE_SAMPLE_PIXELS,
+    SMALLEST_DEFECT_FRACTION,
+)
 from automl_ad.errors import ConfigError
 from automl_ad.profiling.structure import AlignmentStats, StructureStats, alignment_stats, structure_stats
+from automl_ad.version import __version__
 
 SCHEMA_VERSION = 2
 

@@ -3,10 +3,9 @@ the input geometry and the backbones that have weights on this machine."""
 
 from __future__ import annotations
 
-from collections.abc import Collection
-
 import dataclasses
 import json
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources

@@ -36,8 +36,14 @@ from dataclasses import dataclass
 
 from automl_ad.constraints import ConstraintProfile
 from automl_ad.data.geometry import Geometry, feature_cells, tile_grid
-from automl_ad.defaults import (GEOMETRY_BASE_SIDE, GEOMETRY_FEATURE_STRIDE, GEOMETRY_MAX_SINGLE_SIDE,
-                                GEOMETRY_MIN_DEFECT_CELLS, GEOMETRY_SQUASH_MAX_ASPECT, GEOMETRY_TILE_SIDES)
+from automl_ad.defaults import (
+    GEOMETRY_BASE_SIDE,
+    GEOMETRY_FEATURE_STRIDE,
+    GEOMETRY_MAX_SINGLE_SIDE,
+    GEOMETRY_MIN_DEFECT_CELLS,
+    GEOMETRY_SQUASH_MAX_ASPECT,
+    GEOMETRY_TILE_SIDES,
+)
 from automl_ad.profiling import DatasetProfile
 from automl_ad.recommend.cost import cost_model, heaviest_head_factor, latency_target_ms, pixels_ms
 

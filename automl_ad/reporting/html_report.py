@@ -795,7 +795,7 @@ def render(facts: SearchFacts, ev: Evaluation, tracking_uri: str) -> str:
     for key, title in SECTIONS:
         try:
             body = builders[key]()
-        except Exception as exc:  # noqa: BLE001 - one broken section must not lose the whole report
+        except Exception as exc:
             log.warning("report section %s failed", key, exc_info=True)
             body = _note(f"This section could not be built: {type(exc).__name__}: {exc}")
         sections.append(f'<section id="{key}"><h2>{_e(title)}</h2>{body}</section>')
@@ -821,7 +821,7 @@ def write_report(target: str | None, out: str | Path, tracking_uri: str | None =
     facts = gather(store, search)
     try:
         ev = evaluate_best(store, facts, max_images, far, say)
-    except Exception as exc:  # noqa: BLE001 - the search's own sections still make a useful report
+    except Exception as exc:
         log.warning("scoring the best model failed", exc_info=True)
         ev = Evaluation(f"Scoring the best front model on the test images failed: {type(exc).__name__}: {exc}")
     out = Path(out)

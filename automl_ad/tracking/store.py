@@ -99,7 +99,7 @@ def _retry(fn, *args, attempts: int = 6, **kwargs):
     for attempt in range(attempts):
         try:
             return fn(*args, **kwargs)
-        except Exception as exc:  # noqa: BLE001 - SQLite "database is locked" under concurrent searches
+        except Exception as exc:
             if "locked" not in str(exc).lower() or attempt == attempts - 1:
                 raise
             time.sleep(0.2 * 2 ** attempt)
@@ -149,7 +149,7 @@ class Tracker:
             location = (Path(self.uri[len("sqlite:///"):]).parent / "mlartifacts" / name.replace("/", "_")).as_uri()
         try:
             return _retry(self.client.create_experiment, name, artifact_location=location)
-        except Exception:  # noqa: BLE001 - created meanwhile by a concurrent search
+        except Exception:
             found = self.client.get_experiment_by_name(name)
             if found is None:
                 raise

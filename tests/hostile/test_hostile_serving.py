@@ -35,10 +35,10 @@ from automl_ad.data.imageset import ImageSet
 from automl_ad.data.io import decode_image_bytes, to_float
 from automl_ad.defaults import SERVE_PATHS_ROOT_ENV
 from automl_ad.deploy.package import export_package
+from automl_ad.deploy.serving import RequestScorer, ServingLimits, log_package, scorer_for
 from automl_ad.deploy.thresholds import calibrate_image_threshold
 from automl_ad.detectors import create_detector
 from automl_ad.errors import ConfigError
-from automl_ad.deploy.serving import RequestScorer, ServingLimits, log_package, scorer_for
 
 OUTSIDE_ROOT = "not valid base64, and not a path inside the folder this server reads images from"
 NO_SERVER_FILES = "this server does not read server-side files"
