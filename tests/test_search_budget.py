@@ -227,3 +227,13 @@ def test_a_search_on_an_impossible_budget_still_ends_with_a_model(tmp_path, monk
     started = [r for r in runs if r.data.tags.get("failure_reason") != "predicted too slow"]
     assert all("fidelity" in r.data.tags and "time_limit_s" in r.data.tags for r in started)
     assert "best_quality.png" in {a.path for a in Tracker(uri).client.list_artifacts(result.parent_run_id)}
+
+
+def test_leaderboard_states_the_best_so_far():
+    from rich.console import Console
+
+    from automl_ad.cli import _print_leaderboard
+
+    console = Console(record=True, width=200)
+    _print_leaderboard(console, [], [(4.0, 0.7), (12.0, 0.81234)])
+    assert "best so far: 0.812 at 12 s" in console.export_text()
