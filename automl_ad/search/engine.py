@@ -59,19 +59,29 @@ from pathlib import Path
 
 import numpy as np
 
-from automl_ad.defaults import (FEATURE_CACHE_ENV, SEARCH_ARTIFACT_CAP_MB, SEARCH_BEST_QUALITY_METRIC,
-                                SEARCH_CACHE_CAP_MB, SEARCH_CHECKPOINT_EVERY_S, SEARCH_CONFIGS_PER_BUDGET,
-                                SEARCH_END_TAIL_S, SEARCH_FALLBACK_RESERVE, SEARCH_MAX_BUDGET_S,
-                                SEARCH_REDUCTION_FACTOR, SEARCH_REPORT_EVERY, default_cache_dir)
+from automl_ad.defaults import (
+    FEATURE_CACHE_ENV,
+    SEARCH_ARTIFACT_CAP_MB,
+    SEARCH_BEST_QUALITY_METRIC,
+    SEARCH_CACHE_CAP_MB,
+    SEARCH_CHECKPOINT_EVERY_S,
+    SEARCH_CONFIGS_PER_BUDGET,
+    SEARCH_END_TAIL_S,
+    SEARCH_FALLBACK_RESERVE,
+    SEARCH_MAX_BUDGET_S,
+    SEARCH_REDUCTION_FACTOR,
+    SEARCH_REPORT_EVERY,
+    default_cache_dir,
+)
 from automl_ad.errors import UsageError
 from automl_ad.evaluation.objectives import OBJECTIVE_METRICS, OBJECTIVE_MODES, pareto_ranks
-from automl_ad.search.cost_predictor import (CostPredictor, FamilyTraits, TrialPlan, TrialSizes, plan_trial,
-                                             rungs)
+from automl_ad.search.cost_predictor import CostPredictor, FamilyTraits, TrialPlan, TrialSizes, plan_trial, rungs
 from automl_ad.search.trial import NODE_FILE, unreported_failure
 from automl_ad.tracking.lock import FileLock, describe_holder
 from automl_ad.tracking.records import SPLIT_ARTIFACT, SearchStore
 from automl_ad.tracking.store import INTERRUPTED, Tracker, default_tracking_uri, writer_lock_path
 from automl_ad.workspace import experiment_name, work_dir_for
+
 ALLOCATION_TEMPERATURE = 0.05
 
 

@@ -73,8 +73,8 @@ def plan_search(data: str | None, category: str | None = None, profile: str | No
         raise UsageError("no family left to search (see the notes above)")
     return SearchRequest(data=str(data), category=category, families=families, priors=priors, routes=routes,
                          backbones=backbones, backbone_weights=backbone_weights,
-                         preferred_backbone=next((c["backbone"] for c in recommendation["candidates"] if c.get("backbone")),
-                                                None),
+                         preferred_backbone=next((c["backbone"] for c in recommendation["candidates"]
+                                                  if c.get("backbone")), None),
                          profile_file=entry["profile"] if entry else None,
                          recommendation_file=entry["recommendation"] if entry else None, **options)
 
