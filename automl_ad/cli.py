@@ -24,11 +24,19 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from automl_ad.version import __version__
-from automl_ad.defaults import (DEFAULT_FALSE_ALARM_RATE, DEMO_DATA_DIR, QUALITY_METRICS, SEARCH_BUDGET,
-                                SHORTLIST_SIZE, UI_HOST, UI_PORT, UI_STOP_GRACE_S)
+from automl_ad.defaults import (
+    DEFAULT_FALSE_ALARM_RATE,
+    DEMO_DATA_DIR,
+    QUALITY_METRICS,
+    SEARCH_BUDGET,
+    SHORTLIST_SIZE,
+    UI_HOST,
+    UI_PORT,
+    UI_STOP_GRACE_S,
+)
 from automl_ad.errors import AutomlAdError, UsageError
 from automl_ad.reporting.rounding import duration, rounded
+from automl_ad.version import __version__
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_DATA = 0, 1, 2, 3
 
@@ -177,7 +185,8 @@ def cmd_recommend(args) -> int:
     result = journey.recommend_data(args.data, args.category, args.profile, args.weights, args.top, args.strict,
                                     progress=not args.json)
     if args.json:
-        payload = [{"profile": p.to_dict(), "recommendation": r.to_dict(), "problems": [x.to_dict() for x in d.problems]}
+        payload = [{"profile": p.to_dict(), "recommendation": r.to_dict(),
+                    "problems": [x.to_dict() for x in d.problems]}
                    for d, p, r in zip(result.datasets, result.profiles, result.recommendations)]
         print(json.dumps({"categories": payload, "state": str(result.state_file)}, indent=2))
         return EXIT_OK
@@ -374,7 +383,8 @@ def cmd_export(args) -> int:
     console = _console()
     result = export_model(args.out, run_id=args.run_id, target=args.experiment if args.best else None,
                           objective=args.objective, tracking_uri=args.tracking_uri, far=args.false_alarm_rate,
-                          overwrite=args.overwrite, mlflow=args.mlflow, say=lambda text: console.print(text, markup=False))
+                          overwrite=args.overwrite, mlflow=args.mlflow,
+                          say=lambda text: console.print(text, markup=False))
     image = result.manifest["thresholds"]["image"]
     console.print(f"Exported run {result.trial.run_id} ({result.trial.family}) to {result.path}; image threshold "
                   f"{image['value']:.4g} ({image['method']}, target false-alarm rate "
@@ -398,7 +408,8 @@ def cmd_report(args) -> int:
     console = _console()
     path = write_report(args.target, args.out, tracking_uri=args.tracking_uri, max_images=args.max_images,
                         far=args.false_alarm_rate, say=lambda text: console.print(text, markup=False))
-    console.print(f"Report written to {path} ({path.stat().st_size / 1e6:.1f} MB, self-contained: open it in a browser).")
+    console.print(f"Report written to {path} ({path.stat().st_size / 1e6:.1f} MB, self-contained: open it in a "
+                  "browser).", markup=False)
     return EXIT_OK
 
 
@@ -493,7 +504,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def data_args(p):
-        p.add_argument("data", help="dataset folder (MVTec style, plain good/ + defect folders, flat, or a root of categories)")
+        p.add_argument("data", help="dataset folder (MVTec style, plain good/ + defect folders, flat, or a root of "
+                       "categories)")
         p.add_argument("--category", help="only this category of a multi-category root")
         p.add_argument("--strict", action="store_true", help="fail on any bad file instead of skipping it")
         p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
@@ -582,7 +594,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="one self-contained HTML report of a search: profile, recommendation, trials, "
                        "Pareto front, test scores, curves, heatmaps")
-    p.add_argument("target", nargs="?", help="search run id, experiment name or dataset folder (default: newest search)")
+    p.add_argument("target", nargs="?",
+                   help="search run id, experiment name or dataset folder (default: newest search)")
     p.add_argument("--out", default="report.html", help="HTML file to write (default %(default)s)")
     p.add_argument("--max-images", type=_at_least_one, default=200,
                    help="most test images to score (default %(default)s)")

@@ -50,6 +50,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -75,6 +76,7 @@ from automl_ad.defaults import (
 )
 from automl_ad.errors import UsageError
 from automl_ad.evaluation.objectives import OBJECTIVE_METRICS, OBJECTIVE_MODES, pareto_ranks
+from automl_ad.figures.plots import quality_time_plot
 from automl_ad.search.cost_predictor import CostPredictor, FamilyTraits, TrialPlan, TrialSizes, plan_trial, rungs
 from automl_ad.search.trial import NODE_FILE, unreported_failure
 from automl_ad.tracking.lock import FileLock, describe_holder
@@ -106,6 +108,7 @@ class SearchRequest:
     backbones: dict[str, list[str]] = field(default_factory=dict)  # per family: allowed backbones (absent = any)
     backbone_weights: dict[str, str] = field(default_factory=dict)
     preferred_backbone: str | None = None
+    geometries: list[dict] = field(default_factory=list)  # recommended input geometries (chosen first)
     device: str = "auto"
     cache_cap_mb: float = SEARCH_CACHE_CAP_MB
     artifact_cap_mb: float = SEARCH_ARTIFACT_CAP_MB
@@ -538,9 +541,10 @@ def _run_held(request: SearchRequest, dataset, work_dir: Path, uri: str, state: 
     from automl_ad.search.validation import prepare_search_data
 
     work_dir.mkdir(parents=True, exist_ok=True)
-    spaces = {f: load_space(f).narrowed(request.backbones.get(f)) for f in request.families}
+    spaces = {f: load_space(f).narrowed(request.backbones.get(f)).with_geometries(request.geometries)
+              for f in request.families}
     defaults = {f: _fixed_params(f, spaces[f], request) for f in request.families}
-    search_data = prepare_search_data(dataset, work_dir, request.validation, request.seed)
+    search_data = prepare_search_data(dataset, work_dir, request.validation, request.seed, request.families)
     data_file = work_dir / Path(SPLIT_ARTIFACT).name  # logged with the search: export and report read it back
     data_file.write_text(json.dumps(search_data.to_json()))
     tracker = Tracker(uri)
@@ -611,9 +615,9 @@ def _keep_a_model(tracker, parent: str, elapsed_s: float, say) -> None:
         return
     best = max(screened, key=lambda r: r.data.metrics["quality"])
     what = best.data.tags.get("fidelity", "a share of the training images")
-    tracker.client.set_tag(best.info.run_id, "status", "ok")
-    tracker.client.set_tag(best.info.run_id, "fallback_model", f"no full-fidelity trial completed; trained on {what}")
-    tracker.client.log_metric(parent, SEARCH_BEST_QUALITY_METRIC, best.data.metrics["quality"], step=int(elapsed_s))
+    tracker.set_tags(best.info.run_id, {"status": "ok",
+                                        "fallback_model": f"no full-fidelity trial completed; trained on {what}"})
+    tracker.log_metric(parent, SEARCH_BEST_QUALITY_METRIC, best.data.metrics["quality"], step=int(elapsed_s))
     say(f"no full-fidelity trial completed: the best screening trial {best.data.tags.get('trial')} "
         f"({best.data.tags.get('family')}, trained on {what}) is this search's model; a larger --budget trains on "
         "all images")
@@ -621,16 +625,11 @@ def _keep_a_model(tracker, parent: str, elapsed_s: float, say) -> None:
 
 def _log_best_quality_plot(tracker, parent: str) -> None:
     """The best-so-far quality over the search's time, beside the Pareto plot of the search run."""
-    import tempfile
-
-    from automl_ad.figures.plots import quality_time_plot
-
-    points = [(m.step, m.value) for m in tracker.client.get_metric_history(parent, SEARCH_BEST_QUALITY_METRIC)]
+    points = tracker.metric_history(parent, SEARCH_BEST_QUALITY_METRIC)
     if not points:
         return
     with tempfile.TemporaryDirectory() as tmp:
-        path = quality_time_plot(sorted(points), Path(tmp) / "best_quality.png")
-        tracker.client.log_artifact(parent, str(path))
+        tracker.log_artifact(parent, quality_time_plot(sorted(points), Path(tmp) / "best_quality.png"))
 
 
 def _state_file(work_dir: Path, parent: str) -> Path:
@@ -752,6 +751,8 @@ def _tune(request, spaces, defaults, work_dir, data_file, state, remaining, trac
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     parallel, resources, threads = _concurrency()
+    if resources.get("gpu") and request.device != "cpu":  # int8 runs through ONNX Runtime on CPU only
+        spaces = {family: space.for_gpu() for family, space in spaces.items()}
     storage = optuna.storages.RDBStorage(f"sqlite:///{work_dir / 'optuna.db'}",
                                          engine_kwargs={"connect_args": {"timeout": 30}})
     _fail_stale_trials(storage, state["study"])

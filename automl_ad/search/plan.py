@@ -15,7 +15,7 @@ from automl_ad.recommend import recommend
 from automl_ad.recommend.engine import weights_backbone
 from automl_ad.recommend.state import entry_for, load_state, read_recommendation
 from automl_ad.search.engine import SearchRequest
-from automl_ad.search.space import allowed_backbones, load_space, searchable_families
+from automl_ad.search.space import allowed_backbones, load_space, proposed_geometries, searchable_families
 
 
 def plan_search(data: str | None, category: str | None = None, profile: str | None = None,
@@ -73,6 +73,7 @@ def plan_search(data: str | None, category: str | None = None, profile: str | No
         raise UsageError("no family left to search (see the notes above)")
     return SearchRequest(data=str(data), category=category, families=families, priors=priors, routes=routes,
                          backbones=backbones, backbone_weights=backbone_weights,
+                         geometries=proposed_geometries(recommendation),
                          preferred_backbone=next((c["backbone"] for c in recommendation["candidates"]
                                                   if c.get("backbone")), None),
                          profile_file=entry["profile"] if entry else None,

@@ -108,10 +108,10 @@ class SearchCallback(Callback):
     def _logged_best(self) -> list[tuple[float, float]]:
         """The best-so-far curve already logged (a resumed search continues it)."""
         try:
-            history = self.tracker.client.get_metric_history(self.parent_id, SEARCH_BEST_QUALITY_METRIC)
+            history = self.tracker.metric_history(self.parent_id, SEARCH_BEST_QUALITY_METRIC)
         except Exception:  # noqa: BLE001 - a store that cannot be read starts a fresh curve
             return []
-        return sorted((float(m.step), float(m.value)) for m in history)
+        return sorted((float(step), float(value)) for step, value in history)
 
     def _update_best(self, record: dict) -> None:
         """Log the best-so-far quality when a complete full-fidelity trial beats it."""
@@ -123,7 +123,7 @@ class SearchCallback(Callback):
         point = (round(self.elapsed(), 1), float(quality))
         self.best_so_far.append(point)
         try:
-            self.tracker.client.log_metric(self.parent_id, SEARCH_BEST_QUALITY_METRIC, point[1], step=int(point[0]))
+            self.tracker.log_metric(self.parent_id, SEARCH_BEST_QUALITY_METRIC, point[1], step=int(point[0]))
         except Exception as exc:  # noqa: BLE001 - tracking trouble must not end the search
             self._say(f"[yellow]could not record the best quality so far in MLflow: {exc}[/]")
 
@@ -144,9 +144,7 @@ class SearchCallback(Callback):
         if record.get("prediction_basis"):
             tags["prediction_basis"] = record["prediction_basis"]
         if tags:
-            from mlflow.entities import RunTag
-
-            self.tracker.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+            self.tracker.set_tags(run_id, tags)
 
     def _record(self, trial, status: str, result: dict) -> dict:
         config = trial.config

@@ -244,6 +244,21 @@ class Tracker:
     def log_model(self, run_id: str, model_dir: Path) -> None:
         _retry(self.client.log_artifacts, run_id, str(model_dir), "model")
 
+    def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        _retry(self.client.log_batch, run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_metric(self, run_id: str, key: str, value: float, step: int = 0) -> None:
+        _retry(self.client.log_metric, run_id, key, float(value), step=int(step))
+
+    def metric_history(self, run_id: str, key: str) -> list[tuple[int, float]]:
+        """(step, value) of every logged value of a run's metric."""
+        return [(m.step, m.value) for m in self.client.get_metric_history(run_id, key)]
+
+    def log_artifact(self, run_id: str, path: Path) -> None:
+        _retry(self.client.log_artifact, run_id, str(path))
+
     def has_model(self, run_id: str) -> bool:
         """Whether a trial's model is logged with its run."""
         return "model" in {a.path for a in self.client.list_artifacts(run_id)}
