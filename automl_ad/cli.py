@@ -43,48 +43,23 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_DATA = 0, 1, 2, 3
 log = logging.getLogger("automl_ad")
 
 
-def _port(text: str) -> int:
-    """argparse type: a TCP port number (1-65535)."""
-    try:
-        port = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number; use 1-65535") from None
-    if not 1 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"{port} is not a valid port; use 1-65535")
-    return port
+def _checked(convert, what: str, valid, rule: str):
+    """An argparse type: ``convert`` the text (else "not {what}") and require ``valid(value)`` (else ``rule``)."""
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not valid(value):
+            raise argparse.ArgumentTypeError(f"{rule}, got {text}")
+        return value
+    return parse
 
 
-def _at_least_one(text: str) -> int:
-    """argparse type: a whole number of at least 1."""
-    try:
-        number = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
-    return number
-
-
-def _rate(text: str) -> float:
-    """argparse type: a rate strictly between 0 and 1 (e.g. 0.01 for 1%)."""
-    try:
-        rate = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 < rate < 1:
-        raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1 (0.01 = 1%), got {text}")
-    return rate
-
-
-def _non_negative(text: str) -> int:
-    """argparse type: a whole number of at least 0."""
-    try:
-        number = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {number}")
-    return number
+_port = _checked(int, "a port number (1-65535)", lambda v: 1 <= v <= 65535, "must be a port in 1-65535")
+_at_least_one = _checked(int, "a whole number", lambda v: v >= 1, "must be at least 1")
+_non_negative = _checked(int, "a whole number", lambda v: v >= 0, "must be 0 or more")
+_rate = _checked(float, "a number", lambda v: 0 < v < 1, "must lie strictly between 0 and 1 (0.01 = 1%)")
 
 
 def _check_output_path(out: str | Path, kind: str | None = None) -> Path:

@@ -138,15 +138,20 @@ class SearchStore:
         except MlflowException:
             return None
 
-    def search(self, run_id: str) -> SearchRecord:
+    def _run(self, run_id: str, kind: str):
+        """The MLflow run ``run_id``, which must be of ``kind`` ("search" or "trial")."""
         from mlflow.exceptions import MlflowException
 
         try:
             run = self.tracker.client.get_run(run_id)
         except MlflowException as exc:
             raise UsageError(f"no run {run_id} in {self.uri}") from exc
-        if run.data.tags.get("automl_ad.kind") != "search":
-            raise UsageError(f"run {run_id} is not a search")
+        if run.data.tags.get("automl_ad.kind") != kind:
+            raise UsageError(f"run {run_id} is not a {'search trial' if kind == 'trial' else kind}")
+        return run
+
+    def search(self, run_id: str) -> SearchRecord:
+        run = self._run(run_id, "search")
         params = run.data.params
         return SearchRecord(run_id=run_id, experiment=self.tracker.client.get_experiment(run.info.experiment_id).name,
                             data=params.get("data", ""), seed=int(params.get("seed", 0)),
@@ -175,15 +180,7 @@ class SearchStore:
         return [t for t in self.trials(search_id) if t.complete and t.on_front]
 
     def trial(self, run_id: str) -> TrialRecord:
-        from mlflow.exceptions import MlflowException
-
-        try:
-            run = self.tracker.client.get_run(run_id)
-        except MlflowException as exc:
-            raise UsageError(f"no run {run_id} in {self.uri}") from exc
-        if run.data.tags.get("automl_ad.kind") != "trial":
-            raise UsageError(f"run {run_id} is not a search trial")
-        return self._record(run)
+        return self._record(self._run(run_id, "trial"))
 
     @staticmethod
     def _record(run) -> TrialRecord:
