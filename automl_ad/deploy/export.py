@@ -27,18 +27,17 @@ from automl_ad.detectors import Detector
 from automl_ad.errors import UsageError
 from automl_ad.evaluation.metrics import evaluate
 from automl_ad.tracking.records import SearchStore, TrialRecord
-from automl_ad.workspace import dataset_experiment
 
 OBJECTIVES = ("quality", "throughput", "memory", "balanced")
 #: Below this detection rate of validation defects at the target false-alarm rate, export warns.
 LOW_DETECTION_RATE = 0.5
 
 
-def choose_run(store: SearchStore, target: str | None, objective: str, experiment_of=None) -> TrialRecord:
+def choose_run(store: SearchStore, target: str | None, objective: str) -> TrialRecord:
     """The Pareto-front trial of the search meant by ``target`` (None: the newest) that is best for ``objective``."""
     if objective not in OBJECTIVES:
         raise UsageError(f"--objective must be one of {', '.join(OBJECTIVES)}")
-    search = store.resolve(target, experiment_of)
+    search = store.resolve(target)
     front = store.front(search.run_id)
     if not front:
         raise UsageError(f"search {search.run_id} has no complete trial on its Pareto front; run or resume a search")
@@ -174,7 +173,7 @@ def export_model(out: str | Path, run_id: str | None = None, target: str | None 
     """The `export` command: trial ``run_id``, or the front member of search ``target`` (None: the newest) best for
     ``objective``, packaged at ``out``; with ``mlflow`` also logged as a servable MLflow model."""
     store = SearchStore(tracking_uri)
-    trial = store.trial(run_id) if run_id else choose_run(store, target, objective, dataset_experiment)
+    trial = store.trial(run_id) if run_id else choose_run(store, target, objective)
     path = export_run(store, trial.run_id, out, far=far, overwrite=overwrite, say=say)
     model_uri = log_package(path, store.uri, trial.run_id) if mlflow else None
     return Export(path, trial, verify_package(path), model_uri, store.uri)

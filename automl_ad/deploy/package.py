@@ -532,11 +532,7 @@ def _check_preprocessing(path: Path, preprocessing: dict) -> None:
     size = preprocessing.get("input_size")
     if size is not None and not (_is_count(size) and size > 0):
         raise _field_error(path, "preprocessing.input_size", "must be a positive whole number of pixels or null")
-    if preprocessing.get("geometry") is not None:
-        try:
-            Geometry.from_dict(preprocessing["geometry"])
-        except (ConfigError, TypeError) as exc:
-            raise _field_error(path, "preprocessing.geometry", f"is not an input geometry ({exc})") from exc
+    _check_geometry(path, "preprocessing.geometry", preprocessing.get("geometry"))
     for key in ("resize", "colour", "backbone"):
         if key in preprocessing and not isinstance(preprocessing[key], str):
             raise _field_error(path, f"preprocessing.{key}", "must be a string")
@@ -545,6 +541,16 @@ def _check_preprocessing(path: Path, preprocessing: dict) -> None:
         if key in preprocessing and not (isinstance(values, list) and len(values) == 3
                                          and all(_is_finite(v) for v in values)):
             raise _field_error(path, f"preprocessing.{key}", "must be a list of 3 finite numbers (R, G, B)")
+
+
+def _check_geometry(path: Path, field: str, geometry) -> None:
+    """A recorded input geometry (null: the default squash) must be one automl-ad can run."""
+    if geometry is None:
+        return
+    try:
+        Geometry.from_dict(geometry)
+    except (ConfigError, TypeError) as exc:
+        raise _field_error(path, field, f"is not an input geometry ({exc})") from exc
 
 
 def _check_onnx(path: Path, onnx: dict, files: dict) -> None:
@@ -569,11 +575,7 @@ def _check_onnx(path: Path, onnx: dict, files: dict) -> None:
         raise _field_error(path, "onnx.input.size", "must be a positive whole number of pixels")
     if "width" in spec and not (_is_count(spec["width"]) and spec["width"] > 0):
         raise _field_error(path, "onnx.input.width", "must be a positive whole number of pixels")
-    if spec.get("geometry") is not None:
-        try:
-            Geometry.from_dict(spec["geometry"])
-        except (ConfigError, TypeError) as exc:
-            raise _field_error(path, "onnx.input.geometry", f"is not an input geometry ({exc})") from exc
+    _check_geometry(path, "onnx.input.geometry", spec.get("geometry"))
     if not _is_count(onnx.get("opset")):
         raise _field_error(path, "onnx.opset", "must be a whole number")
     if not _is_finite(onnx.get("parity_relative")):

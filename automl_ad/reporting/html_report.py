@@ -39,7 +39,6 @@ from automl_ad.profiling import profile_dataset
 from automl_ad.reporting.rounding import duration, rounded
 from automl_ad.tracking.records import SearchRecord, SearchStore
 from automl_ad.version import __version__
-from automl_ad.workspace import dataset_experiment
 
 log = logging.getLogger(__name__)
 
@@ -816,7 +815,7 @@ def write_report(target: str | None, out: str | Path, tracking_uri: str | None =
         raise UsageError("--max-images must be at least 1")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bars for each small download
     store = SearchStore(tracking_uri)
-    search = store.resolve(target, experiment_of=dataset_experiment)
+    search = store.resolve(target)
     say(f"Reading search {search.run_id} from {store.uri} ...")
     facts = gather(store, search)
     try:

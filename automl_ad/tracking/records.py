@@ -15,6 +15,7 @@ from automl_ad.data.split import SearchSplit
 from automl_ad.errors import UsageError
 from automl_ad.evaluation.objectives import OBJECTIVE_METRICS
 from automl_ad.tracking.store import Tracker
+from automl_ad.workspace import dataset_experiment
 
 #: Artifact of the search run holding the data split its trials used (paths, labels, masks).
 SPLIT_ARTIFACT = "search/split.json"
@@ -106,9 +107,9 @@ class SearchStore:
         self.uri = self.tracker.uri
 
     # --- searches ---------------------------------------------------------------------------------------------
-    def resolve(self, target: str | None = None, experiment_of=None) -> SearchRecord:
+    def resolve(self, target: str | None = None) -> SearchRecord:
         """The search meant by ``target``: a search run id (a trial's id gives its search), an experiment name or
-        id, a dataset folder (``experiment_of(folder)`` gives its experiment name), or None for the newest
+        id, a dataset folder (its newest search), or None for the newest
         search in the store."""
         client = self.tracker.client
         if target is None:
@@ -126,8 +127,8 @@ class SearchStore:
                 return self.search(self.trial(target).search_id)
             if kind is not None:
                 raise UsageError(f"run {target} is neither a search nor a search trial")
-        if Path(target).is_dir() and experiment_of is not None:
-            return self.search(self.tracker.latest_search(experiment_of(target)))
+        if Path(target).is_dir():
+            return self.search(self.tracker.latest_search(dataset_experiment(target)))
         return self.search(self.tracker.latest_search(target))
 
     def _kind(self, run_id: str) -> str | None:
