@@ -242,6 +242,7 @@ def cmd_search(args) -> int:
                                  say=lambda text: console.print(text, markup=False), console=console,
                                  max_trials=args.max_trials, seed=args.seed, metric=args.metric,
                                  validation=args.validation, tracking_uri=args.tracking_uri, address=args.address,
+                                 false_alarm_rate=args.false_alarm_rate, compare_synthetic=args.compare_synthetic,
                                  resume=args.resume, trial_timeout_s=args.trial_timeout)
     ok = [t for t in result.trials if t.get("status") == "ok"]
     console.print(f"\n{len(result.trials)} trials ({len(ok)} complete); Pareto front of {len(result.front)}:")
@@ -531,9 +532,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", default="combined", choices=QUALITY_METRICS,
                    help="what trials are ranked by on validation: combined = mean of image AUROC and AUPRO; "
                    "detection_at_far = share of defects detected at a false-alarm rate of "
-                   f"{DEFAULT_FALSE_ALARM_RATE:g}")
+                   f"{DEFAULT_FALSE_ALARM_RATE:g} (see --false-alarm-rate)")
+    p.add_argument("--false-alarm-rate", type=_rate, default=DEFAULT_FALSE_ALARM_RATE,
+                   help="the false-alarm rate on normal images at which --metric detection_at_far counts detected "
+                   f"defects: the rate you will deploy at (default {DEFAULT_FALSE_ALARM_RATE:g})")
     p.add_argument("--validation", default="auto", choices=("auto", "real", "synthetic"),
                    help="rank on labelled defects (real) or synthetic anomalies; auto = real when there are any")
+    p.add_argument("--compare-synthetic", action="store_true",
+                   help="ranking on real defects: score every trial on synthetic anomalies too, to see how well "
+                   "label-free selection would have ranked them (costs extra scoring per trial)")
     p.add_argument("--weights", help="local backbone weights file for offline use")
     p.add_argument("--address", help="Ray cluster: auto or ray://host:port (default: a local Ray)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite .automl-ad/mlflow.db here)")

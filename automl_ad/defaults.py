@@ -50,8 +50,9 @@ GEOMETRY_MIN_DEFECT_CELLS = 2
 #: (RandomResizedCrop ratio 3/4..4/3), so squashed features stay in the distribution the backbone knows.
 GEOMETRY_SQUASH_MAX_ASPECT = 4 / 3
 #: Longest side of a single (untiled) network input; larger views are tiled (bounded memory per inference: a
-#: per-position model such as PaDiM holds a covariance per cell, 4096 cells at 512 px and stride 8).
-GEOMETRY_MAX_SINGLE_SIDE = 512
+#: per-position model such as PaDiM holds a covariance per cell, at most 16384 cells at 1024 px and stride 8,
+#: about 0.7 GB at 100 dimensions). A view up to native pixels costs less than overlapping tiles of the same image.
+GEOMETRY_MAX_SINGLE_SIDE = 1024
 #: Tile sides tried (square tiles, multiples of the deepest stride 32).
 GEOMETRY_TILE_SIDES = (256, 384, 512)
 #: Without masks or a declared size, the smallest defect worth finding is assumed to span this fraction of the
@@ -61,6 +62,10 @@ SMALLEST_DEFECT_FRACTION = 0.05
 
 #: Split: fraction of normal training images held out for validation, and of labelled defects used for selection.
 VALIDATION_FRACTION = 0.2
+#: Most pixels of an anomaly map as ``score_samples`` returns it: at the image's aspect, its full resolution or
+#: smaller (twice a 256x256 squash map). Every geometry's maps come back at the same shape for the same image, so
+#: pixel metrics compare geometries on the same pixels, and evaluating wide or large images stays bounded.
+SCORE_MAP_PIXELS = 2 * 256 * 256
 DEFECT_VALIDATION_FRACTION = 0.5
 SPLIT_SEED = 0
 #: Fewest normal training images `automl-ad fit` accepts: one image shows no normal variation (the per-position

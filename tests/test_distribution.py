@@ -17,8 +17,9 @@ def _with_features(detector, features):
     return detector
 
 
-def _images(count: int) -> ImageSet:
-    return ImageSet.from_arrays([np.zeros((8, 8), np.float32)] * count)
+def _images(count: int, side: int = 8) -> ImageSet:
+    """Blank images; ``score_samples`` returns maps at their size (``side``)."""
+    return ImageSet.from_arrays([np.zeros((side, side), np.float32)] * count)
 
 
 def test_padim_mahalanobis_matches_numpy():
@@ -33,7 +34,8 @@ def test_padim_mahalanobis_matches_numpy():
     covariance = np.cov(train, rowvar=False) + 0.01 * np.eye(4)
     np.testing.assert_allclose(detector.mean_[1 * 4 + 2], train.mean(axis=0), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(detector.inv_covariance_[1 * 4 + 2], np.linalg.inv(covariance), rtol=1e-4, atol=1e-4)
-    maps = detector.score_samples(_images(12)).anomaly_maps  # smoothing off, grid = input size: maps are distances
+    # smoothing off, grid = input size = image size: maps are the distances
+    maps = detector.score_samples(_images(12, side=4)).anomaly_maps
     for i in (10, 11):
         delta = embed(i) - train.mean(axis=0)
         assert maps[i, 1, 2] == pytest.approx(np.sqrt(delta @ np.linalg.inv(covariance) @ delta), rel=1e-4)
@@ -63,7 +65,7 @@ def test_fastflow_nll_decreases_and_is_reproducible():
     assert np.all(np.diff(first.loss_history_) < 0) and first.loss_history_[-1] < first.loss_history_[0] - 0.5
     second = _with_features(create_detector("fastflow", **params), _toy_flow_features()).fit(_images(16))
     assert first.loss_history_ == second.loss_history_
-    maps = first.score_samples(_images(4)).anomaly_maps
+    maps = first.score_samples(_images(4, side=32)).anomaly_maps
     assert maps.shape == (4, 32, 32) and 0 <= maps.min() and maps.max() <= 1
 
 

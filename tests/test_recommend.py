@@ -187,21 +187,25 @@ def test_a_256_image_is_not_tiled():
     assert rec.geometry["key"] == "squash-256x256" and rec.geometry["cells"] >= 2
 
 
-def test_small_defects_in_wide_images_are_tiled_and_the_reason_says_why():
-    from automl_ad.data.geometry import tile_grid
-
+def test_small_defects_in_wide_images_keep_aspect_at_native_resolution_and_the_reason_says_why():
     rec = recommend(make_profile(size=(460, 1130), defects=_defects(18, 40)), CPU)
     g = rec.geometry
     assert g["default"]["cells"] < 1  # 18 px * 256/1130 / 8
-    assert g["geometry"]["mode"] == "tile" and g["tiles"] > 1 and g["cells"] >= 2
     geometry = _geometry(rec)
-    assert geometry.overlap >= 18 * geometry.scale  # the typical defect fits in an overlap
-    assert tile_grid(geometry, (460, 1130)).n_tiles == g["tiles"]
+    # one view at about native pixels costs less than overlapping tiles of the same image
+    assert geometry.mode == "letterbox" and g["tiles"] == 1 and g["cells"] >= 2
+    assert geometry.width / geometry.height == pytest.approx(1130 / 460, rel=0.1)
     why = " ".join(g["reasons"])
-    assert "~18 px" in why and "1130x460" in why and f"{g['default']['cells']:.1f}" in why and "tiles per image" in why
-    # every backbone route is costed at the tiled geometry's pixels
-    memory_bank = rec.candidate("memory_bank")
-    assert memory_bank.resolution == geometry.height
+    assert "~18 px" in why and "1130x460" in why and f"{g['default']['cells']:.1f}" in why and "aspect" in why
+    # a cheap first step for the search: the least compute that doubles the default's cells
+    step = min(g["alternatives"], key=lambda a: a["network_pixels"])
+    assert step["cells"] >= 2 * g["default"]["cells"] and step["network_pixels"] < g["network_pixels"]
+    # every backbone route is costed at the proposed geometry's pixels
+    assert rec.candidate("memory_bank").resolution == max(geometry.height, geometry.width)
+    # twice the size: no view within the latency budget reaches 2 cells; the reasons name the tiling that would
+    rec = recommend(make_profile(size=(920, 2260), defects=_defects(18, 40)), CPU)
+    why = " ".join(rec.geometry["reasons"])
+    assert rec.geometry["cells"] < 2 and "no geometry reaches 2 cells" in why and "tiles of" in why
 
 
 def test_extreme_aspect_tiles_along_the_long_side():
@@ -251,7 +255,8 @@ def test_a_declared_defect_size_drives_the_geometry():
     tiny = recommend(profile, replace(CPU, data={"smallest_defect_px": 10})).geometry
     large = recommend(profile, replace(CPU, data={"smallest_defect_px": 200})).geometry
     assert "declared" in tiny["defect_source"] and tiny["smallest_defect_px"] == 10
-    assert tiny["geometry"]["mode"] == "tile" and large["key"] == "squash-256x256"
+    # native pixels for the tiny one (one 1024 view: cheaper than overlapping tiles), the default for the large one
+    assert tiny["network_pixels"] >= 1024 * 1024 and tiny["cells"] > 1 and large["key"] == "squash-256x256"
 
 
 @pytest.fixture
@@ -317,7 +322,7 @@ def test_printed_recommendation_survives_markup_in_names():
     out = io.StringIO()
     _print_recommendation(Console(file=out, width=200), rec)
     text = out.getvalue()
-    assert "[/red]evil[bold]" in text and "'[/]x'" in text and "input geometry: tile-" in text
+    assert "[/red]evil[bold]" in text and "'[/]x'" in text and "input geometry: letterbox-" in text
 
 
 @needs(SHARED_WEIGHTS)

@@ -182,6 +182,49 @@ def test_rungs_follow_each_family_own_schedule():
     assert set(scheduler.per_family) == {"stpm", "fastflow"}
 
 
+def test_a_trial_reporting_its_last_epoch_goes_on_to_validate():
+    """ASHA's rule stops trials reaching max_t; ours must go on and report their validation (the ball_screw search
+    recorded STPM, CutPaste and SimpleNet defaults as "stopped early" at their first report)."""
+    scheduler = family_scheduler()
+    lone = SimpleNamespace(trial_id="t", config={"family": "stpm"})
+    scheduler.on_trial_add(None, lone)
+    assert scheduler.on_trial_result(None, lone, {"resource": 100.0, "quality": 0.8}) == "CONTINUE"
+
+
+def test_a_default_without_epochs_is_planned_with_the_family_default_epochs():
+    """The warm start passes no ``epochs``; its fidelity must still know the schedule, so resource counts epochs."""
+    from automl_ad.search.engine import family_traits
+
+    traits = family_traits(["stpm", "padim"])
+    assert traits["stpm"].default_epochs >= 1 and traits["padim"].default_epochs is None
+    predictor = CostPredictor(traits)
+    plan = plan_trial(predictor, TrialSizes(100, 20, (256, 256)), "stpm", {}, 1e6)
+    assert plan.fidelity.full_epochs == traits["stpm"].default_epochs
+    assert resource(plan.fidelity.to_dict(), 1) < 100.0
+
+
+def test_the_recommended_geometry_runs_first_then_the_defaults_then_sampling():
+    predictor = _slow_predictor(0.001)
+    sizes = TrialSizes(270, 30, (460, 1130))
+    wide = {"mode": "letterbox", "height": 224, "width": 512, "scale": None, "overlap": 0, "pad": "reflect"}
+    square = {"mode": "squash", "height": 256, "width": 256, "scale": None, "overlap": 0, "pad": "reflect"}
+    request = SearchRequest(data=".", families=["padim", "gaussian"], priors={"padim": 0.9, "gaussian": 0.5},
+                            budget_s=3600, geometries=[wide, square])
+    spaces = {f: load_space(f).with_geometries(request.geometries) for f in request.families}
+    proposer = Proposer(request, spaces, {"padim": {}, "gaussian": {}}, predictor=predictor, sizes=sizes,
+                        deadline=time.monotonic() + 3600)
+    study = _study()
+    proposals = []
+    for _ in range(4):
+        trial = study.ask()
+        proposals.append(proposer(trial))
+        study.tell(trial, [0.5, 10.0, 100.0])
+    assert [(p["family"], p["default"], p["params"].get("geometry")) for p in proposals[:3]] == [
+        ("padim", False, wide), ("padim", True, None), ("gaussian", True, None)]  # gaussian reads no geometry
+    fourth = proposals[3]  # then sampled: a padim trial draws its geometry from the space
+    assert not fourth["default"] and fourth["params"].get("geometry", wide) in (wide, square)
+
+
 def test_the_best_screening_trial_becomes_the_model_when_nothing_else_completed(tmp_path):
     from automl_ad.search.engine import _keep_a_model
     from automl_ad.tracking.board import best_so_far, leaderboard

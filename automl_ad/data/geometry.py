@@ -201,9 +201,16 @@ def to_tiles(image: np.ndarray, grid: TileGrid) -> np.ndarray:
     return np.stack([canvas[y:y + th, x:x + tw] for y, x in grid.origins])
 
 
-def stitch(tile_maps: np.ndarray, grid: TileGrid) -> np.ndarray:
-    """One ``image_hw`` map from per-tile maps ``(n_tiles, h, w)`` at any resolution (each is resized to the tile,
-    overlaps are averaged, padding is cropped, the result is resized to the image)."""
+def map_shape(image_hw: tuple[int, int], max_pixels: int) -> tuple[int, int]:
+    """An image's (height, width) scaled down, aspect kept, to at most ``max_pixels`` (unchanged when smaller)."""
+    height, width = _check_hw(image_hw)
+    scale = min(1.0, math.sqrt(max_pixels / (height * width)))
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def stitch(tile_maps: np.ndarray, grid: TileGrid, out_hw: tuple[int, int] | None = None) -> np.ndarray:
+    """One map from per-tile maps ``(n_tiles, h, w)`` at any resolution (each is resized to the tile, overlaps are
+    averaged, padding is cropped, the result is resized to ``out_hw``, by default the image's ``image_hw``)."""
     tile_maps = np.asarray(tile_maps, dtype=np.float32)
     if tile_maps.ndim != 3 or len(tile_maps) != grid.n_tiles:
         raise ValueError(f"expected {grid.n_tiles} maps of shape (h, w), got an array of shape {tile_maps.shape}")
@@ -216,7 +223,7 @@ def stitch(tile_maps: np.ndarray, grid: TileGrid) -> np.ndarray:
     top, _, left, _ = grid.padding
     rh, rw = grid.resized_hw
     content = (total / count)[top:top + rh, left:left + rw].astype(np.float32)
-    return resize_image(content, grid.image_hw)
+    return resize_image(content, out_hw or grid.image_hw)
 
 
 def _pad(image: np.ndarray, padding: tuple[int, int, int, int], pad: str) -> np.ndarray:

@@ -15,7 +15,9 @@ class SearchSplit:
     """Train (normal), validation (what trials are ranked on) and test (final report only) image sets.
     ``validation_kind`` is "real" or "synthetic"; ``reference`` holds the real-defect validation images when
     ranking is on synthetic anomalies although real defects exist (trials are scored on both, to measure how
-    well the synthetic ranking agrees with the real one). Synthetic validation anomalies carry their kind
+    well the synthetic ranking agrees with the real one); ``synthetic_reference`` holds synthetic anomalies on the
+    held-out normals when ranking is on real defects and the search was asked to compare (the same agreement, seen
+    from the other side). Synthetic validation anomalies carry their kind
     (``validation.kinds``): a family is ranked with :meth:`validation_for` the kinds it trains on."""
 
     train: ImageSet
@@ -23,6 +25,7 @@ class SearchSplit:
     test: ImageSet
     validation_kind: str
     reference: ImageSet | None = None
+    synthetic_reference: ImageSet | None = None
 
     def describe(self) -> str:
         n_val_bad = int(self.validation.labels.sum())
@@ -45,14 +48,15 @@ class SearchSplit:
         return self.validation.subset([i for i, label in enumerate(self.validation.labels) if label == 0])
 
     def to_json(self) -> dict:
-        sets = {"train": self.train, "validation": self.validation, "test": self.test, "reference": self.reference}
+        sets = {"train": self.train, "validation": self.validation, "test": self.test, "reference": self.reference,
+                "synthetic_reference": self.synthetic_reference}
         return {"validation_kind": self.validation_kind,
                 **{name: images.to_json() for name, images in sets.items() if images is not None}}
 
     @classmethod
     def from_json(cls, data: dict) -> SearchSplit:
         sets = {name: ImageSet.from_json(data[name]) if data.get(name) else None
-                for name in ("train", "validation", "test", "reference")}
+                for name in ("train", "validation", "test", "reference", "synthetic_reference")}
         if sets["test"] is None:
             sets["test"] = ImageSet(paths=[], labels=[], mask_paths=[])
         return cls(validation_kind=data["validation_kind"], **sets)

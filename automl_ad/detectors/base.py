@@ -38,10 +38,11 @@ import numpy as np
 from sklearn.base import BaseEstimator
 from sklearn.exceptions import NotFittedError as SklearnNotFittedError
 
-from automl_ad.data.geometry import Geometry, stitch
+from automl_ad.data.geometry import Geometry, map_shape, stitch
 from automl_ad.data.imageset import ImageSet
 from automl_ad.data.io import resize_image
 from automl_ad.detectors.parameters import check_parameters
+from automl_ad.defaults import SCORE_MAP_PIXELS
 from automl_ad.errors import AutomlAdError, InvalidParameterError
 from automl_ad.version import __version__
 
@@ -251,25 +252,34 @@ class Detector(BaseEstimator):
     def per_image_scores(self, images: ImageSet, input_scores: np.ndarray,
                          input_maps: np.ndarray | None) -> Scores:
         """Per-image scores from per-network-input outputs (of ``_score`` or of the inference graph on
-        :meth:`graph_input`). A squash has one input per image: returned as they are. Otherwise each image's
-        score is the largest of its inputs' scores and its map is :func:`~automl_ad.data.geometry.stitch`-ed back
-        to the image's full resolution (overlaps averaged, padding cropped); when images differ in size every map
-        is resized to the most common size, so that ``anomaly_maps`` stays one (N, H, W) array (metrics resize
-        masks to their map)."""
+        :meth:`graph_input`). Each image's score is the largest of its inputs' scores (a squash or letterbox has
+        one) and its map is :func:`~automl_ad.data.geometry.stitch`-ed back to the image's aspect (overlaps
+        averaged, padding cropped) at its full resolution or at most ``SCORE_MAP_PIXELS``
+        (:func:`~automl_ad.data.geometry.map_shape`): whatever the geometry, the same image gets a map of the same
+        shape. When images differ in size every map is resized to the most common shape, so that ``anomaly_maps``
+        stays one (N, H, W) array (metrics resize masks to their map)."""
         geometry = self.input_geometry()
-        if geometry is None or geometry.mode == "squash":
-            return Scores(input_scores, input_maps)
-        grids = images.grids(geometry)
-        counts = [grid.n_tiles for grid in grids]
         input_scores = np.asarray(input_scores, dtype=np.float32).reshape(-1)
-        if len(input_scores) != sum(counts):
-            raise RuntimeError(f"{self.name} returned {len(input_scores)} scores for {sum(counts)} network inputs "
-                               f"of {len(images)} images ({geometry.describe()})")
-        bounds = np.cumsum([0, *counts])
-        image_scores = np.array([input_scores[a:b].max() for a, b in zip(bounds[:-1], bounds[1:])], np.float32)
-        if input_maps is None:
-            return Scores(image_scores, None)
-        maps = [stitch(input_maps[a:b], grid) for a, b, grid in zip(bounds[:-1], bounds[1:], grids)]
+        if geometry is None:  # the default squash to input_size: one input per image
+            if len(input_scores) != len(images):
+                raise RuntimeError(f"{self.name} returned {len(input_scores)} scores for {len(images)} images")
+            if input_maps is None:
+                return Scores(input_scores, None)
+            maps = [resize_image(np.asarray(m, np.float32), map_shape(hw, SCORE_MAP_PIXELS))
+                    for m, hw in zip(input_maps, images.sizes())]
+            image_scores = input_scores
+        else:
+            grids = images.grids(geometry)
+            counts = [grid.n_tiles for grid in grids]
+            if len(input_scores) != sum(counts):
+                raise RuntimeError(f"{self.name} returned {len(input_scores)} scores for {sum(counts)} network "
+                                   f"inputs of {len(images)} images ({geometry.describe()})")
+            bounds = np.cumsum([0, *counts])
+            image_scores = np.array([input_scores[a:b].max() for a, b in zip(bounds[:-1], bounds[1:])], np.float32)
+            if input_maps is None:
+                return Scores(image_scores, None)
+            maps = [stitch(input_maps[a:b], grid, map_shape(grid.image_hw, SCORE_MAP_PIXELS))
+                    for a, b, grid in zip(bounds[:-1], bounds[1:], grids)]
         shapes = [m.shape for m in maps]
         common = max(set(shapes), key=lambda shape: (shapes.count(shape), shape))
         return Scores(image_scores, np.stack([resize_image(m, common) for m in maps]))

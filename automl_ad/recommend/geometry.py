@@ -17,8 +17,8 @@ The rules (constants in :mod:`automl_ad.defaults`), from how a CNN feature map s
    otherwise the aspect is kept: a letterbox into a box of the median aspect ratio, its short
    side rounded up to a multiple of the deepest stride (32), so the median image is padded by under 32 px, and at
    least 64 px (two cells of the deepest level).
-4. **Single view or tiles.** A single view is 256..512 px on its long side (``GEOMETRY_MAX_SINGLE_SIDE``: memory per
-   inference stays bounded; a per-position model holds one covariance per cell). Otherwise square tiles
+4. **Single view or tiles.** A single view is 256..1024 px on its long side (``GEOMETRY_MAX_SINGLE_SIDE``: memory
+   per inference stays bounded; a per-position model holds one covariance per cell). Otherwise square tiles
    (``GEOMETRY_TILE_SIDES``) at the needed scale. Neighbouring tiles overlap by at least the typical (median) defect,
    so a typical defect lies whole inside one tile (a window no longer than the overlap always fits in one of two
    neighbours), and by at least two cells (cells next to a tile edge see padding); by at most a quarter of the
@@ -27,7 +27,9 @@ The rules (constants in :mod:`automl_ad.defaults`), from how a CNN feature map s
    using the lightest backbone with weights here and the heaviest route head, so every route can run it.
    Candidates over the latency budget (stated, or assumed for the device) are dropped; if none fits, the cheapest.
 6. **Choice.** The cheapest candidate that keeps the smallest defect at 2 cells or more; if none does, the one
-   that gives it the most cells (within 5 %), then the cheapest; ties go to fewer tiles.
+   that gives it the most cells (within 5 %), then the cheapest; ties go to fewer tiles. Alternatives for the
+   search: the best other candidate of each mode, and the cheapest one that doubles the defect's cells over the
+   default (a cheap first step).
 """
 
 from __future__ import annotations
@@ -209,5 +211,11 @@ def propose_geometry(profile: DatasetProfile, constraints: ConstraintProfile, ba
                                                                                            default.geometry)]
         if others:
             alternatives.append(max(others, key=lambda c: (round(c.cells, 1), -c.network_pixels)))
+    # a cheap step: the least compute that doubles the smallest defect's cells over the default (a search tries
+    # the cheapest proposal first, so it learns early whether more resolution pays)
+    steps = [c for c in affordable if c.cells >= 2 * default.cells and c.network_pixels < chosen.network_pixels
+             and c.geometry != default.geometry and c not in alternatives]
+    if steps:
+        alternatives.append(_cheapest(steps))
     return GeometryProposal(chosen, default, tuple(alternatives), image_hw, defect_px, source, stride, backbone,
                             target, tuple(reasons))

@@ -37,10 +37,12 @@ from automl_ad.recommend.cost import cost_model, estimate_route
 
 @dataclass(frozen=True)
 class FamilyTraits:
-    """What the predictor needs to know of a family: its cost-model route and whether it trains in epochs."""
+    """What the predictor needs to know of a family: its cost-model route, whether it trains in epochs and how
+    many its default configuration trains (a configuration that does not set ``epochs`` trains that many)."""
 
     route: str
     iterative: bool
+    default_epochs: int | None = None
 
 
 @dataclass(frozen=True)
@@ -238,8 +240,9 @@ def plan_trial(predictor: CostPredictor, sizes: TrialSizes, family: str, params:
     left after scoring) trains fewer epochs (at least one) before a lower rung is tried. The limit is
     ``SEARCH_COST_MARGIN`` × the prediction plus ``SEARCH_LIMIT_SLACK_S``, never above ``cap_s``.
     """
-    iterative = predictor.traits.get(family, FamilyTraits("", False)).iterative
-    full_epochs = int(params["epochs"]) if iterative and isinstance(params.get("epochs"), (int, float)) else None
+    traits = predictor.traits.get(family, FamilyTraits("", False))
+    epochs = params.get("epochs", traits.default_epochs)
+    full_epochs = int(epochs) if traits.iterative and isinstance(epochs, (int, float)) else None
     levels = [k for k in rungs(sizes.train_images) if k >= first_rung] or [max(rungs(sizes.train_images))]
     last = None
     for rung in levels:

@@ -3,7 +3,12 @@
 How trials are proposed (define-by-run, :func:`_propose`):
 
 1. **Warm start.** The first trial of every family is its default configuration (defaults from the detector, the
-   backbone narrowed to what fits the latency budget and has weights), highest prior first.
+   backbone narrowed to what fits the latency budget and has weights), highest prior first. When the recommendation
+   chose an input geometry other than the default squash (wide images, small defects), the very first trial is the
+   highest-prior backbone family's default with the cheapest of the recommended geometries (the recommender's best
+   guess, so that a good model exists early), and after the defaults every recommended geometry (cheapest first)
+   runs once on each backbone family's default (highest prior first), at the fidelity the budget affords; the
+   screening rungs then promote the geometries that work.
 2. **Family allocation.** Afterwards each trial picks a family at random with weight
    ``prior × (exp((q_f - q_best) / 0.05) + front_share_f) × 0.5^failures_f``: ``prior`` is the recommender's
    route score (0-1), ``q_f`` the family's best validation quality so far, ``front_share_f`` the share of the
@@ -61,6 +66,7 @@ from pathlib import Path
 import numpy as np
 
 from automl_ad.defaults import (
+    DEFAULT_FALSE_ALARM_RATE,
     FEATURE_CACHE_ENV,
     SEARCH_ARTIFACT_CAP_MB,
     SEARCH_BEST_QUALITY_METRIC,
@@ -77,7 +83,15 @@ from automl_ad.defaults import (
 from automl_ad.errors import UsageError
 from automl_ad.evaluation.objectives import OBJECTIVE_METRICS, OBJECTIVE_MODES, pareto_ranks
 from automl_ad.figures.plots import quality_time_plot
-from automl_ad.search.cost_predictor import CostPredictor, FamilyTraits, TrialPlan, TrialSizes, plan_trial, rungs
+from automl_ad.search.cost_predictor import (
+    CostPredictor,
+    FamilyTraits,
+    TrialPlan,
+    TrialSizes,
+    network_pixels,
+    plan_trial,
+    rungs,
+)
 from automl_ad.search.trial import NODE_FILE, unreported_failure
 from automl_ad.tracking.lock import FileLock, describe_holder
 from automl_ad.tracking.records import SPLIT_ARTIFACT, SearchStore
@@ -100,7 +114,9 @@ class SearchRequest:
     max_trials: int | None = None
     seed: int = 0
     metric: str = "combined"
+    false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE  # the operating point of --metric detection_at_far
     validation: str = "auto"
+    compare_synthetic: bool = False  # ranking on real defects: score synthetic anomalies too (selection agreement)
     tracking_uri: str | None = None
     address: str | None = None
     resume: bool = False
@@ -171,9 +187,17 @@ class Proposer:
                                             if _failed(t) and not t.user_attrs.get("interrupted"))
         if failed_first:  # nothing has finished yet and something failed: the cheapest candidate next
             return self._fallback(trial, earlier)
+        tried = {tuple(t.user_attrs["geometry_start"]) for t in earlier
+                 if t.user_attrs.get("geometry_start") and not t.user_attrs.get("interrupted")}
+        starts = [(f, g) for f in self.order for g in self._recommended_geometries()
+                  if self._takes(f, g) and (f, json.dumps(g, sort_keys=True)) not in tried]
+        if starts and not earlier:  # the recommender's best guess first: anytime quality
+            return self._geometry_start(trial, *starts[0], rung=0)
         if pending:
             family = pending[0]
             return self._planned(trial, family, self._with_weights(dict(self.defaults[family])), True, 0)
+        if starts:  # every recommended geometry (cheapest first) on each default, highest prior first
+            return self._geometry_start(trial, *starts[0], rung=None)
         fitting = [f for f in self.order if self._cheapest(f).skip is None]
         if not fitting:
             return self._give_up(trial, self.order[0], self._cheapest(self.order[0]).skip)
@@ -181,6 +205,24 @@ class Proposer:
         values = self.spaces[family].sample(trial, prefix=f"{family}/")
         return self._planned(trial, family, self._with_weights({**self.defaults[family], **values}), False,
                              None)
+
+    def _recommended_geometries(self) -> list[dict]:
+        """The recommendation's geometries other than the default (the second it lists), cheapest first; none
+        when it kept the default."""
+        geometries = self.request.geometries
+        if len(geometries) < 2 or geometries[0] == geometries[1]:
+            return []
+        others = [g for g in geometries if g != geometries[1]]
+        return sorted(others, key=lambda g: network_pixels({"geometry": g}, self.sizes.image_hw))
+
+    def _geometry_start(self, trial, family: str, geometry: dict, rung: int | None) -> dict:
+        trial.set_user_attr("geometry_start", [family, json.dumps(geometry, sort_keys=True)])
+        return self._planned(trial, family, self._with_weights({**self.defaults[family], "geometry": geometry}),
+                             False, rung)
+
+    def _takes(self, family: str, geometry: dict | None) -> bool:
+        """Whether ``family``'s space searches ``geometry``."""
+        return any(p.name == "geometry" and geometry in p.choices for p in self.spaces[family].parameters)
 
     # --- fidelity and time limits -----------------------------------------------------------------------------
     def _cap(self, complete: bool) -> float:
@@ -339,7 +381,7 @@ def run_trial_process(config: dict, work_dir: str, data_file: str, metric: str, 
             "timeout_s": timeout_s, "threads": threads, "out_dir": str(out_dir),
             "report_every": SEARCH_REPORT_EVERY, "trial_id": trial_id, "search": config.get("search"),
             "default": bool(config.get("default")), "rerun_of": config.get("rerun_of"),
-            "fidelity": config.get("fidelity")}
+            "fidelity": config.get("fidelity"), "false_alarm_rate": config.get("false_alarm_rate")}
     (out_dir / "spec.json").write_text(json.dumps(spec, indent=2))
     env = {**os.environ, FEATURE_CACHE_ENV: cache_dir, "OMP_NUM_THREADS": str(threads), "PYTHONWARNINGS": "ignore"}
     stderr = (out_dir / "stderr.log").open("w")
@@ -402,7 +444,7 @@ class TrialFailed(RuntimeError):
 
 
 def _trainable(config: dict, work_dir: str, data_file: str, metric: str, timeout_s: float, threads: int,
-               cache_dir: str, search_id: str):
+               cache_dir: str, search_id: str, false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE):
     import ray
     from ray import tune
 
@@ -411,7 +453,7 @@ def _trainable(config: dict, work_dir: str, data_file: str, metric: str, timeout
     trial_dir.mkdir(parents=True, exist_ok=True)
     _write_json(trial_dir / NODE_FILE, {"node_id": ray.get_runtime_context().get_node_id(),
                                         "host": socket.gethostname()})
-    config = {**config, "trial_id": trial_id, "search": search_id}
+    config = {**config, "trial_id": trial_id, "search": search_id, "false_alarm_rate": false_alarm_rate}
     if config.get("skip"):  # predicted not to finish in any fidelity: recorded with that reason, never started
         _write_json(trial_dir / "failure.json", {"event": "failed", "reason": "predicted too slow",
                                                  "error": config["skip"]})
@@ -437,6 +479,9 @@ def start_ray(address: str | None) -> None:
     """
     if address is None:
         os.environ[RAY_CLUSTER_MODE_ENV] = "0"
+    # a trial that fails as the search ends leaves its error unread; SearchCallback records it, so Ray need not
+    # print its traceback on the console
+    os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
     import ray
 
     if ray.is_initialized():
@@ -544,7 +589,8 @@ def _run_held(request: SearchRequest, dataset, work_dir: Path, uri: str, state: 
     spaces = {f: load_space(f).narrowed(request.backbones.get(f)).with_geometries(request.geometries)
               for f in request.families}
     defaults = {f: _fixed_params(f, spaces[f], request) for f in request.families}
-    search_data = prepare_search_data(dataset, work_dir, request.validation, request.seed, request.families)
+    search_data = prepare_search_data(dataset, work_dir, request.validation, request.seed, request.families,
+                                      request.compare_synthetic)
     data_file = work_dir / Path(SPLIT_ARTIFACT).name  # logged with the search: export and report read it back
     data_file.write_text(json.dumps(search_data.to_json()))
     tracker = Tracker(uri)
@@ -560,6 +606,7 @@ def _run_held(request: SearchRequest, dataset, work_dir: Path, uri: str, state: 
             experiment_id, f"search-{time.strftime('%Y%m%d-%H%M%S')}",
             {"data": str(dataset.root), "families": request.families, "budget_s": request.budget_s,
              "max_trials": request.max_trials, "seed": request.seed, "metric": request.metric,
+             "false_alarm_rate": request.false_alarm_rate,
              "validation": search_data.validation_kind, "split": search_data.describe(),
              "priors": request.priors, "backbones": request.backbones, "work_dir": str(work_dir.resolve())},
             {"dataset": dataset.name, "fingerprint": dataset.fingerprint()}, files)
@@ -775,7 +822,7 @@ def _tune(request, spaces, defaults, work_dir, data_file, state, remaining, trac
     trainable = tune.with_parameters(_trainable, work_dir=str(work_dir), data_file=str(data_file),
                                      metric=request.metric, timeout_s=remaining, threads=threads,
                                      cache_dir=str(Path(os.environ.get(FEATURE_CACHE_ENV) or default_cache_dir())),
-                                     search_id=state["parent_run_id"])
+                                     search_id=state["parent_run_id"], false_alarm_rate=request.false_alarm_rate)
     tuner = tune.Tuner(
         tune.with_resources(trainable, resources),
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=family_scheduler(), num_samples=max_trials,
@@ -806,10 +853,15 @@ def _fail_stale_trials(storage, study_name: str) -> None:
 
 # --- budget-aware scheduling --------------------------------------------------------------------------------------
 def family_traits(families: list[str]) -> dict[str, FamilyTraits]:
-    """Cost-model route and iterative training of each family (what the cost predictor needs)."""
+    """Cost-model route, iterative training and default epochs of each family (what the cost predictor needs)."""
     from automl_ad.detectors import detector_class
 
-    return {f: FamilyTraits(detector_class(f).route, bool(detector_class(f).iterative)) for f in families}
+    traits = {}
+    for family in families:
+        cls = detector_class(family)
+        epochs = getattr(cls(), "epochs", None) if cls.iterative else None
+        traits[family] = FamilyTraits(cls.route, bool(cls.iterative), epochs if isinstance(epochs, int) else None)
+    return traits
 
 
 def trial_sizes(search_data) -> TrialSizes:
@@ -834,8 +886,10 @@ def family_scheduler():
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     def make() -> ASHAScheduler:
+        # stop_last_trials=False: a trial reporting its last epoch (resource 100) goes on to validate and report
         return ASHAScheduler(time_attr="resource", metric="quality", mode="max", max_t=100,
-                             grace_period=100 / SEARCH_REDUCTION_FACTOR ** 3, reduction_factor=SEARCH_REDUCTION_FACTOR)
+                             grace_period=100 / SEARCH_REDUCTION_FACTOR ** 3, reduction_factor=SEARCH_REDUCTION_FACTOR,
+                             stop_last_trials=False)
 
     class FamilyASHA(FIFOScheduler):
         def __init__(self):

@@ -29,9 +29,11 @@ VALIDATION_MODES = ("auto", "real", "synthetic")
 
 
 def prepare_search_data(dataset: Dataset, work_dir: str | Path, mode: str = "auto", seed: int = 0,
-                        families: Sequence[str] | None = None) -> SearchSplit:
+                        families: Sequence[str] | None = None, compare_synthetic: bool = False) -> SearchSplit:
     """Split ``dataset`` for a search; synthesise validation anomalies under ``work_dir`` when needed, enough
-    for every one of ``families`` (None: for any family) to be ranked on kinds it does not train on."""
+    for every one of ``families`` (None: for any family) to be ranked on kinds it does not train on.
+    ``compare_synthetic``: when ranking on real defects, synthesise them anyway as ``synthetic_reference`` (every
+    trial is scored on them too, to measure how label-free selection would have ranked it)."""
     if mode not in VALIDATION_MODES:
         raise UsageError(f"validation must be one of {', '.join(VALIDATION_MODES)}, got {mode!r}")
     split = dataset.split(seed=seed)
@@ -45,17 +47,25 @@ def prepare_search_data(dataset: Dataset, work_dir: str | Path, mode: str = "aut
     if mode == "real" and not defects:
         raise UsageError(f"{dataset.root}: --validation real needs labelled defect images, and there are none; "
                          "use --validation auto (synthetic anomalies on held-out normal images)")
-    if mode == "real" or (mode == "auto" and defects):
-        return SearchSplit(train, real, test, "real")
     trained_on = None if families is None else [detector_class(f).trains_on_anomalies for f in families]
+    if mode == "real" or (mode == "auto" and defects):
+        synthetic = _synthetic_validation(normals, dataset, work_dir, seed, trained_on) if compare_synthetic else None
+        return SearchSplit(train, real, test, "real", synthetic_reference=synthetic)
+    return SearchSplit(train, _synthetic_validation(normals, dataset, work_dir, seed, trained_on), test, "synthetic",
+                       reference=real if defects else None)
+
+
+def _synthetic_validation(normals, dataset: Dataset, work_dir: str | Path, seed: int,
+                          trained_on: list | None) -> ImageSet:
+    """The held-out normal images and enough synthetic anomalies on them for every family (see
+    :func:`synthesise_validation`)."""
     rounds = len(KINDS) if trained_on is None else rounds_needed(trained_on)
     normal_set = ImageSet.from_records(normals, dataset)
     synthetic = synthesise_validation(normal_set, Path(work_dir) / "synthetic-validation", seed, rounds)
-    validation = ImageSet(paths=normal_set.paths + synthetic.paths,
-                          labels=np.concatenate([np.zeros(len(normals), np.int64), synthetic.labels]),
-                          mask_paths=[None] * len(normals) + synthetic.mask_paths,
-                          kinds=[None] * len(normals) + synthetic.kinds)
-    return SearchSplit(train, validation, test, "synthetic", reference=real if defects else None)
+    return ImageSet(paths=normal_set.paths + synthetic.paths,
+                    labels=np.concatenate([np.zeros(len(normals), np.int64), synthetic.labels]),
+                    mask_paths=[None] * len(normals) + synthetic.mask_paths,
+                    kinds=[None] * len(normals) + synthetic.kinds)
 
 
 def synthesise_validation(normals: ImageSet, out: Path, seed: int = 0, rounds: int = 1) -> ImageSet:

@@ -190,7 +190,7 @@ class Tracker:
         metrics = [Metric(k, float(record[k]), now, 0) for k in TRIAL_METRICS
                    if isinstance(record.get(k), (int, float)) and np.isfinite(record[k])]
         metrics += [Metric(k, float(v), now, 0) for k, v in record.items()
-                    if k.startswith(("val_", "real_")) and isinstance(v, (int, float)) and np.isfinite(v)]
+                    if k.startswith(("val_", "real_", "synthetic_")) and isinstance(v, (int, float)) and np.isfinite(v)]
         metrics += [Metric("interim_quality", float(q), now, int(e)) for e, q in record.get("curve", [])]
         for start in range(0, len(metrics), 900):
             _retry(self.client.log_batch, run_id, metrics=metrics[start:start + 900])
