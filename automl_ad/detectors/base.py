@@ -41,8 +41,8 @@ from sklearn.exceptions import NotFittedError as SklearnNotFittedError
 from automl_ad.data.geometry import Geometry, map_shape, stitch
 from automl_ad.data.imageset import ImageSet
 from automl_ad.data.io import resize_image
-from automl_ad.detectors.parameters import check_parameters
 from automl_ad.defaults import SCORE_MAP_PIXELS
+from automl_ad.detectors.parameters import check_parameters
 from automl_ad.errors import AutomlAdError, InvalidParameterError
 from automl_ad.version import __version__
 
