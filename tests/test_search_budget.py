@@ -191,6 +191,22 @@ def test_a_trial_reporting_its_last_epoch_goes_on_to_validate():
     assert scheduler.on_trial_result(None, lone, {"resource": 100.0, "quality": 0.8}) == "CONTINUE"
 
 
+def test_patchcore_fits_are_extrapolated_quadratically():
+    """PatchCore's coreset compares training patches with each other: twice the pixels, about four times the fit."""
+    from automl_ad.search.engine import family_traits
+
+    traits = family_traits(["patchcore", "padim"])
+    sizes = TrialSizes(100, 20, (256, 256), {f: t.fit_exponent for f, t in traits.items()})
+    predictor = CostPredictor(traits)
+    fidelity = Fidelity(0, 1.0, 100)
+    for family in ("patchcore", "padim"):
+        predictor.observe(sizes.work(family, {"input_size": 256}, fidelity), fit_s=40.0, wall_s=60.0)
+    big = {"geometry": {"mode": "squash", "height": 362, "width": 362}}  # twice the pixels
+    patchcore = predictor.predict(sizes.work("patchcore", big, fidelity)).fit_s
+    padim = predictor.predict(sizes.work("padim", big, fidelity)).fit_s
+    assert patchcore == pytest.approx(160.0, rel=0.02) and padim == pytest.approx(80.0, rel=0.02)
+
+
 def test_a_default_without_epochs_is_planned_with_the_family_default_epochs():
     """The warm start passes no ``epochs``; its fidelity must still know the schedule, so resource counts epochs."""
     from automl_ad.search.engine import family_traits
@@ -203,7 +219,7 @@ def test_a_default_without_epochs_is_planned_with_the_family_default_epochs():
     assert resource(plan.fidelity.to_dict(), 1) < 100.0
 
 
-def test_the_recommended_geometry_runs_first_then_the_defaults_then_sampling():
+def test_the_recommended_geometry_follows_the_top_default_then_the_defaults_then_sampling():
     predictor = _slow_predictor(0.001)
     sizes = TrialSizes(270, 30, (460, 1130))
     wide = {"mode": "letterbox", "height": 224, "width": 512, "scale": None, "overlap": 0, "pad": "reflect"}
@@ -220,7 +236,7 @@ def test_the_recommended_geometry_runs_first_then_the_defaults_then_sampling():
         proposals.append(proposer(trial))
         study.tell(trial, [0.5, 10.0, 100.0])
     assert [(p["family"], p["default"], p["params"].get("geometry")) for p in proposals[:3]] == [
-        ("padim", False, wide), ("padim", True, None), ("gaussian", True, None)]  # gaussian reads no geometry
+        ("padim", True, None), ("padim", False, wide), ("gaussian", True, None)]  # gaussian reads no geometry
     fourth = proposals[3]  # then sampled: a padim trial draws its geometry from the space
     assert not fourth["default"] and fourth["params"].get("geometry", wide) in (wide, square)
 

@@ -84,6 +84,10 @@ class Detector(BaseEstimator):
     supports_localization: ClassVar[bool] = True
     needs_training: ClassVar[bool] = True
     iterative: ClassVar[bool] = False
+    #: How fitting time grows with the training work (images x epochs x pixels): 1 = linearly; a family whose fit
+    #: compares training patches with each other (PatchCore's greedy coreset) grows faster. The search's cost
+    #: predictor extrapolates measured fits with it.
+    fit_cost_exponent: ClassVar[float] = 1.0
     #: Synthetic anomaly kinds (``automl_ad.data.synthetic.KINDS``) the family trains on: never ranked on them.
     trains_on_anomalies: ClassVar[tuple[str, ...]] = ()
     #: Cheap settings for the contract test (tiny images, few epochs); merged over the defaults.

@@ -1,7 +1,8 @@
 """How long a trial will take, and at which fidelity it fits the time it may have.
 
 A trial's work is its training images × epochs (1 for families that do not train iteratively) × the pixels the
-network sees per image (``input_size``², times the tiles when the geometry tiles), and its validation images ×
+network sees per image (``input_size``², times the tiles when the geometry tiles), raised to the family's fit
+exponent (2 for PatchCore, whose coreset compares training patches with each other), and its validation images ×
 pixels. Seconds per unit of work are learnt online from the trials this search has finished (per family: median
 of its measurements, so one trial slowed by a neighbour does not swing it); a family not measured yet gets the
 cost model's estimate (:func:`automl_ad.recommend.cost.estimate_route`) times the machine's measured speed
@@ -16,7 +17,7 @@ fidelity whose predicted time fits the trial's limit, or says why nothing does.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from statistics import median
 
 from automl_ad.constraints import ConstraintProfile
@@ -43,6 +44,7 @@ class FamilyTraits:
     route: str
     iterative: bool
     default_epochs: int | None = None
+    fit_exponent: float = 1.0  # fit seconds grow as (training work) ** fit_exponent
 
 
 @dataclass(frozen=True)
@@ -54,11 +56,12 @@ class Work:
     validation_images: int
     pixels: float  # network input pixels per image
     epochs: int | None  # None for families that do not train iteratively
+    fit_exponent: float = 1.0  # see FamilyTraits
 
     @property
     def fit_units(self) -> float:
-        """Training work in image-epoch megapixels."""
-        return self.train_images * (self.epochs or 1) * self.pixels / 1e6
+        """Training work in image-epoch megapixels, raised to the family's fit exponent."""
+        return (self.train_images * (self.epochs or 1) * self.pixels / 1e6) ** self.fit_exponent
 
     @property
     def eval_units(self) -> float:
@@ -226,10 +229,11 @@ class TrialSizes:
     train_images: int
     validation_images: int
     image_hw: tuple[float, float]
+    fit_exponents: dict[str, float] = field(default_factory=dict)  # per family, when not 1 (FamilyTraits)
 
     def work(self, family: str, params: dict, fidelity: Fidelity) -> Work:
         return Work(family, fidelity.train_images, self.validation_images,
-                    network_pixels(params, self.image_hw), fidelity.epochs)
+                    network_pixels(params, self.image_hw), fidelity.epochs, self.fit_exponents.get(family, 1.0))
 
 
 def plan_trial(predictor: CostPredictor, sizes: TrialSizes, family: str, params: dict, cap_s: float,

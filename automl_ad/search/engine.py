@@ -4,9 +4,10 @@ How trials are proposed (define-by-run, :func:`_propose`):
 
 1. **Warm start.** The first trial of every family is its default configuration (defaults from the detector, the
    backbone narrowed to what fits the latency budget and has weights), highest prior first. When the recommendation
-   chose an input geometry other than the default squash (wide images, small defects), the very first trial is the
+   chose an input geometry other than the default squash (wide images, small defects), the second trial is the
    highest-prior backbone family's default with the cheapest of the recommended geometries (the recommender's best
-   guess, so that a good model exists early), and after the defaults every recommended geometry (cheapest first)
+   guess, so that a good model exists early; after that family's default, so its cost is measured), and after the
+   defaults every recommended geometry (cheapest first)
    runs once on each backbone family's default (highest prior first), at the fidelity the budget affords; the
    screening rungs then promote the geometries that work.
 2. **Family allocation.** Afterwards each trial picks a family at random with weight
@@ -191,8 +192,8 @@ class Proposer:
                  if t.user_attrs.get("geometry_start") and not t.user_attrs.get("interrupted")}
         starts = [(f, g) for f in self.order for g in self._recommended_geometries()
                   if self._takes(f, g) and (f, json.dumps(g, sort_keys=True)) not in tried]
-        if starts and not earlier:  # the recommender's best guess first: anytime quality
-            return self._geometry_start(trial, *starts[0], rung=0)
+        if starts and not tried and self.order[0] in started:  # the recommender's best guess right after the
+            return self._geometry_start(trial, *starts[0], rung=0)   # default it varies (measured by then)
         if pending:
             family = pending[0]
             return self._planned(trial, family, self._with_weights(dict(self.defaults[family])), True, 0)
@@ -806,8 +807,9 @@ def _tune(request, spaces, defaults, work_dir, data_file, state, remaining, trac
     sampler = optuna.samplers.TPESampler(seed=request.seed, multivariate=True, group=True, constant_liar=True,
                                          n_startup_trials=max(4, len(request.families)))
     deadline = time.monotonic() + remaining
-    predictor = CostPredictor(family_traits(request.families), threads=threads,
-                              device="cuda" if resources.get("gpu") else "cpu")
+    traits = family_traits(request.families)
+    predictor = CostPredictor(traits, threads=threads, device="cuda" if resources.get("gpu") else "cpu")
+    sizes.fit_exponents = {f: t.fit_exponent for f, t in traits.items() if t.fit_exponent != 1.0}
     proposer = Proposer(request, spaces, defaults, reruns, predictor, sizes, deadline, parallel)
     searcher = OptunaSearch(space=proposer, metric=OBJECTIVE_METRICS, mode=OBJECTIVE_MODES, sampler=sampler,
                             study_name=state["study"], storage=storage)
@@ -853,14 +855,16 @@ def _fail_stale_trials(storage, study_name: str) -> None:
 
 # --- budget-aware scheduling --------------------------------------------------------------------------------------
 def family_traits(families: list[str]) -> dict[str, FamilyTraits]:
-    """Cost-model route, iterative training and default epochs of each family (what the cost predictor needs)."""
+    """Cost-model route, iterative training, default epochs and fit cost exponent of each family (what the cost
+    predictor needs)."""
     from automl_ad.detectors import detector_class
 
     traits = {}
     for family in families:
         cls = detector_class(family)
         epochs = getattr(cls(), "epochs", None) if cls.iterative else None
-        traits[family] = FamilyTraits(cls.route, bool(cls.iterative), epochs if isinstance(epochs, int) else None)
+        traits[family] = FamilyTraits(cls.route, bool(cls.iterative), epochs if isinstance(epochs, int) else None,
+                                      float(cls.fit_cost_exponent))
     return traits
 
 

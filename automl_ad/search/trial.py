@@ -54,6 +54,7 @@ def run_trial(spec: dict) -> dict:
     reference = ImageSet.from_json(data["reference"]) if data.get("reference") else None
     metric, limit = spec.get("metric", "combined"), float(spec.get("timeout_s", math.inf))
     far = float(spec.get("false_alarm_rate") or DEFAULT_FALSE_ALARM_RATE)
+    pixel_curves = metric in ("pixel_auroc", "pixel_ap")  # else skipped: slow on many large images, not ranked on
     start = time.monotonic()
     deadline, training_deadline = start + limit, start + SEARCH_TRAINING_SHARE * limit
     detector = create_detector(spec["family"], **spec["params"])
@@ -66,7 +67,8 @@ def run_trial(spec: dict) -> dict:
         if "score" in metrics and (epoch + 1) % every == 0:
             scores = metrics["score"](validation)
             event["quality"] = quality(evaluate(validation.labels, scores.image_scores, scores.anomaly_maps,
-                                                validation.masks(), far=far), metric)
+                                                validation.masks(), far=far,
+                                                pixel_curves=pixel_curves), metric)
         _emit(event)
         if time.monotonic() > training_deadline:  # out of training time: evaluate what was learnt so far
             cut["epoch"] = epoch + 1
@@ -78,19 +80,22 @@ def run_trial(spec: dict) -> dict:
         raise TrialTimeout(f"fit took {detector.fit_seconds_:.0f} s, past the per-trial limit of "
                            f"{spec['timeout_s']:.0f} s")
     scores = detector.score_samples(validation)
-    metrics = evaluate(validation.labels, scores.image_scores, scores.anomaly_maps, validation.masks(), far=far)
+    metrics = evaluate(validation.labels, scores.image_scores, scores.anomaly_maps, validation.masks(), far=far,
+                       pixel_curves=pixel_curves)
     result = {"event": "result", "quality": quality(metrics, metric),
               **{f"val_{k}": v for k, v in metrics.items()}, **anomaly_kinds_used(validation)}
     if result["quality"] is None or not np.isfinite(result["quality"]):
         raise FloatingPointError(f"validation quality is {result['quality']} (metric {metric})")
     if reference is not None:
         ref = detector.score_samples(reference)
-        ref_metrics = evaluate(reference.labels, ref.image_scores, ref.anomaly_maps, reference.masks(), far=far)
+        ref_metrics = evaluate(reference.labels, ref.image_scores, ref.anomaly_maps, reference.masks(), far=far,
+                               pixel_curves=pixel_curves)
         result.update({f"real_{k}": v for k, v in ref_metrics.items()}, real_quality=quality(ref_metrics, metric))
     if data.get("synthetic_reference"):  # ranked on real defects; scored on synthetic ones to compare the rankings
         synthetic = without_trained_kinds(ImageSet.from_json(data["synthetic_reference"]), detector.trains_on_anomalies)
         syn = detector.score_samples(synthetic)
-        syn_metrics = evaluate(synthetic.labels, syn.image_scores, syn.anomaly_maps, synthetic.masks(), far=far)
+        syn_metrics = evaluate(synthetic.labels, syn.image_scores, syn.anomaly_maps, synthetic.masks(), far=far,
+                               pixel_curves=pixel_curves)
         result.update({f"synthetic_{k}": v for k, v in syn_metrics.items()},
                       synthetic_quality=quality(syn_metrics, metric))
     cost = measure_costs(detector, validation, repeats=int(spec.get("latency_repeats", 10)))

@@ -45,6 +45,7 @@ class PatchCore(PatchFeatureDetector):
     name = "patchcore"
     route = "memory_bank"
     needs_training = False
+    fit_cost_exponent = 2.0  # the greedy coreset: ratio x N steps, each a pass over the N training patches
     test_params = {"backbone": "resnet18", "pretrained": False, "input_size": 64, "coreset_ratio": 0.5}
     _parameter_constraints = {
         **BACKBONE_CONSTRAINTS, **PATCH_CONSTRAINTS, "coreset_ratio": [Interval(Real, 0, 1, closed="right")],
