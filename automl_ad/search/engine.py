@@ -760,13 +760,16 @@ class _ElapsedCheckpoint:
 
 
 def _fixed_params(family: str, space, request: SearchRequest) -> dict:
-    """Parameters every trial of ``family`` gets: device, and for backbone families an allowed backbone."""
+    """Parameters every trial of ``family`` gets: device, the default input size (stated, so that the cost
+    predictor knows the pixels a default processes), and for backbone families an allowed backbone."""
     from automl_ad.detectors import detector_class
     from automl_ad.detectors.feature_based import BackboneDetector
 
     cls = detector_class(family)
     accepted = cls._get_param_names()
     params = {"device": request.device} if "device" in accepted else {}
+    if "input_size" in accepted:
+        params["input_size"] = cls().input_size
     if issubclass(cls, BackboneDetector):
         choices = next((p.choices for p in space.parameters if p.type == "backbone"), ())
         default = cls().backbone
