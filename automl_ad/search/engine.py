@@ -10,6 +10,8 @@ How trials are proposed (define-by-run, :func:`_propose`):
    defaults every recommended geometry (cheapest first)
    runs once on each backbone family's default (highest prior first), at the fidelity the budget affords; the
    screening rungs then promote the geometries that work.
+   Each warm-start trial may take at most an equal part of the remaining time (1 / (defaults left + 2)), so an
+   iterative default trains fewer epochs rather than eat the budget (unless nothing fits in that part).
 2. **Family allocation.** Afterwards each trial picks a family at random with weight
    ``prior × (exp((q_f - q_best) / 0.05) + front_share_f) × 0.5^failures_f``: ``prior`` is the recommender's
    route score (0-1), ``q_f`` the family's best validation quality so far, ``front_share_f`` the share of the
@@ -192,11 +194,14 @@ class Proposer:
                  if t.user_attrs.get("geometry_start") and not t.user_attrs.get("interrupted")}
         starts = [(f, g) for f in self.order for g in self._recommended_geometries()
                   if self._takes(f, g) and (f, json.dumps(g, sort_keys=True)) not in tried]
+        # the warm start shares the time with what follows it: each of its trials gets at most an equal part of
+        # the remaining time (an iterative default trains fewer epochs rather than eat the budget)
+        share = 1.0 / (len(pending) + 2)
         if starts and not tried and self.order[0] in started:  # the recommender's best guess right after the
-            return self._geometry_start(trial, *starts[0], rung=0)   # default it varies (measured by then)
+            return self._geometry_start(trial, *starts[0], rung=0, share=share)  # default it varies (measured)
         if pending:
             family = pending[0]
-            return self._planned(trial, family, self._with_weights(dict(self.defaults[family])), True, 0)
+            return self._planned(trial, family, self._with_weights(dict(self.defaults[family])), True, 0, share)
         if starts:  # every recommended geometry (cheapest first) on each default, highest prior first
             return self._geometry_start(trial, *starts[0], rung=None)
         fitting = [f for f in self.order if self._cheapest(f).skip is None]
@@ -216,10 +221,10 @@ class Proposer:
         others = [g for g in geometries if g != geometries[1]]
         return sorted(others, key=lambda g: network_pixels({"geometry": g}, self.sizes.image_hw))
 
-    def _geometry_start(self, trial, family: str, geometry: dict, rung: int | None) -> dict:
+    def _geometry_start(self, trial, family: str, geometry: dict, rung: int | None, share: float = 1.0) -> dict:
         trial.set_user_attr("geometry_start", [family, json.dumps(geometry, sort_keys=True)])
         return self._planned(trial, family, self._with_weights({**self.defaults[family], "geometry": geometry}),
-                             False, rung)
+                             False, rung, share)
 
     def _takes(self, family: str, geometry: dict | None) -> bool:
         """Whether ``family``'s space searches ``geometry``."""
@@ -247,13 +252,18 @@ class Proposer:
                 return plan.fidelity.rung
         return levels[-1]
 
-    def _planned(self, trial, family: str, params: dict, default: bool, rung: int | None) -> dict:
-        """The configuration at the highest fidelity (from ``rung``; None: the screening rung) that fits."""
+    def _planned(self, trial, family: str, params: dict, default: bool, rung: int | None,
+                 share: float = 1.0) -> dict:
+        """The configuration at the highest fidelity (from ``rung``; None: the screening rung) that fits, in at most
+        ``share`` of the remaining time."""
         complete = bool(_complete(trial.study.get_trials(deepcopy=False)))
-        cap = self._cap(complete)
+        part = share * max(0.0, self.deadline - time.monotonic() - SEARCH_END_TAIL_S)
+        cap = min(self._cap(complete), part)
         if rung is None:
             rung = self._screening_rung(family, params, cap)
         plan = plan_trial(self.predictor, self.sizes, family, params, cap, rung)
+        if plan.skip is not None and part < self._cap(complete):  # the share fits nothing: the whole cap
+            plan = plan_trial(self.predictor, self.sizes, family, params, self._cap(complete), rung)
         if plan.skip is not None and not complete and self._is_cheapest(family):  # what the reserve is kept for
             plan = plan_trial(self.predictor, self.sizes, family, params, self._cap(True), rung)
         trial.set_user_attr("family", family)
