@@ -182,7 +182,7 @@ class Proposer:
         if promotion is not None:
             source, family, params, rung = promotion
             trial.set_user_attr("promoted_from", source)
-            return self._planned(trial, family, params, self.defaults[family] == params, rung)
+            return self._planned(trial, family, params, self._with_weights(dict(self.defaults[family])) == params, rung)
         started = {t.user_attrs.get("family") for t in earlier
                    if t.user_attrs.get("default") and not t.user_attrs.get("interrupted")}
         pending = [f for f in self.order if f not in started]
