@@ -11,10 +11,10 @@
   (``automl_ad.evaluation.run.measure_costs``), not by the detector.
 * ``score_samples(images) -> Scores``: image scores ``(N,)`` and anomaly maps ``(N, H, W)`` or None; higher =
   more anomalous (PyOD's direction; scikit-learn's outlier detectors use the opposite sign). Calling it before
-  ``fit`` raises :class:`NotFittedError`. ``score`` is a deprecated alias. Under a squash (every family's
-  default) maps are at the network input; under a letterbox or tile geometry (backbone families' ``geometry``)
-  ``_score`` returns one row per network input and :meth:`Detector.per_image_scores` stitches them back to each
-  image's full resolution (images of different sizes: every map at the most common size).
+  ``fit`` raises :class:`NotFittedError`. ``score`` is a deprecated alias. ``_score`` returns one row per network
+  input (one per image for a squash, every family's default; one per tile for tiles) and
+  :meth:`Detector.per_image_scores` brings them back to each image's aspect, at its full resolution or at most
+  ``SCORE_MAP_PIXELS`` (images of different sizes: every map at the most common size).
 * ``save(dir)`` / ``Detector.load(dir)``: arrays in safetensors, everything else in JSON — never pickle.
 * ``inference_graph()``: for families whose inference is plain torch, the module ``score_samples`` runs (see
   ``graph_based.py``), from the preprocessed batch of :meth:`Detector.graph_input` on (exported as ONNX in

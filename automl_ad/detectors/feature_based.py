@@ -8,7 +8,7 @@ signature): ``backbone``, ``feature_strides``, ``weights``, ``pretrained``, ``in
 a squash to ``input_size`` x ``input_size``, what every family did before) says how an image becomes network
 inputs: squashed, letterboxed (aspect kept, padded) or cut into overlapping tiles. Fit and scoring see one row per
 network input; ``input_size`` stays the side of each input's score map, which
-:meth:`~automl_ad.detectors.base.Detector.per_image_scores` stitches back to the image's full resolution (the image
+:meth:`~automl_ad.detectors.base.Detector.per_image_scores` stitches back to the image's aspect (the image
 score is the largest of its inputs' scores). Families with per-position statistics (PaDiM) treat the tiles of every
 position as samples of one distribution: a grid of tiles depends on the image size, which may vary within a dataset,
 and the tiles that need tiling are the images' small structures, which look alike wherever they fall.

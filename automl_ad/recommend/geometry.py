@@ -103,7 +103,7 @@ def _ceil_to(value: float, multiple: int) -> int:
 
 
 def _single_views(image_hw: tuple[int, int], elongation: float, squash: bool) -> list[Geometry]:
-    """Squashes (near-square images) or letterboxes of the median aspect, long side 256..512, never enlarging the
+    """Squashes (near-square images) or letterboxes of the median aspect, long side 256..1024, never enlarging the
     image beyond native pixels on both axes except at the default side."""
     height, width = image_hw
     views = []
