@@ -7,9 +7,8 @@ How trials are proposed (define-by-run, :func:`_propose`):
    chose an input geometry other than the default squash (wide images, small defects), the second trial is the
    highest-prior backbone family's default with the cheapest of the recommended geometries (the recommender's best
    guess, so that a good model exists early; after that family's default, so its cost is measured), and after the
-   defaults every recommended geometry (cheapest first)
-   runs once on each backbone family's default (highest prior first), at the fidelity the budget affords; the
-   screening rungs then promote the geometries that work.
+   defaults every recommended geometry (cheapest first) runs once on each backbone family's default (highest
+   prior first), at the fidelity the budget affords; the screening rungs then promote the geometries that work.
    Each warm-start trial may take at most an equal part of the remaining time (1 / (defaults left + 2)), so an
    iterative default trains fewer epochs rather than eat the budget (unless nothing fits in that part).
 2. **Family allocation.** Afterwards each trial picks a family at random with weight
@@ -257,13 +256,13 @@ class Proposer:
         """The configuration at the highest fidelity (from ``rung``; None: the screening rung) that fits, in at most
         ``share`` of the remaining time."""
         complete = bool(_complete(trial.study.get_trials(deepcopy=False)))
-        part = share * max(0.0, self.deadline - time.monotonic() - SEARCH_END_TAIL_S)
-        cap = min(self._cap(complete), part)
+        whole = self._cap(complete)
+        cap = min(whole, share * max(0.0, self.deadline - time.monotonic() - SEARCH_END_TAIL_S))
         if rung is None:
             rung = self._screening_rung(family, params, cap)
         plan = plan_trial(self.predictor, self.sizes, family, params, cap, rung)
-        if plan.skip is not None and part < self._cap(complete):  # the share fits nothing: the whole cap
-            plan = plan_trial(self.predictor, self.sizes, family, params, self._cap(complete), rung)
+        if plan.skip is not None and cap < whole:  # the share fits nothing: the whole cap
+            plan = plan_trial(self.predictor, self.sizes, family, params, whole, rung)
         if plan.skip is not None and not complete and self._is_cheapest(family):  # what the reserve is kept for
             plan = plan_trial(self.predictor, self.sizes, family, params, self._cap(True), rung)
         trial.set_user_attr("family", family)
