@@ -10,7 +10,12 @@ import numpy as np
 import optuna
 import pytest
 
-from automl_ad.defaults import SEARCH_COST_MARGIN, SEARCH_TRAINING_SHARE
+from automl_ad.defaults import (
+    SEARCH_COST_MARGIN,
+    SEARCH_LIMIT_SLACK_S,
+    SEARCH_TRAINING_SHARE,
+    SEARCH_UNMEASURED_COST_MARGIN,
+)
 from automl_ad.search.cost_predictor import (
     CostPredictor,
     FamilyTraits,
@@ -102,6 +107,17 @@ def test_a_trial_predicted_too_slow_is_shrunk_not_started():
     # nothing fits: no trial, a reason
     plan = plan_trial(predictor, sizes, "padim", params, 1.0)
     assert plan.fidelity is None and "predicted" in plan.skip and "over the 1 s" in plan.skip
+
+
+def test_a_family_not_measured_yet_gets_a_wider_limit():
+    """Its prediction rests on the cost model alone, which is off by more than a measured family's."""
+    predictor = _slow_predictor(0.01)
+    sizes = TrialSizes(90, 30, (256, 256))
+    measured = plan_trial(predictor, sizes, "padim", {"input_size": 256}, 1e6)
+    fresh = plan_trial(CostPredictor(TRAITS), sizes, "padim", {"input_size": 256}, 1e6)
+    assert measured.limit_s == pytest.approx(SEARCH_COST_MARGIN * measured.prediction.total_s + SEARCH_LIMIT_SLACK_S)
+    assert fresh.limit_s == pytest.approx(SEARCH_UNMEASURED_COST_MARGIN * fresh.prediction.total_s
+                                          + SEARCH_LIMIT_SLACK_S)
 
 
 def _proposer(families, predictor, sizes, seconds_left, priors=None):
@@ -239,6 +255,55 @@ def test_the_recommended_geometry_follows_the_top_default_then_the_defaults_then
         ("padim", True, None), ("padim", False, wide), ("gaussian", True, None)]  # gaussian reads no geometry
     fourth = proposals[3]  # then sampled: a padim trial draws its geometry from the space
     assert not fourth["default"] and fourth["params"].get("geometry", wide) in (wide, square)
+
+
+def test_the_cheapest_family_probes_every_geometry_and_the_helpful_ones_move_to_the_others():
+    """Geometry-major warm start: the probe (cheapest family) tries each recommended geometry; only those that beat
+    its default then run on the other families; a geometry that hurt the probe is not carried over."""
+    predictor = _slow_predictor(0.001)
+    sizes = TrialSizes(270, 30, (460, 1130))
+    wide = {"mode": "letterbox", "height": 224, "width": 512, "scale": None, "overlap": 0, "pad": "reflect"}
+    tiles = {"mode": "tile", "height": 256, "width": 256, "scale": 1.0, "overlap": 64, "pad": "reflect"}
+    square = {"mode": "squash", "height": 256, "width": 256, "scale": None, "overlap": 0, "pad": "reflect"}
+    request = SearchRequest(data=".", families=["stpm", "padim"], priors={"stpm": 0.9, "padim": 0.8},
+                            budget_s=3600, geometries=[tiles, square, wide])
+    spaces = {f: load_space(f).with_geometries(request.geometries) for f in request.families}
+    proposer = Proposer(request, spaces, {"stpm": {"epochs": 20}, "padim": {}}, predictor=predictor, sizes=sizes,
+                        deadline=time.monotonic() + 3600)
+    study = _study()
+    quality = {("stpm", None): 0.8, ("padim", None): 0.7, ("padim", "letterbox"): 0.65, ("padim", "tile"): 0.9}
+    proposals = []
+    for _ in range(6):
+        trial = study.ask()
+        proposal = proposer(trial)
+        proposals.append(proposal)
+        key = (proposal["family"], (proposal["params"].get("geometry") or {}).get("mode"))
+        study.tell(trial, [quality.get(key, 0.5), 10.0, 100.0])
+    seen = [(p["family"], p["default"], p["params"].get("geometry")) for p in proposals[:5]]
+    assert seen == [("stpm", True, None), ("padim", True, None), ("padim", False, wide), ("padim", False, tiles),
+                    ("stpm", False, tiles)]  # the letterbox did worse than padim's default: not tried on stpm
+    assert all(p["fidelity"]["rung"] == 0 for p in proposals[:5])
+    assert not proposals[5]["default"] and "geometry_start" not in study.trials[5].user_attrs  # then sampling
+
+
+def test_a_lone_screening_trial_is_promoted_only_when_it_beats_every_full_fidelity_trial():
+    predictor = _slow_predictor(0.001)
+    proposer = _proposer(["gaussian"], predictor, TrialSizes(270, 30, (256, 256)), 600.0)
+    study = _study()
+    for q, rung in ((0.8, 0), (0.7, 2)):
+        trial = study.ask()
+        trial.set_user_attr("family", "gaussian")
+        trial.set_user_attr("default", True)
+        trial.set_user_attr("rung", rung)
+        trial.set_user_attr("params", {"q": q})
+        study.tell(trial, [q, 10.0, 100.0])
+    assert proposer._promotion(study.trials) is None  # one screening trial at its rung, below the full one
+    trial = study.ask()
+    trial.set_user_attr("family", "gaussian")
+    trial.set_user_attr("rung", 2)
+    trial.set_user_attr("params", {"q": 0.9})
+    study.tell(trial, [0.9, 10.0, 100.0])
+    assert proposer._promotion(study.trials)[2:] == ({"q": 0.9}, 1)
 
 
 def test_the_best_screening_trial_becomes_the_model_when_nothing_else_completed(tmp_path):

@@ -32,6 +32,7 @@ from automl_ad.defaults import (
     SEARCH_TRAINING_PASS_FACTOR,
     SEARCH_TRAINING_SHARE,
     SEARCH_TRIAL_OVERHEAD_S,
+    SEARCH_UNMEASURED_COST_MARGIN,
 )
 from automl_ad.recommend.cost import cost_model, estimate_route
 
@@ -242,7 +243,8 @@ def plan_trial(predictor: CostPredictor, sizes: TrialSizes, family: str, params:
 
     An iterative family that would not finish its epochs within the training share of the limit (and the time
     left after scoring) trains fewer epochs (at least one) before a lower rung is tried. The limit is
-    ``SEARCH_COST_MARGIN`` × the prediction plus ``SEARCH_LIMIT_SLACK_S``, never above ``cap_s``.
+    ``SEARCH_COST_MARGIN`` (``SEARCH_UNMEASURED_COST_MARGIN`` for a family not measured yet) × the prediction plus
+    ``SEARCH_LIMIT_SLACK_S``, never above ``cap_s``.
     """
     traits = predictor.traits.get(family, FamilyTraits("", False))
     epochs = params.get("epochs", traits.default_epochs)
@@ -261,7 +263,8 @@ def plan_trial(predictor: CostPredictor, sizes: TrialSizes, family: str, params:
                 prediction = predictor.predict(sizes.work(family, params, fidelity), params)
         last = (fidelity, prediction)
         if prediction.total_s <= cap_s:
-            limit = min(cap_s, SEARCH_COST_MARGIN * prediction.total_s + SEARCH_LIMIT_SLACK_S)
+            margin = SEARCH_COST_MARGIN if predictor.measured(family) else SEARCH_UNMEASURED_COST_MARGIN
+            limit = min(cap_s, margin * prediction.total_s + SEARCH_LIMIT_SLACK_S)
             return TrialPlan(fidelity, prediction, limit)
     fidelity, prediction = last
     return TrialPlan(None, prediction, cap_s,

@@ -4,11 +4,12 @@ How trials are proposed (define-by-run, :func:`_propose`):
 
 1. **Warm start.** The first trial of every family is its default configuration (defaults from the detector, the
    backbone narrowed to what fits the latency budget and has weights), highest prior first. When the recommendation
-   chose an input geometry other than the default squash (wide images, small defects), the second trial is the
-   highest-prior backbone family's default with the cheapest of the recommended geometries (the recommender's best
-   guess, so that a good model exists early; after that family's default, so its cost is measured), and after the
-   defaults every recommended geometry (cheapest first) runs once on each backbone family's default (highest
-   prior first), at the fidelity the budget affords; the screening rungs then promote the geometries that work.
+   chose an input geometry other than the default squash (wide images, small defects), a *probe* family (the one
+   predicted cheapest at the cheapest recommended geometry) runs that geometry right after its own default, so that
+   a good model exists early. After the defaults the probe runs every other recommended geometry (cheapest first);
+   the geometries that beat its default then run on the other families (best geometry first, families by the
+   quality of their default), at the fidelity the budget affords. How much a geometry helps depends mostly on the
+   data, so the cheapest family measures it; the screening rungs then promote the configurations that work.
    Each warm-start trial may take at most an equal part of the remaining time (1 / (defaults left + 2)), so an
    iterative default trains fewer epochs rather than eat the budget (unless nothing fits in that part).
 2. **Family allocation.** Afterwards each trial picks a family at random with weight
@@ -27,7 +28,8 @@ epochs), with a limit of twice the prediction plus slack, capped by the remainin
 recorded as skipped ("predicted too slow") and never started. Until a trial has completed, part of the budget is
 kept for the cheapest candidate; once something failed, the cheapest candidate (lowest fidelity) runs next. New
 configurations start at the highest fidelity at which the budget still affords ``SEARCH_CONFIGS_PER_BUDGET`` of
-them; a screening trial in the top third of its rung is run again one rung up (successive halving). Screening
+them; a screening trial in the top third of its rung (one per three there), or better than every full-fidelity
+trial, is run again one rung up (successive halving). Screening
 trials are recorded with status ``screened`` and stay off the Pareto front, unless none at full fidelity
 completed: then the best of them is the search's model (tag ``fallback_model``).
 
@@ -191,17 +193,17 @@ class Proposer:
             return self._fallback(trial, earlier)
         tried = {tuple(t.user_attrs["geometry_start"]) for t in earlier
                  if t.user_attrs.get("geometry_start") and not t.user_attrs.get("interrupted")}
-        starts = [(f, g) for f in self.order for g in self._recommended_geometries()
-                  if self._takes(f, g) and (f, json.dumps(g, sort_keys=True)) not in tried]
+        starts = [(f, g) for f, g in self._geometry_starts(earlier)
+                  if (f, json.dumps(g, sort_keys=True)) not in tried]
         # the warm start shares the time with what follows it: each of its trials gets at most an equal part of
         # the remaining time (an iterative default trains fewer epochs rather than eat the budget)
         share = 1.0 / (len(pending) + 2)
-        if starts and not tried and self.order[0] in started:  # the recommender's best guess right after the
-            return self._geometry_start(trial, *starts[0], rung=0, share=share)  # default it varies (measured)
+        if starts and not tried and starts[0][0] in started:  # the cheapest geometry on the probe family right
+            return self._geometry_start(trial, *starts[0], rung=0, share=share)  # after its default (measured)
         if pending:
             family = pending[0]
             return self._planned(trial, family, self._with_weights(dict(self.defaults[family])), True, 0, share)
-        if starts:  # every recommended geometry (cheapest first) on each default, highest prior first
+        if starts:  # the probe family on every geometry, then the geometries that helped it on the others
             return self._geometry_start(trial, *starts[0], rung=None)
         fitting = [f for f in self.order if self._cheapest(f).skip is None]
         if not fitting:
@@ -219,6 +221,40 @@ class Proposer:
             return []
         others = [g for g in geometries if g != geometries[1]]
         return sorted(others, key=lambda g: network_pixels({"geometry": g}, self.sizes.image_hw))
+
+    def _geometry_starts(self, earlier) -> list[tuple[str, dict]]:
+        """(family, geometry) warm-start trials, in order. The *probe* (the family whose default is predicted
+        cheapest at the cheapest geometry) tries every recommended geometry first, cheapest first: how much a
+        geometry helps depends mostly on the data (defect size against resolution), so the cheapest family measures
+        it. Then each geometry that beat the probe's default (best first; unmeasured ones last) runs on the other
+        families, best default first."""
+        geometries = self._recommended_geometries()
+        families = [f for f in self.order if any(self._takes(f, g) for g in geometries)]
+        if not families:
+            return []
+        probe = min(families, key=lambda f: self._full_cost(f, geometries[0]))
+        probing = [(probe, g) for g in geometries if self._takes(probe, g)]
+        done = _complete(earlier)
+
+        def best(family: str, geometry: dict | None) -> float | None:
+            key = None if geometry is None else [family, json.dumps(geometry, sort_keys=True)]
+            values = [t.values[0] for t in done if t.user_attrs.get("family") == family and (
+                t.user_attrs.get("default") if key is None else t.user_attrs.get("geometry_start") == key)]
+            return max(values, default=None)
+
+        baseline = best(probe, None)
+        measured = {json.dumps(g, sort_keys=True): best(probe, g) for g in geometries}
+        helpful = [g for g in geometries if measured[json.dumps(g, sort_keys=True)] is None or baseline is None
+                   or measured[json.dumps(g, sort_keys=True)] > baseline]
+        helpful.sort(key=lambda g: (measured[json.dumps(g, sort_keys=True)] is None,
+                                    -(measured[json.dumps(g, sort_keys=True)] or 0.0)))
+        others = sorted((f for f in families if f != probe), key=lambda f: -(best(f, None) or 0.0))
+        return probing + [(f, g) for g in helpful for f in others if self._takes(f, g)]
+
+    def _full_cost(self, family: str, geometry: dict) -> float:
+        """Predicted seconds of ``family``'s default with ``geometry`` on all training images."""
+        params = self._with_weights({**self.defaults[family], "geometry": geometry})
+        return plan_trial(self.predictor, self.sizes, family, params, math.inf).prediction.total_s
 
     def _geometry_start(self, trial, family: str, geometry: dict, rung: int | None, share: float = 1.0) -> dict:
         trial.set_user_attr("geometry_start", [family, json.dumps(geometry, sort_keys=True)])
@@ -310,13 +346,17 @@ class Proposer:
                 "skip": f"no family fits the remaining budget: {reason}"}
 
     def _promotion(self, earlier) -> tuple[int, str, dict, int] | None:
-        """A completed screening trial in the top 1/η of its rung (ASHA's rule) not yet promoted: (its number,
-        family, parameters, next rung up)."""
+        """A completed screening trial not yet promoted that is in the top 1/η of its rung (ASHA's rule: one per η
+        trials there) or already beats every full-fidelity trial (fewer training images rarely flatter a model):
+        (its number, family, parameters, next rung up)."""
         promoted = {t.user_attrs.get("promoted_from") for t in earlier}
-        done = [t for t in _complete(earlier) if t.user_attrs.get("rung", 0) > 0 and "params" in t.user_attrs]
+        complete = _complete(earlier)
+        done = [t for t in complete if t.user_attrs.get("rung", 0) > 0 and "params" in t.user_attrs]
+        best_full = max((t.values[0] for t in complete if not t.user_attrs.get("rung")), default=-math.inf)
         for rung in sorted({t.user_attrs["rung"] for t in done}):
             at_rung = sorted((t for t in done if t.user_attrs["rung"] == rung), key=lambda t: -t.values[0])
-            for t in at_rung[:math.ceil(len(at_rung) / SEARCH_REDUCTION_FACTOR)]:
+            top = len(at_rung) // SEARCH_REDUCTION_FACTOR
+            for t in (t for i, t in enumerate(at_rung) if i < top or t.values[0] > best_full):
                 if t.number not in promoted:
                     return t.number, t.user_attrs["family"], t.user_attrs["params"], rung - 1
         return None
