@@ -12,6 +12,7 @@ import pytest
 
 from automl_ad.defaults import (
     SEARCH_COST_MARGIN,
+    SEARCH_END_TAIL_S,
     SEARCH_LIMIT_SLACK_S,
     SEARCH_TRAINING_SHARE,
     SEARCH_UNMEASURED_COST_MARGIN,
@@ -297,13 +298,36 @@ def test_a_lone_screening_trial_is_promoted_only_when_it_beats_every_full_fideli
         trial.set_user_attr("rung", rung)
         trial.set_user_attr("params", {"q": q})
         study.tell(trial, [q, 10.0, 100.0])
-    assert proposer._promotion(study.trials) is None  # one screening trial at its rung, below the full one
+    assert proposer._promotions(study.trials) == []  # one screening trial at its rung, below the full one
     trial = study.ask()
     trial.set_user_attr("family", "gaussian")
     trial.set_user_attr("rung", 2)
     trial.set_user_attr("params", {"q": 0.9})
     study.tell(trial, [0.9, 10.0, 100.0])
-    assert proposer._promotion(study.trials)[2:] == ({"q": 0.9}, 1)
+    assert [c[2:] for c in proposer._promotions(study.trials)] == [({"q": 0.9}, 1)]
+
+
+def test_a_promotion_the_remaining_time_cannot_afford_is_not_run_again_at_its_own_rung():
+    """Promoted to a rung that no longer fits, a trial would be planned one rung down, i.e. at its own rung again
+    (the ball_screw search ran one PaDiM configuration three times so)."""
+    predictor = _slow_predictor(2.0)
+    sizes = TrialSizes(270, 30, (256, 256))
+    params = {"input_size": 256}
+    at = {rung: plan_trial(predictor, sizes, "padim", params, 1e6, rung).prediction.total_s for rung in (1, 2)}
+    seconds = (at[1] + at[2]) / 2 + SEARCH_END_TAIL_S  # affords rung 2, not rung 1
+    proposer = _proposer(["padim"], predictor, sizes, seconds)
+    study = _study()
+    for q, rung in ((0.5, 0), (0.9, 2)):
+        trial = study.ask()
+        trial.set_user_attr("family", "padim")
+        trial.set_user_attr("default", rung == 0)
+        trial.set_user_attr("rung", rung)
+        trial.set_user_attr("params", params)
+        study.tell(trial, [q, 10.0, 100.0])
+    assert [c[3] for c in proposer._promotions(study.trials)] == [1]
+    trial = study.ask()
+    proposal = proposer(trial)
+    assert "promoted_from" not in trial.user_attrs and proposal.get("fidelity", {}).get("rung") != 1
 
 
 def test_the_best_screening_trial_becomes_the_model_when_nothing_else_completed(tmp_path):
@@ -324,7 +348,30 @@ def test_the_best_screening_trial_becomes_the_model_when_nothing_else_completed(
     front = tracker.tag_front(parent)
     assert [r.data.tags["trial"] for r in front] == ["t1"] and "fallback_model" in front[0].data.tags
     assert [row["trial"] for row in leaderboard(parent, uri, pareto=True)] == ["t1"]
-    assert best_so_far(parent, uri) == [(12.0, 0.8)] and "is this search's model" in said[0]
+    assert best_so_far(parent, uri) == [(12.0, 0.8)] and "no full-fidelity trial completed" in said[0]
+
+
+def test_a_screening_trial_better_than_every_full_one_joins_the_models(tmp_path):
+    """Its promotion no longer fitted the budget; its validation quality is as honest as the full trials'."""
+    from automl_ad.search.engine import _keep_a_model
+    from automl_ad.tracking.store import Tracker
+
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = tracker.experiment("better")
+    parent = tracker.start_search(experiment, "s", {}, {}, [])
+    for name, status, quality in (("full", "ok", 0.85), ("weak", "screened", 0.7), ("strong", "screened", 0.9)):
+        tracker.log_trial(experiment, parent, {"trial_id": name, "family": "padim", "status": status,
+                                               "quality": quality, "throughput": 10.0, "memory_mb": 100.0}, [])
+    said = []
+    _keep_a_model(tracker, parent, 60.0, said.append)
+    statuses = {r.data.tags["trial"]: r.data.tags["status"] for r in tracker.trials(parent)}
+    assert statuses == {"full": "ok", "weak": "screened", "strong": "ok"}
+    assert "better on validation than every full-fidelity trial (0.900 against 0.850)" in said[0]
+    kept = [r for r in tracker.trials(parent) if r.data.tags["trial"] == "strong"][0]
+    assert "trained on" in kept.data.tags["fallback_model"]
+    said.clear()
+    _keep_a_model(tracker, parent, 61.0, said.append)  # nothing screened beats the models now: nothing changes
+    assert said == []
 
 
 def test_a_search_on_an_impossible_budget_still_ends_with_a_model(tmp_path, monkeypatch):

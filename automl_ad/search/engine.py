@@ -31,7 +31,8 @@ configurations start at the highest fidelity at which the budget still affords `
 them; a screening trial in the top third of its rung (one per three there), or better than every full-fidelity
 trial, is run again one rung up (successive halving). Screening
 trials are recorded with status ``screened`` and stay off the Pareto front, unless none at full fidelity
-completed: then the best of them is the search's model (tag ``fallback_model``).
+completed or the best of them beat every one that did: then the best of them joins the search's models (tag
+``fallback_model``).
 
 Objectives: validation quality ↑, throughput ↑, peak memory while scoring ↓. Iterative families report quality
 every few epochs; an ASHA scheduler per family stops poor ones early (on quality alone), with rungs at 1/27, 1/9
@@ -179,11 +180,11 @@ class Proposer:
             return config
         earlier = [t for t in trial.study.get_trials(deepcopy=False) if t.number != trial.number]
         complete = bool(_complete(earlier))
-        promotion = self._promotion(earlier)
-        if promotion is not None:
-            source, family, params, rung = promotion
-            trial.set_user_attr("promoted_from", source)
-            return self._planned(trial, family, params, self._with_weights(dict(self.defaults[family])) == params, rung)
+        for source, family, params, rung in self._promotions(earlier):
+            if self._fits_at(family, params, rung, complete):  # else it would run at its own rung again
+                trial.set_user_attr("promoted_from", source)
+                default = self._with_weights(dict(self.defaults[family])) == params
+                return self._planned(trial, family, params, default, rung)
         started = {t.user_attrs.get("family") for t in earlier
                    if t.user_attrs.get("default") and not t.user_attrs.get("interrupted")}
         pending = [f for f in self.order if f not in started]
@@ -345,21 +346,27 @@ class Proposer:
         return {"family": family, "params": dict(self.defaults[family]), "default": False,
                 "skip": f"no family fits the remaining budget: {reason}"}
 
-    def _promotion(self, earlier) -> tuple[int, str, dict, int] | None:
-        """A completed screening trial not yet promoted that is in the top 1/η of its rung (ASHA's rule: one per η
-        trials there) or already beats every full-fidelity trial (fewer training images rarely flatter a model):
-        (its number, family, parameters, next rung up)."""
+    def _fits_at(self, family: str, params: dict, rung: int, complete: bool) -> bool:
+        """Whether ``params`` fit the time a trial may have now at fidelity ``rung`` (not a lower one)."""
+        plan = plan_trial(self.predictor, self.sizes, family, params, self._cap(complete), rung)
+        return plan.skip is None and plan.fidelity.rung == rung
+
+    def _promotions(self, earlier) -> list[tuple[int, str, dict, int]]:
+        """Completed screening trials not yet promoted that are in the top 1/η of their rung (ASHA's rule: one per η
+        trials there) or already beat every full-fidelity trial (fewer training images rarely flatter a model):
+        (number, family, parameters, next rung up), lowest rung first."""
         promoted = {t.user_attrs.get("promoted_from") for t in earlier}
         complete = _complete(earlier)
         done = [t for t in complete if t.user_attrs.get("rung", 0) > 0 and "params" in t.user_attrs]
         best_full = max((t.values[0] for t in complete if not t.user_attrs.get("rung")), default=-math.inf)
+        candidates = []
         for rung in sorted({t.user_attrs["rung"] for t in done}):
             at_rung = sorted((t for t in done if t.user_attrs["rung"] == rung), key=lambda t: -t.values[0])
             top = len(at_rung) // SEARCH_REDUCTION_FACTOR
-            for t in (t for i, t in enumerate(at_rung) if i < top or t.values[0] > best_full):
-                if t.number not in promoted:
-                    return t.number, t.user_attrs["family"], t.user_attrs["params"], rung - 1
-        return None
+            candidates += [(t.number, t.user_attrs["family"], t.user_attrs["params"], rung - 1)
+                           for i, t in enumerate(at_rung)
+                           if (i < top or t.values[0] > best_full) and t.number not in promoted]
+        return candidates
 
     def _with_weights(self, params: dict) -> dict:
         """A local weights file for the chosen backbone, when the user supplied one."""
@@ -701,23 +708,26 @@ def _run_held(request: SearchRequest, dataset, work_dir: Path, uri: str, state: 
 
 
 def _keep_a_model(tracker, parent: str, elapsed_s: float, say) -> None:
-    """A search never ends without a model: when no full-fidelity trial completed, the best screening trial (trained
-    on a share of the images) becomes the search's model, tagged ``fallback_model`` with what it was trained on."""
+    """A search never ends without its best model. When no full-fidelity trial completed, or a screening trial
+    (trained on a share of the images) did better on validation than every one that did (its promotion no longer
+    fitted the budget), the best screening trial becomes one of the search's models, tagged ``fallback_model`` with
+    what it was trained on. Validation is the same for every fidelity, so its quality is as honest as theirs."""
     runs = tracker.trials(parent)
-    if any(r.data.tags.get("status") == "ok" for r in runs):
+    measured = [r for r in runs if "quality" in r.data.metrics]
+    full = [r.data.metrics["quality"] for r in measured if r.data.tags.get("status") == "ok"]
+    screened = [r for r in measured if r.data.tags.get("status") == "screened"]
+    best = max(screened, key=lambda r: r.data.metrics["quality"], default=None)
+    if best is None or (full and best.data.metrics["quality"] <= max(full)):
+        if not full:
+            say("no trial completed within the budget: there is no model to export; give a larger --budget")
         return
-    screened = [r for r in runs if r.data.tags.get("status") == "screened" and "quality" in r.data.metrics]
-    if not screened:
-        say("no trial completed within the budget: there is no model to export; give a larger --budget")
-        return
-    best = max(screened, key=lambda r: r.data.metrics["quality"])
     what = best.data.tags.get("fidelity", "a share of the training images")
-    tracker.set_tags(best.info.run_id, {"status": "ok",
-                                        "fallback_model": f"no full-fidelity trial completed; trained on {what}"})
+    why = (f"better on validation than every full-fidelity trial ({best.data.metrics['quality']:.3f} against "
+           f"{max(full):.3f}); trained on {what}") if full else f"no full-fidelity trial completed; trained on {what}"
+    tracker.set_tags(best.info.run_id, {"status": "ok", "fallback_model": why})
     tracker.log_metric(parent, SEARCH_BEST_QUALITY_METRIC, best.data.metrics["quality"], step=int(elapsed_s))
-    say(f"no full-fidelity trial completed: the best screening trial {best.data.tags.get('trial')} "
-        f"({best.data.tags.get('family')}, trained on {what}) is this search's model; a larger --budget trains on "
-        "all images")
+    say(f"the screening trial {best.data.tags.get('trial')} ({best.data.tags.get('family')}) is one of this search's "
+        f"models: {why}; a larger --budget trains it on all images")
 
 
 def _log_best_quality_plot(tracker, parent: str) -> None:
