@@ -195,7 +195,7 @@ class Proposer:
         tried = {tuple(t.user_attrs["geometry_start"]) for t in earlier
                  if t.user_attrs.get("geometry_start") and not t.user_attrs.get("interrupted")}
         starts = [(f, g) for f, g in self._geometry_starts(earlier)
-                  if (f, json.dumps(g, sort_keys=True)) not in tried]
+                  if (f, _geometry_key(g)) not in tried]
         # the warm start shares the time with what follows it: each of its trials gets at most an equal part of
         # the remaining time (an iterative default trains fewer epochs rather than eat the budget)
         share = 1.0 / (len(pending) + 2)
@@ -238,17 +238,15 @@ class Proposer:
         done = _complete(earlier)
 
         def best(family: str, geometry: dict | None) -> float | None:
-            key = None if geometry is None else [family, json.dumps(geometry, sort_keys=True)]
+            key = None if geometry is None else [family, _geometry_key(geometry)]
             values = [t.values[0] for t in done if t.user_attrs.get("family") == family and (
                 t.user_attrs.get("default") if key is None else t.user_attrs.get("geometry_start") == key)]
             return max(values, default=None)
 
         baseline = best(probe, None)
-        measured = {json.dumps(g, sort_keys=True): best(probe, g) for g in geometries}
-        helpful = [g for g in geometries if measured[json.dumps(g, sort_keys=True)] is None or baseline is None
-                   or measured[json.dumps(g, sort_keys=True)] > baseline]
-        helpful.sort(key=lambda g: (measured[json.dumps(g, sort_keys=True)] is None,
-                                    -(measured[json.dumps(g, sort_keys=True)] or 0.0)))
+        measured = [(g, best(probe, g)) for g in geometries]
+        helpful = [(g, q) for g, q in measured if q is None or baseline is None or q > baseline]
+        helpful = [g for g, q in sorted(helpful, key=lambda item: (item[1] is None, -(item[1] or 0.0)))]
         others = sorted((f for f in families if f != probe), key=lambda f: -(best(f, None) or 0.0))
         return probing + [(f, g) for g in helpful for f in others if self._takes(f, g)]
 
@@ -258,7 +256,7 @@ class Proposer:
         return plan_trial(self.predictor, self.sizes, family, params, math.inf).prediction.total_s
 
     def _geometry_start(self, trial, family: str, geometry: dict, rung: int | None, share: float = 1.0) -> dict:
-        trial.set_user_attr("geometry_start", [family, json.dumps(geometry, sort_keys=True)])
+        trial.set_user_attr("geometry_start", [family, _geometry_key(geometry)])
         return self._planned(trial, family, self._with_weights({**self.defaults[family], "geometry": geometry}),
                              False, rung, share)
 
@@ -402,6 +400,11 @@ class Proposer:
         order = families or self.order
         rng = np.random.default_rng([self.request.seed, trial.number])
         return order[int(rng.choice(len(order), p=self.weights(earlier, order)))]
+
+
+def _geometry_key(geometry: dict) -> str:
+    """A geometry as the text its warm-start trials record (``geometry_start``)."""
+    return json.dumps(geometry, sort_keys=True)
 
 
 def _complete(trials) -> list:
