@@ -33,11 +33,16 @@ class EvaluationResult:
         return {"metrics": self.metrics, "cost": self.cost.to_dict(), "score_seconds": self.score_seconds}
 
 
+def latency_sample(images: ImageSet) -> ImageSet:
+    """The first ``LATENCY_IMAGES`` of ``images``, decoded at their stored size (so that resizing counts in a
+    latency measured on them)."""
+    return ImageSet.from_arrays(list(images.subset(range(min(len(images), LATENCY_IMAGES))).load_each()))
+
+
 def measure_costs(detector, images, batch_size: int = THROUGHPUT_BATCH, repeats: int = LATENCY_REPEATS) -> CostReport:
     """Latency at batch 1 (after warm-up; decoded images at their stored size, so resizing and map
     post-processing count), throughput at ``batch_size``, peak RSS while scoring, and saved model size."""
-
-    decoded = ImageSet.from_arrays(list(images.subset(range(min(len(images), LATENCY_IMAGES))).load_each()))
+    decoded = latency_sample(images)
     singles = [decoded.subset([i]) for i in range(len(decoded))]
     p50, p95 = measure_latency(detector.score_samples, singles, warmup=LATENCY_WARMUP, repeats=repeats)
     batch = decoded.subset([i % len(decoded) for i in range(batch_size)])
