@@ -86,14 +86,19 @@ def test_scores(store: SearchStore, search: SearchRecord, trial: TrialRecord, sp
         threshold = calibrate_image_threshold(detector.score_samples(split.normal_validation()).image_scores, far)
     masks = test.masks()
     native = evaluate(test.labels, scores.image_scores, scores.anomaly_maps, masks, far=far)
-    maps = None if scores.anomaly_maps is None else [resize_image(m, ANOMALIB_SIDE) for m in scores.anomaly_maps]
-    small_masks = [None if m is None else nearest_mask(m, ANOMALIB_SIDE) for m in masks]
-    protocol = evaluate(test.labels, scores.image_scores, maps, small_masks)
     return {"n_test": len(test), "n_defective": int(test.labels.sum()), "native": native,
             "deployed": {"target_false_alarm_rate": far, "threshold": threshold.to_dict(),
                          **rates_at(threshold.value, test.labels, scores.image_scores)},
-            "anomalib": {"image_auroc": protocol["image_auroc"], "aupro": protocol["aupro"],
-                         "pixel_auroc": protocol["pixel_auroc"]}}
+            "anomalib": anomalib_protocol(test.labels, scores.image_scores, scores.anomaly_maps, masks)}
+
+
+def anomalib_protocol(labels, image_scores, maps, masks) -> dict:
+    """Image AUROC, AUPRO and pixel AUROC under anomalib's protocol: maps bilinearly and masks nearest-neighbour
+    squashed to 256x256."""
+    maps = None if maps is None else [resize_image(m, ANOMALIB_SIDE) for m in maps]
+    small_masks = [None if m is None else nearest_mask(m, ANOMALIB_SIDE) for m in masks]
+    protocol = evaluate(labels, image_scores, maps, small_masks)
+    return {key: protocol[key] for key in ("image_auroc", "aupro", "pixel_auroc")}
 
 
 def trial_summary(trial: TrialRecord) -> dict:
