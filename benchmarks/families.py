@@ -7,6 +7,8 @@ pass and peak RSS is per run — the same protocol as the anomalib anchor harnes
 
     python benchmarks/families.py                                   # all families, bottle + magnetic_tile
     python benchmarks/families.py --families patchcore,padim --datasets bottle
+    python benchmarks/families.py --families patchcore,padim,stpm,fastflow --datasets ball_screw
+    python benchmarks/families.py --families patchcore,padim --only-notes int8  # only the int8 rows
     python benchmarks/families.py --anchor-csv /tmp/anchor/results.csv --report-only
 """
 
@@ -33,8 +35,8 @@ DATASETS = {"bottle": SHARED / "datasets" / "mvtec_ad" / "bottle",
             "ball_screw": SHARED / "datasets" / "bsdata" / "ball_screw"}
 #: Datasets run unless --datasets says otherwise (ball_screw: for the families anomalib also has).
 DEFAULT_DATASETS = ("bottle", "magnetic_tile")
-#: No iterative family's default may train longer than this on the CPU machine (2 cores): a run stops training at
-#: its first epoch end past it and is evaluated with the epochs it reached (the row shows them against the plan).
+#: No iterative family's default may train longer than this on the CPU machine (2 cores): a run stops before an
+#: epoch that would end past it and is evaluated with the epochs it reached (the row shows them against the plan).
 TRAINING_CAP_S = 300.0
 BACKBONE = {"backbone": "mobilenetv2_100", "weights": str(WEIGHTS), "input_size": 256}
 
