@@ -163,12 +163,17 @@ SEARCH_UNMEASURED_COST_MARGIN = 4.0
 SEARCH_LIMIT_SLACK_S = 30.0
 #: Until some trial has completed, this share of the remaining budget is kept for cheaper fallbacks.
 SEARCH_FALLBACK_RESERVE = 0.25
+#: Anytime: the first this share of the budget is a quick look: each family's default (and the cheapest family on
+#: the recommended geometry) on the fewest training images, cheapest first, as far as that time affords, so that
+#: a model close to the search's final best exists early (issue #11 asks for 2 points after 10% of the budget).
+SEARCH_QUICK_LOOK_SHARE = 0.1
 #: Prior for the fixed seconds of a trial process (start, imports, cost measurement, saving) before any is measured.
 SEARCH_TRIAL_OVERHEAD_S = 15.0
 #: Prior training passes per image-epoch relative to one inference (forward + backward of a trained network).
 SEARCH_TRAINING_PASS_FACTOR = 3.0
-#: Metric of a search's run: the best validation quality of a complete full-fidelity trial so far (step = seconds
-#: into the search, time before a resume included); the live view, the leaderboard and a plot show it.
+#: Metric of a search's run: the best validation quality of a complete trial that saved a model so far (full
+#: fidelity or screened: the search keeps a screened model that beats the full ones; step = seconds into the
+#: search, time before a resume included); the live view, the leaderboard and a plot show it.
 SEARCH_BEST_QUALITY_METRIC = "best_quality"
 #: Seconds before a search's end by which every trial has ended (its limit and its hard kill), so that it is recorded.
 SEARCH_END_TAIL_S = 6.0

@@ -121,13 +121,14 @@ def test_a_family_not_measured_yet_gets_a_wider_limit():
                                           + SEARCH_LIMIT_SLACK_S)
 
 
-def _proposer(families, predictor, sizes, seconds_left, priors=None):
+def _proposer(families, predictor, sizes, seconds_left, priors=None, quick_look_s=0.0):
+    """A proposer; without the quick look unless ``quick_look_s`` says how long it lasts."""
     request = SearchRequest(data=".", families=families, priors=priors or {}, budget_s=seconds_left)
     spaces = {f: load_space(f) for f in families}
     defaults = {f: {"input_size": 256} if f != "gaussian" else {} for f in families}
     defaults = {f: {**d, "epochs": 20} if TRAITS[f].iterative else d for f, d in defaults.items()}
     return Proposer(request, spaces, defaults, predictor=predictor, sizes=sizes,
-                    deadline=time.monotonic() + seconds_left)
+                    deadline=time.monotonic() + seconds_left, quick_look_s=quick_look_s)
 
 
 def _study():
@@ -245,7 +246,7 @@ def test_the_recommended_geometry_follows_the_top_default_then_the_defaults_then
                             budget_s=3600, geometries=[wide, square])
     spaces = {f: load_space(f).with_geometries(request.geometries) for f in request.families}
     proposer = Proposer(request, spaces, {"padim": {}, "gaussian": {}}, predictor=predictor, sizes=sizes,
-                        deadline=time.monotonic() + 3600)
+                        deadline=time.monotonic() + 3600, quick_look_s=0.0)
     study = _study()
     proposals = []
     for _ in range(4):
@@ -270,7 +271,7 @@ def test_the_cheapest_family_probes_every_geometry_and_the_helpful_ones_move_to_
                             budget_s=3600, geometries=[tiles, square, wide])
     spaces = {f: load_space(f).with_geometries(request.geometries) for f in request.families}
     proposer = Proposer(request, spaces, {"stpm": {"epochs": 20}, "padim": {}}, predictor=predictor, sizes=sizes,
-                        deadline=time.monotonic() + 3600)
+                        deadline=time.monotonic() + 3600, quick_look_s=0.0)
     study = _study()
     quality = {("stpm", None): 0.8, ("padim", None): 0.7, ("padim", "letterbox"): 0.65, ("padim", "tile"): 0.9}
     proposals = []
@@ -285,6 +286,50 @@ def test_the_cheapest_family_probes_every_geometry_and_the_helpful_ones_move_to_
                     ("stpm", False, tiles)]  # the letterbox did worse than padim's default: not tried on stpm
     assert all(p["fidelity"]["rung"] == 0 for p in proposals[:5])
     assert not proposals[5]["default"] and "geometry_start" not in study.trials[5].user_attrs  # then sampling
+
+
+def test_the_quick_look_runs_every_default_and_the_recommended_geometry_cheapest_first_then_the_warm_start():
+    """Anytime: the first proposals are the defaults on the fewest images, cheapest first, the recommended geometry
+    on the cheapest family right after its default; they are never promoted, and the full defaults follow."""
+    predictor = _slow_predictor(0.001)
+    sizes = TrialSizes(270, 30, (460, 1130))
+    wide = {"mode": "letterbox", "height": 224, "width": 512, "scale": None, "overlap": 0, "pad": "reflect"}
+    square = {"mode": "squash", "height": 256, "width": 256, "scale": None, "overlap": 0, "pad": "reflect"}
+    request = SearchRequest(data=".", families=["stpm", "padim"], priors={"stpm": 0.9, "padim": 0.8},
+                            budget_s=3600, geometries=[wide, square])
+    spaces = {f: load_space(f).with_geometries(request.geometries) for f in request.families}
+    proposer = Proposer(request, spaces, {"stpm": {"epochs": 20}, "padim": {}}, predictor=predictor, sizes=sizes,
+                        deadline=time.monotonic() + 3600)
+    study = _study()
+    proposals = []
+    for quality in (0.7, 0.95, 0.6, 0.5):
+        trial = study.ask()
+        proposals.append(proposer(trial))
+        study.tell(trial, [quality, 10.0, 100.0])
+    seen = [(p["family"], p["default"], p["params"].get("geometry"), p["fidelity"]["rung"]) for p in proposals]
+    assert seen[:3] == [("padim", False, None, 2), ("padim", False, wide, 2), ("stpm", False, None, 2)]
+    assert [t.user_attrs["quick_look"][0] for t in study.trials[:3]] == ["padim", "padim", "stpm"]
+    assert seen[3][:2] == ("stpm", True) and seen[3][3] == 0  # the warm start: no promotion of the quick look
+    assert proposer._promotions(study.trials) == []
+
+
+def test_the_quick_look_starts_only_what_ends_within_its_time():
+    """Each default on 30 of 270 images is predicted at about 24 s (stpm at fewer epochs)."""
+    predictor = _slow_predictor(2.0)
+    sizes = TrialSizes(270, 30, (256, 256))
+    priors = {"stpm": 0.9, "gaussian": 0.1}
+    study = _study()
+    proposer = _proposer(["stpm", "gaussian"], predictor, sizes, 600.0, priors, quick_look_s=30.0)
+    looks = []
+    for _ in range(2):
+        trial = study.ask()
+        looks.append(proposer(trial))
+        study.tell(trial, [0.5, 10.0, 100.0])
+    assert [t.user_attrs["quick_look"] for t in study.trials] == [["gaussian", ""], ["stpm", ""]]
+    assert all(p["predicted_s"] <= 30.0 for p in looks) and looks[1]["params"]["epochs"] < 20
+    trial = _study().ask()
+    too_short = _proposer(["stpm", "gaussian"], predictor, sizes, 600.0, priors, quick_look_s=20.0)(trial)
+    assert "quick_look" not in trial.user_attrs and too_short["family"] == "stpm" and too_short["default"]
 
 
 def test_a_lone_screening_trial_is_promoted_only_when_it_beats_every_full_fidelity_trial():

@@ -1,7 +1,13 @@
 """The search: Ray Tune runs trials, Optuna proposes them, MLflow records them. The only module importing ray.
 
-How trials are proposed (define-by-run, :func:`_propose`):
+How trials are proposed (define-by-run, :class:`Proposer`):
 
+0. **Quick look** (anytime). During the first ``SEARCH_QUICK_LOOK_SHARE`` of the budget, every family's default
+   runs on the fewest training images (the lowest rung), cheapest first, and right after the cheapest family's
+   default that family runs the recommended input geometry, each only when predicted to end within that time.
+   These are screened models like any other (the search keeps the best of them if nothing beats it), so a model
+   close to the final best exists early, and every family's cost is measured before the full runs are planned.
+   They do not take part in promotions: the warm start runs the defaults in full right after.
 1. **Warm start.** The first trial of every family is its default configuration (defaults from the detector, the
    backbone narrowed to what fits the latency budget and has weights), highest prior first. When the recommendation
    chose an input geometry other than the default squash (wide images, small defects), a *probe* family (the one
@@ -81,6 +87,7 @@ from automl_ad.defaults import (
     SEARCH_END_TAIL_S,
     SEARCH_FALLBACK_RESERVE,
     SEARCH_MAX_BUDGET_S,
+    SEARCH_QUICK_LOOK_SHARE,
     SEARCH_REDUCTION_FACTOR,
     SEARCH_REPORT_EVERY,
     default_cache_dir,
@@ -157,7 +164,7 @@ class Proposer:
 
     def __init__(self, request: SearchRequest, spaces: dict, defaults: dict, reruns: list[dict] | None = None,
                  predictor: CostPredictor | None = None, sizes: TrialSizes | None = None,
-                 deadline: float | None = None, parallel: int = 1):
+                 deadline: float | None = None, parallel: int = 1, quick_look_s: float | None = None):
         self.request, self.spaces, self.defaults = request, spaces, defaults
         self.order = sorted(request.families, key=lambda f: -request.priors.get(f, 0.5))
         self.reruns = list(reruns or [])  # specs of trials a killed search interrupted, proposed again first
@@ -165,6 +172,9 @@ class Proposer:
         self.sizes = sizes or TrialSizes(1, 1, (256.0, 256.0))
         self.deadline = deadline if deadline is not None else time.monotonic() + (request.budget_s or 3600.0)
         self.parallel = max(1, parallel)
+        if quick_look_s is None:
+            quick_look_s = SEARCH_QUICK_LOOK_SHARE * max(0.0, self.deadline - time.monotonic())
+        self.quick_look_end = time.monotonic() + quick_look_s
         self.exhausted = False
 
     def __call__(self, trial):
@@ -179,6 +189,9 @@ class Proposer:
                 config.update(fidelity=spec["fidelity"], timeout_s=self._cap(complete=True))
             return config
         earlier = [t for t in trial.study.get_trials(deepcopy=False) if t.number != trial.number]
+        quick = self._quick_look(trial, earlier)
+        if quick is not None:
+            return quick
         complete = bool(_complete(earlier))
         for source, family, params, rung in self._promotions(earlier):
             if self._fits_at(family, params, rung, complete):  # else it would run at its own rung again
@@ -213,6 +226,45 @@ class Proposer:
         values = self.spaces[family].sample(trial, prefix=f"{family}/")
         return self._planned(trial, family, self._with_weights({**self.defaults[family], **values}), False,
                              None)
+
+    def _quick_look(self, trial, earlier) -> dict | None:
+        """The next quick-look candidate (module docstring, step 0) that is predicted to end within the quick look's
+        time, on the fewest training images; None once none is left or fits, and for good once any other trial
+        was proposed (a resumed search does not go back to it)."""
+        left = self.quick_look_end - time.monotonic()
+        if left <= 0 or any(not t.user_attrs.get("quick_look") for t in earlier):
+            return None
+        looked = {tuple(t.user_attrs["quick_look"]) for t in earlier if t.user_attrs.get("quick_look")}
+        cap = min(left, self._cap(bool(_complete(earlier))))
+        lowest = max(rungs(self.sizes.train_images))
+        for family, geometry in self._quick_candidates():
+            key = (family, _geometry_key(geometry) if geometry else "")
+            if key in looked:
+                continue
+            params = self._with_weights({**self.defaults[family], **({"geometry": geometry} if geometry else {})})
+            plan = plan_trial(self.predictor, self.sizes, family, params, cap, lowest)
+            if plan.skip is None:
+                trial.set_user_attr("quick_look", list(key))
+                return self._config(trial, family, params, geometry is None and plan.fidelity.full, plan)
+        return None
+
+    def _quick_candidates(self) -> list[tuple[str, dict | None]]:
+        """(family, geometry or None for its default), cheapest default first; the recommended geometry (the first the
+        recommendation lists, when it is not the default) on the family cheapest with it, right after that
+        family's default."""
+        lowest = max(rungs(self.sizes.train_images))
+
+        def cost(family: str, geometry: dict | None = None) -> float:
+            params = self._with_weights({**self.defaults[family], **({"geometry": geometry} if geometry else {})})
+            return plan_trial(self.predictor, self.sizes, family, params, math.inf, lowest).prediction.total_s
+
+        candidates = [(f, None) for f in sorted(self.order, key=cost)]
+        chosen = self.request.geometries[0] if self._recommended_geometries() else None
+        takers = [f for f in self.order if chosen is not None and self._takes(f, chosen)]
+        if takers:
+            probe = min(takers, key=lambda f: cost(f, chosen))
+            candidates.insert(candidates.index((probe, None)) + 1, (probe, chosen))
+        return candidates
 
     def _recommended_geometries(self) -> list[dict]:
         """The recommendation's geometries other than the default (the second it lists), cheapest first; none
@@ -300,6 +352,10 @@ class Proposer:
             plan = plan_trial(self.predictor, self.sizes, family, params, whole, rung)
         if plan.skip is not None and not complete and self._is_cheapest(family):  # what the reserve is kept for
             plan = plan_trial(self.predictor, self.sizes, family, params, self._cap(True), rung)
+        return self._config(trial, family, params, default, plan)
+
+    def _config(self, trial, family: str, params: dict, default: bool, plan: TrialPlan) -> dict:
+        """The trial's configuration from its plan (a skip record when nothing fits), its attributes set."""
         trial.set_user_attr("family", family)
         trial.set_user_attr("default", default)
         trial.set_user_attr("params", params)
@@ -350,12 +406,13 @@ class Proposer:
         return plan.skip is None and plan.fidelity.rung == rung
 
     def _promotions(self, earlier) -> list[tuple[int, str, dict, int]]:
-        """Completed screening trials not yet promoted that are in the top 1/η of their rung (ASHA's rule: one per η
-        trials there) or already beat every full-fidelity trial (fewer training images rarely flatter a model):
-        (number, family, parameters, next rung up), lowest rung first."""
+        """Completed screening trials (the quick look's excepted) not yet promoted that are in the top 1/η of their
+        rung (ASHA's rule: one per η trials there) or already beat every full-fidelity trial (fewer training images
+        rarely flatter a model): (number, family, parameters, next rung up), lowest rung first."""
         promoted = {t.user_attrs.get("promoted_from") for t in earlier}
         complete = _complete(earlier)
-        done = [t for t in complete if t.user_attrs.get("rung", 0) > 0 and "params" in t.user_attrs]
+        done = [t for t in complete if t.user_attrs.get("rung", 0) > 0 and "params" in t.user_attrs
+                and not t.user_attrs.get("quick_look")]
         best_full = max((t.values[0] for t in complete if not t.user_attrs.get("rung")), default=-math.inf)
         candidates = []
         for rung in sorted({t.user_attrs["rung"] for t in done}):
@@ -728,7 +785,9 @@ def _keep_a_model(tracker, parent: str, elapsed_s: float, say) -> None:
     why = (f"better on validation than every full-fidelity trial ({best.data.metrics['quality']:.3f} against "
            f"{max(full):.3f}); trained on {what}") if full else f"no full-fidelity trial completed; trained on {what}"
     tracker.set_tags(best.info.run_id, {"status": "ok", "fallback_model": why})
-    tracker.log_metric(parent, SEARCH_BEST_QUALITY_METRIC, best.data.metrics["quality"], step=int(elapsed_s))
+    logged = [value for _, value in tracker.metric_history(parent, SEARCH_BEST_QUALITY_METRIC)]
+    if best.data.metrics["quality"] > max(logged, default=-math.inf):  # the live curve counts screened trials
+        tracker.log_metric(parent, SEARCH_BEST_QUALITY_METRIC, best.data.metrics["quality"], step=int(elapsed_s))
     say(f"the screening trial {best.data.tags.get('trial')} ({best.data.tags.get('family')}) is one of this search's "
         f"models: {why}; a larger --budget trains it on all images")
 

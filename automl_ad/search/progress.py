@@ -114,9 +114,11 @@ class SearchCallback(Callback):
         return sorted((float(step), float(value)) for step, value in history)
 
     def _update_best(self, record: dict) -> None:
-        """Log the best-so-far quality when a complete full-fidelity trial beats it."""
+        """Log the best-so-far quality when a complete trial beats it: full fidelity or screened (a screened trial
+        saved its model too, and the search keeps the best of them when no full-fidelity trial beats it)."""
         quality = record.get("quality")
-        if record["status"] != "ok" or not isinstance(quality, (int, float)) or not np.isfinite(quality):
+        if record["status"] not in ("ok", "screened") or not isinstance(quality, (int, float)) \
+                or not np.isfinite(quality):
             return
         if self.best_so_far and quality <= self.best_so_far[-1][1]:
             return

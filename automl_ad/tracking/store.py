@@ -146,7 +146,8 @@ class Tracker:
             return found.experiment_id
         location = None
         if self.uri.startswith("sqlite:///"):
-            location = (Path(self.uri[len("sqlite:///"):]).parent / "mlartifacts" / name.replace("/", "_")).as_uri()
+            store = Path(self.uri[len("sqlite:///"):]).resolve()  # a relative sqlite:///mlflow.db is allowed
+            location = (store.parent / "mlartifacts" / name.replace("/", "_")).as_uri()
         try:
             return _retry(self.client.create_experiment, name, artifact_location=location)
         except Exception:
