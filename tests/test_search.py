@@ -92,6 +92,15 @@ def test_two_searches_write_one_store_without_mixing(tmp_path):
         assert sum(r.data.tags.get("pareto_front") == "True" for r in trials) == 1  # best quality and speed: i=7
 
 
+def test_a_relative_sqlite_store_keeps_its_artifacts_beside_it(tmp_path, monkeypatch):
+    from automl_ad.tracking.store import Tracker
+
+    monkeypatch.chdir(tmp_path)
+    tracker = Tracker("sqlite:///mlflow.db")
+    experiment = tracker.client.get_experiment(tracker.experiment("relative"))
+    assert experiment.artifact_location == (tmp_path / "mlartifacts" / "relative").as_uri()
+
+
 def test_search_without_data_uses_the_last_recommendation(tmp_path, monkeypatch):
     from automl_ad.cli import main
     from automl_ad.data.demo import generate_demo
