@@ -288,28 +288,32 @@ def test_the_cheapest_family_probes_every_geometry_and_the_helpful_ones_move_to_
     assert not proposals[5]["default"] and "geometry_start" not in study.trials[5].user_attrs  # then sampling
 
 
-def test_the_quick_look_runs_every_default_and_the_recommended_geometry_cheapest_first_then_the_warm_start():
-    """Anytime: the first proposals are the defaults on the fewest images, cheapest first, the recommended geometry
-    on the cheapest family right after its default; they are never promoted, and the full defaults follow."""
+def test_the_quick_look_runs_the_recommended_geometry_first_then_every_default_cheapest_first():
+    """Anytime: the first proposals are the defaults on the fewest images, the family cheapest with the recommended
+    geometry first (its default, then the geometry), then the others cheapest first (gaussian reads no geometry);
+    they are never promoted, and the full defaults follow."""
     predictor = _slow_predictor(0.001)
     sizes = TrialSizes(270, 30, (460, 1130))
     wide = {"mode": "letterbox", "height": 224, "width": 512, "scale": None, "overlap": 0, "pad": "reflect"}
     square = {"mode": "squash", "height": 256, "width": 256, "scale": None, "overlap": 0, "pad": "reflect"}
-    request = SearchRequest(data=".", families=["stpm", "padim"], priors={"stpm": 0.9, "padim": 0.8},
+    families = ["stpm", "padim", "gaussian"]
+    request = SearchRequest(data=".", families=families, priors={"stpm": 0.9, "padim": 0.8, "gaussian": 0.1},
                             budget_s=3600, geometries=[wide, square])
-    spaces = {f: load_space(f).with_geometries(request.geometries) for f in request.families}
-    proposer = Proposer(request, spaces, {"stpm": {"epochs": 20}, "padim": {}}, predictor=predictor, sizes=sizes,
-                        deadline=time.monotonic() + 3600)
+    spaces = {f: load_space(f).with_geometries(request.geometries) for f in families}
+    defaults = {"stpm": {"epochs": 20}, "padim": {}, "gaussian": {"input_size": 128}}
+    proposer = Proposer(request, spaces, defaults, predictor=predictor, sizes=sizes, deadline=time.monotonic() + 3600)
+    assert proposer._default_cost("gaussian", None, 2) < proposer._default_cost("padim", None, 2)
     study = _study()
     proposals = []
-    for quality in (0.7, 0.95, 0.6, 0.5):
+    for quality in (0.7, 0.95, 0.6, 0.5, 0.5):
         trial = study.ask()
         proposals.append(proposer(trial))
         study.tell(trial, [quality, 10.0, 100.0])
     seen = [(p["family"], p["default"], p["params"].get("geometry"), p["fidelity"]["rung"]) for p in proposals]
-    assert seen[:3] == [("padim", False, None, 2), ("padim", False, wide, 2), ("stpm", False, None, 2)]
-    assert [t.user_attrs["quick_look"][0] for t in study.trials[:3]] == ["padim", "padim", "stpm"]
-    assert seen[3][:2] == ("stpm", True) and seen[3][3] == 0  # the warm start: no promotion of the quick look
+    assert seen[:4] == [("padim", False, None, 2), ("padim", False, wide, 2), ("gaussian", False, None, 2),
+                        ("stpm", False, None, 2)]
+    assert [t.user_attrs["quick_look"][0] for t in study.trials[:4]] == ["padim", "padim", "gaussian", "stpm"]
+    assert seen[4][:2] == ("stpm", True) and seen[4][3] == 0  # the warm start: no promotion of the quick look
     assert proposer._promotions(study.trials) == []
 
 

@@ -3,8 +3,9 @@
 How trials are proposed (define-by-run, :class:`Proposer`):
 
 0. **Quick look** (anytime). During the first ``SEARCH_QUICK_LOOK_SHARE`` of the budget, every family's default
-   runs on the fewest training images (the lowest rung), cheapest first, and right after the cheapest family's
-   default that family runs the recommended input geometry, each only when predicted to end within that time.
+   runs on the fewest training images (the lowest rung), cheapest first; when the recommendation chose an input
+   geometry other than the default, the family cheapest with it runs first, its default then that geometry.
+   Each runs only when predicted to end within that time.
    These are screened models like any other (the search keeps the best of them if nothing beats it), so a model
    close to the final best exists early, and every family's cost is measured before the full runs are planned.
    They do not take part in promotions: the warm start runs the defaults in full right after.
@@ -249,21 +250,17 @@ class Proposer:
         return None
 
     def _quick_candidates(self) -> list[tuple[str, dict | None]]:
-        """(family, geometry or None for its default), cheapest default first; the recommended geometry (the first the
-        recommendation lists, when it is not the default) on the family cheapest with it, right after that
-        family's default."""
+        """(family, geometry or None for its default), cheapest default first. When the recommendation chose a
+        geometry other than the default (the first it lists: the defaults' squash leaves the defects too few
+        feature cells), the family cheapest with it comes first: its default, then that geometry."""
         lowest = max(rungs(self.sizes.train_images))
-
-        def cost(family: str, geometry: dict | None = None) -> float:
-            params = self._with_weights({**self.defaults[family], **({"geometry": geometry} if geometry else {})})
-            return plan_trial(self.predictor, self.sizes, family, params, math.inf, lowest).prediction.total_s
-
-        candidates = [(f, None) for f in sorted(self.order, key=cost)]
+        candidates = [(f, None) for f in sorted(self.order, key=lambda f: self._default_cost(f, None, lowest))]
         chosen = self.request.geometries[0] if self._recommended_geometries() else None
         takers = [f for f in self.order if chosen is not None and self._takes(f, chosen)]
         if takers:
-            probe = min(takers, key=lambda f: cost(f, chosen))
-            candidates.insert(candidates.index((probe, None)) + 1, (probe, chosen))
+            probe = min(takers, key=lambda f: self._default_cost(f, chosen, lowest))
+            candidates.remove((probe, None))
+            candidates[:0] = [(probe, None), (probe, chosen)]
         return candidates
 
     def _recommended_geometries(self) -> list[dict]:
@@ -285,7 +282,7 @@ class Proposer:
         families = [f for f in self.order if any(self._takes(f, g) for g in geometries)]
         if not families:
             return []
-        probe = min(families, key=lambda f: self._full_cost(f, geometries[0]))
+        probe = min(families, key=lambda f: self._default_cost(f, geometries[0]))
         probing = [(probe, g) for g in geometries if self._takes(probe, g)]
         done = _complete(earlier)
 
@@ -302,10 +299,10 @@ class Proposer:
         others = sorted((f for f in families if f != probe), key=lambda f: -(best(f, None) or 0.0))
         return probing + [(f, g) for g in helpful for f in others if self._takes(f, g)]
 
-    def _full_cost(self, family: str, geometry: dict) -> float:
-        """Predicted seconds of ``family``'s default with ``geometry`` on all training images."""
-        params = self._with_weights({**self.defaults[family], "geometry": geometry})
-        return plan_trial(self.predictor, self.sizes, family, params, math.inf).prediction.total_s
+    def _default_cost(self, family: str, geometry: dict | None, rung: int = 0) -> float:
+        """Predicted seconds of ``family``'s default (with ``geometry`` unless None) at fidelity ``rung``."""
+        params = self._with_weights({**self.defaults[family], **({"geometry": geometry} if geometry else {})})
+        return plan_trial(self.predictor, self.sizes, family, params, math.inf, rung).prediction.total_s
 
     def _geometry_start(self, trial, family: str, geometry: dict, rung: int | None, share: float = 1.0) -> dict:
         trial.set_user_attr("geometry_start", [family, _geometry_key(geometry)])
