@@ -4,7 +4,7 @@ How trials are proposed (define-by-run, :class:`Proposer`):
 
 0. **Quick look** (anytime). During the first ``SEARCH_QUICK_LOOK_SHARE`` of the budget, every family's default
    runs on the fewest training images (the lowest rung), cheapest first; when the recommendation chose an input
-   geometry other than the default, the family cheapest with it runs first, its default then that geometry.
+   geometry other than the default, that geometry runs first, on the family cheapest with it.
    Each runs only when predicted to end within that time.
    These are screened models like any other (the search keeps the best of them if nothing beats it), so a model
    close to the final best exists early, and every family's cost is measured before the full runs are planned.
@@ -251,16 +251,14 @@ class Proposer:
 
     def _quick_candidates(self) -> list[tuple[str, dict | None]]:
         """(family, geometry or None for its default), cheapest default first. When the recommendation chose a
-        geometry other than the default (the first it lists: the defaults' squash leaves the defects too few
-        feature cells), the family cheapest with it comes first: its default, then that geometry."""
+        geometry other than the default (the first it lists: it expects the defaults' squash to leave the defects
+        too few feature cells), that geometry on the family cheapest with it comes first."""
         lowest = max(rungs(self.sizes.train_images))
         candidates = [(f, None) for f in sorted(self.order, key=lambda f: self._default_cost(f, None, lowest))]
         chosen = self.request.geometries[0] if self._recommended_geometries() else None
         takers = [f for f in self.order if chosen is not None and self._takes(f, chosen)]
         if takers:
-            probe = min(takers, key=lambda f: self._default_cost(f, chosen, lowest))
-            candidates.remove((probe, None))
-            candidates[:0] = [(probe, None), (probe, chosen)]
+            candidates.insert(0, (min(takers, key=lambda f: self._default_cost(f, chosen, lowest)), chosen))
         return candidates
 
     def _recommended_geometries(self) -> list[dict]:
