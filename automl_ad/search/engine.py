@@ -252,13 +252,15 @@ class Proposer:
     def _quick_candidates(self) -> list[tuple[str, dict | None]]:
         """(family, geometry or None for its default), cheapest default first. When the recommendation chose a
         geometry other than the default (the first it lists: it expects the defaults' squash to leave the defects
-        too few feature cells), that geometry on the family cheapest with it comes first."""
+        too few feature cells), that geometry comes first, on the family cheapest with it on all images."""
         lowest = max(rungs(self.sizes.train_images))
         candidates = [(f, None) for f in sorted(self.order, key=lambda f: self._default_cost(f, None, lowest))]
         chosen = self.request.geometries[0] if self._recommended_geometries() else None
         takers = [f for f in self.order if chosen is not None and self._takes(f, chosen)]
         if takers:
-            candidates.insert(0, (min(takers, key=lambda f: self._default_cost(f, chosen, lowest)), chosen))
+            # ranked on all images, as the warm start's probe: a family whose cost grows faster than its training
+            # work (PatchCore's coreset) is cheap on 1/9 of the images only in the cost model
+            candidates.insert(0, (min(takers, key=lambda f: self._default_cost(f, chosen)), chosen))
         return candidates
 
     def _recommended_geometries(self) -> list[dict]:
