@@ -288,10 +288,10 @@ def test_the_cheapest_family_probes_every_geometry_and_the_helpful_ones_move_to_
     assert not proposals[5]["default"] and "geometry_start" not in study.trials[5].user_attrs  # then sampling
 
 
-def test_the_quick_look_runs_the_recommended_geometry_first_then_every_default_cheapest_first():
-    """Anytime: the first proposals are on the fewest images: the recommended geometry on the family cheapest with
-    it, then every default, cheapest first (gaussian reads no geometry); they are never promoted, and the full
-    defaults follow."""
+def test_the_quick_look_runs_every_default_cheapest_first_and_the_geometry_after_its_family_default():
+    """Anytime: every default, cheapest first, and the recommended geometry right after the default of the family
+    cheapest with it (gaussian reads no geometry), each at the highest fidelity its share of the quick look affords:
+    here all images, so they are the warm-start defaults and are not run again."""
     predictor = _slow_predictor(0.001)
     sizes = TrialSizes(270, 30, (460, 1130))
     wide = {"mode": "letterbox", "height": 224, "width": 512, "scale": None, "overlap": 0, "pad": "reflect"}
@@ -310,11 +310,26 @@ def test_the_quick_look_runs_the_recommended_geometry_first_then_every_default_c
         proposals.append(proposer(trial))
         study.tell(trial, [quality, 10.0, 100.0])
     seen = [(p["family"], p["default"], p["params"].get("geometry"), p["fidelity"]["rung"]) for p in proposals]
-    assert seen[:4] == [("padim", False, wide, 2), ("gaussian", False, None, 2), ("padim", False, None, 2),
-                        ("stpm", False, None, 2)]
-    assert [t.user_attrs["quick_look"][0] for t in study.trials[:4]] == ["padim", "gaussian", "padim", "stpm"]
-    assert seen[4][:2] == ("stpm", True) and seen[4][3] == 0  # the warm start: no promotion of the quick look
-    assert proposer._promotions(study.trials) == []
+    assert seen[:4] == [("gaussian", True, None, 0), ("padim", True, None, 0), ("padim", False, wide, 0),
+                        ("stpm", True, None, 0)]
+    assert [t.user_attrs["quick_look"][0] for t in study.trials[:4]] == ["gaussian", "padim", "padim", "stpm"]
+    assert "quick_look" not in study.trials[4].user_attrs and not seen[4][1]  # no default runs twice
+
+
+def test_the_quick_look_gives_the_geometry_to_a_family_whose_cost_the_model_predicts():
+    """Before it ran, PatchCore's coreset (fit growing quadratically) looks cheapest on tiles to the cost model."""
+    traits = {**TRAITS, "patchcore": FamilyTraits("memory_bank", False, fit_exponent=2.0)}
+    sizes = TrialSizes(454, 311, (460, 1130), {"patchcore": 2.0})
+    tiles = {"mode": "tile", "height": 512, "width": 512, "scale": 1.0, "overlap": 64, "pad": "reflect"}
+    square = {"mode": "squash", "height": 256, "width": 256, "scale": None, "overlap": 0, "pad": "reflect"}
+    request = SearchRequest(data=".", families=["patchcore", "padim"], budget_s=1200, geometries=[tiles, square])
+    spaces = {f: load_space(f).with_geometries(request.geometries) for f in request.families}
+    proposer = Proposer(request, spaces, {"patchcore": {"input_size": 256}, "padim": {"input_size": 256}},
+                        predictor=CostPredictor(traits), sizes=sizes, deadline=time.monotonic() + 1200)
+    assert proposer._default_cost("patchcore", tiles, 2) < proposer._default_cost("padim", tiles, 2)
+    candidates = proposer._quick_candidates()
+    assert ("patchcore", tiles) not in candidates
+    assert candidates[candidates.index(("padim", None)) + 1] == ("padim", tiles)
 
 
 def test_the_quick_look_starts_only_what_ends_within_its_time():

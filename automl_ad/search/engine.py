@@ -3,12 +3,13 @@
 How trials are proposed (define-by-run, :class:`Proposer`):
 
 0. **Quick look** (anytime). During the first ``SEARCH_QUICK_LOOK_SHARE`` of the budget, every family's default
-   runs on the fewest training images (the lowest rung), cheapest first; when the recommendation chose an input
-   geometry other than the default, that geometry runs first, on the family cheapest with it.
-   Each runs only when predicted to end within that time.
-   These are screened models like any other (the search keeps the best of them if nothing beats it), so a model
-   close to the final best exists early, and every family's cost is measured before the full runs are planned.
-   They do not take part in promotions: the warm start runs the defaults in full right after.
+   runs, cheapest first, at the highest fidelity that fits an equal share of that time (else on the fewest
+   training images); when the recommendation chose an input geometry other than the default, the family cheapest
+   with it runs it right after its own default. Each runs only when predicted to end within that time. A default
+   that ran on all images is the family's warm-start default; the others are screened models like any other (the
+   search keeps the best of them if nothing beats it) and take no part in promotions (the warm start runs those
+   defaults in full next). So a model close to the final best exists early, and every family's cost is measured
+   before the full runs are planned.
 1. **Warm start.** The first trial of every family is its default configuration (defaults from the detector, the
    backbone narrowed to what fits the latency budget and has weights), highest prior first. When the recommendation
    chose an input geometry other than the default squash (wide images, small defects), a *probe* family (the one
@@ -229,21 +230,23 @@ class Proposer:
                              None)
 
     def _quick_look(self, trial, earlier) -> dict | None:
-        """The next quick-look candidate (module docstring, step 0) that is predicted to end within the quick look's
-        time, on the fewest training images; None once none is left or fits, and for good once any other trial
-        was proposed (a resumed search does not go back to it)."""
+        """The next quick-look candidate (module docstring, step 0): at the highest fidelity that fits an equal share of
+        the quick look's time left, else on the fewest training images if that fits the time left; None once no
+        candidate is left or fits, and for good once any other trial was proposed (a resumed search does not go
+        back to it). A default that fits on all its images is the family's warm-start default."""
         left = self.quick_look_end - time.monotonic()
         if left <= 0 or any(not t.user_attrs.get("quick_look") for t in earlier):
             return None
         looked = {tuple(t.user_attrs["quick_look"]) for t in earlier if t.user_attrs.get("quick_look")}
+        pending = [(f, g, (f, _geometry_key(g) if g else "")) for f, g in self._quick_candidates()]
+        pending = [c for c in pending if c[2] not in looked]
         cap = min(left, self._cap(bool(_complete(earlier))))
         lowest = max(rungs(self.sizes.train_images))
-        for family, geometry in self._quick_candidates():
-            key = (family, _geometry_key(geometry) if geometry else "")
-            if key in looked:
-                continue
+        for family, geometry, key in pending:
             params = self._with_weights({**self.defaults[family], **({"geometry": geometry} if geometry else {})})
-            plan = plan_trial(self.predictor, self.sizes, family, params, cap, lowest)
+            plan = plan_trial(self.predictor, self.sizes, family, params, cap / len(pending))
+            if plan.skip is not None:
+                plan = plan_trial(self.predictor, self.sizes, family, params, cap, lowest)
             if plan.skip is None:
                 trial.set_user_attr("quick_look", list(key))
                 return self._config(trial, family, params, geometry is None and plan.fidelity.full, plan)
@@ -252,7 +255,9 @@ class Proposer:
     def _quick_candidates(self) -> list[tuple[str, dict | None]]:
         """(family, geometry or None for its default), cheapest default first. When the recommendation chose a
         geometry other than the default (the first it lists: it expects the defaults' squash to leave the defects
-        too few feature cells), that geometry comes first, on the family cheapest with it."""
+        too few feature cells), the family cheapest with it runs it right after its own default, which measured
+        the family's cost on this data: the geometry starts only if that measurement says it ends in time (run
+        first on the cost model's word, a tiled PaDiM on ball_screw took the first 204 s and gave nothing)."""
         lowest = max(rungs(self.sizes.train_images))
         candidates = [(f, None) for f in sorted(self.order, key=lambda f: self._default_cost(f, None, lowest))]
         chosen = self.request.geometries[0] if self._recommended_geometries() else None
@@ -262,7 +267,8 @@ class Proposer:
         # not trusted with the first minutes when another family can run the geometry
         linear = [f for f in takers if self.sizes.fit_exponents.get(f, 1.0) == 1.0] or takers
         if linear:
-            candidates.insert(0, (min(linear, key=lambda f: self._default_cost(f, chosen, lowest)), chosen))
+            probe = min(linear, key=lambda f: self._default_cost(f, chosen, lowest))
+            candidates.insert(candidates.index((probe, None)) + 1, (probe, chosen))
         return candidates
 
     def _recommended_geometries(self) -> list[dict]:
