@@ -198,7 +198,7 @@ class Proposer:
         for source, family, params, rung in self._promotions(earlier):
             if self._fits_at(family, params, rung, complete):  # else it would run at its own rung again
                 trial.set_user_attr("promoted_from", source)
-                default = self._with_weights(dict(self.defaults[family])) == params
+                default = self._default_params(family) == params
                 return self._planned(trial, family, params, default, rung)
         started = {t.user_attrs.get("family") for t in earlier
                    if t.user_attrs.get("default") and not t.user_attrs.get("interrupted")}
@@ -218,7 +218,7 @@ class Proposer:
             return self._geometry_start(trial, *starts[0], rung=0, share=share)  # after its default (measured)
         if pending:
             family = pending[0]
-            return self._planned(trial, family, self._with_weights(dict(self.defaults[family])), True, 0, share)
+            return self._planned(trial, family, self._default_params(family), True, 0, share)
         if starts:  # the probe family on every geometry, then the geometries that helped it on the others
             return self._geometry_start(trial, *starts[0], rung=None)
         fitting = [f for f in self.order if self._cheapest(f).skip is None]
@@ -243,7 +243,7 @@ class Proposer:
         cap = min(left, self._cap(bool(_complete(earlier))))
         lowest = max(rungs(self.sizes.train_images))
         for family, geometry, key in pending:
-            params = self._with_weights({**self.defaults[family], **({"geometry": geometry} if geometry else {})})
+            params = self._default_params(family, geometry)
             plan = plan_trial(self.predictor, self.sizes, family, params, cap / len(pending))
             if plan.skip is not None:
                 plan = plan_trial(self.predictor, self.sizes, family, params, cap, lowest)
@@ -307,15 +307,18 @@ class Proposer:
         others = sorted((f for f in families if f != probe), key=lambda f: -(best(f, None) or 0.0))
         return probing + [(f, g) for g in helpful for f in others if self._takes(f, g)]
 
+    def _default_params(self, family: str, geometry: dict | None = None) -> dict:
+        """``family``'s default configuration, with ``geometry`` unless None."""
+        return self._with_weights({**self.defaults[family], **({"geometry": geometry} if geometry else {})})
+
     def _default_cost(self, family: str, geometry: dict | None, rung: int = 0) -> float:
         """Predicted seconds of ``family``'s default (with ``geometry`` unless None) at fidelity ``rung``."""
-        params = self._with_weights({**self.defaults[family], **({"geometry": geometry} if geometry else {})})
-        return plan_trial(self.predictor, self.sizes, family, params, math.inf, rung).prediction.total_s
+        return plan_trial(self.predictor, self.sizes, family, self._default_params(family, geometry), math.inf,
+                          rung).prediction.total_s
 
     def _geometry_start(self, trial, family: str, geometry: dict, rung: int | None, share: float = 1.0) -> dict:
         trial.set_user_attr("geometry_start", [family, _geometry_key(geometry)])
-        return self._planned(trial, family, self._with_weights({**self.defaults[family], "geometry": geometry}),
-                             False, rung, share)
+        return self._planned(trial, family, self._default_params(family, geometry), False, rung, share)
 
     def _takes(self, family: str, geometry: dict | None) -> bool:
         """Whether ``family``'s space searches ``geometry``."""
@@ -380,7 +383,7 @@ class Proposer:
 
     def _cheapest(self, family: str) -> TrialPlan:
         """The family's default at its lowest fidelity, with all the remaining time."""
-        return plan_trial(self.predictor, self.sizes, family, self._with_weights(dict(self.defaults[family])),
+        return plan_trial(self.predictor, self.sizes, family, self._default_params(family),
                           self._cap(True), max(rungs(self.sizes.train_images)))
 
     def _fallback(self, trial, earlier) -> dict:
@@ -394,7 +397,7 @@ class Proposer:
         failures = {f: sum(_failed(t) and t.user_attrs.get("family") == f and not t.user_attrs.get("interrupted")
                            for t in earlier) for f in fitting}
         family = min(fitting, key=lambda f: plans[f].prediction.total_s * 2 ** failures[f])
-        return self._planned(trial, family, self._with_weights(dict(self.defaults[family])), True,
+        return self._planned(trial, family, self._default_params(family), True,
                              plans[family].fidelity.rung)
 
     def _give_up(self, trial, family: str, reason: str) -> dict:
