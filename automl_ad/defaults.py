@@ -164,8 +164,8 @@ SEARCH_LIMIT_SLACK_S = 30.0
 #: Until some trial has completed, this share of the remaining budget is kept for cheaper fallbacks.
 SEARCH_FALLBACK_RESERVE = 0.25
 #: Anytime: the first this share of the budget is a quick look: each family's default (and the recommended
-#: geometry on the cheapest family), cheapest first, at the fidelity an equal share of that time affords, so that
-#: a model close to the search's final best exists early (issue #11 asks for 2 points after 10% of the budget).
+#: geometry on the cheapest family), cheapest first, on the fewest training images, as far as that time affords,
+#: so that a model close to the final best exists early (issue #11 asks for 2 points after 10% of the budget).
 SEARCH_QUICK_LOOK_SHARE = 0.1
 #: Prior for the fixed seconds of a trial process (start, imports, cost measurement, saving) before any is measured.
 SEARCH_TRIAL_OVERHEAD_S = 15.0

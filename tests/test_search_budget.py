@@ -290,8 +290,7 @@ def test_the_cheapest_family_probes_every_geometry_and_the_helpful_ones_move_to_
 
 def test_the_quick_look_runs_every_default_cheapest_first_and_the_geometry_after_its_family_default():
     """Anytime: every default, cheapest first, and the recommended geometry right after the default of the family
-    cheapest with it (gaussian reads no geometry), each at the highest fidelity its share of the quick look affords:
-    here all images, so they are the warm-start defaults and are not run again."""
+    cheapest with it (gaussian reads no geometry), on the fewest images; never promoted, the full defaults follow."""
     predictor = _slow_predictor(0.001)
     sizes = TrialSizes(270, 30, (460, 1130))
     wide = {"mode": "letterbox", "height": 224, "width": 512, "scale": None, "overlap": 0, "pad": "reflect"}
@@ -310,10 +309,11 @@ def test_the_quick_look_runs_every_default_cheapest_first_and_the_geometry_after
         proposals.append(proposer(trial))
         study.tell(trial, [quality, 10.0, 100.0])
     seen = [(p["family"], p["default"], p["params"].get("geometry"), p["fidelity"]["rung"]) for p in proposals]
-    assert seen[:4] == [("gaussian", True, None, 0), ("padim", True, None, 0), ("padim", False, wide, 0),
-                        ("stpm", True, None, 0)]
+    assert seen[:4] == [("gaussian", False, None, 2), ("padim", False, None, 2), ("padim", False, wide, 2),
+                        ("stpm", False, None, 2)]
     assert [t.user_attrs["quick_look"][0] for t in study.trials[:4]] == ["gaussian", "padim", "padim", "stpm"]
-    assert "quick_look" not in study.trials[4].user_attrs and not seen[4][1]  # no default runs twice
+    assert seen[4][:2] == ("stpm", True) and seen[4][3] == 0  # the warm start: no promotion of the quick look
+    assert proposer._promotions(study.trials) == []
 
 
 def test_the_quick_look_gives_the_geometry_to_a_family_whose_cost_the_model_predicts():
