@@ -164,9 +164,13 @@ SEARCH_LIMIT_SLACK_S = 30.0
 #: Until some trial has completed, this share of the remaining budget is kept for cheaper fallbacks.
 SEARCH_FALLBACK_RESERVE = 0.25
 #: Anytime: the first this share of the budget is a quick look: each family's default (and the recommended
-#: geometry on the cheapest family), cheapest first, on the fewest training images, as far as that time affords,
+#: geometry on the cheapest family), cheapest first, on few training images, as far as that time affords,
 #: so that a model close to the final best exists early (issue #11 asks for 2 points after 10% of the budget).
 SEARCH_QUICK_LOOK_SHARE = 0.1
+#: A quick-look trial runs on more training images (all, else 1/η) when that is predicted to cost at most this
+#: multiple of its run on the fewest: where scoring the validation images dominates (a one-pass family), fewer
+#: training images save little time and cost quality.
+SEARCH_QUICK_LOOK_FULL_COST = 1.5
 #: Prior for the fixed seconds of a trial process (start, imports, cost measurement, saving) before any is measured.
 SEARCH_TRIAL_OVERHEAD_S = 15.0
 #: Prior training passes per image-epoch relative to one inference (forward + backward of a trained network).

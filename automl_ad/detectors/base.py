@@ -84,10 +84,6 @@ class Detector(BaseEstimator):
     supports_localization: ClassVar[bool] = True
     needs_training: ClassVar[bool] = True
     iterative: ClassVar[bool] = False
-    #: How fitting time grows with the training work (images x epochs x pixels): 1 = linearly; a family whose fit
-    #: compares training patches with each other (PatchCore's greedy coreset) grows faster. The search's cost
-    #: predictor extrapolates measured fits with it.
-    fit_cost_exponent: ClassVar[float] = 1.0
     #: Synthetic anomaly kinds (``automl_ad.data.synthetic.KINDS``) the family trains on: never ranked on them.
     trains_on_anomalies: ClassVar[tuple[str, ...]] = ()
     #: Cheap settings for the contract test (tiny images, few epochs); merged over the defaults.
@@ -314,6 +310,13 @@ class Detector(BaseEstimator):
         """Restore :meth:`_shared_tensors` (called by ``load`` before ``_restore``)."""
 
     # --- helpers ----------------------------------------------------------------------------------------------
+    @classmethod
+    def extra_fit_seconds(cls, train_images: int, network_pixels: float, params: dict) -> float:
+        """Seconds a fit of ``params`` on ``train_images`` images of ``network_pixels`` spends on work that does not
+        grow linearly with the images (0 here; PatchCore's coreset compares training patches with each other).
+        The search's cost predictor adds it to the linear part it learns from measured trials."""
+        return 0.0
+
     def _store_parameters(self, arguments: dict) -> None:
         """The body of every family's ``__init__`` (``self._store_parameters(locals())``): each constructor
         parameter kept as the attribute of its name, unchanged, as scikit-learn expects (``fit`` validates)."""

@@ -1,13 +1,16 @@
 """How long a trial will take, and at which fidelity it fits the time it may have.
 
 A trial's work is its training images × epochs (1 for families that do not train iteratively) × the pixels the
-network sees per image (``input_size``², times the tiles when the geometry tiles), raised to the family's fit
-exponent (2 for PatchCore, whose coreset compares training patches with each other), and its validation images ×
-pixels. Seconds per unit of work are learnt online from the trials this search has finished (per family: median
-of its measurements, so one trial slowed by a neighbour does not swing it); a family not measured yet gets the
-cost model's estimate (:func:`automl_ad.recommend.cost.estimate_route`) times the machine's measured speed
-relative to that model (median over every measured trial). A timed-out trial is a lower bound: its family is then
-predicted to cost at least ``SEARCH_COST_MARGIN`` × what it ran out of.
+network sees per image (``input_size``², times the tiles when the geometry tiles), and its validation images ×
+pixels. Fitting also spends the family's own extra seconds on work that does not grow linearly
+(:meth:`~automl_ad.detectors.base.Detector.extra_fit_seconds`: PatchCore's coreset compares training patches
+with each other, timed on this machine). Seconds per unit of the linear work are learnt online from the trials
+this search has finished (per family: median of its measurements, so one trial slowed by a neighbour does not
+swing it); a family not measured yet gets the cost model's estimate
+(:func:`automl_ad.recommend.cost.estimate_route`) times the machine's measured speed relative to that model,
+separately for fitting and for evaluation (medians over every measured trial: evaluation, which computes metrics
+on every validation image, costs far more than the model's forward pass). A timed-out trial is a lower bound:
+its family is then predicted to cost at least ``SEARCH_COST_MARGIN`` × what it ran out of.
 
 A fidelity shrinks the work: a fraction of the training images (rungs 1, 1/η, 1/η², as long as a rung keeps
 ``SEARCH_MIN_SCREEN_IMAGES``) and, for iterative families, fewer epochs. :func:`plan_trial` picks the highest
@@ -17,7 +20,8 @@ fidelity whose predicted time fits the trial's limit, or says why nothing does.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from statistics import median
 
 from automl_ad.constraints import ConstraintProfile
@@ -39,13 +43,14 @@ from automl_ad.recommend.cost import cost_model, estimate_route
 
 @dataclass(frozen=True)
 class FamilyTraits:
-    """What the predictor needs to know of a family: its cost-model route, whether it trains in epochs and how
-    many its default configuration trains (a configuration that does not set ``epochs`` trains that many)."""
+    """What the predictor needs to know of a family: its cost-model route, whether it trains in epochs, how many
+    its default configuration trains (a configuration that does not set ``epochs`` trains that many) and its extra
+    fit seconds (``extra_fit_s(train_images, network_pixels, params)``; see the module docstring)."""
 
     route: str
     iterative: bool
     default_epochs: int | None = None
-    fit_exponent: float = 1.0  # fit seconds grow as (training work) ** fit_exponent
+    extra_fit_s: Callable[[int, float, dict], float] | None = None
 
 
 @dataclass(frozen=True)
@@ -57,12 +62,11 @@ class Work:
     validation_images: int
     pixels: float  # network input pixels per image
     epochs: int | None  # None for families that do not train iteratively
-    fit_exponent: float = 1.0  # see FamilyTraits
 
     @property
     def fit_units(self) -> float:
-        """Training work in image-epoch megapixels, raised to the family's fit exponent."""
-        return (self.train_images * (self.epochs or 1) * self.pixels / 1e6) ** self.fit_exponent
+        """Training work in image-epoch megapixels."""
+        return self.train_images * (self.epochs or 1) * self.pixels / 1e6
 
     @property
     def eval_units(self) -> float:
@@ -101,9 +105,10 @@ class CostPredictor:
         self.traits = traits
         self.constraints = ConstraintProfile(hardware=Hardware(device="gpu" if device == "cuda" else "cpu",
                                                                cpu_cores=max(1, int(threads))))
-        self._fit_rates: dict[str, list[float]] = {}  # seconds per fit unit, per family
+        self._fit_rates: dict[str, list[float]] = {}  # seconds per fit unit (extra seconds aside), per family
         self._eval_rates: dict[str, list[float]] = {}  # seconds per eval unit, per family
-        self._speed: list[float] = []  # measured / prior seconds, every trial
+        self._fit_speed: list[float] = []  # measured / prior fit seconds (extra seconds aside), every trial
+        self._eval_speed: list[float] = []  # measured / prior evaluation seconds, every trial
         self._at_least: dict[str, float] = {}  # per family: seconds per (fit + eval) unit it needed at least
 
     # --- learning ---------------------------------------------------------------------------------------------
@@ -111,13 +116,17 @@ class CostPredictor:
         """A finished trial: ``fit_s`` seconds fitting, ``wall_s`` seconds in all."""
         if not (fit_s >= 0 and wall_s > 0) or work.fit_units <= 0:
             return
+        params = params or {}
         eval_s = max(0.0, wall_s - fit_s - SEARCH_TRIAL_OVERHEAD_S)
-        self._fit_rates.setdefault(work.family, []).append(fit_s / work.fit_units)
+        linear_fit_s = max(0.0, fit_s - self._extra_fit_s(work, params))
+        self._fit_rates.setdefault(work.family, []).append(linear_fit_s / work.fit_units)
         if work.eval_units > 0:
             self._eval_rates.setdefault(work.family, []).append(eval_s / work.eval_units)
-        prior = self._prior(work, params or {})
-        if prior.total_s > 0:
-            self._speed.append(wall_s / prior.total_s)
+        prior = self._prior(work, params)
+        if prior.fit_s > 0:
+            self._fit_speed.append(linear_fit_s / prior.fit_s)
+        if prior.eval_s > 0 and work.eval_units > 0:
+            self._eval_speed.append(eval_s / prior.eval_s)
 
     def observe_timeout(self, work: Work, limit_s: float) -> None:
         """A trial of ``work`` ran out of ``limit_s``: its family costs at least that much per unit."""
@@ -132,18 +141,19 @@ class CostPredictor:
     # --- predicting -------------------------------------------------------------------------------------------
     def predict(self, work: Work, params: dict | None = None) -> Prediction:
         params = params or {}
+        prior = self._prior(work, params)
+        extra = self._extra_fit_s(work, params)
+        fit_speed, eval_speed = self._speeds()
         if self.measured(work.family):
-            fit = median(self._fit_rates[work.family]) * work.fit_units
+            fit = median(self._fit_rates[work.family]) * work.fit_units + extra
             rates = self._eval_rates.get(work.family)
-            prior = self._prior(work, params)
-            evaluation = median(rates) * work.eval_units if rates else prior.eval_s * self.speed
+            evaluation = median(rates) * work.eval_units if rates else prior.eval_s * eval_speed
             prediction = Prediction(fit, evaluation, SEARCH_TRIAL_OVERHEAD_S,
                                     f"measured on {self.measured(work.family)} trial(s) of {work.family}")
         else:
-            prior = self._prior(work, params)
-            prediction = Prediction(prior.fit_s * self.speed, prior.eval_s * self.speed, prior.overhead_s,
-                                    f"cost model × measured machine speed {self.speed:.2g}" if self._speed
-                                    else "cost model")
+            prediction = Prediction(prior.fit_s * fit_speed + extra, prior.eval_s * eval_speed, prior.overhead_s,
+                                    f"cost model × measured machine speed {fit_speed:.2g} (fit), "
+                                    f"{eval_speed:.2g} (evaluation)" if self._fit_speed else "cost model")
         floor = self._at_least.get(work.family, 0.0) * SEARCH_COST_MARGIN * (work.fit_units + work.eval_units)
         if floor > prediction.total_s:  # it timed out before: at least the margin times what it ran out of
             scale = (floor - prediction.overhead_s) / max(prediction.fit_s + prediction.eval_s, 1e-9)
@@ -151,10 +161,15 @@ class CostPredictor:
                                     f"{prediction.basis}, raised: timed out before")
         return prediction
 
-    @property
-    def speed(self) -> float:
-        """This machine's measured seconds relative to the cost model's (1 until a trial has finished)."""
-        return median(self._speed) if self._speed else 1.0
+    def _speeds(self) -> tuple[float, float]:
+        """This machine's measured fit and evaluation seconds relative to the cost model's (1 until measured)."""
+        return (median(self._fit_speed) if self._fit_speed else 1.0,
+                median(self._eval_speed) if self._eval_speed else 1.0)
+
+    def _extra_fit_s(self, work: Work, params: dict) -> float:
+        """The family's fit seconds beyond the linear work (see the module docstring)."""
+        extra = self.traits.get(work.family, FamilyTraits("", False)).extra_fit_s
+        return extra(work.train_images, work.pixels, params) if extra else 0.0
 
     def _prior(self, work: Work, params: dict) -> Prediction:
         """The cost model's estimate: per-image inference time of the family's route and backbone at its pixels;
@@ -230,11 +245,10 @@ class TrialSizes:
     train_images: int
     validation_images: int
     image_hw: tuple[float, float]
-    fit_exponents: dict[str, float] = field(default_factory=dict)  # per family, when not 1 (FamilyTraits)
 
     def work(self, family: str, params: dict, fidelity: Fidelity) -> Work:
         return Work(family, fidelity.train_images, self.validation_images,
-                    network_pixels(params, self.image_hw), fidelity.epochs, self.fit_exponents.get(family, 1.0))
+                    network_pixels(params, self.image_hw), fidelity.epochs)
 
 
 def plan_trial(predictor: CostPredictor, sizes: TrialSizes, family: str, params: dict, cap_s: float,

@@ -3,7 +3,8 @@
 How trials are proposed (define-by-run, :class:`Proposer`):
 
 0. **Quick look** (anytime). During the first ``SEARCH_QUICK_LOOK_SHARE`` of the budget, every family's default
-   runs, cheapest first, on the fewest training images (the lowest rung); when the recommendation chose an input
+   runs, cheapest first, on the fewest training images (the lowest rung), or on more when that costs little more
+   (``SEARCH_QUICK_LOOK_FULL_COST``: scoring the validation images dominates); when the recommendation chose an input
    geometry other than the default, the family cheapest with it runs it right after its own default. Each runs
    only when predicted to end within that time. A default that ran on all images (a small dataset has no lower
    rung) is the family's warm-start default; the others are screened models like any other (the
@@ -89,6 +90,7 @@ from automl_ad.defaults import (
     SEARCH_END_TAIL_S,
     SEARCH_FALLBACK_RESERVE,
     SEARCH_MAX_BUDGET_S,
+    SEARCH_QUICK_LOOK_FULL_COST,
     SEARCH_QUICK_LOOK_SHARE,
     SEARCH_REDUCTION_FACTOR,
     SEARCH_REPORT_EVERY,
@@ -230,12 +232,12 @@ class Proposer:
                              None)
 
     def _quick_look(self, trial, earlier) -> dict | None:
-        """The next quick-look candidate (module docstring, step 0) on the fewest training images, if predicted to end
-        within the quick look's time left; None once no candidate is left or fits, and for good once any other
-        trial was proposed (a resumed search does not go back to it). Not at the fidelity an equal share of that
-        time affords: before a family ran, the cost model's prior can be far off (the PatchCore default planned on
-        all 610 magnetic_tile images with a 24 s limit took 84 s), and on the fewest images a wrong guess costs
-        little. A default on all images (a small dataset has no lower rung) is the family's warm-start default."""
+        """The next quick-look candidate (module docstring, step 0), if predicted to end within the quick look's
+        time left; None once no candidate is left or fits, and for good once any other trial was proposed (a resumed
+        search does not go back to it). It runs on the fewest training images, or on more (all, else 1/η) when
+        that is predicted to cost at most ``SEARCH_QUICK_LOOK_FULL_COST`` × as much: not at the fidelity an equal
+        share of the time affords, because then one misjudged family eats the quick look. A default on all images
+        is the family's warm-start default."""
         left = self.quick_look_end - time.monotonic()
         if left <= 0 or any(not t.user_attrs.get("quick_look") for t in earlier):
             return None
@@ -248,6 +250,9 @@ class Proposer:
             params = self._default_params(family, geometry)
             plan = plan_trial(self.predictor, self.sizes, family, params, cap, lowest)
             if plan.skip is None:
+                more = plan_trial(self.predictor, self.sizes, family, params,
+                                  min(cap, SEARCH_QUICK_LOOK_FULL_COST * plan.prediction.total_s))
+                plan = plan if more.skip is not None else more
                 trial.set_user_attr("quick_look", list(key))
                 return self._config(trial, family, params, geometry is None and plan.fidelity.full, plan)
         return None
@@ -262,12 +267,8 @@ class Proposer:
         candidates = [(f, None) for f in sorted(self.order, key=lambda f: self._default_cost(f, None, lowest))]
         chosen = self.request.geometries[0] if self._recommended_geometries() else None
         takers = [f for f in self.order if chosen is not None and self._takes(f, chosen)]
-        # before a family ran, the cost model predicts its fit as linear in the training work; a family whose fit
-        # grows faster (PatchCore's coreset: 50 tiled ball_screw images ran out of 204 s against a 50 s prior) is
-        # not trusted with the first minutes when another family can run the geometry
-        linear = [f for f in takers if self.sizes.fit_exponents.get(f, 1.0) == 1.0] or takers
-        if linear:
-            probe = min(linear, key=lambda f: self._default_cost(f, chosen, lowest))
+        if takers:
+            probe = min(takers, key=lambda f: self._default_cost(f, chosen, lowest))
             candidates.insert(candidates.index((probe, None)) + 1, (probe, chosen))
         return candidates
 
@@ -941,7 +942,6 @@ def _tune(request, spaces, defaults, work_dir, data_file, state, remaining, trac
     deadline = time.monotonic() + remaining
     traits = family_traits(request.families)
     predictor = CostPredictor(traits, threads=threads, device="cuda" if resources.get("gpu") else "cpu")
-    sizes.fit_exponents = {f: t.fit_exponent for f, t in traits.items() if t.fit_exponent != 1.0}
     proposer = Proposer(request, spaces, defaults, reruns, predictor, sizes, deadline, parallel)
     searcher = OptunaSearch(space=proposer, metric=OBJECTIVE_METRICS, mode=OBJECTIVE_MODES, sampler=sampler,
                             study_name=state["study"], storage=storage)
@@ -987,7 +987,7 @@ def _fail_stale_trials(storage, study_name: str) -> None:
 
 # --- budget-aware scheduling --------------------------------------------------------------------------------------
 def family_traits(families: list[str]) -> dict[str, FamilyTraits]:
-    """Cost-model route, iterative training, default epochs and fit cost exponent of each family (what the cost
+    """Cost-model route, iterative training, default epochs and extra fit seconds of each family (what the cost
     predictor needs)."""
     from automl_ad.detectors import detector_class
 
@@ -996,7 +996,7 @@ def family_traits(families: list[str]) -> dict[str, FamilyTraits]:
         cls = detector_class(family)
         epochs = getattr(cls(), "epochs", None) if cls.iterative else None
         traits[family] = FamilyTraits(cls.route, bool(cls.iterative), epochs if isinstance(epochs, int) else None,
-                                      float(cls.fit_cost_exponent))
+                                      cls.extra_fit_seconds)
     return traits
 
 

@@ -21,6 +21,8 @@
 from __future__ import annotations
 
 import logging
+import time
+from functools import cache
 from numbers import Real
 
 import numpy as np
@@ -36,6 +38,7 @@ from automl_ad.detectors.registry import register_detector
 log = logging.getLogger(__name__)
 
 _DISTANCE_VALUES = 1 << 24  # query-to-bank distances per graph run (64 MiB of float32)
+_UNPROJECTED_DIM = 512  # features per patch assumed by the fit cost estimate when nothing projects them
 
 
 @register_detector
@@ -45,7 +48,6 @@ class PatchCore(PatchFeatureDetector):
     name = "patchcore"
     route = "memory_bank"
     needs_training = False
-    fit_cost_exponent = 2.0  # the greedy coreset: ratio x N steps, each a pass over the N training patches
     test_params = {"backbone": "resnet18", "pretrained": False, "input_size": 64, "coreset_ratio": 0.5}
     _parameter_constraints = {
         **BACKBONE_CONSTRAINTS, **PATCH_CONSTRAINTS, "coreset_ratio": [Interval(Real, 0, 1, closed="right")],
@@ -68,6 +70,18 @@ class PatchCore(PatchFeatureDetector):
         self.feature_shape_ = tuple(embedding.shape[1:3])
         log.info("%s: memory bank of %d patches (%.1f%% of %d)", self.name, len(selected),
                  100 * len(selected) / len(patches), len(patches))
+
+    @classmethod
+    def extra_fit_seconds(cls, train_images: int, network_pixels: float, params: dict) -> float:
+        """The greedy coreset: ratio x N steps, each a pass over the N training patches (one per cell of the finest
+        feature stride) in its projected dimensions, at the seconds per value measured on this machine."""
+        defaults = cls()
+        stride = min(params.get("feature_strides", defaults.feature_strides))
+        ratio = float(params.get("coreset_ratio", defaults.coreset_ratio))
+        dim = params.get("coreset_projection_dim", defaults.coreset_projection_dim) or \
+            params.get("embedding_dim", defaults.embedding_dim) or _UNPROJECTED_DIM
+        patches = train_images * network_pixels / stride ** 2
+        return min(1.0, ratio) * patches * patches * dim * _coreset_seconds_per_value(int(dim))
 
     # --- score ------------------------------------------------------------------------------------------------
     def _scoring_graph(self) -> PatchCoreHead:
@@ -133,3 +147,17 @@ def greedy_coreset(features, ratio: float, projection_dim: int | None, seed: int
             torch.minimum(min_distance, distance, out=min_distance)
             current = int(torch.argmax(min_distance))
     return selected
+
+
+@cache
+def _coreset_seconds_per_value(dim: int) -> float:
+    """Seconds one greedy coreset step spends per (patch x dimension), timed on random patches of ``dim``
+    dimensions large enough to leave the caches (each step is a memory-bound matrix-vector product)."""
+    import torch
+
+    count, steps = 1 << 18, 16
+    points = torch.randn(count, dim)
+    greedy_coreset(points, 2 / count, None)  # warm-up
+    started = time.perf_counter()
+    greedy_coreset(points, steps / count, None)
+    return (time.perf_counter() - started) / (steps * count * dim)
