@@ -164,7 +164,7 @@ SEARCH_LIMIT_SLACK_S = 30.0
 #: Until some trial has completed, this share of the remaining budget is kept for cheaper fallbacks.
 SEARCH_FALLBACK_RESERVE = 0.25
 #: Anytime: the first this share of the budget is a quick look: each family's default (and the recommended
-#: geometry on the cheapest family), cheapest first, on few training images, as far as that time affords,
+#: geometry on the cheapest family), cheapest on all images first, on few training images, as far as that time affords,
 #: so that a model close to the final best exists early (issue #11 asks for 2 points after 10% of the budget).
 SEARCH_QUICK_LOOK_SHARE = 0.1
 #: A quick-look trial runs on more training images (all, else 1/η) when that is predicted to cost at most this

@@ -252,14 +252,15 @@ class TrialSizes:
 
 
 def plan_trial(predictor: CostPredictor, sizes: TrialSizes, family: str, params: dict, cap_s: float,
-               first_rung: int = 0) -> TrialPlan:
-    """The highest fidelity from ``first_rung`` down whose predicted seconds fit ``cap_s``.
+               first_rung: int = 0, within_s: float | None = None) -> TrialPlan:
+    """The highest fidelity from ``first_rung`` down whose predicted seconds fit ``within_s`` (default ``cap_s``).
 
-    An iterative family that would not finish its epochs within the training share of the limit (and the time
+    An iterative family that would not finish its epochs within the training share of that time (and the time
     left after scoring) trains fewer epochs (at least one) before a lower rung is tried. The limit is
     ``SEARCH_COST_MARGIN`` (``SEARCH_UNMEASURED_COST_MARGIN`` for a family not measured yet) × the prediction plus
     ``SEARCH_LIMIT_SLACK_S``, never above ``cap_s``.
     """
+    room = min(cap_s, within_s) if within_s is not None else cap_s
     traits = predictor.traits.get(family, FamilyTraits("", False))
     epochs = params.get("epochs", traits.default_epochs)
     full_epochs = int(epochs) if traits.iterative and isinstance(epochs, (int, float)) else None
@@ -268,7 +269,7 @@ def plan_trial(predictor: CostPredictor, sizes: TrialSizes, family: str, params:
     for rung in levels:
         fidelity = fidelity_at(rung, sizes.train_images, full_epochs)
         prediction = predictor.predict(sizes.work(family, params, fidelity), params)
-        fit_room = min(SEARCH_TRAINING_SHARE * cap_s, cap_s - prediction.eval_s - prediction.overhead_s)
+        fit_room = min(SEARCH_TRAINING_SHARE * room, room - prediction.eval_s - prediction.overhead_s)
         if full_epochs and prediction.fit_s > fit_room:
             per_epoch = prediction.fit_s / full_epochs
             epochs = int(max(0.0, fit_room) // per_epoch) if per_epoch > 0 else full_epochs
@@ -276,11 +277,11 @@ def plan_trial(predictor: CostPredictor, sizes: TrialSizes, family: str, params:
                 fidelity = Fidelity(rung, fidelity.train_fraction, fidelity.train_images, epochs, full_epochs)
                 prediction = predictor.predict(sizes.work(family, params, fidelity), params)
         last = (fidelity, prediction)
-        if prediction.total_s <= cap_s:
+        if prediction.total_s <= room:
             margin = SEARCH_COST_MARGIN if predictor.measured(family) else SEARCH_UNMEASURED_COST_MARGIN
             limit = min(cap_s, margin * prediction.total_s + SEARCH_LIMIT_SLACK_S)
             return TrialPlan(fidelity, prediction, limit)
     fidelity, prediction = last
     return TrialPlan(None, prediction, cap_s,
                      skip=f"predicted {prediction.total_s:.0f} s ({prediction.basis}) even with "
-                          f"{fidelity.describe()}, over the {cap_s:.0f} s it may have")
+                          f"{fidelity.describe()}, over the {room:.0f} s it may have")

@@ -3,12 +3,12 @@
 How trials are proposed (define-by-run, :class:`Proposer`):
 
 0. **Quick look** (anytime). During the first ``SEARCH_QUICK_LOOK_SHARE`` of the budget, every family's default
-   runs, cheapest first, on the fewest training images (the lowest rung), or on more when that costs little more
-   (``SEARCH_QUICK_LOOK_FULL_COST``: scoring the validation images dominates); when the recommendation chose an input
-   geometry other than the default, the family cheapest with it runs it right after its own default. Each runs
-   only when predicted to end within that time. A default that ran on all images (a small dataset has no lower
-   rung) is the family's warm-start default; the others are screened models like any other (the
-   search keeps the best of them if nothing beats it) and take no part in promotions (the warm start runs those
+   runs, cheapest on all training images first, on the fewest training images (the lowest rung), or on more when
+   that costs little more (``SEARCH_QUICK_LOOK_FULL_COST``: scoring the validation images dominates); when the
+   recommendation chose an input geometry other than the default, the family cheapest with it runs it right after
+   its own default. Each runs only when predicted to end within that time. A default that ran on all images is
+   the family's warm-start default; the others are screened models like any other (the search keeps the best of
+   them if nothing beats it) and take no part in promotions (the warm start runs those
    defaults in full next). So a model close to the final best exists early, and every family's cost is measured
    before the full runs are planned.
 1. **Warm start.** The first trial of every family is its default configuration (defaults from the detector, the
@@ -250,25 +250,27 @@ class Proposer:
             params = self._default_params(family, geometry)
             plan = plan_trial(self.predictor, self.sizes, family, params, cap, lowest)
             if plan.skip is None:
-                more = plan_trial(self.predictor, self.sizes, family, params,
-                                  min(cap, SEARCH_QUICK_LOOK_FULL_COST * plan.prediction.total_s))
+                more = plan_trial(self.predictor, self.sizes, family, params, cap,
+                                  within_s=SEARCH_QUICK_LOOK_FULL_COST * plan.prediction.total_s)
                 plan = plan if more.skip is not None else more
                 trial.set_user_attr("quick_look", list(key))
                 return self._config(trial, family, params, geometry is None and plan.fidelity.full, plan)
         return None
 
     def _quick_candidates(self) -> list[tuple[str, dict | None]]:
-        """(family, geometry or None for its default), cheapest default first. When the recommendation chose a
-        geometry other than the default (the first it lists: it expects the defaults' squash to leave the defects
-        too few feature cells), the family cheapest with it runs it right after its own default, which measured
-        the family's cost on this data: the geometry starts only if that measurement says it ends in time (run
-        first on the cost model's word, a tiled PaDiM on ball_screw took the first 204 s and gave nothing)."""
-        lowest = max(rungs(self.sizes.train_images))
-        candidates = [(f, None) for f in sorted(self.order, key=lambda f: self._default_cost(f, None, lowest))]
+        """(family, geometry or None for its default), the default cheapest on all training images first (what a
+        family's quick look shows comes closest to its full run when the full run is cheap: on the fewest
+        magnetic_tile images PatchCore looked cheapest, took the whole quick look with two screening runs and
+        left PaDiM, whose full default takes half a minute, out). When the recommendation chose a geometry other
+        than the default (the first it lists: it expects the defaults' squash to leave the defects too few
+        feature cells), the family cheapest with it runs it right after its own default, which measured the
+        family's cost on this data: the geometry starts only if that measurement says it ends in time (run first
+        on the cost model's word, a tiled PaDiM on ball_screw took the first 204 s and gave nothing)."""
+        candidates = [(f, None) for f in sorted(self.order, key=lambda f: self._default_cost(f, None))]
         chosen = self.request.geometries[0] if self._recommended_geometries() else None
         takers = [f for f in self.order if chosen is not None and self._takes(f, chosen)]
         if takers:
-            probe = min(takers, key=lambda f: self._default_cost(f, chosen, lowest))
+            probe = min(takers, key=lambda f: self._default_cost(f, chosen))
             candidates.insert(candidates.index((probe, None)) + 1, (probe, chosen))
         return candidates
 
