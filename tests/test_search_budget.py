@@ -328,6 +328,28 @@ def test_the_quick_look_runs_every_default_cheapest_first_and_the_geometry_after
     assert proposer._promotions(study.trials) == []
 
 
+def test_a_quick_look_geometry_on_all_images_is_not_run_again_by_the_warm_start():
+    """On magnetic_tile the quick look ran PaDiM letterbox 320x288 on all images and the warm start ran it again."""
+    predictor = _slow_predictor(0.001)  # everything cheap: the quick look runs on all images
+    wide = {"mode": "letterbox", "height": 224, "width": 512, "scale": None, "overlap": 0, "pad": "reflect"}
+    square = {"mode": "squash", "height": 256, "width": 256, "scale": None, "overlap": 0, "pad": "reflect"}
+    families = ["stpm", "padim"]
+    request = SearchRequest(data=".", families=families, priors={"stpm": 0.9, "padim": 0.8}, budget_s=3600,
+                            geometries=[wide, square])
+    spaces = {f: load_space(f).with_geometries(request.geometries) for f in families}
+    proposer = Proposer(request, spaces, {"stpm": {"epochs": 20}, "padim": {}}, predictor=predictor,
+                        sizes=TrialSizes(270, 30, (460, 1130)), deadline=time.monotonic() + 3600)
+    study = _study()
+    proposals = []
+    for quality in (0.8, 0.9, 0.6, 0.5):
+        trial = study.ask()
+        proposals.append(proposer(trial))
+        study.tell(trial, [quality, 10.0, 100.0])
+    seen = [(p["family"], p["params"].get("geometry"), p["fidelity"]["rung"]) for p in proposals]
+    assert seen[:3] == [("padim", None, 0), ("padim", wide, 0), ("stpm", None, 0)]
+    assert seen[3][:2] == ("stpm", wide)  # the geometry that beat PaDiM's default, on the other family
+
+
 def test_the_quick_look_gives_the_geometry_to_the_family_cheapest_with_it_coreset_counted():
     """On tiled ball_screw images the linear part alone makes PatchCore look cheaper than PaDiM; its coreset (50
     tiled images ran out of 204 s against a 50 s linear prior) makes PaDiM the one to run the geometry."""

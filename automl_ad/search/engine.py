@@ -237,7 +237,7 @@ class Proposer:
         search does not go back to it). It runs on the fewest training images, or on more (all, else 1/η) when
         that is predicted to cost at most ``SEARCH_QUICK_LOOK_FULL_COST`` × as much: not at the fidelity an equal
         share of the time affords, because then one misjudged family eats the quick look. A default on all images
-        is the family's warm-start default."""
+        is the family's warm-start default, a geometry on all images its warm-start geometry trial."""
         left = self.quick_look_end - time.monotonic()
         if left <= 0 or any(not t.user_attrs.get("quick_look") for t in earlier):
             return None
@@ -254,6 +254,8 @@ class Proposer:
                                   within_s=SEARCH_QUICK_LOOK_FULL_COST * plan.prediction.total_s)
                 plan = plan if more.skip is not None else more
                 trial.set_user_attr("quick_look", list(key))
+                if geometry is not None and plan.fidelity.full:  # the warm start does not run it again
+                    trial.set_user_attr("geometry_start", list(key))
                 return self._config(trial, family, params, geometry is None and plan.fidelity.full, plan)
         return None
 
