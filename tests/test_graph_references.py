@@ -255,3 +255,18 @@ def test_the_graph_follows_parameters_set_after_fit_and_survives_copies(images):
                                atol=TOLERANCE * np.ptp(sharp.anomaly_maps))
     for twin in (copy.deepcopy(detector), pickle.loads(pickle.dumps(detector))):
         np.testing.assert_allclose(twin.score_samples(test).anomaly_maps, smooth.anomaly_maps, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family, params", [("patchcore", {"coreset_ratio": 0.5}),
+                                            ("stpm", {"epochs": 1, "batch_size": 4})])
+def test_the_whole_graph_and_the_head_on_extracted_features_agree(images, family, params):
+    """In-memory images run backbone and head as one graph; images whose features are extracted (or cached) first
+    run the head alone (STPM's head reads the images too): the same scores and maps."""
+    train, test = images.subset(range(6)), images.subset(range(6, 10))
+    detector = create_detector(family, **BACKBONE, **params).fit(train)
+    whole = detector.score_samples(test)
+    head = graph_based.GraphDetector._score(detector, test)  # the path of images read through the feature cache
+    assert set(detector._runners) == {"whole", "head"}
+    span = np.ptp(whole.anomaly_maps)
+    np.testing.assert_allclose(head.anomaly_maps, whole.anomaly_maps, rtol=0, atol=1e-4 * span)
+    np.testing.assert_allclose(head.image_scores, whole.image_scores, rtol=0, atol=1e-4 * span)

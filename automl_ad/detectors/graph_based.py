@@ -8,7 +8,8 @@ the weights change every epoch.
 
 Backbone families (:class:`BackboneGraphDetector`) run a *head*: the graph from the backbone's feature maps on,
 so that the features still come from the feature cache; their exported graph is the backbone followed by that
-head.
+head, and images that skip the cache (in memory: deployment, a latency measurement) run that whole graph in one
+session.
 
 The graph runs on network inputs (:meth:`Detector.graph_input`): one per image for a squash or letterbox, one per
 tile for tiles; ``score_samples`` then turns its per-input outputs into per-image scores and full-resolution maps
@@ -40,7 +41,7 @@ GRAPH_BATCH = 16
 class GraphDetector(Detector):
     """A family whose scoring is :meth:`_scoring_graph`: subclasses implement it instead of ``_score``."""
 
-    _runner: Runner | None = None
+    _runners: dict[str, Runner] | None = None  # built graphs ready to run, by name ("head", "whole")
 
     # --- hooks for families -----------------------------------------------------------------------------------
     def _scoring_graph(self) -> nn.Module:
@@ -77,22 +78,25 @@ class GraphDetector(Detector):
         return on_cpu(self._whole_graph().eval()) if self._graph_exportable() else None
 
     def fit(self, train: ImageSet, on_epoch: EpochCallback | None = None) -> Detector:
-        self._runner = None
+        self._runners = None
         return super().fit(train, on_epoch)
 
     def set_params(self, **params):
-        self._runner = None
+        self._runners = None
         return super().set_params(**params)
 
     def __getstate__(self):
-        """Copies and pickles leave the runner out (an ONNX Runtime session); they build their own."""
+        """Copies and pickles leave the runners out (ONNX Runtime sessions); they build their own."""
         state = super().__getstate__()
-        state.pop("_runner", None)
+        state.pop("_runners", None)
         return state
 
     def _score(self, images: ImageSet) -> Scores:
         inputs = self._graph_inputs(images)
-        run = self._graph_runner(inputs)
+        return self._run_batches(self._graph_runner("head", self._scoring_graph, inputs), inputs)
+
+    def _run_batches(self, run: Runner, inputs: list[np.ndarray]) -> Scores:
+        """``run`` over ``inputs`` in batches of :meth:`_graph_batch_size` rows; (scores, maps) per row."""
         step = self._graph_batch_size()
         scores, maps = [], []
         for start in range(0, len(inputs[0]), step):  # one row per network input (tiles: several per image)
@@ -102,21 +106,29 @@ class GraphDetector(Detector):
             maps.append(anomaly_maps.float().cpu().numpy())
         return Scores(np.concatenate(scores), np.concatenate(maps))
 
-    def _graph_runner(self, inputs: list[np.ndarray]) -> Runner:
-        """The scoring graph ready to run: built once per fitted state, but afresh (eager) mid-training."""
+    def _graph_runner(self, name: str, build, inputs: list[np.ndarray], eager_on_cpu: bool = True) -> Runner | None:
+        """The graph ``build()`` ready to run on inputs like ``inputs``: built once per fitted state and kept under
+        ``name``, but afresh (eager) mid-training. None when it cannot run on ONNX Runtime on CPU and
+        ``eager_on_cpu`` is False."""
         if self._scoring_mid_training:
-            return self._eager(self._scoring_graph())
-        if self._runner is None:
-            graph = self._scoring_graph().eval()
-            device = self._graph_device(graph)
-            if device.type == "cpu" and self._graph_exportable() and \
-                    sum(t.numel() * t.element_size() for t in tensors_of(graph)) <= ONNX_CONSTANTS_LIMIT:
+            return self._eager(build())
+        self._runners = self._runners or {}
+        if name not in self._runners:
+            graph = build().eval()
+            if self._runs_on_onnx_runtime(graph):
                 # a batch of two: a trace at batch 1 could fix shapes that vary with the batch
                 example = tuple(torch.from_numpy(np.ascontiguousarray(np.concatenate([x[:1]] * 2))) for x in inputs)
-                self._runner = cpu_runner(graph, example)
+                self._runners[name] = cpu_runner(graph, example)
+            elif eager_on_cpu or self._graph_device(graph).type != "cpu":
+                self._runners[name] = self._eager(graph)
             else:
-                self._runner = self._eager(graph)
-        return self._runner
+                self._runners[name] = None
+        return self._runners[name]
+
+    def _runs_on_onnx_runtime(self, graph: nn.Module) -> bool:
+        """Whether ``graph`` runs through ONNX Runtime: on CPU, plain torch, and its constants fit one ONNX model."""
+        return self._graph_device(graph).type == "cpu" and self._graph_exportable() and \
+            sum(t.numel() * t.element_size() for t in tensors_of(graph)) <= ONNX_CONSTANTS_LIMIT
 
     def _eager(self, graph: nn.Module) -> Runner:
         """``graph`` run by torch on its device (a GPU, or the CPU past the ONNX size limit or mid-training)."""
@@ -140,6 +152,17 @@ class BackboneGraphDetector(GraphDetector, BackboneDetector):
     def _graph_inputs(self, images: ImageSet) -> list[np.ndarray]:
         features = self._features(images)
         return [self.graph_input(images), *features] if self.head_reads_images else features
+
+    def _score(self, images: ImageSet) -> Scores:
+        """Images that skip the feature cache (in memory: deployment, a latency measurement) run the whole graph,
+        backbone and head in one ONNX Runtime session on CPU, with no feature round trip through numpy; files read
+        their features through the cache and run the head."""
+        if self._scoring_mid_training or self._precision() != "fp32" or \
+                (self.cache_features and images.paths is not None):
+            return super()._score(images)
+        inputs = [self.graph_input(images)]
+        run = self._graph_runner("whole", self._whole_graph, inputs, eager_on_cpu=False)
+        return super()._score(images) if run is None else self._run_batches(run, inputs)
 
     def _graph_device(self, graph: nn.Module) -> torch.device:
         return torch.device(self._extractor().device)
