@@ -113,6 +113,33 @@ def test_unused_stages_are_not_computed():
     assert extractor.features(_images(1).load(64))[0].shape == (1, 32, 8, 8)
 
 
+@pytest.mark.parametrize("size", [(64, 64), (45, 70)])
+def test_same_padding_is_constant_in_exported_graphs_and_numerically_unchanged(size):
+    """timm's TensorFlow-style 'same' convolutions give the same features with constant padding, and the exported
+    graph computes no padding from shapes."""
+    import io
+
+    import onnx
+    import timm
+    import torch
+
+    from automl_ad.features.same_padding import ConstantPaddingConv2dSame, fix_same_padding
+
+    torch.manual_seed(0)
+    model = timm.create_model("mobilenetv2_100", pretrained=False, features_only=True, pad_type="same").eval()
+    images = torch.rand(2, 3, *size)
+    with torch.no_grad():
+        dynamic = model(images)
+        fix_same_padding(model)
+        constant = model(images)
+    assert any(isinstance(m, ConstantPaddingConv2dSame) for m in model.modules())
+    for a, b in zip(dynamic, constant):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    buffer = io.BytesIO()
+    torch.onnx.export(model, (images,), buffer, dynamo=False, opset_version=17)
+    assert "Shape" not in {node.op_type for node in onnx.load_from_string(buffer.getvalue()).graph.node}
+
+
 def test_feature_cache_round_trip_and_reuse(tmp_path):
     cache = FeatureCache(tmp_path)
     extractor = load_extractor("resnet18", (8, 16), 64, pretrained=False)

@@ -238,6 +238,8 @@ class FeatureExtractor:
         import timm
         import torch
 
+        from automl_ad.features.same_padding import fix_same_padding
+
         self.spec = spec
         self.device = resolve_device(device)
         kwargs = dict(features_only=True, **dict(spec.weights.create_kwargs))
@@ -269,6 +271,7 @@ class FeatureExtractor:
                 raise
             raise BackboneWeightsError(f"{_offline_message(spec.backbone)} (loader said: {exc})") from exc
         drop_unused_blocks(model)
+        fix_same_padding(model)  # constant padding in exported graphs
         self.channels = tuple(model.feature_info.channels())
         self.model = model.eval().to(self.device)
         for parameter in self.model.parameters():
@@ -390,3 +393,4 @@ def drop_unused_blocks(model) -> None:
         deepest = max((int(name.split(".")[1]) for name in model.feature_info.module_name()
                        if name.startswith("blocks.")), default=-1)
         model.blocks = model.blocks[:deepest + 1]
+

@@ -66,6 +66,8 @@ class STPM(BackboneGraphDetector):
         import timm
         import torch
 
+        from automl_ad.features.same_padding import fix_same_padding
+
         extractor = self._extractor()
         with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
             warnings.simplefilter("ignore")
@@ -74,6 +76,7 @@ class STPM(BackboneGraphDetector):
                                         out_indices=tuple(extractor.model.feature_info.out_indices),
                                         **dict(extractor.spec.weights.create_kwargs))
         drop_unused_blocks(student)
+        fix_same_padding(student)
         return student.to(extractor.device)
 
     def _set_student(self, student) -> None:
