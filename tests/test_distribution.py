@@ -7,13 +7,16 @@ import pytest
 
 from automl_ad.data.imageset import ImageSet
 from automl_ad.detectors import create_detector
+from automl_ad.detectors.graph_based import GraphDetector
 
 TOY = {"backbone": "resnet18", "pretrained": False, "cache_features": False}
 
 
 def _with_features(detector, features):
-    """Bypass the backbone: ``_features`` returns ``features`` (a list of (N, C, h, w) arrays) for any images."""
+    """Bypass the backbone: ``_features`` returns ``features`` (a list of (N, C, h, w) arrays) for any images, and
+    scoring runs the head on them (as for images read through the feature cache), not the whole graph."""
     detector._features = lambda images: [f[:len(images)] for f in features]
+    detector._score = lambda images: GraphDetector._score(detector, images)
     return detector
 
 
