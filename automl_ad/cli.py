@@ -540,7 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rank on labelled defects (real) or synthetic anomalies; auto = real when there are any")
     p.add_argument("--compare-synthetic", action="store_true",
                    help="ranking on real defects: score every trial on synthetic anomalies too, to see how well "
-                   "label-free selection would have ranked them (costs extra scoring per trial)")
+                   "label-free selection would have ranked them (scored after the budget, from the saved models)")
     p.add_argument("--weights", help="local backbone weights file for offline use")
     p.add_argument("--address", help="Ray cluster: auto or ray://host:port (default: a local Ray)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite .automl-ad/mlflow.db here)")

@@ -1,11 +1,12 @@
 """Benchmark the search against its own warm start and anomalib: does the search beat the best default? (issue #11)
 
 Per dataset, in a fresh working folder with a cold feature cache: `automl-ad recommend`, then `automl-ad search
---compare-synthetic` (ranked on the real validation defects; every trial also scored on synthetic anomalies). From
-the trials: the best default configuration, the search's best and the trial the synthetic ranking would choose are
-scored on the search's test split (never used for selection), natively and under anomalib's protocol (maps and
-masks squashed to 256x256), beside anomalib's PatchCore and PaDiM read from the anchor CSVs. Writes
-reports/search-<dataset>.{md,json,png}, reports/search-<dataset>-time.png and the combined reports/search.md.
+--compare-synthetic` (ranked on the real validation defects; once the budget is spent, every trial's saved model is
+also scored on synthetic anomalies). From the trials: the best default configuration, the search's best and the
+trial the synthetic ranking would choose are scored on the search's test split (never used for selection), natively
+and under anomalib's protocol (maps and masks squashed to 256x256), beside anomalib's PatchCore and PaDiM read from
+the anchor CSVs. Writes reports/search-<dataset>.{md,json,png}, reports/search-<dataset>-time.png and the combined
+reports/search.md.
 
     python benchmarks/search.py --dataset bottle --budget 20m
     python benchmarks/search.py --dataset all --budget 20m --anchor-csv /path/to/bsdata-anchor.csv
@@ -167,7 +168,8 @@ def write_dataset_report(result: dict, out: Path) -> None:
     lines = [f"# Search on {name} ({result['budget']}, CPU)", "",
              f"`python benchmarks/search.py --dataset {name} --budget {result['budget']}`: families "
              f"{result['families']} ({', '.join(result['searched_families'])}); ranked on the real defects of the "
-             "validation split, every trial also scored on synthetic anomalies (`--compare-synthetic`) to measure "
+             "validation split; after the budget every trial's model was also scored on synthetic anomalies "
+             "(`--compare-synthetic`, no trial paid for it) to measure "
              "how well label-free selection would have done. Split: " + result["split"] + ".", "",
              f"Load average (1, 5, 15 min) before the search: {_load(result['loadavg_before'])}; after: "
              f"{_load(result['loadavg_after'])}. Search wall time {result['search_wall_s']:.0f} s.", "",

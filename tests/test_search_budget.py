@@ -389,6 +389,7 @@ def test_the_quick_look_starts_only_what_ends_within_its_time():
         study.tell(trial, [0.5, 10.0, 100.0])
     assert [t.user_attrs["quick_look"] for t in study.trials] == [["gaussian", ""], ["stpm", ""]]
     assert all(p["predicted_s"] <= 30.0 for p in looks) and looks[1]["params"]["epochs"] < 20
+    assert all(p["timeout_s"] > 30.0 for p in looks)  # one that overruns the quick look is not killed at its end
     trial = _study().ask()
     too_short = _proposer(["stpm", "gaussian"], predictor, sizes, 600.0, priors, quick_look_s=20.0)(trial)
     assert "quick_look" not in trial.user_attrs and too_short["family"] == "stpm" and too_short["default"]

@@ -20,7 +20,8 @@ def searched(tmp_path_factory):
                          size=64)["texture"]
     uri = f"sqlite:///{work / 'mlflow.db'}"
     request = SearchRequest(data=str(data), families=FAMILIES, priors={"gaussian": 0.8, "frequency": 0.7,
-                            "template": 0.6}, budget_s=240, max_trials=4, tracking_uri=uri, trial_timeout_s=120)
+                            "template": 0.6}, budget_s=240, max_trials=4, tracking_uri=uri, trial_timeout_s=120,
+                            compare_synthetic=True)
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(work)
         first = run_search(request)
@@ -39,6 +40,17 @@ def test_search_records_parent_and_child_runs(searched):
     parent = tracker.client.get_run(first.parent_run_id)
     assert parent.data.tags["automl_ad.kind"] == "search" and "search_space.json" in str(
         [a.path for a in tracker.client.list_artifacts(first.parent_run_id, "search")])
+
+
+def test_compare_synthetic_scores_every_saved_model_after_the_budget(searched):
+    _, second, uri = searched
+    runs = {r.data.tags["trial"]: r for r in Tracker(uri).trials(second.parent_run_id)}
+    for trial in second.trials:
+        metrics = runs[trial["trial"]].data.metrics
+        if trial["status"] == "ok":  # both searches' trials: the resumed one scores only its own new trials
+            assert 0 <= metrics["synthetic_quality"] <= 1 and "synthetic_image_auroc" in metrics
+        else:
+            assert "synthetic_quality" not in metrics
 
 
 def test_failing_family_is_recorded_and_search_goes_on(searched):

@@ -244,14 +244,14 @@ class Proposer:
         looked = {tuple(t.user_attrs["quick_look"]) for t in earlier if t.user_attrs.get("quick_look")}
         pending = [(f, g, (f, _geometry_key(g) if g else "")) for f, g in self._quick_candidates()]
         pending = [c for c in pending if c[2] not in looked]
-        cap = min(left, self._cap(bool(_complete(earlier))))
+        cap = self._cap(bool(_complete(earlier)))  # its limit: one that overruns the quick look still counts
         lowest = max(rungs(self.sizes.train_images))
         for family, geometry, key in pending:
             params = self._default_params(family, geometry)
-            plan = plan_trial(self.predictor, self.sizes, family, params, cap, lowest)
+            plan = plan_trial(self.predictor, self.sizes, family, params, cap, lowest, within_s=left)
             if plan.skip is None:
                 more = plan_trial(self.predictor, self.sizes, family, params, cap,
-                                  within_s=SEARCH_QUICK_LOOK_FULL_COST * plan.prediction.total_s)
+                                  within_s=min(left, SEARCH_QUICK_LOOK_FULL_COST * plan.prediction.total_s))
                 plan = plan if more.skip is not None else more
                 trial.set_user_attr("quick_look", list(key))
                 if geometry is not None and plan.fidelity.full:  # the warm start does not run it again
@@ -766,6 +766,8 @@ def _run_held(request: SearchRequest, dataset, work_dir: Path, uri: str, state: 
     finally:
         checkpoint.stop()
     _keep_a_model(tracker, parent, state["elapsed_s"], say)
+    if search_data.synthetic_reference is not None:
+        _compare_on_synthetic(tracker, parent, work_dir, search_data.synthetic_reference, request, say)
     front = tracker.tag_front(parent)
     _log_best_quality_plot(tracker, parent)
     for run in front:
@@ -803,6 +805,26 @@ def _keep_a_model(tracker, parent: str, elapsed_s: float, say) -> None:
         tracker.log_metric(parent, SEARCH_BEST_QUALITY_METRIC, best.data.metrics["quality"], step=int(elapsed_s))
     say(f"the screening trial {best.data.tags.get('trial')} ({best.data.tags.get('family')}) is one of this search's "
         f"models: {why}; a larger --budget trains it on all images")
+
+
+def _compare_on_synthetic(tracker, parent: str, work_dir: Path, reference, request: SearchRequest, say) -> None:
+    """``--compare-synthetic``: every trial with a saved model scored on the synthetic anomalies, after the budget
+    (trials never pay for it, so the search runs as it would for a user); trials that have the scores (a resumed
+    search) are skipped."""
+    from automl_ad.progress import track
+    from automl_ad.search.validation import synthetic_comparison
+
+    runs = [r for r in tracker.trials(parent) if "quality" in r.data.metrics
+            and "synthetic_quality" not in r.data.metrics
+            and (work_dir / "trials" / r.data.tags.get("trial", "") / "model").is_dir()]
+    if not runs:
+        return
+    say(f"--compare-synthetic: scoring {len(runs)} trials' models on {len(reference)} validation images with "
+        "synthetic anomalies (after the budget) ...")
+    for run in track(runs, "synthetic comparison"):
+        metrics = synthetic_comparison(work_dir / "trials" / run.data.tags["trial"] / "model", reference,
+                                       request.metric, request.false_alarm_rate)
+        tracker.log_metrics(run.info.run_id, metrics)
 
 
 def _log_best_quality_plot(tracker, parent: str) -> None:

@@ -45,7 +45,7 @@ def run_trial(spec: dict) -> dict:
     from automl_ad.evaluation.metrics import evaluate
     from automl_ad.evaluation.run import measure_costs
     from automl_ad.features.cache import FEATURE_TIMES
-    from automl_ad.search.validation import quality
+    from automl_ad.search.validation import PIXEL_CURVE_METRICS, quality
 
     torch.set_num_threads(max(1, int(spec.get("threads", 1))))
     data = json.loads(Path(spec["data_file"]).read_text())
@@ -54,7 +54,7 @@ def run_trial(spec: dict) -> dict:
     reference = ImageSet.from_json(data["reference"]) if data.get("reference") else None
     metric, limit = spec.get("metric", "combined"), float(spec.get("timeout_s", math.inf))
     far = float(spec.get("false_alarm_rate") or DEFAULT_FALSE_ALARM_RATE)
-    pixel_curves = metric in ("pixel_auroc", "pixel_ap")  # else skipped: slow on many large images, not ranked on
+    pixel_curves = metric in PIXEL_CURVE_METRICS
     start = time.monotonic()
     deadline, training_deadline = start + limit, start + SEARCH_TRAINING_SHARE * limit
     detector = create_detector(spec["family"], **spec["params"])
@@ -91,13 +91,6 @@ def run_trial(spec: dict) -> dict:
         ref_metrics = evaluate(reference.labels, ref.image_scores, ref.anomaly_maps, reference.masks(), far=far,
                                pixel_curves=pixel_curves)
         result.update({f"real_{k}": v for k, v in ref_metrics.items()}, real_quality=quality(ref_metrics, metric))
-    if data.get("synthetic_reference"):  # ranked on real defects; scored on synthetic ones to compare the rankings
-        synthetic = without_trained_kinds(ImageSet.from_json(data["synthetic_reference"]), detector.trains_on_anomalies)
-        syn = detector.score_samples(synthetic)
-        syn_metrics = evaluate(synthetic.labels, syn.image_scores, syn.anomaly_maps, synthetic.masks(), far=far,
-                               pixel_curves=pixel_curves)
-        result.update({f"synthetic_{k}": v for k, v in syn_metrics.items()},
-                      synthetic_quality=quality(syn_metrics, metric))
     cost = measure_costs(detector, validation, repeats=int(spec.get("latency_repeats", 10)))
     result.update(cost.to_dict())
     result["epochs_trained"] = detector.epochs_trained_

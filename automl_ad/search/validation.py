@@ -20,12 +20,14 @@ from automl_ad.data.dataset import Dataset
 from automl_ad.data.imageset import ImageSet
 from automl_ad.data.io import read_image, to_float
 from automl_ad.data.split import SearchSplit
-from automl_ad.data.synthetic import KINDS, make_anomaly, round_kind, rounds_needed
+from automl_ad.data.synthetic import KINDS, make_anomaly, round_kind, rounds_needed, without_trained_kinds
 from automl_ad.defaults import QUALITY_METRICS
-from automl_ad.detectors import detector_class
+from automl_ad.detectors import Detector, detector_class
 from automl_ad.errors import UsageError
 
 VALIDATION_MODES = ("auto", "real", "synthetic")
+#: Quality metrics that need the pixel-level ROC curves (slow on many large images, so skipped otherwise).
+PIXEL_CURVE_METRICS = ("pixel_auroc", "pixel_ap")
 
 
 def prepare_search_data(dataset: Dataset, work_dir: str | Path, mode: str = "auto", seed: int = 0,
@@ -104,6 +106,20 @@ def synthesise_validation(normals: ImageSet, out: Path, seed: int = 0, rounds: i
         manifest.write_text(json.dumps(key))
     return ImageSet(paths=images, labels=np.ones(len(images), np.int64), mask_paths=masks,
                     kinds=[kind for _, kind in plan])
+
+
+def synthetic_comparison(model_dir: Path, reference: ImageSet, metric: str, far: float) -> dict:
+    """``synthetic_*`` metrics and ``synthetic_quality`` of a trial's saved model on the synthetic reference of a
+    search ranked on real defects (``--compare-synthetic``), on the kinds its family does not train on. Scored after
+    the search, from the saved models, so the comparison costs no trial any time."""
+    from automl_ad.evaluation.metrics import evaluate
+
+    detector = Detector.load(model_dir)
+    images = without_trained_kinds(reference, detector.trains_on_anomalies)
+    scores = detector.score_samples(images)
+    metrics = evaluate(images.labels, scores.image_scores, scores.anomaly_maps, images.masks(), far=far,
+                       pixel_curves=metric in PIXEL_CURVE_METRICS)
+    return {**{f"synthetic_{k}": v for k, v in metrics.items()}, "synthetic_quality": quality(metrics, metric)}
 
 
 def quality(metrics: dict, metric: str = "combined") -> float | None:

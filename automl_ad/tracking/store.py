@@ -253,6 +253,16 @@ class Tracker:
     def log_metric(self, run_id: str, key: str, value: float, step: int = 0) -> None:
         _retry(self.client.log_metric, run_id, key, float(value), step=int(step))
 
+    def log_metrics(self, run_id: str, metrics: dict[str, float]) -> None:
+        """The finite numbers of ``metrics`` on run ``run_id`` (others are left out)."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, 0) for k, v in metrics.items()
+                 if isinstance(v, (int, float)) and np.isfinite(v)]
+        for start in range(0, len(items), 900):
+            _retry(self.client.log_batch, run_id, metrics=items[start:start + 900])
+
     def metric_history(self, run_id: str, key: str) -> list[tuple[int, float]]:
         """(step, value) of every logged value of a run's metric."""
         return [(m.step, m.value) for m in self.client.get_metric_history(run_id, key)]
