@@ -290,8 +290,9 @@ def test_the_cheapest_family_probes_every_geometry_and_the_helpful_ones_move_to_
         key = (proposal["family"], (proposal["params"].get("geometry") or {}).get("mode"))
         study.tell(trial, [quality.get(key, 0.5), 10.0, 100.0])
     seen = [(p["family"], p["default"], p["params"].get("geometry")) for p in proposals[:5]]
-    assert seen == [("stpm", True, None), ("padim", True, None), ("padim", False, wide), ("padim", False, tiles),
-                    ("stpm", False, tiles)]  # the letterbox did worse than padim's default: not tried on stpm
+    assert seen == [("stpm", True, None), ("padim", True, None), ("padim", False, tiles), ("padim", False, wide),
+                    ("stpm", False, tiles)]  # the chosen tiles first; the letterbox did worse than padim's default:
+    # not tried on stpm
     assert all(p["fidelity"]["rung"] == 0 for p in proposals[:5])
     assert not proposals[5]["default"] and "geometry_start" not in study.trials[5].user_attrs  # then sampling
 

@@ -14,8 +14,9 @@ How trials are proposed (define-by-run, :class:`Proposer`):
 1. **Warm start.** The first trial of every family is its default configuration (defaults from the detector, the
    backbone narrowed to what fits the latency budget and has weights), highest prior first. When the recommendation
    chose an input geometry other than the default squash (wide images, small defects), a *probe* family (the one
-   predicted cheapest at the cheapest recommended geometry) runs that geometry right after its own default, so that
-   a good model exists early. After the defaults the probe runs every other recommended geometry (cheapest first);
+   predicted cheapest with the chosen geometry) runs it right after its own default, so that a good model exists
+   early: the chosen geometry is the cheapest that keeps the smallest defect visible, the likeliest to help. After
+   the defaults the probe runs every other recommended geometry (cheapest first);
    the geometries that beat its default then run on the other families (best geometry first, families by the
    quality of their default), at the fidelity the budget affords. How much a geometry helps depends mostly on the
    data, so the cheapest family measures it; the screening rungs then promote the configurations that work.
@@ -216,7 +217,7 @@ class Proposer:
         # the warm start shares the time with what follows it: each of its trials gets at most an equal part of
         # the remaining time (an iterative default trains fewer epochs rather than eat the budget)
         share = 1.0 / (len(pending) + 2)
-        if starts and not tried and starts[0][0] in started:  # the cheapest geometry on the probe family right
+        if starts and not tried and starts[0][0] in started:  # the chosen geometry on the probe family right
             return self._geometry_start(trial, *starts[0], rung=0, share=share)  # after its default (measured)
         if pending:
             family = pending[0]
@@ -277,20 +278,21 @@ class Proposer:
         return candidates
 
     def _recommended_geometries(self) -> list[dict]:
-        """The recommendation's geometries other than the default (the second it lists), cheapest first; none
-        when it kept the default."""
+        """The recommendation's geometries other than the default (the second it lists): the chosen one (the
+        first it lists), then the others cheapest first; none when it kept the default. On ball_screw the chosen
+        512-px tiles came last of three, cheapest first, 14 minutes into a 20-minute search, and were the best."""
         geometries = self.request.geometries
         if len(geometries) < 2 or geometries[0] == geometries[1]:
             return []
-        others = [g for g in geometries if g != geometries[1]]
-        return sorted(others, key=lambda g: network_pixels({"geometry": g}, self.sizes.image_hw))
+        others = [g for g in geometries[2:] if g not in geometries[:2]]
+        return [geometries[0], *sorted(others, key=lambda g: network_pixels({"geometry": g}, self.sizes.image_hw))]
 
     def _geometry_starts(self, earlier) -> list[tuple[str, dict]]:
         """(family, geometry) warm-start trials, in order. The *probe* (the family whose default is predicted
-        cheapest at the cheapest geometry) tries every recommended geometry first, cheapest first: how much a
-        geometry helps depends mostly on the data (defect size against resolution), so the cheapest family measures
-        it. Then each geometry that beat the probe's default (best first; unmeasured ones last) runs on the other
-        families, best default first."""
+        cheapest with the chosen geometry) tries every recommended geometry first, in the order of
+        :meth:`_recommended_geometries`: how much a geometry helps depends mostly on the data (defect size against
+        resolution), so the cheapest family measures it. Then each geometry that beat the probe's default (best
+        first; unmeasured ones last) runs on the other families, best default first."""
         geometries = self._recommended_geometries()
         families = [f for f in self.order if any(self._takes(f, g) for g in geometries)]
         if not families:
