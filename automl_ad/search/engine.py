@@ -768,8 +768,6 @@ def _run_held(request: SearchRequest, dataset, work_dir: Path, uri: str, state: 
     finally:
         checkpoint.stop()
     _keep_a_model(tracker, parent, state["elapsed_s"], say)
-    if search_data.synthetic_reference is not None:
-        _compare_on_synthetic(tracker, parent, work_dir, search_data.synthetic_reference, request, say)
     front = tracker.tag_front(parent)
     _log_best_quality_plot(tracker, parent)
     for run in front:
@@ -779,6 +777,8 @@ def _run_held(request: SearchRequest, dataset, work_dir: Path, uri: str, state: 
     state["finished"] = state["elapsed_s"] >= state["budget_s"] - 1 or request.max_trials is not None
     _write_json(state_file, state)
     tracker.finish_search(parent)
+    if search_data.synthetic_reference is not None:  # last: stopping it loses nothing of the search
+        _compare_on_synthetic(tracker, parent, work_dir, search_data.synthetic_reference, request, say)
     records = SearchStore(tracker=tracker).trials(parent)
     return SearchResult(parent, experiment_name(dataset), tracker.uri, [t.row() for t in records],
                         [t.row() for t in records if t.complete and t.on_front], str(work_dir))
