@@ -26,13 +26,8 @@ from pathlib import Path
 
 from report_notes import kept_notes  # benchmarks/report_notes.py, beside this script
 from search_eval import anomalib_protocol
+from shared_data import DATASETS, ROOT, SHARED, WEIGHTS  # benchmarks/shared_data.py
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("AD_SHARED", ROOT.parent / "shared"))
-WEIGHTS = SHARED / "weights" / "mobilenetv2_100_tflite_in1k.safetensors"
-DATASETS = {"bottle": SHARED / "datasets" / "mvtec_ad" / "bottle",
-            "magnetic_tile": SHARED / "datasets" / "mtd" / "magnetic_tile",
-            "ball_screw": SHARED / "datasets" / "bsdata" / "ball_screw"}
 #: Datasets run unless --datasets says otherwise (ball_screw: for the families anomalib also has).
 DEFAULT_DATASETS = ("bottle", "magnetic_tile")
 #: No iterative family's default may train longer than this on the CPU machine (2 cores): a run stops before an

@@ -12,15 +12,8 @@ iterative ones for one epoch: the head's size does not depend on training).
 from __future__ import annotations
 
 import argparse
-import os
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("AD_SHARED", ROOT.parent / "shared"))
-WEIGHTS = SHARED / "weights" / "mobilenetv2_100_tflite_in1k.safetensors"
-DATASETS = {"bottle": SHARED / "datasets" / "mvtec_ad" / "bottle",
-            "magnetic_tile": SHARED / "datasets" / "mtd" / "magnetic_tile",
-            "ball_screw": SHARED / "datasets" / "bsdata" / "ball_screw"}
+from shared_data import DATASETS, WEIGHTS  # benchmarks/shared_data.py, beside this script
 
 
 def main() -> None:

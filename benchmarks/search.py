@@ -37,13 +37,8 @@ from search_eval import (
     trial_end_seconds,
     trial_summary,
 )
+from shared_data import DATASETS, ROOT, SHARED, WEIGHTS  # benchmarks/shared_data.py
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("AD_SHARED", ROOT.parent / "shared"))
-WEIGHTS = SHARED / "weights" / "mobilenetv2_100_tflite_in1k.safetensors"
-DATASETS = {"bottle": SHARED / "datasets" / "mvtec_ad" / "bottle",
-            "magnetic_tile": SHARED / "datasets" / "mtd" / "magnetic_tile",
-            "ball_screw": SHARED / "datasets" / "bsdata" / "ball_screw"}
 ROLES = {"best_default": "best default", "search_best": "search's best", "synthetic_choice": "synthetic choice"}
 
 
