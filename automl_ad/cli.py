@@ -565,7 +565,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_id", nargs="?", help="MLflow run id of a trial (see `automl-ad leaderboard`)")
     p.add_argument("out", help="package folder to write")
     p.add_argument("--best", action="store_true", help="take the Pareto-front trial best for --objective")
-    p.add_argument("--objective", default="balanced", help="quality, throughput, memory or balanced (default)")
+    p.add_argument("--objective", default="quality",
+                   help="quality (default), throughput, memory or balanced, among the trials meeting the constraint "
+                        "profile's latency and model-size limits")
     p.add_argument("--experiment", help="experiment name or dataset folder for --best (default: newest search)")
     p.add_argument("--false-alarm-rate", type=_rate, default=DEFAULT_FALSE_ALARM_RATE,
                    help=f"target rate on normal images (default {DEFAULT_FALSE_ALARM_RATE:g})")

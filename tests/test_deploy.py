@@ -144,3 +144,33 @@ def test_package_served_as_mlflow_pyfunc(package, demo, tmp_path):
     expected = load_package(package[0]).predict(str(image)).score
     assert out["score"][0] == pytest.approx(expected)
     assert "does not read server-side files" in out["error"][1] and out["score"][1] is None
+
+
+def _trial(name: str, quality: float, throughput: float, latency_ms: float, model_mb: float, memory_mb: float = 900):
+    from automl_ad.tracking.records import TrialRecord
+
+    return TrialRecord(run_id=name, search_id="s", trial=name, family=name, route="r", status="ok",
+                       default_config=False, pareto_rank=0, params={},
+                       metrics={"quality": quality, "throughput": throughput, "latency_ms_p50": latency_ms,
+                                "model_mb": model_mb, "memory_mb": memory_mb})
+
+
+def test_export_best_takes_the_best_quality_within_the_profiles_limits():
+    from automl_ad.deploy.export import best_for, within_limits
+
+    slow = _trial("slow", 0.83, 3.0, 310.0, 3.0, memory_mb=1700)
+    small = _trial("small", 0.66, 35.0, 33.0, 0.5, memory_mb=790)
+    fast = _trial("fast", 0.66, 63.0, 21.0, 0.3, memory_mb=1440)
+    front = [slow, small, fast]
+    notes = []
+    # no stated limits: the best quality, even when "balanced" would trade 17 points for speed and memory
+    assert best_for(within_limits(front, {}, notes.append), "quality") is slow and not notes
+    assert best_for(front, "balanced") is small
+    assert best_for([small, fast], "quality") is fast  # a tie in quality goes to the higher throughput
+    # a latency budget leaves the slow trial out and says so
+    assert best_for(within_limits(front, {"latency_ms": 50.0}, notes.append), "quality") is fast
+    assert "1 of 3" in notes[-1] and "latency ms <= 50" in notes[-1]
+    assert within_limits(front, {"latency_ms": 50.0, "model_mb": 0.4}) == [fast]
+    # nothing meets the limits: all are kept, with a warning naming the fastest
+    assert within_limits(front, {"latency_ms": 5.0}, notes.append) == front
+    assert notes[-1].startswith("warning: no Pareto-front trial meets") and "21.0 ms" in notes[-1]

@@ -67,6 +67,12 @@ class ConstraintProfile:
         limits = [v for v in (self.latency_ms, 1000.0 / self.throughput_fps if self.throughput_fps else None) if v]
         return min(limits) if limits else None
 
+    def deployment_limits(self) -> dict[str, float]:
+        """The stated limits a deployed model must meet: ``latency_ms`` (:attr:`effective_latency_ms`) and
+        ``model_mb``; absent where the profile states none."""
+        limits = {"latency_ms": self.effective_latency_ms, "model_mb": self.max_model_mb}
+        return {key: float(value) for key, value in limits.items() if value is not None}
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

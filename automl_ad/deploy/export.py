@@ -33,27 +33,57 @@ OBJECTIVES = ("quality", "throughput", "memory", "balanced")
 LOW_DETECTION_RATE = 0.5
 
 
-def choose_run(store: SearchStore, target: str | None, objective: str) -> TrialRecord:
-    """The Pareto-front trial of the search meant by ``target`` (None: the newest) that is best for ``objective``."""
+def choose_run(store: SearchStore, target: str | None, objective: str, say=None) -> TrialRecord:
+    """The Pareto-front trial of the search meant by ``target`` (None: the newest) that is best for ``objective``
+    among those meeting the search's deployment limits (:func:`within_limits`); ``say`` hears why."""
     if objective not in OBJECTIVES:
         raise UsageError(f"--objective must be one of {', '.join(OBJECTIVES)}")
     search = store.resolve(target)
     front = store.front(search.run_id)
     if not front:
         raise UsageError(f"search {search.run_id} has no complete trial on its Pareto front; run or resume a search")
+    return best_for(within_limits(front, search.limits, say), objective)
+
+
+def within_limits(front: list[TrialRecord], limits: dict, say=None) -> list[TrialRecord]:
+    """The trials whose measured p50 latency and model size meet ``limits`` (the constraint profile's
+    ``latency_ms`` and ``model_mb``); all of them, with a note to ``say``, when none does."""
+    def meets(trial: TrialRecord) -> bool:
+        return all(trial.metrics.get(metric, math.inf) <= limits[key]
+                   for key, metric in (("latency_ms", "latency_ms_p50"), ("model_mb", "model_mb")) if key in limits)
+
+    kept = [t for t in front if meets(t)]
+    if say is not None and limits:
+        stated = ", ".join(f"{key.replace('_', ' ')} <= {value:g}" for key, value in limits.items())
+        if not kept:
+            fastest = min(front, key=lambda t: t.metrics.get("latency_ms_p50", math.inf))
+            say(f"warning: no Pareto-front trial meets the profile's limits ({stated}; measured on this machine); "
+                f"the fastest takes {fastest.metrics.get('latency_ms_p50', math.nan):.1f} ms per image and "
+                f"{fastest.metrics.get('model_mb', math.nan):.1f} MB. Choosing among all of them: search again with "
+                "--max-trials or a longer --budget, or relax the profile.")
+        elif len(kept) < len(front):
+            say(f"{len(front) - len(kept)} of {len(front)} Pareto-front trials are left out: they exceed the "
+                f"profile's limits ({stated}; measured on this machine)")
+    return kept or front
+
+
+def best_for(trials: list[TrialRecord], objective: str) -> TrialRecord:
+    """The trial best for ``objective``: the highest validation quality (ties: the higher throughput), the highest
+    throughput, the least memory, or ``balanced``: equal weight to quality, log-throughput and memory after
+    min-max scaling over ``trials``."""
     if objective == "quality":
-        return max(front, key=lambda t: t.metrics["quality"])
+        return max(trials, key=lambda t: (t.metrics["quality"], t.metrics["throughput"]))
     if objective == "throughput":
-        return max(front, key=lambda t: t.metrics["throughput"])
+        return max(trials, key=lambda t: t.metrics["throughput"])
     if objective == "memory":
-        return min(front, key=lambda t: t.metrics["memory_mb"])
+        return min(trials, key=lambda t: t.metrics["memory_mb"])
 
     def scaled(key, sign, transform=lambda v: v):  # equal weight after min-max scaling (throughput on a log scale)
-        values = [transform(t.metrics[key]) for t in front]
+        values = [transform(t.metrics[key]) for t in trials]
         low, high = min(values), max(values)
         return [sign * (v - low) / (high - low) if high > low else 0.0 for v in values]
     total = np.sum([scaled("quality", 1), scaled("throughput", 1, math.log), scaled("memory_mb", -1)], axis=0)
-    return front[int(np.argmax(total))]
+    return trials[int(np.argmax(total))]
 
 
 @dataclass
@@ -167,13 +197,13 @@ class Export:
     tracking_uri: str = ""
 
 
-def export_model(out: str | Path, run_id: str | None = None, target: str | None = None, objective: str = "balanced",
+def export_model(out: str | Path, run_id: str | None = None, target: str | None = None, objective: str = "quality",
                  tracking_uri: str | None = None, far: float = DEFAULT_FALSE_ALARM_RATE, overwrite: bool = False,
                  mlflow: bool = False, say=print) -> Export:
     """The `export` command: trial ``run_id``, or the front member of search ``target`` (None: the newest) best for
     ``objective``, packaged at ``out``; with ``mlflow`` also logged as a servable MLflow model."""
     store = SearchStore(tracking_uri)
-    trial = store.trial(run_id) if run_id else choose_run(store, target, objective)
+    trial = store.trial(run_id) if run_id else choose_run(store, target, objective, say)
     path = export_run(store, trial.run_id, out, far=far, overwrite=overwrite, say=say)
     model_uri = log_package(path, store.uri, trial.run_id) if mlflow else None
     return Export(path, trial, verify_package(path), model_uri, store.uri)

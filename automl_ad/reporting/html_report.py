@@ -27,7 +27,7 @@ import numpy as np
 from automl_ad.data import open_dataset
 from automl_ad.data.io import resize_image
 from automl_ad.defaults import DEFAULT_FALSE_ALARM_RATE
-from automl_ad.deploy.export import calibrate
+from automl_ad.deploy.export import best_for, calibrate, within_limits
 from automl_ad.detectors import Detector, detector_class
 from automl_ad.errors import UsageError
 from automl_ad.evaluation.metrics import evaluate, rates_at
@@ -127,10 +127,14 @@ def _profile_now(data: str | None) -> tuple[dict | None, str]:
         return None, f"No profile was logged with this search and profiling {data} now failed: {exc}"
 
 
-def best_front_trial(trials: list[dict]) -> dict | None:
-    """The Pareto-front trial with the highest validation quality (its model is logged)."""
-    front = [t for t in trials if t.get("status") == "ok" and t.get("pareto_rank") == 0 and "quality" in t]
-    return max(front, key=lambda t: t["quality"]) if front else None
+def best_front_trial(store: SearchStore, search: SearchRecord, trials: list[dict]) -> dict | None:
+    """The trial ``export --best`` takes: the Pareto-front trial with the highest validation quality among those
+    meeting the search's deployment limits (its model is logged)."""
+    front = store.front(search.run_id)
+    if not front:
+        return None
+    chosen = best_for(within_limits(front, search.limits), "quality").run_id
+    return next(t for t in trials if t["run_id"] == chosen)
 
 
 def _cap(labels: np.ndarray, limit: int, seed: int) -> np.ndarray:
@@ -149,7 +153,7 @@ def _cap(labels: np.ndarray, limit: int, seed: int) -> np.ndarray:
 def evaluate_best(store: SearchStore, facts: SearchFacts, max_images: int = MAX_TEST_IMAGES,
                   far: float = DEFAULT_FALSE_ALARM_RATE, say=print) -> Evaluation:
     """Score the best front model on the test split; thresholds calibrated as export does."""
-    best = best_front_trial(facts.trials)
+    best = best_front_trial(store, facts.search, facts.trials)
     if best is None:
         return Evaluation("The search has no completed trial on its Pareto front, so there is no model to score.")
     seed = facts.search.seed
@@ -696,7 +700,8 @@ def scores_section(ev: Evaluation) -> str:
         if ev.metrics.get(key) is not None:
             stats.append(_stat(f"{ev.metrics[key]:.3f}", label))
     intro = (f"<p>Best front model: <b>{_e(ev.family)}</b> (run {_e(ev.run_id)}, highest validation quality on the "
-             f"front), scored on {len(scores)} test images that took no part in selection. The threshold is "
+             "front within the constraint profile's limits: the model `automl-ad export --best` takes), scored on "
+             f"{len(scores)} test images that took no part in selection. The threshold is "
              f"calibrated on held-out normal validation images ({th.get('n_normal')} scores) at a target false-alarm "
              f"rate of {th['target_false_alarm_rate']:g}, as `automl-ad export` does; {_e(th.get('note'))}.</p>")
     extra = (_note(ev.note) if ev.note else "") + ("" if n_bad else _note(

@@ -147,6 +147,7 @@ class SearchRequest:
     artifact_cap_mb: float = SEARCH_ARTIFACT_CAP_MB
     profile_file: str | None = None
     recommendation_file: str | None = None
+    limits: dict = field(default_factory=dict)  # the constraint profile's deployment limits (export honours them)
 
 
 @dataclass
@@ -740,7 +741,8 @@ def _run_held(request: SearchRequest, dataset, work_dir: Path, uri: str, state: 
              "max_trials": request.max_trials, "seed": request.seed, "metric": request.metric,
              "false_alarm_rate": request.false_alarm_rate,
              "validation": search_data.validation_kind, "split": search_data.describe(),
-             "priors": request.priors, "backbones": request.backbones, "work_dir": str(work_dir.resolve())},
+             "priors": request.priors, "backbones": request.backbones, "limits": request.limits,
+             "work_dir": str(work_dir.resolve())},
             {"dataset": dataset.name, "fingerprint": dataset.fingerprint()}, files)
         state = {"parent_run_id": parent, "study": f"search-{parent}", "elapsed_s": 0.0,
                  "budget_s": request.budget_s, "finished": False, "tracking_uri": tracker.uri, "created": time.time()}

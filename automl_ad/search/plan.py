@@ -77,7 +77,8 @@ def plan_search(data: str | None, category: str | None = None, profile: str | No
                          preferred_backbone=next((c["backbone"] for c in recommendation["candidates"]
                                                   if c.get("backbone")), None),
                          profile_file=entry["profile"] if entry else None,
-                         recommendation_file=entry["recommendation"] if entry else None, **options)
+                         recommendation_file=entry["recommendation"] if entry else None,
+                         limits=constraints.deployment_limits(), **options)
 
 
 def _backbones(families, routes, constraints, backbone_weights, say):

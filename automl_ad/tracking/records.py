@@ -38,6 +38,11 @@ class SearchRecord:
     start_time: int  # ms since the epoch
     params: dict = field(repr=False)
 
+    @property
+    def limits(self) -> dict[str, float]:
+        """The deployment limits of the search's constraint profile (``latency_ms``, ``model_mb``; may be empty)."""
+        return _value(self.params.get("limits", "{}")) or {}
+
 
 @dataclass(frozen=True)
 class TrialRecord:
