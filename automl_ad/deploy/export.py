@@ -59,8 +59,8 @@ def within_limits(front: list[TrialRecord], limits: dict, say=None) -> list[Tria
             fastest = min(front, key=lambda t: t.metrics.get("latency_ms_p50", math.inf))
             say(f"warning: no Pareto-front trial meets the profile's limits ({stated}; measured on this machine); "
                 f"the fastest takes {fastest.metrics.get('latency_ms_p50', math.nan):.1f} ms per image and "
-                f"{fastest.metrics.get('model_mb', math.nan):.1f} MB. Choosing among all of them: search again with "
-                "--max-trials or a longer --budget, or relax the profile.")
+                f"{fastest.metrics.get('model_mb', math.nan):.1f} MB. Choosing among all of them; a longer --budget "
+                "tries more configurations, or relax the profile's limits.")
         elif len(kept) < len(front):
             say(f"{len(front) - len(kept)} of {len(front)} Pareto-front trials are left out: they exceed the "
                 f"profile's limits ({stated}; measured on this machine)")
