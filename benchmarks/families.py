@@ -307,8 +307,9 @@ def write_report(rows: list[dict], anchor: dict, out: Path) -> None:
                   "anomalib's latency is its end-to-end batch-1 figure (resize and post-processing included), like "
                   "ours. Our AUPRO here is under anomalib's protocol (maps and masks squashed to 256x256) where the "
                   "row has it, else at our native map size. The last column gives when each side ran: timings on "
-                  "these machines drift by 30% and more between sittings (anomalib's FastFlow on bottle: 41.8 ms on one "
-                  "run, 68.5 ms on a later one of the same date), so a ratio holds only for runs minutes apart.", "",
+                  "these machines drift by 30% and more between sittings (anomalib's FastFlow on bottle: 41.8 ms in "
+                  "one run, 68.5 ms in a later one of the same date), so a ratio holds only for runs minutes apart.",
+                  "",
                   "| family | dataset | img AUROC ours / anomalib | AUPRO ours / anomalib | latency b1 ms ours / "
                   "anomalib (ratio) | fit s ours / anomalib (ratio) | peak RSS MB ours / anomalib (ratio) | measured "
                   "(anomalib; ours) |",
