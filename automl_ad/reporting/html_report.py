@@ -27,7 +27,7 @@ import numpy as np
 from automl_ad.data import open_dataset
 from automl_ad.data.io import resize_image
 from automl_ad.defaults import DEFAULT_FALSE_ALARM_RATE
-from automl_ad.deploy.export import best_for, calibrate, within_limits
+from automl_ad.deploy.export import calibrate, choose_run
 from automl_ad.detectors import Detector, detector_class
 from automl_ad.errors import UsageError
 from automl_ad.evaluation.metrics import evaluate, rates_at
@@ -130,10 +130,10 @@ def _profile_now(data: str | None) -> tuple[dict | None, str]:
 def best_front_trial(store: SearchStore, search: SearchRecord, trials: list[dict]) -> dict | None:
     """The trial ``export --best`` takes: the Pareto-front trial with the highest validation quality among those
     meeting the search's deployment limits (its model is logged)."""
-    front = store.front(search.run_id)
-    if not front:
+    try:
+        chosen = choose_run(store, search.run_id, "quality").run_id
+    except UsageError:  # no complete trial on the front
         return None
-    chosen = best_for(within_limits(front, search.limits), "quality").run_id
     return next(t for t in trials if t["run_id"] == chosen)
 
 
