@@ -10,18 +10,21 @@ import json
 import numpy as np
 import onnx
 import pytest
+import torch
 from conftest import write_image
 
 from automl_ad import load_package
 from automl_ad.data.imageset import ImageSet
 from automl_ad.defaults import BUILTIN_BACKBONE
-from automl_ad.deploy.onnx_export import PARITY_TOLERANCE, _export, _parity, export_onnx, run_onnx
+from automl_ad.deploy.onnx_export import INPUT_NAME, OUTPUT_NAMES, PARITY_TOLERANCE, _parity, export_onnx, run_onnx
 from automl_ad.deploy.package import PackageError, _check_onnx, export_package
 from automl_ad.detectors import Detector, create_detector, detector_class, feature_based
 from automl_ad.detectors.feature_based import INT8_BACKBONE_TENSOR
+from automl_ad.detectors.graph_based import GraphDetector
 from automl_ad.errors import InvalidParameterError
 from automl_ad.evaluation import image_auroc
 from automl_ad.features.quantize import calibration_indices
+from automl_ad.features.runtime import export_onnx_bytes
 
 SIZE = 64
 #: How much image AUROC int8 may lose against fp32 on the easy synthetic defect below (test scale, not a benchmark).
@@ -163,12 +166,31 @@ def test_package_carries_the_quantised_graph_with_parity(family, fitted, sets, t
     np.testing.assert_array_equal(package.detector.score_samples(test).image_scores, expected.image_scores)
 
 
+@pytest.mark.parametrize("family", ["patchcore", "padim"])
+def test_in_memory_images_run_the_whole_int8_graph_in_one_session(family, fitted, sets):
+    """In-memory images (deployment, latency) run normalisation, the quantised backbone and the head as one ONNX
+    Runtime session, the graph packages carry; it agrees with the quantised backbone run on its own, its features
+    passed to the head (the path of image files, through the feature cache)."""
+    _, test = sets
+    detector = fitted[family, "int8"]
+    detector._runners = None
+    whole = detector._score(test)
+    assert set(detector._runners) == {"whole"}
+    two_sessions = GraphDetector._score(detector, test)
+    assert set(detector._runners) == {"whole", "head"}
+    span = np.ptp(two_sessions.anomaly_maps)
+    assert np.abs(whole.anomaly_maps - two_sessions.anomaly_maps).max() <= PARITY_TOLERANCE * span
+    assert np.abs(whole.image_scores - two_sessions.image_scores).max() <= PARITY_TOLERANCE * span
+
+
 def test_parity_check_tells_the_fp32_network_from_the_int8_one(fitted, sets, tmp_path):
     """The check would catch a package that carried the fp32 backbone of an int8 detector."""
     _, test = sets
     detector = fitted["padim", "int8"]
     inputs = detector.graph_input(test)
-    _export(detector.inference_graph(), inputs[:2], tmp_path / "fp32.onnx")  # fp32 torch backbone + the head
+    fp32 = export_onnx_bytes(detector.inference_graph(), (torch.from_numpy(inputs[:2]),), [INPUT_NAME],
+                             list(OUTPUT_NAMES))  # the fp32 network
+    (tmp_path / "fp32.onnx").write_bytes(fp32)
     assert _parity(detector.score_samples(test), *run_onnx(tmp_path / "fp32.onnx", inputs))["relative"] > \
         10 * PARITY_TOLERANCE
 

@@ -1,18 +1,20 @@
 """ONNX export of a detector's inference graph (:meth:`Detector.inference_graph`), checked against
 ``score_samples``.
 
-The graph is exported with torch's TorchScript-based exporter (``dynamo=False``, opset 17, dynamic batch axis),
-then run with onnxruntime (CPU) on the images given for the check and compared with ``detector.score_samples``
-on the same images. Parity: the largest absolute difference of the image scores and of the anomaly maps, each divided
-by the span (max - min) of ``score_samples``' anomaly maps over those images (of its image scores for families without
-maps), must not exceed :data:`PARITY_TOLERANCE`. A family without a graph, an export error or a failed check
-gives no file, and the returned record says why; it never raises for those.
+The graph is exported as the in-memory runners export theirs (:func:`~automl_ad.features.runtime.
+export_onnx_bytes`: torch's TorchScript-based exporter, opset 17, dynamic batch axis), then run with onnxruntime
+(CPU) on the images given for the check and compared with ``detector.score_samples`` on the same images. Parity:
+the largest absolute difference of the image scores and of the anomaly maps, each divided by the span (max - min)
+of ``score_samples``' anomaly maps over those images (of its image scores for families without maps), must not
+exceed :data:`PARITY_TOLERANCE`. A family without a graph, an export error or a failed check gives no file, and the
+returned record says why; it never raises for those.
 
-An int8 detector (``precision="int8"``) exports the network ``score_samples`` runs: the graph's normalisation, then
-the saved quantised backbone (the same ONNX bytes, not a re-export of the fp32 torch network), then the family
-head, joined with ``onnx.compose``. Its parity check is the same (:data:`PARITY_TOLERANCE`): both sides run the
-same quantised network, so they agree as closely as fp32 ones (where the fp32 network in place of the int8 one
-differs by about 0.2 of the map span on the tests' images).
+An int8 detector (``precision="int8"``) exports the network ``score_samples`` runs on in-memory images
+(:func:`~automl_ad.features.quantize.int8_whole_graph`): the graph's normalisation, then the saved quantised
+backbone (the same ONNX bytes, not a re-export of the fp32 torch network), then the family head, joined with
+``onnx.compose``. Its parity check is the same (:data:`PARITY_TOLERANCE`): both sides run the same quantised
+network, so they agree as closely as fp32 ones (where the fp32 network in place of the int8 one differs by about
+0.2 of the map span on the tests' images).
 """
 
 from __future__ import annotations
@@ -23,9 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from automl_ad.data.imageset import ImageSet
-from automl_ad.features.quantize import INT8_SCHEME
+from automl_ad.features.quantize import INT8_SCHEME, int8_whole_graph
+from automl_ad.features.runtime import OPSET, export_onnx_bytes
 
-OPSET = 17
 PARITY_TOLERANCE = 1e-3
 INPUT_NAME, OUTPUT_NAMES = "images", ("image_scores", "anomaly_maps")
 
@@ -34,6 +36,8 @@ def export_onnx(detector, path: str | Path, images: ImageSet | None) -> dict:
     """Write ``detector``'s graph to ``path`` when it reproduces ``score_samples`` on ``images``; return the
     manifest's ``onnx`` record: ``file``, ``opset``, ``input``, ``outputs`` and parity figures, or ``file`` None
     and a ``reason``."""
+    import torch
+
     path = Path(path)
     if images is None or len(images) == 0:
         return _absent("no images were given for the parity check")
@@ -43,10 +47,10 @@ def export_onnx(detector, path: str | Path, images: ImageSet | None) -> dict:
     try:
         inputs = detector.graph_input(images)
         int8_backbone = getattr(detector, "int8_backbone_", None)
-        if int8_backbone is None:
-            _export(graph.eval(), inputs[:2], path)
-        else:
-            path.write_bytes(_int8_model(graph.eval(), int8_backbone, inputs[:2]))
+        example = inputs[:2]
+        path.write_bytes(export_onnx_bytes(graph.eval(), (torch.from_numpy(example),), [INPUT_NAME],
+                                           list(OUTPUT_NAMES)) if int8_backbone is None else
+                         int8_whole_graph(graph.eval(), int8_backbone, example, INPUT_NAME, OUTPUT_NAMES))
         outputs = detector.per_image_scores(images, *run_onnx(path, inputs))  # the package's tile loop
         expected = detector.score_samples(images)
     except Exception as exc:  # noqa: BLE001 - any export or runtime failure only means: no ONNX in the package
@@ -83,80 +87,6 @@ def run_onnx(path: str | Path, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarr
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     scores, maps = session.run(list(OUTPUT_NAMES), {INPUT_NAME: np.ascontiguousarray(inputs, dtype=np.float32)})
     return scores, maps
-
-
-def _export(graph, example: np.ndarray, path: Path) -> None:
-    import torch
-
-    batch = {0: "batch"}
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # tracer warnings about constant shapes: the size is fixed by design
-        torch.onnx.export(graph, (torch.from_numpy(example),), str(path), dynamo=False, opset_version=OPSET,
-                          input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
-                          dynamic_axes={INPUT_NAME: batch, OUTPUT_NAMES[0]: batch, OUTPUT_NAMES[1]: batch})
-
-
-def _int8_model(graph, backbone: bytes, example: np.ndarray) -> bytes:
-    """An int8 detector's whole inference as one ONNX model: ``graph`` (a :class:`~automl_ad.detectors.blocks.
-    FeatureGraph`)'s normalisation, the quantised ``backbone`` network (inputs ``input``, outputs ``output_<i>``)
-    and ``graph``'s head, joined by ``onnx.compose`` (each part's inner names prefixed so that they stay apart)."""
-    import onnx
-    import torch
-    from onnx import compose, helper
-
-    images = torch.from_numpy(example)
-    with torch.no_grad():
-        features = list(graph.backbone.model(graph.backbone.normalise(images)))  # only their shapes matter
-    network = onnx.load_from_string(backbone)
-    before = _exported(graph.backbone.normalise, (images,), [INPUT_NAME], ["normalised"])
-    if graph.with_images:  # the head reads the images too: pass them through to it
-        before.graph.node.append(helper.make_node("Identity", [INPUT_NAME], ["head_images"]))
-        passed = before.graph.output.add()
-        passed.CopyFrom(before.graph.input[0])
-        passed.name = "head_images"
-    head_inputs = ["head_images"] * graph.with_images + [f"feature_{i}" for i in range(len(features))]
-    head = _exported(graph.head, (images,) * graph.with_images + tuple(features), head_inputs, list(OUTPUT_NAMES))
-    # inner names prefixed so that the parts' tensors stay apart (onnx renames their outputs too: read them back)
-    parts = [compose.add_prefix(part, f"{name}/", rename_inputs=False)
-             for name, part in (("preprocess", before), ("backbone", network), ("head", head))]
-    ir_version = max(part.ir_version for part in parts)
-    for part in parts:
-        part.ir_version = ir_version
-    normalised, *passed_images = [output.name for output in parts[0].graph.output]
-    network_outputs = [output.name for output in parts[1].graph.output]
-    joined = compose.merge_models(parts[0], parts[1], io_map=[(normalised, parts[1].graph.input[0].name)],
-                                  outputs=network_outputs + passed_images)
-    joined = compose.merge_models(joined, parts[2], io_map=[*zip(network_outputs, head_inputs[graph.with_images:]),
-                                                            *zip(passed_images, head_inputs[:graph.with_images])])
-    for output, name in zip(joined.graph.output, OUTPUT_NAMES):
-        _rename_tensor(joined.graph, output.name, name)
-    onnx.checker.check_model(joined)
-    return joined.SerializeToString()
-
-
-def _rename_tensor(graph, old: str, new: str) -> None:
-    """Rename tensor ``old`` of ``graph`` (its producers, consumers and graph outputs) to ``new``."""
-    for node in graph.node:
-        node.input[:] = [new if name == old else name for name in node.input]
-        node.output[:] = [new if name == old else name for name in node.output]
-    for output in graph.output:
-        if output.name == old:
-            output.name = new
-
-
-def _exported(module, example: tuple, inputs: list[str], outputs: list[str]):
-    """``module`` exported like the fp32 graph (opset, dynamic batch axis), as an ``onnx.ModelProto``."""
-    import io
-
-    import onnx
-    import torch
-
-    buffer = io.BytesIO()
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(module, example, buffer, dynamo=False, opset_version=OPSET, input_names=inputs,
-                          output_names=outputs, dynamic_axes={name: {0: "batch"} for name in [*inputs, *outputs]})
-    return onnx.load_from_string(buffer.getvalue())
 
 
 def _parity(expected, scores: np.ndarray, maps: np.ndarray) -> dict:

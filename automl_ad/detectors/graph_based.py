@@ -28,7 +28,8 @@ from automl_ad.data.imageset import ImageSet
 from automl_ad.detectors.base import Detector, EpochCallback, Scores
 from automl_ad.detectors.blocks import Backbone, FeatureGraph, on_cpu, tensors_of
 from automl_ad.detectors.feature_based import BackboneDetector
-from automl_ad.features.runtime import Runner, cpu_runner
+from automl_ad.features.quantize import int8_whole_graph
+from automl_ad.features.runtime import Runner, cpu_runner, onnx_model_runner
 
 #: An ONNX model is one protobuf message, which cannot exceed 2 GiB: a graph whose constants (weights, a PatchCore
 #: memory bank, PaDiM's inverse covariances) come close to it runs in eager torch on CPU instead of ONNX Runtime.
@@ -155,14 +156,26 @@ class BackboneGraphDetector(GraphDetector, BackboneDetector):
 
     def _score(self, images: ImageSet) -> Scores:
         """Images that skip the feature cache (in memory: deployment, a latency measurement) run the whole graph,
-        backbone and head in one ONNX Runtime session on CPU, with no feature round trip through numpy; files read
-        their features through the cache and run the head."""
-        if self._scoring_mid_training or self._precision() != "fp32" or \
-                (self.cache_features and images.paths is not None):
+        backbone and head in one ONNX Runtime session on CPU, with no feature round trip through numpy (int8: the
+        quantised backbone's whole graph, the one packages carry); files read their features through the cache
+        and run the head."""
+        if self._scoring_mid_training or (self.cache_features and images.paths is not None):
             return super()._score(images)
         inputs = [self.graph_input(images)]
-        run = self._graph_runner("whole", self._whole_graph, inputs, eager_on_cpu=False)
+        run = self._int8_whole_runner(inputs) if self._precision() == "int8" else \
+            self._graph_runner("whole", self._whole_graph, inputs, eager_on_cpu=False)
         return super()._score(images) if run is None else self._run_batches(run, inputs)
+
+    def _int8_whole_runner(self, inputs: list[np.ndarray]) -> Runner | None:
+        """The int8 whole graph (:func:`~automl_ad.features.quantize.int8_whole_graph`) as one ONNX Runtime
+        session, built once per fitted state; None when the head's constants do not fit one ONNX model."""
+        self._runners = self._runners or {}
+        if "whole" not in self._runners:
+            graph = self._whole_graph().eval()  # calibrates the int8 backbone when fit has not yet
+            example = np.ascontiguousarray(np.concatenate([inputs[0][:1]] * 2))  # batch 2, as _graph_runner
+            self._runners["whole"] = onnx_model_runner(int8_whole_graph(graph, self.int8_backbone_, example)) \
+                if self._runs_on_onnx_runtime(graph) else None
+        return self._runners["whole"]
 
     def _graph_device(self, graph: nn.Module) -> torch.device:
         return torch.device(self._extractor().device)

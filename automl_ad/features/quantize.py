@@ -72,6 +72,59 @@ def calibration_indices(count: int, limit: int) -> np.ndarray:
     return np.unique(np.linspace(0, count - 1, num=min(count, limit)).round().astype(np.int64))
 
 
+def int8_whole_graph(graph, backbone: bytes, example: np.ndarray, input_name: str = "input",
+                     output_names: tuple[str, str] = ("output_0", "output_1")) -> bytes:
+    """An int8 backbone family's whole inference as one ONNX model: ``graph`` (a :class:`~automl_ad.detectors.
+    blocks.FeatureGraph`)'s normalisation, the quantised ``backbone`` network (inputs ``input``, outputs
+    ``output_<i>``) and ``graph``'s head, joined by ``onnx.compose`` (each part's inner names prefixed so that they
+    stay apart). ``example``: a batch of network inputs (only its shape matters). The detector scores in-memory
+    images with this model and packages carry it, so both run the same graph."""
+    import onnx
+    import torch
+    from onnx import compose, helper
+
+    images = torch.from_numpy(example)
+    with torch.no_grad():
+        features = list(graph.backbone.model(graph.backbone.normalise(images)))  # only their shapes matter
+    network = onnx.load_from_string(backbone)
+    before = onnx.load_from_string(export_onnx_bytes(graph.backbone.normalise, (images,), [input_name],
+                                                     ["normalised"]))
+    if graph.with_images:  # the head reads the images too: pass them through to it
+        before.graph.node.append(helper.make_node("Identity", [input_name], ["head_images"]))
+        passed = before.graph.output.add()
+        passed.CopyFrom(before.graph.input[0])
+        passed.name = "head_images"
+    head_inputs = ["head_images"] * graph.with_images + [f"feature_{i}" for i in range(len(features))]
+    head = onnx.load_from_string(export_onnx_bytes(graph.head, (images,) * graph.with_images + tuple(features),
+                                                   head_inputs, list(output_names)))
+    # inner names prefixed so that the parts' tensors stay apart (onnx renames their outputs too: read them back)
+    parts = [compose.add_prefix(part, f"{name}/", rename_inputs=False)
+             for name, part in (("preprocess", before), ("backbone", network), ("head", head))]
+    ir_version = max(part.ir_version for part in parts)
+    for part in parts:
+        part.ir_version = ir_version
+    normalised, *passed_images = [output.name for output in parts[0].graph.output]
+    network_outputs = [output.name for output in parts[1].graph.output]
+    joined = compose.merge_models(parts[0], parts[1], io_map=[(normalised, parts[1].graph.input[0].name)],
+                                  outputs=network_outputs + passed_images)
+    joined = compose.merge_models(joined, parts[2], io_map=[*zip(network_outputs, head_inputs[graph.with_images:]),
+                                                            *zip(passed_images, head_inputs[:graph.with_images])])
+    for output, name in zip(joined.graph.output, output_names):
+        _rename_tensor(joined.graph, output.name, name)
+    onnx.checker.check_model(joined)
+    return joined.SerializeToString()
+
+
+def _rename_tensor(graph, old: str, new: str) -> None:
+    """Rename tensor ``old`` of ``graph`` (its producers, consumers and graph outputs) to ``new``."""
+    for node in graph.node:
+        node.input[:] = [new if name == old else name for name in node.input]
+        node.output[:] = [new if name == old else name for name in node.output]
+    for output in graph.output:
+        if output.name == old:
+            output.name = new
+
+
 class _Batches:
     """Feeds the calibration batches to the quantiser once (an ``onnxruntime.quantization.CalibrationDataReader``
     by its ``get_next`` method, which is all the protocol asks)."""

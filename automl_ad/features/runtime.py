@@ -16,6 +16,8 @@ from collections.abc import Callable
 log = logging.getLogger(__name__)
 
 Runner = Callable[..., list]
+#: The ONNX opset of every exported graph (in-memory runners and packages alike).
+OPSET = 17
 
 
 def cpu_runner(module, example, backend: str = "auto") -> Runner:
@@ -59,18 +61,18 @@ def _onnx_runner(module, examples: tuple) -> Runner:
     return onnx_model_runner(export_onnx_bytes(module, examples))
 
 
-def export_onnx_bytes(module, examples: tuple) -> bytes:
-    """``module`` exported to ONNX (opset 17, dynamic batch axis) in memory; inputs ``input`` (``input_<i>`` for
-    several), outputs ``output_<i>``."""
+def export_onnx_bytes(module, examples: tuple, input_names: list[str] | None = None,
+                      output_names: list[str] | None = None) -> bytes:
+    """``module`` exported to ONNX in memory by torch's TorchScript-based exporter (:data:`OPSET`, dynamic batch
+    axis); inputs ``input`` (``input_<i>`` for several) and outputs ``output_<i>`` unless named."""
     import torch
 
     buffer = io.BytesIO()
-    inputs = ["input"] if len(examples) == 1 else [f"input_{i}" for i in range(len(examples))]
+    inputs = input_names or (["input"] if len(examples) == 1 else [f"input_{i}" for i in range(len(examples))])
     with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        count = len(_as_list(module(*examples)))
-        names = [f"output_{i}" for i in range(count)]
-        torch.onnx.export(module, examples, buffer, dynamo=False, opset_version=17, input_names=inputs,
+        warnings.simplefilter("ignore")  # tracer warnings about constant shapes: the size is fixed by design
+        names = output_names or [f"output_{i}" for i in range(len(_as_list(module(*examples))))]
+        torch.onnx.export(module, examples, buffer, dynamo=False, opset_version=OPSET, input_names=inputs,
                           output_names=names, dynamic_axes={name: {0: "batch"} for name in [*inputs, *names]})
     return buffer.getvalue()
 
