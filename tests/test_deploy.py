@@ -28,7 +28,7 @@ def test_false_alarm_rate_on_fresh_normals_is_near_target():
         achieved["evt"].append((fresh > threshold.value).mean())
         achieved["empirical"].append((fresh > threshold.empirical).mean())
     assert 0.004 < np.mean(achieved["evt"]) < 0.02
-    assert abs(np.mean(achieved["evt"]) - 0.01) <= abs(np.mean(achieved["empirical"]) - 0.01) + 0.002
+    assert 0.005 < np.mean(achieved["empirical"]) <= 0.011  # split-conformal: at most the target on average
 
 
 def test_threshold_edge_cases_and_f1():

@@ -8,7 +8,7 @@ import pytest
 
 from automl_ad.defaults import QUALITY_METRICS
 from automl_ad.deploy.thresholds import operating_points
-from automl_ad.evaluation.metrics import detection_at_far, evaluate, threshold_at_far
+from automl_ad.evaluation.metrics import detection_at_far, evaluate, smallest_far, threshold_at_far
 from automl_ad.evaluation.selection import selection_agreement
 from automl_ad.search.validation import quality
 
@@ -18,15 +18,28 @@ def test_detection_at_far_on_hand_made_scores():
     normal = np.round(np.arange(1, 11) / 10, 2)  # 0.1 .. 1.0
     defects = np.array([0.5, 0.95, 1.2, 0.91])
     labels, scores = np.r_[np.zeros(10, int), np.ones(4, int)], np.r_[normal, defects]
-    # threshold = the 0.9 quantile of the normals = 0.1 + 0.9 * 9 * 0.1 = 0.91; a defect must score above it
-    assert threshold_at_far(normal, 0.1) == pytest.approx(0.91)
-    assert detection_at_far(labels, scores, far=0.1) == pytest.approx(0.5)  # 0.95 and 1.2; 0.91 ties, not above
-    assert detection_at_far(labels, scores, far=0.5) == pytest.approx(0.75)  # threshold 0.55
+    # threshold = the ceil(11 * 0.9) = 10th smallest normal = 1.0 (a new normal exceeds it with probability 1/11);
+    # a defect must score above it
+    assert threshold_at_far(normal, 0.1) == pytest.approx(1.0)
+    assert detection_at_far(labels, scores, far=0.1) == pytest.approx(0.25)  # 1.2 only
+    assert detection_at_far(labels, scores, far=0.5) == pytest.approx(0.75)  # ceil(5.5) = 6th: 0.6
+    assert threshold_at_far(normal, 0.3) == pytest.approx(0.8)  # ceil(7.7) = 8th
     assert detection_at_far(labels, -scores, far=0.1) == 0.0
     # one implementation: the export's threshold table says the same
     table = {row["target_false_alarm_rate"]: row for row in operating_points(normal, defects, rates=(0.1, 0.5))}
-    assert table[0.1]["detection_rate"] == pytest.approx(0.5) and table[0.5]["detection_rate"] == pytest.approx(0.75)
-    assert table[0.1]["threshold"] == pytest.approx(0.91) and table[0.1]["false_alarm_rate"] == pytest.approx(0.1)
+    assert table[0.1]["detection_rate"] == pytest.approx(0.25) and table[0.5]["detection_rate"] == pytest.approx(0.75)
+    assert table[0.1]["threshold"] == pytest.approx(1.0) and table[0.1]["false_alarm_rate"] == 0.0
+
+
+def test_threshold_at_far_keeps_its_promise_on_new_normal_images():
+    """Split-conformal: over many draws, the share of new normal images above the threshold is at most the target
+    (where n allows it); with too few normals it is the largest score, exceeded by about 1 / (n + 1)."""
+    rng = np.random.default_rng(0)
+    for n, far in ((50, 0.1), (200, 0.01), (1000, 0.05)):
+        achieved = [(rng.normal(size=20000) > threshold_at_far(rng.normal(size=n), far)).mean() for _ in range(200)]
+        assert np.mean(achieved) <= far + 0.002 and np.mean(achieved) >= far / 2, (n, far, np.mean(achieved))
+    few = [(rng.normal(size=20000) > threshold_at_far(rng.normal(size=5), 0.01)).mean() for _ in range(400)]
+    assert abs(np.mean(few) - smallest_far(5)) < 0.02
 
 
 def test_detection_at_far_is_none_without_both_classes_and_refuses_bad_rates():
@@ -38,10 +51,10 @@ def test_detection_at_far_is_none_without_both_classes_and_refuses_bad_rates():
 
 
 def test_detection_at_far_is_a_validation_metric_and_a_quality():
-    labels, scores = np.r_[np.zeros(100, int), np.ones(10, int)], np.r_[np.linspace(0, 1, 100), np.full(10, 0.995)]
+    labels, scores = np.r_[np.zeros(200, int), np.ones(10, int)], np.r_[np.linspace(0, 1, 200), np.full(10, 0.997)]
     metrics = evaluate(labels, scores)
-    assert metrics["detection_at_far"] == 1.0  # 0.995 is above the 0.99 quantile (0.99) of the normals
-    assert evaluate(labels, scores, far=0.001)["detection_at_far"] == 0.0  # threshold 0.999
+    assert metrics["detection_at_far"] == 1.0  # 0.997 is above the ceil(201 * 0.99) = 199th normal (0.99497)
+    assert evaluate(labels, scores, far=0.001)["detection_at_far"] == 0.0  # too few normals for 0.001: the largest
     assert "detection_at_far" in QUALITY_METRICS
     assert quality(metrics, "detection_at_far") == 1.0
 

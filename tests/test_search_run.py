@@ -93,7 +93,12 @@ def test_export_best_front_member_and_predict(searched, tmp_path):
     assert run_id == best["run_id"]
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(tmp_path.parent)  # another working folder: the model and the split are read from the store
-        path = export_run(store, run_id, tmp_path / "pkg", say=lambda _: None)
+        said = []
+        path = export_run(store, run_id, tmp_path / "pkg", say=said.append)
     manifest = load_package(path).manifest
     assert manifest["family"] == best["family"] and manifest["training"]["run_id"] == run_id
     assert manifest["thresholds"]["image"]["n_normal"] > 0 and "test" in manifest["metrics"]
+    # a few held-out normals cannot set a 1% false-alarm rate: export says so, and the threshold flags none of them
+    n_normal = manifest["thresholds"]["image"]["n_normal"]
+    assert n_normal < 99 and any(f"only {n_normal} held-out normal images" in line for line in said), said
+    assert manifest["metrics"]["validation_at_threshold"]["false_alarm_rate"] == 0.0

@@ -25,7 +25,7 @@ from automl_ad.deploy.thresholds import (
 )
 from automl_ad.detectors import Detector
 from automl_ad.errors import UsageError
-from automl_ad.evaluation.metrics import evaluate
+from automl_ad.evaluation.metrics import evaluate, smallest_far
 from automl_ad.tracking.records import SearchStore, TrialRecord
 
 OBJECTIVES = ("quality", "throughput", "memory", "balanced")
@@ -113,6 +113,16 @@ def calibrate(detector, split: SearchSplit, far: float = DEFAULT_FALSE_ALARM_RAT
     rates = rates_at(thresholds["image"]["value"], labels, scores.image_scores)
     table = operating_points(normal_scores, scores.image_scores[labels == 1])
     warnings = []
+    if far < smallest_far(len(normal_scores)):
+        floor = smallest_far(len(normal_scores))
+        reachable = math.ceil(floor * 1000) / 1000
+        where = ("the highest of their scores, which about" if thresholds["image"]["method"] == "empirical" else
+                 "extrapolated by a tail fit above the highest of their scores, which fewer than")
+        warnings.append(
+            f"only {len(normal_scores)} held-out normal images: a false-alarm rate of {far:g} needs at least "
+            f"{math.ceil(1 / far) - 1} to be set from data, so the threshold is {where} 1 in "
+            f"{len(normal_scores) + 1} new normal images exceed ({floor:.0%} false alarms). Add normal images to "
+            f"the training folder (a share is held out), or export with --false-alarm-rate {reachable:g}.")
     detected = rates["detection_rate"]
     if detected is not None and detected < LOW_DETECTION_RATE:
         kind = "real defects" if split.validation_kind == "real" else "synthetic anomalies"

@@ -3,10 +3,12 @@
 Image level: per-image scores of normal images rarely number more than a few dozen, so the 99th percentile is
 poorly estimated by the sample itself. Extreme-value theory (peaks over threshold): exceedances of the scores
 over a high threshold ``u`` follow a generalised Pareto distribution; fitted by maximum likelihood
-(scipy ``genpareto``), it gives the score exceeded with probability ``far``. The empirical quantile is reported
-beside it, and the fit is rejected in favour of the empirical quantile when it is not trustworthy (too few
-exceedances or a fit that contradicts the data). Pixel level: normal images yield many pixels, so the empirical
-quantile is used. With labelled defects, the F1-optimal image threshold is reported too.
+(scipy ``genpareto``), it gives the score exceeded with probability ``far``. The empirical threshold
+(:func:`~automl_ad.evaluation.metrics.threshold_at_far`, split-conformal: exceeded by a new normal image with
+probability at most ``far`` where the sample allows it) is reported beside it, and the fit is rejected in its
+favour when it is not trustworthy (too few exceedances or a fit that contradicts the data). Pixel level: normal
+images yield many pixels, so the empirical quantile is used. With labelled defects, the F1-optimal image
+threshold is reported too.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from automl_ad.defaults import DEFAULT_FALSE_ALARM_RATE
-from automl_ad.evaluation.metrics import rates_at, threshold_at_far
+from automl_ad.evaluation.metrics import rates_at, smallest_far, threshold_at_far
 
 #: Share of the normal scores used as the tail for the generalised Pareto fit, and the fewest exceedances.
 TAIL_FRACTION = 0.3
@@ -60,8 +62,11 @@ def calibrate_image_threshold(normal_scores, far: float = DEFAULT_FALSE_ALARM_RA
     if far >= tail_probability:
         return Threshold(empirical, "empirical", far, empirical, None, len(scores), "target inside the sample body")
     evt = float(u + genpareto.ppf(1 - far / tail_probability, shape, loc=0.0, scale=scale))
-    # an infinite-mean tail (shape > 1) or an extrapolation far beyond the observed spread is not trusted
-    if not np.isfinite(evt) or shape > 1.0 or evt > scores[-1] + 10 * (scores[-1] - u):
+    # an infinite-mean tail (shape > 1), an extrapolation far beyond the observed spread, or one below the highest
+    # score for a target beyond the sample's resolution (it would flag more than the target of these very images)
+    # is not trusted
+    if not np.isfinite(evt) or shape > 1.0 or evt > scores[-1] + 10 * (scores[-1] - u) or \
+            (far < smallest_far(len(scores)) and evt < scores[-1]):
         return Threshold(empirical, "empirical", far, empirical, evt, len(scores),
                          f"tail fit rejected (shape {shape:.2f}, estimate {evt:.4g})")
     return Threshold(evt, "evt", far, empirical, evt, len(scores), f"generalised Pareto shape {shape:.2f}, "

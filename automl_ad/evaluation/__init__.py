@@ -18,6 +18,7 @@ from automl_ad.evaluation.metrics import (
     pixel_ap,
     pixel_auroc,
     rates_at,
+    smallest_far,
     threshold_at_far,
 )
 
@@ -37,5 +38,6 @@ __all__ = [
     "pixel_ap",
     "pixel_auroc",
     "rates_at",
+    "smallest_far",
     "threshold_at_far",
 ]

@@ -16,6 +16,7 @@ Conventions shared by every function here:
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -130,14 +131,23 @@ def image_f1_max(labels, scores) -> float | None:
 
 
 def threshold_at_far(normal_scores, far: float = DEFAULT_FALSE_ALARM_RATE) -> float:
-    """The empirical threshold that flags about ``far`` of the normal images: the (1 - ``far``) quantile of their
-    scores (numpy's linear interpolation between order statistics)."""
+    """The empirical threshold for false-alarm rate ``far`` (images flagged when they score above it): the
+    ceil((n + 1)(1 - ``far``))-th smallest of the n normal scores, so that a new normal image, exchangeable with
+    them, exceeds it with probability at most ``far`` (split-conformal). When n is too small for ``far``
+    (:func:`smallest_far`), the largest normal score: about 1 / (n + 1) of new normal images exceed it."""
     if not 0 < far < 1:
         raise ValueError(f"the false-alarm rate must lie in (0, 1), got {far}")
-    normal = np.asarray(normal_scores, dtype=np.float64)
+    normal = np.sort(np.asarray(normal_scores, dtype=np.float64).ravel())
     if normal.size == 0:
         raise ValueError("a threshold at a false-alarm rate needs at least one normal score")
-    return float(np.quantile(normal, 1 - far))
+    rank = math.ceil((normal.size + 1) * (1 - far) - 1e-9)  # 1-based; the tolerance absorbs float rounding
+    return float(normal[min(rank, normal.size) - 1])
+
+
+def smallest_far(n_normal: int) -> float:
+    """The smallest false-alarm rate ``n_normal`` normal scores can set a threshold for: 1 / (n + 1), the share of
+    new normal images expected above the largest of them."""
+    return 1.0 / (n_normal + 1)
 
 
 def rates_at(threshold: float, labels, scores) -> dict[str, float | None]:
