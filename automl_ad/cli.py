@@ -254,7 +254,7 @@ def cmd_search(args) -> int:
 
 
 #: Leaderboard columns: (trial key, title, how a value is shown; None = as it is).
-_BOARD_COLUMNS = (("family", "family", None), ("quality", "quality", rounded),
+_BOARD_COLUMNS = (("family", "family", None), ("input", "input", None), ("quality", "quality", rounded),
                   ("throughput", "img/s", lambda v: rounded(v, 1)), ("memory_mb", "MB", lambda v: rounded(v, 0)),
                   ("latency_ms_p50", "p50 ms", lambda v: rounded(v, 1)), ("fit_seconds", "fit", duration),
                   ("pareto_rank", "rank", None), ("run_id", "run", None))
@@ -262,8 +262,9 @@ _BOARD_COLUMNS = (("family", "family", None), ("quality", "quality", rounded),
 
 def _print_leaderboard(console, rows: list[dict], best: list[tuple[float, float]] | None = None) -> None:
     table = Table()
-    for _, title, _ in _BOARD_COLUMNS:
-        table.add_column(title)
+    for key, title, _ in _BOARD_COLUMNS:  # a run id stays whole (export and predict take it); the input folds
+        table.add_column(title, **({"no_wrap": True, "min_width": 32} if key == "run_id" else
+                                   {"overflow": "fold"} if key == "input" else {}))
     for row in sorted(rows, key=lambda r: -(r.get("quality") or 0)):
         table.add_row(*["-" if row.get(key) is None else (show or str)(row[key]) for key, _, show in _BOARD_COLUMNS])
     console.print(table)

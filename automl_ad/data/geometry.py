@@ -146,6 +146,15 @@ class TileGrid:
         return self.resized_hw[0] / self.image_hw[0], self.resized_hw[1] / self.image_hw[1]
 
 
+def geometry_label(params: dict) -> str | None:
+    """A detector's input geometry in a few characters, from its parameters (``geometry``, else the square
+    ``input_size``): e.g. ``tile-256x256-s1-o16-reflect``, ``squash-256x256``; None when it has neither."""
+    if params.get("geometry"):
+        return Geometry.from_dict(params["geometry"]).key()
+    size = params.get("input_size")
+    return None if size is None else Geometry.squash(int(size)).key()
+
+
 def resize_target(geometry: Geometry, image_hw: tuple[int, int]) -> tuple[int, int]:
     """The size an ``image_hw`` image is resized to before padding and tiling."""
     height, width = _check_hw(image_hw)

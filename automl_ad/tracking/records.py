@@ -11,6 +11,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from automl_ad.data.geometry import geometry_label
 from automl_ad.data.split import SearchSplit
 from automl_ad.errors import UsageError
 from automl_ad.evaluation.objectives import OBJECTIVE_METRICS
@@ -89,7 +90,7 @@ class TrialRecord:
         return {"run_id": self.run_id, "search_id": self.search_id, "trial": self.trial, "family": self.family,
                 "route": self.route, "status": self.status, "default_config": self.default_config,
                 "pareto_rank": self.pareto_rank, "failure_reason": self.failure_reason, "error": self.error,
-                "node": self.node, "params": self.params, **self.metrics}
+                "node": self.node, "params": self.params, "input": geometry_label(self.params), **self.metrics}
 
 
 def _value(text: str):
