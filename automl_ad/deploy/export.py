@@ -116,13 +116,15 @@ def calibrate(detector, split: SearchSplit, far: float = DEFAULT_FALSE_ALARM_RAT
     if far < smallest_far(len(normal_scores)):
         floor = smallest_far(len(normal_scores))
         reachable = math.ceil(floor * 1000) / 1000
-        where = ("the highest of their scores, which about" if thresholds["image"]["method"] == "empirical" else
+        empirical = thresholds["image"]["method"] == "empirical"
+        where = ("the highest of their scores, which about" if empirical else
                  "extrapolated by a tail fit above the highest of their scores, which fewer than")
         warnings.append(
             f"only {len(normal_scores)} held-out normal images: a false-alarm rate of {far:g} needs at least "
             f"{math.ceil(1 / far) - 1} to be set from data, so the threshold is {where} 1 in "
-            f"{len(normal_scores) + 1} new normal images exceed ({floor:.0%} false alarms). Add normal images to "
-            f"the training folder (a share is held out), or export with --false-alarm-rate {reachable:g}.")
+            f"{len(normal_scores) + 1} new normal images exceed ({'' if empirical else 'under '}{floor:.0%} false "
+            f"alarms). Add normal images to the training folder (a share is held out), or export with "
+            f"--false-alarm-rate {reachable:g}.")
     detected = rates["detection_rate"]
     if detected is not None and detected < LOW_DETECTION_RATE:
         kind = "real defects" if split.validation_kind == "real" else "synthetic anomalies"

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 from ray.tune import Callback
 
+from automl_ad.data.geometry import geometry_label
 from automl_ad.defaults import SEARCH_BEST_QUALITY_METRIC
 from automl_ad.evaluation.objectives import OBJECTIVE_METRICS, OBJECTIVE_MODES, pareto_ranks
 from automl_ad.features import FeatureCache
@@ -220,7 +221,8 @@ class SearchCallback(Callback):
             detail += f" (screening: {Fidelity(**record['fidelity']).describe()})"
         if record.get("training_cut_by_time"):
             detail += f" (training stopped by the time limit after {record.get('epochs_trained', 0):.0f} epochs)"
-        self._say(f"{mark} {record['family']:<12} {record['trial_id']:<14} {detail}")
+        where = geometry_label(record.get("params") or {}) or ""
+        self._say(f"{mark} {record['family']:<12} {record['trial_id']:<14} {where:<18} {detail}")
         self._draw()
 
     def _front_ids(self) -> set[str]:
