@@ -113,8 +113,8 @@ def calibrate(detector, split: SearchSplit, far: float = DEFAULT_FALSE_ALARM_RAT
     rates = rates_at(thresholds["image"]["value"], labels, scores.image_scores)
     table = operating_points(normal_scores, scores.image_scores[labels == 1])
     warnings = []
-    if far < smallest_far(len(normal_scores)):
-        floor = smallest_far(len(normal_scores))
+    floor = smallest_far(len(normal_scores))
+    if far < floor:
         reachable = math.ceil(floor * 1000) / 1000
         empirical = thresholds["image"]["method"] == "empirical"
         where = ("the highest of their scores, which about" if empirical else

@@ -107,10 +107,11 @@ class GraphDetector(Detector):
             maps.append(anomaly_maps.float().cpu().numpy())
         return Scores(np.concatenate(scores), np.concatenate(maps))
 
-    def _graph_runner(self, name: str, build, inputs: list[np.ndarray], eager_on_cpu: bool = True) -> Runner | None:
+    def _graph_runner(self, name: str, build, inputs: list[np.ndarray], eager_on_cpu: bool = True,
+                      compile_graph=cpu_runner) -> Runner | None:
         """The graph ``build()`` ready to run on inputs like ``inputs``: built once per fitted state and kept under
-        ``name``, but afresh (eager) mid-training. None when it cannot run on ONNX Runtime on CPU and
-        ``eager_on_cpu`` is False."""
+        ``name`` (on ONNX Runtime by ``compile_graph(graph, example batches)``), but afresh (eager) mid-training.
+        None when it cannot run on ONNX Runtime on CPU and ``eager_on_cpu`` is False."""
         if self._scoring_mid_training:
             return self._eager(build())
         self._runners = self._runners or {}
@@ -119,7 +120,7 @@ class GraphDetector(Detector):
             if self._runs_on_onnx_runtime(graph):
                 # a batch of two: a trace at batch 1 could fix shapes that vary with the batch
                 example = tuple(torch.from_numpy(np.ascontiguousarray(np.concatenate([x[:1]] * 2))) for x in inputs)
-                self._runners[name] = cpu_runner(graph, example)
+                self._runners[name] = compile_graph(graph, example)
             elif eager_on_cpu or self._graph_device(graph).type != "cpu":
                 self._runners[name] = self._eager(graph)
             else:
@@ -162,20 +163,14 @@ class BackboneGraphDetector(GraphDetector, BackboneDetector):
         if self._scoring_mid_training or (self.cache_features and images.paths is not None):
             return super()._score(images)
         inputs = [self.graph_input(images)]
-        run = self._int8_whole_runner(inputs) if self._precision() == "int8" else \
-            self._graph_runner("whole", self._whole_graph, inputs, eager_on_cpu=False)
+        run = self._graph_runner("whole", self._whole_graph, inputs, eager_on_cpu=False,
+                                 compile_graph=self._int8_session if self._precision() == "int8" else cpu_runner)
         return super()._score(images) if run is None else self._run_batches(run, inputs)
 
-    def _int8_whole_runner(self, inputs: list[np.ndarray]) -> Runner | None:
-        """The int8 whole graph (:func:`~automl_ad.features.quantize.int8_whole_graph`) as one ONNX Runtime
-        session, built once per fitted state; None when the head's constants do not fit one ONNX model."""
-        self._runners = self._runners or {}
-        if "whole" not in self._runners:
-            graph = self._whole_graph().eval()  # calibrates the int8 backbone when fit has not yet
-            example = np.ascontiguousarray(np.concatenate([inputs[0][:1]] * 2))  # batch 2, as _graph_runner
-            self._runners["whole"] = onnx_model_runner(int8_whole_graph(graph, self.int8_backbone_, example)) \
-                if self._runs_on_onnx_runtime(graph) else None
-        return self._runners["whole"]
+    def _int8_session(self, graph: nn.Module, example: tuple) -> Runner:
+        """The int8 whole graph (:func:`~automl_ad.features.quantize.int8_whole_graph`, the one packages carry)
+        as one ONNX Runtime session; building ``graph`` calibrated the int8 backbone if fit had not yet."""
+        return onnx_model_runner(int8_whole_graph(graph, self.int8_backbone_, example[0].numpy()))
 
     def _graph_device(self, graph: nn.Module) -> torch.device:
         return torch.device(self._extractor().device)
