@@ -67,6 +67,11 @@ VALIDATION_FRACTION = 0.2
 #: pixel metrics compare geometries on the same pixels, and evaluating wide or large images stays bounded.
 SCORE_MAP_PIXELS = 2 * 256 * 256
 DEFECT_VALIDATION_FRACTION = 0.5
+#: Fewest normal validation images a split aims for. When holding out ``VALIDATION_FRACTION`` of the training
+#: normals gives fewer and the dataset declares test normals, up to half of those join validation (as half of the
+#: defects do): with 2 held-out normals (8 training images) a ranking is a coin toss and a threshold at a 1%
+#: false-alarm rate is the highest of two scores (1 in 3 new normal images exceed it).
+MIN_VALIDATION_NORMALS = 20
 SPLIT_SEED = 0
 #: Fewest normal training images `automl-ad fit` accepts: one image shows no normal variation (the per-position
 #: Gaussian cannot fit it; spread estimates of the other families collapse). Every family fits from two.

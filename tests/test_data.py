@@ -209,8 +209,30 @@ def test_split_is_deterministic_and_keeps_test_defects_out_of_train(mvtec_dir):
     assert a == b
     assert all(r.is_normal and r.split == "train" for r in a.train)
     assert {r.path for r in a.validation}.isdisjoint({r.path for r in a.test})
-    assert len(a.train) + sum(r.is_normal for r in a.validation) == 6
+    assert len(a.train) + sum(r.is_normal and r.split == "train" for r in a.validation) == 6
     assert sum(not r.is_normal for r in a.validation) == 1 and sum(not r.is_normal for r in a.test) == 1
+
+
+def test_small_training_folders_borrow_half_the_test_normals_for_validation(tmp_path):
+    """8 training normals hold out 2: validation takes half the declared test normals too, as it takes half the
+    defects, and never more than it needs; the defects' split is the one it was without them."""
+    root = tmp_path / "part"
+    for i in range(8):
+        write_image(root / "train" / "good" / f"{i:03d}.png", noise_image(i))
+    for i in range(10):
+        write_image(root / "test" / "good" / f"{i:03d}.png", noise_image(100 + i))
+        write_image(root / "test" / "crack" / f"{i:03d}.png", noise_image(200 + i))
+    dataset = open_dataset(root)
+    split = dataset.split()
+    normals = [r for r in split.validation if r.is_normal]
+    assert [r.split for r in normals].count("train") == 2 and [r.split for r in normals].count("test") == 5
+    assert sum(r.is_normal for r in split.test) == 5 and len(split.train) == 6
+    assert {r.path for r in split.validation}.isdisjoint({r.path for r in split.test})
+    few = dataset.split(min_validation_normals=4)  # 2 held out: 2 more from test
+    assert [r.split for r in few.validation if r.is_normal].count("test") == 2
+    defects = {r.path for r in split.validation if not r.is_normal}
+    assert defects == {r.path for r in dataset.split(min_validation_normals=0).validation if not r.is_normal}
+    assert all(r.split == "train" for r in dataset.split(min_validation_normals=0).validation if r.is_normal)
 
 
 def test_split_without_declared_test_holds_out_normals(tmp_path):

@@ -127,20 +127,20 @@ def test_each_family_is_ranked_without_the_kinds_it_trains_on_and_as_many_anomal
     dataset = open_dataset(demo_texture)
     split = prepare_search_data(dataset, tmp_path, "synthetic", families=["cutpaste", "padim"])
     n_normal = int((split.validation.labels == 0).sum())
-    assert n_normal == 6 and split.reference is not None
+    assert n_normal == 8 and split.reference is not None  # 6 training normals held out, 2 borrowed from test
     # three rounds: every kind on every held-out normal image
-    assert _kinds(split.validation) == {"normal": 6, "cutpaste": 6, "scar": 6, "perlin": 6}
+    assert _kinds(split.validation) == {"normal": 8, "cutpaste": 8, "scar": 8, "perlin": 8}
     cutpaste = split.validation_for(("cutpaste", "scar"))
-    assert _kinds(cutpaste) == {"normal": 6, "perlin": 6}  # never its own training kinds, as many as before
+    assert _kinds(cutpaste) == {"normal": 8, "perlin": 8}  # never its own training kinds, as many as before
     padim = split.validation_for(())
-    assert _kinds(padim) == {"normal": 6, "cutpaste": 2, "scar": 2, "perlin": 2}  # one per normal, kinds in turn
-    assert _kinds(split.validation_for(("scar",))) == {"normal": 6, "cutpaste": 3, "perlin": 3}
+    assert _kinds(padim) == {"normal": 8, "cutpaste": 3, "scar": 3, "perlin": 2}  # one per normal, kinds in turn
+    assert _kinds(split.validation_for(("scar",))) == {"normal": 8, "cutpaste": 4, "perlin": 4}
     assert len({p.name for p in cutpaste.paths}) == len(cutpaste)
     # the kinds travel with the split a search logs, and the trial's data file
     again = SearchSplit.from_json(split.to_json())
     assert again.validation.kinds == split.validation.kinds
     assert again.validation_for(("cutpaste", "scar")).paths == cutpaste.paths
-    assert "each family is ranked on 6 of kinds it does not train on" in split.describe()
+    assert "each family is ranked on 8 of kinds it does not train on" in split.describe()
 
 
 def test_synthesis_makes_only_the_rounds_the_families_need_and_is_deterministic(demo_texture, tmp_path):
@@ -149,11 +149,11 @@ def test_synthesis_makes_only_the_rounds_the_families_need_and_is_deterministic(
 
     dataset = open_dataset(demo_texture)
     one = prepare_search_data(dataset, tmp_path / "a", "synthetic", families=["padim", "gaussian"])
-    assert _kinds(one.validation) == {"normal": 6, "cutpaste": 2, "scar": 2, "perlin": 2}
-    written = {p: p.read_bytes() for p in one.validation.paths[6:]}
+    assert _kinds(one.validation) == {"normal": 8, "cutpaste": 3, "scar": 3, "perlin": 2}
+    written = {p: p.read_bytes() for p in one.validation.paths[8:]}
     stamps = {p: p.stat().st_mtime_ns for p in written}
     full = prepare_search_data(dataset, tmp_path / "a", "synthetic", families=["cutpaste"])  # more rounds
-    assert len(full.validation) == 6 + 18
+    assert len(full.validation) == 8 + 24
     assert all(p.stat().st_mtime_ns == stamps[p] for p in written)  # the first round was reused, not rewritten
     elsewhere = prepare_search_data(dataset, tmp_path / "b", "synthetic")  # all rounds at once, another folder
     assert [p.name for p in elsewhere.validation.paths] == [p.name for p in full.validation.paths]
@@ -177,8 +177,8 @@ def test_rounds_and_a_family_that_trains_on_every_kind():
         ImageSet(paths=["n.png"], labels=[0], kinds=[None, "scar"])
 
 
-@pytest.mark.parametrize("family, used", [("cutpaste", {"cutpaste": 0, "scar": 0, "perlin": 6}),
-                                          ("gaussian", {"cutpaste": 2, "scar": 2, "perlin": 2})])
+@pytest.mark.parametrize("family, used", [("cutpaste", {"cutpaste": 0, "scar": 0, "perlin": 8}),
+                                          ("gaussian", {"cutpaste": 3, "scar": 3, "perlin": 2})])
 def test_a_trial_is_scored_only_on_kinds_its_family_does_not_train_on(demo_texture, tmp_path, family, used):
     import json
 

@@ -12,7 +12,7 @@ import numpy as np
 from automl_ad.data.io import ImageInfo, load_image
 from automl_ad.data.layout import ImageRecord, detect_layout, scan
 from automl_ad.data.validation import MaskCheck, Problem, validate
-from automl_ad.defaults import DEFECT_VALIDATION_FRACTION, SPLIT_SEED, VALIDATION_FRACTION
+from automl_ad.defaults import DEFECT_VALIDATION_FRACTION, MIN_VALIDATION_NORMALS, SPLIT_SEED, VALIDATION_FRACTION
 from automl_ad.errors import InvalidDatasetError
 
 
@@ -62,10 +62,13 @@ class Dataset:
         return digest.hexdigest()[:16]
 
     def split(self, validation_fraction: float = VALIDATION_FRACTION,
-              defect_validation_fraction: float = DEFECT_VALIDATION_FRACTION, seed: int = SPLIT_SEED) -> DataSplit:
+              defect_validation_fraction: float = DEFECT_VALIDATION_FRACTION, seed: int = SPLIT_SEED,
+              min_validation_normals: int = MIN_VALIDATION_NORMALS) -> DataSplit:
         """Deterministic split. Normal training images → train + validation. Declared test normals go to test
-        (without a declared split a share of the normals is held out for test). Labelled defects of each type are
-        divided between validation (model selection) and test (final report); the test part never feeds selection.
+        (without a declared split a share of the normals is held out for test), except that when fewer than
+        ``min_validation_normals`` training normals were held out, up to ``defect_validation_fraction`` of the
+        declared test normals join validation. Labelled defects of each type are divided between validation (model
+        selection) and test (final report); the test part never feeds selection.
         """
         if not 0 <= validation_fraction < 1 or not 0 <= defect_validation_fraction <= 1:
             raise ValueError("split fractions must lie in [0, 1)")
@@ -81,7 +84,12 @@ class Dataset:
         validation, test = pool[:n_val], pool[n_val:n_val + n_test]
         train = pool[n_val + n_test:]
         if declared:
-            test += self.normal_in("test")
+            declared_test = self.normal_in("test")
+            moved = min(max(0, min_validation_normals - n_val), int(len(declared_test) * defect_validation_fraction))
+            # its own generator: the defects' split below stays what it was for datasets that move none
+            chosen = set(np.random.default_rng([seed, 1]).permutation(len(declared_test))[:moved].tolist())
+            validation += [r for i, r in enumerate(declared_test) if i in chosen]
+            test += [r for i, r in enumerate(declared_test) if i not in chosen]
         for label in self.defect_types:
             items = [r for r in self.abnormal if r.label == label]
             items = [items[i] for i in rng.permutation(len(items))]
