@@ -145,9 +145,22 @@ def test_constraint_profile_can_override_detected_facts():
     assert not rec.candidate("frequency_domain").excluded
 
 
+def test_per_position_families_are_left_out_for_parts_that_move():
+    """PaDiM's per-position Gaussian needs the part at the same place: on unaligned objects its route keeps
+    FastFlow and says why PaDiM is not there; aligned objects and textures keep it."""
+    moved = recommend(make_profile(kind="object", aligned=False), CPU).candidate("distribution_map")
+    assert "padim" not in moved.families and "fastflow" in moved.families
+    assert any(r.startswith("padim left out") and "alignment 0.1" in r for r in moved.reasons_against)
+    for profile in (make_profile(kind="object", aligned=True), make_profile(kind="texture", aligned=False)):
+        kept = recommend(profile, CPU).candidate("distribution_map")
+        assert "padim" in kept.families and not any("padim left out" in r for r in kept.reasons_against)
+
+
 def test_rules_are_documented_data():
-    for rule in load_rules()["rules"]:
+    for rule in load_rules()["rules"] + load_rules()["family_rules"]:
         assert rule["id"] and rule["reason"] and rule["evidence"]
+    assert all(set(rule["families"]) <= set(searchable_families()) for rule in load_rules()["family_rules"])
+    for rule in load_rules()["rules"]:
         effect = rule["effect"]
         assert effect == "exclude" or {"adjust"} <= set(effect) or {"scale", "per_point"} <= set(effect)
 

@@ -131,6 +131,12 @@ def _matches(selector: dict, route_facts: dict, facts: dict) -> bool:
     return True
 
 
+def _families_left_out(family_rules: list[dict], facts: dict) -> dict[str, str]:
+    """Family → why it is left out of its route, for the family rules whose conditions hold."""
+    return {family: _fill(rule["reason"], facts, {}) for rule in family_rules
+            if all(_holds(facts.get(k), c, facts) for k, c in rule["when"].items()) for family in rule["families"]}
+
+
 def _fill(template: str, facts: dict, route_facts: dict) -> str:
     values = {**facts, **route_facts}
     return template.format_map({k: _display(v) for k, v in values.items()})
@@ -259,6 +265,7 @@ def recommend(profile: DatasetProfile, constraints: ConstraintProfile, top: int 
     data = profile.with_overrides(constraints.data) if constraints.data else profile
     proposal = propose_geometry(data, constraints, backbones[0])
     chosen = proposal.chosen
+    left_out = _families_left_out(load_rules()["family_rules"], facts)
     candidates = []
     for key, route in knowledge.routes.items():
         estimate = estimate_route(key, constraints, facts["image_side"], chosen.network_pixels,
@@ -293,8 +300,9 @@ def recommend(profile: DatasetProfile, constraints: ConstraintProfile, top: int 
             route=key, name=route.name, branch=route.branch, score=round(score, 2), base_score=round(base, 2),
             confidence=round(confidence, 2), basis=basis, excluded=excluded, shortlisted=False,
             reasons_for=pros + [a.reason for a in adjustments if a.points > 0],
-            reasons_against=cons + [a.reason for a in adjustments if a.effect == "exclude" or a.points < 0],
-            adjustments=adjustments, families=[f for f in route.families if f in searchable],
+            reasons_against=cons + [a.reason for a in adjustments if a.effect == "exclude" or a.points < 0]
+            + [left_out[f] for f in route.families if f in searchable and f in left_out],
+            adjustments=adjustments, families=[f for f in route.families if f in searchable and f not in left_out],
             backbone=estimate.backbone, resolution=estimate.resolution, estimated_latency_ms=estimate.latency_ms))
     order = list(knowledge.routes)
     candidates.sort(key=lambda c: (c.excluded, -c.score, order.index(c.route)))
