@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from types import SimpleNamespace
@@ -11,6 +12,7 @@ import optuna
 import pytest
 
 from automl_ad.defaults import (
+    SEARCH_CONFIGS_PER_BUDGET,
     SEARCH_COST_MARGIN,
     SEARCH_END_TAIL_S,
     SEARCH_LIMIT_SLACK_S,
@@ -297,6 +299,43 @@ def test_the_cheapest_family_probes_every_geometry_and_the_helpful_ones_move_to_
     assert not proposals[5]["default"] and "geometry_start" not in study.trials[5].user_attrs  # then sampling
 
 
+@pytest.mark.parametrize("stpm_default, carried", [(0.66, True), (0.55, False)])
+def test_a_helpful_geometry_moves_only_to_families_it_could_bring_near_the_best(stpm_default, carried):
+    """The tiles gain the probe (padim) 0.05; stpm's default plus that gain must come within the allocation
+    temperature (0.05) of the best quality so far (0.75) for the tiles to run on stpm."""
+    predictor = _slow_predictor(0.001)
+    tiles = {"mode": "tile", "height": 256, "width": 256, "scale": 1.0, "overlap": 64, "pad": "reflect"}
+    square = {"mode": "squash", "height": 256, "width": 256, "scale": None, "overlap": 0, "pad": "reflect"}
+    request = SearchRequest(data=".", families=["stpm", "padim"], priors={"stpm": 0.9, "padim": 0.8},
+                            budget_s=3600, geometries=[tiles, square])
+    spaces = {f: load_space(f).with_geometries(request.geometries) for f in request.families}
+    proposer = Proposer(request, spaces, {"stpm": {"epochs": 20}, "padim": {}}, predictor=predictor,
+                        sizes=TrialSizes(270, 30, (460, 1130)), deadline=time.monotonic() + 3600, quick_look_s=0.0)
+    study = _study()
+    quality = {("stpm", None): stpm_default, ("padim", None): 0.7, ("padim", "tile"): 0.75}
+    proposals = []
+    for _ in range(4):
+        trial = study.ask()
+        proposals.append(proposer(trial))
+        key = (proposals[-1]["family"], (proposals[-1]["params"].get("geometry") or {}).get("mode"))
+        study.tell(trial, [quality.get(key, 0.5), 10.0, 100.0])
+    assert [(p["family"], p["params"].get("geometry")) for p in proposals[:3]] == [
+        ("stpm", None), ("padim", None), ("padim", tiles)]
+    assert (study.trials[3].user_attrs.get("geometry_start") == ["stpm", json.dumps(tiles, sort_keys=True)]) \
+        == carried
+
+
+def test_a_screening_trial_fits_its_share_of_the_budget_with_fewer_epochs_not_the_whole_cap():
+    """With 900 s left a screening trial may take 100 s (1/9): STPM trains fewer epochs on all images, instead of
+    every epoch on the fewest images for most of the cap."""
+    predictor = _slow_predictor(2.0)  # 50 epochs of 270 images: about 1800 s
+    proposer = _proposer(["stpm"], predictor, TrialSizes(270, 30, (256, 256)), 900.0)
+    room = 900.0 / SEARCH_CONFIGS_PER_BUDGET
+    plan = proposer._screening_plan("stpm", {"input_size": 256, "epochs": 50}, 800.0)
+    assert plan.skip is None and plan.prediction.total_s <= room
+    assert plan.fidelity.epochs < 50 and plan.limit_s < 800.0
+
+
 def test_the_quick_look_runs_every_default_cheapest_first_and_the_geometry_after_its_family_default():
     """Anytime: every default, cheapest first, and the recommended geometry right after the default of the family
     cheapest with it (gaussian reads no geometry), on the fewest images; never promoted, the full defaults follow.
@@ -342,7 +381,7 @@ def test_a_quick_look_geometry_on_all_images_is_not_run_again_by_the_warm_start(
                         sizes=TrialSizes(270, 30, (460, 1130)), deadline=time.monotonic() + 3600)
     study = _study()
     proposals = []
-    for quality in (0.8, 0.9, 0.6, 0.5):
+    for quality in (0.8, 0.9, 0.78, 0.5):
         trial = study.ask()
         proposals.append(proposer(trial))
         study.tell(trial, [quality, 10.0, 100.0])

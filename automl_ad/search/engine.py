@@ -18,7 +18,8 @@ How trials are proposed (define-by-run, :class:`Proposer`):
    early: the chosen geometry is the cheapest that keeps the smallest defect visible, the likeliest to help. After
    the defaults the probe runs every other recommended geometry (cheapest first);
    the geometries that beat its default then run on the other families (best geometry first, families by the
-   quality of their default), at the fidelity the budget affords. How much a geometry helps depends mostly on the
+   quality of their default) that they could bring within ``ALLOCATION_TEMPERATURE`` of the best quality so far,
+   at the fidelity the budget affords. How much a geometry helps depends mostly on the
    data, so the cheapest family measures it; the screening rungs then promote the configurations that work.
    Each warm-start trial may take at most an equal part of the remaining time (1 / (defaults left + 2)), so an
    iterative default trains fewer epochs rather than eat the budget (unless nothing fits in that part).
@@ -37,9 +38,9 @@ highest fidelity that fits: all training images, else 1/3 or 1/9 of them (iterat
 epochs), with a limit of twice the prediction plus slack, capped by the remaining budget; what fits nowhere is
 recorded as skipped ("predicted too slow") and never started. Until a trial has completed, part of the budget is
 kept for the cheapest candidate; once something failed, the cheapest candidate (lowest fidelity) runs next. New
-configurations start at the highest fidelity at which the budget still affords ``SEARCH_CONFIGS_PER_BUDGET`` of
-them; a screening trial in the top third of its rung (one per three there), or better than every full-fidelity
-trial, is run again one rung up (successive halving). Screening
+configurations start at the highest fidelity (iterative families: fewer epochs first) at which the budget still
+affords ``SEARCH_CONFIGS_PER_BUDGET`` of them; a screening trial in the top third of its rung (one per three
+there), or better than every full-fidelity trial, is run again one rung up (successive halving). Screening
 trials are recorded with status ``screened`` and stay off the Pareto front, unless none at full fidelity
 completed or the best of them beat every one that did: then the best of them joins the search's models (tag
 ``fallback_model``).
@@ -293,7 +294,10 @@ class Proposer:
         cheapest with the chosen geometry) tries every recommended geometry first, in the order of
         :meth:`_recommended_geometries`: how much a geometry helps depends mostly on the data (defect size against
         resolution), so the cheapest family measures it. Then each geometry that beat the probe's default (best
-        first; unmeasured ones last) runs on the other families, best default first."""
+        first; unmeasured ones last) runs on the other families, best default first, but only on a family that
+        the geometry could bring within ``ALLOCATION_TEMPERATURE`` of the best quality so far (its default plus
+        what the geometry gained the probe): on magnetic_tile a letterbox that gained PaDiM 0.013 went on to STPM
+        and FastFlow, 0.12 and 0.17 behind, and took 540 s of a 1200-s search."""
         geometries = self._recommended_geometries()
         families = [f for f in self.order if any(self._takes(f, g) for g in geometries)]
         if not families:
@@ -311,9 +315,16 @@ class Proposer:
         baseline = best(probe, None)
         measured = [(g, best(probe, g)) for g in geometries]
         helpful = [(g, q) for g, q in measured if q is None or baseline is None or q > baseline]
-        helpful = [g for g, q in sorted(helpful, key=lambda item: (item[1] is None, -(item[1] or 0.0)))]
+        helpful = sorted(helpful, key=lambda item: (item[1] is None, -(item[1] or 0.0)))
         others = sorted((f for f in families if f != probe), key=lambda f: -(best(f, None) or 0.0))
-        return probing + [(f, g) for g in helpful for f in others if self._takes(f, g)]
+        q_best = max((t.values[0] for t in done), default=None)
+
+        def could_lead(family: str, gained: float | None) -> bool:
+            default = best(family, None)
+            return None in (default, gained, q_best) or default + gained >= q_best - ALLOCATION_TEMPERATURE
+
+        return probing + [(f, g) for g, q in helpful for f in others if self._takes(f, g)
+                          and could_lead(f, None if q is None or baseline is None else q - baseline)]
 
     def _default_params(self, family: str, geometry: dict | None = None) -> dict:
         """``family``'s default configuration, with ``geometry`` unless None."""
@@ -344,15 +355,15 @@ class Proposer:
             cap = remaining - max(SEARCH_FALLBACK_RESERVE * remaining, cheapest)
         return min(cap, self.request.trial_timeout_s) if self.request.trial_timeout_s else cap
 
-    def _screening_rung(self, family: str, params: dict, cap: float) -> int:
-        """Highest fidelity at which the remaining budget still affords SEARCH_CONFIGS_PER_BUDGET configurations."""
+    def _screening_plan(self, family: str, params: dict, cap: float) -> TrialPlan:
+        """The highest fidelity at which the remaining budget still affords SEARCH_CONFIGS_PER_BUDGET
+        configurations (an iterative family trains fewer epochs first); the lowest rung, in the trial's cap, when
+        none does. The epochs fit that share too, not the cap: on magnetic_tile a screening STPM that fitted no
+        rung in it trained 56 epochs on 1/9 of the images for 420 s, longer than its default on all of them."""
         room = max(0.0, self.deadline - time.monotonic()) * self.parallel / SEARCH_CONFIGS_PER_BUDGET
-        levels = rungs(self.sizes.train_images)
-        for rung in levels:
-            plan = plan_trial(self.predictor, self.sizes, family, params, cap, rung)
-            if plan.skip is None and plan.prediction.total_s <= room:
-                return plan.fidelity.rung
-        return levels[-1]
+        plan = plan_trial(self.predictor, self.sizes, family, params, cap, within_s=room)
+        return plan if plan.skip is None else \
+            plan_trial(self.predictor, self.sizes, family, params, cap, rungs(self.sizes.train_images)[-1])
 
     def _planned(self, trial, family: str, params: dict, default: bool, rung: int | None,
                  share: float = 1.0) -> dict:
@@ -361,9 +372,8 @@ class Proposer:
         complete = bool(_complete(trial.study.get_trials(deepcopy=False)))
         whole = self._cap(complete)
         cap = min(whole, share * max(0.0, self.deadline - time.monotonic() - SEARCH_END_TAIL_S))
-        if rung is None:
-            rung = self._screening_rung(family, params, cap)
-        plan = plan_trial(self.predictor, self.sizes, family, params, cap, rung)
+        plan = self._screening_plan(family, params, cap) if rung is None else \
+            plan_trial(self.predictor, self.sizes, family, params, cap, rung)
         if plan.skip is not None and cap < whole:  # the share fits nothing: the whole cap
             plan = plan_trial(self.predictor, self.sizes, family, params, whole, rung)
         if plan.skip is not None and not complete and self._is_cheapest(family):  # what the reserve is kept for
