@@ -115,6 +115,10 @@ SEARCH_REPORT_EVERY = 2
 #: Share of the per-trial time limit an iterative family may train for; it then stops and is evaluated with the
 #: epochs it reached (the rest of the limit is for validation and cost measurement).
 SEARCH_TRAINING_SHARE = 0.7
+#: Pareto ranking: throughputs or peak memories within this share of each other are ties (a trial's peak memory
+#: is mostly the imported libraries, and both figures move by a few percent between runs of one trial), so a model
+#: far worse on quality does not join the front for 9 MB less of 1164.
+PARETO_TIE_SHARE = 0.05
 #: Search budget when none is given, and the longest accepted (budgets and trial limits above it are refused).
 SEARCH_BUDGET = "1h"
 SEARCH_MAX_BUDGET_S = 30 * 86400

@@ -52,6 +52,15 @@ def test_pareto_ranks_by_hand():
     assert ranks.tolist() == [1, 0, 1, 0]  # 0 is dominated by 3; 2 by 1
 
 
+def test_throughput_and_memory_within_the_tie_share_do_not_keep_a_poor_model_on_the_front():
+    """Session 15's odd dataset E: a PatchCore trial of quality 0.588 held the front by 9 MB less of 1164."""
+    values = np.array([[0.965, 40.0, 1164.0], [0.588, 40.5, 1155.0], [0.900, 80.0, 1160.0]])
+    assert pareto_ranks(values, ["max", "max", "min"]).tolist() == [0, 1, 0]  # 2 is 2x faster: it stays
+    assert pareto_ranks(values, ["max", "max", "min"], ties=[0.0, 0.0, 0.0]).tolist() == [0, 0, 0]
+    # equal quality, 3% faster: both stay (within the tie, neither is better)
+    assert pareto_ranks(np.array([[0.9, 100.0, 1000.0], [0.9, 103.0, 1000.0]])).tolist() == [0, 0]
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_synthetic_anomaly_changes_only_its_mask(kind):
     from skimage import data
