@@ -190,3 +190,6 @@ SEARCH_TRAINING_PASS_FACTOR = 3.0
 SEARCH_BEST_QUALITY_METRIC = "best_quality"
 #: Seconds before a search's end by which every trial has ended (its limit and its hard kill), so that it is recorded.
 SEARCH_END_TAIL_S = 6.0
+#: Seconds a worker whose trial process was SIGKILLed from outside waits to see whether its own Ray node is going
+#: down too (its raylet gone): then the trial is a lost worker, not a process killed for memory.
+SEARCH_NODE_LOSS_GRACE_S = 2.0

@@ -4,12 +4,15 @@ without reporting one, the last Python error in its stderr or how it was killed 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
-from automl_ad.search.engine import TrialFailed, run_trial_process
+from automl_ad.search.engine import TrialFailed, _parent_gone, run_trial_process
 from automl_ad.search.trial import last_python_error, unreported_failure
 
 WARNING = "Unexpected keys (classifier.bias, classifier.weight) found while loading pretrained weights."
@@ -117,3 +120,18 @@ def test_trial_ended_by_ray_gets_its_reason(tmp_path):
     assert "node abc123 on box" in failures["lost"]["error"] and "ActorDiedError" in failures["lost"]["error"]
     assert failures["raised"] == {"reason": "ValueError", "error": "ValueError: no node.json"}
     assert failures["none"] == {"reason": "error", "error": "Ray recorded no error for this trial"}
+
+
+def test_a_worker_sees_its_node_going_down_by_its_parent_ending(tmp_path):
+    """A trial SIGKILLed with its whole node is a lost worker: the worker's parent (the raylet) ends within the grace
+    period; a trial killed alone (the kernel's OOM killer) leaves the parent alive."""
+    assert not _parent_gone(os.getppid(), grace_s=0.2)
+    orphan = (f"import os, sys; sys.path.insert(0, {str(Path.cwd())!r}); "
+              "from automl_ad.search.engine import _parent_gone; parent = int(sys.argv[1]); "
+              f"open({str(tmp_path / 'seen')!r}, 'w').write(str(_parent_gone(parent, grace_s=20)))")
+    subprocess.run(["sh", "-c", f"{sys.executable} -c \"{orphan}\" $$ & sleep 1"], check=True, timeout=60)
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "seen").is_file() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.2)
+    assert (tmp_path / "seen").read_text() == "True"

@@ -92,6 +92,7 @@ from automl_ad.defaults import (
     SEARCH_END_TAIL_S,
     SEARCH_FALLBACK_RESERVE,
     SEARCH_MAX_BUDGET_S,
+    SEARCH_NODE_LOSS_GRACE_S,
     SEARCH_QUICK_LOOK_FULL_COST,
     SEARCH_QUICK_LOOK_SHARE,
     SEARCH_REDUCTION_FACTOR,
@@ -526,6 +527,7 @@ def run_trial_process(config: dict, work_dir: str, data_file: str, metric: str, 
             "default": bool(config.get("default")), "rerun_of": config.get("rerun_of"),
             "fidelity": config.get("fidelity"), "false_alarm_rate": config.get("false_alarm_rate")}
     (out_dir / "spec.json").write_text(json.dumps(spec, indent=2))
+    parent = os.getppid()  # in a Ray worker: its node's raylet
     env = {**os.environ, FEATURE_CACHE_ENV: cache_dir, "OMP_NUM_THREADS": str(threads), "PYTHONWARNINGS": "ignore"}
     stderr = (out_dir / "stderr.log").open("w")
     process = subprocess.Popen([sys.executable, "-m", "automl_ad.search.trial", str(out_dir / "spec.json")],
@@ -562,6 +564,8 @@ def run_trial_process(config: dict, work_dir: str, data_file: str, metric: str, 
             process.kill()
         stderr.close()
     if final is None:  # killed, or crashed before it could report its own error
+        if process.returncode == -signal.SIGKILL and not expired.is_set() and _parent_gone(parent):
+            os._exit(1)  # the whole node is being taken down: Ray records this worker as lost, not an OOM kill
         final = unreported_failure(process.returncode, (out_dir / "stderr.log").read_text(errors="replace"),
                                    hard_limit_s if expired.is_set() else None)
         final["error"] += f" (its output: {out_dir / 'stderr.log'})"
@@ -571,6 +575,16 @@ def run_trial_process(config: dict, work_dir: str, data_file: str, metric: str, 
     final.update(throughput=final["throughput_ips"], memory_mb=final["peak_rss_mb_score"],
                  resource=resource(config.get("fidelity"), final.get("epochs_trained")))
     return final
+
+
+def _parent_gone(parent: int, grace_s: float = SEARCH_NODE_LOSS_GRACE_S) -> bool:
+    """Whether this process's parent (a Ray worker's raylet) ends within ``grace_s``: its node is going down."""
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        if os.getppid() != parent:
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def resource(fidelity: dict | None, epoch: int | None) -> float:
