@@ -32,6 +32,7 @@ from search_eval import (
     chosen_trials,
     complete,
     geometry_text,
+    readable_geometry,
     test_scores,
     time_plot,
     trial_end_seconds,
@@ -180,7 +181,8 @@ def write_dataset_report(result: dict, out: Path) -> None:
             lines.append(f"| {label} | none complete | | | | | | | | |")
             continue
         native, protocol = pick["test"]["native"], pick["test"]["anomalib"]
-        lines.append(f"| {label} | {pick['family']} | {pick['geometry']} | {rounded(pick['quality'])} | "
+        lines.append(f"| {label} | {pick['family']} | {readable_geometry(pick['geometry'])} | "
+                     f"{rounded(pick['quality'])} | "
                      f"{rounded(pick['synthetic_quality'])} | {rounded(native['image_auroc'])} | "
                      f"{rounded(native['aupro'])} | {_deployed(pick['test']['deployed'])} | "
                      f"{rounded(protocol['image_auroc'])} | {rounded(protocol['aupro'])} |")
@@ -262,7 +264,8 @@ def write_summary(out: Path, names: list[str] | None) -> None:
         p = result["chosen"][role]
         if p is None:
             return "none complete" + (" | | | |" if with_geometry else " | | |")
-        cells = [p["family"], *([p["geometry"]] if with_geometry else []), rounded(p["test"]["native"]["image_auroc"]),
+        cells = [p["family"], *([readable_geometry(p["geometry"])] if with_geometry else []),
+                 rounded(p["test"]["native"]["image_auroc"]),
                  rounded(p["test"]["native"]["aupro"]), rounded(p["test"]["anomalib"]["aupro"])]
         return " | ".join(cells)
 

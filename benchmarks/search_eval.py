@@ -51,12 +51,19 @@ def _proposal_order(trial: TrialRecord):
 
 
 def geometry_text(params: dict) -> str:
-    """How a trial's model sees an image (from its parameters), in a few words ("squash 256" unless the search
-    changed it)."""
-    geometry = params.get("geometry")
-    if geometry:
-        return geometry if isinstance(geometry, str) else json.dumps(geometry, separators=(",", ":"))
-    return f"squash {params.get('input_size', ANOMALIB_SIDE)}"
+    """How a trial's model sees an image (from its parameters), as the search's live view names it
+    (``squash-256x256`` unless the search changed it)."""
+    from automl_ad.data.geometry import geometry_label
+
+    return geometry_label(params) or f"squash-{ANOMALIB_SIDE}x{ANOMALIB_SIDE}"
+
+
+def readable_geometry(text: str) -> str:
+    """A geometry cell of a report written before geometries were named (a JSON object, "squash 256"), as its
+    name."""
+    if text.startswith("{"):
+        return geometry_text({"geometry": json.loads(text)})
+    return geometry_text({"input_size": int(text.split()[1])}) if text.startswith("squash ") else text
 
 
 def nearest_mask(mask: np.ndarray, side: int) -> np.ndarray:
