@@ -556,3 +556,33 @@ def test_leaderboard_states_the_best_so_far():
     console = Console(record=True, width=200)
     _print_leaderboard(console, [], [(4.0, 0.7), (12.0, 0.81234)])
     assert "best so far: 0.812 at 12 s" in console.export_text()
+
+
+def test_the_greedy_coreset_stops_at_its_deadline_with_the_greedy_coreset_of_that_size(monkeypatch):
+    """Anytime: cut at its deadline, the selection is the first picks of the uncut one (the greedy coreset of that
+    size), so a trial out of fit time keeps a smaller PatchCore instead of running past its limit."""
+    import torch
+
+    from automl_ad.detectors.patchcore import detector as patchcore
+
+    features = torch.randn(3000, 48, generator=torch.Generator().manual_seed(1))
+    full = patchcore.greedy_coreset(features, 0.05, 16)
+    clock = iter(range(10 ** 6))
+    monkeypatch.setattr(patchcore.time, "monotonic", lambda: next(clock))
+    cut = patchcore.greedy_coreset(features, 0.05, 16, deadline=40)
+    assert len(full) == 150 and len(cut) == 42 and (cut == full[:42]).all()
+
+
+def test_a_patchcore_fit_past_its_deadline_keeps_what_it_selected(mvtec_dir):
+    from automl_ad.data import open_dataset
+    from automl_ad.data.imageset import ImageSet
+    from automl_ad.detectors import create_detector
+
+    data = open_dataset(mvtec_dir)
+    train = ImageSet.from_records(data.normal, data)
+    params = {**create_detector("patchcore").test_params, "coreset_ratio": 0.2}
+    whole = create_detector("patchcore", **params).fit(train)
+    cut = create_detector("patchcore", **params).fit(train, deadline=time.monotonic())
+    assert not whole.fit_cut_by_time_ and cut.fit_cut_by_time_
+    assert len(cut.memory_bank_) == 1 < len(whole.memory_bank_)
+    assert np.isfinite(cut.score_samples(train).image_scores).all()

@@ -96,6 +96,8 @@ class Detector(BaseEstimator):
     _parameter_constraints: ClassVar[dict[str, list]] = {}
     #: True while ``_score`` runs mid-training, under :meth:`_interim_state` (the weights change every epoch).
     _scoring_mid_training: bool = False
+    #: While ``_fit`` runs: the ``time.monotonic()`` by which a family with an anytime fit stops (see :meth:`fit`).
+    _fit_deadline: float | None = None
 
     # --- attributes every family has ----------------------------------------------------------------------------
     #: Side in pixels images are resized to (square) before the family reads them; a constructor parameter.
@@ -112,10 +114,15 @@ class Detector(BaseEstimator):
     loss_history_: list[float]
     #: Epochs run, early stopping included (None for families that do not train iteratively).
     epochs_trained_: int | None
+    #: Whether an anytime fit stopped at its ``deadline`` with a smaller model than configured (see :meth:`fit`).
+    fit_cut_by_time_: bool
 
     # --- public API -------------------------------------------------------------------------------------------
-    def fit(self, train: ImageSet, on_epoch: EpochCallback | None = None) -> Detector:
-        """Fit on normal images. Iterative families call ``on_epoch`` after every epoch."""
+    def fit(self, train: ImageSet, on_epoch: EpochCallback | None = None, deadline: float | None = None) -> Detector:
+        """Fit on normal images. Iterative families call ``on_epoch`` after every epoch (which can stop them).
+        ``deadline`` (a ``time.monotonic()`` value): a family whose fit is anytime stops there with the model it has
+        (PatchCore: the first k picks of its greedy coreset are the greedy coreset of k) and sets
+        ``fit_cut_by_time_``; the others ignore it."""
         from automl_ad.evaluation.cost import PeakRss
 
         self._validate_params()
@@ -125,9 +132,14 @@ class Detector(BaseEstimator):
             raise ValueError(f"{self.name}: fit on normal images only ({int(train.labels.sum())} are labelled "
                              "anomalous); anomalous images belong in validation or test")
         self.loss_history_ = []
+        self.fit_cut_by_time_ = False
         start = time.perf_counter()
-        with PeakRss() as memory:
-            self._fit(train, on_epoch)
+        self._fit_deadline = deadline
+        try:
+            with PeakRss() as memory:
+                self._fit(train, on_epoch)
+        finally:
+            self._fit_deadline = None
         self.fit_seconds_ = time.perf_counter() - start
         self.fit_peak_rss_mb_ = memory.peak_mb
         self.n_train_ = len(train)

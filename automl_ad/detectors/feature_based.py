@@ -91,14 +91,14 @@ class BackboneDetector(Detector):
     #: The training set while ``fit`` runs: the int8 backbone is calibrated on it when first needed.
     _calibration_set: ImageSet | None = None
 
-    def fit(self, train: ImageSet, on_epoch=None):
+    def fit(self, train: ImageSet, on_epoch=None, deadline=None):
         self.int8_backbone_ = None
         if self._precision() == "int8":
             self._validate_params()
             self._check_int8_device()
         self._calibration_set = train
         try:
-            return super().fit(train, on_epoch)
+            return super().fit(train, on_epoch, deadline)
         finally:
             self._calibration_set = None
 

@@ -78,9 +78,9 @@ class GraphDetector(Detector):
         self._validate_params()
         return on_cpu(self._whole_graph().eval()) if self._graph_exportable() else None
 
-    def fit(self, train: ImageSet, on_epoch: EpochCallback | None = None) -> Detector:
+    def fit(self, train: ImageSet, on_epoch: EpochCallback | None = None, deadline: float | None = None) -> Detector:
         self._runners = None
-        return super().fit(train, on_epoch)
+        return super().fit(train, on_epoch, deadline)
 
     def set_params(self, **params):
         self._runners = None

@@ -220,7 +220,9 @@ class SearchCallback(Callback):
         if record["status"] == "screened":
             detail += f" (screening: {Fidelity(**record['fidelity']).describe()})"
         if record.get("training_cut_by_time"):
-            detail += f" (training stopped by the time limit after {record.get('epochs_trained', 0):.0f} epochs)"
+            epochs = record.get("epochs_trained")
+            detail += (f" (training stopped by the time limit after {epochs:.0f} epochs)" if epochs else
+                       " (fit stopped by the time limit, with a smaller model than configured)")
         where = geometry_label(record.get("params") or {}) or ""
         self._say(f"{mark} {record['family']:<12} {record['trial_id']:<14} {where:<18} {detail}")
         self._draw()

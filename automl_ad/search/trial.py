@@ -75,7 +75,7 @@ def run_trial(spec: dict) -> dict:
             return True
         return False
 
-    detector.fit(train, on_epoch=on_epoch if detector.iterative else None)
+    detector.fit(train, on_epoch=on_epoch if detector.iterative else None, deadline=training_deadline)
     if time.monotonic() > deadline:
         raise TrialTimeout(f"fit took {detector.fit_seconds_:.0f} s, past the per-trial limit of "
                            f"{spec['timeout_s']:.0f} s")
@@ -94,7 +94,7 @@ def run_trial(spec: dict) -> dict:
     cost = measure_costs(detector, validation, repeats=int(spec.get("latency_repeats", 10)))
     result.update(cost.to_dict())
     result["epochs_trained"] = detector.epochs_trained_
-    result["training_cut_by_time"] = bool(cut)
+    result["training_cut_by_time"] = bool(cut) or detector.fit_cut_by_time_
     result["train_images"] = len(train)
     result.update(FEATURE_TIMES.as_metrics())
     out = Path(spec["out_dir"])

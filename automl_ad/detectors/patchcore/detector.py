@@ -65,11 +65,16 @@ class PatchCore(PatchFeatureDetector):
     def _fit(self, train: ImageSet, on_epoch: EpochCallback | None) -> None:
         embedding = self._embedding().of(self._features(train))
         patches = embedding.reshape(-1, embedding.shape[-1])
-        selected = greedy_coreset(patches, self.coreset_ratio, self.coreset_projection_dim, self.seed)
+        selected = greedy_coreset(patches, self.coreset_ratio, self.coreset_projection_dim, self.seed,
+                                  self._fit_deadline)
         self.memory_bank_ = patches[selected].numpy().astype(np.float32)
         self.feature_shape_ = tuple(embedding.shape[1:3])
-        log.info("%s: memory bank of %d patches (%.1f%% of %d)", self.name, len(selected),
-                 100 * len(selected) / len(patches), len(patches))
+        self.fit_cut_by_time_ = len(selected) < coreset_size(len(patches), self.coreset_ratio)
+        log.log(logging.WARNING if self.fit_cut_by_time_ else logging.INFO,
+                "%s: memory bank of %d patches (%.2f%% of %d)%s", self.name, len(selected),
+                100 * len(selected) / len(patches), len(patches),
+                f", cut at the fit's deadline (coreset_ratio {self.coreset_ratio:g} asks for "
+                f"{coreset_size(len(patches), self.coreset_ratio)})" if self.fit_cut_by_time_ else "")
 
     @classmethod
     def extra_fit_seconds(cls, train_images: int, network_pixels: float, params: dict) -> float:
@@ -119,16 +124,25 @@ class PatchCore(PatchFeatureDetector):
         self.feature_shape_ = tuple(state["feature_shape"])
 
 
-def greedy_coreset(features, ratio: float, projection_dim: int | None, seed: int = 0) -> np.ndarray:
+def coreset_size(count: int, ratio: float) -> int:
+    """Patches a coreset of ``ratio`` keeps of ``count`` (at least one)."""
+    return min(count, max(1, int(round(count * ratio))))
+
+
+def greedy_coreset(features, ratio: float, projection_dim: int | None, seed: int = 0,
+                   deadline: float | None = None) -> np.ndarray:
     """Indices of a greedy k-center coreset (each step adds the point farthest from those already chosen).
 
     Distances are computed on a Gaussian random projection to ``projection_dim`` dimensions when the features
-    are wider; the squared-norm expansion makes each step one matrix-vector product.
+    are wider; the squared-norm expansion makes each step one matrix-vector product. The selection is anytime:
+    at ``deadline`` (``time.monotonic()``) it returns the points chosen so far, which are exactly the greedy
+    coreset of that size (the steps cost ratio x N² in all, so on many patches, e.g. tiled large images, the
+    configured ratio may not fit a trial's time).
     """
     import torch
 
     count = len(features)
-    target = max(1, int(round(count * ratio)))
+    target = coreset_size(count, ratio)
     if target >= count:
         return np.arange(count)
     generator = torch.Generator().manual_seed(seed)
@@ -143,6 +157,8 @@ def greedy_coreset(features, ratio: float, projection_dim: int | None, seed: int
     with torch.inference_mode():
         for i in range(target):
             selected[i] = current
+            if deadline is not None and time.monotonic() > deadline:
+                return selected[:i + 1]
             distance = norms - 2 * (points @ points[current]) + norms[current]
             torch.minimum(min_distance, distance, out=min_distance)
             current = int(torch.argmax(min_distance))
