@@ -30,6 +30,7 @@ from automl_ad.defaults import (
     QUALITY_METRICS,
     SEARCH_BUDGET,
     SHORTLIST_SIZE,
+    SHORTLIST_TIE_POINTS,
     UI_HOST,
     UI_PORT,
     UI_STOP_GRACE_S,
@@ -491,7 +492,8 @@ def build_parser() -> argparse.ArgumentParser:
     data_args(p)
     p.add_argument("--profile", help="constraint profile YAML (see profiles/); default: this machine, accuracy first")
     p.add_argument("--top", type=_at_least_one, default=SHORTLIST_SIZE,
-                   help=f"shortlist size (default {SHORTLIST_SIZE})")
+                   help=f"shortlist size (default {SHORTLIST_SIZE}); routes within {SHORTLIST_TIE_POINTS:g} "
+                        "points of the last one shortlisted join it")
     p.add_argument("--weights", help="local backbone weights file (as for search): offline, only backbones with "
                    "weights here are proposed")
     p.set_defaults(func=cmd_recommend)
@@ -600,7 +602,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="generate the built-in demo dataset and run the journey on it")
     p.add_argument("--out", default=str(Path(DEMO_DATA_DIR).parent), help="output folder (default %(default)s)")
     p.add_argument("--profile", help="constraint profile YAML for the recommendation")
-    p.add_argument("--top", type=_at_least_one, default=SHORTLIST_SIZE, help="shortlist size")
+    p.add_argument("--top", type=_at_least_one, default=SHORTLIST_SIZE,
+                   help=f"shortlist size (default {SHORTLIST_SIZE}; ties within {SHORTLIST_TIE_POINTS:g} points join)")
     p.add_argument("--seed", type=_non_negative, default=0, help="demo data seed")
     p.add_argument("--budget", default="3m", help="budget of the demo search (0 = recommend only; default %(default)s)")
     p.add_argument("--weights", help="local backbone weights file, so backbone families can run offline")

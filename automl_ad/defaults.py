@@ -79,6 +79,11 @@ MIN_TRAIN_IMAGES = 2
 
 #: Recommendation: how many routes are shortlisted unless the user asks otherwise.
 SHORTLIST_SIZE = 4
+#: ... and a route scoring within this many points of the last one shortlisted joins it. The report scores each
+#: dimension in whole points and the route score is their priority-weighted mean, so a tenth of a point is one
+#: dimension's point at a tenth of the weight, no reason to leave a route untried (on ball_screw the
+#: distribution-map route, whose tiled PaDiM was the best model of an earlier search, scored 7.0 against 7.1).
+SHORTLIST_TIE_POINTS = 0.25
 
 #: `automl-ad ui`: the MLflow UI listens on this machine only (loopback), on this port unless --port says otherwise.
 UI_HOST = "127.0.0.1"

@@ -58,7 +58,7 @@ def test_every_route_is_scored_and_explained():
         assert set(c.families) <= set(searchable_families()) and "weighted by your priorities" in c.basis
         if c.excluded:
             assert not c.shortlisted and any(a.effect == "exclude" for a in c.adjustments)
-    assert len(rec.shortlist) == 4 and all(rec.candidate(r).shortlisted for r in rec.shortlist)
+    assert len(rec.shortlist) >= 4 and all(rec.candidate(r).shortlisted for r in rec.shortlist)
 
 
 def test_only_searchable_families_are_listed_and_shortlisted():
@@ -66,6 +66,19 @@ def test_only_searchable_families_are_listed_and_shortlisted():
     rec = recommend(make_profile(n_normal=10), CPU, families=available)  # few normals: memory bank would rank high
     assert rec.candidate("memory_bank").families == [] and "memory_bank" not in rec.shortlist
     assert all(rec.candidate(r).families for r in rec.shortlist)
+
+
+def test_a_route_tied_with_the_last_shortlisted_one_joins_the_shortlist():
+    from automl_ad.defaults import SHORTLIST_TIE_POINTS
+
+    rec = recommend(make_profile(), CPU)
+    runnable = [c for c in rec.candidates if not c.excluded and c.families]
+    for top in range(1, len(runnable)):
+        shortlist = recommend(make_profile(), CPU, top=top).shortlist
+        last = runnable[top - 1].score
+        assert shortlist == [c.route for c in runnable if c.score >= last - SHORTLIST_TIE_POINTS or
+                             runnable.index(c) < top]
+        assert len(shortlist) >= top
 
 
 def test_deterministic_and_shortlist_size():

@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 from automl_ad.constraints import PRIORITY_DIMENSIONS, ConstraintProfile
-from automl_ad.defaults import SHORTLIST_SIZE
+from automl_ad.defaults import SHORTLIST_SIZE, SHORTLIST_TIE_POINTS
 from automl_ad.errors import UsageError
 from automl_ad.features.backbone import BackboneWeightsError, backbone_of_weights, hub_reachable, weights_available
 from automl_ad.knowledge import load_knowledge
@@ -249,9 +249,10 @@ def available_backbones(constraints: ConstraintProfile, weights: str | None = No
 
 def recommend(profile: DatasetProfile, constraints: ConstraintProfile, top: int = SHORTLIST_SIZE,
               weights: str | None = None, families: Collection[str] | None = None) -> Recommendation:
-    """Rank all routes (deterministic for a given machine). Excluded routes are listed last with the reasons they
-    were excluded. Backbones are proposed only when their weights are available (``weights``: a local weights
-    file, as for the search); the input geometry comes from the profile (:mod:`automl_ad.recommend.geometry`).
+    """Rank all routes (deterministic for a given machine) and shortlist the ``top`` best that can run, with any
+    route tied with the last of them (within ``SHORTLIST_TIE_POINTS``). Excluded routes are listed last with the
+    reasons they were excluded. Backbones are proposed only when their weights are available (``weights``: a local
+    weights file, as for the search); the input geometry comes from the profile (:mod:`automl_ad.recommend.geometry`).
     ``families``: the families that can run (e.g. those with a search space); a route is shortlisted only with
     one of them (None: every family the knowledge base names)."""
     if top < 1:
@@ -306,7 +307,9 @@ def recommend(profile: DatasetProfile, constraints: ConstraintProfile, top: int 
             backbone=estimate.backbone, resolution=estimate.resolution, estimated_latency_ms=estimate.latency_ms))
     order = list(knowledge.routes)
     candidates.sort(key=lambda c: (c.excluded, -c.score, order.index(c.route)))
-    shortlist = [c.route for c in candidates if not c.excluded and c.families][:top]
+    runnable = [c for c in candidates if not c.excluded and c.families]
+    last = runnable[min(top, len(runnable)) - 1].score if runnable else 0.0
+    shortlist = [c.route for i, c in enumerate(runnable) if i < top or c.score >= last - SHORTLIST_TIE_POINTS]
     for candidate in candidates:
         candidate.shortlisted = candidate.route in shortlist
     return Recommendation(profile.name, profile.fingerprint, constraints.name, facts, _scenario(facts),
