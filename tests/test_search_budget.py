@@ -586,3 +586,24 @@ def test_a_patchcore_fit_past_its_deadline_keeps_what_it_selected(mvtec_dir):
     assert not whole.fit_cut_by_time_ and cut.fit_cut_by_time_
     assert len(cut.memory_bank_) == 1 < len(whole.memory_bank_)
     assert np.isfinite(cut.score_samples(train).image_scores).all()
+
+
+def test_a_screening_trial_whose_share_fits_nothing_is_planned_in_the_whole_cap():
+    """A geometry start at the screening rung late in a search: its share of the time fits no fidelity, so it is
+    planned in the whole cap (this raised a TypeError inside Ray Tune and ended a ball_screw search with no result)."""
+    predictor = _slow_predictor(2.0)
+    proposer = _proposer(["padim"], predictor, TrialSizes(270, 30, (256, 256)), 600.0)
+    config = proposer._planned(_study().ask(), "padim", {"input_size": 256}, False, None, share=0.01)
+    assert "skip" not in config and config["predicted_s"] <= config["timeout_s"] and config["timeout_s"] > 0.01 * 600
+
+
+def test_a_proposal_that_raises_ends_the_search_with_its_results_not_with_the_error(monkeypatch):
+    proposer = _proposer(["padim"], _slow_predictor(2.0), TrialSizes(270, 30, (256, 256)), 600.0)
+
+    def broken(trial):
+        raise TypeError("'>=' not supported between instances of 'int' and 'NoneType'")
+
+    monkeypatch.setattr(proposer, "_propose", broken)
+    config = proposer(_study().ask())
+    assert proposer.exhausted and config["skip_reason"] == "internal error"
+    assert "TypeError" in config["skip"] and "fidelity" not in config

@@ -167,7 +167,8 @@ class Proposer:
     """Define-by-run proposal function for OptunaSearch (see the module docstring).
 
     Every proposal carries a fidelity and a time limit from :func:`plan_trial`; ``exhausted`` turns True (and the
-    search stops) when no family fits the remaining budget even at its cheapest fidelity.
+    search stops) when no family fits the remaining budget even at its cheapest fidelity, or when planning a trial
+    raised (recorded as a skipped trial naming the error: the search then ends normally with what it has).
     """
 
     def __init__(self, request: SearchRequest, spaces: dict, defaults: dict, reruns: list[dict] | None = None,
@@ -186,6 +187,20 @@ class Proposer:
         self.exhausted = False
 
     def __call__(self, trial):
+        try:
+            return self._propose(trial)
+        except Exception as error:  # a planning bug must not end the search without its finished trials' results
+            logging.getLogger(__name__).exception("proposing trial %s failed", trial.number)
+            self.exhausted = True
+            family = self.order[0]
+            trial.set_user_attr("family", family)
+            trial.set_user_attr("default", False)
+            trial.set_user_attr("skipped", True)
+            return {"family": family, "params": dict(self.defaults[family]), "default": False,
+                    "skip": f"the search could not plan its next trial ({type(error).__name__}: {error}); it stops "
+                            "here and keeps what it has. Please report this", "skip_reason": "internal error"}
+
+    def _propose(self, trial):
         if self.reruns:
             spec = self.reruns.pop(0)
             trial.set_user_attr("family", spec["family"])
@@ -373,12 +388,16 @@ class Proposer:
         complete = bool(_complete(trial.study.get_trials(deepcopy=False)))
         whole = self._cap(complete)
         cap = min(whole, share * max(0.0, self.deadline - time.monotonic() - SEARCH_END_TAIL_S))
-        plan = self._screening_plan(family, params, cap) if rung is None else \
-            plan_trial(self.predictor, self.sizes, family, params, cap, rung)
+
+        def plan_within(limit: float) -> TrialPlan:
+            return self._screening_plan(family, params, limit) if rung is None else \
+                plan_trial(self.predictor, self.sizes, family, params, limit, rung)
+
+        plan = plan_within(cap)
         if plan.skip is not None and cap < whole:  # the share fits nothing: the whole cap
-            plan = plan_trial(self.predictor, self.sizes, family, params, whole, rung)
+            plan = plan_within(whole)
         if plan.skip is not None and not complete and self._is_cheapest(family):  # what the reserve is kept for
-            plan = plan_trial(self.predictor, self.sizes, family, params, self._cap(True), rung)
+            plan = plan_within(self._cap(True))
         return self._config(trial, family, params, default, plan)
 
     def _config(self, trial, family: str, params: dict, default: bool, plan: TrialPlan) -> dict:
@@ -611,10 +630,10 @@ def _trainable(config: dict, work_dir: str, data_file: str, metric: str, timeout
     _write_json(trial_dir / NODE_FILE, {"node_id": ray.get_runtime_context().get_node_id(),
                                         "host": socket.gethostname()})
     config = {**config, "trial_id": trial_id, "search": search_id, "false_alarm_rate": false_alarm_rate}
-    if config.get("skip"):  # predicted not to finish in any fidelity: recorded with that reason, never started
-        _write_json(trial_dir / "failure.json", {"event": "failed", "reason": "predicted too slow",
-                                                 "error": config["skip"]})
-        raise TrialFailed(f"predicted too slow: {config['skip']}")
+    if config.get("skip"):  # predicted not to finish, or not planned (see Proposer): recorded, never started
+        reason = config.get("skip_reason", "predicted too slow")
+        _write_json(trial_dir / "failure.json", {"event": "failed", "reason": reason, "error": config["skip"]})
+        raise TrialFailed(f"{reason}: {config['skip']}")
     timeout_s = float(config.get("timeout_s") or timeout_s)
     result = run_trial_process(config, work_dir, data_file, metric, timeout_s, threads, cache_dir, tune.report)
     tune.report({k: v for k, v in result.items() if k not in ("event", "heatmaps")}
