@@ -191,14 +191,9 @@ class Proposer:
             return self._propose(trial)
         except Exception as error:  # a planning bug must not end the search without its finished trials' results
             logging.getLogger(__name__).exception("proposing trial %s failed", trial.number)
-            self.exhausted = True
-            family = self.order[0]
-            trial.set_user_attr("family", family)
-            trial.set_user_attr("default", False)
-            trial.set_user_attr("skipped", True)
-            return {"family": family, "params": dict(self.defaults[family]), "default": False,
-                    "skip": f"the search could not plan its next trial ({type(error).__name__}: {error}); it stops "
-                            "here and keeps what it has. Please report this", "skip_reason": "internal error"}
+            return self._give_up(trial, f"the search could not plan its next trial ({type(error).__name__}: "
+                                        f"{error}); it stops here and keeps what it has. Please report this",
+                                 "internal error")
 
     def _propose(self, trial):
         if self.reruns:
@@ -244,7 +239,7 @@ class Proposer:
             return self._geometry_start(trial, *starts[0], rung=None)
         fitting = [f for f in self.order if self._cheapest(f).skip is None]
         if not fitting:
-            return self._give_up(trial, self.order[0], self._cheapest(self.order[0]).skip)
+            return self._give_up(trial, f"no family fits the remaining budget: {self._cheapest(self.order[0]).skip}")
         family = self._pick_family(trial, earlier, fitting)
         values = self.spaces[family].sample(trial, prefix=f"{family}/")
         return self._planned(trial, family, self._with_weights({**self.defaults[family], **values}), False,
@@ -431,20 +426,22 @@ class Proposer:
         plans = {f: self._cheapest(f) for f in self.order}
         fitting = [f for f in self.order if plans[f].skip is None]
         if not fitting:
-            return self._give_up(trial, self.order[0], plans[self.order[0]].skip)
+            return self._give_up(trial, f"no family fits the remaining budget: {plans[self.order[0]].skip}")
         failures = {f: sum(_failed(t) and t.user_attrs.get("family") == f and not t.user_attrs.get("interrupted")
                            for t in earlier) for f in fitting}
         family = min(fitting, key=lambda f: plans[f].prediction.total_s * 2 ** failures[f])
         return self._planned(trial, family, self._default_params(family), True,
                              plans[family].fidelity.rung)
 
-    def _give_up(self, trial, family: str, reason: str) -> dict:
+    def _give_up(self, trial, skip: str, skip_reason: str = "predicted too slow") -> dict:
+        """The search's last proposal: a skip record saying why it stops (``exhausted`` ends the search)."""
         self.exhausted = True
+        family = self.order[0]
         trial.set_user_attr("family", family)
         trial.set_user_attr("default", False)
         trial.set_user_attr("skipped", True)
-        return {"family": family, "params": dict(self.defaults[family]), "default": False,
-                "skip": f"no family fits the remaining budget: {reason}"}
+        return {"family": family, "params": dict(self.defaults[family]), "default": False, "skip": skip,
+                "skip_reason": skip_reason}
 
     def _fits_at(self, family: str, params: dict, rung: int, complete: bool) -> bool:
         """Whether ``params`` fit the time a trial may have now at fidelity ``rung`` (not a lower one)."""

@@ -69,12 +69,13 @@ class PatchCore(PatchFeatureDetector):
                                   self._fit_deadline)
         self.memory_bank_ = patches[selected].numpy().astype(np.float32)
         self.feature_shape_ = tuple(embedding.shape[1:3])
-        self.fit_cut_by_time_ = len(selected) < coreset_size(len(patches), self.coreset_ratio)
+        asked = coreset_size(len(patches), self.coreset_ratio)
+        self.fit_cut_by_time_ = len(selected) < asked
         log.log(logging.WARNING if self.fit_cut_by_time_ else logging.INFO,
                 "%s: memory bank of %d patches (%.2f%% of %d)%s", self.name, len(selected),
                 100 * len(selected) / len(patches), len(patches),
-                f", cut at the fit's deadline (coreset_ratio {self.coreset_ratio:g} asks for "
-                f"{coreset_size(len(patches), self.coreset_ratio)})" if self.fit_cut_by_time_ else "")
+                f", cut at the fit's deadline (coreset_ratio {self.coreset_ratio:g} asks for {asked})"
+                if self.fit_cut_by_time_ else "")
 
     @classmethod
     def extra_fit_seconds(cls, train_images: int, network_pixels: float, params: dict) -> float:
