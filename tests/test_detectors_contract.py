@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import time
 from numbers import Integral
 
 import numpy as np
@@ -142,6 +143,28 @@ def test_iterative_families_report_interim_quality(name, demo_sets):
     reference = create_detector(name, **_params(name)).fit(train)
     np.testing.assert_allclose(detector.score_samples(test).image_scores,
                                reference.score_samples(test).image_scores, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", [n for n in list_detectors() if detector_class(n).iterative])
+def test_iterative_families_stop_mid_epoch_at_the_fit_deadline(name, demo_sets, monkeypatch):
+    """Past its deadline an iterative fit ends with the batch running then, not at the end of the epoch (one
+    CutPaste epoch outlasted a search trial's limit), says so, and still gives a model that scores."""
+    cls = detector_class(name)
+    train, test = demo_sets[cls.test_category]
+    batches, reports = [], []
+    original = Detector._until_deadline
+
+    def counted(self, epoch_batches):
+        for batch in original(self, epoch_batches):
+            batches.append(batch)
+            yield batch
+
+    monkeypatch.setattr(Detector, "_until_deadline", counted)
+    detector = create_detector(name, **{**_params(name), "epochs": 3})
+    detector.fit(train, on_epoch=lambda epoch, metrics: reports.append(epoch), deadline=time.monotonic() - 1)
+    assert len(batches) == 1 and detector.epochs_trained_ == 1 and detector.fit_cut_by_time_ and not reports
+    assert np.isfinite(detector.loss_history_).all()
+    assert np.isfinite(detector.score_samples(test).image_scores).all()
 
 
 def test_declared_attributes_after_fit_and_load(fitted, tmp_path):

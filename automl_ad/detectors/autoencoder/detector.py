@@ -104,8 +104,8 @@ class Autoencoder(GraphDetector):
         optimiser = torch.optim.Adam(model.parameters(), lr=self.learning_rate, weight_decay=self.weight_decay)
         generator = torch.Generator().manual_seed(self.seed)
         for epoch in range(int(self.epochs)):
-            total = 0.0
-            for index in epoch_batches(len(images), int(self.batch_size), generator):
+            total, seen = 0.0, 0
+            for index in self._until_deadline(epoch_batches(len(images), int(self.batch_size), generator)):
                 batch = images[index.to(device)]
                 if self.augment:
                     batch = random_flips(batch, generator)
@@ -114,7 +114,8 @@ class Autoencoder(GraphDetector):
                 loss.backward()
                 optimiser.step()
                 total += float(loss.detach()) * len(index)
-            if self._record_epoch(epoch, total / len(images), on_epoch, "lower learning_rate",
+                seen += len(index)
+            if self._record_epoch(epoch, total / seen, on_epoch, "lower learning_rate",
                                   interim=lambda: self._interim_state([model], model_=model)):
                 break
         self.model_ = model.eval()

@@ -154,8 +154,8 @@ class CutPaste(BackboneDetector):
                     module.eval()
             head.train()
             order = rng.permutation(len(pixels))
-            total = 0.0
-            for start in range(0, len(order), batch_size):
+            total, seen = 0.0, 0
+            for start in self._until_deadline(range(0, len(order), batch_size)):
                 crops = [random_crop(pixels[i], size, rng) for i in order[start:start + batch_size]]
                 batch = crops + [self._cut_paste(c, rng) for c in crops] + [self._scar(c, rng) for c in crops]
                 labels = torch.arange(3, device=device).repeat_interleave(len(crops))
@@ -166,8 +166,9 @@ class CutPaste(BackboneDetector):
                 loss.backward()
                 optimiser.step()
                 total += float(loss.detach()) * len(crops)
+                seen += len(crops)
             schedule.step()
-            if self._record_epoch(epoch, total / len(pixels), on_epoch, "lower learning_rate",
+            if self._record_epoch(epoch, total / seen, on_epoch, "lower learning_rate",
                                   interim=lambda: self._interim(network, pixels)):
                 break
         self._set_network(network)

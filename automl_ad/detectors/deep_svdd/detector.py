@@ -100,8 +100,8 @@ class DeepSVDD(PatchScoreDetector):
         for epoch in range(int(self.epochs)):
             network.train()
             order = torch.randperm(len(patches), generator=generator).to(patches.device)
-            total = 0.0
-            for start in range(0, len(patches), batch_size):
+            total, seen = 0.0, 0
+            for start in self._until_deadline(range(0, len(patches), batch_size)):
                 batch = patches[order[start:start + batch_size]]
                 if len(batch) < 2:  # BatchNorm needs two samples; a single leftover patch is skipped
                     continue
@@ -116,7 +116,8 @@ class DeepSVDD(PatchScoreDetector):
                 if soft and epoch >= self.warm_up_epochs:
                     radius = torch.quantile(distance.detach().sqrt(), 1 - self.nu)
                 total += float(loss.detach()) * len(batch)
-            if self._record_epoch(epoch, total / len(patches), on_epoch, "lower learning_rate",
+                seen += len(batch)
+            if self._record_epoch(epoch, total / max(seen, 1), on_epoch, "lower learning_rate",
                                   interim=lambda: self._interim_state([network], network_=network, radius_=0.0)):
                 break
         self.network_ = network.eval()

@@ -143,8 +143,8 @@ class Diffusion(BackboneDetector):
         generator = torch.Generator().manual_seed(self.seed)
         updates = 0
         for epoch in range(int(self.epochs)):
-            total = 0.0
-            for index in epoch_batches(len(images), int(self.batch_size), generator):
+            total, seen = 0.0, 0
+            for index in self._until_deadline(epoch_batches(len(images), int(self.batch_size), generator)):
                 x0 = images[index.to(device)]
                 t = torch.randint(0, int(self.timesteps), (len(x0),), generator=generator).to(device)
                 noise = torch.randn(x0.shape, generator=generator).to(device)
@@ -158,7 +158,8 @@ class Diffusion(BackboneDetector):
                 if ema is not None:
                     _ema_update(ema, model, min(float(self.ema_decay), (1 + updates) / (10 + updates)))
                 total += float(loss.detach()) * len(index)
-            if self._record_epoch(epoch, total / len(images), on_epoch, "lower learning_rate",
+                seen += len(index)
+            if self._record_epoch(epoch, total / seen, on_epoch, "lower learning_rate",
                                   interim=lambda: self._interim(ema if ema is not None else model, train)):
                 break
         self._set_model(ema if ema is not None else model)

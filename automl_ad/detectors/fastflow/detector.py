@@ -90,8 +90,8 @@ class FastFlow(BackboneGraphDetector):
         model.train()
         for epoch in range(int(self.epochs)):
             order = torch.randperm(count, generator=generator)
-            total = 0.0
-            for start in range(0, count, int(self.batch_size)):
+            total, seen = 0.0, 0
+            for start in self._until_deadline(range(0, count, int(self.batch_size))):
                 index = order[start:start + int(self.batch_size)]
                 outputs = flow_outputs(model, [f[index].to(device) for f in features])
                 loss = sum(torch.mean(0.5 * z.pow(2).sum(dim=(1, 2, 3)) - log_det) for z, log_det in outputs)
@@ -99,7 +99,8 @@ class FastFlow(BackboneGraphDetector):
                 loss.backward()
                 optimiser.step()
                 total += float(loss.detach()) * len(index)
-            mean_loss = total / count / positions
+                seen += len(index)
+            mean_loss = total / seen / positions
             if self._record_epoch(epoch, mean_loss, on_epoch, "lower learning_rate or affine_clamping",
                                   interim=lambda: self._interim_state([model], model_=model)):
                 break

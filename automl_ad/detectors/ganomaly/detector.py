@@ -118,8 +118,8 @@ class GANomaly(GraphDetector):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)  # discriminator re-initialisations draw from here
             for epoch in range(int(self.epochs)):
-                sums = dict.fromkeys(("adv", "con", "enc", "generator", "discriminator"), 0.0)
-                for index in epoch_batches(len(images), int(self.batch_size), shuffle):
+                sums, seen = dict.fromkeys(("adv", "con", "enc", "generator", "discriminator"), 0.0), 0
+                for index in self._until_deadline(epoch_batches(len(images), int(self.batch_size), shuffle)):
                     real = images[index.to(device)]
                     fake, latent_in, latent_out = generator(real)
                     # generator: feature matching + contextual L1 + latent L2
@@ -144,7 +144,8 @@ class GANomaly(GraphDetector):
                     for key, value in (("adv", adversarial), ("con", contextual), ("enc", encoder),
                                        ("generator", loss_g), ("discriminator", loss_d)):
                         sums[key] += float(value.detach()) * len(index)
-                parts = {key: value / len(images) for key, value in sums.items()}
+                    seen += len(index)
+                parts = {key: value / seen for key, value in sums.items()}
                 self.loss_parts_.append(parts)
                 if self._record_epoch(epoch, parts["generator"], on_epoch, "lower learning_rate",
                                       interim=lambda: self._interim_state([generator, discriminator],

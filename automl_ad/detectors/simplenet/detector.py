@@ -83,8 +83,8 @@ class SimpleNet(PatchScoreDetector):
         model.train()
         for epoch in range(int(self.epochs)):
             order = torch.randperm(count, generator=generator)
-            total = 0.0
-            for start in range(0, count, batch_size):
+            total, seen = 0.0, 0
+            for start in self._until_deadline(range(0, count, batch_size)):
                 index = order[start:start + batch_size].to(features.device)
                 normal = model["adaptor"](features[index].reshape(-1, features.shape[-1]))
                 noise = torch.randn(normal.shape, generator=generator).to(normal.device) * self.noise_std
@@ -96,7 +96,8 @@ class SimpleNet(PatchScoreDetector):
                 adaptor_optimiser.step()
                 discriminator_optimiser.step()
                 total += float(loss.detach()) * len(index)
-            if self._record_epoch(epoch, total / count, on_epoch, "lower learning_rate",
+                seen += len(index)
+            if self._record_epoch(epoch, total / seen, on_epoch, "lower learning_rate",
                                   interim=lambda: self._interim_state([model], model_=model)):
                 break
         self.model_ = model.eval()

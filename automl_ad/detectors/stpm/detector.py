@@ -103,8 +103,8 @@ class STPM(BackboneGraphDetector):
         count, batch_size = len(inputs), int(self.batch_size)
         for epoch in range(int(self.epochs)):
             order = torch.randperm(count, generator=generator)
-            total = 0.0
-            for start in range(0, count, batch_size):
+            total, seen = 0.0, 0
+            for start in self._until_deadline(range(0, count, batch_size)):
                 index = order[start:start + batch_size]
                 outputs = student(inputs[index.to(inputs.device)])
                 loss = sum(feature_distances(t[index].to(device), s).mean() for t, s in zip(targets, outputs))
@@ -112,7 +112,8 @@ class STPM(BackboneGraphDetector):
                 loss.backward()
                 optimiser.step()
                 total += float(loss.detach()) * len(index)
-            mean_loss = total / count
+                seen += len(index)
+            mean_loss = total / seen
             if self._record_epoch(epoch, mean_loss, on_epoch, "lower learning_rate",
                                   interim=lambda: self._interim_state([student], student_=student)):
                 break
