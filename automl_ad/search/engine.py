@@ -14,8 +14,9 @@ How trials are proposed (define-by-run, :class:`Proposer`):
 1. **Warm start.** The first trial of every family is its default configuration (defaults from the detector, the
    backbone narrowed to what fits the latency budget and has weights), highest prior first. When the recommendation
    chose an input geometry other than the default squash (wide images, small defects), a *probe* family (the one
-   predicted cheapest with the chosen geometry) runs it right after its own default, so that a good model exists
-   early: the chosen geometry is the cheapest that keeps the smallest defect visible, the likeliest to help. After
+   predicted cheapest with the chosen geometry) runs it first, as soon as a trial of the probe has measured its cost
+   on this data (the quick look's, else its default), so that a good model exists early: the chosen geometry is the
+   cheapest that keeps the smallest defect visible, the likeliest to help. After
    the defaults the probe runs every other recommended geometry (cheapest first);
    the geometries that beat its default then run on the other families (best geometry first, families by the
    quality of their default) that they could bring within ``ALLOCATION_TEMPERATURE`` of the best quality so far,
@@ -230,8 +231,9 @@ class Proposer:
         # the warm start shares the time with what follows it: each of its trials gets at most an equal part of
         # the remaining time (an iterative default trains fewer epochs rather than eat the budget)
         share = 1.0 / (len(pending) + 2)
-        if starts and not tried and starts[0][0] in started:  # the chosen geometry on the probe family right
-            return self._geometry_start(trial, *starts[0], rung=0, share=share)  # after its default (measured)
+        measured = started | {t.user_attrs.get("family") for t in _complete(earlier)}
+        if starts and not tried and starts[0][0] in measured:  # the chosen geometry on the probe family as soon
+            return self._geometry_start(trial, *starts[0], rung=0, share=share)  # as its cost here is measured
         if pending:
             family = pending[0]
             return self._planned(trial, family, self._default_params(family), True, 0, share)
@@ -281,7 +283,9 @@ class Proposer:
         than the default (the first it lists: it expects the defaults' squash to leave the defects too few
         feature cells), the family cheapest with it runs it right after its own default, which measured the
         family's cost on this data: the geometry starts only if that measurement says it ends in time (run first
-        on the cost model's word, a tiled PaDiM on ball_screw took the first 204 s and gave nothing)."""
+        on the cost model's word, a tiled PaDiM on ball_screw took the first 204 s and gave nothing). When it does
+        not, the warm start runs it first (see :meth:`_propose`): after all the defaults, the best ball_screw model
+        came 767 s into a 1200-s search."""
         candidates = [(f, None) for f in sorted(self.order, key=lambda f: self._default_cost(f, None))]
         chosen = self.request.geometries[0] if self._recommended_geometries() else None
         takers = [f for f in self.order if chosen is not None and self._takes(f, chosen)]
