@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from types import SimpleNamespace
@@ -27,6 +28,7 @@ from automl_ad.search.cost_predictor import (
     Work,
     network_pixels,
     plan_trial,
+    rungs,
 )
 from automl_ad.search.engine import RAY_CLUSTER_MODE_ENV, Proposer, SearchRequest, family_scheduler, resource
 from automl_ad.search.space import load_space
@@ -323,6 +325,36 @@ def test_a_helpful_geometry_moves_only_to_families_it_could_bring_near_the_best(
         ("stpm", None), ("padim", None), ("padim", tiles)]
     assert (study.trials[3].user_attrs.get("geometry_start") == ["stpm", json.dumps(tiles, sort_keys=True)]) \
         == carried
+
+
+def test_a_warm_start_geometry_that_no_longer_fits_is_passed_over_not_recorded_as_failed():
+    """Late in a search the tiles on stpm fit no fidelity in the time left, while padim still fits: the proposal
+    goes to what fits, with no "predicted too slow" record for the tiles (6 of 7 "failed" trials on ball_screw)."""
+    predictor = _slow_predictor(2.0)
+    tiles = {"mode": "tile", "height": 256, "width": 256, "scale": 1.0, "overlap": 64, "pad": "reflect"}
+    square = {"mode": "squash", "height": 256, "width": 256, "scale": None, "overlap": 0, "pad": "reflect"}
+    request = SearchRequest(data=".", families=["stpm", "padim"], priors={"stpm": 0.9, "padim": 0.8},
+                            budget_s=36000, geometries=[tiles, square])
+    spaces = {f: load_space(f).with_geometries(request.geometries) for f in request.families}
+    proposer = Proposer(request, spaces, {"stpm": {"epochs": 20}, "padim": {}}, predictor=predictor,
+                        sizes=TrialSizes(270, 30, (460, 1130)), deadline=time.monotonic() + 36000, quick_look_s=0.0)
+    study = _study()
+    quality = {("stpm", None): 0.7, ("padim", None): 0.7, ("padim", "tile"): 0.75}
+    for _ in range(3):  # stpm's default, padim's default, the tiles on padim
+        trial = study.ask()
+        config = proposer(trial)
+        key = (config["family"], (config["params"].get("geometry") or {}).get("mode"))
+        study.tell(trial, [quality[key], 10.0, 100.0])
+    lowest = max(rungs(270))
+    one_epoch = {**proposer._default_params("stpm", tiles), "epochs": 1}
+    tiles_on_stpm = plan_trial(predictor, proposer.sizes, "stpm", one_epoch, math.inf, lowest).prediction.total_s
+    padim_cheapest = proposer._default_cost("padim", None, lowest)
+    assert 2 * padim_cheapest < tiles_on_stpm
+    proposer.deadline = time.monotonic() + SEARCH_END_TAIL_S + 2 * padim_cheapest
+    assert proposer._geometry_starts(study.trials) == [("padim", tiles), ("stpm", tiles)]  # still to run
+    trial = study.ask()
+    config = proposer(trial)
+    assert "skip" not in config and "geometry_start" not in trial.user_attrs and not proposer.exhausted
 
 
 def test_a_screening_trial_fits_its_share_of_the_budget_with_fewer_epochs_not_the_whole_cap():
