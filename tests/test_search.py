@@ -158,6 +158,27 @@ def test_iterative_trial_out_of_training_time_is_evaluated_not_failed(tmp_path, 
     assert np.isfinite(result["quality"])
 
 
+def test_a_trial_does_not_score_its_last_epoch_before_its_final_evaluation(tmp_path, mvtec_dir, capsys):
+    """The final evaluation follows the last epoch: an interim score there would do the same work twice (a CutPaste
+    default re-estimated its Gaussian and scored the validation images twice, and timed out)."""
+    import json
+
+    from automl_ad.data import open_dataset
+    from automl_ad.data.imageset import ImageSet
+    from automl_ad.search.trial import run_trial
+
+    data = open_dataset(mvtec_dir)
+    train = ImageSet.from_records(data.normal, data)
+    validation = ImageSet.from_records(data.records, data)
+    (tmp_path / "data.json").write_text(json.dumps({"train": train.to_json(), "validation": validation.to_json()}))
+    params = {**create_detector("stpm").test_params, "epochs": 3}
+    result = run_trial({"family": "stpm", "params": params, "data_file": str(tmp_path / "data.json"),
+                        "report_every": 1, "out_dir": str(tmp_path / "trial")})
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [("quality" in e) for e in events if e["event"] == "epoch"] == [True, True, False]
+    assert result["epochs_trained"] == 3 and np.isfinite(result["quality"])
+
+
 def test_gpu_search_space_has_no_int8():
     from automl_ad.search.space import load_space
 

@@ -60,11 +60,13 @@ def run_trial(spec: dict) -> dict:
     detector = create_detector(spec["family"], **spec["params"])
     validation = without_trained_kinds(validation, detector.trains_on_anomalies)  # never ranked on its training kinds
     every = max(1, int(spec.get("report_every", 1)))
+    planned_epochs = getattr(detector, "epochs", None)
     cut = {}
 
     def on_epoch(epoch: int, metrics: dict) -> bool:
         event = {"event": "epoch", "epoch": epoch + 1, "loss": metrics["loss"]}
-        if "score" in metrics and (epoch + 1) % every == 0:
+        last = planned_epochs is not None and epoch + 1 >= int(planned_epochs)  # the final evaluation follows
+        if "score" in metrics and (epoch + 1) % every == 0 and not last:
             scores = metrics["score"](validation)
             event["quality"] = quality(evaluate(validation.labels, scores.image_scores, scores.anomaly_maps,
                                                 validation.masks(), far=far,
