@@ -138,8 +138,9 @@ def test_search_without_data_uses_the_last_recommendation(tmp_path, monkeypatch)
     assert edge.limits == {"latency_ms": 20.0, "model_mb": 50.0}  # 40 fps is 25 ms: the 20 ms budget is tighter
 
 
-def test_iterative_trial_out_of_training_time_is_evaluated_not_failed(tmp_path, mvtec_dir):
-    """An iterative family stops training at its share of the trial limit and reports what it learnt."""
+def _stpm_trial(tmp_path, mvtec_dir, **spec) -> dict:
+    """A search trial of STPM (its test parameters with ``spec["params"]`` over them) on the tiny MVTec folder:
+    train on its normal images, validate on all."""
     import json
 
     from automl_ad.data import open_dataset
@@ -150,9 +151,14 @@ def test_iterative_trial_out_of_training_time_is_evaluated_not_failed(tmp_path, 
     train = ImageSet.from_records(data.normal, data)
     validation = ImageSet.from_records(data.records, data)
     (tmp_path / "data.json").write_text(json.dumps({"train": train.to_json(), "validation": validation.to_json()}))
-    params = {**create_detector("stpm").test_params, "epochs": 100_000}
-    result = run_trial({"family": "stpm", "params": params, "data_file": str(tmp_path / "data.json"),
-                        "timeout_s": 20, "out_dir": str(tmp_path / "trial")})
+    params = {**create_detector("stpm").test_params, **spec.pop("params")}
+    return run_trial({"family": "stpm", "params": params, "data_file": str(tmp_path / "data.json"),
+                      "out_dir": str(tmp_path / "trial"), **spec})
+
+
+def test_iterative_trial_out_of_training_time_is_evaluated_not_failed(tmp_path, mvtec_dir):
+    """An iterative family stops training at its share of the trial limit and reports what it learnt."""
+    result = _stpm_trial(tmp_path, mvtec_dir, params={"epochs": 100_000}, timeout_s=20)
     assert result["training_cut_by_time"] is True
     assert 1 <= result["epochs_trained"] < 100_000
     assert np.isfinite(result["quality"])
@@ -163,17 +169,7 @@ def test_a_trial_does_not_score_its_last_epoch_before_its_final_evaluation(tmp_p
     default re-estimated its Gaussian and scored the validation images twice, and timed out)."""
     import json
 
-    from automl_ad.data import open_dataset
-    from automl_ad.data.imageset import ImageSet
-    from automl_ad.search.trial import run_trial
-
-    data = open_dataset(mvtec_dir)
-    train = ImageSet.from_records(data.normal, data)
-    validation = ImageSet.from_records(data.records, data)
-    (tmp_path / "data.json").write_text(json.dumps({"train": train.to_json(), "validation": validation.to_json()}))
-    params = {**create_detector("stpm").test_params, "epochs": 3}
-    result = run_trial({"family": "stpm", "params": params, "data_file": str(tmp_path / "data.json"),
-                        "report_every": 1, "out_dir": str(tmp_path / "trial")})
+    result = _stpm_trial(tmp_path, mvtec_dir, params={"epochs": 3}, report_every=1)
     events = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert [("quality" in e) for e in events if e["event"] == "epoch"] == [True, True, False]
     assert result["epochs_trained"] == 3 and np.isfinite(result["quality"])

@@ -301,18 +301,26 @@ def test_the_cheapest_family_probes_every_geometry_and_the_helpful_ones_move_to_
     assert not proposals[5]["default"] and "geometry_start" not in study.trials[5].user_attrs  # then sampling
 
 
+TILES = {"mode": "tile", "height": 256, "width": 256, "scale": 1.0, "overlap": 64, "pad": "reflect"}
+
+
+def _tiles_proposer(predictor, seconds_left: float) -> Proposer:
+    """stpm (prior 0.9) and padim (0.8) on wide images, the recommendation's 256-px tiles chosen."""
+    square = {"mode": "squash", "height": 256, "width": 256, "scale": None, "overlap": 0, "pad": "reflect"}
+    request = SearchRequest(data=".", families=["stpm", "padim"], priors={"stpm": 0.9, "padim": 0.8},
+                            budget_s=seconds_left, geometries=[TILES, square])
+    spaces = {f: load_space(f).with_geometries(request.geometries) for f in request.families}
+    return Proposer(request, spaces, {"stpm": {"epochs": 20}, "padim": {}}, predictor=predictor,
+                    sizes=TrialSizes(270, 30, (460, 1130)), deadline=time.monotonic() + seconds_left,
+                    quick_look_s=0.0)
+
+
 @pytest.mark.parametrize("stpm_default, carried", [(0.66, True), (0.55, False)])
 def test_a_helpful_geometry_moves_only_to_families_it_could_bring_near_the_best(stpm_default, carried):
     """The tiles gain the probe (padim) 0.05; stpm's default plus that gain must come within the allocation
     temperature (0.05) of the best quality so far (0.75) for the tiles to run on stpm."""
-    predictor = _slow_predictor(0.001)
-    tiles = {"mode": "tile", "height": 256, "width": 256, "scale": 1.0, "overlap": 64, "pad": "reflect"}
-    square = {"mode": "squash", "height": 256, "width": 256, "scale": None, "overlap": 0, "pad": "reflect"}
-    request = SearchRequest(data=".", families=["stpm", "padim"], priors={"stpm": 0.9, "padim": 0.8},
-                            budget_s=3600, geometries=[tiles, square])
-    spaces = {f: load_space(f).with_geometries(request.geometries) for f in request.families}
-    proposer = Proposer(request, spaces, {"stpm": {"epochs": 20}, "padim": {}}, predictor=predictor,
-                        sizes=TrialSizes(270, 30, (460, 1130)), deadline=time.monotonic() + 3600, quick_look_s=0.0)
+    tiles = TILES
+    proposer = _tiles_proposer(_slow_predictor(0.001), 3600)
     study = _study()
     quality = {("stpm", None): stpm_default, ("padim", None): 0.7, ("padim", "tile"): 0.75}
     proposals = []
@@ -331,14 +339,8 @@ def test_a_warm_start_geometry_that_no_longer_fits_is_passed_over_not_recorded_a
     """Late in a search the tiles on stpm fit no fidelity in the time left, while padim still fits: the tiles are
     passed over, with no "predicted too slow" record for them (6 of 7 "failed" trials on ball_screw), and the
     search goes on sampling."""
-    predictor = _slow_predictor(2.0)
-    tiles = {"mode": "tile", "height": 256, "width": 256, "scale": 1.0, "overlap": 64, "pad": "reflect"}
-    square = {"mode": "squash", "height": 256, "width": 256, "scale": None, "overlap": 0, "pad": "reflect"}
-    request = SearchRequest(data=".", families=["stpm", "padim"], priors={"stpm": 0.9, "padim": 0.8},
-                            budget_s=36000, geometries=[tiles, square])
-    spaces = {f: load_space(f).with_geometries(request.geometries) for f in request.families}
-    proposer = Proposer(request, spaces, {"stpm": {"epochs": 20}, "padim": {}}, predictor=predictor,
-                        sizes=TrialSizes(270, 30, (460, 1130)), deadline=time.monotonic() + 36000, quick_look_s=0.0)
+    predictor, tiles = _slow_predictor(2.0), TILES
+    proposer = _tiles_proposer(predictor, 36000)
     study = _study()
     quality = {("stpm", None): 0.7, ("padim", None): 0.7, ("padim", "tile"): 0.75}
     for _ in range(3):  # stpm's default, padim's default, the tiles on padim
