@@ -343,8 +343,8 @@ class Detector(BaseEstimator):
 
     def _until_deadline(self, batches: Iterable[T]) -> Iterator[T]:
         """One epoch's ``batches``, ending after the batch during which the fit's deadline passed (that epoch is
-        then the last: ``fit_cut_by_time_``). One CutPaste epoch on 454 ball_screw images outlasted the 30% of a
-        trial's limit left after the training share, and the default timed out with nothing to show."""
+        then the last: ``fit_cut_by_time_``), so that one long epoch cannot carry a search trial past its limit
+        (checked only between epochs, CutPaste's default timed out with nothing to show)."""
         for batch in batches:
             yield batch
             if self._fit_deadline is not None and time.monotonic() > self._fit_deadline:
