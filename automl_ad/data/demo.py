@@ -30,11 +30,12 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-from PIL import Image
 from scipy import ndimage
 from scipy.spatial import cKDTree
 from skimage import data as skdata
 from skimage.transform import resize
+
+from automl_ad.data.io import save_png
 
 logger = logging.getLogger(__name__)
 
@@ -237,19 +238,15 @@ def _write_category(root: Path, params: dict) -> None:
             for index in range(count):
                 rng = np.random.default_rng([params["seed"], category_id, split_id, index])
                 sample = render_sample(category, defect, params["size"], rng, params.get("texture_source", "brick"))
-                _save_png(image_dir / f"{index:03d}.png", sample.image)
+                save_png(image_dir / f"{index:03d}.png", sample.image)
                 if defect:
                     mask_path = tmp / "ground_truth" / defect / f"{index:03d}_mask.png"
-                    _save_png(mask_path, sample.mask.astype(np.uint8) * 255)
+                    save_png(mask_path, sample.mask.astype(np.uint8) * 255)
         (tmp / MARKER_FILE).write_text(json.dumps(params, indent=2, sort_keys=True) + "\n")
         tmp.rename(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def _save_png(path: Path, array: np.ndarray) -> None:
-    Image.fromarray(array).save(path, format="PNG", compress_level=1)
 
 
 def _to_uint8(image: np.ndarray) -> np.ndarray:

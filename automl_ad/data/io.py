@@ -1,4 +1,4 @@
-"""Reading images and masks: PNG, JPEG, BMP, TIFF (8/16-bit), gray, RGB, RGBA, LA — from files or bytes.
+"""Reading images and masks: PNG, JPEG, BMP, TIFF (8/16-bit), gray, RGB, RGBA, LA — from files or bytes; writing PNGs.
 
 Every decode first reads the image size from the file header and refuses images above a pixel limit
 (:data:`automl_ad.defaults.MAX_IMAGE_PIXELS`, ``$AUTOML_AD_MAX_IMAGE_PIXELS`` or ``max_pixels=``) with
@@ -23,7 +23,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from automl_ad.defaults import IMAGE_SUFFIXES, MAX_IMAGE_PIXELS, MAX_IMAGE_PIXELS_ENV
+from automl_ad.defaults import IMAGE_SUFFIXES, MAX_IMAGE_PIXELS, MAX_IMAGE_PIXELS_ENV, PNG_COMPRESS_LEVEL
 from automl_ad.errors import ConfigError
 
 _TIFF_SUFFIXES = (".tif", ".tiff")
@@ -297,3 +297,9 @@ def read_mask(path: str | Path) -> np.ndarray:
     """Read a mask as a 2-D array (first channel of colour masks), native dtype."""
     array = read_image(path)
     return array if array.ndim == 2 else array.max(axis=2)
+
+
+def save_png(path: str | Path, array: np.ndarray) -> None:
+    """``array`` (uint8, or 16-bit gray) written losslessly as a PNG at
+    :data:`~automl_ad.defaults.PNG_COMPRESS_LEVEL`."""
+    Image.fromarray(array).save(path, format="PNG", compress_level=PNG_COMPRESS_LEVEL)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from automl_ad.data.io import ImageReadError, is_image_file, load_image
+from automl_ad.data.io import ImageReadError, is_image_file, load_image, save_png
 from automl_ad.errors import UsageError
 
 
@@ -32,8 +32,6 @@ def predict_files(package, inputs: list[str], out: str | Path, threshold: float 
                   progress: bool = True) -> list[dict]:
     """Score every image; a file that cannot be read (corrupt, truncated, over the pixel limit) is reported in the
     summary with its reason and skipped, and the rest are still scored and summarised."""
-    from PIL import Image
-
     from automl_ad.figures.heatmaps import overlay
     from automl_ad.progress import track
 
@@ -60,10 +58,10 @@ def predict_files(package, inputs: list[str], out: str | Path, threshold: float 
                 vmin, vmax = 0.0, 2 * package.pixel_threshold
             else:
                 vmin, vmax = float(result.anomaly_map.min()), float(result.anomaly_map.max()) + 1e-12
-            Image.fromarray(overlay(image, result.anomaly_map, vmin, vmax, result.mask)).save(out / "overlays" / name)
+            save_png(out / "overlays" / name, overlay(image, result.anomaly_map, vmin, vmax, result.mask))
             row["overlay"] = str(out / "overlays" / name)
         if result.mask is not None:
-            Image.fromarray(result.mask.astype(np.uint8) * 255).save(out / "masks" / name)
+            save_png(out / "masks" / name, result.mask.astype(np.uint8) * 255)
             row["mask"] = str(out / "masks" / name)
         rows.append(row)
     fields = ["image", "score", "verdict", "threshold", "overlay", "mask", "error"]

@@ -2,24 +2,25 @@
 
 from __future__ import annotations
 
+from functools import cache
 from pathlib import Path
 
 import numpy as np
 
-from automl_ad.data.io import resize_image
+from automl_ad.data.io import resize_image, save_png
 
 
 def overlay(image: np.ndarray, anomaly_map: np.ndarray, vmin: float, vmax: float, mask: np.ndarray | None = None,
             alpha: float = 0.45) -> np.ndarray:
     """RGB uint8: ``image`` (H, W[, 3], float in [0, 1]) with the map (resized to it) in the 'jet' colour map
     on a fixed [vmin, vmax] scale, so colours mean the same across images; mask outline in white."""
-    import matplotlib
     from scipy import ndimage
 
     rgb = np.repeat(image[..., None], 3, axis=2) if image.ndim == 2 else image[..., :3]
     heat = resize_image(anomaly_map.astype(np.float32), rgb.shape[:2])
     heat = np.clip((heat - vmin) / max(vmax - vmin, 1e-12), 0, 1)
-    coloured = matplotlib.colormaps["jet"](heat)[..., :3]
+    lut = _jet()  # matplotlib's own lookup: level min(int(x * 256), 255) of its 256 colours
+    coloured = lut[np.minimum((heat * len(lut)).astype(np.int32), len(lut) - 1)]
     blended = (1 - alpha) * rgb + alpha * coloured
     if mask is not None:
         mask = resize_image(mask.astype(np.float32), rgb.shape[:2]) > 0.5
@@ -27,11 +28,18 @@ def overlay(image: np.ndarray, anomaly_map: np.ndarray, vmin: float, vmax: float
     return (np.clip(blended, 0, 1) * 255).astype(np.uint8)
 
 
+@cache
+def _jet() -> np.ndarray:
+    """The 'jet' colour map's 256 RGB colours (float32); indexing them is ~10x faster than calling the map."""
+    import matplotlib
+
+    cmap = matplotlib.colormaps["jet"]
+    return cmap(np.arange(cmap.N))[:, :3].astype(np.float32)
+
+
 def save_overlays(out_dir: str | Path, images, maps: np.ndarray, labels: np.ndarray, scores: np.ndarray,
                   names: list[str], masks: list | None = None, count: int = 6) -> list[Path]:
     """Save overlays for the highest-scoring anomalous and normal images (the most telling ones)."""
-    from PIL import Image
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     normal_maps = maps[labels == 0] if (labels == 0).any() else maps
@@ -44,6 +52,6 @@ def save_overlays(out_dir: str | Path, images, maps: np.ndarray, labels: np.ndar
         picture = overlay(images[i], maps[i], vmin, vmax, None if masks is None else masks[i])
         kind = "defect" if labels[i] else "normal"
         path = out_dir / f"{kind}_{scores[i]:.3f}_{Path(names[i]).stem}.png"
-        Image.fromarray(picture).save(path)
+        save_png(path, picture)
         paths.append(path)
     return paths

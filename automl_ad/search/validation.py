@@ -18,7 +18,7 @@ import numpy as np
 
 from automl_ad.data.dataset import Dataset
 from automl_ad.data.imageset import ImageSet
-from automl_ad.data.io import read_image, to_float
+from automl_ad.data.io import read_image, save_png, to_float
 from automl_ad.data.split import SearchSplit
 from automl_ad.data.synthetic import KINDS, make_anomaly, round_kind, rounds_needed, without_trained_kinds
 from automl_ad.defaults import QUALITY_METRICS
@@ -77,8 +77,6 @@ def synthesise_validation(normals: ImageSet, out: Path, seed: int = 0, rounds: i
     Each anomaly depends only on its source image, its kind and ``seed``, so a file the folder already holds for
     the same sources (paths and content) and seed is reused, and more rounds only add files.
     """
-    from PIL import Image
-
     paths = [Path(p) for p in normals.paths]
     key = {"sources": [str(p) for p in paths], "hashes": normals.content_hashes, "seed": seed, "kinds": list(KINDS)}
     manifest = out / "manifest.json"
@@ -101,8 +99,8 @@ def synthesise_validation(normals: ImageSet, out: Path, seed: int = 0, rounds: i
                 kind = plan[n][1]
                 anomaly, mask = make_anomaly(to_float(raw), kind, np.random.default_rng([seed, i, KINDS.index(kind)]))
                 pixels = np.round(np.clip(anomaly, 0, 1) * (65535 if wide else 255))
-                Image.fromarray(pixels.astype(np.uint16 if wide else np.uint8)).save(images[n])
-                Image.fromarray(mask.astype(np.uint8) * 255).save(masks[n])
+                save_png(images[n], pixels.astype(np.uint16 if wide else np.uint8))
+                save_png(masks[n], mask.astype(np.uint8) * 255)
         manifest.write_text(json.dumps(key))
     return ImageSet(paths=images, labels=np.ones(len(images), np.int64), mask_paths=masks,
                     kinds=[kind for _, kind in plan])
