@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -394,7 +395,9 @@ def cmd_report(args) -> int:
 def cmd_predict(args) -> int:
     from automl_ad import journey
 
+    started = time.perf_counter()
     rows = journey.predict_images(args.package, args.inputs, args.out, args.threshold, progress=not args.json)
+    wall_s = time.perf_counter() - started
     if args.json:
         print(json.dumps(rows, indent=2))
         return EXIT_OK
@@ -406,6 +409,11 @@ def cmd_predict(args) -> int:
     console.print(f"{len(rows) - len(errors)} images scored: {anomalous} anomalous, "
                   f"{len(rows) - len(errors) - anomalous} normal; {len(errors)} skipped. Results in {args.out} "
                   "(predictions.csv, predictions.json, overlays/, masks/).", markup=False)
+    scored = [r["score_ms"] for r in rows if r.get("score_ms") is not None]
+    if scored:
+        console.print(f"Took {wall_s:.1f} s with loading the package; the model's median time per image "
+                      f"{statistics.median(scored):.0f} ms (the rest is reading images and writing overlays and "
+                      "masks).", markup=False)
     return EXIT_OK
 
 

@@ -105,7 +105,8 @@ def test_predict_mixed_inputs_reports_bad_files(package, demo, tmp_path):
     rows = predict_files(load_package(package[0]), [str(p) for p in good + defects] + [str(bad.parent)],
                          tmp_path / "out", progress=False)
     assert [r["verdict"] for r in rows][-1] == "error" and "broken.png" in rows[-1]["image"]
-    assert all(r["verdict"] in ("normal", "anomalous") for r in rows[:-1])
+    assert all(r["verdict"] in ("normal", "anomalous") and r["score_ms"] > 0 for r in rows[:-1])
+    assert "score_ms" not in rows[-1]
     assert (tmp_path / "out" / "predictions.csv").is_file() and len(list((tmp_path / "out" / "masks").iterdir())) == 4
     assert sum(r["verdict"] == "anomalous" for r in rows[2:4]) >= sum(r["verdict"] == "anomalous" for r in rows[:2])
 

@@ -396,6 +396,7 @@ def test_predict_cli_reports_skips_without_markup_and_refuses_a_file_as_out(pack
     assert main(["predict", str(package), str(images), "--out", str(tmp_path / "out")]) == EXIT_OK
     out = capsys.readouterr().out
     assert "skipped" in out and "[/red]" in out and "bad.png" in out and "1 images scored" in out
+    assert "the model's median time per image" in out
     (tmp_path / "taken.csv").write_text("user data")
     assert main(["predict", str(package), str(images), "--out", str(tmp_path / "taken.csv")]) == EXIT_USAGE
     assert "is an existing file" in capsys.readouterr().err and (tmp_path / "taken.csv").read_text() == "user data"
