@@ -85,7 +85,7 @@ def _backbones(families, routes, constraints, backbone_weights, say):
     """Per family: backbones that fit the latency budget and have weights here. Families left without any are
     dropped with a note saying how to provide weights."""
     online = None
-    allowed, kept = {}, []
+    allowed, kept, on_builtin = {}, [], {}
     for family in families:
         if not issubclass(detector_class(family), BackboneDetector):
             kept.append(family)
@@ -104,9 +104,11 @@ def _backbones(families, routes, constraints, backbone_weights, say):
             continue
         builtin = [b for b in have if b not in backbone_weights and uses_builtin_weights(b)]
         if builtin:
-            say(f"note: {family}: the hub is unreachable; {builtin[0]} runs on the ImageNet weights built into "
-                f"automl-ad{' (the only backbone with weights here)' if have == builtin else ''}. Other backbones: "
-                "--weights FILE or backbone_weights in a --profile.")
+            on_builtin.setdefault((builtin[0], have == builtin), []).append(family)
         allowed[family] = have
         kept.append(family)
+    for (backbone, only), users in on_builtin.items():  # one note for all the families it concerns
+        say(f"note: the hub is unreachable; {backbone} runs on the ImageNet weights built into automl-ad for "
+            f"{', '.join(users)}{' (the only backbone with weights here)' if only else ''}. Other backbones: "
+            "--weights FILE or backbone_weights in a --profile.")
     return allowed, kept
