@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import functools
 import json
 import logging
 import os
@@ -19,6 +20,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from rich.console import Console
@@ -619,11 +621,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(fallback, message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning raised in automl-ad's own code reads as one ``warning: ...`` line on stderr (no source file and
+    line); other libraries' go to ``fallback`` (Python's format)."""
+    if Path(filename).resolve().is_relative_to(Path(__file__).resolve().parent):
+        print(f"warning: {message}", file=file or sys.stderr)
+    else:
+        fallback(message, category, filename, lineno, file, line)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR, format="%(levelname)s: %(message)s")
-
+    previous = warnings.showwarning
+    warnings.showwarning = functools.partial(_show_warning, previous)
     try:
         return args.func(args)
     except AutomlAdError as exc:
@@ -634,6 +646,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.showwarning = previous
 
 
 if __name__ == "__main__":

@@ -118,3 +118,18 @@ def test_fit_rejects_unknown_family_and_parameters(mvtec_dir, tmp_path, capsys):
     assert "Did you mean 'patchcore'" in capsys.readouterr().err
     assert main(["fit", str(mvtec_dir), "--family", "patchcore", "--param", "coreset=0.1",
                  "--out", str(tmp_path / "m")]) == EXIT_USAGE
+
+
+def test_automl_ads_own_warnings_read_as_one_line_and_others_keep_pythons_format():
+    import io
+    import warnings
+
+    import automl_ad.cli as cli
+
+    ours = str(Path(cli.__file__).parent / "deploy" / "package.py")
+    theirs, seen = io.StringIO(), []
+    cli._show_warning(lambda *a: seen.append(a), UserWarning("model.onnx is not part of the package: x"), UserWarning,
+                      ours, 102, file=theirs)
+    assert theirs.getvalue() == "warning: model.onnx is not part of the package: x\n" and not seen
+    cli._show_warning(lambda *a: seen.append(a), UserWarning("deprecated"), UserWarning, warnings.__file__, 1)
+    assert len(seen) == 1 and seen[0][2] == warnings.__file__

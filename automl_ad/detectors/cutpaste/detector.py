@@ -67,7 +67,7 @@ class CutPaste(BackboneDetector):
     name = "cutpaste"
     square_network_input = True
     route = "self_supervised"
-    no_graph = "its maps accumulate patch scores over overlapping crops with numpy; no graph for it yet"
+    no_graph = "its maps accumulate patch scores over overlapping crops with numpy, outside a torch graph"
     iterative = True
     trains_on_anomalies = ("cutpaste", "scar")
     test_params = {"backbone": "resnet18", "pretrained": False, "input_size": 64, "patch_size": 32,
