@@ -413,9 +413,9 @@ def cmd_predict(args) -> int:
                   "(predictions.csv, predictions.json, overlays/, masks/).", markup=False)
     scored = [r["score_ms"] for r in rows if r.get("score_ms") is not None]
     if scored:
-        console.print(f"Took {wall_s:.1f} s with loading the package; the model's median time per image "
-                      f"{statistics.median(scored):.0f} ms (the rest is reading images and writing overlays and "
-                      "masks).", markup=False)
+        console.print(f"Took {wall_s:.1f} s with loading the package ({len(scored) / wall_s:.1f} images/s); the "
+                      f"model's median time per image {statistics.median(scored):.0f} ms, with overlays and masks "
+                      "written alongside.", markup=False)
     return EXIT_OK
 
 

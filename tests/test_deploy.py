@@ -95,6 +95,23 @@ def test_tampered_package_is_refused(package, tmp_path, damage):
         load_package(path)
 
 
+def test_predict_raises_a_failed_overlay_write_instead_of_losing_it(package, demo, tmp_path, monkeypatch):
+    import automl_ad.deploy.predict as predict
+
+    written = []
+
+    def disk_full(path, array):
+        if len(written) == 3:
+            raise OSError(28, "No space left on device", str(path))
+        written.append(path)
+
+    monkeypatch.setattr(predict, "save_png", disk_full)
+    images = sorted((demo[0] / "test").rglob("*.png"))[:6]
+    with pytest.raises(OSError, match="No space left"):
+        predict_files(load_package(package[0]), [str(p) for p in images], tmp_path / "out", progress=False)
+    assert not (tmp_path / "out" / "predictions.csv").exists()  # no summary that names files never written
+
+
 def test_predict_mixed_inputs_reports_bad_files(package, demo, tmp_path):
     root = demo[0]
     bad = tmp_path / "inputs" / "broken.png"
