@@ -98,6 +98,9 @@ def test_pixel_metrics_match_sklearn_and_accept_a_stacked_array():
     assert pixel_auroc(maps, masks, labels) == pytest.approx(roc_auc_score(truth, maps.ravel()), abs=1e-12)
     assert pixel_ap(maps, masks, labels) == pytest.approx(average_precision_score(truth, maps.ravel()), abs=1e-12)
     assert aupro(maps, masks, labels) == pytest.approx(aupro(list(maps), masks, labels), abs=1e-12)
+    tied = np.round(maps * 8) / 8  # many pixels share each score: every run of ties is one threshold
+    assert pixel_auroc(tied, masks, labels) == pytest.approx(roc_auc_score(truth, tied.ravel()), abs=1e-12)
+    assert pixel_ap(tied, masks, labels) == pytest.approx(average_precision_score(truth, tied.ravel()), abs=1e-12)
 
 
 def test_maps_of_different_sizes_and_masks_resized_nearest_neighbour():

