@@ -135,3 +135,15 @@ def test_a_worker_sees_its_node_going_down_by_its_parent_ending(tmp_path):
         time.sleep(0.1)
     time.sleep(0.2)
     assert (tmp_path / "seen").read_text() == "True"
+
+
+def test_the_live_view_shows_a_skip_reason_whole_and_shortens_a_long_error_at_a_word():
+    from automl_ad.search.progress import trial_line
+
+    skip = ("predicted 271 s (cost model × measured machine speed 9.7 (fit), 0.5 (evaluation)) even with 8 training "
+            "images (1/3), 1/100 epochs, over the 8 s it may have")
+    record = {"status": "failed", "family": "fastflow", "trial_id": "3fe52982", "params": {},
+              "reason": "predicted too slow", "error": skip}
+    assert trial_line(record).endswith(f"predicted too slow: {skip}")
+    long = trial_line({**record, "reason": "RuntimeError", "error": "RuntimeError: " + "word " * 100})
+    assert long.endswith("word … (the whole reason: in MLflow)") and len(long) < 300 + 60

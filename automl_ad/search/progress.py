@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import textwrap
 import time
 from pathlib import Path
 
@@ -24,6 +25,26 @@ def _failure_text(record: dict) -> str:
     """"reason: error", without repeating a reason the error starts with (an exception's type name)."""
     reason, error = str(record.get("reason", "")), str(record.get("error", ""))
     return error if error.startswith(reason) else f"{reason}: {error}"
+
+
+def trial_line(record: dict) -> str:
+    """The live view's line for a finished trial: mark, family, id, geometry, then its quality and cost, or why it
+    failed (shortened at a word to 300 characters; the whole reason is in MLflow)."""
+    mark = {"ok": "✓", "screened": "·", "stopped early": "↓", "failed": "✗"}[record["status"]]
+    quality = record.get("quality")
+    detail = (f"quality {quality:.3f}, {record.get('throughput', 0):.1f} img/s, {record.get('memory_mb', 0):.0f} MB"
+              if record["status"] in ("ok", "screened") else
+              textwrap.shorten(_failure_text(record), 300, placeholder=" … (the whole reason: in MLflow)")
+              if record["status"] == "failed"
+              else f"stopped at epoch {record['curve'][-1][0] if record['curve'] else '?'}")
+    if record["status"] == "screened":
+        detail += f" (screening: {Fidelity(**record['fidelity']).describe()})"
+    if record.get("training_cut_by_time"):
+        epochs = record.get("epochs_trained")
+        detail += (f" (training stopped by the time limit after {epochs:.0f} epochs)" if epochs else
+                   " (fit stopped by the time limit, with a smaller model than configured)")
+    where = geometry_label(record.get("params") or {}) or ""
+    return f"{mark} {record['family']:<12} {record['trial_id']:<14} {where:<18} {detail}"
 
 
 class SearchCallback(Callback):
@@ -211,20 +232,7 @@ class SearchCallback(Callback):
         front = self._front_ids()
         trim_disk(self.work_dir, front, self.request.artifact_cap_mb)
         FeatureCache().trim(self.request.cache_cap_mb)
-        mark = {"ok": "✓", "screened": "·", "stopped early": "↓", "failed": "✗"}[record["status"]]
-        quality = record.get("quality")
-        detail = (f"quality {quality:.3f}, {record.get('throughput', 0):.1f} img/s, {record.get('memory_mb', 0):.0f} MB"
-                  if record["status"] in ("ok", "screened") else
-                  _failure_text(record)[:160] if record["status"] == "failed"
-                  else f"stopped at epoch {record['curve'][-1][0] if record['curve'] else '?'}")
-        if record["status"] == "screened":
-            detail += f" (screening: {Fidelity(**record['fidelity']).describe()})"
-        if record.get("training_cut_by_time"):
-            epochs = record.get("epochs_trained")
-            detail += (f" (training stopped by the time limit after {epochs:.0f} epochs)" if epochs else
-                       " (fit stopped by the time limit, with a smaller model than configured)")
-        where = geometry_label(record.get("params") or {}) or ""
-        self._say(f"{mark} {record['family']:<12} {record['trial_id']:<14} {where:<18} {detail}")
+        self._say(trial_line(record))
         self._draw()
 
     def _front_ids(self) -> set[str]:
