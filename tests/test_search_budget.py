@@ -114,6 +114,10 @@ def test_a_trial_predicted_too_slow_is_shrunk_not_started():
     # nothing fits: no trial, a reason
     plan = plan_trial(predictor, sizes, "padim", params, 1.0)
     assert plan.fidelity is None and "predicted" in plan.skip and "over the 1 s" in plan.skip
+    assert "one epoch alone" not in plan.skip
+    # not even one epoch fits: the reason says what one epoch costs (its epochs are not shrunk below one)
+    plan = plan_trial(predictor, sizes, "stpm", {"input_size": 256, "epochs": 50}, 1.0)
+    assert plan.fidelity is None and "50/50 epochs" in plan.skip and "(one epoch alone: " in plan.skip
 
 
 def test_a_family_not_measured_yet_gets_a_wider_limit():

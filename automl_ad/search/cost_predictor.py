@@ -267,6 +267,7 @@ def plan_trial(predictor: CostPredictor, sizes: TrialSizes, family: str, params:
     levels = [k for k in rungs(sizes.train_images) if k >= first_rung] or [max(rungs(sizes.train_images))]
     last = None
     for rung in levels:
+        one_epoch = ""  # said when not even one epoch fits the training share
         fidelity = fidelity_at(rung, sizes.train_images, full_epochs)
         prediction = predictor.predict(sizes.work(family, params, fidelity), params)
         fit_room = min(SEARCH_TRAINING_SHARE * room, room - prediction.eval_s - prediction.overhead_s)
@@ -276,6 +277,8 @@ def plan_trial(predictor: CostPredictor, sizes: TrialSizes, family: str, params:
             if epochs >= 1:
                 fidelity = Fidelity(rung, fidelity.train_fraction, fidelity.train_images, epochs, full_epochs)
                 prediction = predictor.predict(sizes.work(family, params, fidelity), params)
+            else:
+                one_epoch = f" (one epoch alone: {per_epoch:.0f} s of training)"
         last = (fidelity, prediction)
         if prediction.total_s <= room:
             margin = SEARCH_COST_MARGIN if predictor.measured(family) else SEARCH_UNMEASURED_COST_MARGIN
@@ -284,4 +287,4 @@ def plan_trial(predictor: CostPredictor, sizes: TrialSizes, family: str, params:
     fidelity, prediction = last
     return TrialPlan(None, prediction, cap_s,
                      skip=f"predicted {prediction.total_s:.0f} s ({prediction.basis}) even with "
-                          f"{fidelity.describe()}, over the {room:.0f} s it may have")
+                          f"{fidelity.describe()}, over the {room:.0f} s it may have{one_epoch}")
