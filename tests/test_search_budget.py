@@ -18,6 +18,7 @@ from automl_ad.defaults import (
     SEARCH_END_TAIL_S,
     SEARCH_LIMIT_SLACK_S,
     SEARCH_TRAINING_SHARE,
+    SEARCH_TRIAL_OVERHEAD_S,
     SEARCH_UNMEASURED_COST_MARGIN,
 )
 from automl_ad.search.cost_predictor import (
@@ -74,6 +75,20 @@ def test_unmeasured_family_uses_the_measured_machine_speeds_for_fit_and_evaluati
     after = predictor.predict(work, {"backbone": "resnet18"})
     assert after.fit_s == pytest.approx(5 * before.fit_s) and after.eval_s == pytest.approx(3 * before.eval_s)
     assert "machine speed 5 (fit), 3 (evaluation)" in after.basis
+
+
+def test_measured_seconds_after_the_fit_replace_the_overhead_prior():
+    """A trial reports its seconds after the fit: evaluation is learnt from them (not from the wall time less an
+    assumed overhead), and the rest of its wall time is the trial process's measured overhead."""
+    predictor = CostPredictor(TRAITS)
+    work = Work("padim", 100, 20, 256 ** 2, None)
+    assert predictor.overhead_s() == SEARCH_TRIAL_OVERHEAD_S
+    predictor.observe(work, 10.0, 10.0 + 3.0 + 6.0, {"backbone": "resnet18"}, eval_s=3.0)
+    assert predictor.overhead_s() == pytest.approx(6.0)
+    again = predictor.predict(work, {"backbone": "resnet18"})
+    assert (again.fit_s, again.eval_s, again.overhead_s) == pytest.approx((10.0, 3.0, 6.0))
+    other = predictor.predict(Work("stpm", 100, 20, 256 ** 2, 5), {"backbone": "resnet18"})
+    assert other.overhead_s == pytest.approx(6.0)  # the overhead is the process's, whatever the family
 
 
 def test_a_timeout_raises_the_family_prediction_above_what_it_ran_out_of():

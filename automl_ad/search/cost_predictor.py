@@ -9,7 +9,9 @@ this search has finished (per family: median of its measurements, so one trial s
 swing it); a family not measured yet gets the cost model's estimate
 (:func:`automl_ad.recommend.cost.estimate_route`) times the machine's measured speed relative to that model,
 separately for fitting and for evaluation (medians over every measured trial: evaluation, which computes metrics
-on every validation image, costs far more than the model's forward pass). A timed-out trial is a lower bound:
+on every validation image, costs far more than the model's forward pass). Evaluation is what a trial reports it
+spent after its fit (validation, cost measurement, saving); the rest of its wall time beyond fit and evaluation is
+the trial process's fixed overhead, also learnt (median over trials). A timed-out trial is a lower bound:
 its family is then predicted to cost at least ``SEARCH_COST_MARGIN`` × what it ran out of.
 
 A fidelity shrinks the work: a fraction of the training images (rungs 1, 1/η, 1/η², as long as a rung keeps
@@ -110,14 +112,21 @@ class CostPredictor:
         self._fit_speed: list[float] = []  # measured / prior fit seconds (extra seconds aside), every trial
         self._eval_speed: list[float] = []  # measured / prior evaluation seconds, every trial
         self._at_least: dict[str, float] = {}  # per family: seconds per (fit + eval) unit it needed at least
+        self._overheads: list[float] = []  # measured fixed seconds of a trial process (every trial)
 
     # --- learning ---------------------------------------------------------------------------------------------
-    def observe(self, work: Work, fit_s: float, wall_s: float, params: dict | None = None) -> None:
-        """A finished trial: ``fit_s`` seconds fitting, ``wall_s`` seconds in all."""
+    def observe(self, work: Work, fit_s: float, wall_s: float, params: dict | None = None,
+                eval_s: float | None = None) -> None:
+        """A finished trial: ``fit_s`` seconds fitting, ``eval_s`` seconds after the fit (validation, cost
+        measurement, saving; when the trial did not report it, the wall time less the fit and the overhead prior),
+        ``wall_s`` seconds in all; the rest is the trial process's fixed overhead."""
         if not (fit_s >= 0 and wall_s > 0) or work.fit_units <= 0:
             return
         params = params or {}
-        eval_s = max(0.0, wall_s - fit_s - SEARCH_TRIAL_OVERHEAD_S)
+        if eval_s is None or not eval_s >= 0:
+            eval_s = max(0.0, wall_s - fit_s - self.overhead_s())
+        else:
+            self._overheads.append(max(0.0, wall_s - fit_s - eval_s))
         linear_fit_s = max(0.0, fit_s - self._extra_fit_s(work, params))
         self._fit_rates.setdefault(work.family, []).append(linear_fit_s / work.fit_units)
         if work.eval_units > 0:
@@ -134,6 +143,11 @@ class CostPredictor:
         if units > 0 and limit_s > 0:
             self._at_least[work.family] = max(self._at_least.get(work.family, 0.0), limit_s / units)
 
+    def overhead_s(self) -> float:
+        """A trial process's fixed seconds (start, imports, loading the data): the median measured, else the prior
+        ``SEARCH_TRIAL_OVERHEAD_S``."""
+        return median(self._overheads) if self._overheads else SEARCH_TRIAL_OVERHEAD_S
+
     def measured(self, family: str) -> int:
         """How many finished trials of ``family`` the prediction rests on."""
         return len(self._fit_rates.get(family, []))
@@ -148,7 +162,7 @@ class CostPredictor:
             fit = median(self._fit_rates[work.family]) * work.fit_units + extra
             rates = self._eval_rates.get(work.family)
             evaluation = median(rates) * work.eval_units if rates else prior.eval_s * eval_speed
-            prediction = Prediction(fit, evaluation, SEARCH_TRIAL_OVERHEAD_S,
+            prediction = Prediction(fit, evaluation, self.overhead_s(),
                                     f"measured on {self.measured(work.family)} trial(s) of {work.family}")
         else:
             prediction = Prediction(prior.fit_s * fit_speed + extra, prior.eval_s * eval_speed, prior.overhead_s,
@@ -183,7 +197,7 @@ class CostPredictor:
                             [backbone] if backbone in known else None).latency_ms
         passes = SEARCH_TRAINING_PASS_FACTOR if traits.iterative else 1.0
         return Prediction(work.train_images * (work.epochs or 1) * ms * passes / 1000,
-                          work.validation_images * ms / 1000, SEARCH_TRIAL_OVERHEAD_S, "cost model")
+                          work.validation_images * ms / 1000, self.overhead_s(), "cost model")
 
 
 # --- fidelities ----------------------------------------------------------------------------------------------------
