@@ -541,7 +541,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--families", help="comma-separated families (default: the recommendation's shortlist)")
     p.add_argument("--max-trials", type=int, help="stop after this many trials (at least 1; default: no limit but "
                    "the budget)")
-    p.add_argument("--trial-timeout", type=float, help="seconds one trial may take (default: a quarter of the budget)")
+    p.add_argument("--trial-timeout", type=float, help="seconds one trial may take at most (default: no cap of "
+                   "its own: each trial's limit is a margin over its predicted time plus slack, within the remaining "
+                   "budget)")
     p.add_argument("--metric", default="combined", choices=QUALITY_METRICS,
                    help="what trials are ranked by on validation: combined = mean of image AUROC and AUPRO; "
                    "detection_at_far = share of defects detected at a false-alarm rate of "
