@@ -630,6 +630,63 @@ def test_the_greedy_coreset_stops_at_its_deadline_with_the_greedy_coreset_of_tha
     assert len(full) == 150 and len(cut) == 42 and (cut == full[:42]).all()
 
 
+def _greedy_over_every_point(points, target, seed):
+    """The greedy k-center selection comparing each new point with every point (the reference; squared distances
+    by the same norm expansion, so rounding cannot break near-ties differently)."""
+    import torch
+
+    norms = (points * points).sum(dim=1)
+    generator = torch.Generator().manual_seed(seed)
+    current = int(torch.randint(len(points), (1,), generator=generator))
+    nearest = torch.full((len(points),), float("inf"))
+    chosen = []
+    for _ in range(target):
+        chosen.append(current)
+        nearest = torch.minimum(nearest, norms - 2 * (points @ points[current]) + norms[current])
+        current = int(torch.argmax(nearest))
+    return np.array(chosen)
+
+
+@pytest.mark.parametrize("sparse_share", [0.0, 0.2, 1.0])
+@pytest.mark.parametrize("clusters", [0, 40])
+def test_the_greedy_coreset_skipping_far_points_selects_what_comparing_every_point_does(clusters, sparse_share,
+                                                                                         monkeypatch):
+    """The triangle-inequality bound only skips points a new centre cannot come nearer to: on clustered and spread
+    points, with steps that compare every point (share 0), only the points the bound keeps (share 1) or either as
+    their count decides, the picks equal the plain greedy's."""
+    import torch
+
+    from automl_ad.detectors.patchcore import detector as patchcore
+
+    monkeypatch.setattr(patchcore, "_SPARSE_SHARE", sparse_share)
+    generator = torch.Generator().manual_seed(3)
+    points = torch.randn(6000, 16, generator=generator)
+    if clusters:
+        centres = 20 * torch.randn(clusters, 16, generator=generator)
+        points = 0.3 * points + centres[torch.randint(clusters, (6000,), generator=generator)]
+    picks = patchcore.greedy_coreset(points, 0.05, None, seed=5)
+    assert len(picks) == 300 and len(set(picks.tolist())) == 300
+    assert (picks == _greedy_over_every_point(points, 300, seed=5)).all()
+
+
+def test_the_coreset_estimate_is_scaled_by_what_the_fits_measured():
+    """The coreset seconds are estimated for comparisons with every patch; a PatchCore trial reports the seconds
+    its coreset took, and later PatchCore predictions scale the estimate by that ratio (its linear part is learnt
+    from the rest of the fit)."""
+    from automl_ad.search.engine import family_traits
+
+    traits = family_traits(["patchcore"])
+    sizes, fidelity, params = TrialSizes(100, 20, (256, 256)), Fidelity(0, 1.0, 100), {"input_size": 256}
+    estimate = traits["patchcore"].extra_fit_s(100, 256 ** 2, params)
+    predictor = CostPredictor(traits)
+    work = sizes.work("patchcore", params, fidelity)
+    unmeasured = predictor.predict(work, params).fit_s
+    predictor.observe(work, fit_s=40.0 + estimate / 3, wall_s=100.0, params=params, eval_s=30.0,
+                      extra_s=estimate / 3)
+    assert predictor.predict(work, params).fit_s == pytest.approx(40.0 + estimate / 3, rel=1e-6)
+    assert unmeasured > estimate > 0
+
+
 def test_a_patchcore_fit_past_its_deadline_keeps_what_it_selected(mvtec_dir):
     from automl_ad.data import open_dataset
     from automl_ad.data.imageset import ImageSet

@@ -117,6 +117,8 @@ class Detector(BaseEstimator):
     epochs_trained_: int | None
     #: Whether an anytime fit stopped at its ``deadline`` with a smaller model than configured (see :meth:`fit`).
     fit_cut_by_time_: bool
+    #: Seconds the last fit spent on the work :meth:`extra_fit_seconds` predicts (0 for families without any).
+    fit_extra_seconds_: float = 0.0
 
     # --- public API -------------------------------------------------------------------------------------------
     def fit(self, train: ImageSet, on_epoch: EpochCallback | None = None, deadline: float | None = None) -> Detector:
@@ -134,6 +136,7 @@ class Detector(BaseEstimator):
                              "anomalous); anomalous images belong in validation or test")
         self.loss_history_ = []
         self.fit_cut_by_time_ = False
+        self.fit_extra_seconds_ = 0.0
         start = time.perf_counter()
         self._fit_deadline = deadline
         try:
@@ -327,7 +330,8 @@ class Detector(BaseEstimator):
     def extra_fit_seconds(cls, train_images: int, network_pixels: float, params: dict) -> float:
         """Seconds a fit of ``params`` on ``train_images`` images of ``network_pixels`` spends on work that does not
         grow linearly with the images (0 here; PatchCore's coreset compares training patches with each other).
-        The search's cost predictor adds it to the linear part it learns from measured trials."""
+        The search's cost predictor adds it to the linear part it learns from measured trials, scaled by what fits
+        measured (``fit_extra_seconds_``) against it: the estimate may be an upper bound."""
         return 0.0
 
     def _store_parameters(self, arguments: dict) -> None:

@@ -4,9 +4,10 @@ A trial's work is its training images × epochs (1 for families that do not trai
 network sees per image (``input_size``², times the tiles when the geometry tiles), and its validation images ×
 pixels. Fitting also spends the family's own extra seconds on work that does not grow linearly
 (:meth:`~automl_ad.detectors.base.Detector.extra_fit_seconds`: PatchCore's coreset compares training patches
-with each other, timed on this machine). Seconds per unit of the linear work are learnt online from the trials
-this search has finished (per family: median of its measurements, so one trial slowed by a neighbour does not
-swing it); a family not measured yet gets the cost model's estimate
+with each other, timed on this machine; an upper bound, so it is scaled by the family's measured extra seconds
+against it, median over its trials: the coreset skips most comparisons on object images). Seconds per unit of the
+linear work are learnt online from the trials this search has finished (per family: median of its measurements,
+so one trial slowed by a neighbour does not swing it); a family not measured yet gets the cost model's estimate
 (:func:`automl_ad.recommend.cost.estimate_route`) times the machine's measured speed relative to that model,
 separately for fitting and for evaluation (medians over every measured trial: evaluation, which computes metrics
 on every validation image, costs far more than the model's forward pass). Evaluation is what a trial reports it
@@ -113,13 +114,15 @@ class CostPredictor:
         self._eval_speed: list[float] = []  # measured / prior evaluation seconds, every trial
         self._at_least: dict[str, float] = {}  # per family: seconds per (fit + eval) unit it needed at least
         self._overheads: list[float] = []  # measured fixed seconds of a trial process (every trial)
+        self._extra_scales: dict[str, list[float]] = {}  # measured / estimated extra fit seconds, per family
 
     # --- learning ---------------------------------------------------------------------------------------------
     def observe(self, work: Work, fit_s: float, wall_s: float, params: dict | None = None,
-                eval_s: float | None = None) -> None:
-        """A finished trial: ``fit_s`` seconds fitting, ``eval_s`` seconds after the fit (validation, cost
-        measurement, saving; when the trial did not report it, the wall time less the fit and the overhead prior),
-        ``wall_s`` seconds in all; the rest is the trial process's fixed overhead."""
+                eval_s: float | None = None, extra_s: float | None = None) -> None:
+        """A finished trial: ``fit_s`` seconds fitting (``extra_s`` of them on the family's extra work, when it
+        reported them), ``eval_s`` seconds after the fit (validation, cost measurement, saving; when the trial did
+        not report it, the wall time less the fit and the overhead prior), ``wall_s`` seconds in all; the rest is
+        the trial process's fixed overhead."""
         if not (fit_s >= 0 and wall_s > 0) or work.fit_units <= 0:
             return
         params = params or {}
@@ -127,7 +130,10 @@ class CostPredictor:
             eval_s = max(0.0, wall_s - fit_s - self.overhead_s())
         else:
             self._overheads.append(max(0.0, wall_s - fit_s - eval_s))
-        linear_fit_s = max(0.0, fit_s - self._extra_fit_s(work, params))
+        estimate = self._extra_fit_s(work, params)
+        if extra_s is not None and extra_s >= 0 and estimate > 0:
+            self._extra_scales.setdefault(work.family, []).append(extra_s / estimate)
+        linear_fit_s = max(0.0, fit_s - (extra_s if extra_s is not None and extra_s >= 0 else estimate))
         self._fit_rates.setdefault(work.family, []).append(linear_fit_s / work.fit_units)
         if work.eval_units > 0:
             self._eval_rates.setdefault(work.family, []).append(eval_s / work.eval_units)
@@ -156,7 +162,7 @@ class CostPredictor:
     def predict(self, work: Work, params: dict | None = None) -> Prediction:
         params = params or {}
         prior = self._prior(work, params)
-        extra = self._extra_fit_s(work, params)
+        extra = self._expected_extra_s(work, params)
         fit_speed, eval_speed = self._speeds()
         if self.measured(work.family):
             fit = median(self._fit_rates[work.family]) * work.fit_units + extra
@@ -181,9 +187,14 @@ class CostPredictor:
                 median(self._eval_speed) if self._eval_speed else 1.0)
 
     def _extra_fit_s(self, work: Work, params: dict) -> float:
-        """The family's fit seconds beyond the linear work (see the module docstring)."""
+        """The family's estimate of its fit seconds beyond the linear work (see the module docstring)."""
         extra = self.traits.get(work.family, FamilyTraits("", False)).extra_fit_s
         return extra(work.train_images, work.pixels, params) if extra else 0.0
+
+    def _expected_extra_s(self, work: Work, params: dict) -> float:
+        """That estimate scaled by what the family's trials measured against it (unscaled until one did)."""
+        scales = self._extra_scales.get(work.family)
+        return self._extra_fit_s(work, params) * (median(scales) if scales else 1.0)
 
     def _prior(self, work: Work, params: dict) -> Prediction:
         """The cost model's estimate: per-image inference time of the family's route and backbone at its pixels;

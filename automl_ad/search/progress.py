@@ -110,8 +110,8 @@ class SearchCallback(Callback):
 
     # --- helpers ----------------------------------------------------------------------------------------------
     def _learn_cost(self, config: dict, result: dict) -> None:
-        """Teach the predictor what this trial cost: its fit seconds for the epochs it really trained, its seconds
-        after the fit, and its wall time."""
+        """Teach the predictor what this trial cost: its fit seconds for the epochs it really trained (and those of
+        its non-linear part), its seconds after the fit, and its wall time."""
         fidelity = _fidelity(config)
         if self.predictor is None or fidelity is None or result.get("time_total_s") is None:
             return
@@ -119,10 +119,11 @@ class SearchCallback(Callback):
         if fidelity.epochs is not None and isinstance(epochs, (int, float)) and epochs >= 1:
             fidelity = Fidelity(fidelity.rung, fidelity.train_fraction, fidelity.train_images, int(epochs),
                                 fidelity.full_epochs)
-        post_fit = result.get("post_fit_seconds")
+        post_fit, extra = result.get("post_fit_seconds"), result.get("fit_extra_seconds")
         self.predictor.observe(self.sizes.work(config["family"], config["params"], fidelity),
                                float(result.get("fit_seconds", 0.0)), float(result["time_total_s"]),
-                               config["params"], None if post_fit is None else float(post_fit))
+                               config["params"], None if post_fit is None else float(post_fit),
+                               None if extra is None else float(extra))
 
     def elapsed(self) -> float:
         """Seconds into the search, time spent before a resume included."""

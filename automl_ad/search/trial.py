@@ -98,6 +98,7 @@ def run_trial(spec: dict) -> dict:
     result.update(cost.to_dict())
     result["epochs_trained"] = detector.epochs_trained_
     result["training_cut_by_time"] = bool(cut) or detector.fit_cut_by_time_
+    result["fit_extra_seconds"] = detector.fit_extra_seconds_
     result["train_images"] = len(train)
     result.update(FEATURE_TIMES.as_metrics())
     out = Path(spec["out_dir"])

@@ -29,10 +29,11 @@ from automl_ad.tracking.lock import FileLock
 
 log = logging.getLogger(__name__)
 
-TRIAL_METRICS = ("quality", "real_quality", "throughput", "memory_mb", "fit_seconds", "post_fit_seconds",
-                 "latency_ms_p50", "latency_ms_p95", "throughput_ips", "peak_rss_mb_fit", "peak_rss_mb_score",
-                 "model_mb", "epochs_trained", "training_cut_by_time", "wall_seconds", "features_computed_images",
-                 "features_computed_s", "features_loaded_images", "features_loaded_s", "features_saved_s")
+TRIAL_METRICS = ("quality", "real_quality", "throughput", "memory_mb", "fit_seconds", "fit_extra_seconds",
+                 "post_fit_seconds", "latency_ms_p50", "latency_ms_p95", "throughput_ips", "peak_rss_mb_fit",
+                 "peak_rss_mb_score", "model_mb", "epochs_trained", "training_cut_by_time", "wall_seconds",
+                 "features_computed_images", "features_computed_s", "features_loaded_images", "features_loaded_s",
+                 "features_saved_s")
 #: Failure reason of a trial that was running when its search process was killed; such a trial runs again.
 INTERRUPTED = "interrupted (search process killed)"
 #: Longest wait for another process that is creating the same SQLite store.

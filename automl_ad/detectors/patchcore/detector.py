@@ -39,6 +39,11 @@ log = logging.getLogger(__name__)
 
 _DISTANCE_VALUES = 1 << 24  # query-to-bank distances per graph run (64 MiB of float32)
 _UNPROJECTED_DIM = 512  # features per patch assumed by the fit cost estimate when nothing projects them
+# greedy coreset (see greedy_coreset): a step compares the new point with every point when more than this share
+# may come nearer to it (measured break-even of gathering them on 2 cores: about a fifth), and then does so for
+# this many steps before checking again; the bound's margin (relative to the largest squared norm) covers the
+# float rounding of squared distances computed by the norm expansion
+_SPARSE_SHARE, _DENSE_RUN, _BOUND_MARGIN = 0.2, 16, 1e-5
 
 
 @register_detector
@@ -65,8 +70,10 @@ class PatchCore(PatchFeatureDetector):
     def _fit(self, train: ImageSet, on_epoch: EpochCallback | None) -> None:
         embedding = self._embedding().of(self._features(train))
         patches = embedding.reshape(-1, embedding.shape[-1])
+        started = time.perf_counter()
         selected = greedy_coreset(patches, self.coreset_ratio, self.coreset_projection_dim, self.seed,
                                   self._fit_deadline)
+        self.fit_extra_seconds_ = time.perf_counter() - started
         self.memory_bank_ = patches[selected].numpy().astype(np.float32)
         self.feature_shape_ = tuple(embedding.shape[1:3])
         asked = coreset_size(len(patches), self.coreset_ratio)
@@ -80,7 +87,8 @@ class PatchCore(PatchFeatureDetector):
     @classmethod
     def extra_fit_seconds(cls, train_images: int, network_pixels: float, params: dict) -> float:
         """The greedy coreset: ratio x N steps, each a pass over the N training patches (one per cell of the finest
-        feature stride) in its projected dimensions, at the seconds per value measured on this machine."""
+        feature stride) in its projected dimensions, at the seconds per value measured on this machine. An upper
+        bound: on patches that cluster most steps compare far fewer (see :func:`greedy_coreset`)."""
         defaults = cls()
         stride = min(params.get("feature_strides", defaults.feature_strides))
         ratio = float(params.get("coreset_ratio", defaults.coreset_ratio))
@@ -139,6 +147,13 @@ def greedy_coreset(features, ratio: float, projection_dim: int | None, seed: int
     at ``deadline`` (``time.monotonic()``) it returns the points chosen so far, which are exactly the greedy
     coreset of that size (the steps cost ratio x N² in all, so on many patches, e.g. tiled large images, the
     configured ratio may not fit a trial's time).
+
+    Each point remembers which chosen point is nearest to it (its owner, at distance r). A new point c can only
+    come nearer to it than r when d(owner, c) < 2r (triangle inequality), so a step compares c with those points
+    alone once they are few (under ``_SPARSE_SHARE`` of all: gathering them costs more per point than the
+    contiguous product); the selection is the same as comparing with every point. On object images, whose patches
+    cluster, most steps are sparse (bottle: 3x faster at ratio 0.01 and 0.1, ball_screw 1.6x); on textures few are
+    (magnetic_tile: within 2% of comparing with every point).
     """
     import torch
 
@@ -153,15 +168,33 @@ def greedy_coreset(features, ratio: float, projection_dim: int | None, seed: int
         points = points @ projection
     norms = (points * points).sum(dim=1)
     selected = np.empty(target, dtype=np.int64)
+    chosen = torch.empty(target, points.shape[1])
     current = int(torch.randint(count, (1,), generator=generator))
-    min_distance = torch.full((count,), float("inf"))
+    min_distance = torch.full((count,), float("inf"))  # squared distance to the nearest chosen point
+    owner = torch.zeros(count, dtype=torch.int32)  # which chosen point that is (its step)
+    dense_until = 1  # steps before this one compare with every point
+    margin = _BOUND_MARGIN * float(norms.max())
     with torch.inference_mode():
         for i in range(target):
             selected[i] = current
             if deadline is not None and time.monotonic() > deadline:
                 return selected[:i + 1]
-            distance = norms - 2 * (points @ points[current]) + norms[current]
-            torch.minimum(min_distance, distance, out=min_distance)
+            centre = chosen[i] = points[current]
+            if i >= dense_until:
+                reach = ((chosen[:i] - centre) ** 2).sum(dim=1)  # squared distance from c to each owner
+                candidates = torch.nonzero(reach[owner] < 4 * (min_distance + margin)).squeeze(1)
+                if len(candidates) > _SPARSE_SHARE * count:
+                    dense_until = i + _DENSE_RUN
+            if i < dense_until:
+                distance = norms - 2 * (points @ centre) + norms[current]
+                owner.masked_fill_(distance < min_distance, i)
+                torch.minimum(min_distance, distance, out=min_distance)
+            else:
+                distance = norms[candidates] - 2 * (points[candidates] @ centre) + norms[current]
+                closer = distance < min_distance[candidates]
+                moved = candidates[closer]
+                min_distance[moved] = distance[closer]
+                owner[moved] = i
             current = int(torch.argmax(min_distance))
     return selected
 
