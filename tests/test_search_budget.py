@@ -32,7 +32,7 @@ from automl_ad.search.cost_predictor import (
     rungs,
 )
 from automl_ad.search.engine import RAY_CLUSTER_MODE_ENV, Proposer, SearchRequest, family_scheduler, resource
-from automl_ad.search.space import load_space
+from automl_ad.search.space import load_space, proposed_geometries
 
 # the scheduler test imports Ray; a local Ray must then still listen on 127.0.0.1 only (as start_ray arranges)
 os.environ.setdefault(RAY_CLUSTER_MODE_ENV, "0")
@@ -288,6 +288,34 @@ def test_the_recommended_geometry_follows_the_top_default_then_the_defaults_then
         ("padim", True, None), ("padim", False, wide), ("gaussian", True, None)]  # gaussian reads no geometry
     fourth = proposals[3]  # then sampled: a padim trial draws its geometry from the space
     assert not fourth["default"] and fourth["params"].get("geometry", wide) in (wide, square)
+
+
+def test_a_kept_default_geometry_is_not_run_again_as_a_geometry_trial():
+    """When the recommendation keeps the default squash and lists only a larger one as worth searching (bottle), no
+    warm-start or quick-look trial runs the default squash again as a 'geometry' (bottle's search ran PaDiM's
+    default twice that way); the larger one stays in the sampled space."""
+    predictor = _slow_predictor(0.001)
+    sizes = TrialSizes(150, 40, (900, 900))
+    square = {"mode": "squash", "height": 256, "width": 256, "scale": None, "overlap": 0, "pad": "reflect"}
+    large = {**square, "height": 512, "width": 512}
+    geometries = proposed_geometries({"geometry": {"geometry": square, "default": {"geometry": square},
+                                                   "alternatives": [{"geometry": large}]}})
+    assert geometries == [square, square, large]
+    request = SearchRequest(data=".", families=["padim", "patchcore"], priors={"padim": 0.9, "patchcore": 0.8},
+                            budget_s=3600, geometries=geometries)
+    spaces = {f: load_space(f).with_geometries(request.geometries) for f in request.families}
+    assert list(spaces["padim"].parameters[0].choices) == [square, large]
+    proposer = Proposer(request, spaces, {"padim": {}, "patchcore": {}}, predictor=predictor, sizes=sizes,
+                        deadline=time.monotonic() + 3600, quick_look_s=600.0)
+    study = _study()
+    proposals = []
+    for _ in range(6):
+        trial = study.ask()
+        proposals.append(proposer(trial))
+        study.tell(trial, [0.5, 10.0, 100.0])
+    only_geometry = [p for p in proposals if not p["default"] and p["params"].get("geometry") == square
+                     and set(p["params"]) <= {"geometry", "weights", "device", "backbone", "input_size"}]
+    assert sorted(p["family"] for p in proposals if p["default"]) == ["padim", "patchcore"] and not only_geometry
 
 
 def test_the_cheapest_family_probes_every_geometry_and_the_helpful_ones_move_to_the_others():

@@ -120,13 +120,15 @@ class SearchSpace:
 
 
 def proposed_geometries(recommendation: dict) -> list[dict]:
-    """The geometries a recommendation proposes (``recommendation["geometry"]``: chosen, default, alternatives),
-    chosen first; none when it proposes none."""
+    """The geometries a recommendation proposes (``recommendation["geometry"]``): the chosen one, the default (the
+    same when the recommendation kept it: the search reads that from the first two), then the alternatives not
+    listed yet; none when it proposes none."""
     proposal = recommendation.get("geometry") or {}
     if not proposal:
         return []
-    found = [proposal["geometry"], proposal["default"]["geometry"], *(a["geometry"] for a in proposal["alternatives"])]
-    return [g for i, g in enumerate(found) if g not in found[:i]]
+    chosen, default = proposal["geometry"], proposal["default"]["geometry"]
+    alternatives = [a["geometry"] for a in proposal["alternatives"]]
+    return [chosen, default, *(g for i, g in enumerate(alternatives) if g not in [chosen, default, *alternatives[:i]])]
 
 
 def _label(choice):
