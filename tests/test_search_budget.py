@@ -113,6 +113,27 @@ def _slow_predictor(seconds_per_unit: float) -> CostPredictor:
     return predictor
 
 
+def test_cutpaste_trials_are_costed_by_the_patches_their_network_runs():
+    """CutPaste runs every patch through its network: measured at its default stride (16: 225 patches of 32 px on
+    256 px), a stride-8 configuration (841 patches) is predicted 3.7x the evaluation, not the same (a 3-minute
+    search planned one from its default's time and it was killed at its limit)."""
+    from automl_ad.data.imageset import ImageSet
+    from automl_ad.search.engine import family_traits, trial_sizes
+
+    image = np.zeros((256, 256, 3), np.uint8)
+    data = SimpleNamespace(train=ImageSet.from_arrays([image] * 40), validation=ImageSet.from_arrays([image] * 20))
+    sizes = trial_sizes(data, ["cutpaste", "padim"])
+    predictor = CostPredictor(family_traits(["cutpaste"]))
+    fidelity = Fidelity(0, 1.0, 40, 10, 10)
+    default, fine = {"input_size": 256}, {"input_size": 256, "patch_stride": 8}
+    assert sizes.work("padim", fine, fidelity).pixels == 256 ** 2
+    assert sizes.work("cutpaste", default, fidelity).pixels == 225 * 32 ** 2
+    predictor.observe(sizes.work("cutpaste", default, fidelity), fit_s=60.0, wall_s=100.0, params=default,
+                      eval_s=20.0)
+    ratio = predictor.predict(sizes.work("cutpaste", fine, fidelity), fine).eval_s / 20.0
+    assert ratio == pytest.approx(841 / 225)
+
+
 def test_a_trial_predicted_too_slow_is_shrunk_not_started():
     predictor = _slow_predictor(2.0)  # padim: 2 s per training image-megapixel
     sizes = TrialSizes(train_images=270, validation_images=30, image_hw=(256, 256))

@@ -334,6 +334,13 @@ class Detector(BaseEstimator):
         measured (``fit_extra_seconds_``) against it: the estimate may be an upper bound."""
         return 0.0
 
+    @classmethod
+    def scoring_pixels(cls, params: dict, pixels: float) -> float:
+        """Pixels the network processes when ``params`` score an image that gives ``pixels`` network-input pixels:
+        ``pixels`` here (one pass); a family that runs the network on many crops of its input says so (CutPaste's
+        patches). The search's cost predictor counts a trial's work in these."""
+        return pixels
+
     def _store_parameters(self, arguments: dict) -> None:
         """The body of every family's ``__init__`` (``self._store_parameters(locals())``): each constructor
         parameter kept as the attribute of its name, unchanged, as scikit-learn expects (``fit`` validates)."""

@@ -1,19 +1,19 @@
 """How long a trial will take, and at which fidelity it fits the time it may have.
 
 A trial's work is its training images × epochs (1 for families that do not train iteratively) × the pixels the
-network sees per image (``input_size``², times the tiles when the geometry tiles), and its validation images ×
-pixels. Fitting also spends the family's own extra seconds on work that does not grow linearly
-(:meth:`~automl_ad.detectors.base.Detector.extra_fit_seconds`: PatchCore's coreset compares training patches
-with each other, timed on this machine; an upper bound, so it is scaled by the family's measured extra seconds
-against it, median over its trials: the coreset skips most comparisons on object images). Seconds per unit of the
-linear work are learnt online from the trials this search has finished (per family: median of its measurements,
-so one trial slowed by a neighbour does not swing it); a family not measured yet gets the cost model's estimate
-(:func:`automl_ad.recommend.cost.estimate_route`) times the machine's measured speed relative to that model,
-separately for fitting and for evaluation (medians over every measured trial: evaluation, which computes metrics
-on every validation image, costs far more than the model's forward pass). Evaluation is what a trial reports it
-spent after its fit (validation, cost measurement, saving); the rest of its wall time beyond fit and evaluation is
-the trial process's fixed overhead, also learnt (median over trials). A timed-out trial is a lower bound:
-its family is then predicted to cost at least ``SEARCH_COST_MARGIN`` × what it ran out of.
+network sees per image (``input_size``², times the tiles when the geometry tiles; CutPaste's network sees every
+patch), and its validation images × pixels. Fitting also spends the family's own extra seconds on work that does not
+grow linearly (:meth:`~automl_ad.detectors.base.Detector.extra_fit_seconds`: PatchCore's coreset compares training
+patches with each other, timed on this machine; an upper bound, so it is scaled by the family's measured extra
+seconds against it, median over its trials: the coreset skips most comparisons on object images). Seconds per unit
+of the linear work are learnt online from the trials this search has finished (per family: median of its
+measurements, so one trial slowed by a neighbour does not swing it); a family not measured yet gets the cost model's
+estimate (:func:`automl_ad.recommend.cost.estimate_route`) times the machine's measured speed relative to that
+model, separately for fitting and for evaluation (medians over every measured trial: evaluation, which computes
+metrics on every validation image, costs far more than the model's forward pass). Evaluation is what a trial reports
+it spent after its fit (validation, cost measurement, saving); the rest of its wall time beyond fit and evaluation
+is the trial process's fixed overhead, also learnt (median over trials). A timed-out trial is a lower bound: its
+family is then predicted to cost at least ``SEARCH_COST_MARGIN`` × what it ran out of.
 
 A fidelity shrinks the work: a fraction of the training images (rungs 1, 1/η, 1/η², as long as a rung keeps
 ``SEARCH_MIN_SCREEN_IMAGES``) and, for iterative families, fewer epochs. :func:`plan_trial` picks the highest
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from statistics import median
 
 from automl_ad.constraints import ConstraintProfile
@@ -265,15 +265,20 @@ class TrialPlan:
 
 @dataclass
 class TrialSizes:
-    """The search's data: training and validation images, and their mean height and width."""
+    """The search's data: training and validation images, and their mean height and width; per family, the pixels
+    its network processes for an input's (:meth:`~automl_ad.detectors.base.Detector.scoring_pixels`; the input's
+    own when a family is not listed)."""
 
     train_images: int
     validation_images: int
     image_hw: tuple[float, float]
+    scoring_pixels: dict[str, Callable[[dict, float], float]] = field(default_factory=dict, compare=False)
 
     def work(self, family: str, params: dict, fidelity: Fidelity) -> Work:
+        pixels = network_pixels(params, self.image_hw)
+        scoring = self.scoring_pixels.get(family)
         return Work(family, fidelity.train_images, self.validation_images,
-                    network_pixels(params, self.image_hw), fidelity.epochs)
+                    scoring(params, pixels) if scoring else pixels, fidelity.epochs)
 
 
 def plan_trial(predictor: CostPredictor, sizes: TrialSizes, family: str, params: dict, cap_s: float,

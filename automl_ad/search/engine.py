@@ -824,7 +824,7 @@ def _run_held(request: SearchRequest, dataset, work_dir: Path, uri: str, state: 
     checkpoint = _ElapsedCheckpoint(state_file, state)
     try:
         _tune(request, spaces, defaults, work_dir, data_file, state, remaining, tracker, experiment_id, reruns,
-              console, trial_sizes(search_data))
+              console, trial_sizes(search_data, request.families))
     finally:
         checkpoint.stop()
     _keep_a_model(tracker, parent, state["elapsed_s"], say)
@@ -1088,9 +1088,12 @@ def family_traits(families: list[str]) -> dict[str, FamilyTraits]:
     return traits
 
 
-def trial_sizes(search_data) -> TrialSizes:
-    """Training and validation image counts of a search and the mean size of a few of its images (headers only)."""
+def trial_sizes(search_data, families: list[str]) -> TrialSizes:
+    """Training and validation image counts of a search, the mean size of a few of its images (headers only) and
+    the families' network pixels per input."""
     from PIL import Image
+
+    from automl_ad.detectors import detector_class
 
     images = search_data.train
     sizes = []
@@ -1101,7 +1104,8 @@ def trial_sizes(search_data) -> TrialSizes:
             with Image.open(images.paths[i]) as image:
                 sizes.append((image.height, image.width))
     height, width = np.mean(sizes, axis=0) if sizes else (256.0, 256.0)
-    return TrialSizes(len(search_data.train), len(search_data.validation), (float(height), float(width)))
+    return TrialSizes(len(search_data.train), len(search_data.validation), (float(height), float(width)),
+                      {f: detector_class(f).scoring_pixels for f in families})
 
 
 def family_scheduler():

@@ -97,6 +97,16 @@ class CutPaste(BackboneDetector):
             raise InvalidParameterError(f"{self.name}: patch_size ({self.patch_size}) must not exceed input_size "
                                         f"({self.input_size})")
 
+    @classmethod
+    def scoring_pixels(cls, params: dict, pixels: float) -> float:
+        """Every ``patch_size`` patch at ``patch_stride`` goes through the network (stride 8 instead of the default
+        16: 3.7x the pixels); the density fit runs the same on each training image."""
+        defaults = cls()
+        side = int(params.get("input_size", defaults.input_size))
+        size = min(side, int(params.get("patch_size", defaults.patch_size)))
+        patches = len(patch_origins(side, size, int(params.get("patch_stride", defaults.patch_stride))))
+        return pixels * patches * size * size / (side * side)
+
     # --- network ----------------------------------------------------------------------------------------------
     def _new_backbone(self):
         """A trainable copy of the feature extractor's pretrained backbone (same weights and creation args), in
