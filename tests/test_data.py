@@ -160,6 +160,24 @@ def test_empty_mask_is_a_warning(mvtec_dir):
     assert dataset.masks[mvtec_dir / "ground_truth" / "crack" / "000_mask.png"].defect_fraction == 0
 
 
+def test_images_rotated_by_exif_are_named_and_a_mask_drawn_on_the_turned_view_is_explained(mvtec_dir):
+    """Photos whose EXIF orientation tag makes viewers turn them: one warning names them (automl-ad reads the stored
+    pixels), and a mask the size of the turned view says so instead of asking for a resize."""
+    exif = Image.Exif()
+    exif[0x0112] = 6  # viewers turn it 90 degrees clockwise
+    wide = np.zeros((24, 32, 3), np.uint8)
+    write_image(mvtec_dir / "test" / "crack" / "000.jpg", wide, exif=exif.tobytes())
+    (mvtec_dir / "test" / "crack" / "000.png").unlink()
+    write_image(mvtec_dir / "ground_truth" / "crack" / "000_mask.png", np.pad(square_mask(24), ((0, 8), (0, 0))))
+    write_image(mvtec_dir / "train" / "good" / "006.jpg", noise_image(6), exif=exif.tobytes())
+    dataset = open_dataset(mvtec_dir)
+    rotated = _problems(dataset, "EXIF orientation tag (2 of 11 images do)")
+    assert len(rotated) == 1 and rotated[0].severity == "warning"
+    turned = _problems(dataset, "mask is 24x32 but its image is 32x24")[0]
+    assert "drawn on that turned view" in turned.problem and "exif_transpose" in turned.fix
+    assert inspect_image(mvtec_dir / "train" / "good" / "000.png").orientation == 1
+
+
 def test_empty_folder_and_non_image_files(mvtec_dir):
     (mvtec_dir / "test" / "hole").mkdir()
     (mvtec_dir / "train" / "good" / "notes.txt").write_text("hello")

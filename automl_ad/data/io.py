@@ -27,6 +27,7 @@ from automl_ad.defaults import IMAGE_SUFFIXES, MAX_IMAGE_PIXELS, MAX_IMAGE_PIXEL
 from automl_ad.errors import ConfigError
 
 _TIFF_SUFFIXES = (".tif", ".tiff")
+_EXIF_ORIENTATION = 0x0112  # the EXIF tag viewers rotate or flip a photo by
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF, both byte orders
 
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
@@ -72,6 +73,7 @@ class ImageInfo:
     has_alpha: bool
     effectively_gray: bool  # colour file whose channels are (nearly) identical
     sha256: str
+    orientation: int = 1  # EXIF orientation tag: 1 = stored as shown; 2-8 ask viewers to flip or rotate it
 
 
 def is_image_file(path: Path) -> bool:
@@ -235,7 +237,7 @@ def inspect_image(path: str | Path, max_pixels: int | None = None) -> ImageInfo:
     array = _normalise_layout(raw, source)
     with open(path, "rb") as handle:
         sha256 = hashlib.file_digest(handle, "sha256").hexdigest()
-    return ImageInfo(
+    return ImageInfo(orientation=exif_orientation(path),
         width=array.shape[1],
         height=array.shape[0],
         channels=1 if array.ndim == 2 else 3,
@@ -244,6 +246,17 @@ def inspect_image(path: str | Path, max_pixels: int | None = None) -> ImageInfo:
         effectively_gray=array.ndim == 3 and _channels_identical(array),
         sha256=sha256,
     )
+
+
+def exif_orientation(path: str | Path) -> int:
+    """The file's EXIF orientation tag (1 when it has none or Pillow cannot read its header). automl-ad reads the
+    stored pixels, as most vision libraries do, not the view a photo viewer rotates by this tag."""
+    try:
+        with Image.open(path) as image:
+            value = image.getexif().get(_EXIF_ORIENTATION, 1)
+    except Exception:  # noqa: BLE001 - a header Pillow cannot read carries no tag it could honour either
+        return 1
+    return int(value) if isinstance(value, int) and 1 <= value <= 8 else 1
 
 
 def _channels_identical(array: np.ndarray, tolerance: float = 2.0) -> bool:

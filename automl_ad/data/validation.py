@@ -66,7 +66,7 @@ def validate(raw: RawCategory, strict: bool = False, progress: bool = False
                          WARNING) for p in raw.orphan_masks]
 
     infos, read_problems = _inspect_all(raw.records, progress)
-    problems += read_problems
+    problems += read_problems + _rotated_by_exif(raw.records, infos)
     records = [r for r in raw.records if r.path in infos]
 
     mask_checks = _check_masks(records, infos, progress)
@@ -135,10 +135,14 @@ def _check_mask(mask_path: Path, image: ImageInfo) -> MaskCheck:
         return MaskCheck(Problem(mask_path, f"mask {exc.reason}; the image is kept without a mask",
                                  exc.fix or "Re-export the mask or remove it"))
     if mask.shape != (image.height, image.width):
+        turned = image.orientation >= 5 and mask.shape == (image.width, image.height)
         return MaskCheck(Problem(
             mask_path, f"mask is {mask.shape[1]}x{mask.shape[0]} but its image is {image.width}x{image.height}; "
-            "the image is kept without a mask",
-            "Resize the mask with nearest-neighbour interpolation to the image size"))
+            "the image is kept without a mask" + ("; the image's EXIF orientation tag turns it by 90 degrees for "
+                                                  "viewers, so the mask was likely drawn on that turned view"
+                                                  if turned else ""),
+            "Save the image with its rotation applied (e.g. Pillow's ImageOps.exif_transpose) so that it matches "
+            "the mask" if turned else "Resize the mask with nearest-neighbour interpolation to the image size"))
     values = np.unique(mask)
     if len(values) > 2 or (len(values) == 2 and values[0] != 0):
         return MaskCheck(Problem(
@@ -151,6 +155,18 @@ def _check_mask(mask_path: Path, image: ImageInfo) -> MaskCheck:
                                          "Draw the defect in the mask, or move the image to good/ if it has none",
                                          WARNING)
     return MaskCheck(empty, float(binary.mean()), regions)
+
+
+def _rotated_by_exif(records: list[ImageRecord], infos: dict[Path, ImageInfo]) -> list[Problem]:
+    """One warning for the images whose EXIF orientation tag makes viewers show them flipped or rotated: automl-ad
+    (like most vision libraries) reads the stored pixels, so the parts may face other ways than the user sees."""
+    tagged = [r.path for r in records if r.path in infos and infos[r.path].orientation != 1]
+    if not tagged:
+        return []
+    return [Problem(tagged[0], f"carries an EXIF orientation tag ({len(tagged)} of {len(infos)} images do): viewers "
+                    "show these images flipped or rotated, but automl-ad reads the pixels as stored",
+                    "If the parts should face one way, save the images with the rotation applied (e.g. Pillow's "
+                    "ImageOps.exif_transpose, or exiftran -ai) and draw masks on those", WARNING)]
 
 
 def _drop_duplicates(
