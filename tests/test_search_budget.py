@@ -134,6 +134,18 @@ def test_cutpaste_trials_are_costed_by_the_patches_their_network_runs():
     assert ratio == pytest.approx(841 / 225)
 
 
+def _proposals(proposer, qualities, study=None) -> list[dict]:
+    """What ``proposer`` proposes in ``study`` (a new one by default), told each trial's quality in turn (fixed
+    throughput and memory)."""
+    study = study or _study()
+    proposals = []
+    for quality in qualities:
+        trial = study.ask()
+        proposals.append(proposer(trial))
+        study.tell(trial, [quality, 10.0, 100.0])
+    return proposals
+
+
 def test_a_trial_predicted_too_slow_is_shrunk_not_started():
     predictor = _slow_predictor(2.0)  # padim: 2 s per training image-megapixel
     sizes = TrialSizes(train_images=270, validation_images=30, image_hw=(256, 256))
@@ -299,12 +311,7 @@ def test_the_recommended_geometry_follows_the_top_default_then_the_defaults_then
     spaces = {f: load_space(f).with_geometries(request.geometries) for f in request.families}
     proposer = Proposer(request, spaces, {"padim": {}, "gaussian": {}}, predictor=predictor, sizes=sizes,
                         deadline=time.monotonic() + 3600, quick_look_s=0.0)
-    study = _study()
-    proposals = []
-    for _ in range(4):
-        trial = study.ask()
-        proposals.append(proposer(trial))
-        study.tell(trial, [0.5, 10.0, 100.0])
+    proposals = _proposals(proposer, [0.5] * 4)
     assert [(p["family"], p["default"], p["params"].get("geometry")) for p in proposals[:3]] == [
         ("padim", True, None), ("padim", False, wide), ("gaussian", True, None)]  # gaussian reads no geometry
     fourth = proposals[3]  # then sampled: a padim trial draws its geometry from the space
@@ -328,12 +335,7 @@ def test_a_kept_default_geometry_is_not_run_again_as_a_geometry_trial():
     assert list(spaces["padim"].parameters[0].choices) == [square, large]
     proposer = Proposer(request, spaces, {"padim": {}, "patchcore": {}}, predictor=predictor, sizes=sizes,
                         deadline=time.monotonic() + 3600, quick_look_s=600.0)
-    study = _study()
-    proposals = []
-    for _ in range(6):
-        trial = study.ask()
-        proposals.append(proposer(trial))
-        study.tell(trial, [0.5, 10.0, 100.0])
+    proposals = _proposals(proposer, [0.5] * 6)
     only_geometry = [p for p in proposals if not p["default"] and p["params"].get("geometry") == square
                      and set(p["params"]) <= {"geometry", "weights", "device", "backbone", "input_size"}]
     assert sorted(p["family"] for p in proposals if p["default"]) == ["padim", "patchcore"] and not only_geometry
@@ -458,11 +460,7 @@ def test_the_quick_look_runs_every_default_cheapest_first_and_the_geometry_after
     proposer = Proposer(request, spaces, defaults, predictor=predictor, sizes=sizes, deadline=time.monotonic() + 3600)
     assert proposer._default_cost("gaussian", None, 2) < proposer._default_cost("padim", None, 2)
     study = _study()
-    proposals = []
-    for quality in (0.7, 0.95, 0.6, 0.5, 0.9, 0.5):
-        trial = study.ask()
-        proposals.append(proposer(trial))
-        study.tell(trial, [quality, 10.0, 100.0])
+    proposals = _proposals(proposer, (0.7, 0.95, 0.6, 0.5, 0.9, 0.5), study)
     seen = [(p["family"], p["default"], p["params"].get("geometry"), p["fidelity"]["rung"]) for p in proposals]
     assert seen[:4] == [("gaussian", True, None, 0), ("padim", False, None, 2), ("padim", False, wide, 1),
                         ("stpm", False, None, 1)]
@@ -485,12 +483,7 @@ def test_a_quick_look_geometry_on_all_images_is_not_run_again_by_the_warm_start(
     spaces = {f: load_space(f).with_geometries(request.geometries) for f in families}
     proposer = Proposer(request, spaces, {"stpm": {"epochs": 20}, "padim": {}}, predictor=predictor,
                         sizes=TrialSizes(270, 30, (460, 1130)), deadline=time.monotonic() + 3600)
-    study = _study()
-    proposals = []
-    for quality in (0.8, 0.9, 0.78, 0.5):
-        trial = study.ask()
-        proposals.append(proposer(trial))
-        study.tell(trial, [quality, 10.0, 100.0])
+    proposals = _proposals(proposer, (0.8, 0.9, 0.78, 0.5))
     seen = [(p["family"], p["params"].get("geometry"), p["fidelity"]["rung"]) for p in proposals]
     assert seen[:3] == [("padim", None, 0), ("padim", wide, 0), ("stpm", None, 0)]
     assert seen[3][:2] == ("stpm", wide)  # the geometry that beat PaDiM's default, on the other family
@@ -734,6 +727,11 @@ def test_the_coreset_estimate_is_scaled_by_what_the_fits_measured():
                       extra_s=estimate / 3)
     assert predictor.predict(work, params).fit_s == pytest.approx(40.0 + estimate / 3, rel=1e-6)
     assert unmeasured > estimate > 0
+    # measured on 100 images, the ratio says nothing of 300: their coreset is predicted unscaled (9x the patch pairs)
+    larger = TrialSizes(300, 20, (256, 256)).work("patchcore", params, Fidelity(0, 1.0, 300))
+    big = traits["patchcore"].extra_fit_s(300, 256 ** 2, params)
+    assert big == pytest.approx(9 * estimate) and predictor.predict(larger, params).fit_s == pytest.approx(
+        40.0 * 3 + big, rel=1e-6)
 
 
 def test_a_patchcore_fit_past_its_deadline_keeps_what_it_selected(mvtec_dir):

@@ -237,7 +237,7 @@ def inspect_image(path: str | Path, max_pixels: int | None = None) -> ImageInfo:
     array = _normalise_layout(raw, source)
     with open(path, "rb") as handle:
         sha256 = hashlib.file_digest(handle, "sha256").hexdigest()
-    return ImageInfo(orientation=exif_orientation(path),
+    return ImageInfo(
         width=array.shape[1],
         height=array.shape[0],
         channels=1 if array.ndim == 2 else 3,
@@ -245,6 +245,7 @@ def inspect_image(path: str | Path, max_pixels: int | None = None) -> ImageInfo:
         has_alpha=has_alpha,
         effectively_gray=array.ndim == 3 and _channels_identical(array),
         sha256=sha256,
+        orientation=exif_orientation(path),
     )
 
 

@@ -5,15 +5,15 @@ network sees per image (``input_size``², times the tiles when the geometry tile
 patch), and its validation images × pixels. Fitting also spends the family's own extra seconds on work that does not
 grow linearly (:meth:`~automl_ad.detectors.base.Detector.extra_fit_seconds`: PatchCore's coreset compares training
 patches with each other, timed on this machine; an upper bound, so it is scaled by the family's measured extra
-seconds against it, median over its trials: the coreset skips most comparisons on object images). Seconds per unit
-of the linear work are learnt online from the trials this search has finished (per family: median of its
-measurements, so one trial slowed by a neighbour does not swing it); a family not measured yet gets the cost model's
-estimate (:func:`automl_ad.recommend.cost.estimate_route`) times the machine's measured speed relative to that
-model, separately for fitting and for evaluation (medians over every measured trial: evaluation, which computes
-metrics on every validation image, costs far more than the model's forward pass). Evaluation is what a trial reports
-it spent after its fit (validation, cost measurement, saving); the rest of its wall time beyond fit and evaluation
-is the trial process's fixed overhead, also learnt (median over trials). A timed-out trial is a lower bound: its
-family is then predicted to cost at least ``SEARCH_COST_MARGIN`` × what it ran out of.
+seconds against it, median over its trials of at least half the size: the coreset skips most comparisons on object
+images). Seconds per unit of the linear work are learnt online from the trials this search has finished (per family:
+median of its measurements, so one trial slowed by a neighbour does not swing it); a family not measured yet gets
+the cost model's estimate (:func:`automl_ad.recommend.cost.estimate_route`) times the machine's measured speed
+relative to that model, separately for fitting and for evaluation (medians over every measured trial: evaluation,
+which computes metrics on every validation image, costs far more than the model's forward pass). Evaluation is what
+a trial reports it spent after its fit (validation, cost measurement, saving); the rest of its wall time beyond fit
+and evaluation is the trial process's fixed overhead, also learnt (median over trials). A timed-out trial is a lower
+bound: its family is then predicted to cost at least ``SEARCH_COST_MARGIN`` × what it ran out of.
 
 A fidelity shrinks the work: a fraction of the training images (rungs 1, 1/η, 1/η², as long as a rung keeps
 ``SEARCH_MIN_SCREEN_IMAGES``) and, for iterative families, fewer epochs. :func:`plan_trial` picks the highest
@@ -114,7 +114,8 @@ class CostPredictor:
         self._eval_speed: list[float] = []  # measured / prior evaluation seconds, every trial
         self._at_least: dict[str, float] = {}  # per family: seconds per (fit + eval) unit it needed at least
         self._overheads: list[float] = []  # measured fixed seconds of a trial process (every trial)
-        self._extra_scales: dict[str, list[float]] = {}  # measured / estimated extra fit seconds, per family
+        # per family: (estimated extra fit seconds, measured / estimated) of each trial that reported them
+        self._extra_scales: dict[str, list[tuple[float, float]]] = {}
 
     # --- learning ---------------------------------------------------------------------------------------------
     def observe(self, work: Work, fit_s: float, wall_s: float, params: dict | None = None,
@@ -132,7 +133,7 @@ class CostPredictor:
             self._overheads.append(max(0.0, wall_s - fit_s - eval_s))
         estimate = self._extra_fit_s(work, params)
         if extra_s is not None and extra_s >= 0 and estimate > 0:
-            self._extra_scales.setdefault(work.family, []).append(extra_s / estimate)
+            self._extra_scales.setdefault(work.family, []).append((estimate, extra_s / estimate))
         linear_fit_s = max(0.0, fit_s - (extra_s if extra_s is not None and extra_s >= 0 else estimate))
         self._fit_rates.setdefault(work.family, []).append(linear_fit_s / work.fit_units)
         if work.eval_units > 0:
@@ -192,9 +193,13 @@ class CostPredictor:
         return extra(work.train_images, work.pixels, params) if extra else 0.0
 
     def _expected_extra_s(self, work: Work, params: dict) -> float:
-        """That estimate scaled by what the family's trials measured against it (unscaled until one did)."""
-        scales = self._extra_scales.get(work.family)
-        return self._extra_fit_s(work, params) * (median(scales) if scales else 1.0)
+        """That estimate scaled by what the family's trials of at least half its size measured against it
+        (unscaled until one did). A smaller trial says little: PatchCore's coreset took 0.41 of its estimate on 1/9
+        of magnetic_tile's patches and 0.87 on all of them, so the default planned from the first was cut at its
+        training deadline."""
+        estimate = self._extra_fit_s(work, params)
+        scales = [scale for size, scale in self._extra_scales.get(work.family, []) if size >= estimate / 2]
+        return estimate * (median(scales) if scales else 1.0)
 
     def _prior(self, work: Work, params: dict) -> Prediction:
         """The cost model's estimate: per-image inference time of the family's route and backbone at its pixels;
