@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -140,3 +142,35 @@ def test_padim_streamed_moments_equal_the_two_pass_formula(monkeypatch):
     centred = (embedding - embedding.mean(dim=0)).transpose(0, 1)
     np.testing.assert_allclose(mean.numpy(), embedding.mean(dim=0).numpy(), atol=1e-10)
     np.testing.assert_allclose(covariance.numpy(), (centred.transpose(1, 2) @ centred / 49).numpy(), atol=1e-10)
+
+
+def test_padim_fits_after_set_num_threads():
+    """Search trials call ``torch.set_num_threads``; torch 2.14's batched LU inverse then failed on CPU ("Pivots
+    given to lu_solve ...", a magnetic_tile trial). The fit runs in a fresh process, as a trial does."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import numpy as np, torch
+        torch.set_num_threads(2)
+        from tests.test_distribution import TOY, _images, _with_features
+        from automl_ad.detectors import create_detector
+        features = [np.random.default_rng(0).normal(size=(40, 160, 8, 8)).astype(np.float32)]
+        detector = _with_features(create_detector("padim", **TOY, input_size=8, n_features=152), features)
+        detector.fit(_images(40))
+        embedding = features[0][:, detector.channels_, 0, 0].astype(np.float64)
+        expected = np.linalg.inv(np.cov(embedding, rowvar=False) + 0.01 * np.eye(152))
+        assert np.allclose(detector.inv_covariance_[0], expected, rtol=1e-3, atol=1e-4)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_padim_names_the_position_whose_covariance_cannot_be_inverted():
+    features = [np.random.default_rng(2).normal(size=(6, 3, 2, 2)).astype(np.float32)]
+    features[0][:, :, 1, 0] = np.nan
+    detector = _with_features(create_detector("padim", **TOY, input_size=2, n_features=3), features)
+    with pytest.raises(ValueError, match="grid position 2 is not positive definite.*raise epsilon"):
+        detector.fit(_images(6))

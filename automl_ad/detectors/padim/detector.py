@@ -6,7 +6,7 @@
    reduced to ``n_features`` channels by a random subset chosen once with ``seed`` (the paper keeps 100 of
    ResNet18's 448 channels and 550 of WideResNet50's 1792).
 2. For every grid position (i, j): mean and covariance of the training embeddings (unbiased), the covariance
-   regularised by ``epsilon * I``; the inverse covariances are stored.
+   regularised by ``epsilon * I``; the inverse covariances (through Cholesky factors) are stored.
 3. Anomaly map = Mahalanobis distance of each test embedding to its position's Gaussian, upsampled to the
    input size (bilinear) and smoothed with a Gaussian (sigma 4); image score = the map's maximum.
 """
@@ -73,7 +73,7 @@ class Padim(BackboneGraphDetector):
         inverse = torch.empty(positions, count, count)
         chunk = max(1, _CHUNK_VALUES // (count * count))  # positions per step, bounds the float64 copies
         for start in range(0, positions, chunk):
-            inverse[start:start + chunk] = torch.linalg.inv(covariance[start:start + chunk] + regulariser).float()
+            inverse[start:start + chunk] = _spd_inverse(covariance[start:start + chunk] + regulariser, start).float()
         self.mean_ = mean.float().numpy()
         self.inv_covariance_ = inverse.numpy()
         log.info("%s: %d Gaussians of %d dimensions from %d images", self.name, len(self.mean_), count,
@@ -95,6 +95,21 @@ class Padim(BackboneGraphDetector):
         self.inv_covariance_ = tensors["inv_covariance"]
         self.channels_ = tensors["channels"]
         self.feature_shape_ = tuple(state["feature_shape"])
+
+
+def _spd_inverse(matrices, first_position: int):
+    """Inverses of symmetric positive-definite matrices (b, D, D) through their Cholesky factors: half the work
+    of LU, and torch 2.14's batched LU inverse fails on CPU ("Pivots given to lu_solve ...") once
+    ``torch.set_num_threads`` has run, as it does in every search trial."""
+    import torch
+
+    factor, info = torch.linalg.cholesky_ex(matrices)
+    failed = torch.nonzero(info).flatten()
+    if len(failed):
+        raise ValueError(f"padim: the regularised covariance at grid position {first_position + int(failed[0])} is "
+                         "not positive definite (non-finite or degenerate features); raise epsilon or check the "
+                         "training images")
+    return torch.cholesky_inverse(factor)
 
 
 def _finest_grid(features: list[np.ndarray]) -> tuple[int, int]:
