@@ -95,6 +95,55 @@ def test_tampered_package_is_refused(package, tmp_path, damage):
         load_package(path)
 
 
+@pytest.fixture(scope="module")
+def onnx_package(package, demo, tmp_path_factory):
+    """The same detector exported with parity images, so the package carries model.onnx."""
+    _, detector, scores = package
+    thresholds = json.loads((package[0] / "manifest.json").read_text())["thresholds"]
+    path = export_package(detector, tmp_path_factory.mktemp("onnx") / "pkg", thresholds,
+                          parity_images=demo[2].subset(range(4)))
+    assert (path / "model.onnx").is_file()
+    return path, scores
+
+
+def test_a_loaded_package_scores_with_its_own_model_onnx(onnx_package, demo, monkeypatch):
+    """No second export when a package loads: in-memory images run the package's model.onnx as it is."""
+    import automl_ad.features.runtime as runtime
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("the graph was exported again")
+
+    monkeypatch.setattr(runtime, "_onnx_runner", no_export)
+    monkeypatch.setattr(runtime, "_torchscript_runner", no_export)  # the fallback when ONNX Runtime fails
+    path, scores = onnx_package
+    again = load_package(path).detector.score_samples(ImageSet.from_arrays(demo[2].load()))
+    np.testing.assert_allclose(again.image_scores, scores.image_scores, rtol=1e-5, atol=1e-6)
+
+
+def test_a_model_onnx_with_external_data_is_refused(onnx_package, tmp_path):
+    """A tensor whose data lives in another file would make ONNX Runtime open that path: refused at load, even in
+    a package whose hashes and integrity record were rewritten to match."""
+    import hashlib
+
+    import onnx
+
+    from automl_ad.deploy import package as package_module
+
+    path = shutil.copytree(onnx_package[0], tmp_path / "copy")
+    model = onnx.load(path / "model.onnx")
+    tensor = model.graph.initializer[0]
+    tensor.ClearField("raw_data")
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    tensor.external_data.add(key="location", value="/etc/hostname")
+    (path / "model.onnx").write_bytes(model.SerializeToString())
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["files"]["model.onnx"] = hashlib.sha256((path / "model.onnx").read_bytes()).hexdigest()
+    manifest["integrity"] = package_module._integrity({k: v for k, v in manifest.items() if k != "integrity"})
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(PackageError, match="model.onnx refers to external data files"):
+        load_package(path)
+
+
 def test_predict_raises_a_failed_overlay_write_instead_of_losing_it(package, demo, tmp_path, monkeypatch):
     import automl_ad.deploy.predict as predict
 

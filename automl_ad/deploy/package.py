@@ -37,6 +37,7 @@ from automl_ad.data.imageset import ImageSet
 from automl_ad.defaults import PACKAGE_KEY_ENV, PRECISIONS
 from automl_ad.deploy.onnx_export import export_onnx
 from automl_ad.detectors import Detector, list_detectors
+from automl_ad.detectors.graph_based import GraphDetector
 from automl_ad.errors import AutomlAdError, ConfigError
 from automl_ad.folders import check_output_folder, write_output_folder
 from automl_ad.version import __version__
@@ -268,7 +269,50 @@ def load_package(path: str | Path) -> Package:
         raise
     except Exception as exc:
         raise PackageError(f"{path}: the package could not be loaded ({type(exc).__name__}: {exc})") from exc
+    if manifest["onnx"].get("file") and isinstance(detector, GraphDetector):
+        detector.use_inference_model(_self_contained_onnx(path))
     return Package(path, manifest, detector)
+
+
+def _self_contained_onnx(path: Path) -> bytes:
+    """The package's model.onnx (its hash already verified), refused when any tensor keeps its data in an external
+    file: ONNX Runtime would read that file, and a package must never make it open paths outside itself."""
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+
+    with _open_regular(path / ONNX_FILE) as handle:
+        data = handle.read()
+    try:
+        model = onnx.load_model_from_string(data)
+    except Exception as exc:  # any parse failure means the same: not a usable model
+        raise PackageError(f"{path}: {ONNX_FILE} is not a valid ONNX model ({type(exc).__name__}). Export the "
+                           "package again; do not use this one") from exc
+    if any(uses_external_data(tensor) for tensor in _onnx_tensors(model.graph)):
+        raise PackageError(f"{path}: {ONNX_FILE} refers to external data files; a package's model holds all its "
+                           "weights. Export the package again; do not use this one")
+    return data
+
+
+def _onnx_tensors(graph):
+    """Every tensor of an ONNX graph: initializers (dense and sparse) and node attributes, subgraphs included."""
+    from onnx import AttributeProto
+
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield from (sparse.values, sparse.indices)
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.type == AttributeProto.TENSOR:
+                yield attribute.t
+            elif attribute.type == AttributeProto.TENSORS:
+                yield from attribute.tensors
+            elif attribute.type == AttributeProto.SPARSE_TENSOR:
+                yield from (attribute.sparse_tensor.values, attribute.sparse_tensor.indices)
+            elif attribute.type == AttributeProto.GRAPH:
+                yield from _onnx_tensors(attribute.g)
+            elif attribute.type == AttributeProto.GRAPHS:
+                for subgraph in attribute.graphs:
+                    yield from _onnx_tensors(subgraph)
 
 
 def verify_package(path: str | Path) -> dict:

@@ -28,6 +28,7 @@ from automl_ad.data.imageset import ImageSet
 from automl_ad.detectors.base import Detector, EpochCallback, Scores
 from automl_ad.detectors.blocks import Backbone, FeatureGraph, on_cpu, tensors_of
 from automl_ad.detectors.feature_based import BackboneDetector
+from automl_ad.features import resolve_device
 from automl_ad.features.quantize import int8_whole_graph
 from automl_ad.features.runtime import Runner, cpu_runner, onnx_model_runner
 
@@ -43,6 +44,8 @@ class GraphDetector(Detector):
     """A family whose scoring is :meth:`_scoring_graph`: subclasses implement it instead of ``_score``."""
 
     _runners: dict[str, Runner] | None = None  # built graphs ready to run, by name ("head", "whole")
+    #: The runner that scores in-memory images with the whole inference graph (:meth:`inference_graph`).
+    _whole_runner: ClassVar[str] = "head"
 
     # --- hooks for families -----------------------------------------------------------------------------------
     def _scoring_graph(self) -> nn.Module:
@@ -77,6 +80,17 @@ class GraphDetector(Detector):
         self._check_fitted()
         self._validate_params()
         return on_cpu(self._whole_graph().eval()) if self._graph_exportable() else None
+
+    def use_inference_model(self, model: bytes) -> bool:
+        """Score in-memory images with ``model``, :meth:`inference_graph` already exported to ONNX (a package's
+        ``model.onnx``), instead of exporting the graph again (1-2 s with the shared MobileNetV2). Taken only
+        where the graph would run through ONNX Runtime anyway (the CPU); returns whether it was."""
+        self._check_fitted()
+        device = getattr(self, "device", "cpu")  # families without a device parameter run on the CPU
+        if resolve_device(device) != "cpu" or not self._graph_exportable():
+            return False
+        self._runners = {**(self._runners or {}), self._whole_runner: onnx_model_runner(model)}
+        return True
 
     def fit(self, train: ImageSet, on_epoch: EpochCallback | None = None, deadline: float | None = None) -> Detector:
         self._runners = None
@@ -150,6 +164,7 @@ class BackboneGraphDetector(GraphDetector, BackboneDetector):
 
     #: Whether the head reads the images (before the feature maps), as STPM's student does.
     head_reads_images: ClassVar[bool] = False
+    _whole_runner: ClassVar[str] = "whole"
 
     def _graph_inputs(self, images: ImageSet) -> list[np.ndarray]:
         features = self._features(images)
@@ -163,7 +178,7 @@ class BackboneGraphDetector(GraphDetector, BackboneDetector):
         if self._scoring_mid_training or (self.cache_features and images.paths is not None):
             return super()._score(images)
         inputs = [self.graph_input(images)]
-        run = self._graph_runner("whole", self._whole_graph, inputs, eager_on_cpu=False,
+        run = self._graph_runner(self._whole_runner, self._whole_graph, inputs, eager_on_cpu=False,
                                  compile_graph=self._int8_session if self._precision() == "int8" else cpu_runner)
         return super()._score(images) if run is None else self._run_batches(run, inputs)
 
