@@ -608,7 +608,8 @@ def test_a_screening_trial_better_than_every_full_one_joins_the_models(tmp_path)
     parent = tracker.start_search(experiment, "s", {}, {}, [])
     for name, status, quality in (("full", "ok", 0.85), ("weak", "screened", 0.7), ("strong", "screened", 0.9)):
         tracker.log_trial(experiment, parent, {"trial_id": name, "family": "padim", "status": status,
-                                               "quality": quality, "throughput": 10.0, "memory_mb": 100.0}, [])
+                                               "quality": quality, "throughput": 10.0, "memory_mb": 100.0,
+                                               "val_normal_images": 300, "val_anomalous_images": 300}, [])
     said = []
     _keep_a_model(tracker, parent, 60.0, said.append)
     statuses = {r.data.tags["trial"]: r.data.tags["status"] for r in tracker.trials(parent)}
@@ -619,6 +620,47 @@ def test_a_screening_trial_better_than_every_full_one_joins_the_models(tmp_path)
     said.clear()
     _keep_a_model(tracker, parent, 61.0, said.append)  # nothing screened beats the models now: nothing changes
     assert said == []
+
+
+def test_a_screening_lead_the_validation_cannot_resolve_keeps_the_fully_trained_models(tmp_path):
+    """24 normal + 24 anomalous validation images cannot tell 0.814 from 0.806 (about ±0.06): the model trained on
+    all images stays the search's model, and the user is told why; the same lead on 3000 + 3000 images joins."""
+    from automl_ad.search.engine import _keep_a_model
+    from automl_ad.tracking.store import Tracker
+
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    for size, joins in ((24, False), (3000, True)):
+        experiment = tracker.experiment(f"noise-{size}")
+        parent = tracker.start_search(experiment, "s", {}, {}, [])
+        for name, status, quality in (("full", "ok", 0.806), ("screen", "screened", 0.814)):
+            tracker.log_trial(experiment, parent, {"trial_id": name, "family": "padim", "status": status,
+                                                   "quality": quality, "throughput": 10.0, "memory_mb": 100.0,
+                                                   "val_normal_images": size, "val_anomalous_images": size}, [])
+        said = []
+        _keep_a_model(tracker, parent, 60.0, said.append)
+        statuses = {r.data.tags["trial"]: r.data.tags["status"] for r in tracker.trials(parent)}
+        assert statuses["screen"] == ("ok" if joins else "screened")
+        assert ("is one of this search's models" in said[0]) == joins
+        if not joins:
+            assert "led on validation by 0.008, less than its validation resolves (±0.06" in said[0]
+
+
+def test_the_validation_resolution_matches_the_spread_of_auroc_over_resampled_validation_sets():
+    """Hanley and McNeil's standard error against the standard deviation of the AUROC of 3000 simulated
+    validation sets under their model: normal scores Exp(1), anomalous scores Exp(theta), spread wider (swapping
+    the counts of normal and anomalous images changes the spread by a third, so a swapped formula fails)."""
+    from sklearn.metrics import roc_auc_score
+
+    from automl_ad.search.validation import validation_resolution
+
+    rng = np.random.default_rng(0)
+    for normals, anomalies, theta in ((24, 24, 4.0), (60, 20, 8.0), (20, 60, 8.0)):
+        labels = np.r_[np.zeros(normals), np.ones(anomalies)]
+        aucs = [roc_auc_score(labels, np.r_[rng.exponential(1, normals), rng.exponential(theta, anomalies)])
+                for _ in range(3000)]
+        expected = validation_resolution(float(np.mean(aucs)), normals, anomalies)
+        assert abs(expected - np.std(aucs)) < 0.1 * np.std(aucs), (normals, anomalies, expected, np.std(aucs))
+    assert validation_resolution(0.9, 0, 10) == float("inf")
 
 
 def test_a_search_on_an_impossible_budget_still_ends_with_a_model(tmp_path, monkeypatch):

@@ -43,8 +43,8 @@ configurations start at the highest fidelity (iterative families: fewer epochs f
 affords ``SEARCH_CONFIGS_PER_BUDGET`` of them; a screening trial in the top third of its rung (one per three
 there), or better than every full-fidelity trial, is run again one rung up (successive halving). Screening
 trials are recorded with status ``screened`` and stay off the Pareto front, unless none at full fidelity
-completed or the best of them beat every one that did: then the best of them joins the search's models (tag
-``fallback_model``).
+completed or the best of them beat every one that did by more than the validation set resolves: then the best of
+them joins the search's models (tag ``fallback_model``).
 
 Objectives: validation quality ↑, throughput ↑, peak memory while scoring ↓. Iterative families report quality
 every few epochs; an ASHA scheduler per family stops poor ones early (on quality alone), with rungs at 1/27, 1/9
@@ -113,6 +113,7 @@ from automl_ad.search.cost_predictor import (
     rungs,
 )
 from automl_ad.search.trial import NODE_FILE, unreported_failure
+from automl_ad.search.validation import validation_resolution
 from automl_ad.tracking.lock import FileLock, describe_holder
 from automl_ad.tracking.records import SPLIT_ARTIFACT, SearchStore
 from automl_ad.tracking.store import INTERRUPTED, Tracker, default_tracking_uri, writer_lock_path
@@ -846,25 +847,40 @@ def _run_held(request: SearchRequest, dataset, work_dir: Path, uri: str, state: 
 
 def _keep_a_model(tracker, parent: str, elapsed_s: float, say) -> None:
     """A search never ends without its best model. When no full-fidelity trial completed, or a screening trial
-    (trained on a share of the images) did better on validation than every one that did (its promotion no longer
-    fitted the budget), the best screening trial becomes one of the search's models, tagged ``fallback_model`` with
-    what it was trained on. Validation is the same for every fidelity, so its quality is as honest as theirs."""
+    (trained on a share of the images) did better on validation than every one that did by more than the
+    validation resolves (:func:`~automl_ad.search.validation.validation_resolution`: its promotion no longer fitted
+    the budget), the best screening trial becomes one of the search's models, tagged ``fallback_model`` with what
+    it was trained on. A lead within that noise keeps the fully trained models: a 3-minute search on 96 normal
+    images otherwise exported a PaDiM fitted on 11 of them for a lead of 0.008 that 24 + 24 validation images
+    cannot resolve (about 0.06)."""
     runs = tracker.trials(parent)
     measured = [r for r in runs if "quality" in r.data.metrics]
     full = [r.data.metrics["quality"] for r in measured if r.data.tags.get("status") == "ok"]
     screened = [r for r in measured if r.data.tags.get("status") == "screened"]
     best = max(screened, key=lambda r: r.data.metrics["quality"], default=None)
-    if best is None or (full and best.data.metrics["quality"] <= max(full)):
+    if best is None:
         if not full:
             say("no trial completed within the budget: there is no model to export; give a larger --budget")
         return
-    what = best.data.tags.get("fidelity", "a share of the training images")
-    why = (f"better on validation than every full-fidelity trial ({best.data.metrics['quality']:.3f} against "
-           f"{max(full):.3f}); trained on {what}") if full else f"no full-fidelity trial completed; trained on {what}"
+    score, what = best.data.metrics["quality"], best.data.tags.get("fidelity", "a share of the training images")
+    if full:
+        metrics = best.data.metrics
+        noise = validation_resolution(score, int(metrics.get("val_normal_images", 0)),
+                                      int(metrics.get("val_anomalous_images", 0)))
+        noise = 0.0 if math.isinf(noise) else noise  # runs that did not record their validation's size
+        if score <= max(full) + noise:
+            if score > max(full):
+                say(f"the screening trial {best.data.tags.get('trial')} ({best.data.tags.get('family')}, trained on "
+                    f"{what}) led on validation by {score - max(full):.3f}, less than its validation resolves "
+                    f"(±{noise:.3f}): the search's models stay the fully trained ones; a larger --budget trains it "
+                    "on all images")
+            return
+    why = (f"better on validation than every full-fidelity trial ({score:.3f} against {max(full):.3f}); trained "
+           f"on {what}") if full else f"no full-fidelity trial completed; trained on {what}"
     tracker.set_tags(best.info.run_id, {"status": "ok", "fallback_model": why})
     logged = [value for _, value in tracker.metric_history(parent, SEARCH_BEST_QUALITY_METRIC)]
-    if best.data.metrics["quality"] > max(logged, default=-math.inf):  # the live curve counts screened trials
-        tracker.log_metric(parent, SEARCH_BEST_QUALITY_METRIC, best.data.metrics["quality"], step=int(elapsed_s))
+    if score > max(logged, default=-math.inf):  # the live curve counts screened trials
+        tracker.log_metric(parent, SEARCH_BEST_QUALITY_METRIC, score, step=int(elapsed_s))
     say(f"the screening trial {best.data.tags.get('trial')} ({best.data.tags.get('family')}) is one of this search's "
         f"models: {why}; a larger --budget trains it on all images")
 

@@ -100,6 +100,8 @@ def run_trial(spec: dict) -> dict:
     result["training_cut_by_time"] = bool(cut) or detector.fit_cut_by_time_
     result["fit_extra_seconds"] = detector.fit_extra_seconds_
     result["train_images"] = len(train)
+    result["val_normal_images"] = int(np.sum(validation.labels == 0))  # the validation's resolution (see
+    result["val_anomalous_images"] = int(np.sum(validation.labels == 1))  # validation_resolution)
     result.update(FEATURE_TIMES.as_metrics())
     out = Path(spec["out_dir"])
     detector.save(out / "model")

@@ -11,6 +11,7 @@ files (and the feature cache can serve them). Each family is ranked only on anom
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -118,6 +119,20 @@ def synthetic_comparison(model_dir: Path, reference: ImageSet, metric: str, far:
     metrics = evaluate(images.labels, scores.image_scores, scores.anomaly_maps, images.masks(), far=far,
                        pixel_curves=metric in PIXEL_CURVE_METRICS)
     return {**{f"synthetic_{k}": v for k, v in metrics.items()}, "synthetic_quality": quality(metrics, metric)}
+
+
+def validation_resolution(quality: float, normals: int, anomalies: int) -> float:
+    """The smallest quality difference a validation set of ``normals`` and ``anomalies`` images resolves: the
+    standard error of an image AUROC equal to ``quality`` (Hanley and McNeil, 1982), used for every metric as the
+    validation's resolution. 24 normal and 24 anomalous images resolve about 0.06 at 0.8; 150 and 150 about 0.01
+    at 0.95. Infinite when a class is empty."""
+    if normals < 1 or anomalies < 1:
+        return math.inf
+    auc = min(max(float(quality), 0.5), 1.0 - 1e-6)
+    q1, q2 = auc / (2 - auc), 2 * auc * auc / (1 + auc)
+    variance = (auc * (1 - auc) + (anomalies - 1) * (q1 - auc * auc) + (normals - 1) * (q2 - auc * auc)) \
+        / (normals * anomalies)
+    return math.sqrt(max(variance, 0.0))
 
 
 def quality(metrics: dict, metric: str = "combined") -> float | None:
