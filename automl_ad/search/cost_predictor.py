@@ -8,11 +8,15 @@ patches with each other, timed on this machine; an upper bound, so it is scaled 
 seconds against it, median over its trials of at least half the size: the coreset skips most comparisons on object
 images). Seconds per unit of the linear work are learnt online from the trials this search has finished (per family:
 median of its measurements, so one trial slowed by a neighbour does not swing it); a family not measured yet gets
-the cost model's estimate (:func:`automl_ad.recommend.cost.estimate_route`) times the machine's measured speed
-relative to that model, separately for fitting and for evaluation (medians over every measured trial: evaluation,
-which computes metrics on every validation image, costs far more than the model's forward pass). Evaluation is what
-a trial reports it spent after its fit (validation, cost measurement, saving); the rest of its wall time beyond fit
-and evaluation is the trial process's fixed overhead, also learnt (median over trials). A timed-out trial is a lower
+the cost model's fit estimate (:func:`automl_ad.recommend.cost.estimate_route`) times the machine's measured speed
+relative to that model, and the evaluation seconds per unit measured on the other families. Both take one vote per
+family (the median over families of each one's median), so a family with several screening trials does not speak
+for the machine. Evaluation is what a trial reports it spent after its fit (validation, cost measurement, saving):
+decoding, metrics and saving dominate it, so it costs about the same per validation image and pixel whatever the
+family. On ball_screw it took 8-18 s for every squash default but CutPaste, while the cost model's forward pass
+times 11 (the template family's factor, which had run three times) predicted 38 s for PaDiM's: a 150-s search
+then never ran PaDiM. The rest of a trial's wall time beyond fit and evaluation is the trial process's fixed
+overhead, also learnt (median over trials). A timed-out trial is a lower
 bound: its family is then predicted to cost at least ``SEARCH_COST_MARGIN`` × what it ran out of.
 
 A fidelity shrinks the work: a fraction of the training images (rungs 1, 1/η, 1/η², as long as a rung keeps
@@ -110,8 +114,7 @@ class CostPredictor:
                                                                cpu_cores=max(1, int(threads))))
         self._fit_rates: dict[str, list[float]] = {}  # seconds per fit unit (extra seconds aside), per family
         self._eval_rates: dict[str, list[float]] = {}  # seconds per eval unit, per family
-        self._fit_speed: list[float] = []  # measured / prior fit seconds (extra seconds aside), every trial
-        self._eval_speed: list[float] = []  # measured / prior evaluation seconds, every trial
+        self._fit_speed: dict[str, list[float]] = {}  # measured / prior fit seconds (extra aside), per family
         self._at_least: dict[str, float] = {}  # per family: seconds per (fit + eval) unit it needed at least
         self._overheads: list[float] = []  # measured fixed seconds of a trial process (every trial)
         # per family: (estimated extra fit seconds, measured / estimated) of each trial that reported them
@@ -140,9 +143,7 @@ class CostPredictor:
             self._eval_rates.setdefault(work.family, []).append(eval_s / work.eval_units)
         prior = self._prior(work, params)
         if prior.fit_s > 0:
-            self._fit_speed.append(linear_fit_s / prior.fit_s)
-        if prior.eval_s > 0 and work.eval_units > 0:
-            self._eval_speed.append(eval_s / prior.eval_s)
+            self._fit_speed.setdefault(work.family, []).append(linear_fit_s / prior.fit_s)
 
     def observe_timeout(self, work: Work, limit_s: float) -> None:
         """A trial of ``work`` ran out of ``limit_s``: its family costs at least that much per unit."""
@@ -164,28 +165,24 @@ class CostPredictor:
         params = params or {}
         prior = self._prior(work, params)
         extra = self._expected_extra_s(work, params)
-        fit_speed, eval_speed = self._speeds()
+        own = self._eval_rates.get(work.family)
+        eval_rate = median(own) if own else _median_of_medians(self._eval_rates)
+        evaluation = prior.eval_s if eval_rate is None else eval_rate * work.eval_units
         if self.measured(work.family):
             fit = median(self._fit_rates[work.family]) * work.fit_units + extra
-            rates = self._eval_rates.get(work.family)
-            evaluation = median(rates) * work.eval_units if rates else prior.eval_s * eval_speed
             prediction = Prediction(fit, evaluation, self.overhead_s(),
                                     f"measured on {self.measured(work.family)} trial(s) of {work.family}")
         else:
-            prediction = Prediction(prior.fit_s * fit_speed + extra, prior.eval_s * eval_speed, prior.overhead_s,
-                                    f"cost model × measured machine speed {fit_speed:.2g} (fit), "
-                                    f"{eval_speed:.2g} (evaluation)" if self._fit_speed else "cost model")
+            fit_speed = _median_of_medians(self._fit_speed)
+            basis = "cost model" if fit_speed is None else \
+                f"cost model × measured machine speed {fit_speed:.2g} (fit); evaluation as measured on other families"
+            prediction = Prediction(prior.fit_s * (fit_speed or 1.0) + extra, evaluation, prior.overhead_s, basis)
         floor = self._at_least.get(work.family, 0.0) * SEARCH_COST_MARGIN * (work.fit_units + work.eval_units)
         if floor > prediction.total_s:  # it timed out before: at least the margin times what it ran out of
             scale = (floor - prediction.overhead_s) / max(prediction.fit_s + prediction.eval_s, 1e-9)
             prediction = Prediction(prediction.fit_s * scale, prediction.eval_s * scale, prediction.overhead_s,
                                     f"{prediction.basis}, raised: timed out before")
         return prediction
-
-    def _speeds(self) -> tuple[float, float]:
-        """This machine's measured fit and evaluation seconds relative to the cost model's (1 until measured)."""
-        return (median(self._fit_speed) if self._fit_speed else 1.0,
-                median(self._eval_speed) if self._eval_speed else 1.0)
 
     def _extra_fit_s(self, work: Work, params: dict) -> float:
         """The family's estimate of its fit seconds beyond the linear work (see the module docstring)."""
@@ -214,6 +211,12 @@ class CostPredictor:
         passes = SEARCH_TRAINING_PASS_FACTOR if traits.iterative else 1.0
         return Prediction(work.train_images * (work.epochs or 1) * ms * passes / 1000,
                           work.validation_images * ms / 1000, self.overhead_s(), "cost model")
+
+
+def _median_of_medians(values: dict[str, list[float]]) -> float | None:
+    """The median over families of each family's median (one vote per family); None before any measurement."""
+    medians = [median(v) for v in values.values() if v]
+    return median(medians) if medians else None
 
 
 # --- fidelities ----------------------------------------------------------------------------------------------------
