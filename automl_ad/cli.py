@@ -272,9 +272,26 @@ def _print_leaderboard(console, rows: list[dict], best: list[tuple[float, float]
     for row in sorted(rows, key=lambda r: -(r.get("quality") or 0)):
         table.add_row(*["-" if row.get(key) is None else (show or str)(row[key]) for key, _, show in _BOARD_COLUMNS])
     console.print(table)
+    resolution = _validation_resolution_line(rows)
+    if resolution:
+        console.print(resolution, highlight=False)
     if best:
         console.print(f"best so far: {rounded(best[-1][1])} at {best[-1][0]:.0f} s (curve: "
                       + ", ".join(f"{rounded(q)} at {t:.0f} s" for t, q in best) + ")", highlight=False)
+
+
+def _validation_resolution_line(rows: list[dict]) -> str | None:
+    """How finely the validation set ranks the best trial's quality (None when its runs did not record its size)."""
+    from automl_ad.search.validation import validation_resolution
+
+    best = max((r for r in rows if isinstance(r.get("quality"), (int, float))), key=lambda r: r["quality"],
+               default=None)
+    if best is None or not best.get("val_normal_images") or not best.get("val_anomalous_images"):
+        return None
+    normals, anomalies = int(best["val_normal_images"]), int(best["val_anomalous_images"])
+    noise = validation_resolution(best["quality"], normals, anomalies)
+    return (f"validation: {normals} normal + {anomalies} anomalous images resolve about ±{noise:.3f} at quality "
+            f"{rounded(best['quality'])}; smaller differences between trials are within its noise")
 
 
 def cmd_leaderboard(args) -> int:

@@ -740,6 +740,21 @@ def test_leaderboard_states_the_best_so_far():
     assert "best so far: 0.812 at 12 s" in console.export_text()
 
 
+def test_leaderboard_states_how_finely_the_validation_ranks_the_best_trial():
+    from rich.console import Console
+
+    from automl_ad.cli import _print_leaderboard
+
+    rows = [{"family": "padim", "quality": 0.814, "val_normal_images": 24, "val_anomalous_images": 24},
+            {"family": "patchcore", "quality": 0.806, "val_normal_images": 24, "val_anomalous_images": 24}]
+    console = Console(record=True, width=200)
+    _print_leaderboard(console, rows)
+    assert "validation: 24 normal + 24 anomalous images resolve about ±0.06" in console.export_text()
+    console = Console(record=True, width=200)
+    _print_leaderboard(console, [{"family": "padim", "quality": 0.8}])  # an older search did not record its size
+    assert "resolve" not in console.export_text()
+
+
 def test_the_greedy_coreset_stops_at_its_deadline_with_the_greedy_coreset_of_that_size(monkeypatch):
     """Anytime: cut at its deadline, the selection is the first picks of the uncut one (the greedy coreset of that
     size), so a trial out of fit time keeps a smaller PatchCore instead of running past its limit."""
