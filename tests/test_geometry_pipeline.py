@@ -18,7 +18,7 @@ from automl_ad.errors import InvalidParameterError
 from automl_ad.features import FeatureCache, load_extractor
 from automl_ad.search.space import Parameter, SearchSpace, load_space, proposed_geometries
 
-TILE = Geometry("tile", 64, 64, scale=1.0, overlap=16).to_dict()
+TILE = Geometry("tile", 64, 96, scale=1.0, overlap=16).to_dict()  # cut to the strip's height, as proposed
 LETTERBOX = Geometry("letterbox", 64, 128).to_dict()
 #: A random tiny backbone: the tests check the plumbing, not pretrained skill.
 BACKBONE = {"backbone": "resnet18", "pretrained": False, "weights": None, "input_size": 64}
@@ -61,7 +61,7 @@ def test_tiles_find_a_small_defect_at_full_resolution(family, wide, tmp_path, mo
     train, test = wide
     detector = create_detector(family, **BACKBONE, geometry=TILE).fit(train)
     grids = test.grids(detector.input_geometry())
-    assert [g.n_tiles for g in grids] == [7, 7]  # ceil((320 - 16) / (64 - 16)) tiles of 64 px per strip
+    assert [g.n_tiles for g in grids] == [4, 4]  # ceil((320 - 16) / (96 - 16)) tiles of 64x96 px per strip
     scores = detector.score_samples(test)
     assert scores.anomaly_maps.shape == (2, *WIDE)  # stitched back to the image, not to the network input
     assert scores.image_scores[1] > scores.image_scores[0]
@@ -69,8 +69,8 @@ def test_tiles_find_a_small_defect_at_full_resolution(family, wide, tmp_path, mo
     assert abs(peak[0] - 32) <= 12 and abs(peak[1] - 254) <= 12, peak
     # the image score is the largest of its tiles' scores
     raw = detector._score(test)
-    assert len(raw.image_scores) == 14
-    assert scores.image_scores[1] == pytest.approx(raw.image_scores[7:].max())
+    assert len(raw.image_scores) == 8
+    assert scores.image_scores[1] == pytest.approx(raw.image_scores[4:].max())
 
 
 def test_letterbox_scores_images_of_mixed_aspect(tmp_path):
@@ -139,7 +139,9 @@ def test_bad_geometries_are_refused_with_the_reason():
         create_detector("patchcore", **BACKBONE, geometry={"mode": "squash", "side": 64})._validate_params()
     with pytest.raises(InvalidParameterError, match="must be 64x64"):  # CutPaste trains on square input_size pixels
         create_detector("cutpaste", **BACKBONE, geometry=LETTERBOX)._validate_params()
-    create_detector("cutpaste", **BACKBONE, geometry=TILE)._validate_params()
+    with pytest.raises(InvalidParameterError, match="not 64x96"):  # nor a tile that is not square
+        create_detector("cutpaste", **BACKBONE, geometry=TILE)._validate_params()
+    create_detector("cutpaste", **BACKBONE, geometry={**TILE, "width": 64})._validate_params()
 
 
 def test_search_space_samples_geometries_as_a_categorical_of_dicts():

@@ -247,6 +247,21 @@ def test_extreme_aspect_tiles_along_the_long_side():
     assert "assumed 5% of the 256-px short side" in rec.geometry["reasons"][0]
 
 
+def test_tiles_of_a_strip_are_cut_to_its_height_instead_of_padded():
+    """A 2048x128 strip with 3-px defects: the tiles run along it at the strip's height (128, a multiple of the
+    deepest stride), so no network pixel is reflection; 256x256 tiles would be half padding for the same cells."""
+    from automl_ad.data.geometry import tile_grid
+
+    rec = recommend(make_profile(kind="texture", aligned=False, size=(128, 2048), defects=_defects(3, 5)), CPU)
+    geometry = _geometry(rec)
+    assert geometry.mode == "tile" and geometry.height == 128 and geometry.width > geometry.height
+    grid = tile_grid(geometry, (128, 2048))
+    assert grid.padding[:2] == (0, 0) and {y for y, _ in grid.origins} == {0}
+    assert rec.geometry["network_pixels"] <= 1.2 * 128 * 2048  # the overlaps only
+    odd = _geometry(recommend(make_profile(kind="texture", aligned=False, size=(100, 3000)), CPU))
+    assert odd.mode == "tile" and odd.height == 128  # 100 px rounded up to the deepest stride
+
+
 def test_moderate_need_grows_a_single_view_before_tiling():
     rec = recommend(make_profile(size=(1024, 1024)), CPU)  # no masks: 5% of 1024 = 51 px needs scale 0.31
     assert rec.geometry["geometry"]["mode"] == "squash" and rec.geometry["tiles"] == 1

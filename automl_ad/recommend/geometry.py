@@ -19,10 +19,11 @@ The rules (constants in :mod:`automl_ad.defaults`), from how a CNN feature map s
    least 64 px (two cells of the deepest level).
 4. **Single view or tiles.** A single view is 256..1024 px on its long side (``GEOMETRY_MAX_SINGLE_SIDE``: memory
    per inference stays bounded; a per-position model holds one covariance per cell). Otherwise square tiles
-   (``GEOMETRY_TILE_SIDES``) at the needed scale. Neighbouring tiles overlap by at least the typical (median) defect,
-   so a typical defect lies whole inside one tile (a window no longer than the overlap always fits in one of two
-   neighbours), and by at least two cells (cells next to a tile edge see padding); by at most a quarter of the
-   tile, which bounds the extra work to (4/3)^2.
+   (``GEOMETRY_TILE_SIDES``) at the needed scale, cut to the image on an axis it does not fill (rounded up to
+   the deepest stride): a strip is tiled along its length only, without padding. Neighbouring tiles overlap by
+   at least the typical (median) defect, so a typical defect lies whole inside one tile (a window no longer than
+   the overlap always fits in one of two neighbours), and by at least two cells (cells next to a tile edge see
+   padding); by at most a quarter of the tile, which bounds the extra work to (4/3)^2.
 5. **Cost.** Each candidate's backbone time is estimated from its pixels per image (all tiles) with the cost model,
    using the lightest backbone with weights here and the heaviest route head, so every route can run it.
    Candidates over the latency budget (stated, or assumed for the device) are dropped; if none fits, the cheapest.
@@ -122,11 +123,21 @@ def _single_views(image_hw: tuple[int, int], elongation: float, squash: bool) ->
 
 
 def _tilings(image_hw: tuple[int, int], scale: float, typical_px: float) -> list[Geometry]:
+    """Tiles of each side at ``scale``. When the image needs several, a side longer than the scaled image on an
+    axis is cut to the image (rounded up to the deepest stride): a 2048x128 strip gets tiles of 128x256, not
+    256x256 tiles that are half reflection. (One tile stays square: it is a view, compared with the others.)"""
     stride = GEOMETRY_FEATURE_STRIDE
+    extent = [max(2 * _DEEPEST_STRIDE, _ceil_to(round(length * scale), _DEEPEST_STRIDE)) for length in image_hw]
     tilings = []
     for side in GEOMETRY_TILE_SIDES:
-        overlap = min(side // 4, max(2 * stride, _ceil_to(typical_px * scale, stride)))
-        tilings.append(Geometry("tile", side, side, scale=scale, overlap=overlap))
+        tiling = None
+        for height, width in ((min(side, extent[0]), min(side, extent[1])), (side, side)):
+            overlap = min(min(height, width) // 4, max(2 * stride, _ceil_to(typical_px * scale, stride)))
+            tiling = Geometry("tile", height, width, scale=scale, overlap=overlap)
+            if tile_grid(tiling, image_hw).n_tiles > 1:
+                break
+        if tiling not in tilings:
+            tilings.append(tiling)
     return tilings
 
 
