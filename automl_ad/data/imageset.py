@@ -118,10 +118,11 @@ class ImageSet:
 
         a = self.arrays[i]
         a = a[..., :3] if a.ndim == 3 and a.shape[2] == 4 else a[..., 0] if a.ndim == 3 and a.shape[2] == 1 else a
-        a = to_float(a) if a.dtype.kind in "ui" else a.astype(np.float32)
+        a = to_float(a) if a.dtype.kind in "ui" else a.astype(np.float32, copy=False)
         if gray:
             a = to_gray(a)
-        return resize_image(a, size) if size is not None else a
+        a = resize_image(a, size) if size is not None else a
+        return a.copy() if np.may_share_memory(a, self.arrays[i]) else a  # never hand out the stored array
 
     def load(self, size: int | tuple[int, int] | None = None, gray: bool = False) -> np.ndarray:
         """All images as float32 in [0, 1]: ``(N, H, W)`` when ``gray`` else ``(N, H, W, 3)`` (gray repeated).
