@@ -64,6 +64,14 @@ GEOMETRY_TILE_SIDES = (256, 384, 512)
 #: in a constraint profile.
 SMALLEST_DEFECT_FRACTION = 0.05
 
+#: Label shortcuts (``automl_ad.data.validation``): file facts (size, format, colour, bit depth, alpha) that tell
+#: defective images from good ones without looking at the part. A fact is reported when a small decision tree on it
+#: alone, cross-validated, ranks the labelled images at this image AUROC or more (0.5 is chance; a fact a model can
+#: notice then earns validation and test scores that the line's own images will not), with at least
+#: ``SHORTCUT_MIN_IMAGES`` good and as many defective images.
+SHORTCUT_AUROC = 0.75
+SHORTCUT_MIN_IMAGES = 10
+
 #: Split: fraction of normal training images held out for validation, and of labelled defects used for selection.
 VALIDATION_FRACTION = 0.2
 #: Most pixels of an anomaly map as ``score_samples`` returns it: at the image's aspect, its full resolution or

@@ -178,6 +178,53 @@ def test_images_rotated_by_exif_are_named_and_a_mask_drawn_on_the_turned_view_is
     assert inspect_image(mvtec_dir / "train" / "good" / "000.png").orientation == 1
 
 
+def _plain(root, good: list[tuple[str, np.ndarray]], bad: list[tuple[str, np.ndarray]]):
+    for i, (suffix, image) in enumerate(good):
+        write_image(root / "good" / f"g{i}{suffix}", image)
+    for i, (suffix, image) in enumerate(bad):
+        write_image(root / "dent" / f"d{i}{suffix}", image)
+    return open_dataset(root)
+
+
+def _noise(seed: int, height: int, width: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 255, (height, width, 3), dtype=np.uint8)
+
+
+def test_defects_told_apart_by_file_facts_alone_are_warned_about(tmp_path):
+    """Defects photographed at another size, or saved in another format, than the good images: a model could learn
+    the size or the format instead of the defect, so the dataset says so (a warning, nothing is dropped)."""
+    sized = _plain(tmp_path / "sized", [(".png", _noise(i, 32, 48)) for i in range(20)],
+                   [(".png", _noise(100 + i, 40, 60)) for i in range(12)])
+    [warning] = _problems(sized, "the image size alone tells the defective images from the good ones")
+    assert warning.severity == "warning" and warning.path == tmp_path / "sized"
+    assert "good images: 48x32 100%" in warning.problem and "defective: 60x40 100%" in warning.problem
+    assert "capture good and defective images the same way" in warning.fix.lower()
+    assert len(sized.normal) == 20 and len(sized.abnormal) == 12
+
+    formats = _plain(tmp_path / "formats", [(".png", _noise(i, 32, 32)) for i in range(20)],
+                     [(".jpeg", _noise(100 + i, 32, 32)) for i in range(8)] + [(".jpg", _noise(200 + i, 32, 32))
+                                                                                for i in range(4)])
+    [warning] = _problems(formats, "the file format alone tells")
+    assert "good images: png 100%" in warning.problem and "defective: jpg 100%" in warning.problem
+    assert not _problems(formats, "image size alone")
+
+
+def test_file_facts_unrelated_to_the_label_or_too_few_defects_raise_no_shortcut_warning(tmp_path):
+    """Every image its own size (as magnetic_tile's crops), sizes mixed alike in both classes, or fewer than ten
+    defects: no warning."""
+    rng = np.random.default_rng(0)
+    sizes = [(int(h), int(w)) for h, w in rng.integers(24, 64, (40, 2))]
+    varied = _plain(tmp_path / "varied", [(".png", _noise(i, *sizes[i])) for i in range(28)],
+                    [(".png", _noise(100 + i, *sizes[28 + i])) for i in range(12)])
+    mixed = _plain(tmp_path / "mixed", [(".png" if i % 2 else ".jpg", _noise(i, *(32, 48)[::1 - 2 * (i % 2)]))
+                                         for i in range(20)],
+                   [(".png" if i % 2 else ".jpg", _noise(100 + i, *(32, 48)[::1 - 2 * (i % 2)])) for i in range(12)])
+    few = _plain(tmp_path / "few", [(".png", _noise(i, 32, 48)) for i in range(20)],
+                 [(".png", _noise(100 + i, 40, 60)) for i in range(9)])
+    for dataset in (varied, mixed, few):
+        assert not _problems(dataset, "alone tells"), dataset.root
+
+
 def test_empty_folder_and_non_image_files(mvtec_dir):
     (mvtec_dir / "test" / "hole").mkdir()
     (mvtec_dir / "train" / "good" / "notes.txt").write_text("hello")

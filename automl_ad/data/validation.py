@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
+from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +12,7 @@ import numpy as np
 
 from automl_ad.data.io import ImageInfo, ImageReadError, inspect_image, read_mask
 from automl_ad.data.layout import ImageRecord, RawCategory
-from automl_ad.defaults import IO_WORKERS
+from automl_ad.defaults import IO_WORKERS, SHORTCUT_AUROC, SHORTCUT_MIN_IMAGES
 from automl_ad.errors import InvalidDatasetError
 from automl_ad.progress import track
 
@@ -77,6 +77,7 @@ def validate(raw: RawCategory, strict: bool = False, progress: bool = False
     records, duplicate_problems = _drop_duplicates(records, infos)
     problems += duplicate_problems
     problems += _missing_masks(records)
+    problems += label_shortcuts(raw.root, records, infos)
 
     if not any(r.is_normal for r in records):
         problems.append(Problem(raw.root, "has no usable normal (good) images",
@@ -200,6 +201,68 @@ def _drop_duplicates(
             problems.append(Problem(copies[1].path, f"identical to {copies[0].path} ({len(copies)} copies in total)",
                                     "Remove duplicates; they add nothing", WARNING))
     return [r for r in records if r.path not in dropped], problems
+
+
+#: File facts a model may notice instead of the defect: (name, the value shown, numeric features or None: the value
+#: one-hot). The image size is numeric (log width and height), so sizes that differ per image rank at chance.
+_FILE_FACTS = (
+    ("image size", lambda r, i: f"{i.width}x{i.height}", lambda r, i: [np.log(i.width), np.log(i.height)]),
+    ("file format", lambda r, i: {".jpeg": "jpg", ".tif": "tiff"}.get(r.path.suffix.lower(), r.path.suffix.lower()[1:]),
+     None),
+    ("colour", lambda r, i: "gray" if i.channels == 1 or i.effectively_gray else "colour", None),
+    ("bit depth", lambda r, i: f"{i.bit_depth}-bit", None),
+    ("alpha channel", lambda r, i: "alpha" if i.has_alpha else "no alpha", None),
+)
+
+
+def label_shortcuts(root: Path, records: list[ImageRecord], infos: dict[Path, ImageInfo]) -> list[Problem]:
+    """One warning per file fact that on its own tells the defective images from the good ones (cross-validated
+    image AUROC of a small decision tree on it at least ``SHORTCUT_AUROC``): a model may learn the fact instead of
+    the defect, and its validation and test scores then overstate what it does on the line."""
+    labels = np.array([0 if r.is_normal else 1 for r in records])
+    if min(int(labels.sum()), int(len(labels) - labels.sum())) < SHORTCUT_MIN_IMAGES:
+        return []
+    problems = []
+    for name, shown, numeric in _FILE_FACTS:
+        values = [shown(r, infos[r.path]) for r in records]
+        kinds = sorted(set(values))
+        if len(kinds) < 2:
+            continue
+        features = (np.array([numeric(r, infos[r.path]) for r in records], float) if numeric is not None
+                    else np.eye(len(kinds))[[kinds.index(v) for v in values]])
+        auroc = _cross_validated_auroc(features, labels)
+        if auroc < SHORTCUT_AUROC:
+            continue
+        good, bad = ([v for v, label in zip(values, labels) if label == side] for side in (0, 1))
+        problems.append(Problem(
+            root, f"the {name} alone tells the defective images from the good ones: a decision tree on the {name} "
+                  f"ranks them at image AUROC {auroc:.2f} (good images: {_most_common(good)}; defective: "
+                  f"{_most_common(bad)})",
+            f"A model can learn the {name} instead of the defect, and its validation and test scores then overstate "
+            "what it will do on the line. Capture good and defective images the same way (camera, crop, format, "
+            "colour) or convert them alike before searching; otherwise read the measured accuracy as optimistic",
+            WARNING))
+    return problems
+
+
+def _cross_validated_auroc(features: np.ndarray, labels: np.ndarray) -> float:
+    """Image AUROC of a depth-3 decision tree's out-of-fold probabilities (stratified 5-fold, fixed seed)."""
+    from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.tree import DecisionTreeClassifier
+
+    folds = StratifiedKFold(n_splits=min(5, int(labels.sum()), int(len(labels) - labels.sum())), shuffle=True,
+                            random_state=0)
+    tree = DecisionTreeClassifier(max_depth=3, min_samples_leaf=5, random_state=0)
+    probabilities = cross_val_predict(tree, features, labels, cv=folds, method="predict_proba")[:, 1]
+    return float(roc_auc_score(labels, probabilities))
+
+
+def _most_common(values: list[str], shown: int = 2) -> str:
+    """``values`` in brief: the ``shown`` most common with their shares, and how many distinct ones in all."""
+    counts = Counter(values)
+    parts = [f"{value} {count / len(values):.0%}" for value, count in counts.most_common(shown)]
+    return ", ".join(parts) + (f", {len(counts)} distinct in all" if len(counts) > shown else "")
 
 
 def _missing_masks(records: list[ImageRecord]) -> list[Problem]:
