@@ -209,6 +209,24 @@ def test_defects_told_apart_by_file_facts_alone_are_warned_about(tmp_path):
     assert not _problems(formats, "image size alone")
 
 
+def test_profile_and_report_carry_the_shortcut(tmp_path):
+    """The profile keeps the shortcut's sentence, so the search's HTML report shows it above the dataset facts."""
+    from types import SimpleNamespace
+
+    from automl_ad.profiling import profile_dataset
+    from automl_ad.reporting.html_report import profile_section
+
+    dataset = _plain(tmp_path / "sized", [(".png", _noise(i, 32, 48)) for i in range(20)],
+                     [(".png", _noise(100 + i, 40, 60)) for i in range(12)])
+    profile = profile_dataset(dataset)
+    assert len(profile.shortcuts) == 1 and profile.shortcuts[0].startswith("the image size alone tells")
+    html = profile_section(SimpleNamespace(params={}, profile=profile.to_dict(), profile_note="profiled"))
+    assert "Warning: the image size alone tells the defective images from the good ones" in html
+    clean = _plain(tmp_path / "clean", [(".png", _noise(i, 32, 48)) for i in range(20)],
+                   [(".png", _noise(100 + i, 32, 48)) for i in range(12)])
+    assert profile_dataset(clean).shortcuts == []
+
+
 def test_file_facts_unrelated_to_the_label_or_too_few_defects_raise_no_shortcut_warning(tmp_path):
     """Every image its own size (as magnetic_tile's crops), sizes mixed alike in both classes, or fewer than ten
     defects: no warning."""

@@ -504,7 +504,10 @@ def profile_section(facts: SearchFacts) -> str:
                   ("small defects (< 1 % of image)", f"{100 * d.get('small_defect_share', 0):.0f} %")]
     if p.get("overrides"):
         pairs.append(("declared facts (overrides)", json.dumps(p["overrides"])))
-    return _kv(pairs) + split + f'<p class="muted">{_e(facts.profile_note)}; root {_e(p.get("root"))}</p>'
+    shortcuts = "".join(_note(f"Warning: {text}. Validation and test scores may reward that, not the defect.")
+                        for text in p.get("shortcuts") or [])
+    return (shortcuts + _kv(pairs) + split
+            + f'<p class="muted">{_e(facts.profile_note)}; root {_e(p.get("root"))}</p>')
 
 
 def recommendation_section(facts: SearchFacts) -> str:
