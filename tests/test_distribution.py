@@ -53,6 +53,17 @@ def test_padim_clips_n_features_to_available_channels():
     assert detector.channels_.tolist() == [0, 1, 2] and detector.inv_covariance_.shape == (4, 3, 3)
 
 
+@pytest.mark.parametrize(("channels", "kept"), [((32, 96), 64), ((128, 256), 100), ((3,), 1)])
+def test_padim_keeps_the_papers_100_channels_but_at_most_half_by_default(channels, kept):
+    """MobileNetV2 at strides 8 and 16 (32 + 96 channels): 64; ResNet18's 128 + 256: the paper's 100."""
+    rng = np.random.default_rng(2)
+    features = [rng.normal(size=(5, c, 2, 2)).astype(np.float32) for c in channels]
+    detector = _with_features(create_detector("padim", **TOY, input_size=2), features).fit(_images(5))
+    assert detector.n_features is None and len(detector.channels_) == kept
+    assert detector.inv_covariance_.shape == (4, kept, kept)
+    assert len(detector.set_params(n_features=7).fit(_images(5)).channels_) == min(7, sum(channels))
+
+
 def _toy_flow_features(count: int = 16) -> list[np.ndarray]:
     """Two stages whose channels are noisy copies of one latent map (a flow can learn much of that structure)."""
     rng = np.random.default_rng(0)
