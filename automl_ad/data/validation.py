@@ -19,6 +19,8 @@ from automl_ad.progress import track
 log = logging.getLogger(__name__)
 
 ERROR, WARNING, NOTE = "error", "warning", "note"
+#: The ``check`` of :func:`label_shortcuts`' findings (the profile keeps them).
+LABEL_SHORTCUT = "label shortcut"
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,7 @@ class Problem:
     problem: str
     fix: str
     severity: str = ERROR
+    check: str | None = None  # which check found it, where later steps look for its findings (LABEL_SHORTCUT)
 
     def __str__(self) -> str:
         where = f"{self.path}: " if self.path else ""
@@ -241,7 +244,7 @@ def label_shortcuts(root: Path, records: list[ImageRecord], infos: dict[Path, Im
             f"A model can learn the {name} instead of the defect, and its validation and test scores then overstate "
             "what it will do on the line. Capture good and defective images the same way (camera, crop, format, "
             "colour) or convert them alike before searching; otherwise read the measured accuracy as optimistic",
-            WARNING))
+            WARNING, LABEL_SHORTCUT))
     return problems
 
 

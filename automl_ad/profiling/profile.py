@@ -20,7 +20,7 @@ from scipy import ndimage
 from automl_ad.data.dataset import Dataset
 from automl_ad.data.geometry import Geometry, feature_cells
 from automl_ad.data.io import ImageReadError, load_image, read_mask
-from automl_ad.data.validation import label_shortcuts
+from automl_ad.data.validation import LABEL_SHORTCUT
 from automl_ad.defaults import (
     GEOMETRY_BASE_SIDE,
     GEOMETRY_FEATURE_STRIDE,
@@ -149,8 +149,9 @@ class DatasetProfile:
     sample_hw: tuple[int, int]  # (height, width) of the structure sample: the median aspect ratio kept
     profiling_seconds: float
     overrides: dict = field(default_factory=dict)
-    #: File facts that alone tell defective images from good ones (:func:`~automl_ad.data.validation.
-    #: label_shortcuts`), as sentences: scores measured on these images may reward the fact, not the defect.
+    #: File facts that alone tell defective images from good ones, found when the dataset was checked
+    #: (:func:`~automl_ad.data.validation.label_shortcuts`), as sentences: scores measured on these images may
+    #: reward the fact, not the defect.
     shortcuts: list[str] = field(default_factory=list)
     automl_ad_version: str = __version__
     schema_version: int = SCHEMA_VERSION
@@ -313,4 +314,4 @@ def profile_dataset(dataset: Dataset, sample_images: int = PROFILE_SAMPLE_IMAGES
         structure=structure_stats(images), alignment=alignment_stats(images), defects=_defect_stats(dataset),
         sample_images=len(sample), sample_resolution=min(shape), sample_hw=shape,
         profiling_seconds=round(time.perf_counter() - start, 2),
-        shortcuts=[p.problem for p in label_shortcuts(dataset.root, dataset.records, dataset.info)])
+        shortcuts=[p.problem for p in dataset.problems if p.check == LABEL_SHORTCUT])
