@@ -176,6 +176,19 @@ def test_a_trial_does_not_score_its_last_epoch_before_its_final_evaluation(tmp_p
     assert result["epochs_trained"] == 3 and np.isfinite(result["quality"])
 
 
+def test_a_screening_trial_is_ranked_on_part_of_the_validation(tmp_path, mvtec_dir, monkeypatch):
+    """A fidelity with ``validation_images`` scores only the screening subset, and says how many it was ranked
+    on (the validation's resolution)."""
+    monkeypatch.setattr("automl_ad.search.validation.SEARCH_MIN_SCREEN_VALIDATION", 2)
+    (tmp_path / "full").mkdir(), (tmp_path / "screened").mkdir()
+    full = _stpm_trial(tmp_path / "full", mvtec_dir, params={"epochs": 1})
+    fidelity = {"rung": 1, "train_fraction": 1 / 3, "train_images": 4, "validation_images": 4}
+    screened = _stpm_trial(tmp_path / "screened", mvtec_dir, params={"epochs": 1}, fidelity=fidelity)
+    assert screened["train_images"] == 4
+    assert 2 <= screened["val_normal_images"] < full["val_normal_images"]
+    assert screened["val_anomalous_images"] == full["val_anomalous_images"] == 2  # at least 2: all of them
+
+
 def test_gpu_search_space_has_no_int8():
     from automl_ad.search.space import load_space
 

@@ -704,6 +704,45 @@ def test_the_validation_resolution_matches_the_spread_of_auroc_over_resampled_va
     assert validation_resolution(0.9, 0, 10) == float("inf")
 
 
+def test_screening_rungs_are_ranked_on_a_third_of_each_validation_group_but_never_on_too_few():
+    """1/η of the normal images and of each anomaly kind, spread over each group (defect types come in folder
+    order), at least SEARCH_MIN_SCREEN_VALIDATION per class; a small validation set is kept whole."""
+    from automl_ad.data.imageset import ImageSet
+    from automl_ad.defaults import SEARCH_MIN_SCREEN_VALIDATION
+    from automl_ad.search.validation import screening_validation
+
+    def images(normals: int, kinds: dict[str | None, int]) -> ImageSet:
+        labels = [0] * normals + [1] * sum(kinds.values())
+        names = [None] * normals + [k for k, n in kinds.items() for _ in range(n)]
+        return ImageSet(arrays=[np.zeros((4, 4, 3), np.uint8)] * len(labels), labels=np.array(labels),
+                        kinds=names if any(names) else None)
+
+    big = images(120, {None: 210})
+    keep = screening_validation(big)
+    labels = big.labels[keep]
+    assert (labels == 0).sum() == 40 and (labels == 1).sum() == 70
+    assert keep[0] == 0 and keep[-1] == 329  # spread over each group, both ends included
+    small = images(45, {None: 90})  # a third would leave 15 normal images: 30 of them
+    labels = small.labels[screening_validation(small)]
+    assert (labels == 0).sum() == SEARCH_MIN_SCREEN_VALIDATION and (labels == 1).sum() == 30
+    synthetic = images(90, {"scratch": 60, "blob": 30})  # kind by kind: both kinds stay in proportion
+    kept = [synthetic.kinds[i] for i in screening_validation(synthetic)]
+    assert kept.count("scratch") == 20 and kept.count("blob") == 10 and kept.count(None) == 30
+    assert screening_validation(images(20, {None: 30})) is None
+
+
+def test_a_screening_rung_predicts_and_states_its_smaller_validation():
+    predictor = _slow_predictor(2.0)
+    sizes = TrialSizes(454, 311, (460, 1130), screen_validation_images=104)
+    params = {"input_size": 256}
+    full = plan_trial(predictor, sizes, "padim", params, 1e6)
+    screened = plan_trial(predictor, sizes, "padim", params, 1e6, first_rung=1)
+    assert full.fidelity.validation_images is None and screened.fidelity.validation_images == 104
+    assert screened.prediction.eval_s == pytest.approx(full.prediction.eval_s * 104 / 311)
+    assert "ranked on 104 validation images" in screened.fidelity.describe()
+    assert "validation" not in full.fidelity.describe()
+
+
 def test_a_search_on_an_impossible_budget_still_ends_with_a_model(tmp_path, monkeypatch):
     """30 s for a slow family first: the search falls back to what fits, and a model is on the front."""
     from automl_ad.data.demo import generate_demo

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from statistics import median
 
 from automl_ad.constraints import ConstraintProfile
@@ -222,13 +222,16 @@ def _median_of_medians(values: dict[str, list[float]]) -> float | None:
 # --- fidelities ----------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Fidelity:
-    """How much of its full training a trial gets: a share of the training images and (iterative) its epochs."""
+    """How much of its full training a trial gets: a share of the training images and (iterative) its epochs; a
+    screening rung is also ranked on part of the validation images (:func:`~automl_ad.search.validation.
+    screening_validation`)."""
 
     rung: int  # 0 = all training images; k = 1/η^k of them
     train_fraction: float
     train_images: int
     epochs: int | None = None  # epochs it trains (None: not iterative)
     full_epochs: int | None = None  # the configuration's own epochs
+    validation_images: int | None = None  # the validation images it is ranked on (None: all)
 
     @property
     def full(self) -> bool:
@@ -244,6 +247,8 @@ class Fidelity:
             f"{self.train_images} training images (1/{SEARCH_REDUCTION_FACTOR ** self.rung})"
         if self.full_epochs is not None:
             text += f", {self.epochs}/{self.full_epochs} epochs"
+        if self.validation_images is not None:
+            text += f", ranked on {self.validation_images} validation images"
         return text
 
     def to_dict(self) -> dict:
@@ -256,9 +261,11 @@ def rungs(train_images: int) -> list[int]:
             if k == 0 or train_images / SEARCH_REDUCTION_FACTOR ** k >= SEARCH_MIN_SCREEN_IMAGES]
 
 
-def fidelity_at(rung: int, train_images: int, epochs: int | None) -> Fidelity:
+def fidelity_at(rung: int, sizes: TrialSizes, epochs: int | None) -> Fidelity:
+    """Rung ``rung`` of ``sizes`` (a screening rung ranked on ``sizes.screen_validation_images``)."""
     fraction = 1.0 / SEARCH_REDUCTION_FACTOR ** rung
-    return Fidelity(rung, fraction, max(1, round(train_images * fraction)), epochs, epochs)
+    return Fidelity(rung, fraction, max(1, round(sizes.train_images * fraction)), epochs, epochs,
+                    sizes.screen_validation_images if rung else None)
 
 
 @dataclass(frozen=True)
@@ -273,19 +280,20 @@ class TrialPlan:
 
 @dataclass
 class TrialSizes:
-    """The search's data: training and validation images, and their mean height and width; per family, the pixels
-    its network processes for an input's (:meth:`~automl_ad.detectors.base.Detector.scoring_pixels`; the input's
-    own when a family is not listed)."""
+    """The search's data: training and validation images, and their mean height and width; the validation images
+    a screening rung is ranked on (None: all); per family, the pixels its network processes for an input's
+    (:meth:`~automl_ad.detectors.base.Detector.scoring_pixels`; the input's own when a family is not listed)."""
 
     train_images: int
     validation_images: int
     image_hw: tuple[float, float]
+    screen_validation_images: int | None = None
     scoring_pixels: dict[str, Callable[[dict, float], float]] = field(default_factory=dict, compare=False)
 
     def work(self, family: str, params: dict, fidelity: Fidelity) -> Work:
         pixels = network_pixels(params, self.image_hw)
         scoring = self.scoring_pixels.get(family)
-        return Work(family, fidelity.train_images, self.validation_images,
+        return Work(family, fidelity.train_images, fidelity.validation_images or self.validation_images,
                     scoring(params, pixels) if scoring else pixels, fidelity.epochs)
 
 
@@ -306,14 +314,14 @@ def plan_trial(predictor: CostPredictor, sizes: TrialSizes, family: str, params:
     last = None
     for rung in levels:
         one_epoch = ""  # said when not even one epoch fits the training share
-        fidelity = fidelity_at(rung, sizes.train_images, full_epochs)
+        fidelity = fidelity_at(rung, sizes, full_epochs)
         prediction = predictor.predict(sizes.work(family, params, fidelity), params)
         fit_room = min(SEARCH_TRAINING_SHARE * room, room - prediction.eval_s - prediction.overhead_s)
         if full_epochs and prediction.fit_s > fit_room:
             per_epoch = prediction.fit_s / full_epochs
             epochs = int(max(0.0, fit_room) // per_epoch) if per_epoch > 0 else full_epochs
             if epochs >= 1:
-                fidelity = Fidelity(rung, fidelity.train_fraction, fidelity.train_images, epochs, full_epochs)
+                fidelity = replace(fidelity, epochs=epochs)
                 prediction = predictor.predict(sizes.work(family, params, fidelity), params)
             else:
                 one_epoch = f" (one epoch alone: {per_epoch:.0f} s of training)"

@@ -37,7 +37,8 @@ predicted from its work (training images × epochs × network pixels, validation
 measured earlier in this search, else the cost model scaled by the machine speed measured so far (evaluation: as
 the other families measured it). It runs at the
 highest fidelity that fits: all training images, else 1/3 or 1/9 of them (iterative families first train fewer
-epochs), with a limit of twice the prediction plus slack, capped by the remaining budget; what fits nowhere is
+epochs; these screening rungs are ranked on 1/3 of the validation images, at least ``SEARCH_MIN_SCREEN_VALIDATION``
+of each class), with a limit of twice the prediction plus slack, capped by the remaining budget; what fits nowhere is
 recorded as skipped ("predicted too slow") and never started. Until a trial has completed, part of the budget is
 kept for the cheapest candidate; once something failed, the cheapest candidate (lowest fidelity) runs next. New
 configurations start at the highest fidelity (iterative families: fewer epochs first) at which the budget still
@@ -115,7 +116,7 @@ from automl_ad.search.cost_predictor import (
     rungs,
 )
 from automl_ad.search.trial import NODE_FILE, unreported_failure
-from automl_ad.search.validation import validation_resolution
+from automl_ad.search.validation import screening_validation, validation_resolution
 from automl_ad.tracking.lock import FileLock, describe_holder
 from automl_ad.tracking.records import SPLIT_ARTIFACT, SearchStore
 from automl_ad.tracking.store import INTERRUPTED, Tracker, default_tracking_uri, writer_lock_path
@@ -1129,7 +1130,9 @@ def trial_sizes(search_data, families: list[str]) -> TrialSizes:
             with Image.open(images.paths[i]) as image:
                 sizes.append((image.height, image.width))
     height, width = np.mean(sizes, axis=0) if sizes else (256.0, 256.0)
+    screened = screening_validation(search_data.validation)
     return TrialSizes(len(search_data.train), len(search_data.validation), (float(height), float(width)),
+                      None if screened is None else len(screened),
                       {f: detector_class(f).scoring_pixels for f in families})
 
 

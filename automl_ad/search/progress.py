@@ -8,6 +8,7 @@ import json
 import shutil
 import textwrap
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -117,8 +118,7 @@ class SearchCallback(Callback):
             return
         epochs = result.get("epochs_trained")
         if fidelity.epochs is not None and isinstance(epochs, (int, float)) and epochs >= 1:
-            fidelity = Fidelity(fidelity.rung, fidelity.train_fraction, fidelity.train_images, int(epochs),
-                                fidelity.full_epochs)
+            fidelity = replace(fidelity, epochs=int(epochs))
         post_fit, extra = result.get("post_fit_seconds"), result.get("fit_extra_seconds")
         self.predictor.observe(self.sizes.work(config["family"], config["params"], fidelity),
                                float(result.get("fit_seconds", 0.0)), float(result["time_total_s"]),
@@ -162,6 +162,8 @@ class SearchCallback(Callback):
                          "fidelity_train_fraction": f"{fidelity['train_fraction']:.4g}",
                          "fidelity_train_images": str(fidelity["train_images"]),
                          "fidelity_rung": str(fidelity["rung"])})
+            if fidelity.get("validation_images") is not None:
+                tags["fidelity_validation_images"] = str(fidelity["validation_images"])
             if fidelity.get("full_epochs") is not None:
                 tags.update(fidelity_epochs=str(fidelity["epochs"]), fidelity_full_epochs=str(fidelity["full_epochs"]))
         for key in ("predicted_s", "timeout_s"):

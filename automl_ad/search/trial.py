@@ -45,7 +45,7 @@ def run_trial(spec: dict) -> dict:
     from automl_ad.evaluation.metrics import evaluate
     from automl_ad.evaluation.run import measure_costs
     from automl_ad.features.cache import FEATURE_TIMES
-    from automl_ad.search.validation import PIXEL_CURVE_METRICS, quality
+    from automl_ad.search.validation import PIXEL_CURVE_METRICS, quality, screening_validation
 
     torch.set_num_threads(max(1, int(spec.get("threads", 1))))
     data = json.loads(Path(spec["data_file"]).read_text())
@@ -59,6 +59,9 @@ def run_trial(spec: dict) -> dict:
     deadline, training_deadline = start + limit, start + SEARCH_TRAINING_SHARE * limit
     detector = create_detector(spec["family"], **spec["params"])
     validation = without_trained_kinds(validation, detector.trains_on_anomalies)  # never ranked on its training kinds
+    screened = screening_validation(validation) if (spec.get("fidelity") or {}).get("validation_images") else None
+    if screened is not None:  # a screening rung is ranked on part of them
+        validation = validation.subset(screened)
     every = max(1, int(spec.get("report_every", 1)))
     planned_epochs = getattr(detector, "epochs", None)
     cut = {}

@@ -22,7 +22,7 @@ from automl_ad.data.imageset import ImageSet
 from automl_ad.data.io import read_image, save_png, to_float
 from automl_ad.data.split import SearchSplit
 from automl_ad.data.synthetic import KINDS, make_anomaly, round_kind, rounds_needed, without_trained_kinds
-from automl_ad.defaults import QUALITY_METRICS
+from automl_ad.defaults import QUALITY_METRICS, SEARCH_MIN_SCREEN_VALIDATION, SEARCH_REDUCTION_FACTOR
 from automl_ad.detectors import Detector, detector_class
 from automl_ad.errors import UsageError
 
@@ -119,6 +119,25 @@ def synthetic_comparison(model_dir: Path, reference: ImageSet, metric: str, far:
     metrics = evaluate(images.labels, scores.image_scores, scores.anomaly_maps, images.masks(), far=far,
                        pixel_curves=metric in PIXEL_CURVE_METRICS)
     return {**{f"synthetic_{k}": v for k, v in metrics.items()}, "synthetic_quality": quality(metrics, metric)}
+
+
+def screening_validation(validation: ImageSet) -> list[int] | None:
+    """Indices of the validation images a screening trial is ranked on: 1/η of each group (normal images; the
+    anomalies of each kind), spread evenly over the group, but at least ``SEARCH_MIN_SCREEN_VALIDATION`` normal and
+    as many anomalous images (all of a smaller group); None when that keeps every image."""
+    if validation.labels is None:
+        return None
+    kinds = validation.kinds or [None] * len(validation)
+    groups: dict[tuple, list[int]] = {}
+    for i, (label, kind) in enumerate(zip(validation.labels.tolist(), kinds)):
+        groups.setdefault((int(label), kind if label else None), []).append(i)
+    per_class = {label: sum(len(g) for (lab, _), g in groups.items() if lab == label) for label in (0, 1)}
+    keep = []
+    for (label, _), members in groups.items():
+        share = max(1 / SEARCH_REDUCTION_FACTOR, SEARCH_MIN_SCREEN_VALIDATION / max(per_class[label], 1))
+        count = min(len(members), max(1, math.ceil(share * len(members))))
+        keep += [members[i] for i in np.linspace(0, len(members) - 1, count).round().astype(int)]
+    return None if len(keep) >= len(validation) else sorted(keep)
 
 
 def validation_resolution(quality: float, normals: int, anomalies: int) -> float:
