@@ -131,11 +131,11 @@ def screening_validation(validation: ImageSet) -> list[int] | None:
     groups: dict[tuple, list[int]] = {}
     for i, (label, kind) in enumerate(zip(validation.labels.tolist(), kinds)):
         groups.setdefault((int(label), kind if label else None), []).append(i)
-    per_class = {label: sum(len(g) for (lab, _), g in groups.items() if lab == label) for label in (0, 1)}
+    per_class = np.bincount(validation.labels.astype(int), minlength=2)
     keep = []
     for (label, _), members in groups.items():
-        share = max(1 / SEARCH_REDUCTION_FACTOR, SEARCH_MIN_SCREEN_VALIDATION / max(per_class[label], 1))
-        count = min(len(members), max(1, math.ceil(share * len(members))))
+        share = max(1 / SEARCH_REDUCTION_FACTOR, SEARCH_MIN_SCREEN_VALIDATION / per_class[label])
+        count = min(len(members), math.ceil(share * len(members)))
         keep += [members[i] for i in np.linspace(0, len(members) - 1, count).round().astype(int)]
     return None if len(keep) >= len(validation) else sorted(keep)
 
