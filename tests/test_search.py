@@ -189,6 +189,15 @@ def test_a_screening_trial_is_ranked_on_part_of_the_validation(tmp_path, mvtec_d
     assert screened["val_anomalous_images"] == full["val_anomalous_images"] == 2  # at least 2: all of them
 
 
+def test_a_trial_reports_its_network_set_up_apart_from_its_work(tmp_path, mvtec_dir):
+    """Set-up seconds (building networks, exporting graphs, opening sessions) are part of the fit and of what
+    follows it, and reported apart so that the cost predictor does not scale them with the images."""
+    result = _stpm_trial(tmp_path, mvtec_dir, params={"epochs": 1})
+    assert 0 <= result["fit_setup_seconds"] <= result["fit_seconds"] + 0.5  # the detector is built just before
+    assert 0 < result["post_fit_setup_seconds"] <= result["post_fit_seconds"]  # the scoring graph is exported
+    assert result["fit_cache_saved_seconds"] >= 0 and result["post_fit_cache_saved_seconds"] >= 0
+
+
 def test_gpu_search_space_has_no_int8():
     from automl_ad.search.space import load_space
 

@@ -26,6 +26,7 @@ from automl_ad.search.cost_predictor import (
     FamilyTraits,
     Fidelity,
     TrialSizes,
+    TrialTimes,
     Work,
     network_pixels,
     plan_trial,
@@ -56,7 +57,7 @@ def test_cost_predictor_learns_from_measurements_within_a_factor():
     assert prior.basis == "cost model" and prior.total_s > 0
     for work in works[:3]:
         fit, wall = _true_seconds(work)
-        predictor.observe(work, fit, wall, {"backbone": "resnet18"})
+        predictor.observe(work, TrialTimes(fit, wall), {"backbone": "resnet18"})
     assert predictor.measured("stpm") == 3
     for work in works[3:]:
         predicted, (_, wall) = predictor.predict(work).total_s, _true_seconds(work)
@@ -72,7 +73,8 @@ def test_unmeasured_family_uses_the_machine_speed_for_fitting_and_the_measured_e
     stpm = Work("stpm", 100, 40, 128 ** 2, 10)
     model = predictor.predict(stpm, {"backbone": "resnet18"})
     fit, evaluation = 5 * model.fit_s, 3 * model.eval_s  # this machine fits 5x slower than modelled
-    predictor.observe(stpm, fit, fit + evaluation + model.overhead_s, {"backbone": "resnet18"}, eval_s=evaluation)
+    predictor.observe(stpm, TrialTimes(fit, fit + evaluation + model.overhead_s, eval_s=evaluation),
+                      {"backbone": "resnet18"})
     after = predictor.predict(work, {"backbone": "resnet18"})
     assert after.fit_s == pytest.approx(5 * before.fit_s)
     assert after.eval_s == pytest.approx(evaluation / stpm.eval_units * work.eval_units)
@@ -88,8 +90,8 @@ def test_a_family_measured_many_times_does_not_speak_for_the_machine():
         work = Work(family, 100, 20, 256 ** 2, 2 if family == "stpm" else None)
         model = CostPredictor(traits).predict(work, {"backbone": "resnet18"})  # the cost model's own seconds
         for _ in range(count):
-            predictor.observe(work, factor * model.fit_s, factor * model.fit_s + 5.0 + model.overhead_s,
-                              {"backbone": "resnet18"}, eval_s=5.0)
+            predictor.observe(work, TrialTimes(factor * model.fit_s, factor * model.fit_s + 5.0 + model.overhead_s,
+                                               eval_s=5.0), {"backbone": "resnet18"})
     padim = Work("padim", 100, 20, 256 ** 2, None)
     prior = CostPredictor(traits).predict(padim, {"backbone": "resnet18"})
     assert predictor.predict(padim, {"backbone": "resnet18"}).fit_s == pytest.approx(2.0 * prior.fit_s)
@@ -101,12 +103,42 @@ def test_measured_seconds_after_the_fit_replace_the_overhead_prior():
     predictor = CostPredictor(TRAITS)
     work = Work("padim", 100, 20, 256 ** 2, None)
     assert predictor.overhead_s() == SEARCH_TRIAL_OVERHEAD_S
-    predictor.observe(work, 10.0, 10.0 + 3.0 + 6.0, {"backbone": "resnet18"}, eval_s=3.0)
+    predictor.observe(work, TrialTimes(10.0, 10.0 + 3.0 + 6.0, eval_s=3.0), {"backbone": "resnet18"})
     assert predictor.overhead_s() == pytest.approx(6.0)
     again = predictor.predict(work, {"backbone": "resnet18"})
     assert (again.fit_s, again.eval_s, again.overhead_s) == pytest.approx((10.0, 3.0, 6.0))
     other = predictor.predict(Work("stpm", 100, 20, 256 ** 2, 5), {"backbone": "resnet18"})
     assert other.overhead_s == pytest.approx(6.0)  # the overhead is the process's, whatever the family
+
+
+def test_set_up_seconds_are_not_scaled_with_the_work_and_cached_features_count_as_work():
+    """A small squash trial spends most of its fit building the network: only the rest scales with the pixels of a
+    tiled configuration (scaled whole, a tiled PaDiM on ball_screw was predicted 445 s and took 52). After the fit,
+    running the network grows with the pixels, metrics and saving with the validation images only. Features the
+    cache spared a trial are work a later one may have to do."""
+    predictor = CostPredictor(TRAITS)
+    squash = Work("padim", 50, 100, 256 ** 2, None)
+    predictor.observe(squash, TrialTimes(4.0, 12.0, eval_s=5.0, fit_setup_s=3.0, eval_setup_s=1.0, eval_network_s=3.0,
+                                         eval_cached_s=2.0), {"backbone": "resnet18"})
+    tiled = Work("padim", 50, 100, 11 * 256 ** 2, None)
+    prediction = predictor.predict(tiled, {"backbone": "resnet18"})
+    assert prediction.fit_s == pytest.approx(3.0 + 11 * 1.0) and prediction.fit_setup_s == pytest.approx(3.0)
+    network, metrics = 3.0 + 2.0, 5.0 - 1.0 - 3.0  # 2 s of the network's work came from the cache
+    assert prediction.eval_s == pytest.approx(1.0 + 11 * network + metrics)
+    more = predictor.predict(Work("padim", 50, 300, 256 ** 2, None), {"backbone": "resnet18"})
+    assert more.eval_s == pytest.approx(1.0 + 3 * (network + metrics))
+    other = predictor.predict(Work("stpm", 50, 100, 256 ** 2, 1), {"backbone": "resnet18"})
+    assert other.fit_setup_s == pytest.approx(3.0)  # an unmeasured family: the set-up measured on the others
+
+
+def test_an_iterative_family_pays_its_set_up_once_when_its_epochs_are_cut():
+    predictor = CostPredictor(TRAITS)
+    work = Work("stpm", 100, 20, 256 ** 2, 10)
+    predictor.observe(work, TrialTimes(30.0, 40.0, eval_s=5.0, fit_setup_s=10.0), {"backbone": "resnet18"})
+    sizes = TrialSizes(100, 20, (256, 256))
+    plan = plan_trial(predictor, sizes, "stpm", {"epochs": 10, "backbone": "resnet18"}, math.inf,
+                      within_s=(10.0 + 2.0 * 5.5) / SEARCH_TRAINING_SHARE)  # room for the set-up and 5.5 epochs
+    assert plan.skip is None and plan.fidelity.rung == 0 and plan.fidelity.epochs == 5
 
 
 def test_a_timeout_raises_the_family_prediction_above_what_it_ran_out_of():
@@ -127,7 +159,7 @@ def _slow_predictor(seconds_per_unit: float) -> CostPredictor:
     predictor = CostPredictor(TRAITS)
     for family in TRAITS:
         work = Work(family, 90, 30, 256 ** 2, 10 if TRAITS[family].iterative else None)
-        predictor.observe(work, seconds_per_unit * work.fit_units, seconds_per_unit * work.fit_units + 20.0)
+        predictor.observe(work, TrialTimes(seconds_per_unit * work.fit_units, seconds_per_unit * work.fit_units + 20.0))
     return predictor
 
 
@@ -146,8 +178,7 @@ def test_cutpaste_trials_are_costed_by_the_patches_their_network_runs():
     default, fine = {"input_size": 256}, {"input_size": 256, "patch_stride": 8}
     assert sizes.work("padim", fine, fidelity).pixels == 256 ** 2
     assert sizes.work("cutpaste", default, fidelity).pixels == 225 * 32 ** 2
-    predictor.observe(sizes.work("cutpaste", default, fidelity), fit_s=60.0, wall_s=100.0, params=default,
-                      eval_s=20.0)
+    predictor.observe(sizes.work("cutpaste", default, fidelity), TrialTimes(60.0, 100.0, eval_s=20.0), default)
     ratio = predictor.predict(sizes.work("cutpaste", fine, fidelity), fine).eval_s / 20.0
     assert ratio == pytest.approx(841 / 225)
 
@@ -300,8 +331,8 @@ def test_patchcore_fits_add_the_coreset_seconds_to_the_linear_work():
     assert coreset["big"] == pytest.approx(4 * coreset["small"], rel=0.02) and coreset["small"] > 0
     assert traits["padim"].extra_fit_s(100, 256 ** 2, small) == 0
     for family in ("patchcore", "padim"):
-        predictor.observe(sizes.work(family, small, fidelity), fit_s=40.0 + (family == "patchcore") *
-                          coreset["small"], wall_s=100.0, params=small)
+        fit = 40.0 + (family == "patchcore") * coreset["small"]
+        predictor.observe(sizes.work(family, small, fidelity), TrialTimes(fit, 100.0), small)
     patchcore = predictor.predict(sizes.work("patchcore", big, fidelity), big).fit_s
     padim = predictor.predict(sizes.work("padim", big, fidelity), big).fit_s
     assert patchcore == pytest.approx(80.0 + coreset["big"], rel=0.02) and padim == pytest.approx(80.0, rel=0.02)
@@ -860,8 +891,7 @@ def test_the_coreset_estimate_is_scaled_by_what_the_fits_measured():
     predictor = CostPredictor(traits)
     work = sizes.work("patchcore", params, fidelity)
     unmeasured = predictor.predict(work, params).fit_s
-    predictor.observe(work, fit_s=40.0 + estimate / 3, wall_s=100.0, params=params, eval_s=30.0,
-                      extra_s=estimate / 3)
+    predictor.observe(work, TrialTimes(40.0 + estimate / 3, 100.0, eval_s=30.0, extra_s=estimate / 3), params)
     assert predictor.predict(work, params).fit_s == pytest.approx(40.0 + estimate / 3, rel=1e-6)
     assert unmeasured > estimate > 0
     # measured on 100 images, the ratio says nothing of 300: their coreset is predicted unscaled (9x the patch pairs)

@@ -26,7 +26,7 @@ from automl_ad.data.geometry import Geometry
 from automl_ad.defaults import BUILTIN_BACKBONE, BUILTIN_WEIGHTS_FILE, FEATURE_CHUNK_IMAGES
 from automl_ad.errors import AutomlAdError
 from automl_ad.features.quantize import model_digest
-from automl_ad.features.runtime import cpu_runner, onnx_model_runner
+from automl_ad.features.runtime import SETUP_TIME, cpu_runner, onnx_model_runner
 
 log = logging.getLogger(__name__)
 
@@ -360,10 +360,11 @@ def load_extractor(backbone: str, strides, input_size: int, weights: str | None 
     inputs of :meth:`~FeatureExtractor.features_of`."""
     if geometry is not None and geometry.mode == "squash" and geometry.input_hw == (input_size, input_size):
         geometry = None
-    source = _resolved_weights(backbone, weights, pretrained, _tuple(mean), _tuple(std),
-                               _pairs(create_kwargs or {}), _offline())
-    spec = BackboneSpec(backbone, tuple(int(s) for s in strides), source, int(input_size), geometry=geometry)
-    return _extractor(spec, resolve_device(device))
+    with SETUP_TIME.timing():  # the first call imports timm and builds the network; later ones hit the caches
+        source = _resolved_weights(backbone, weights, pretrained, _tuple(mean), _tuple(std),
+                                   _pairs(create_kwargs or {}), _offline())
+        spec = BackboneSpec(backbone, tuple(int(s) for s in strides), source, int(input_size), geometry=geometry)
+        return _extractor(spec, resolve_device(device))
 
 
 @lru_cache(maxsize=4)

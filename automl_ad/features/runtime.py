@@ -10,14 +10,42 @@ from __future__ import annotations
 
 import io
 import logging
+import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 log = logging.getLogger(__name__)
 
 Runner = Callable[..., list]
 #: The ONNX opset of every exported graph (in-memory runners and packages alike).
 OPSET = 17
+
+
+class SetupTime:
+    """Seconds this process spent making networks ready to run: creating them and loading their weights, exporting
+    graphs, opening runtime sessions. A fixed cost of a fit or a scoring, whatever its image count; a search trial
+    reports it apart so that the cost predictor does not scale it with the images and pixels."""
+
+    def __init__(self):
+        self.seconds = 0.0
+        self._depth = 0
+
+    @contextmanager
+    def timing(self) -> Iterator[None]:
+        """Count the enclosed block (once, when blocks nest)."""
+        self._depth += 1
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._depth -= 1
+            if self._depth == 0:
+                self.seconds += time.perf_counter() - start
+
+
+#: Totals of the current process.
+SETUP_TIME = SetupTime()
 
 
 def cpu_runner(module, example, backend: str = "auto") -> Runner:
@@ -29,14 +57,16 @@ def cpu_runner(module, example, backend: str = "auto") -> Runner:
         raise ValueError(f"backend must be 'auto', 'onnxruntime' or 'torchscript', not {backend!r}")
     module = module.eval()
     examples = tuple(example) if isinstance(example, (tuple, list)) else (example,)
-    if backend != "torchscript":
-        try:
-            return _onnx_runner(module, examples)
-        except Exception as exc:
-            if backend == "onnxruntime":
-                raise
-            log.info("ONNX Runtime unavailable for %s (%s); using frozen TorchScript", type(module).__name__, exc)
-    return _torchscript_runner(module, examples)
+    with SETUP_TIME.timing():
+        if backend != "torchscript":
+            try:
+                return _onnx_runner(module, examples)
+            except Exception as exc:
+                if backend == "onnxruntime":
+                    raise
+                log.info("ONNX Runtime unavailable for %s (%s); using frozen TorchScript", type(module).__name__,
+                         exc)
+        return _torchscript_runner(module, examples)
 
 
 def _as_list(outputs) -> list:
@@ -90,7 +120,8 @@ def onnx_model_runner(model: bytes) -> Runner:
     # The memory arena stays on (ONNX Runtime's default): without it every run allocates and page-faults its
     # activations afresh. Measured on the shared MobileNetV2 (2 threads): 62 -> 35 ms at 512x512, 17 -> 10 ms per
     # image at 256x256 batch 8, for ~60 MB more peak memory at batch 1 (the arena keeps its high-water mark).
-    session = onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    with SETUP_TIME.timing():
+        session = onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
     inputs = [node.name for node in session.get_inputs()]
     names = [node.name for node in session.get_outputs()]
 

@@ -12,12 +12,19 @@ the cost model's fit estimate (:func:`automl_ad.recommend.cost.estimate_route`) 
 relative to that model, and the evaluation seconds per unit measured on the other families. Both take one vote per
 family (the median over families of each one's median), so a family with several screening trials does not speak
 for the machine. Evaluation is what a trial reports it spent after its fit (validation, cost measurement, saving):
-decoding, metrics and saving dominate it, so it costs about the same per validation image and pixel whatever the
-family. On ball_screw it took 8-18 s for every squash default but CutPaste, while the cost model's forward pass
-times 11 (the template family's factor, which had run three times) predicted 38 s for PaDiM's: a 150-s search
-then never ran PaDiM. The rest of a trial's wall time beyond fit and evaluation is the trial process's fixed
-overhead, also learnt (median over trials). A timed-out trial is a lower
-bound: its family is then predicted to cost at least ``SEARCH_COST_MARGIN`` × what it ran out of.
+running the network grows with the validation images × pixels, the rest (metrics, heatmaps, saving) with the
+validation images only; both cost about the same whatever the family. On ball_screw it took 8-18 s for every
+squash default but CutPaste, while the cost model's forward pass times 11 (the template family's factor, which had
+run three times) predicted 38 s for PaDiM's: a 150-s search then never ran PaDiM.
+
+Two parts of a trial are not work: the seconds it spends making networks ready (importing timm, loading weights,
+exporting graphs, opening runtime sessions: :data:`~automl_ad.features.runtime.SETUP_TIME`), a fixed cost learnt
+apart (per family, else the median over families), and the features the cache gave it, which a later trial may have
+to compute (counted as work at what computing them took). A PaDiM default on 50 ball_screw images spent 2.8 of its
+3.9 fit seconds on set-up: learnt as work, it had a tiled PaDiM on 151 images predicted at 445 s, which took 52.
+The rest of a trial's wall time beyond fit and evaluation is the trial process's fixed overhead, also learnt (median
+over trials). A timed-out trial is a lower bound: its family is then predicted to cost at least
+``SEARCH_COST_MARGIN`` × what it ran out of.
 
 A fidelity shrinks the work: a fraction of the training images (rungs 1, 1/η, 1/η², as long as a rung keeps
 ``SEARCH_MIN_SCREEN_IMAGES``) and, for iterative families, fewer epochs. :func:`plan_trial` picks the highest
@@ -82,11 +89,27 @@ class Work:
 
 
 @dataclass(frozen=True)
+class TrialTimes:
+    """What a finished trial measured, in seconds."""
+
+    fit_s: float
+    wall_s: float
+    eval_s: float | None = None  # after the fit: validation, cost measurement, saving (None: not reported)
+    extra_s: float | None = None  # of ``fit_s``, on the family's extra work (None: not reported)
+    fit_setup_s: float = 0.0  # of ``fit_s``, making networks ready (:data:`~automl_ad.features.runtime.SETUP_TIME`)
+    eval_setup_s: float = 0.0  # of ``eval_s``, the same
+    eval_network_s: float | None = None  # of ``eval_s``, running the network (set-up aside); None: not reported
+    fit_cached_s: float = 0.0  # what the features the cache gave the fit would have taken to compute
+    eval_cached_s: float = 0.0  # the same after the fit
+
+
+@dataclass(frozen=True)
 class Prediction:
     fit_s: float
     eval_s: float
     overhead_s: float
     basis: str
+    fit_setup_s: float = 0.0  # of ``fit_s``: making networks ready, whatever the epochs
 
     @property
     def total_s(self) -> float:
@@ -113,34 +136,42 @@ class CostPredictor:
         self.constraints = ConstraintProfile(hardware=Hardware(device="gpu" if device == "cuda" else "cpu",
                                                                cpu_cores=max(1, int(threads))))
         self._fit_rates: dict[str, list[float]] = {}  # seconds per fit unit (extra seconds aside), per family
-        self._eval_rates: dict[str, list[float]] = {}  # seconds per eval unit, per family
+        self._eval_rates: dict[str, list[float]] = {}  # seconds per eval unit, per family (the network's part)
+        self._eval_image_rates: dict[str, list[float]] = {}  # seconds per validation image (the rest), per family
         self._fit_speed: dict[str, list[float]] = {}  # measured / prior fit seconds (extra aside), per family
         self._at_least: dict[str, float] = {}  # per family: seconds per (fit + eval) unit it needed at least
         self._overheads: list[float] = []  # measured fixed seconds of a trial process (every trial)
         # per family: (estimated extra fit seconds, measured / estimated) of each trial that reported them
         self._extra_scales: dict[str, list[tuple[float, float]]] = {}
+        self._setups: dict[str, list[tuple[float, float]]] = {}  # per family: (fit, evaluation) set-up seconds
 
     # --- learning ---------------------------------------------------------------------------------------------
-    def observe(self, work: Work, fit_s: float, wall_s: float, params: dict | None = None,
-                eval_s: float | None = None, extra_s: float | None = None) -> None:
-        """A finished trial: ``fit_s`` seconds fitting (``extra_s`` of them on the family's extra work, when it
-        reported them), ``eval_s`` seconds after the fit (validation, cost measurement, saving; when the trial did
-        not report it, the wall time less the fit and the overhead prior), ``wall_s`` seconds in all; the rest is
-        the trial process's fixed overhead."""
-        if not (fit_s >= 0 and wall_s > 0) or work.fit_units <= 0:
+    def observe(self, work: Work, times: TrialTimes, params: dict | None = None) -> None:
+        """A finished trial of ``work`` and what it measured."""
+        if not (times.fit_s >= 0 and times.wall_s > 0) or work.fit_units <= 0:
             return
         params = params or {}
+        eval_s = times.eval_s
         if eval_s is None or not eval_s >= 0:
-            eval_s = max(0.0, wall_s - fit_s - self.overhead_s())
+            eval_s = max(0.0, times.wall_s - times.fit_s - self.overhead_s())
         else:
-            self._overheads.append(max(0.0, wall_s - fit_s - eval_s))
+            self._overheads.append(max(0.0, times.wall_s - times.fit_s - eval_s))
+        self._setups.setdefault(work.family, []).append((times.fit_setup_s, times.eval_setup_s))
         estimate = self._extra_fit_s(work, params)
-        if extra_s is not None and extra_s >= 0 and estimate > 0:
+        extra_s = times.extra_s if times.extra_s is not None and times.extra_s >= 0 else None
+        if extra_s is not None and estimate > 0:
             self._extra_scales.setdefault(work.family, []).append((estimate, extra_s / estimate))
-        linear_fit_s = max(0.0, fit_s - (extra_s if extra_s is not None and extra_s >= 0 else estimate))
+        fit_work = times.fit_s + times.fit_cached_s - times.fit_setup_s
+        linear_fit_s = max(0.0, fit_work - (extra_s if extra_s is not None else estimate))
         self._fit_rates.setdefault(work.family, []).append(linear_fit_s / work.fit_units)
         if work.eval_units > 0:
-            self._eval_rates.setdefault(work.family, []).append(eval_s / work.eval_units)
+            eval_work = max(0.0, eval_s + times.eval_cached_s - times.eval_setup_s)
+            network = eval_work if times.eval_network_s is None else min(eval_work, times.eval_network_s +
+                                                                          times.eval_cached_s)
+            self._eval_rates.setdefault(work.family, []).append(network / work.eval_units)
+            if times.eval_network_s is not None:
+                self._eval_image_rates.setdefault(work.family, []).append((eval_work - network) /
+                                                                          work.validation_images)
         prior = self._prior(work, params)
         if prior.fit_s > 0:
             self._fit_speed.setdefault(work.family, []).append(linear_fit_s / prior.fit_s)
@@ -165,24 +196,38 @@ class CostPredictor:
         params = params or {}
         prior = self._prior(work, params)
         extra = self._expected_extra_s(work, params)
+        fit_setup, eval_setup = self._setup_s(work.family)
         own = self._eval_rates.get(work.family)
         eval_rate = median(own) if own else _median_of_medians(self._eval_rates)
-        evaluation = prior.eval_s if eval_rate is None else eval_rate * work.eval_units
+        own = self._eval_image_rates.get(work.family)
+        image_rate = median(own) if own else _median_of_medians(self._eval_image_rates)
+        evaluation = prior.eval_s if eval_rate is None else \
+            eval_rate * work.eval_units + (image_rate or 0.0) * work.validation_images
         if self.measured(work.family):
             fit = median(self._fit_rates[work.family]) * work.fit_units + extra
-            prediction = Prediction(fit, evaluation, self.overhead_s(),
-                                    f"measured on {self.measured(work.family)} trial(s) of {work.family}")
+            basis = f"measured on {self.measured(work.family)} trial(s) of {work.family}"
         else:
             fit_speed = _median_of_medians(self._fit_speed)
+            fit = prior.fit_s * (fit_speed or 1.0) + extra
             basis = "cost model" if fit_speed is None else \
                 f"cost model × measured machine speed {fit_speed:.2g} (fit); evaluation as measured on other families"
-            prediction = Prediction(prior.fit_s * (fit_speed or 1.0) + extra, evaluation, prior.overhead_s, basis)
+        prediction = Prediction(fit_setup + fit, eval_setup + evaluation, self.overhead_s(), basis, fit_setup)
         floor = self._at_least.get(work.family, 0.0) * SEARCH_COST_MARGIN * (work.fit_units + work.eval_units)
         if floor > prediction.total_s:  # it timed out before: at least the margin times what it ran out of
             scale = (floor - prediction.overhead_s) / max(prediction.fit_s + prediction.eval_s, 1e-9)
             prediction = Prediction(prediction.fit_s * scale, prediction.eval_s * scale, prediction.overhead_s,
-                                    f"{prediction.basis}, raised: timed out before")
+                                    f"{prediction.basis}, raised: timed out before", prediction.fit_setup_s)
         return prediction
+
+    def _setup_s(self, family: str) -> tuple[float, float]:
+        """(fit, evaluation) set-up seconds: the family's median measured, else the median over families (one vote
+        each), else none (the cost model's prior has no set-up term)."""
+        own = self._setups.get(family)
+        if own:
+            return median(s for s, _ in own), median(s for _, s in own)
+        fits = {f: [s for s, _ in v] for f, v in self._setups.items()}
+        evals = {f: [s for _, s in v] for f, v in self._setups.items()}
+        return _median_of_medians(fits) or 0.0, _median_of_medians(evals) or 0.0
 
     def _extra_fit_s(self, work: Work, params: dict) -> float:
         """The family's estimate of its fit seconds beyond the linear work (see the module docstring)."""
@@ -318,8 +363,8 @@ def plan_trial(predictor: CostPredictor, sizes: TrialSizes, family: str, params:
         prediction = predictor.predict(sizes.work(family, params, fidelity), params)
         fit_room = min(SEARCH_TRAINING_SHARE * room, room - prediction.eval_s - prediction.overhead_s)
         if full_epochs and prediction.fit_s > fit_room:
-            per_epoch = prediction.fit_s / full_epochs
-            epochs = int(max(0.0, fit_room) // per_epoch) if per_epoch > 0 else full_epochs
+            per_epoch = (prediction.fit_s - prediction.fit_setup_s) / full_epochs  # the set-up is paid once
+            epochs = int(max(0.0, fit_room - prediction.fit_setup_s) // per_epoch) if per_epoch > 0 else full_epochs
             if epochs >= 1:
                 fidelity = replace(fidelity, epochs=epochs)
                 prediction = predictor.predict(sizes.work(family, params, fidelity), params)

@@ -18,7 +18,7 @@ from automl_ad.data.geometry import geometry_label
 from automl_ad.defaults import SEARCH_BEST_QUALITY_METRIC
 from automl_ad.evaluation.objectives import OBJECTIVE_METRICS, OBJECTIVE_MODES, pareto_ranks
 from automl_ad.features import FeatureCache
-from automl_ad.search.cost_predictor import CostPredictor, Fidelity, TrialSizes
+from automl_ad.search.cost_predictor import CostPredictor, Fidelity, TrialSizes, TrialTimes
 from automl_ad.search.trial import NODE_FILE
 
 
@@ -112,18 +112,27 @@ class SearchCallback(Callback):
     # --- helpers ----------------------------------------------------------------------------------------------
     def _learn_cost(self, config: dict, result: dict) -> None:
         """Teach the predictor what this trial cost: its fit seconds for the epochs it really trained (and those of
-        its non-linear part), its seconds after the fit, and its wall time."""
+        its non-linear part), its seconds after the fit, its wall time, and of these its network set-up and what
+        cached features spared it."""
         fidelity = _fidelity(config)
         if self.predictor is None or fidelity is None or result.get("time_total_s") is None:
             return
         epochs = result.get("epochs_trained")
         if fidelity.epochs is not None and isinstance(epochs, (int, float)) and epochs >= 1:
             fidelity = replace(fidelity, epochs=int(epochs))
-        post_fit, extra = result.get("post_fit_seconds"), result.get("fit_extra_seconds")
-        self.predictor.observe(self.sizes.work(config["family"], config["params"], fidelity),
-                               float(result.get("fit_seconds", 0.0)), float(result["time_total_s"]),
-                               config["params"], None if post_fit is None else float(post_fit),
-                               None if extra is None else float(extra))
+
+        def seconds(key: str) -> float | None:
+            return None if result.get(key) is None else float(result[key])
+
+        times = TrialTimes(float(result.get("fit_seconds", 0.0)), float(result["time_total_s"]),
+                           eval_s=seconds("post_fit_seconds"), extra_s=seconds("fit_extra_seconds"),
+                           fit_setup_s=seconds("fit_setup_seconds") or 0.0,
+                           eval_setup_s=seconds("post_fit_setup_seconds") or 0.0,
+                           eval_network_s=seconds("post_fit_network_seconds"),
+                           fit_cached_s=seconds("fit_cache_saved_seconds") or 0.0,
+                           eval_cached_s=seconds("post_fit_cache_saved_seconds") or 0.0)
+        self.predictor.observe(self.sizes.work(config["family"], config["params"], fidelity), times,
+                               config["params"])
 
     def elapsed(self) -> float:
         """Seconds into the search, time spent before a resume included."""

@@ -45,6 +45,7 @@ def run_trial(spec: dict) -> dict:
     from automl_ad.evaluation.metrics import evaluate
     from automl_ad.evaluation.run import measure_costs
     from automl_ad.features.cache import FEATURE_TIMES
+    from automl_ad.features.runtime import SETUP_TIME
     from automl_ad.search.validation import PIXEL_CURVE_METRICS, quality, screening_validation
 
     torch.set_num_threads(max(1, int(spec.get("threads", 1))))
@@ -56,6 +57,7 @@ def run_trial(spec: dict) -> dict:
     far = float(spec.get("false_alarm_rate") or DEFAULT_FALSE_ALARM_RATE)
     pixel_curves = metric in PIXEL_CURVE_METRICS
     start = time.monotonic()
+    setup_at_start, saved_at_start = SETUP_TIME.seconds, FEATURE_TIMES.saved_s
     deadline, training_deadline = start + limit, start + SEARCH_TRAINING_SHARE * limit
     detector = create_detector(spec["family"], **spec["params"])
     validation = without_trained_kinds(validation, detector.trains_on_anomalies)  # never ranked on its training kinds
@@ -82,10 +84,12 @@ def run_trial(spec: dict) -> dict:
 
     detector.fit(train, on_epoch=on_epoch if detector.iterative else None, deadline=training_deadline)
     fitted_at = time.monotonic()
+    setup_at_fit, saved_at_fit = SETUP_TIME.seconds, FEATURE_TIMES.saved_s
     if fitted_at > deadline:
         raise TrialTimeout(f"fit took {detector.fit_seconds_:.0f} s, past the per-trial limit of "
                            f"{spec['timeout_s']:.0f} s")
     scores = detector.score_samples(validation)
+    network_s = time.monotonic() - fitted_at  # scoring and cost measurement run the network: they grow with pixels
     metrics = evaluate(validation.labels, scores.image_scores, scores.anomaly_maps, validation.masks(), far=far,
                        pixel_curves=pixel_curves)
     result = {"event": "result", "quality": quality(metrics, metric),
@@ -97,7 +101,9 @@ def run_trial(spec: dict) -> dict:
         ref_metrics = evaluate(reference.labels, ref.image_scores, ref.anomaly_maps, reference.masks(), far=far,
                                pixel_curves=pixel_curves)
         result.update({f"real_{k}": v for k, v in ref_metrics.items()}, real_quality=quality(ref_metrics, metric))
+    measuring = time.monotonic()
     cost = measure_costs(detector, validation, repeats=int(spec.get("latency_repeats", 10)))
+    network_s += time.monotonic() - measuring
     result.update(cost.to_dict())
     result["epochs_trained"] = detector.epochs_trained_
     result["training_cut_by_time"] = bool(cut) or detector.fit_cut_by_time_
@@ -110,6 +116,14 @@ def run_trial(spec: dict) -> dict:
     detector.save(out / "model")
     result["heatmaps"] = _heatmaps(validation, scores, out / "heatmaps")
     result["post_fit_seconds"] = time.monotonic() - fitted_at  # validation, cost measurement, saving
+    # for the cost predictor: network set-up (not scaled with the work), features the cache spared (work a later
+    # trial may have to do), the post-fit seconds that grow with the network's pixels (the rest, metrics and
+    # saving, grows with the validation images)
+    result.update(fit_setup_seconds=setup_at_fit - setup_at_start,
+                  post_fit_setup_seconds=SETUP_TIME.seconds - setup_at_fit,
+                  post_fit_network_seconds=max(0.0, network_s - (SETUP_TIME.seconds - setup_at_fit)),
+                  fit_cache_saved_seconds=saved_at_fit - saved_at_start,
+                  post_fit_cache_saved_seconds=FEATURE_TIMES.saved_s - saved_at_fit)
     return result
 
 
