@@ -204,6 +204,8 @@ SEARCH_QUICK_LOOK_SHARE = 0.1
 SEARCH_QUICK_LOOK_FULL_COST = 1.5
 #: Prior for the fixed seconds of a trial process (start, imports, cost measurement, saving) before any is measured.
 SEARCH_TRIAL_OVERHEAD_S = 15.0
+#: Training images whose sizes (headers only) the cost predictor averages its network pixels over.
+SEARCH_SIZE_SAMPLES = 32
 #: Prior training passes per image-epoch relative to one inference (forward + backward of a trained network).
 SEARCH_TRAINING_PASS_FACTOR = 3.0
 #: Metric of a search's run: the best validation quality of a complete trial that saved a model so far (full

@@ -155,6 +155,20 @@ def test_network_pixels_follow_input_size_and_tiles():
     assert network_pixels({"input_size": 256, "geometry": tiled}, (512, 1024)) == 8 * 256 ** 2
 
 
+def test_trial_sizes_tile_each_sampled_image_not_their_mean():
+    """One 1540x645 image in eight 1130x460 ones: the mean image is two 480-px tile rows high, but seven of the
+    eight images need one row of three tiles (the other two rows of four)."""
+    tiled = {"geometry": {"mode": "tile", "height": 480, "width": 512, "scale": 1.0, "overlap": 64,
+                          "pad": "reflect"}}
+    sampled = ((460, 1130),) * 7 + ((645, 1540),)
+    mean_hw = tuple(float(np.mean([hw[i] for hw in sampled])) for i in (0, 1))
+    sizes = TrialSizes(100, 20, mean_hw, sampled_hw=sampled)
+    tile = 480 * 512
+    assert network_pixels(tiled, mean_hw) == 6 * tile  # what the mean alone said
+    assert sizes.network_pixels(tiled) == pytest.approx((7 * 3 + 8) / 8 * tile)
+    assert TrialSizes(100, 20, (460, 1130)).network_pixels(tiled) == 3 * tile
+
+
 def _slow_predictor(seconds_per_unit: float) -> CostPredictor:
     predictor = CostPredictor(TRAITS)
     for family in TRAITS:

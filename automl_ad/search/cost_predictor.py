@@ -34,6 +34,7 @@ fidelity whose predicted time fits the trial's limit, or says why nothing does.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from statistics import median
@@ -327,16 +328,26 @@ class TrialPlan:
 class TrialSizes:
     """The search's data: training and validation images, and their mean height and width; the validation images
     a screening rung is ranked on (None: all); per family, the pixels its network processes for an input's
-    (:meth:`~automl_ad.detectors.base.Detector.scoring_pixels`; the input's own when a family is not listed)."""
+    (:meth:`~automl_ad.detectors.base.Detector.scoring_pixels`; the input's own when a family is not listed); the
+    sizes of a sample of the images (none: all are ``image_hw``)."""
 
     train_images: int
     validation_images: int
     image_hw: tuple[float, float]
     screen_validation_images: int | None = None
     scoring_pixels: dict[str, Callable[[dict, float], float]] = field(default_factory=dict, compare=False)
+    sampled_hw: tuple[tuple[int, int], ...] = ()
+
+    def network_pixels(self, params: dict) -> float:
+        """Network pixels per image of ``params``, averaged over the sampled images: a mix of sizes tiles as each
+        image does, not as their mean (on ball_screw 3% of the images are 1540x645; the mean of a sample that held
+        one was two 480-px tile rows high, the usual image one, and tiled trials were predicted at twice their
+        pixels)."""
+        counts = Counter(self.sampled_hw or [self.image_hw])
+        return sum(n * network_pixels(params, hw) for hw, n in counts.items()) / sum(counts.values())
 
     def work(self, family: str, params: dict, fidelity: Fidelity) -> Work:
-        pixels = network_pixels(params, self.image_hw)
+        pixels = self.network_pixels(params)
         scoring = self.scoring_pixels.get(family)
         return Work(family, fidelity.train_images, fidelity.validation_images or self.validation_images,
                     scoring(params, pixels) if scoring else pixels, fidelity.epochs)

@@ -101,6 +101,7 @@ from automl_ad.defaults import (
     SEARCH_QUICK_LOOK_SHARE,
     SEARCH_REDUCTION_FACTOR,
     SEARCH_REPORT_EVERY,
+    SEARCH_SIZE_SAMPLES,
     default_cache_dir,
 )
 from automl_ad.errors import UsageError
@@ -111,7 +112,6 @@ from automl_ad.search.cost_predictor import (
     FamilyTraits,
     TrialPlan,
     TrialSizes,
-    network_pixels,
     plan_trial,
     rungs,
 )
@@ -309,7 +309,7 @@ class Proposer:
         if len(geometries) < 2 or geometries[0] == geometries[1]:
             return []
         others = [g for g in geometries[2:] if g not in geometries[:2]]
-        return [geometries[0], *sorted(others, key=lambda g: network_pixels({"geometry": g}, self.sizes.image_hw))]
+        return [geometries[0], *sorted(others, key=lambda g: self.sizes.network_pixels({"geometry": g}))]
 
     def _geometry_starts(self, earlier) -> list[tuple[str, dict]]:
         """(family, geometry) warm-start trials, in order. The *probe* (the family whose default is predicted
@@ -1115,17 +1115,17 @@ def family_traits(families: list[str]) -> dict[str, FamilyTraits]:
 
 
 def trial_sizes(search_data, families: list[str]) -> TrialSizes:
-    """Training and validation image counts of a search, the mean size of a few of its images (headers only) and
-    the families' network pixels per input."""
+    """Training and validation image counts of a search, the sizes of some of its images (headers only) and their
+    mean, and the families' network pixels per input."""
     from PIL import Image
 
     from automl_ad.detectors import detector_class
 
     images = search_data.train
     sizes = []
-    for i in range(0, len(images), max(1, len(images) // 8)):
+    for i in range(0, len(images), max(1, len(images) // SEARCH_SIZE_SAMPLES)):
         if images.arrays is not None:
-            sizes.append(images.arrays[i].shape[:2])
+            sizes.append(tuple(images.arrays[i].shape[:2]))
         else:
             with Image.open(images.paths[i]) as image:
                 sizes.append((image.height, image.width))
@@ -1133,7 +1133,7 @@ def trial_sizes(search_data, families: list[str]) -> TrialSizes:
     screened = screening_validation(search_data.validation)
     return TrialSizes(len(search_data.train), len(search_data.validation), (float(height), float(width)),
                       None if screened is None else len(screened),
-                      {f: detector_class(f).scoring_pixels for f in families})
+                      {f: detector_class(f).scoring_pixels for f in families}, tuple(sizes))
 
 
 def family_scheduler():
