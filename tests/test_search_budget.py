@@ -507,10 +507,11 @@ def test_a_screening_trial_fits_its_share_of_the_budget_with_fewer_epochs_not_th
 
 def test_the_quick_look_runs_every_default_cheapest_first_and_the_geometry_after_its_family_default():
     """Anytime: every default, cheapest first, and the recommended geometry right after the default of the family
-    cheapest with it (gaussian reads no geometry), on the fewest images; never promoted. Then the geometry runs in
-    full before the other defaults (its family's cost is measured). Gaussian at 128 px costs little more on all
-    images than on the fewest: it runs on all, as its warm start; the wide geometry and STPM (scoring weighs more
-    in them) on 1/3 of them."""
+    cheapest with it (gaussian reads no geometry), on the fewest images. The defaults' quick looks are never
+    promoted (the warm start runs them in full); the geometry's is the family's warm-start geometry trial, not run
+    again at its rung (on ball_screw it was, 20 s for nothing) but promoted in full when it beats every full trial.
+    Gaussian at 128 px costs little more on all images than on the fewest: it runs on all, as its warm start; the
+    wide geometry and STPM (scoring weighs more in them) on 1/3 of them."""
     predictor = _slow_predictor(2.0)
     sizes = TrialSizes(270, 30, (460, 1130))
     wide = {"mode": "letterbox", "height": 224, "width": 512, "scale": None, "overlap": 0, "pad": "reflect"}
@@ -523,13 +524,14 @@ def test_the_quick_look_runs_every_default_cheapest_first_and_the_geometry_after
     proposer = Proposer(request, spaces, defaults, predictor=predictor, sizes=sizes, deadline=time.monotonic() + 3600)
     assert proposer._default_cost("gaussian", None, 2) < proposer._default_cost("padim", None, 2)
     study = _study()
-    proposals = _proposals(proposer, (0.7, 0.95, 0.6, 0.5, 0.9, 0.5), study)
+    proposals = _proposals(proposer, (0.7, 0.8, 0.95, 0.5, 0.9, 0.5), study)
     seen = [(p["family"], p["default"], p["params"].get("geometry"), p["fidelity"]["rung"]) for p in proposals]
     assert seen[:4] == [("gaussian", True, None, 0), ("padim", False, None, 2), ("padim", False, wide, 1),
                         ("stpm", False, None, 1)]
     assert [t.user_attrs["quick_look"][0] for t in study.trials[:4]] == ["gaussian", "padim", "padim", "stpm"]
-    assert seen[4] == ("padim", False, wide, 0) and study.trials[4].user_attrs["geometry_start"][0] == "padim"
-    assert seen[5][:2] == ("stpm", True) and seen[5][3] == 0  # the warm start: no promotion of the quick look
+    assert study.trials[2].user_attrs["geometry_start"][0] == "padim"
+    assert seen[4] == ("padim", False, wide, 0) and study.trials[4].user_attrs["promoted_from"] == 2
+    assert seen[5][:2] == ("stpm", True) and seen[5][3] == 0  # the warm start: no promotion of the defaults
     # a run on more images is chosen within 1.5x the fewest's cost, but its limit comes from the time left
     assert proposals[0]["timeout_s"] == pytest.approx(2 * proposals[0]["predicted_s"] + 30.0)
     assert proposer._promotions(study.trials) == []

@@ -9,8 +9,9 @@ How trials are proposed (define-by-run, :class:`Proposer`):
    its own default. Each runs only when predicted to end within that time. A default that ran on all images is
    the family's warm-start default; the others are screened models like any other (the search keeps the best of
    them if nothing beats it) and take no part in promotions (the warm start runs those
-   defaults in full next). So a model close to the final best exists early, and every family's cost is measured
-   before the full runs are planned.
+   defaults in full next). The geometry's trial is its family's warm-start geometry trial at whatever fidelity
+   it ran, promoted like any screening trial. So a model close to the final best exists early, and every
+   family's cost is measured before the full runs are planned.
 1. **Warm start.** The first trial of every family is its default configuration (defaults from the detector, the
    backbone narrowed to what fits the latency budget and has weights), highest prior first. When the recommendation
    chose an input geometry other than the default squash (wide images, small defects), a *probe* family (the one
@@ -260,7 +261,8 @@ class Proposer:
         search does not go back to it). It runs on the fewest training images, or on more (all, else 1/η) when
         that is predicted to cost at most ``SEARCH_QUICK_LOOK_FULL_COST`` × as much: not at the fidelity an equal
         share of the time affords, because then one misjudged family eats the quick look. A default on all images
-        is the family's warm-start default, a geometry on all images its warm-start geometry trial."""
+        is the family's warm-start default; a geometry is its warm-start geometry trial at any fidelity (on
+        ball_screw the warm start ran the quick look's tiled PaDiM on 1/3 of the images again)."""
         left = self.quick_look_end - time.monotonic()
         if left <= 0 or any(not t.user_attrs.get("quick_look") for t in earlier):
             return None
@@ -277,7 +279,7 @@ class Proposer:
                                   within_s=min(left, SEARCH_QUICK_LOOK_FULL_COST * plan.prediction.total_s))
                 plan = plan if more.skip is not None else more
                 trial.set_user_attr("quick_look", list(key))
-                if geometry is not None and plan.fidelity.full:  # the warm start does not run it again
+                if geometry is not None:  # the warm start does not run it again; promotions take it up
                     trial.set_user_attr("geometry_start", list(key))
                 return self._config(trial, family, params, geometry is None and plan.fidelity.full, plan)
         return None
@@ -471,16 +473,16 @@ class Proposer:
         return plan.skip is None and plan.fidelity.rung == rung
 
     def _promotions(self, earlier) -> list[tuple[int, str, dict, int]]:
-        """Completed screening trials (the quick look's excepted) not yet promoted that are in the top 1/η of their
-        rung (ASHA's rule: one per η trials there) or already beat every full-fidelity trial (fewer training images
-        rarely flatter a model): (number, family, parameters, next rung up), lowest rung first. Before any trial
-        completed at full fidelity, only the best screening trial so far (the quick look's included) counts as
-        beating them: on ball_screw a template screened at 0.62 was otherwise promoted to all images, ahead of every
-        other default, while PatchCore's quick look had 0.81."""
+        """Completed screening trials (the quick look's defaults excepted) not yet promoted that are in the top 1/η
+        of their rung (ASHA's rule: one per η trials there) or already beat every full-fidelity trial (fewer
+        training images rarely flatter a model): (number, family, parameters, next rung up), lowest rung first.
+        Before any trial completed at full fidelity, only the best screening trial so far (the quick look's
+        included) counts as beating them: on ball_screw a template screened at 0.62 was otherwise promoted to all
+        images, ahead of every other default, while PatchCore's quick look had 0.81."""
         promoted = {t.user_attrs.get("promoted_from") for t in earlier}
         complete = _complete(earlier)
         done = [t for t in complete if t.user_attrs.get("rung", 0) > 0 and "params" in t.user_attrs
-                and not t.user_attrs.get("quick_look")]
+                and not (t.user_attrs.get("quick_look") and not t.user_attrs.get("geometry_start"))]
         full = [t.values[0] for t in complete if not t.user_attrs.get("rung")]
 
         def beats_full(quality: float) -> bool:
