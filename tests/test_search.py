@@ -191,9 +191,11 @@ def test_a_screening_trial_is_ranked_on_part_of_the_validation(tmp_path, mvtec_d
 
 def test_a_trial_reports_its_network_set_up_apart_from_its_work(tmp_path, mvtec_dir):
     """Set-up seconds (building networks, exporting graphs, opening sessions) are part of the fit and of what
-    follows it, and reported apart so that the cost predictor does not scale them with the images."""
-    result = _stpm_trial(tmp_path, mvtec_dir, params={"epochs": 1})
+    follows it, and reported apart so that the cost predictor does not scale them with the images; so is the
+    fit's scoring of the validation between epochs (here after epochs 1 and 2 of 3)."""
+    result = _stpm_trial(tmp_path, mvtec_dir, params={"epochs": 3}, report_every=1)
     assert 0 <= result["fit_setup_seconds"] <= result["fit_seconds"] + 0.5  # the detector is built just before
+    assert 0 < result["interim_scoring_seconds"] < result["fit_seconds"]
     assert 0 < result["post_fit_setup_seconds"] <= result["post_fit_seconds"]  # the scoring graph is exported
     assert result["fit_cache_saved_seconds"] >= 0 and result["post_fit_cache_saved_seconds"] >= 0
 

@@ -70,7 +70,7 @@ def test_unmeasured_family_uses_the_machine_speed_for_fitting_and_the_measured_e
     predictor = CostPredictor(TRAITS)
     work = Work("padim", 100, 20, 256 ** 2, None)
     before = predictor.predict(work, {"backbone": "resnet18"})
-    stpm = Work("stpm", 100, 40, 128 ** 2, 10)
+    stpm = Work("stpm", 100, 40, 128 ** 2, 1)  # one epoch: no interim scoring in its fit
     model = predictor.predict(stpm, {"backbone": "resnet18"})
     fit, evaluation = 5 * model.fit_s, 3 * model.eval_s  # this machine fits 5x slower than modelled
     predictor.observe(stpm, TrialTimes(fit, fit + evaluation + model.overhead_s, eval_s=evaluation),
@@ -131,13 +131,18 @@ def test_set_up_seconds_are_not_scaled_with_the_work_and_cached_features_count_a
     assert other.fit_setup_s == pytest.approx(3.0)  # an unmeasured family: the set-up measured on the others
 
 
-def test_an_iterative_family_pays_its_set_up_once_when_its_epochs_are_cut():
+def test_an_iterative_fit_is_set_up_epochs_and_interim_scoring():
+    """10 epochs: 10 s of set-up (paid once when the epochs are cut), 2 s per epoch, and the validation scored
+    after epochs 2, 4, 6 and 8 (5 s each, like the final evaluation; not after the last)."""
     predictor = CostPredictor(TRAITS)
     work = Work("stpm", 100, 20, 256 ** 2, 10)
-    predictor.observe(work, TrialTimes(30.0, 40.0, eval_s=5.0, fit_setup_s=10.0), {"backbone": "resnet18"})
+    predictor.observe(work, TrialTimes(50.0, 60.0, eval_s=5.0, fit_setup_s=10.0, interim_s=20.0),
+                      {"backbone": "resnet18"})
+    assert predictor.predict(work).fit_s == pytest.approx(50.0)
+    assert predictor.predict(Work("stpm", 100, 20, 256 ** 2, 21)).fit_s == pytest.approx(10.0 + 42.0 + 10 * 5.0)
     sizes = TrialSizes(100, 20, (256, 256))
     plan = plan_trial(predictor, sizes, "stpm", {"epochs": 10, "backbone": "resnet18"}, math.inf,
-                      within_s=(10.0 + 2.0 * 5.5) / SEARCH_TRAINING_SHARE)  # room for the set-up and 5.5 epochs
+                      within_s=(10.0 + 4.0 * 5.5) / SEARCH_TRAINING_SHARE)  # set-up and 5.5 epochs (interim averaged)
     assert plan.skip is None and plan.fidelity.rung == 0 and plan.fidelity.epochs == 5
 
 
@@ -546,7 +551,7 @@ def test_a_quick_look_geometry_on_all_images_is_not_run_again_by_the_warm_start(
     request = SearchRequest(data=".", families=families, priors={"stpm": 0.9, "padim": 0.8}, budget_s=3600,
                             geometries=[wide, square])
     spaces = {f: load_space(f).with_geometries(request.geometries) for f in families}
-    proposer = Proposer(request, spaces, {"stpm": {"epochs": 20}, "padim": {}}, predictor=predictor,
+    proposer = Proposer(request, spaces, {"stpm": {"epochs": 2}, "padim": {}}, predictor=predictor,
                         sizes=TrialSizes(270, 30, (460, 1130)), deadline=time.monotonic() + 3600)
     proposals = _proposals(proposer, (0.8, 0.9, 0.78, 0.5))
     seen = [(p["family"], p["params"].get("geometry"), p["fidelity"]["rung"]) for p in proposals]

@@ -127,6 +127,7 @@ class SearchCallback(Callback):
         times = TrialTimes(float(result.get("fit_seconds", 0.0)), float(result["time_total_s"]),
                            eval_s=seconds("post_fit_seconds"), extra_s=seconds("fit_extra_seconds"),
                            fit_setup_s=seconds("fit_setup_seconds") or 0.0,
+                           interim_s=seconds("interim_scoring_seconds") or 0.0,
                            eval_setup_s=seconds("post_fit_setup_seconds") or 0.0,
                            eval_network_s=seconds("post_fit_network_seconds"),
                            fit_cached_s=seconds("fit_cache_saved_seconds") or 0.0,

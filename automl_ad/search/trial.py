@@ -66,16 +66,18 @@ def run_trial(spec: dict) -> dict:
         validation = validation.subset(screened)
     every = max(1, int(spec.get("report_every", 1)))
     planned_epochs = getattr(detector, "epochs", None)
-    cut = {}
+    cut, interim = {}, {"seconds": 0.0}  # interim: scoring the validation between epochs (part of the fit)
 
     def on_epoch(epoch: int, metrics: dict) -> bool:
         event = {"event": "epoch", "epoch": epoch + 1, "loss": metrics["loss"]}
         last = planned_epochs is not None and epoch + 1 >= int(planned_epochs)  # the final evaluation follows
         if "score" in metrics and (epoch + 1) % every == 0 and not last:
+            scoring = time.monotonic()
             scores = metrics["score"](validation)
             event["quality"] = quality(evaluate(validation.labels, scores.image_scores, scores.anomaly_maps,
                                                 validation.masks(), far=far,
                                                 pixel_curves=pixel_curves), metric)
+            interim["seconds"] += time.monotonic() - scoring
         _emit(event)
         if time.monotonic() > training_deadline:  # out of training time: evaluate what was learnt so far
             cut["epoch"] = epoch + 1
@@ -116,10 +118,10 @@ def run_trial(spec: dict) -> dict:
     detector.save(out / "model")
     result["heatmaps"] = _heatmaps(validation, scores, out / "heatmaps")
     result["post_fit_seconds"] = time.monotonic() - fitted_at  # validation, cost measurement, saving
-    # for the cost predictor: network set-up (not scaled with the work), features the cache spared (work a later
-    # trial may have to do), the post-fit seconds that grow with the network's pixels (the rest, metrics and
-    # saving, grows with the validation images)
-    result.update(fit_setup_seconds=setup_at_fit - setup_at_start,
+    # for the cost predictor: network set-up (not scaled with the work), the fit's interim scoring (grows with the
+    # validation, not the training images), features the cache spared (work a later trial may have to do), the
+    # post-fit seconds that grow with the network's pixels (the rest, metrics and saving, grows with the images)
+    result.update(fit_setup_seconds=setup_at_fit - setup_at_start, interim_scoring_seconds=interim["seconds"],
                   post_fit_setup_seconds=SETUP_TIME.seconds - setup_at_fit,
                   post_fit_network_seconds=max(0.0, network_s - (SETUP_TIME.seconds - setup_at_fit)),
                   fit_cache_saved_seconds=saved_at_fit - saved_at_start,

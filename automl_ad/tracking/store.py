@@ -33,8 +33,8 @@ TRIAL_METRICS = ("quality", "real_quality", "throughput", "memory_mb", "fit_seco
                  "post_fit_seconds", "latency_ms_p50", "latency_ms_p95", "throughput_ips", "peak_rss_mb_fit",
                  "peak_rss_mb_score", "model_mb", "epochs_trained", "training_cut_by_time", "wall_seconds",
                  "features_computed_images", "features_computed_s", "features_loaded_images", "features_loaded_s",
-                 "features_saved_s", "fit_setup_seconds", "post_fit_setup_seconds", "post_fit_network_seconds",
-                 "fit_cache_saved_seconds", "post_fit_cache_saved_seconds")
+                 "features_saved_s", "fit_setup_seconds", "interim_scoring_seconds", "post_fit_setup_seconds",
+                 "post_fit_network_seconds", "fit_cache_saved_seconds", "post_fit_cache_saved_seconds")
 #: Failure reason of a trial that was running when its search process was killed; such a trial runs again.
 INTERRUPTED = "interrupted (search process killed)"
 #: Longest wait for another process that is creating the same SQLite store.
