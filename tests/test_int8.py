@@ -123,6 +123,20 @@ def test_save_load_scores_identically_without_recalibrating(family, fitted, sets
     np.testing.assert_array_equal(loaded.score_samples(test).anomaly_maps, detector.score_samples(test).anomaly_maps)
 
 
+@pytest.mark.parametrize("family", ["fastflow", "simplenet", "deep_svdd", "ocsvm"])
+def test_every_family_searching_int8_loads_what_it_saved(family, sets, tmp_path):
+    """Families that restore their whole state dict must not see the int8 network among their arrays."""
+    train, test = sets
+    params = {**detector_class(family).test_params, "backbone": BUILTIN_BACKBONE, "pretrained": True,
+              "input_size": SIZE, "device": "cpu", "precision": "int8"}
+    detector = create_detector(family, **params).fit(train)
+    detector.save(tmp_path)
+    loaded = Detector.load(tmp_path)
+    assert loaded.int8_backbone_ == detector.int8_backbone_
+    np.testing.assert_allclose(loaded.score_samples(test).image_scores, detector.score_samples(test).image_scores,
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_saved_state_must_match_precision(fitted, tmp_path):
     fitted["padim", "int8"].save(tmp_path)
     record = json.loads((tmp_path / "detector.json").read_text())

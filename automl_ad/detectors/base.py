@@ -324,7 +324,9 @@ class Detector(BaseEstimator):
         return {}
 
     def _restore_shared(self, tensors: dict[str, np.ndarray]) -> None:
-        """Restore :meth:`_shared_tensors` (called by ``load`` before ``_restore``)."""
+        """Restore :meth:`_shared_tensors` and take them out of ``tensors`` (called by ``load`` before
+        ``_restore``, which gets the family's own arrays only: a FastFlow saved at int8 failed to load, its
+        state dict holding the int8 network)."""
 
     # --- helpers ----------------------------------------------------------------------------------------------
     @classmethod

@@ -170,7 +170,7 @@ class BackboneDetector(Detector):
         return {INT8_BACKBONE_TENSOR: np.frombuffer(self.int8_backbone_, dtype=np.uint8)}
 
     def _restore_shared(self, tensors: dict[str, np.ndarray]) -> None:
-        stored = tensors.get(INT8_BACKBONE_TENSOR)
+        stored = tensors.pop(INT8_BACKBONE_TENSOR, None)
         self.int8_backbone_ = None if stored is None else stored.tobytes()
         if (self._precision() == "int8") != (stored is not None):
             raise AutomlAdError(f"{self.name}: the saved state {'has' if stored is not None else 'lacks'} an int8 "
