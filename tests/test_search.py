@@ -208,3 +208,27 @@ def test_gpu_search_space_has_no_int8():
     gpu = cpu.for_gpu()
     assert next(p.choices for p in gpu.parameters if p.name == "precision") == ("fp32",)
     assert [p.name for p in gpu.parameters] == [p.name for p in cpu.parameters]
+
+
+def test_a_model_the_synthetic_comparison_cannot_score_is_named_and_left_out(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from automl_ad.search import engine
+
+    runs = [SimpleNamespace(data=SimpleNamespace(metrics={"quality": 0.9}, tags={"trial": name}),
+                            info=SimpleNamespace(run_id=f"run-{name}")) for name in ("good", "broken")]
+    for name in ("good", "broken"):
+        (tmp_path / "trials" / name / "model").mkdir(parents=True)
+    logged, said = {}, []
+    tracker = SimpleNamespace(trials=lambda parent: runs, log_metrics=lambda run_id, m: logged.update({run_id: m}))
+
+    def comparison(model_dir, reference, metric, far):
+        if "broken" in str(model_dir):
+            raise RuntimeError("Unexpected key(s) in state_dict")
+        return {"synthetic_quality": 0.8}
+
+    monkeypatch.setattr("automl_ad.search.validation.synthetic_comparison", comparison)
+    request = SimpleNamespace(metric="combined", false_alarm_rate=0.01)
+    engine._compare_on_synthetic(tracker, "parent", tmp_path, [0] * 5, request, said.append)
+    assert logged == {"run-good": {"synthetic_quality": 0.8}}
+    assert "trial broken (RuntimeError: Unexpected key(s) in state_dict)" in said[-1]

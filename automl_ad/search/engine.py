@@ -900,7 +900,8 @@ def _keep_a_model(tracker, parent: str, elapsed_s: float, say) -> None:
 def _compare_on_synthetic(tracker, parent: str, work_dir: Path, reference, request: SearchRequest, say) -> None:
     """``--compare-synthetic``: every trial with a saved model scored on the synthetic anomalies, after the budget
     (trials never pay for it, so the search runs as it would for a user); trials that have the scores (a resumed
-    search) are skipped."""
+    search) are skipped, and a model that cannot be scored is named and left out (one int8 FastFlow that did not
+    load ended a magnetic_tile search with a traceback)."""
     from automl_ad.progress import track
     from automl_ad.search.validation import synthetic_comparison
 
@@ -911,10 +912,18 @@ def _compare_on_synthetic(tracker, parent: str, work_dir: Path, reference, reque
         return
     say(f"--compare-synthetic: scoring {len(runs)} trials' models on {len(reference)} validation images with "
         "synthetic anomalies (after the budget) ...")
+    failed = []
     for run in track(runs, "synthetic comparison"):
-        metrics = synthetic_comparison(work_dir / "trials" / run.data.tags["trial"] / "model", reference,
-                                       request.metric, request.false_alarm_rate)
+        try:
+            metrics = synthetic_comparison(work_dir / "trials" / run.data.tags["trial"] / "model", reference,
+                                           request.metric, request.false_alarm_rate)
+        except Exception as error:  # noqa: BLE001 - one model that cannot be scored must not cost the others theirs
+            failed.append(f"trial {run.data.tags['trial']} ({type(error).__name__}: {error})")
+            continue
         tracker.log_metrics(run.info.run_id, metrics)
+    if failed:
+        say(f"--compare-synthetic: {len(failed)} model(s) could not be scored and are left out of the comparison: "
+            + "; ".join(failed))
 
 
 def _log_best_quality_plot(tracker, parent: str) -> None:
