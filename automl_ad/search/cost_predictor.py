@@ -149,7 +149,8 @@ class CostPredictor:
         self._overheads: list[float] = []  # measured fixed seconds of a trial process (every trial)
         # per family: (estimated extra fit seconds, measured / estimated) of each trial that reported them
         self._extra_scales: dict[str, list[tuple[float, float]]] = {}
-        self._setups: dict[str, list[tuple[float, float]]] = {}  # per family: (fit, evaluation) set-up seconds
+        self._fit_setups: dict[str, list[float]] = {}  # set-up seconds of the fit, per family
+        self._eval_setups: dict[str, list[float]] = {}  # set-up seconds after the fit, per family
 
     # --- learning ---------------------------------------------------------------------------------------------
     def observe(self, work: Work, times: TrialTimes, params: dict | None = None) -> None:
@@ -162,7 +163,8 @@ class CostPredictor:
             eval_s = max(0.0, times.wall_s - times.fit_s - self.overhead_s())
         else:
             self._overheads.append(max(0.0, times.wall_s - times.fit_s - eval_s))
-        self._setups.setdefault(work.family, []).append((times.fit_setup_s, times.eval_setup_s))
+        self._fit_setups.setdefault(work.family, []).append(times.fit_setup_s)
+        self._eval_setups.setdefault(work.family, []).append(times.eval_setup_s)
         estimate = self._extra_fit_s(work, params)
         extra_s = times.extra_s if times.extra_s is not None and times.extra_s >= 0 else None
         if extra_s is not None and estimate > 0:
@@ -202,11 +204,11 @@ class CostPredictor:
         params = params or {}
         prior = self._prior(work, params)
         extra = self._expected_extra_s(work, params)
-        fit_setup, eval_setup = self._setup_s(work.family)
-        own = self._eval_rates.get(work.family)
-        eval_rate = median(own) if own else _median_of_medians(self._eval_rates)
-        own = self._eval_image_rates.get(work.family)
-        image_rate = median(own) if own else _median_of_medians(self._eval_image_rates)
+        # set-up: the cost model's prior has none
+        fit_setup = _own_else_machine(self._fit_setups, work.family) or 0.0
+        eval_setup = _own_else_machine(self._eval_setups, work.family) or 0.0
+        eval_rate = _own_else_machine(self._eval_rates, work.family)
+        image_rate = _own_else_machine(self._eval_image_rates, work.family)
         evaluation = prior.eval_s if eval_rate is None else \
             eval_rate * work.eval_units + (image_rate or 0.0) * work.validation_images
         interim = _interim_evaluations(work.epochs) * evaluation  # during the fit
@@ -226,16 +228,6 @@ class CostPredictor:
             prediction = Prediction(prediction.fit_s * scale, prediction.eval_s * scale, prediction.overhead_s,
                                     f"{prediction.basis}, raised: timed out before", prediction.fit_setup_s)
         return prediction
-
-    def _setup_s(self, family: str) -> tuple[float, float]:
-        """(fit, evaluation) set-up seconds: the family's median measured, else the median over families (one vote
-        each), else none (the cost model's prior has no set-up term)."""
-        own = self._setups.get(family)
-        if own:
-            return median(s for s, _ in own), median(s for _, s in own)
-        fits = {f: [s for s, _ in v] for f, v in self._setups.items()}
-        evals = {f: [s for _, s in v] for f, v in self._setups.items()}
-        return _median_of_medians(fits) or 0.0, _median_of_medians(evals) or 0.0
 
     def _extra_fit_s(self, work: Work, params: dict) -> float:
         """The family's estimate of its fit seconds beyond the linear work (see the module docstring)."""
@@ -270,6 +262,13 @@ def _interim_evaluations(epochs: int | None) -> int:
     """How often a trial of ``epochs`` scores the validation images between epochs (every
     ``SEARCH_REPORT_EVERY``, not after the last: the final evaluation follows)."""
     return max(0, int(epochs) - 1) // SEARCH_REPORT_EVERY if epochs else 0
+
+
+def _own_else_machine(values: dict[str, list[float]], family: str) -> float | None:
+    """``family``'s median measurement, else the median over the measured families (one vote each); None before
+    any measurement."""
+    own = values.get(family)
+    return median(own) if own else _median_of_medians(values)
 
 
 def _median_of_medians(values: dict[str, list[float]]) -> float | None:
