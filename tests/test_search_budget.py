@@ -337,10 +337,10 @@ def test_a_trial_reporting_its_last_epoch_goes_on_to_validate():
 
 def test_patchcore_fits_add_the_coreset_seconds_to_the_linear_work():
     """PatchCore's coreset compares training patches with each other: ratio x N steps over N patches. Measured once,
-    the linear part scales with the pixels and the coreset part with their square (PaDiM's fit stays linear)."""
+    the linear part scales with the pixels and the coreset part with their square (Deep SVDD's fit stays linear)."""
     from automl_ad.search.engine import family_traits
 
-    traits = family_traits(["patchcore", "padim"])
+    traits = family_traits(["patchcore", "deep_svdd"])
     sizes = TrialSizes(100, 20, (256, 256))
     predictor = CostPredictor(traits)
     fidelity = Fidelity(0, 1.0, 100)
@@ -348,13 +348,34 @@ def test_patchcore_fits_add_the_coreset_seconds_to_the_linear_work():
     coreset = {name: traits["patchcore"].extra_fit_s(100, network_pixels(p, (256, 256)), p)
                for name, p in (("small", small), ("big", big))}
     assert coreset["big"] == pytest.approx(4 * coreset["small"], rel=0.02) and coreset["small"] > 0
-    assert traits["padim"].extra_fit_s(100, 256 ** 2, small) == 0
-    for family in ("patchcore", "padim"):
+    assert traits["deep_svdd"].extra_fit_s(100, 256 ** 2, small) == 0
+    for family in ("patchcore", "deep_svdd"):
         fit = 40.0 + (family == "patchcore") * coreset["small"]
         predictor.observe(sizes.work(family, small, fidelity), TrialTimes(fit, 100.0), small)
     patchcore = predictor.predict(sizes.work("patchcore", big, fidelity), big).fit_s
-    padim = predictor.predict(sizes.work("padim", big, fidelity), big).fit_s
-    assert patchcore == pytest.approx(80.0 + coreset["big"], rel=0.02) and padim == pytest.approx(80.0, rel=0.02)
+    deep_svdd = predictor.predict(sizes.work("deep_svdd", big, fidelity), big).fit_s
+    assert patchcore == pytest.approx(80.0 + coreset["big"], rel=0.02) and deep_svdd == pytest.approx(80.0, rel=0.02)
+
+
+def test_padim_fits_add_its_gaussians_which_grow_with_the_channels_kept(mvtec_dir):
+    """PaDiM's covariance products grow with D² per patch and its inverses with D³ per grid position of one input
+    (a tile's grid, not the image's), not with the pixels alone; a fit reports the seconds they took."""
+    from automl_ad.data import open_dataset
+    from automl_ad.data.imageset import ImageSet
+    from automl_ad.detectors import create_detector
+    from automl_ad.search.engine import family_traits
+
+    extra = family_traits(["padim"])["padim"].extra_fit_s
+    base = {"backbone": "mobilenetv2_100", "feature_strides": [8, 16]}  # 32 + 96 channels
+    assert extra(100, 256 ** 2, base) == pytest.approx(extra(100, 256 ** 2, {**base, "n_features": 64}))
+    assert 4 < extra(100, 256 ** 2, {**base, "n_features": 128}) / extra(100, 256 ** 2, base) < 8
+    tile = {**base, "geometry": {"mode": "tile", "height": 256, "width": 256, "scale": 1.0, "overlap": 0}}
+    one, four = extra(100, 256 ** 2, tile), extra(100, 4 * 256 ** 2, tile)  # four tiles per image: inverses alike
+    assert one < four < 4 * one
+    data = open_dataset(mvtec_dir)
+    padim = create_detector("padim", **create_detector("padim").test_params).fit(ImageSet.from_records(data.normal,
+                                                                                                        data))
+    assert 0 < padim.fit_extra_seconds_ < padim.fit_seconds_
 
 
 def test_a_default_without_epochs_is_planned_with_the_family_default_epochs():

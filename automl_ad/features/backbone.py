@@ -347,6 +347,22 @@ class FeatureExtractor:
         return [level[0] if len(level) == 1 else np.concatenate(level) for level in levels]
 
 
+@lru_cache(maxsize=16)
+def feature_channels(backbone: str, strides: tuple[int, ...]) -> tuple[int, ...]:
+    """Channels of ``backbone``'s feature maps at ``strides``, read from its architecture alone (built on the meta
+    device: no weights, no memory, milliseconds). Unknown strides raise ``ValueError``."""
+    import timm
+    import torch
+
+    with torch.device("meta"):
+        info = timm.create_model(backbone, pretrained=False, features_only=True).feature_info
+    reductions = info.reduction()
+    missing = [s for s in strides if s not in reductions]
+    if missing:
+        raise ValueError(f"backbone {backbone} has feature strides {reductions}; {missing} are not among them")
+    return tuple(info.channels()[reductions.index(s)] for s in strides)
+
+
 @lru_cache(maxsize=4)
 def _extractor(spec: BackboneSpec, device: str) -> FeatureExtractor:
     return FeatureExtractor(spec, device)

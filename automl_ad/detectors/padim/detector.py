@@ -18,9 +18,13 @@
 from __future__ import annotations
 
 import logging
+import math
+import time
+from functools import cache
 
 import numpy as np
 
+from automl_ad.data.geometry import Geometry
 from automl_ad.data.imageset import ImageSet
 from automl_ad.detectors.base import EpochCallback
 from automl_ad.detectors.feature_based import BACKBONE_CONSTRAINTS
@@ -28,6 +32,7 @@ from automl_ad.detectors.graph_based import BackboneGraphDetector
 from automl_ad.detectors.padim.graph import PadimEmbedding, PadimHead
 from automl_ad.detectors.parameters import NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT
 from automl_ad.detectors.registry import register_detector
+from automl_ad.features.backbone import feature_channels
 
 log = logging.getLogger(__name__)
 
@@ -62,13 +67,9 @@ class Padim(BackboneGraphDetector):
             return embed(*[torch.from_numpy(f) for f in features]).contiguous()
 
     def _feature_count(self, total: int) -> int:
-        """Channels kept of ``total``: ``n_features`` (all when fewer exist), by default ``PAPER_FEATURES`` but at
-        most half of them (module docstring)."""
-        if self.n_features is None:
-            return max(1, min(PAPER_FEATURES, total // 2))
-        if self.n_features > total:
+        if self.n_features is not None and self.n_features > total:
             log.info("%s: n_features=%d > %d available channels; using all", self.name, self.n_features, total)
-        return min(int(self.n_features), total)
+        return feature_count(self.n_features, total)
 
     # --- fit --------------------------------------------------------------------------------------------------
     def _fit(self, train: ImageSet, on_epoch: EpochCallback | None) -> None:
@@ -80,6 +81,7 @@ class Padim(BackboneGraphDetector):
         rng = np.random.default_rng(self.seed)
         self.channels_ = np.sort(rng.choice(total, size=count, replace=False)).astype(np.int64)
         self.feature_shape_ = _finest_grid(features)
+        started = time.perf_counter()
         mean, covariance = _streamed_moments(self, features)
         positions = len(mean)
         regulariser = self.epsilon * torch.eye(count, dtype=torch.float64)
@@ -87,10 +89,32 @@ class Padim(BackboneGraphDetector):
         chunk = max(1, _CHUNK_VALUES // (count * count))  # positions per step, bounds the float64 copies
         for start in range(0, positions, chunk):
             inverse[start:start + chunk] = _spd_inverse(covariance[start:start + chunk] + regulariser, start).float()
+        self.fit_extra_seconds_ = time.perf_counter() - started
         self.mean_ = mean.float().numpy()
         self.inv_covariance_ = inverse.numpy()
         log.info("%s: %d Gaussians of %d dimensions from %d images", self.name, len(self.mean_), count,
                  len(features[0]))
+
+    @classmethod
+    def extra_fit_seconds(cls, train_images: int, network_pixels: float, params: dict) -> float:
+        """The Gaussians (step 2), which grow with the square and cube of the channels kept, not with the pixels
+        alone: a D x D covariance product per training input and grid position, and a D³ inverse per position of
+        one network input (a tile's grid; all tiles of a position share its Gaussian), at the seconds measured on
+        this machine (a 277-channel PaDiM at strides 4, 8 and 16 ran 2.4x over a prediction linear in pixels)."""
+        defaults = cls()
+        strides = tuple(params.get("feature_strides", defaults.feature_strides))
+        try:
+            total = sum(feature_channels(params.get("backbone", defaults.backbone), strides))
+        except (RuntimeError, ValueError):  # an unknown backbone or stride: the trial itself reports it
+            return 0.0
+        dim = feature_count(params.get("n_features", defaults.n_features), total)
+        side = int(params.get("input_size", defaults.input_size))
+        height, width = Geometry.from_dict(params["geometry"]).input_hw if isinstance(params.get("geometry"), dict) \
+            else (side, side)
+        stride = min(strides)
+        positions = math.ceil(height / stride) * math.ceil(width / stride)
+        product_s, inverse_s = _gaussian_seconds_per_value(dim)
+        return (train_images * network_pixels / stride ** 2 * dim ** 2 * product_s + positions * dim ** 3 * inverse_s)
 
     # --- score ------------------------------------------------------------------------------------------------
     def _scoring_graph(self) -> PadimHead:
@@ -108,6 +132,40 @@ class Padim(BackboneGraphDetector):
         self.inv_covariance_ = tensors["inv_covariance"]
         self.channels_ = tensors["channels"]
         self.feature_shape_ = tuple(state["feature_shape"])
+
+
+def feature_count(n_features: int | None, total: int) -> int:
+    """Channels kept of ``total``: ``n_features`` (all when fewer exist), by default ``PAPER_FEATURES`` but at most
+    half of them (module docstring)."""
+    if n_features is None:
+        return max(1, min(PAPER_FEATURES, total // 2))
+    return min(int(n_features), total)
+
+
+@cache
+def _gaussian_seconds_per_value(dim: int) -> tuple[float, float]:
+    """Seconds per value of the covariance product (per sample x position x D²) and of the inverse (per position x
+    D³), timed at the power of two nearest ``dim`` on random float64 data, as :func:`_streamed_moments` and
+    :func:`_spd_inverse` run them."""
+    import torch
+
+    size = 1 << max(3, min(9, round(math.log2(max(dim, 1)))))
+    positions, samples = 16, 32
+    centred = torch.randn(positions, samples, size, dtype=torch.float64)
+    outer = torch.zeros(positions, size, size, dtype=torch.float64)
+    spd = centred.transpose(1, 2) @ centred + size * torch.eye(size, dtype=torch.float64)
+
+    def per_run(work) -> float:
+        work()  # warm-up
+        runs, started = 0, time.perf_counter()
+        while runs < 3 or time.perf_counter() - started < 0.02:
+            work()
+            runs += 1
+        return (time.perf_counter() - started) / runs
+
+    product = per_run(lambda: outer.baddbmm_(centred.transpose(1, 2), centred))
+    inverse = per_run(lambda: _spd_inverse(spd, 0))
+    return product / (positions * samples * size ** 2), inverse / (positions * size ** 3)
 
 
 def _spd_inverse(matrices, first_position: int):
