@@ -3,10 +3,10 @@
 A trial's work is its training images × epochs (1 for families that do not train iteratively) × the pixels the
 network sees per image (``input_size``², times the tiles when the geometry tiles; CutPaste's network sees every
 patch), and its validation images × pixels. Fitting also spends the family's own extra seconds on work that does not
-grow linearly (:meth:`~automl_ad.detectors.base.Detector.extra_fit_seconds`: PatchCore's coreset compares training
-patches with each other, timed on this machine; an upper bound, so it is scaled by the family's measured extra
-seconds against it, median over its trials of at least half the size: the coreset skips most comparisons on object
-images). Seconds per unit of the linear work are learnt online from the trials this search has finished (per family:
+grow linearly with the pixels (:meth:`~automl_ad.detectors.base.Detector.extra_fit_seconds`, timed on this machine:
+PatchCore's coreset compares training patches with each other, PaDiM's Gaussians grow with the square and cube of
+its channels). That estimate is scaled by the family's measured extra seconds against it, median over its trials of
+at least half the size (the coreset estimate is an upper bound: it skips most comparisons on object images). Seconds per unit of the linear work are learnt online from the trials this search has finished (per family:
 median of its measurements, so one trial slowed by a neighbour does not swing it); a family not measured yet gets
 the cost model's fit estimate (:func:`automl_ad.recommend.cost.estimate_route`) times the machine's measured speed
 relative to that model, and the evaluation seconds per unit measured on the other families. Both take one vote per
