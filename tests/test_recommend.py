@@ -287,6 +287,20 @@ def test_latency_budget_caps_the_geometry():
     assert any("over your 20 ms budget" in r for r in capped["reasons"])
 
 
+def test_an_assumed_budget_ranks_geometries_but_only_a_stated_one_excludes_them():
+    """Without a stated budget, a finer geometry over the assumed one is still searched: on 2260x460 strips with
+    6-px defects, tiles at native pixels give 2.7x the cells of the letterbox the assumed 200 ms allows."""
+    two_cores = ConstraintProfile(name="cpu", hardware=Hardware("cpu", 2, 16.0))
+    profile = make_profile(size=(460, 2260), defects=_defects(6, 13))
+    assumed = recommend(profile, two_cores).geometry
+    stated = recommend(profile, replace(two_cores, latency_ms=assumed["target_ms"])).geometry
+    over = [a for a in assumed["alternatives"] if a["backbone_ms"] > assumed["target_ms"]]
+    assert assumed["backbone_ms"] <= assumed["target_ms"] and assumed["key"] == stated["key"]
+    assert len(over) == 1 and over[0]["cells"] > assumed["cells"]
+    assert any("the search tries it anyway" in r for r in assumed["reasons"])
+    assert all(a["backbone_ms"] <= stated["target_ms"] for a in stated["alternatives"])
+
+
 def test_more_pixels_cost_proportionally_more_backbone_time():
     from automl_ad.recommend.cost import pixels_ms
 

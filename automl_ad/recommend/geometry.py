@@ -26,7 +26,9 @@ The rules (constants in :mod:`automl_ad.defaults`), from how a CNN feature map s
    padding); by at most a quarter of the tile, which bounds the extra work to (4/3)^2.
 5. **Cost.** Each candidate's backbone time is estimated from its pixels per image (all tiles) with the cost model,
    using the lightest backbone with weights here and the heaviest route head, so every route can run it.
-   Candidates over the latency budget (stated, or assumed for the device) are dropped; if none fits, the cheapest.
+   Candidates over the latency budget (stated, or assumed for the device) are not chosen; if none fits, the
+   cheapest. A stated budget excludes them; under an assumed one the cheapest candidate over it that shows the
+   defect in more cells is still offered to the search (it measures what the extra time buys).
 6. **Choice.** The cheapest candidate that keeps the smallest defect at 2 cells or more; if none does, the one
    that gives it the most cells (within 5 %), then the cheapest; ties go to fewer tiles. Alternatives for the
    search: the best other candidate of each mode, and the cheapest one that doubles the defect's cells over the
@@ -78,7 +80,8 @@ class GeometryProposal:
 
     chosen: Candidate
     default: Candidate  # the families' default, a 256 x 256 squash
-    alternatives: tuple[Candidate, ...]  # the best other candidate of each mode that fits the budget
+    # the best other candidate of each mode that fits the budget, a cheap step, and (budget assumed) one over it
+    alternatives: tuple[Candidate, ...]
     image_hw: tuple[int, int]  # the median image it was planned for
     defect_px: float
     defect_source: str
@@ -210,10 +213,12 @@ def propose_geometry(profile: DatasetProfile, constraints: ConstraintProfile, ba
                  "native pixels (enlarging adds no detail)")
         reasons.append(f"no geometry reaches {need} cells within {limit}: this one gives the most")
     over = [c for c in candidates if c.backbone_ms > target and c.cells > chosen.cells * (1 + _SAME_CELLS)]
-    if over:
-        finer = _cheapest(over)
+    finer = _cheapest(over) if over else None
+    if finer:
         reasons.append(f"{finer.geometry.describe()} would give {finer.cells:.1f} cells but needs ~"
-                       f"{finer.backbone_ms:.0f} ms, over {budget}")
+                       f"{finer.backbone_ms:.0f} ms, over {budget}" + ("" if stated else
+                       ": the search tries it anyway, since no budget was stated (a --profile with "
+                       "latency_ms rules it out)"))
     reasons.append(f"estimated backbone time ~{chosen.backbone_ms:.0f} ms per image with {backbone} "
                    f"(x{head:g} for the heaviest route head) against {budget}")
     alternatives = []
@@ -228,5 +233,7 @@ def propose_geometry(profile: DatasetProfile, constraints: ConstraintProfile, ba
              and c.geometry != default.geometry and c not in alternatives]
     if steps:
         alternatives.append(_cheapest(steps))
+    if finer and not stated:  # an assumed budget ranks the candidates; only a stated one excludes
+        alternatives.append(finer)
     return GeometryProposal(chosen, default, tuple(alternatives), image_hw, defect_px, source, stride, backbone,
                             target, tuple(reasons))

@@ -6,8 +6,9 @@ patch), and its validation images × pixels. Fitting also spends the family's ow
 grow linearly with the pixels (:meth:`~automl_ad.detectors.base.Detector.extra_fit_seconds`, timed on this machine:
 PatchCore's coreset compares training patches with each other, PaDiM's Gaussians grow with the square and cube of
 its channels). That estimate is scaled by the family's measured extra seconds against it, median over its trials of
-at least half the size (the coreset estimate is an upper bound: it skips most comparisons on object images). Seconds per unit of the linear work are learnt online from the trials this search has finished (per family:
-median of its measurements, so one trial slowed by a neighbour does not swing it); a family not measured yet gets
+at least half the size (the coreset estimate is an upper bound: it skips most comparisons on object images).
+Seconds per unit of the linear work are learnt online from the trials this search has finished (per family: median
+of its measurements, so one trial slowed by a neighbour does not swing it); a family not measured yet gets
 the cost model's fit estimate (:func:`automl_ad.recommend.cost.estimate_route`) times the machine's measured speed
 relative to that model, and the evaluation seconds per unit measured on the other families. Both take one vote per
 family (the median over families of each one's median), so a family with several screening trials does not speak
