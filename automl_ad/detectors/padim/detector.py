@@ -38,6 +38,10 @@ log = logging.getLogger(__name__)
 
 #: Channels the paper keeps of ResNet18's 448; the default unless that is more than half the backbone's channels.
 PAPER_FEATURES = 100
+#: Bytes at the peak per value of the inverse covariances (float32): the fit holds the float64 covariances and the
+#: float32 inverses (12); building the scoring graph, the array, its ONNX export and ONNX Runtime's copy (measured:
+#: 16384 positions x 152 channels, a 1.44 GB model, peaked at 5.6 GB fitting and 7.0 GB scoring, 1.1 GB before).
+GAUSSIAN_PEAK_BYTES = 16
 _CHUNK_VALUES = 1 << 23  # values per chunk of positions (fit, float64: 64 MiB) or of images (score)
 
 
@@ -101,20 +105,35 @@ class Padim(BackboneGraphDetector):
         alone: a D x D covariance product per training input and grid position, and a D³ inverse per position of
         one network input (a tile's grid; all tiles of a position share its Gaussian), at the seconds measured on
         this machine (a 277-channel PaDiM at strides 4, 8 and 16 ran 2.4x over a prediction linear in pixels)."""
+        shape = cls._gaussians(params)
+        if shape is None:
+            return 0.0
+        positions, dim, stride = shape
+        product_s, inverse_s = _gaussian_seconds_per_value(dim)
+        return (train_images * network_pixels / stride ** 2 * dim ** 2 * product_s + positions * dim ** 3 * inverse_s)
+
+    @classmethod
+    def peak_memory_bytes(cls, params: dict) -> float:
+        """``GAUSSIAN_PEAK_BYTES`` per value of the Gaussians' P x D x D inverse covariances."""
+        shape = cls._gaussians(params)
+        return 0.0 if shape is None else shape[0] * shape[1] ** 2 * GAUSSIAN_PEAK_BYTES
+
+    @classmethod
+    def _gaussians(cls, params: dict) -> tuple[int, int, int] | None:
+        """(grid positions of one network input, channels kept, finest stride) of ``params``; None when the
+        backbone or strides are unknown (the trial itself reports that)."""
         defaults = cls()
         strides = tuple(params.get("feature_strides", defaults.feature_strides))
         try:
             total = sum(feature_channels(params.get("backbone", defaults.backbone), strides))
-        except (RuntimeError, ValueError):  # an unknown backbone or stride: the trial itself reports it
-            return 0.0
-        dim = feature_count(params.get("n_features", defaults.n_features), total)
+        except (RuntimeError, ValueError):
+            return None
         side = int(params.get("input_size", defaults.input_size))
         height, width = Geometry.from_dict(params["geometry"]).input_hw if isinstance(params.get("geometry"), dict) \
             else (side, side)
         stride = min(strides)
         positions = math.ceil(height / stride) * math.ceil(width / stride)
-        product_s, inverse_s = _gaussian_seconds_per_value(dim)
-        return (train_images * network_pixels / stride ** 2 * dim ** 2 * product_s + positions * dim ** 3 * inverse_s)
+        return positions, feature_count(params.get("n_features", defaults.n_features), total), stride
 
     # --- score ------------------------------------------------------------------------------------------------
     def _scoring_graph(self) -> PadimHead:
@@ -207,5 +226,7 @@ def _streamed_moments(padim: Padim, features: list[np.ndarray]):
         total += centred.sum(dim=1)
         outer.baddbmm_(centred.transpose(1, 2), centred)
     mean = total / n
-    covariance = (outer - n * mean[:, :, None] * mean[:, None, :]) / max(n - 1, 1)
+    # in place: (P, D, D) float64 is the fit's largest array (3 GB at 512x512, stride 4 and 152 channels), and the
+    # out-of-place formula held three of them at once (a fit peaked at 9.8 GB for a 1.4 GB model)
+    covariance = outer.baddbmm_(mean[:, :, None], mean[:, None, :], alpha=-n).div_(max(n - 1, 1))
     return mean + shift, covariance
