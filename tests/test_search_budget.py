@@ -378,6 +378,27 @@ def test_padim_fits_add_its_gaussians_which_grow_with_the_channels_kept(mvtec_di
     assert 0 < padim.fit_extra_seconds_ < padim.fit_seconds_
 
 
+def test_a_configuration_whose_model_would_not_fit_in_memory_is_not_started():
+    """PaDiM's Gaussians grow with the grid positions x channels²: 512x512 inputs at stride 4 with 152 channels hold
+    16384 inverse covariances of 152² (1.4 GiB), and the fit and the scoring graph about four times that; with less
+    memory per trial it is skipped with its own reason, before any time is spent, and a smaller one still runs."""
+    from automl_ad.detectors.padim.detector import GAUSSIAN_PEAK_BYTES
+    from automl_ad.search.engine import family_traits
+
+    traits = family_traits(["padim"])
+    big = {"backbone": "mobilenetv2_100", "feature_strides": [4, 8, 16], "n_features": 277,
+           "geometry": {"mode": "squash", "height": 512, "width": 512}}
+    small = {"backbone": "mobilenetv2_100", "input_size": 256}
+    assert traits["padim"].peak_bytes(big) == 128 * 128 * 152 ** 2 * GAUSSIAN_PEAK_BYTES
+    sizes = TrialSizes(100, 20, (512, 512))
+    predictor = CostPredictor(traits, memory_per_trial_bytes=4 * 2 ** 30)
+    plan = plan_trial(predictor, sizes, "padim", big, 1e6)
+    assert plan.skip_reason == "predicted out of memory" and "5.6 GiB at its peak, over the 4.0 GiB" in plan.skip
+    assert plan.prediction is not None and plan.fidelity is None
+    assert plan_trial(predictor, sizes, "padim", small, 1e6).skip is None
+    assert plan_trial(CostPredictor(traits), sizes, "padim", big, 1e6).skip is None  # no limit known
+
+
 def test_a_default_without_epochs_is_planned_with_the_family_default_epochs():
     """The warm start passes no ``epochs``; its fidelity must still know the schedule, so resource counts epochs."""
     from automl_ad.search.engine import family_traits

@@ -338,6 +338,13 @@ class Detector(BaseEstimator):
         return 0.0
 
     @classmethod
+    def peak_memory_bytes(cls, params: dict) -> float:
+        """Bytes that a model of ``params`` holds at its peak (fitting, or building its scoring graph) in arrays its
+        configuration can make arbitrarily large, beyond the network and the images (0 here; PaDiM's Gaussians).
+        The search skips a configuration that would not fit in the memory one trial has."""
+        return 0.0
+
+    @classmethod
     def scoring_pixels(cls, params: dict, pixels: float) -> float:
         """Pixels the network processes when ``params`` score an image that gives ``pixels`` network-input pixels:
         ``pixels`` here (one pass); a family that runs the network on many crops of its input says so (CutPaste's

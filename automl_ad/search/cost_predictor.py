@@ -64,13 +64,15 @@ from automl_ad.recommend.cost import cost_model, estimate_route
 @dataclass(frozen=True)
 class FamilyTraits:
     """What the predictor needs to know of a family: its cost-model route, whether it trains in epochs, how many
-    its default configuration trains (a configuration that does not set ``epochs`` trains that many) and its extra
-    fit seconds (``extra_fit_s(train_images, network_pixels, params)``; see the module docstring)."""
+    its default configuration trains (a configuration that does not set ``epochs`` trains that many), its extra
+    fit seconds (``extra_fit_s(train_images, network_pixels, params)``; see the module docstring) and the bytes a
+    configuration's model holds at its peak (``peak_bytes(params)``)."""
 
     route: str
     iterative: bool
     default_epochs: int | None = None
     extra_fit_s: Callable[[int, float, dict], float] | None = None
+    peak_bytes: Callable[[dict], float] | None = None
 
 
 @dataclass(frozen=True)
@@ -138,8 +140,11 @@ def network_pixels(params: dict, image_hw: tuple[float, float]) -> float:
 class CostPredictor:
     """Predicts a trial's seconds from its work; learns from the trials of this search (see module docstring)."""
 
-    def __init__(self, traits: dict[str, FamilyTraits], threads: int = 2, device: str = "cpu"):
+    def __init__(self, traits: dict[str, FamilyTraits], threads: int = 2, device: str = "cpu",
+                 memory_per_trial_bytes: float | None = None):
         self.traits = traits
+        #: Memory one trial may use (None: no limit); a configuration whose model needs more is not started.
+        self.memory_per_trial_bytes = memory_per_trial_bytes
         self.constraints = ConstraintProfile(hardware=Hardware(device="gpu" if device == "cuda" else "cpu",
                                                                cpu_cores=max(1, int(threads))))
         self._fit_rates: dict[str, list[float]] = {}  # seconds per fit unit (extra seconds aside), per family
@@ -335,6 +340,7 @@ class TrialPlan:
     prediction: Prediction | None
     limit_s: float
     skip: str | None = None
+    skip_reason: str = "predicted too slow"
 
 
 @dataclass
@@ -380,6 +386,13 @@ def plan_trial(predictor: CostPredictor, sizes: TrialSizes, family: str, params:
     epochs = params.get("epochs", traits.default_epochs)
     full_epochs = int(epochs) if traits.iterative and isinstance(epochs, (int, float)) else None
     levels = [k for k in rungs(sizes.train_images) if k >= first_rung] or [max(rungs(sizes.train_images))]
+    needs = traits.peak_bytes(params) if traits.peak_bytes else 0.0
+    if predictor.memory_per_trial_bytes and needs > predictor.memory_per_trial_bytes:
+        fidelity = fidelity_at(levels[0], sizes, full_epochs)
+        return TrialPlan(None, predictor.predict(sizes.work(family, params, fidelity), params), cap_s,
+                         skip=f"its model needs about {needs / 2**30:.1f} GiB at its peak, over the "
+                              f"{predictor.memory_per_trial_bytes / 2**30:.1f} GiB one trial may use here",
+                         skip_reason="predicted out of memory")
     last = None
     for rung in levels:
         one_epoch = ""  # said when not even one epoch fits the training share

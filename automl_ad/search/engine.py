@@ -426,7 +426,8 @@ class Proposer:
         trial.set_user_attr("params", params)
         if plan.skip is not None:
             trial.set_user_attr("skipped", True)
-            return {"family": family, "params": params, "default": default, "skip": plan.skip}
+            return {"family": family, "params": params, "default": default, "skip": plan.skip,
+                    "skip_reason": plan.skip_reason}
         trial.set_user_attr("rung", plan.fidelity.rung)
         if plan.fidelity.epochs is not None:
             params = {**params, "epochs": plan.fidelity.epochs}
@@ -719,6 +720,21 @@ def _concurrency() -> tuple[int, dict, int]:
         return parallel, {"cpu": threads, "gpu": 1}, threads
     threads = min([4] + [int(r["CPU"]) for r in nodes])
     return sum(int(r["CPU"]) // threads for r in nodes), {"cpu": threads}, threads
+
+
+def _memory_per_trial(resources: dict) -> float | None:
+    """Bytes one trial may use: the least, over the Ray nodes, of the memory Ray gives tasks there (most of what was
+    available when it started) shared by the trials the node runs at once; None when Ray reports none."""
+    import ray
+
+    shares = []
+    for node in (n["Resources"] for n in ray.nodes() if n.get("Alive")):
+        trials = int(node.get("CPU", 0) // resources["cpu"])
+        if resources.get("gpu"):
+            trials = min(trials, int(node.get("GPU", 0)))
+        if trials >= 1 and node.get("memory"):
+            shares.append(node["memory"] / trials)
+    return min(shares) if shares else None
 
 
 def check_search_limits(budget_s, max_trials, trial_timeout_s, resume: bool = False) -> None:
@@ -1066,7 +1082,8 @@ def _tune(request, spaces, defaults, work_dir, data_file, state, remaining, trac
                                          n_startup_trials=max(4, len(request.families)))
     deadline = time.monotonic() + remaining
     traits = family_traits(request.families)
-    predictor = CostPredictor(traits, threads=threads, device="cuda" if resources.get("gpu") else "cpu")
+    predictor = CostPredictor(traits, threads=threads, device="cuda" if resources.get("gpu") else "cpu",
+                              memory_per_trial_bytes=_memory_per_trial(resources))
     proposer = Proposer(request, spaces, defaults, reruns, predictor, sizes, deadline, parallel)
     searcher = OptunaSearch(space=proposer, metric=OBJECTIVE_METRICS, mode=OBJECTIVE_MODES, sampler=sampler,
                             study_name=state["study"], storage=storage)
@@ -1121,7 +1138,7 @@ def family_traits(families: list[str]) -> dict[str, FamilyTraits]:
         cls = detector_class(family)
         epochs = getattr(cls(), "epochs", None) if cls.iterative else None
         traits[family] = FamilyTraits(cls.route, bool(cls.iterative), epochs if isinstance(epochs, int) else None,
-                                      cls.extra_fit_seconds)
+                                      cls.extra_fit_seconds, cls.peak_memory_bytes)
     return traits
 
 

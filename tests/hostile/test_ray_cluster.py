@@ -24,7 +24,7 @@ import pytest
 
 from automl_ad.data.demo import generate_demo
 from automl_ad.errors import UsageError
-from automl_ad.search.engine import RAY_CLUSTER_MODE_ENV, _concurrency
+from automl_ad.search.engine import RAY_CLUSTER_MODE_ENV, _concurrency, _memory_per_trial
 from automl_ad.tracking.store import Tracker
 
 PROC = Path("/proc")
@@ -181,6 +181,18 @@ def _node(cpus: float, gpus: float = 0, alive: bool = True) -> dict:
 def test_trials_fit_every_node(monkeypatch, nodes, expected):
     monkeypatch.setitem(sys.modules, "ray", SimpleNamespace(nodes=lambda: nodes))  # not the real ray: see start_ray
     assert _concurrency() == expected
+
+
+def test_a_trial_may_use_the_memory_of_the_node_it_shares_least(monkeypatch):
+    """Ray's memory on a node, divided among the trials the node runs at once; the smallest share bounds a trial."""
+    gib = 2 ** 30
+    nodes = [{**_node(8), "Resources": {"CPU": 8, "memory": 24 * gib}},  # two trials of 4 threads: 12 GiB each
+             {**_node(4), "Resources": {"CPU": 4, "memory": 16 * gib}},  # one: 16 GiB
+             {**_node(1), "Resources": {"CPU": 1, "memory": 1 * gib}}]  # no room for a trial: not counted
+    monkeypatch.setitem(sys.modules, "ray", SimpleNamespace(nodes=lambda: nodes))
+    assert _memory_per_trial({"cpu": 4}) == 12 * gib
+    monkeypatch.setitem(sys.modules, "ray", SimpleNamespace(nodes=lambda: [_node(8)]))  # Ray reports no memory
+    assert _memory_per_trial({"cpu": 4}) is None
 
 
 def test_cluster_without_cpus_is_refused(monkeypatch):
