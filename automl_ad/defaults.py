@@ -204,6 +204,9 @@ SEARCH_QUICK_LOOK_SHARE = 0.1
 SEARCH_QUICK_LOOK_FULL_COST = 1.5
 #: Prior for the fixed seconds of a trial process (start, imports, cost measurement, saving) before any is measured.
 SEARCH_TRIAL_OVERHEAD_S = 15.0
+#: Memory of a trial process besides the arrays its family predicts (Detector.peak_memory_bytes): libraries, the
+#: network, batches (a PaDiM and a PatchCore trial measured 1.1-1.3 GB before their models grew).
+SEARCH_TRIAL_BASE_BYTES = 1.5 * 2 ** 30
 #: Training images whose sizes (headers only) the cost predictor averages its network pixels over.
 SEARCH_SIZE_SAMPLES = 32
 #: Prior training passes per image-epoch relative to one inference (forward + backward of a trained network).

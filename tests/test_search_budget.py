@@ -382,6 +382,7 @@ def test_a_configuration_whose_model_would_not_fit_in_memory_is_not_started():
     """PaDiM's Gaussians grow with the grid positions x channels²: 512x512 inputs at stride 4 with 152 channels hold
     16384 inverse covariances of 152² (1.4 GiB), and the fit and the scoring graph about four times that; with less
     memory per trial it is skipped with its own reason, before any time is spent, and a smaller one still runs."""
+    from automl_ad.defaults import SEARCH_TRIAL_BASE_BYTES
     from automl_ad.detectors.padim.detector import GAUSSIAN_PEAK_BYTES
     from automl_ad.search.engine import family_traits
 
@@ -389,14 +390,36 @@ def test_a_configuration_whose_model_would_not_fit_in_memory_is_not_started():
     big = {"backbone": "mobilenetv2_100", "feature_strides": [4, 8, 16], "n_features": 277,
            "geometry": {"mode": "squash", "height": 512, "width": 512}}
     small = {"backbone": "mobilenetv2_100", "input_size": 256}
-    assert traits["padim"].peak_bytes(big) == 128 * 128 * 152 ** 2 * GAUSSIAN_PEAK_BYTES
+    gaussians = 128 * 128 * 152 ** 2 * GAUSSIAN_PEAK_BYTES
+    assert traits["padim"].peak_bytes(100, 512 ** 2, big) == traits["padim"].peak_bytes(9, 512 ** 2, big) == gaussians
     sizes = TrialSizes(100, 20, (512, 512))
-    predictor = CostPredictor(traits, memory_per_trial_bytes=4 * 2 ** 30)
+    predictor = CostPredictor(traits, memory_per_trial_bytes=gaussians + SEARCH_TRIAL_BASE_BYTES - 1)
     plan = plan_trial(predictor, sizes, "padim", big, 1e6)
-    assert plan.skip_reason == "predicted out of memory" and "5.6 GiB at its peak, over the 4.0 GiB" in plan.skip
+    assert plan.skip_reason == "predicted out of memory" and "7.1 GiB at its peak even with" in plan.skip
     assert plan.prediction is not None and plan.fidelity is None
     assert plan_trial(predictor, sizes, "padim", small, 1e6).skip is None
     assert plan_trial(CostPredictor(traits), sizes, "padim", big, 1e6).skip is None  # no limit known
+
+
+def test_a_patchcore_fit_too_large_for_memory_runs_on_fewer_images():
+    """PatchCore selects its coreset from every training patch at once, so its memory grows with the images: where
+    all of them would not fit, the trial runs on the largest share that does, and is skipped when none does."""
+    from automl_ad.search.engine import family_traits
+
+    traits = family_traits(["patchcore"])
+    params = {"backbone": "mobilenetv2_100", "geometry": {"mode": "tile", "height": 480, "width": 512, "scale": 1.0,
+                                                          "overlap": 64}}
+    sizes = TrialSizes(900, 100, (460, 1130))
+    per_image = traits["patchcore"].peak_bytes(1, 3 * 480 * 512, params)
+    assert per_image == pytest.approx(3 * 60 * 64 * 128 * 10)  # 3 tiles, 128 channels, PATCH_PEAK_BYTES
+    predictor = CostPredictor(traits)
+    assert sizes.network_pixels(params) == 3 * 480 * 512
+    whole = predictor.peak_bytes(sizes.work("patchcore", params, Fidelity(0, 1.0, 900)), params)
+    predictor.memory_per_trial_bytes = whole / 2  # all 900 images do not fit, a third of them does
+    plan = plan_trial(predictor, sizes, "patchcore", params, 1e6)
+    assert plan.skip is None and plan.fidelity.train_images == 300
+    predictor.memory_per_trial_bytes = 1.0
+    assert plan_trial(predictor, sizes, "patchcore", params, 1e6).skip_reason == "predicted out of memory"
 
 
 def test_a_default_without_epochs_is_planned_with_the_family_default_epochs():

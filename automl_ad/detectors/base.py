@@ -338,10 +338,11 @@ class Detector(BaseEstimator):
         return 0.0
 
     @classmethod
-    def peak_memory_bytes(cls, params: dict) -> float:
-        """Bytes that a model of ``params`` holds at its peak (fitting, or building its scoring graph) in arrays its
-        configuration can make arbitrarily large, beyond the network and the images (0 here; PaDiM's Gaussians).
-        The search skips a configuration that would not fit in the memory one trial has."""
+    def peak_memory_bytes(cls, train_images: int, network_pixels: float, params: dict) -> float:
+        """Bytes a fit of ``params`` on ``train_images`` images of ``network_pixels`` holds at its peak (fitting, or
+        building its scoring graph) in the arrays that grow with the configuration and the data, beyond a trial's
+        libraries and network (0 here; PaDiM's Gaussians, PatchCore's training patches). The search does not start
+        a trial that would not fit in the memory one trial has."""
         return 0.0
 
     @classmethod

@@ -55,6 +55,7 @@ from automl_ad.defaults import (
     SEARCH_REPORT_EVERY,
     SEARCH_TRAINING_PASS_FACTOR,
     SEARCH_TRAINING_SHARE,
+    SEARCH_TRIAL_BASE_BYTES,
     SEARCH_TRIAL_OVERHEAD_S,
     SEARCH_UNMEASURED_COST_MARGIN,
 )
@@ -66,13 +67,13 @@ class FamilyTraits:
     """What the predictor needs to know of a family: its cost-model route, whether it trains in epochs, how many
     its default configuration trains (a configuration that does not set ``epochs`` trains that many), its extra
     fit seconds (``extra_fit_s(train_images, network_pixels, params)``; see the module docstring) and the bytes a
-    configuration's model holds at its peak (``peak_bytes(params)``)."""
+    fit holds at its peak (``peak_bytes(train_images, network_pixels, params)``)."""
 
     route: str
     iterative: bool
     default_epochs: int | None = None
     extra_fit_s: Callable[[int, float, dict], float] | None = None
-    peak_bytes: Callable[[dict], float] | None = None
+    peak_bytes: Callable[[int, float, dict], float] | None = None
 
 
 @dataclass(frozen=True)
@@ -235,6 +236,12 @@ class CostPredictor:
                                     f"{prediction.basis}, raised: timed out before", prediction.fit_setup_s)
         return prediction
 
+    def peak_bytes(self, work: Work, params: dict) -> float:
+        """Memory a trial of ``work`` holds at its peak: the family's arrays that grow with it (``peak_bytes``)
+        and ``SEARCH_TRIAL_BASE_BYTES`` for the process (libraries, network, batches)."""
+        peak = self.traits.get(work.family, FamilyTraits("", False)).peak_bytes
+        return SEARCH_TRIAL_BASE_BYTES + (peak(work.train_images, work.pixels, params) if peak else 0.0)
+
     def _extra_fit_s(self, work: Work, params: dict) -> float:
         """The family's estimate of its fit seconds beyond the linear work (see the module docstring)."""
         extra = self.traits.get(work.family, FamilyTraits("", False)).extra_fit_s
@@ -386,13 +393,16 @@ def plan_trial(predictor: CostPredictor, sizes: TrialSizes, family: str, params:
     epochs = params.get("epochs", traits.default_epochs)
     full_epochs = int(epochs) if traits.iterative and isinstance(epochs, (int, float)) else None
     levels = [k for k in rungs(sizes.train_images) if k >= first_rung] or [max(rungs(sizes.train_images))]
-    needs = traits.peak_bytes(params) if traits.peak_bytes else 0.0
-    if predictor.memory_per_trial_bytes and needs > predictor.memory_per_trial_bytes:
-        fidelity = fidelity_at(levels[0], sizes, full_epochs)
+    needs = {rung: predictor.peak_bytes(sizes.work(family, params, fidelity_at(rung, sizes, full_epochs)), params)
+             for rung in levels}
+    if predictor.memory_per_trial_bytes and min(needs.values()) > predictor.memory_per_trial_bytes:
+        fidelity = fidelity_at(levels[-1], sizes, full_epochs)
         return TrialPlan(None, predictor.predict(sizes.work(family, params, fidelity), params), cap_s,
-                         skip=f"its model needs about {needs / 2**30:.1f} GiB at its peak, over the "
-                              f"{predictor.memory_per_trial_bytes / 2**30:.1f} GiB one trial may use here",
-                         skip_reason="predicted out of memory")
+                         skip=f"it needs about {needs[levels[-1]] / 2**30:.1f} GiB at its peak even with "
+                              f"{fidelity.describe()}, over the {predictor.memory_per_trial_bytes / 2**30:.1f} GiB "
+                              "one trial may use here", skip_reason="predicted out of memory")
+    levels = [rung for rung in levels if not predictor.memory_per_trial_bytes
+              or needs[rung] <= predictor.memory_per_trial_bytes]
     last = None
     for rung in levels:
         one_epoch = ""  # said when not even one epoch fits the training share

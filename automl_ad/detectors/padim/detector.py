@@ -113,8 +113,8 @@ class Padim(BackboneGraphDetector):
         return (train_images * network_pixels / stride ** 2 * dim ** 2 * product_s + positions * dim ** 3 * inverse_s)
 
     @classmethod
-    def peak_memory_bytes(cls, params: dict) -> float:
-        """``GAUSSIAN_PEAK_BYTES`` per value of the Gaussians' P x D x D inverse covariances."""
+    def peak_memory_bytes(cls, train_images: int, network_pixels: float, params: dict) -> float:
+        """``GAUSSIAN_PEAK_BYTES`` per value of the Gaussians' P x D x D inverse covariances, whatever the images."""
         shape = cls._gaussians(params)
         return 0.0 if shape is None else shape[0] * shape[1] ** 2 * GAUSSIAN_PEAK_BYTES
 

@@ -34,9 +34,14 @@ from automl_ad.detectors.parameters import NON_NEGATIVE, NON_NEGATIVE_INT, POSIT
 from automl_ad.detectors.patch_based import PATCH_CONSTRAINTS, PatchFeatureDetector
 from automl_ad.detectors.patchcore.graph import PatchCoreHead
 from automl_ad.detectors.registry import register_detector
+from automl_ad.features.backbone import feature_channels
 
 log = logging.getLogger(__name__)
 
+#: Bytes at the fit's peak per value of the training patches' embeddings (float32): the embedding, the features
+#: and the pooling it is computed from, and the coreset's projection (measured on ball_screw's 480x512 tiles, 128
+#: channels: 1.31 KB more per patch from 1.15 to 2.30 million patches, 2.7 -> 4.1 GB).
+PATCH_PEAK_BYTES = 10
 _DISTANCE_VALUES = 1 << 24  # query-to-bank distances per graph run (64 MiB of float32)
 _UNPROJECTED_DIM = 512  # features per patch assumed by the fit cost estimate when nothing projects them
 # greedy coreset (see greedy_coreset): a step compares the new point with every point when more than this share
@@ -96,6 +101,20 @@ class PatchCore(PatchFeatureDetector):
             params.get("embedding_dim", defaults.embedding_dim) or _UNPROJECTED_DIM
         patches = train_images * network_pixels / stride ** 2
         return min(1.0, ratio) * patches * patches * dim * _coreset_seconds_per_value(int(dim))
+
+    @classmethod
+    def peak_memory_bytes(cls, train_images: int, network_pixels: float, params: dict) -> float:
+        """``PATCH_PEAK_BYTES`` per value of the training patches' embeddings (one per cell of the finest stride):
+        the coreset is selected from all of them at once."""
+        defaults = cls()
+        strides = tuple(params.get("feature_strides", defaults.feature_strides))
+        dim = params.get("embedding_dim", defaults.embedding_dim)
+        if not dim:
+            try:
+                dim = sum(feature_channels(params.get("backbone", defaults.backbone), strides))
+            except (RuntimeError, ValueError):  # an unknown backbone or stride: the trial itself reports it
+                return 0.0
+        return train_images * network_pixels / min(strides) ** 2 * dim * PATCH_PEAK_BYTES
 
     # --- score ------------------------------------------------------------------------------------------------
     def _scoring_graph(self) -> PatchCoreHead:
