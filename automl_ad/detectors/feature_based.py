@@ -34,7 +34,7 @@ from automl_ad.detectors.base import Detector
 from automl_ad.detectors.parameters import POSITIVE_INT, Constraint, Options, PowerOfTwo, TupleOf
 from automl_ad.errors import AutomlAdError, ConfigError, InvalidParameterError
 from automl_ad.features import FeatureCache, extract_features, load_extractor, resolve_device
-from automl_ad.features.backbone import int8_extractor
+from automl_ad.features.backbone import feature_channels, int8_extractor
 from automl_ad.features.quantize import calibration_indices, quantise_backbone
 
 _CACHE: FeatureCache | None = None
@@ -101,6 +101,17 @@ class BackboneDetector(Detector):
             return super().fit(train, on_epoch, deadline)
         finally:
             self._calibration_set = None
+
+    @classmethod
+    def _channels_of(cls, params: dict) -> tuple[tuple[int, ...], int | None]:
+        """``params``' feature strides (the family's default unless set) and the channels its backbone has there in
+        all, read from the architecture; None when the backbone or a stride is unknown (the trial reports that)."""
+        defaults = cls()
+        strides = tuple(params.get("feature_strides", defaults.feature_strides))
+        try:
+            return strides, sum(feature_channels(params.get("backbone", defaults.backbone), strides))
+        except (RuntimeError, ValueError):
+            return strides, None
 
     def input_geometry(self) -> Geometry | None:
         """``geometry`` as a :class:`~automl_ad.data.geometry.Geometry` (None: the squash to ``input_size``)."""

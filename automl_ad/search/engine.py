@@ -716,10 +716,16 @@ def _concurrency() -> tuple[int, dict, int]:
     gpu_nodes = [r for r in nodes if r.get("GPU", 0) >= 1]
     if gpu_nodes:
         threads = min([4] + [int(r["CPU"] // r["GPU"]) or 1 for r in gpu_nodes])
-        parallel = sum(min(int(r["GPU"]), int(r["CPU"]) // threads) for r in gpu_nodes)
-        return parallel, {"cpu": threads, "gpu": 1}, threads
+        resources = {"cpu": threads, "gpu": 1}
+        return sum(_trials_on(r, resources) for r in gpu_nodes), resources, threads
     threads = min([4] + [int(r["CPU"]) for r in nodes])
-    return sum(int(r["CPU"]) // threads for r in nodes), {"cpu": threads}, threads
+    return sum(_trials_on(r, {"cpu": threads}) for r in nodes), {"cpu": threads}, threads
+
+
+def _trials_on(node: dict, resources: dict) -> int:
+    """Trials of ``resources`` (threads, and one GPU when given) a node's Ray resources run at once."""
+    trials = int(node.get("CPU", 0)) // resources["cpu"]
+    return min(trials, int(node.get("GPU", 0))) if resources.get("gpu") else trials
 
 
 def _memory_per_trial(resources: dict) -> float | None:
@@ -727,13 +733,9 @@ def _memory_per_trial(resources: dict) -> float | None:
     available when it started) shared by the trials the node runs at once; None when Ray reports none."""
     import ray
 
-    shares = []
-    for node in (n["Resources"] for n in ray.nodes() if n.get("Alive")):
-        trials = int(node.get("CPU", 0) // resources["cpu"])
-        if resources.get("gpu"):
-            trials = min(trials, int(node.get("GPU", 0)))
-        if trials >= 1 and node.get("memory"):
-            shares.append(node["memory"] / trials)
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    shares = [node["memory"] / _trials_on(node, resources) for node in nodes
+              if node.get("memory") and _trials_on(node, resources) >= 1]
     return min(shares) if shares else None
 
 

@@ -32,7 +32,6 @@ from automl_ad.detectors.graph_based import BackboneGraphDetector
 from automl_ad.detectors.padim.graph import PadimEmbedding, PadimHead
 from automl_ad.detectors.parameters import NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT
 from automl_ad.detectors.registry import register_detector
-from automl_ad.features.backbone import feature_channels
 
 log = logging.getLogger(__name__)
 
@@ -122,12 +121,10 @@ class Padim(BackboneGraphDetector):
     def _gaussians(cls, params: dict) -> tuple[int, int, int] | None:
         """(grid positions of one network input, channels kept, finest stride) of ``params``; None when the
         backbone or strides are unknown (the trial itself reports that)."""
-        defaults = cls()
-        strides = tuple(params.get("feature_strides", defaults.feature_strides))
-        try:
-            total = sum(feature_channels(params.get("backbone", defaults.backbone), strides))
-        except (RuntimeError, ValueError):
+        strides, total = cls._channels_of(params)
+        if total is None:
             return None
+        defaults = cls()
         side = int(params.get("input_size", defaults.input_size))
         height, width = Geometry.from_dict(params["geometry"]).input_hw if isinstance(params.get("geometry"), dict) \
             else (side, side)

@@ -34,7 +34,6 @@ from automl_ad.detectors.parameters import NON_NEGATIVE, NON_NEGATIVE_INT, POSIT
 from automl_ad.detectors.patch_based import PATCH_CONSTRAINTS, PatchFeatureDetector
 from automl_ad.detectors.patchcore.graph import PatchCoreHead
 from automl_ad.detectors.registry import register_detector
-from automl_ad.features.backbone import feature_channels
 
 log = logging.getLogger(__name__)
 
@@ -106,15 +105,9 @@ class PatchCore(PatchFeatureDetector):
     def peak_memory_bytes(cls, train_images: int, network_pixels: float, params: dict) -> float:
         """``PATCH_PEAK_BYTES`` per value of the training patches' embeddings (one per cell of the finest stride):
         the coreset is selected from all of them at once."""
-        defaults = cls()
-        strides = tuple(params.get("feature_strides", defaults.feature_strides))
-        dim = params.get("embedding_dim", defaults.embedding_dim)
-        if not dim:
-            try:
-                dim = sum(feature_channels(params.get("backbone", defaults.backbone), strides))
-            except (RuntimeError, ValueError):  # an unknown backbone or stride: the trial itself reports it
-                return 0.0
-        return train_images * network_pixels / min(strides) ** 2 * dim * PATCH_PEAK_BYTES
+        strides, channels = cls._channels_of(params)
+        dim = params.get("embedding_dim", cls().embedding_dim) or channels
+        return train_images * network_pixels / min(strides) ** 2 * dim * PATCH_PEAK_BYTES if dim else 0.0
 
     # --- score ------------------------------------------------------------------------------------------------
     def _scoring_graph(self) -> PatchCoreHead:
