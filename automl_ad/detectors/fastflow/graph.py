@@ -2,11 +2,13 @@
 optionally smoothed; image score = the map's maximum.
 
 The trained flows are FrEIA ``AllInOneBlock`` s. The head runs each block in an equivalent inference form,
-:class:`CouplingStep`, with the constant arithmetic folded into the convolutions: per block one split, the subnet's
-convolutions, the affine coupling and one channel gather, where FrEIA's forward also slices the subnet output,
+:class:`CouplingStep`, with the constant arithmetic folded into the convolutions: per block one split, the subnet's two
+convolutions (the last one computing the log-scale and shift halves together), the affine coupling and one
+channel gather, where FrEIA's forward also slices the subnet output,
 scales it, applies the global affine to every channel and permutes them with a 1x1 convolution. Measured through ONNX
 Runtime on 2 cores, MobileNetV2 at 256 px, 8 steps x 3 stages, batch 1: the whole graph 19.4-20.7 -> 16.6-16.7 ms,
-the backbone alone 7.7-8.3 ms."""
+the backbone alone 7.7-8.3 ms; one convolution instead of two for the log-scale and the shift took the whole graph
+from 2.50-2.56x to 2.32-2.39x the bare backbone session (median of per-call ratios, 100 alternating calls)."""
 
 from __future__ import annotations
 
@@ -41,9 +43,10 @@ class CouplingStep(nn.Module):
             offset = block.global_offset.reshape(-1)
             weight, bias = 0.1 * last.weight, 0.1 * last.bias
             self.first = _conv(first.weight, first.bias, first.padding)
-            self.log_scale = _conv(weight[:c2], bias[:c2], last.padding)
             g2 = scale[c1:]
-            self.shift = _conv(weight[c2:] * g2[:, None, None, None], bias[c2:] * g2 + offset[c1:], last.padding)
+            # one convolution for the log-scale and the shift halves (as the block's own): one pass over h
+            self.last = _conv(torch.cat([weight[:c2], weight[c2:] * g2[:, None, None, None]]),
+                              torch.cat([bias[:c2], bias[c2:] * g2 + offset[c1:]]), last.padding)
             self.register_buffer("g1", scale[:c1].reshape(1, -1, 1, 1).clone())
             self.register_buffer("o1", offset[:c1].reshape(1, -1, 1, 1).clone())
             self.register_buffer("g2", g2.reshape(1, -1, 1, 1).clone())
@@ -53,8 +56,8 @@ class CouplingStep(nn.Module):
 
     def forward(self, x):
         x1, x2 = x.split(self.splits, dim=1)
-        h = F.relu(self.first(x1))
-        y2 = x2 * (torch.exp(self.clamp * torch.tanh(self.log_scale(h))) * self.g2) + self.shift(h)
+        log_scale, shift = self.last(F.relu(self.first(x1))).split(self.splits[1], dim=1)
+        y2 = x2 * (torch.exp(self.clamp * torch.tanh(log_scale)) * self.g2) + shift
         y = torch.cat([x1 * self.g1 + self.o1, y2], dim=1)
         return y if self.order is None else y.index_select(1, self.order)
 
