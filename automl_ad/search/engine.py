@@ -1074,6 +1074,9 @@ def _tune(request, spaces, defaults, work_dir, data_file, state, remaining, trac
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    # Ray warns when a define-by-run function takes over a second; the proposer's does on purpose (it plans each
+    # trial: cost prediction, and the first time a family's Gaussians or coreset are timed on this machine)
+    warnings.filterwarnings("ignore", message="Define-by-run function passed in the `space` argument took")
     parallel, resources, threads = _concurrency()
     if resources.get("gpu") and request.device != "cpu":  # int8 runs through ONNX Runtime on CPU only
         spaces = {family: space.for_gpu() for family, space in spaces.items()}
