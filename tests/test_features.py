@@ -160,7 +160,7 @@ def test_feature_cache_round_trip_and_reuse(tmp_path):
     before = dataclasses.replace(FEATURE_TIMES)
     first = extract_features(extractor, images, cache)
     second = extract_features(extractor, images, cache)
-    assert (cache.hits, cache.misses) == (1, 1)
+    assert (cache.hits, cache.misses) == (4, 4)  # one entry per image
     assert FEATURE_TIMES.computed_images - before.computed_images == 4
     assert FEATURE_TIMES.loaded_images - before.loaded_images == 4
     assert FEATURE_TIMES.computed_s > before.computed_s and FEATURE_TIMES.loaded_s > before.loaded_s
@@ -168,7 +168,37 @@ def test_feature_cache_round_trip_and_reuse(tmp_path):
     for a, b in zip(first, second):
         np.testing.assert_array_equal(a, b)
     other = extract_features(load_extractor("resnet18", (8, 16), 64, pretrained=False), images.subset([0, 1]), cache)
-    assert other[0].shape[0] == 2 and cache.misses == 2
+    assert other[0].shape[0] == 2 and cache.misses == 4
+
+
+def test_feature_cache_reuses_images_across_sets(tmp_path):
+    """A set that shares images with an earlier one (a screening rung's share, then all images) computes only the
+    new images, and the result equals computing it afresh, image rows in order (tiles: several per image)."""
+    from PIL import Image
+
+    from automl_ad.data.geometry import Geometry
+
+    arrays = _images(5).arrays
+    paths = []
+    for i, image in enumerate(arrays):
+        paths.append(tmp_path / f"{i}.png")
+        size = (64 + 32 * (i % 2), 64)  # two widths: 1 or 2 tiles
+        Image.fromarray((image * 255).astype(np.uint8)).resize(size).save(paths[-1])
+    images = ImageSet.from_paths(paths)
+    tiles = Geometry.from_dict({"mode": "tile", "height": 64, "width": 64, "scale": 1.0, "overlap": 16})
+    for geometry in (None, tiles):
+        cache = FeatureCache(tmp_path / str(geometry is None))
+        extractor = load_extractor("resnet18", (8, 16), 64, pretrained=False, geometry=geometry)
+        expected = extractor.features_of(images)
+        before = dataclasses.replace(FEATURE_TIMES)
+        share = extract_features(extractor, images.subset([1, 3]), cache)
+        full = extract_features(extractor, images, cache)
+        assert FEATURE_TIMES.computed_images - before.computed_images == 5  # 2, then the 3 not seen
+        assert FEATURE_TIMES.loaded_images - before.loaded_images == 2
+        assert (cache.hits, cache.misses) == (2, 5)
+        for got, want in zip(full, expected):
+            np.testing.assert_allclose(got, want, atol=1e-5)
+        assert len(share[0]) == sum(1 + (i % 2 if geometry else 0) for i in (1, 3))
 
 
 def test_damaged_cache_entry_is_recomputed(tmp_path):

@@ -21,7 +21,7 @@ class ImageSet:
     """An ordered set of images with optional labels (1 = anomalous) and masks.
 
     Build it with :meth:`from_records` (files of a validated dataset), :meth:`from_paths` or
-    :meth:`from_arrays`. ``fingerprint`` identifies the content (used as a feature-cache key) without decoding.
+    :meth:`from_arrays`. ``image_fingerprints`` identify the content (the feature cache's keys) without decoding.
     ``kinds`` names, per image, the kind of a synthesised anomaly (:data:`automl_ad.data.synthetic.KINDS`); None
     for real images.
     """
@@ -32,7 +32,7 @@ class ImageSet:
     mask_paths: list[Path | None] | None = None
     content_hashes: list[str] | None = None
     kinds: list[str | None] | None = None
-    _fingerprint: str | None = field(default=None, repr=False)
+    _fingerprints: list[str] | None = field(default=None, repr=False)
 
     def __post_init__(self):
         if (self.paths is None) == (self.arrays is None):
@@ -92,24 +92,21 @@ class ImageSet:
         return ImageSet(paths=pick(self.paths), arrays=pick(self.arrays),
                         labels=None if self.labels is None else self.labels[list(indices)],
                         mask_paths=pick(self.mask_paths), content_hashes=pick(self.content_hashes),
-                        kinds=pick(self.kinds))
+                        kinds=pick(self.kinds), _fingerprints=pick(self._fingerprints))
 
-    @property
-    def fingerprint(self) -> str:
-        """Hash of the images' content in order (file bytes or array bytes)."""
-        if self._fingerprint is None:
-            digest = hashlib.sha256()
-            if self.arrays is not None:
-                for a in self.arrays:
-                    digest.update(f"{a.shape}{a.dtype}".encode())
-                    digest.update(np.ascontiguousarray(a).tobytes())
-            else:
-                for i, path in enumerate(self.paths):
-                    content = (self.content_hashes[i] if self.content_hashes
-                               else hashlib.sha256(path.read_bytes()).hexdigest())
-                    digest.update(content.encode())
-            self._fingerprint = digest.hexdigest()[:20]
-        return self._fingerprint
+    def image_fingerprints(self) -> list[str]:
+        """A hash of each image's content (file bytes, or array shape, type and bytes): the feature cache's key
+        for that image, whatever set it comes in."""
+        if self._fingerprints is None:
+            def of_array(a: np.ndarray) -> str:
+                digest = hashlib.sha256(f"{a.shape}{a.dtype}".encode())
+                digest.update(np.ascontiguousarray(a).tobytes())
+                return digest.hexdigest()
+
+            self._fingerprints = [of_array(a) for a in self.arrays] if self.arrays is not None else \
+                list(self.content_hashes) if self.content_hashes else \
+                [hashlib.sha256(path.read_bytes()).hexdigest() for path in self.paths]
+        return self._fingerprints
 
     def _array(self, i: int, size, gray: bool) -> np.ndarray:
         if self.paths is not None:
