@@ -46,41 +46,30 @@ class FeatureCache:
     def _path(self, key: str) -> Path:
         return self.root / f"{key}.safetensors"
 
-    def header(self, key: str) -> tuple[list[tuple[int, ...]], dict] | None:
-        """The shapes of a cached pyramid's levels and the metadata it was stored with, read without its arrays;
-        None when absent or unreadable (counted as a hit or a miss)."""
-        entry = self._read(key, arrays=False)
-        if entry is None:
-            self.misses += 1
-        else:
-            self.hits += 1
-        return entry
-
     def get(self, key: str) -> list[np.ndarray] | None:
-        """The cached feature pyramid, or None."""
-        entry = self._read(key, arrays=True)
-        return None if entry is None else entry[0]
+        return (self.get_with_meta(key) or (None, None))[0]
 
-    def _read(self, key: str, arrays: bool) -> tuple[list, dict] | None:
-        """(arrays, or their shapes; metadata) of an entry; refreshes its time (least recently used go first)."""
+    def get_with_meta(self, key: str) -> tuple[list[np.ndarray], dict] | None:
+        """The cached feature pyramid and the metadata it was stored with, or None."""
         if not self.enabled:
             return None
         path = self._path(key)
         if not path.is_file():
+            self.misses += 1
             return None
         from safetensors import safe_open
 
         try:
             with safe_open(str(path), framework="numpy") as handle:
                 meta = json.loads((handle.metadata() or {}).get("meta", "{}"))
-                names = [f"level{i}" for i in range(len(handle.keys()))]
-                levels = [handle.get_tensor(name) if arrays else tuple(handle.get_slice(name).get_shape())
-                          for name in names]
-            os.utime(path)
-        except Exception as exc:  # noqa: BLE001 - a damaged (or just evicted) entry is recomputed, never trusted
+                arrays = [handle.get_tensor(f"level{i}") for i in range(len(handle.keys()))]
+        except Exception as exc:  # noqa: BLE001 - a damaged entry is recomputed, never trusted
             log.warning("feature cache entry %s is unreadable (%s); recomputing", path, exc)
+            self.misses += 1
             return None
-        return levels, meta
+        os.utime(path)
+        self.hits += 1
+        return arrays, meta
 
     def put(self, key: str, arrays: list[np.ndarray], meta: dict | None = None) -> None:
         if not self.enabled:
@@ -137,59 +126,53 @@ FEATURE_TIMES = FeatureTimes()
 def extract_features(extractor, images, cache: FeatureCache | None = None) -> list[np.ndarray]:
     """Feature pyramid of an :class:`~automl_ad.data.imageset.ImageSet` (``extractor.features_of``), each image's
     rows from the cache when they were computed before, the others computed in one pass and stored per image.
-    Cached rows are read straight into the result (at most one image's arrays besides it)."""
+    Cached rows are copied straight into the result (at most one image's arrays besides it)."""
     if not len(images):
         return extractor.features_of(images)
     cache = cache if cache is not None else FeatureCache()
     spec_key = extractor.spec.key()
     keys = [cache.key(spec_key, fingerprint) for fingerprint in images.image_fingerprints()]
+    rows = _rows_per_image(images, extractor.spec.geometry)
+    offsets = np.cumsum([0, *rows])
+    out, missing, saved_s = None, [], 0.0
     start = time.perf_counter()
-    headers = [cache.header(key) for key in keys]
-    loading_s = time.perf_counter() - start
-    missing = [i for i, header in enumerate(headers) if header is None]
-    computed, computed_rows = _compute(extractor, images, missing, keys, spec_key, cache) if missing else (None, [])
-    if len(missing) == len(images):
-        return computed
-    rows = {i: header[0][0][0] for i, header in enumerate(headers) if header is not None}
-    rows.update(zip(missing, computed_rows))
-    offsets = np.cumsum([0] + [rows[i] for i in range(len(images))])
-    shapes = next(header[0] for header in headers if header is not None)
-    out = [np.empty((int(offsets[-1]), *shape[1:]), np.float32) for shape in shapes]
-    if missing:
-        starts = np.cumsum([0, *computed_rows])
-        for j, i in enumerate(missing):
-            for level, part in zip(out, computed):
-                level[offsets[i]:offsets[i + 1]] = part[starts[j]:starts[j + 1]]
-        del computed
-    loaded, saved_s = 0, 0.0
-    for i, header in enumerate(headers):
-        if header is None:
+    for i, key in enumerate(keys):
+        entry = cache.get_with_meta(key)
+        if entry is None or len(entry[0][0]) != rows[i]:
+            missing.append(i)
             continue
-        start = time.perf_counter()
-        arrays = cache.get(keys[i])
-        loading_s += time.perf_counter() - start
-        if arrays is None or [a.shape for a in arrays] != [(rows[i], *s[1:]) for s in shapes]:
-            arrays = extractor.features_of(images.subset([i]))  # evicted or replaced since its header was read
-        else:
-            loaded, saved_s = loaded + 1, saved_s + float(header[1].get("compute_s", 0.0))
+        arrays, meta = entry
+        if out is None:
+            out = [np.empty((int(offsets[-1]), *a.shape[1:]), a.dtype) for a in arrays]
         for level, part in zip(out, arrays):
             level[offsets[i]:offsets[i + 1]] = part
-    FEATURE_TIMES.loaded_images += loaded
-    FEATURE_TIMES.loaded_s += loading_s
-    FEATURE_TIMES.saved_s += max(0.0, saved_s - loading_s)
+        saved_s += float(meta.get("compute_s", 0.0))
+    if out is not None:
+        loading_s = time.perf_counter() - start
+        FEATURE_TIMES.loaded_images += len(images) - len(missing)
+        FEATURE_TIMES.loaded_s += loading_s
+        FEATURE_TIMES.saved_s += max(0.0, saved_s - loading_s)
+    if not missing:
+        return out
+    computed = _compute(extractor, images, missing, keys, spec_key, cache, [rows[i] for i in missing])
+    if out is None:
+        return computed
+    starts = np.cumsum([0, *(rows[i] for i in missing)])
+    for j, i in enumerate(missing):
+        for level, part in zip(out, computed):
+            level[offsets[i]:offsets[i + 1]] = part[starts[j]:starts[j + 1]]
     return out
 
 
-def _compute(extractor, images, missing: list[int], keys: list[str], spec_key: dict,
-             cache) -> tuple[list[np.ndarray], list[int]]:
-    """Features of the images at ``missing``, computed in one pass and stored per image; with their rows each."""
+def _compute(extractor, images, missing: list[int], keys: list[str], spec_key: dict, cache,
+             rows: list[int]) -> list[np.ndarray]:
+    """Features of the images at ``missing`` (``rows`` network inputs each), computed in one pass and stored per
+    image."""
     start = time.perf_counter()
-    subset = images if len(missing) == len(images) else images.subset(missing)
-    computed = extractor.features_of(subset)
+    computed = extractor.features_of(images if len(missing) == len(images) else images.subset(missing))
     seconds = time.perf_counter() - start
     FEATURE_TIMES.computed_images += len(missing)
     FEATURE_TIMES.computed_s += seconds
-    rows = _rows_per_image(subset, extractor.spec.geometry)
     if sum(rows) != len(computed[0]):
         raise RuntimeError(f"feature extraction gave {len(computed[0])} rows for {len(missing)} images, whose "
                            f"geometry has {sum(rows)} network inputs")
@@ -197,7 +180,7 @@ def _compute(extractor, images, missing: list[int], keys: list[str], spec_key: d
     for j, i in enumerate(missing):
         cache.put(keys[i], [level[starts[j]:starts[j + 1]] for level in computed],
                   {"spec": spec_key, "rows": rows[j], "compute_s": round(seconds / len(missing), 5)})
-    return computed, rows
+    return computed
 
 
 def _rows_per_image(images, geometry) -> list[int]:
