@@ -241,3 +241,36 @@ def test_export_best_takes_the_best_quality_within_the_profiles_limits():
     # nothing meets the limits: all are kept, with a warning naming the fastest
     assert within_limits(front, {"latency_ms": 5.0}, notes.append) == front
     assert notes[-1].startswith("warning: no Pareto-front trial meets") and "21.0 ms" in notes[-1]
+
+
+def test_export_best_says_when_the_search_has_not_ended():
+    """A search still running (or killed before it ended) has complete trials but no Pareto front yet: export says
+    so and what to do, instead of reporting no complete trial."""
+    from dataclasses import replace
+
+    from automl_ad.deploy.export import choose_run
+    from automl_ad.errors import UsageError
+    from automl_ad.tracking.records import SearchRecord
+
+    running = SearchRecord(run_id="s", experiment="e", data="d", seed=0, metric="combined", validation_kind="real",
+                           families=["patchcore"], work_dir=None, fingerprint="", dataset_name="d", start_time=0,
+                           params={}, ended=False)
+    unranked = replace(_trial("patchcore", 0.9, 50.0, 20.0, 5.0), pareto_rank=None)
+
+    class Store:
+        def __init__(self, search):
+            self.search = search
+
+        def resolve(self, target):
+            return self.search
+
+        def front(self, search_id):
+            return []
+
+        def trials(self, search_id):
+            return [unranked]
+
+    with pytest.raises(UsageError, match=r"has not ended .*1 complete trial\(s\) so far.*--resume"):
+        choose_run(Store(running), None, "quality")
+    with pytest.raises(UsageError, match="no complete trial on its Pareto front"):
+        choose_run(Store(replace(running, ended=True)), None, "quality")

@@ -40,6 +40,12 @@ def choose_run(store: SearchStore, target: str | None, objective: str, say=None)
         raise UsageError(f"--objective must be one of {', '.join(OBJECTIVES)}")
     search = store.resolve(target)
     front = store.front(search.run_id)
+    if not front and not search.ended:
+        complete = sum(t.complete for t in store.trials(search.run_id))
+        raise UsageError(f"search {search.run_id} has not ended (still running, or killed before it ended): "
+                         f"{complete} complete trial(s) so far; its Pareto front is ranked when it ends. Wait for it, "
+                         "continue a killed one with `automl-ad search DATA --resume`, or export one trial by its run "
+                         "id (`automl-ad leaderboard` lists them)")
     if not front:
         raise UsageError(f"search {search.run_id} has no complete trial on its Pareto front; run or resume a search")
     return best_for(within_limits(front, search.limits, say), objective)

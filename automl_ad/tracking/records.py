@@ -38,6 +38,8 @@ class SearchRecord:
     dataset_name: str
     start_time: int  # ms since the epoch
     params: dict = field(repr=False)
+    #: False while its run is open: the search is running, or its process was killed before it ended.
+    ended: bool = True
 
     @property
     def limits(self) -> dict[str, float]:
@@ -166,7 +168,7 @@ class SearchStore:
                             families=_value(params.get("families", "[]")), work_dir=params.get("work_dir"),
                             fingerprint=run.data.tags.get("fingerprint", ""),
                             dataset_name=run.data.tags.get("dataset", ""), start_time=run.info.start_time,
-                            params=dict(params))
+                            params=dict(params), ended=run.info.status != "RUNNING")
 
     def split(self, search: SearchRecord) -> SearchSplit:
         """The data split the search's trials used, as logged with the search."""
