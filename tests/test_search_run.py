@@ -102,3 +102,34 @@ def test_export_best_front_member_and_predict(searched, tmp_path):
     n_normal = manifest["thresholds"]["image"]["n_normal"]
     assert n_normal < 99 and any(f"only {n_normal} held-out normal images" in line for line in said), said
     assert manifest["metrics"]["validation_at_threshold"]["false_alarm_rate"] == 0.0
+
+
+def test_an_interrupted_search_says_so_and_resumes_with_the_rest_of_its_budget(tmp_path, monkeypatch):
+    """Ray Tune ends on Ctrl+C as it does on its budget: the search says it was stopped early and how to go on, and
+    its state stays resumable."""
+    import json
+
+    from automl_ad.search import engine
+
+    data = generate_demo(tmp_path / "data", categories=["texture"], n_train=20, n_test_good=6, n_test_per_defect=2,
+                         size=64)["texture"]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(engine, "_tune", lambda *args, **kwargs: True)  # as if Ctrl+C had stopped Ray Tune at once
+    said = []
+
+    class Console:
+        def print(self, text, *args, **kwargs):
+            said.append(str(text))
+
+    request = SearchRequest(data=str(data), families=["gaussian"], budget_s=120,
+                            tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    result = run_search(request, console=Console())
+    assert any("stopped after" in line and "of its 120-s budget (interrupted)" in line and "--resume" in line
+               for line in said), said
+    state = json.loads(next(tmp_path.glob(f".automl-ad/search/*/searches/{result.parent_run_id}.json")).read_text())
+    assert not state["finished"] and state["elapsed_s"] < 120
+    monkeypatch.setattr(engine, "_tune", lambda *args, **kwargs: False)  # a search that ran its budget says nothing
+    said.clear()
+    request.resume = True
+    assert run_search(request, console=Console()).parent_run_id == result.parent_run_id
+    assert not any("stopped after" in line for line in said), said

@@ -854,10 +854,13 @@ def _run_held(request: SearchRequest, dataset, work_dir: Path, uri: str, state: 
                          "(without --resume) or give a larger --budget")
     checkpoint = _ElapsedCheckpoint(state_file, state)
     try:
-        _tune(request, spaces, defaults, work_dir, data_file, state, remaining, tracker, experiment_id, reruns,
-              console, trial_sizes(search_data, request.families))
+        cut_short = _tune(request, spaces, defaults, work_dir, data_file, state, remaining, tracker, experiment_id,
+                          reruns, console, trial_sizes(search_data, request.families))
     finally:
         checkpoint.stop()
+    if cut_short:
+        say(f"the search was stopped after {state['elapsed_s']:.0f} s of its {state['budget_s']:.0f}-s budget "
+            f"(interrupted): `automl-ad search {dataset.root} --resume` from this folder continues it with the rest")
     _keep_a_model(tracker, parent, state["elapsed_s"], say)
     front = tracker.tag_front(parent)
     _log_best_quality_plot(tracker, parent)
@@ -1061,7 +1064,8 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def _tune(request, spaces, defaults, work_dir, data_file, state, remaining, tracker, experiment_id, reruns,
-          console, sizes):
+          console, sizes) -> bool:
+    """Run the trials; returns whether the search was cut short (interrupted before its budget ran out)."""
     start_ray(request.address)  # first: whether a local Ray listens on 127.0.0.1 only is settled as ray is imported
     import optuna
     from ray import tune
@@ -1096,7 +1100,7 @@ def _tune(request, spaces, defaults, work_dir, data_file, state, remaining, trac
     if request.max_trials is not None:
         max_trials = request.max_trials - len(tracker.finished_trial_ids(state["parent_run_id"]))
         if max_trials <= 0:
-            return
+            return False
     callback = SearchCallback(tracker, experiment_id, state["parent_run_id"], request, work_dir,
                               remaining, console, predictor=predictor, sizes=sizes,
                               elapsed_before_s=state["elapsed_s"])
@@ -1115,6 +1119,8 @@ def _tune(request, spaces, defaults, work_dir, data_file, state, remaining, trac
         tuner.fit()
     finally:
         callback.close()
+    # Ray Tune ends on Ctrl+C as on its budget; neither the budget, the trial count nor the stopper ended it here
+    return max_trials < 0 and not proposer.exhausted and time.monotonic() < deadline - SEARCH_END_TAIL_S
 
 
 def _fail_stale_trials(storage, study_name: str) -> None:
