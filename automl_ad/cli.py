@@ -428,6 +428,13 @@ def cmd_predict(args) -> int:
     console.print(f"{len(rows) - len(errors)} images scored: {anomalous} anomalous, "
                   f"{len(rows) - len(errors) - anomalous} normal; {len(errors)} skipped. Results in {args.out} "
                   "(predictions.csv, predictions.json, overlays/, masks/).", markup=False)
+    unlike = [r for r in rows if r.get("note")]
+    if unlike:
+        console.print(f"warning: {len(unlike)} of {len(rows) - len(errors)} images do not look like the training "
+                      f"images (first: {unlike[0]['image']}: {unlike[0]['note']}; all in the note column of "
+                      "predictions.csv). The threshold was calibrated on images like the training ones, so verdicts "
+                      "on these are unreliable: check the camera, crop, orientation and colour, or search again with "
+                      "such images among the training ones.", style="yellow", markup=False, emoji=False)
     scored = [r["score_ms"] for r in rows if r.get("score_ms") is not None]
     if scored:
         console.print(f"Took {wall_s:.1f} s with loading the package ({len(scored) / wall_s:.1f} images/s); the "

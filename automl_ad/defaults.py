@@ -169,6 +169,14 @@ SERVE_PATHS_ROOT_ENV = "AUTOML_AD_SERVE_PATHS_UNDER"
 #: Model packages: environment variable holding a secret key. Set at export, the manifest is signed with an
 #: HMAC-SHA256 under it; set at load, a package must carry a valid signature under it.
 PACKAGE_KEY_ENV = "AUTOML_AD_PACKAGE_KEY"
+#: Predict flags an image that does not look like the training images (automl_ad.deploy.appearance): an aspect
+#: ratio beyond this factor of the training images' range, a side beyond this factor of their sizes, or the other
+#: colour mode. The threshold was set on images like the training ones; a new camera, crop or orientation can move
+#: every score (a ball-screw model rotated by 90 degrees flagged every image, good ones too).
+APPEARANCE_ASPECT_FACTOR = 1.15
+APPEARANCE_SIZE_FACTOR = 2.0
+#: Training images decoded at export to tell gray from colour (sizes come from every file's header).
+APPEARANCE_COLOUR_SAMPLE = 16
 
 #: Budget-aware search scheduling (automl_ad.search.cost_predictor, automl_ad.search.engine).
 #: Successive-halving factor η: fidelity rungs train on 1, 1/η, 1/η² ... of the training images; the per-family

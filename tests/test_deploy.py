@@ -274,3 +274,28 @@ def test_export_best_says_when_the_search_has_not_ended():
         choose_run(Store(running), None, "quality")
     with pytest.raises(UsageError, match="no complete trial on its Pareto front"):
         choose_run(Store(replace(running, ended=True)), None, "quality")
+
+
+def test_appearance_notes_images_unlike_the_training_ones():
+    """Aspect ratio, size and colour mode against the training images' ranges; a manifest without them (an older
+    package) or a malformed one checks nothing."""
+    from automl_ad.data.imageset import ImageSet
+    from automl_ad.deploy.appearance import differences, training_appearance
+
+    rng = np.random.default_rng(0)
+    gray = [rng.integers(0, 255, (100, 200), dtype=np.uint8), rng.integers(0, 255, (120, 220), dtype=np.uint8)]
+    looks = training_appearance(ImageSet.from_arrays(gray))
+    assert looks == {"height": [100, 120], "width": [200, 220], "aspect": [1.8333, 2.0], "colour": "gray"}
+    assert differences(rng.integers(0, 255, (110, 200), dtype=np.uint8), looks) == []
+    grey_rgb = np.repeat(rng.integers(0, 255, (110, 200, 1), dtype=np.uint8), 3, axis=2)
+    assert differences(grey_rgb, looks) == []  # three equal channels are gray
+    assert differences(gray[0].T, looks) == [
+        "aspect ratio 0.50 (width / height) against 1.83-2.00 for the training images"]
+    assert differences(np.zeros((480, 900), np.uint8), looks) == [
+        "900x480 pixels against 200-220x100-120 for the training images"]
+    assert differences(rng.integers(0, 255, (110, 200, 3), dtype=np.uint8), looks) == [
+        "a colour image; the training images are gray"]
+    mixed = training_appearance(ImageSet.from_arrays([gray[0], rng.integers(0, 255, (100, 200, 3), dtype=np.uint8)]))
+    assert mixed["colour"] == "mixed" and differences(gray[1], mixed) == []
+    for malformed in (None, {}, {"height": "tall"}, {"height": [1], "width": [1, 2], "aspect": [1, 2]}, [1, 2]):
+        assert differences(gray[0], malformed) == []

@@ -102,6 +102,23 @@ def test_export_best_front_member_and_predict(searched, tmp_path):
     n_normal = manifest["thresholds"]["image"]["n_normal"]
     assert n_normal < 99 and any(f"only {n_normal} held-out normal images" in line for line in said), said
     assert manifest["metrics"]["validation_at_threshold"]["false_alarm_rate"] == 0.0
+    # the package keeps what the training images looked like; predict notes an image unlike them, and only that one
+    from pathlib import Path
+
+    from PIL import Image
+
+    from automl_ad.data.io import save_png
+    from automl_ad.deploy.predict import predict_files
+
+    looks = manifest["training"]["images"]
+    assert looks["height"] == looks["width"] == [64, 64] and looks["aspect"] == [1.0, 1.0]
+    like = np.asarray(Image.open(next(Path(manifest["training"]["dataset"]).rglob("train/good/*.png"))))
+    (tmp_path / "new").mkdir()
+    save_png(tmp_path / "new" / "like.png", like)
+    save_png(tmp_path / "new" / "wide.png", np.concatenate([like] * 3, axis=1))
+    rows = predict_files(load_package(path), [str(tmp_path / "new")], tmp_path / "out", progress=False)
+    notes = {Path(row["image"]).name: row["note"] for row in rows}
+    assert notes["like.png"] == "" and notes["wide.png"].startswith("aspect ratio 3.00 (width / height) against 1.00")
 
 
 def test_an_interrupted_search_says_so_and_resumes_with_the_rest_of_its_budget(tmp_path, monkeypatch):

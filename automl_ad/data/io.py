@@ -243,7 +243,7 @@ def inspect_image(path: str | Path, max_pixels: int | None = None) -> ImageInfo:
         channels=1 if array.ndim == 2 else 3,
         bit_depth=16 if array.dtype == np.uint16 else 8,
         has_alpha=has_alpha,
-        effectively_gray=array.ndim == 3 and _channels_identical(array),
+        effectively_gray=array.ndim == 3 and channels_identical(array),
         sha256=sha256,
         orientation=exif_orientation(path),
     )
@@ -260,7 +260,7 @@ def exif_orientation(path: str | Path) -> int:
     return int(value) if isinstance(value, int) and 1 <= value <= 8 else 1
 
 
-def _channels_identical(array: np.ndarray, tolerance: float = 2.0) -> bool:
+def channels_identical(array: np.ndarray, tolerance: float = 2.0) -> bool:
     """Colour pixels whose channels differ by at most ``tolerance`` grey levels (8-bit scale) on average."""
     step = max(1, max(array.shape[:2]) // 256)
     sample = array[::step, ::step].astype(np.float32)

@@ -13,6 +13,7 @@ import numpy as np
 
 from automl_ad.data.split import SearchSplit
 from automl_ad.defaults import STATE_DIR
+from automl_ad.deploy.appearance import training_appearance
 from automl_ad.deploy.package import check_package_target, export_package, verify_package
 from automl_ad.deploy.serving import log_package
 from automl_ad.deploy.thresholds import (
@@ -169,7 +170,8 @@ def export_run(store: SearchStore, run_id: str, out: str | Path, far: float = DE
         cost = {k: trial.metrics.get(k) for k in ("latency_ms_p50", "latency_ms_p95", "throughput_ips",
                                                    "peak_rss_mb_score", "peak_rss_mb_fit", "fit_seconds", "model_mb")}
         training = {"dataset": search.data, "fingerprint": search.fingerprint, "n_train": len(split.train),
-                    "run_id": run_id, "search_run_id": search.run_id, "tracking_uri": store.uri}
+                    "run_id": run_id, "search_run_id": search.run_id, "tracking_uri": store.uri,
+                    "images": training_appearance(split.train)}
         path = export_package(detector, out, calibration.thresholds, metrics, cost, training, overwrite=overwrite,
                               parity_images=parity_images(split.validation_for(detector.trains_on_anomalies)),
                               protected=protected,

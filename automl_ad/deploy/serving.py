@@ -31,6 +31,7 @@ from automl_ad.defaults import (
     SERVE_MAX_REQUEST_PIXELS,
     SERVE_PATHS_ROOT_ENV,
 )
+from automl_ad.deploy.appearance import differences
 from automl_ad.deploy.package import Package, load_package
 from automl_ad.errors import ConfigError
 from automl_ad.tracking.store import Tracker
@@ -183,7 +184,8 @@ class RequestScorer:
                             "details") from None
         if not math.isfinite(result.score):
             raise ItemError("the detector returned a non-finite score for this image")
-        return {"score": float(result.score), "anomalous": bool(result.anomalous), "error": ""}
+        return {"score": float(result.score), "anomalous": bool(result.anomalous), "error": "",
+                "note": "; ".join(differences(array, self.package.manifest["training"].get("images")))}
 
 
 def request_items(model_input) -> list:
@@ -235,14 +237,15 @@ def _json_type(item) -> str:
 
 
 def _error_row(message: str) -> dict:
-    return {"score": None, "anomalous": None, "error": message}
+    return {"score": None, "anomalous": None, "error": message, "note": ""}
 
 
 def _frame(rows: list[dict]) -> pd.DataFrame:
     """Result rows; unscored images have null score and verdict (JSON null, never NaN, which is not valid JSON)."""
     return pd.DataFrame({"score": pd.Series([row["score"] for row in rows], dtype=object),
                          "anomalous": pd.Series([row["anomalous"] for row in rows], dtype=object),
-                         "error": pd.Series([row["error"] for row in rows], dtype=object)})
+                         "error": pd.Series([row["error"] for row in rows], dtype=object),
+                         "note": pd.Series([row["note"] for row in rows], dtype=object)})
 
 
 def scorer_for(package_dir: str | Path, model_config: dict | None = None) -> RequestScorer:

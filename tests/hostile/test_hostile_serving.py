@@ -122,7 +122,7 @@ def predictions(model, items: list) -> list[dict]:
     assert status == 200, answer
     assert len(answer["predictions"]) == len(items)
     for row in answer["predictions"]:
-        assert set(row) == {"score", "anomalous", "error"}
+        assert set(row) == {"score", "anomalous", "error", "note"}
         assert "Traceback" not in row["error"] and "/tmp" not in row["error"] and "pytest-" not in row["error"]
         assert (row["score"] is None) == bool(row["error"]) == (row["anomalous"] is None)
     return answer["predictions"]

@@ -1,0 +1,58 @@
+"""What a model's training images looked like (sizes, aspect ratios, colour), kept in its package's manifest, and
+how a new image differs from them. A threshold holds for images like those it was calibrated on; ``predict`` notes
+each image from another camera, crop, orientation or colour mode, so that its verdict is read with care."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from automl_ad.data.imageset import ImageSet
+from automl_ad.data.io import channels_identical, load_image
+from automl_ad.defaults import APPEARANCE_ASPECT_FACTOR, APPEARANCE_COLOUR_SAMPLE, APPEARANCE_SIZE_FACTOR
+
+
+def colour_mode(image: np.ndarray) -> str:
+    """"gray" for one channel or three (nearly) identical ones, else "colour"."""
+    return "gray" if image.ndim == 2 or channels_identical(image) else "colour"
+
+
+def training_appearance(images: ImageSet) -> dict:
+    """Height, width and aspect-ratio (width / height) ranges of ``images`` (every file's header) and their colour
+    mode ("gray", "colour" or "mixed", from up to ``APPEARANCE_COLOUR_SAMPLE`` of them spread over the set)."""
+    sizes = np.array(images.sizes(), dtype=float)  # (height, width)
+    aspects = sizes[:, 1] / sizes[:, 0]
+    picks = np.unique(np.linspace(0, len(images) - 1, min(len(images), APPEARANCE_COLOUR_SAMPLE)).astype(int))
+    modes = {colour_mode(images.arrays[i] if images.arrays is not None else load_image(images.paths[i]))
+             for i in picks}
+    return {"height": [int(sizes[:, 0].min()), int(sizes[:, 0].max())],
+            "width": [int(sizes[:, 1].min()), int(sizes[:, 1].max())],
+            "aspect": [round(float(aspects.min()), 4), round(float(aspects.max()), 4)],
+            "colour": modes.pop() if len(modes) == 1 else "mixed"}
+
+
+def differences(image: np.ndarray, appearance: dict | None) -> list[str]:
+    """How ``image`` (decoded, (H, W) or (H, W, 3)) differs from the training images of ``appearance`` (as
+    :func:`training_appearance` returns; None or malformed, e.g. an older package: no check)."""
+    try:
+        (low_h, high_h), (low_w, high_w), (low_a, high_a) = (
+            [float(v) for v in appearance[key]] for key in ("height", "width", "aspect"))
+        trained = appearance["colour"]
+    except (TypeError, KeyError, ValueError):
+        return []
+    height, width = image.shape[:2]
+    found = []
+    if not low_a / APPEARANCE_ASPECT_FACTOR <= width / height <= high_a * APPEARANCE_ASPECT_FACTOR:
+        found.append(f"aspect ratio {width / height:.2f} (width / height) against {_span(low_a, high_a, '.2f')} "
+                     "for the training images")
+    elif not (low_h / APPEARANCE_SIZE_FACTOR <= height <= high_h * APPEARANCE_SIZE_FACTOR
+              and low_w / APPEARANCE_SIZE_FACTOR <= width <= high_w * APPEARANCE_SIZE_FACTOR):
+        found.append(f"{width}x{height} pixels against {_span(low_w, high_w, '.0f')}x{_span(low_h, high_h, '.0f')} "
+                     "for the training images")
+    mode = colour_mode(image)
+    if trained in ("gray", "colour") and mode != trained:
+        found.append(f"a {mode} image; the training images are {trained}")
+    return found
+
+
+def _span(low: float, high: float, spec: str) -> str:
+    return format(low, spec) if format(low, spec) == format(high, spec) else f"{low:{spec}}-{high:{spec}}"
