@@ -295,6 +295,9 @@ def test_appearance_notes_images_unlike_the_training_ones():
         "900x480 pixels against 200-220x100-120 for the training images"]
     assert differences(rng.integers(0, 255, (110, 200, 3), dtype=np.uint8), looks) == [
         "a colour image; the training images are gray"]
+    colour = rng.integers(0, 255, (110, 200, 3), dtype=np.uint8)
+    assert differences(colour / 255.0, looks) == ["a colour image; the training images are gray"]  # floats in [0, 1]
+    assert differences(grey_rgb / 255.0, looks) == []
     mixed = training_appearance(ImageSet.from_arrays([gray[0], rng.integers(0, 255, (100, 200, 3), dtype=np.uint8)]))
     assert mixed["colour"] == "mixed" and differences(gray[1], mixed) == []
     for malformed in (None, {}, {"height": "tall"}, {"height": [1], "width": [1, 2], "aspect": [1, 2]}, [1, 2]):

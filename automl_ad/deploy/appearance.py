@@ -12,8 +12,10 @@ from automl_ad.defaults import APPEARANCE_ASPECT_FACTOR, APPEARANCE_COLOUR_SAMPL
 
 
 def colour_mode(image: np.ndarray) -> str:
-    """"gray" for one channel or three (nearly) identical ones, else "colour"."""
-    return "gray" if image.ndim == 2 or channels_identical(image) else "colour"
+    """"gray" for one channel or three (nearly) identical ones, else "colour" (integer images, or float in [0, 1])."""
+    if image.ndim == 2:
+        return "gray"
+    return "gray" if channels_identical(image * 255.0 if image.dtype.kind == "f" else image) else "colour"
 
 
 def training_appearance(images: ImageSet) -> dict:

@@ -35,6 +35,7 @@ import numpy as np
 from automl_ad.data.geometry import Geometry
 from automl_ad.data.imageset import ImageSet
 from automl_ad.defaults import PACKAGE_KEY_ENV, PRECISIONS
+from automl_ad.deploy.appearance import differences
 from automl_ad.deploy.onnx_export import export_onnx
 from automl_ad.detectors import Detector, list_detectors
 from automl_ad.detectors.graph_based import GraphDetector
@@ -215,12 +216,14 @@ def _onnx_readme(onnx: dict) -> list[str]:
 
 @dataclass
 class Prediction:
-    """One image's result: score, verdict, anomaly map at the image's size (or None) and its binary mask."""
+    """One image's result: score, verdict, anomaly map at the image's size (or None), its binary mask, and how the
+    image differs from the training images (:func:`~automl_ad.deploy.appearance.differences`; empty if not)."""
 
     score: float
     anomalous: bool
     anomaly_map: np.ndarray | None
     mask: np.ndarray | None
+    notes: tuple[str, ...] = ()
 
 
 class Package:
@@ -254,7 +257,8 @@ class Package:
             amap = resize_image(scores.anomaly_maps[0], array.shape[:2])
             if self.pixel_threshold is not None:
                 mask = amap > self.pixel_threshold
-        return Prediction(score, score > limit, amap, mask)
+        return Prediction(score, score > limit, amap, mask,
+                          tuple(differences(array, self.manifest["training"].get("images"))))
 
 
 def load_package(path: str | Path) -> Package:

@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 
 from automl_ad.data.io import ImageReadError, is_image_file, load_image, save_png
-from automl_ad.deploy.appearance import differences
 from automl_ad.errors import UsageError
 
 
@@ -36,7 +35,7 @@ def predict_files(package, inputs: list[str], out: str | Path, threshold: float 
                   progress: bool = True) -> list[dict]:
     """Score every image; a file that cannot be read (corrupt, truncated, over the pixel limit) is reported in the
     summary with its reason and skipped, and the rest are still scored and summarised. ``note``: how the image
-    differs from the training images (:func:`~automl_ad.deploy.appearance.differences`), empty when it does not.
+    differs from the training images (:attr:`~automl_ad.deploy.package.Prediction.notes`), empty when it does not.
     ``score_ms``: the model's
     milliseconds for the image, from the decoded image to score and map (the first image's include building the
     inference session; the overlays and masks of earlier images are written meanwhile and share the cores)."""
@@ -50,7 +49,6 @@ def predict_files(package, inputs: list[str], out: str | Path, threshold: float 
     (out / "masks").mkdir(parents=True, exist_ok=True)
     rows = []
     limit = package.image_threshold if threshold is None else threshold
-    appearance = package.manifest["training"].get("images")  # packages before it have none: no note
     with _BackgroundWriter(out) as writer:
         for index, path in enumerate(track(paths, "predicting", enabled=progress)):
             name = f"{index:05d}_{path.stem}.png"
@@ -64,7 +62,7 @@ def predict_files(package, inputs: list[str], out: str | Path, threshold: float 
             rows.append({"image": str(path), "score": result.score,
                          "verdict": "anomalous" if result.anomalous else "normal", "threshold": limit,
                          "score_ms": round(1000 * (time.perf_counter() - started), 1), "error": "",
-                         "note": "; ".join(differences(image, appearance)),
+                         "note": "; ".join(result.notes),
                          **writer.submit(name, image, result, package.pixel_threshold)})
     fields = ["image", "score", "verdict", "threshold", "overlay", "mask", "score_ms", "error", "note"]
     with (out / "predictions.csv").open("w", newline="") as handle:

@@ -31,7 +31,6 @@ from automl_ad.defaults import (
     SERVE_MAX_REQUEST_PIXELS,
     SERVE_PATHS_ROOT_ENV,
 )
-from automl_ad.deploy.appearance import differences
 from automl_ad.deploy.package import Package, load_package
 from automl_ad.errors import ConfigError
 from automl_ad.tracking.store import Tracker
@@ -185,7 +184,7 @@ class RequestScorer:
         if not math.isfinite(result.score):
             raise ItemError("the detector returned a non-finite score for this image")
         return {"score": float(result.score), "anomalous": bool(result.anomalous), "error": "",
-                "note": "; ".join(differences(array, self.package.manifest["training"].get("images")))}
+                "note": "; ".join(result.notes)}
 
 
 def request_items(model_input) -> list:
