@@ -36,7 +36,7 @@ TRIAL_METRICS = ("quality", "real_quality", "throughput", "memory_mb", "fit_seco
                  "features_saved_s", "fit_setup_seconds", "interim_scoring_seconds", "post_fit_setup_seconds",
                  "post_fit_network_seconds", "fit_cache_saved_seconds", "post_fit_cache_saved_seconds")
 #: Failure reason of a trial that was running when its search process was killed; such a trial runs again.
-INTERRUPTED = "interrupted (search process killed)"
+INTERRUPTED = "interrupted (the search was stopped or killed)"
 #: Longest wait for another process that is creating the same SQLite store.
 STORE_CREATION_WAIT_S = 300
 
