@@ -825,6 +825,23 @@ def test_the_validation_resolution_matches_the_spread_of_auroc_over_resampled_va
     assert validation_resolution(0.9, 0, 10) == float("inf")
 
 
+def test_a_tiny_validation_set_does_not_claim_a_fine_resolution_from_a_perfect_ranking():
+    """3 normal and 3 anomalous images of a good detector (true AUROC about 0.93) often rank perfectly; the
+    AUROC still spreads by about 0.1 over resampled sets, so the resolution at 1.0 is not near 0 (Hanley and
+    McNeil's error at 1.0 is 0.001 there)."""
+    from sklearn.metrics import roc_auc_score
+
+    from automl_ad.search.validation import validation_resolution
+
+    rng = np.random.default_rng(0)
+    labels = np.r_[np.zeros(3), np.ones(3)]
+    aucs = np.array([roc_auc_score(labels, np.r_[rng.exponential(1, 3), rng.exponential(14, 3)])
+                     for _ in range(3000)])
+    assert np.mean(aucs == 1.0) > 0.4 and 0.08 < np.std(aucs) < 0.2
+    assert validation_resolution(1.0, 3, 3) > np.std(aucs)
+    assert validation_resolution(0.998, 24, 24) < 0.01  # large enough sets keep the usual error
+
+
 def test_screening_rungs_are_ranked_on_a_third_of_each_validation_group_but_never_on_too_few():
     """1/η of the normal images and of each anomaly kind, spread over each group (defect types come in folder
     order), at least SEARCH_MIN_SCREEN_VALIDATION per class; a small validation set is kept whole."""

@@ -144,10 +144,12 @@ def validation_resolution(quality: float, normals: int, anomalies: int) -> float
     """The smallest quality difference a validation set of ``normals`` and ``anomalies`` images resolves: the
     standard error of an image AUROC equal to ``quality`` (Hanley and McNeil, 1982), used for every metric as the
     validation's resolution. 24 normal and 24 anomalous images resolve about 0.06 at 0.8; 150 and 150 about 0.01
-    at 0.95. Infinite when a class is empty."""
+    at 0.95. Infinite when a class is empty. The error shrinks to nothing as the AUROC nears 1, but a validation set
+    cannot tell a perfect ranking from one with a pair misordered: it is taken at most one pair (of normals x
+    anomalies) below 1, so 2 normal and 2 anomalous images resolve about 0.28, not 0.03 at 0.998."""
     if normals < 1 or anomalies < 1:
         return math.inf
-    auc = min(max(float(quality), 0.5), 1.0 - 1e-6)
+    auc = max(0.5, min(float(quality), 1.0 - 1.0 / (normals * anomalies), 1.0 - 1e-6))
     q1, q2 = auc / (2 - auc), 2 * auc * auc / (1 + auc)
     variance = (auc * (1 - auc) + (anomalies - 1) * (q1 - auc * auc) + (normals - 1) * (q2 - auc * auc)) \
         / (normals * anomalies)
