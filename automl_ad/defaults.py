@@ -172,7 +172,7 @@ PACKAGE_KEY_ENV = "AUTOML_AD_PACKAGE_KEY"
 #: Predict flags an image that does not look like the training images (automl_ad.deploy.appearance): an aspect
 #: ratio beyond this factor of the training images' range, a side beyond this factor of their sizes, or the other
 #: colour mode. The threshold was set on images like the training ones; a new camera, crop or orientation can move
-#: every score (a ball-screw model rotated by 90 degrees flagged every image, good ones too).
+#: every score (a ball_screw model trained on images turned by 90 degrees flagged every unturned one, good or not).
 APPEARANCE_ASPECT_FACTOR = 1.15
 APPEARANCE_SIZE_FACTOR = 2.0
 #: Training images decoded at export to tell gray from colour (sizes come from every file's header).

@@ -36,9 +36,9 @@ def predict_files(package, inputs: list[str], out: str | Path, threshold: float 
     """Score every image; a file that cannot be read (corrupt, truncated, over the pixel limit) is reported in the
     summary with its reason and skipped, and the rest are still scored and summarised. ``note``: how the image
     differs from the training images (:attr:`~automl_ad.deploy.package.Prediction.notes`), empty when it does not.
-    ``score_ms``: the model's
-    milliseconds for the image, from the decoded image to score and map (the first image's include building the
-    inference session; the overlays and masks of earlier images are written meanwhile and share the cores)."""
+    ``score_ms``: the model's milliseconds for the image, from the decoded image to score and map (the first
+    image's include building the inference session; the overlays and masks of earlier images are written meanwhile
+    and share the cores)."""
     from automl_ad.progress import track
 
     out = Path(out)
