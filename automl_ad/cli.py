@@ -84,6 +84,14 @@ def _console(stderr: bool = False):
     return Console(stderr=stderr, highlight=False, soft_wrap=False, width=None if sys.stdout.isatty() else 120)
 
 
+def _full_scale_note(full_scale: int | None) -> str:
+    """How 16-bit pixels are read, when not by 65535 (a 12-bit camera's files)."""
+    if full_scale is None:
+        return ""
+    bits = full_scale.bit_length()
+    return f" ({bits}-bit values in 16-bit files: read as 0-{full_scale})"
+
+
 def _print_profile(console, profile) -> None:
     c, s, st, al = profile.counts, profile.size, profile.structure, profile.alignment
     defects = ", ".join(f"{k} {v}" for k, v in c.abnormal.items()) or "none"
@@ -95,7 +103,7 @@ def _print_profile(console, profile) -> None:
     console.print(f"  images: {c.normal_for_training} normal for training, {c.normal_test} normal test, "
                   f"defects: {defects}; {c.masks} masks; {c.skipped_files} file(s) skipped")
     console.print(f"  size: {size}; colour: {profile.color.mode}; bit depth: "
-                  f"{'/'.join(map(str, profile.color.bit_depths))}")
+                  f"{'/'.join(map(str, profile.color.bit_depths))}{_full_scale_note(profile.color.full_scale)}")
     periodic = "periodic" if st.periodic else "not periodic"
     console.print(f"  structure: [bold]{st.kind}[/bold] (confidence {st.confidence:.2f}; aligned detail "
                   f"{st.aligned_detail:.2f}, background share {st.background_share:.2f}, {periodic} "

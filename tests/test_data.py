@@ -11,7 +11,7 @@ from conftest import BOTTLE, needs, noise_image, square_mask, write_image
 from PIL import Image
 
 from automl_ad.data import load_datasets, open_dataset
-from automl_ad.data.io import inspect_image, load_image, read_image
+from automl_ad.data.io import full_scale_of, inspect_image, load_image, read_image, to_float
 from automl_ad.errors import InvalidDatasetError
 
 
@@ -84,6 +84,25 @@ def test_reads_16bit_tiff_and_png_gray(tmp_path):
         assert info.bit_depth == 16 and info.channels == 1
         np.testing.assert_array_equal(read_image(tmp_path / name), array)
     assert load_image(tmp_path / "a.tiff").max() == pytest.approx(array.max() / 65535)
+
+
+def test_16bit_images_are_read_at_their_cameras_bit_depth(tmp_path):
+    assert [full_scale_of(v) for v in (0, 255, 256, 1023, 1024, 4095, 4096, 65535)] == \
+        [255, 255, 1023, 1023, 4095, 4095, 16383, 65535]
+    twelve = np.array([[0, 2048], [4095, 100]], np.uint16)
+    assert to_float(twelve, 4095).max() == 1.0 and to_float(twelve).max() == pytest.approx(4095 / 65535)
+    assert to_float(np.array([[5000]], np.uint16), 4095)[0, 0] == 1.0  # above the full scale: clipped
+    assert to_float(np.array([[255]], np.uint8), 4095)[0, 0] == 1.0  # 8-bit images keep their own scale
+    for name, shift in (("twelve", 4), ("sixteen", 8)):
+        root = tmp_path / name
+        for i in range(4):
+            image = (noise_image(i, channels=1).astype(np.uint16) << shift) + (15 if shift == 4 else 255)
+            write_image(root / "train" / "good" / f"{i}.png", image)
+        dataset = open_dataset(root)
+        assert dataset.info[dataset.records[0].path].max_value <= (4095 if shift == 4 else 65535)
+        assert dataset.full_scale == (4095 if shift == 4 else None)  # 65535 is the default: None
+    write_image(tmp_path / "eight" / "train" / "good" / "0.png", noise_image(0))
+    assert open_dataset(tmp_path / "eight").full_scale is None
 
 
 def test_reads_16bit_rgb_tiff(tmp_path):

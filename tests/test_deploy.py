@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import pytest
 from conftest import SHARED_WEIGHTS
+from PIL import Image
 
 from automl_ad import load_package
 from automl_ad.data import open_dataset
@@ -274,6 +275,46 @@ def test_export_best_says_when_the_search_has_not_ended():
         choose_run(Store(running), None, "quality")
     with pytest.raises(UsageError, match="no complete trial on its Pareto front"):
         choose_run(Store(replace(running, ended=True)), None, "quality")
+
+
+def test_a_12_bit_cameras_images_are_read_at_its_scale_from_fit_to_predict(demo, tmp_path):
+    """16-bit files holding 12-bit values: the dataset reads them by 4095, the detector keeps that scale, and a
+    package scores a file path as the detector scored the dataset's images (the 8-bit originals give the same
+    scores but for the 0.4% between 16/4095 and 1/255); the synthetic anomalies are written at that scale too."""
+    from automl_ad.data.io import read_image
+    from automl_ad.search.validation import synthesise_validation
+
+    source = demo[0]
+    for path in sorted(source.rglob("*.png")):
+        target = tmp_path / "twelve" / path.relative_to(source)
+        image = read_image(path)
+        gray = image if "ground_truth" in path.parts else (image.astype(np.float32).mean(axis=-1) if image.ndim == 3
+                                                            else image).astype(np.uint16) << 4
+        target.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(gray if "ground_truth" not in path.parts else image).save(target)
+    dataset = open_dataset(tmp_path / "twelve")
+    assert dataset.full_scale == 4095
+    train = ImageSet.from_records(dataset.normal_in("train"), dataset)
+    test = ImageSet.from_records([r for r in dataset.records if r.split == "test"], dataset)
+    detector = create_detector("gaussian", input_size=64, scales=(1.0, 2.0)).fit(train)
+    assert detector.full_scale_ == 4095
+    scores = detector.score_samples(test).image_scores
+    eight = ImageSet.from_arrays([(read_image(p) >> 4).astype(np.uint8) for p in test.paths])
+    np.testing.assert_allclose(detector.score_samples(eight).image_scores, scores, rtol=0.05)
+    as_65535 = ImageSet(paths=test.paths, labels=test.labels).at_full_scale(None)
+    assert test.image_fingerprints() != ImageSet.from_paths(test.paths).image_fingerprints()  # cache keys differ
+    path = export_package(detector, tmp_path / "pkg", {"image": calibrate_image_threshold(scores).to_dict()},
+                          training={"n": len(train)})
+    package = load_package(path)
+    assert package.full_scale == 4095 and package.manifest["preprocessing"]["full_scale"] == 4095
+    assert package.predict(test.paths[0]).score == pytest.approx(float(scores[0]), rel=1e-4)
+    assert package.predict(test.paths[0]).notes == ()
+    brighter = package.predict(read_image(test.paths[0]) << 4)  # a 16-bit camera's image
+    assert any("above the 4095 (12-bit) of the training images" in note for note in brighter.notes)
+    assert test.load(64).max() > 0.5 and as_65535.load(64).max() < 1 / 16  # 65535 would leave them dark
+    normals = ImageSet.from_records(dataset.normal_in("test"), dataset)
+    synthetic = synthesise_validation(normals, tmp_path / "synthetic")
+    assert synthetic.full_scale == 4095 and max(int(read_image(p).max()) for p in synthetic.paths) <= 4095
 
 
 def test_appearance_notes_images_unlike_the_training_ones():

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from automl_ad.data.io import ImageInfo, load_image
+from automl_ad.data.io import ImageInfo, full_scale_of, load_image
 from automl_ad.data.layout import ImageRecord, detect_layout, scan
 from automl_ad.data.validation import MaskCheck, Problem, validate
 from automl_ad.defaults import DEFECT_VALIDATION_FRACTION, MIN_VALIDATION_NORMALS, SPLIT_SEED, VALIDATION_FRACTION
@@ -49,6 +49,15 @@ class Dataset:
     def defect_types(self) -> dict[str, int]:
         """Defect type → number of images, in name order."""
         return dict(sorted(Counter(r.label for r in self.abnormal).items()))
+
+    @property
+    def full_scale(self) -> int | None:
+        """What its 16-bit images are divided by to reach [0, 1]: the full scale of the smallest camera bit depth
+        that holds their largest value (:func:`~automl_ad.data.io.full_scale_of`; 4095 for a 12-bit camera); None
+        when it has no 16-bit image or they use the whole 16-bit range (65535, the default)."""
+        values = [self.info[r.path].max_value for r in self.records if self.info[r.path].bit_depth == 16]
+        scale = full_scale_of(max(values)) if values else None
+        return None if scale in (None, 65535) else scale
 
     def normal_in(self, split: str | None) -> list[ImageRecord]:
         return [r for r in self.normal if r.split == split]
@@ -115,9 +124,9 @@ class Dataset:
 
         Gray images are repeated to three channels unless ``gray`` is set (then colour images become luma).
         """
-        images = []
+        images, full_scale = [], self.full_scale
         for record in records:
-            image = load_image(record.path, size, gray=gray)
+            image = load_image(record.path, size, gray=gray, full_scale=full_scale)
             if not gray and image.ndim == 2:
                 image = np.repeat(image[..., None], 3, axis=2)
             images.append(image)

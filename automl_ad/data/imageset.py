@@ -23,7 +23,8 @@ class ImageSet:
     Build it with :meth:`from_records` (files of a validated dataset), :meth:`from_paths` or
     :meth:`from_arrays`. ``image_fingerprints`` identify the content (the feature cache's keys) without decoding.
     ``kinds`` names, per image, the kind of a synthesised anomaly (:data:`automl_ad.data.synthetic.KINDS`); None
-    for real images.
+    for real images. ``full_scale`` is what 16-bit images are divided by (their dataset's
+    :attr:`~automl_ad.data.Dataset.full_scale`; None: 65535).
     """
 
     paths: list[Path] | None = None
@@ -32,6 +33,7 @@ class ImageSet:
     mask_paths: list[Path | None] | None = None
     content_hashes: list[str] | None = None
     kinds: list[str | None] | None = None
+    full_scale: int | None = None
     _fingerprints: list[str] | None = field(default=None, repr=False)
 
     def __post_init__(self):
@@ -52,24 +54,27 @@ class ImageSet:
         """Images of a validated :class:`~automl_ad.data.Dataset` (its content hashes make fingerprinting free)."""
         hashes = [dataset.info[r.path].sha256 for r in records] if dataset is not None else None
         return cls(paths=[r.path for r in records], labels=[0 if r.is_normal else 1 for r in records],
-                   mask_paths=[r.mask for r in records], content_hashes=hashes)
+                   mask_paths=[r.mask for r in records], content_hashes=hashes,
+                   full_scale=dataset.full_scale if dataset is not None else None)
 
     def to_json(self) -> dict:
-        """Absolute paths, labels, masks and content hashes as JSON-ready data (file-backed sets only)."""
+        """Absolute paths, labels, masks, content hashes and full scale as JSON-ready data (file-backed sets
+        only)."""
         if self.paths is None:
             raise ValueError("only an ImageSet of files can be written as JSON")
         labels = self.labels if self.labels is not None else np.zeros(len(self), np.int64)
         return {"paths": [str(Path(p).resolve()) for p in self.paths], "labels": labels.tolist(),
                 "masks": [None if m is None else str(Path(m).resolve())
                           for m in (self.mask_paths or [None] * len(self))],
-                "hashes": self.content_hashes, **({"kinds": self.kinds} if self.kinds is not None else {})}
+                "hashes": self.content_hashes, **({"kinds": self.kinds} if self.kinds is not None else {}),
+                **({"full_scale": self.full_scale} if self.full_scale is not None else {})}
 
     @classmethod
     def from_json(cls, data: dict) -> ImageSet:
         """The inverse of :meth:`to_json`."""
         return cls(paths=[Path(p) for p in data["paths"]], labels=np.asarray(data["labels"], np.int64),
                    mask_paths=[None if m is None else Path(m) for m in data["masks"]],
-                   content_hashes=data.get("hashes"), kinds=data.get("kinds"))
+                   content_hashes=data.get("hashes"), kinds=data.get("kinds"), full_scale=data.get("full_scale"))
 
     @classmethod
     def from_paths(cls, paths: Sequence[str | Path], labels=None) -> ImageSet:
@@ -92,30 +97,40 @@ class ImageSet:
         return ImageSet(paths=pick(self.paths), arrays=pick(self.arrays),
                         labels=None if self.labels is None else self.labels[list(indices)],
                         mask_paths=pick(self.mask_paths), content_hashes=pick(self.content_hashes),
-                        kinds=pick(self.kinds), _fingerprints=pick(self._fingerprints))
+                        kinds=pick(self.kinds), full_scale=self.full_scale, _fingerprints=pick(self._fingerprints))
+
+    def at_full_scale(self, full_scale: int | None) -> ImageSet:
+        """The same images read with another ``full_scale`` (a fitted detector scores new images as it was
+        trained)."""
+        if full_scale == self.full_scale:
+            return self
+        return ImageSet(paths=self.paths, arrays=self.arrays, labels=self.labels, mask_paths=self.mask_paths,
+                        content_hashes=self.content_hashes, kinds=self.kinds, full_scale=full_scale)
 
     def image_fingerprints(self) -> list[str]:
-        """A hash of each image's content (file bytes, or array shape, type and bytes): the feature cache's key
-        for that image, whatever set it comes in."""
+        """A hash of each image's content (file bytes, or array shape, type and bytes) and of the full scale it is
+        read at: the feature cache's key for that image, whatever set it comes in."""
         if self._fingerprints is None:
             def of_array(a: np.ndarray) -> str:
                 digest = hashlib.sha256(f"{a.shape}{a.dtype}".encode())
                 digest.update(np.ascontiguousarray(a).tobytes())
                 return digest.hexdigest()
 
-            self._fingerprints = [of_array(a) for a in self.arrays] if self.arrays is not None else \
+            contents = [of_array(a) for a in self.arrays] if self.arrays is not None else \
                 list(self.content_hashes) if self.content_hashes else \
                 [hashlib.sha256(path.read_bytes()).hexdigest() for path in self.paths]
+            self._fingerprints = contents if self.full_scale is None else \
+                [hashlib.sha256(f"{content}/{self.full_scale}".encode()).hexdigest() for content in contents]
         return self._fingerprints
 
     def _array(self, i: int, size, gray: bool) -> np.ndarray:
         if self.paths is not None:
-            return load_image(self.paths[i], size, gray=gray)
+            return load_image(self.paths[i], size, gray=gray, full_scale=self.full_scale)
         from automl_ad.data.io import resize_image, to_gray
 
         a = self.arrays[i]
         a = a[..., :3] if a.ndim == 3 and a.shape[2] == 4 else a[..., 0] if a.ndim == 3 and a.shape[2] == 1 else a
-        a = to_float(a) if a.dtype.kind in "ui" else a.astype(np.float32, copy=False)
+        a = to_float(a, self.full_scale) if a.dtype.kind in "ui" else a.astype(np.float32, copy=False)
         if gray:
             a = to_gray(a)
         a = resize_image(a, size) if size is not None else a

@@ -23,7 +23,13 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from automl_ad.defaults import IMAGE_SUFFIXES, MAX_IMAGE_PIXELS, MAX_IMAGE_PIXELS_ENV, PNG_COMPRESS_LEVEL
+from automl_ad.defaults import (
+    IMAGE_SUFFIXES,
+    MAX_IMAGE_PIXELS,
+    MAX_IMAGE_PIXELS_ENV,
+    PNG_COMPRESS_LEVEL,
+    SENSOR_BIT_DEPTHS,
+)
 from automl_ad.errors import ConfigError
 
 _TIFF_SUFFIXES = (".tif", ".tiff")
@@ -74,6 +80,7 @@ class ImageInfo:
     effectively_gray: bool  # colour file whose channels are (nearly) identical
     sha256: str
     orientation: int = 1  # EXIF orientation tag: 1 = stored as shown; 2-8 ask viewers to flip or rotate it
+    max_value: int = 255  # the largest pixel value (a 12-bit camera's 16-bit files hold at most 4095)
 
 
 def is_image_file(path: Path) -> bool:
@@ -246,6 +253,7 @@ def inspect_image(path: str | Path, max_pixels: int | None = None) -> ImageInfo:
         effectively_gray=array.ndim == 3 and channels_identical(array),
         sha256=sha256,
         orientation=exif_orientation(path),
+        max_value=int(array.max()),
     )
 
 
@@ -270,10 +278,18 @@ def channels_identical(array: np.ndarray, tolerance: float = 2.0) -> bool:
     return float(spread.mean()) <= tolerance
 
 
-def to_float(array: np.ndarray) -> np.ndarray:
-    """Scale an 8- or 16-bit image to float32 in [0, 1]."""
-    scale = 65535.0 if array.dtype == np.uint16 else 255.0
-    return array.astype(np.float32) / scale
+def full_scale_of(max_value: int) -> int:
+    """The full scale (2^bits - 1) of the smallest of :data:`~automl_ad.defaults.SENSOR_BIT_DEPTHS` that holds
+    ``max_value``: 4095 for a 12-bit camera's 16-bit files."""
+    return next((2 ** bits - 1 for bits in SENSOR_BIT_DEPTHS if max_value <= 2 ** bits - 1), 65535)
+
+
+def to_float(array: np.ndarray, full_scale: float | None = None) -> np.ndarray:
+    """Scale an 8- or 16-bit image to float32 in [0, 1]. 16-bit images are divided by ``full_scale`` when given
+    (their dataset's, :func:`full_scale_of`; values above it clip to 1), else by 65535."""
+    if array.dtype != np.uint16 or full_scale is None:
+        return array.astype(np.float32) / (65535.0 if array.dtype == np.uint16 else 255.0)
+    return np.minimum(array.astype(np.float32) / float(full_scale), 1.0)
 
 
 def to_gray(array: np.ndarray) -> np.ndarray:
@@ -303,9 +319,11 @@ def resize_image(array: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
     return (resized.permute(1, 2, 0) if array.ndim == 3 else resized[0]).contiguous().numpy()
 
 
-def load_image(path: str | Path, size: int | tuple[int, int] | None = None, gray: bool = False) -> np.ndarray:
-    """Read an image as float32 in [0, 1], optionally resized to ``size`` (square int or (height, width))."""
-    array = to_float(read_image(path))
+def load_image(path: str | Path, size: int | tuple[int, int] | None = None, gray: bool = False,
+               full_scale: float | None = None) -> np.ndarray:
+    """Read an image as float32 in [0, 1] (16-bit ones by ``full_scale``: :func:`to_float`), optionally resized to
+    ``size`` (square int or (height, width))."""
+    array = to_float(read_image(path), full_scale)
     if gray:
         array = to_gray(array)
     return resize_image(array, size) if size is not None else array

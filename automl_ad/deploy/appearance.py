@@ -32,17 +32,21 @@ def training_appearance(images: ImageSet) -> dict:
             "colour": modes.pop() if len(modes) == 1 else "mixed"}
 
 
-def differences(image: np.ndarray, appearance: dict | None) -> list[str]:
+def differences(image: np.ndarray, appearance: dict | None, full_scale: int | None = None) -> list[str]:
     """How ``image`` (decoded, (H, W) or (H, W, 3)) differs from the training images of ``appearance`` (as
-    :func:`training_appearance` returns; None or malformed, e.g. an older package: no check)."""
+    :func:`training_appearance` returns; None or malformed, e.g. an older package: no size or colour check) and,
+    for 16-bit pixels, from their ``full_scale`` (a 12-bit camera's 4095: brighter pixels read as white)."""
+    found = []
+    if full_scale is not None and image.dtype == np.uint16 and int(image.max()) > full_scale:
+        found.append(f"16-bit pixels up to {int(image.max())}, above the {full_scale} ({full_scale.bit_length()}-bit) "
+                     "of the training images: brighter pixels read as white")
     try:
         (low_h, high_h), (low_w, high_w), (low_a, high_a) = (
             [float(v) for v in appearance[key]] for key in ("height", "width", "aspect"))
         trained = appearance["colour"]
     except (TypeError, KeyError, ValueError):
-        return []
+        return found
     height, width = image.shape[:2]
-    found = []
     if not low_a / APPEARANCE_ASPECT_FACTOR <= width / height <= high_a * APPEARANCE_ASPECT_FACTOR:
         found.append(f"aspect ratio {width / height:.2f} (width / height) against {_span(low_a, high_a, '.2f')} "
                      "for the training images")

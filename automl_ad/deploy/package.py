@@ -153,7 +153,9 @@ def _preprocessing(detector, backbone: dict | None) -> dict:
     info = {"input_size": params.get("input_size"), "geometry": None if geometry is None else geometry.to_dict(),
             "resize": "bilinear, antialiased; " + ("aspect ratio not kept" if geometry is None
                                                    else geometry.describe()),
-            "colour": "gray images are repeated to 3 channels" if "backbone" in params else "as the family reads it"}
+            "colour": "gray images are repeated to 3 channels" if "backbone" in params else "as the family reads it",
+            "pixel_scale": f"to [0, 1]: 8-bit pixels / 255, 16-bit pixels / {detector.full_scale_ or 65535}",
+            "full_scale": detector.full_scale_}
     if backbone:
         weights = detector._extractor().spec.weights
         info.update(mean=list(weights.mean), std=list(weights.std), backbone=params["backbone"])
@@ -170,6 +172,7 @@ def _readme(manifest: dict) -> str:
         f"Image threshold {image.get('value')} ({image.get('method')}, target false-alarm rate "
         f"{image.get('target_false_alarm_rate')}); see manifest.json for all thresholds, metrics and costs.",
         "Loading checks the sha256 of every file listed in manifest.json; do not edit the files.", "",
+        f"Pixels {manifest['preprocessing'].get('pixel_scale', 'to [0, 1]: 8-bit / 255, 16-bit / 65535')}.", "",
         *_onnx_readme(manifest["onnx"])])
 
 
@@ -233,6 +236,11 @@ class Package:
         self.path, self.manifest, self.detector = path, manifest, detector
 
     @property
+    def full_scale(self) -> int | None:
+        """What the training images' 16-bit pixels were divided by (None: 65535); predict reads images so."""
+        return self.detector.full_scale_
+
+    @property
     def image_threshold(self) -> float:
         return float(self.manifest["thresholds"]["image"]["value"])
 
@@ -242,13 +250,14 @@ class Package:
         return float(pixel["value"]) if pixel else None
 
     def predict(self, image, threshold: float | None = None) -> Prediction:
-        """Score one image (a path, or an array as ``ImageSet.from_arrays`` takes) against the threshold. The
+        """Score one image (a path, or an array as ``ImageSet.from_arrays`` takes: 16-bit pixels as stored, read at
+        the training images' :attr:`full_scale`; floats in [0, 1] as they are) against the threshold. The
         detector runs the geometry's loop (network inputs of ``preprocessing.geometry``, per-input outputs stitched
         back: :meth:`~automl_ad.detectors.base.Detector.per_image_scores`), as the README's loop around
         ``model.onnx`` does; the map has the image's size."""
-        from automl_ad.data.io import load_image, resize_image
+        from automl_ad.data.io import read_image, resize_image
 
-        array = load_image(image) if isinstance(image, (str, Path)) else np.asarray(image)
+        array = read_image(image) if isinstance(image, (str, Path)) else np.asarray(image)
         scores = self.detector.score_samples(ImageSet.from_arrays([array]))
         score = float(scores.image_scores[0])
         limit = self.image_threshold if threshold is None else float(threshold)
@@ -258,7 +267,7 @@ class Package:
             if self.pixel_threshold is not None:
                 mask = amap > self.pixel_threshold
         return Prediction(score, score > limit, amap, mask,
-                          tuple(differences(array, self.manifest["training"].get("images"))))
+                          tuple(differences(array, self.manifest["training"].get("images"), self.full_scale)))
 
 
 def load_package(path: str | Path) -> Package:
@@ -449,7 +458,8 @@ _MANIFEST_FIELDS = {
     "preprocessing": dict, "thresholds": dict, "metrics": dict, "cost": dict, "training": dict,
     "operating_points": list, "supports_localization": bool, "onnx": dict, "files": dict, "integrity": dict}
 _THRESHOLD_FIELDS = {"value", "method", "target_false_alarm_rate", "empirical", "evt", "n_normal", "note"}
-_PREPROCESSING_FIELDS = {"input_size", "geometry", "resize", "colour", "mean", "std", "backbone"}
+_PREPROCESSING_FIELDS = {"input_size", "geometry", "resize", "colour", "mean", "std", "backbone", "pixel_scale",
+                         "full_scale"}
 
 
 def _field_error(path: Path, field: str, problem: str) -> PackageError:
@@ -581,7 +591,10 @@ def _check_preprocessing(path: Path, preprocessing: dict) -> None:
     if size is not None and not (_is_count(size) and size > 0):
         raise _field_error(path, "preprocessing.input_size", "must be a positive whole number of pixels or null")
     _check_geometry(path, "preprocessing.geometry", preprocessing.get("geometry"))
-    for key in ("resize", "colour", "backbone"):
+    scale = preprocessing.get("full_scale")
+    if scale is not None and not (_is_count(scale) and 255 <= scale <= 65535):
+        raise _field_error(path, "preprocessing.full_scale", "must be a whole number in 255-65535 or null")
+    for key in ("resize", "colour", "backbone", "pixel_scale"):
         if key in preprocessing and not isinstance(preprocessing[key], str):
             raise _field_error(path, f"preprocessing.{key}", "must be a string")
     for key in ("mean", "std"):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from automl_ad.data.io import ImageReadError, is_image_file, load_image, save_png
+from automl_ad.data.io import ImageReadError, is_image_file, read_image, save_png, to_float
 from automl_ad.errors import UsageError
 
 
@@ -53,7 +53,7 @@ def predict_files(package, inputs: list[str], out: str | Path, threshold: float 
         for index, path in enumerate(track(paths, "predicting", enabled=progress)):
             name = f"{index:05d}_{path.stem}.png"
             try:
-                image = load_image(path)
+                image = read_image(path)
             except ImageReadError as exc:
                 rows.append({"image": str(path), "score": None, "verdict": "error", "error": str(exc)})
                 continue
@@ -63,7 +63,7 @@ def predict_files(package, inputs: list[str], out: str | Path, threshold: float 
                          "verdict": "anomalous" if result.anomalous else "normal", "threshold": limit,
                          "score_ms": round(1000 * (time.perf_counter() - started), 1), "error": "",
                          "note": "; ".join(result.notes),
-                         **writer.submit(name, image, result, package.pixel_threshold)})
+                         **writer.submit(name, to_float(image, package.full_scale), result, package.pixel_threshold)})
     fields = ["image", "score", "verdict", "threshold", "overlay", "mask", "score_ms", "error", "note"]
     with (out / "predictions.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from automl_ad.data.io import ImageReadError, ImageTooLargeError, decode_image_bytes, max_image_pixels, to_float
+from automl_ad.data.io import ImageReadError, ImageTooLargeError, decode_image_bytes, max_image_pixels
 from automl_ad.defaults import (
     SERVE_MAX_ITEM_CHARS,
     SERVE_MAX_ITEMS,
@@ -176,7 +176,7 @@ class RequestScorer:
 
     def _predict(self, array: np.ndarray) -> dict:
         try:
-            result = self.package.predict(to_float(array))
+            result = self.package.predict(array)
         except Exception as exc:
             _logger.exception("scoring an image failed")
             raise ItemError(f"the image could not be scored ({type(exc).__name__}); the server log has the "

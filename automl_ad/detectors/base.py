@@ -120,6 +120,9 @@ class Detector(BaseEstimator):
     fit_cut_by_time_: bool
     #: Seconds the last fit spent on the work :meth:`extra_fit_seconds` predicts (0 for families without any).
     fit_extra_seconds_: float = 0.0
+    #: What the training images' 16-bit pixels were divided by (:attr:`ImageSet.full_scale`; None: 65535): every
+    #: image it scores is read so.
+    full_scale_: int | None = None
 
     # --- public API -------------------------------------------------------------------------------------------
     def fit(self, train: ImageSet, on_epoch: EpochCallback | None = None, deadline: float | None = None) -> Detector:
@@ -138,6 +141,7 @@ class Detector(BaseEstimator):
         self.loss_history_ = []
         self.fit_cut_by_time_ = False
         self.fit_extra_seconds_ = 0.0
+        self.full_scale_ = train.full_scale
         start = time.perf_counter()
         self._fit_deadline = deadline
         try:
@@ -167,6 +171,7 @@ class Detector(BaseEstimator):
         """``_score`` with its output checked (shapes, finite values)."""
         if len(images) == 0:
             return Scores(np.zeros(0, np.float32), None)
+        images = images.at_full_scale(self.full_scale_)
         raw = self._score(images)
         scores = self.per_image_scores(images, raw.image_scores, raw.anomaly_maps)
         image_scores = np.asarray(scores.image_scores, dtype=np.float32).reshape(-1)
@@ -197,7 +202,8 @@ class Detector(BaseEstimator):
         save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(directory / _TENSORS_FILE))
         record = {"format": SAVE_FORMAT, "automl_ad_version": __version__, "family": self.name,
                   "params": _jsonable(self.get_params()), "state": _jsonable(state),
-                  "fit": {"seconds": self.fit_seconds_, "peak_rss_mb": self.fit_peak_rss_mb_, "n_train": self.n_train_}}
+                  "fit": {"seconds": self.fit_seconds_, "peak_rss_mb": self.fit_peak_rss_mb_, "n_train": self.n_train_,
+                          "full_scale": self.full_scale_}}
         (directory / _PARAMS_FILE).write_text(json.dumps(record, indent=2))
         return directory
 
@@ -235,6 +241,11 @@ class Detector(BaseEstimator):
         fit = record.get("fit", {})
         detector.fit_seconds_, detector.fit_peak_rss_mb_ = fit.get("seconds"), fit.get("peak_rss_mb")
         detector.n_train_ = fit.get("n_train")
+        detector.full_scale_ = fit.get("full_scale")
+        if detector.full_scale_ is not None and not (isinstance(detector.full_scale_, int)
+                                                     and 255 <= detector.full_scale_ <= 65535):
+            raise AutomlAdError(f"{directory / params_file}: fit.full_scale must be a whole number in 255-65535 or "
+                                f"null, not {detector.full_scale_!r}")
         return detector
 
     def inference_graph(self) -> torch.nn.Module | None:

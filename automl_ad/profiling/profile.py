@@ -107,6 +107,7 @@ class ColorStats:
     color_files: int
     effectively_gray_color_files: int  # RGB files whose channels are identical
     bit_depths: list[int]
+    full_scale: int | None = None  # what 16-bit pixels are divided by (Dataset.full_scale; None: 65535)
 
 
 @dataclass(frozen=True)
@@ -291,7 +292,9 @@ def profile_dataset(dataset: Dataset, sample_images: int = PROFILE_SAMPLE_IMAGES
     normals = dataset.normal_in("train") or dataset.normal
     sample = _sample(normals, min(sample_images, max(1, PROFILE_SAMPLE_PIXELS // (shape[0] * shape[1]))))
     with ThreadPoolExecutor(IO_WORKERS) as pool:
-        images = np.stack(list(pool.map(lambda r: load_image(r.path, shape, gray=True), sample)))
+        full_scale = dataset.full_scale
+        images = np.stack(list(pool.map(lambda r: load_image(r.path, shape, gray=True, full_scale=full_scale),
+                                        sample)))
 
     gray = sum(i.channels == 1 for i in infos)
     colour = len(infos) - gray
@@ -310,7 +313,7 @@ def profile_dataset(dataset: Dataset, sample_images: int = PROFILE_SAMPLE_IMAGES
                        float(np.median(heights)), int(heights.max()), len(set(zip(widths, heights))),
                        *(round(float(np.percentile(aspects, q)), 4) for q in (50, 10, 90))),
         color=ColorStats(mode, int(gray), int(colour), int(effectively_gray),
-                         sorted({i.bit_depth for i in infos})),
+                         sorted({i.bit_depth for i in infos}), full_scale),
         structure=structure_stats(images), alignment=alignment_stats(images), defects=_defect_stats(dataset),
         sample_images=len(sample), sample_resolution=min(shape), sample_hw=shape,
         profiling_seconds=round(time.perf_counter() - start, 2),

@@ -68,7 +68,7 @@ def _synthetic_validation(normals, dataset: Dataset, work_dir: str | Path, seed:
     return ImageSet(paths=normal_set.paths + synthetic.paths,
                     labels=np.concatenate([np.zeros(len(normals), np.int64), synthetic.labels]),
                     mask_paths=[None] * len(normals) + synthetic.mask_paths,
-                    kinds=[None] * len(normals) + synthetic.kinds)
+                    kinds=[None] * len(normals) + synthetic.kinds, full_scale=normal_set.full_scale)
 
 
 def synthesise_validation(normals: ImageSet, out: Path, seed: int = 0, rounds: int = 1) -> ImageSet:
@@ -76,10 +76,12 @@ def synthesise_validation(normals: ImageSet, out: Path, seed: int = 0, rounds: i
     :func:`~automl_ad.data.synthetic.round_kind` (i, r) in round r), written as PNG with its mask.
 
     Each anomaly depends only on its source image, its kind and ``seed``, so a file the folder already holds for
-    the same sources (paths and content) and seed is reused, and more rounds only add files.
+    the same sources (paths and content) and seed is reused, and more rounds only add files. 16-bit gray images
+    are written at the normals' ``full_scale``.
     """
     paths = [Path(p) for p in normals.paths]
-    key = {"sources": [str(p) for p in paths], "hashes": normals.content_hashes, "seed": seed, "kinds": list(KINDS)}
+    key = {"sources": [str(p) for p in paths], "hashes": normals.content_hashes, "seed": seed, "kinds": list(KINDS),
+           "full_scale": normals.full_scale}
     manifest = out / "manifest.json"
     reuse = manifest.is_file() and json.loads(manifest.read_text()) == key
     plan = [(i, round_kind(i, r)) for r in range(rounds) for i in range(len(paths))]
@@ -98,13 +100,14 @@ def synthesise_validation(normals: ImageSet, out: Path, seed: int = 0, rounds: i
             wide = raw.dtype == np.uint16 and raw.ndim == 2  # Pillow writes 16-bit gray, not 16-bit colour
             for n in items:
                 kind = plan[n][1]
-                anomaly, mask = make_anomaly(to_float(raw), kind, np.random.default_rng([seed, i, KINDS.index(kind)]))
-                pixels = np.round(np.clip(anomaly, 0, 1) * (65535 if wide else 255))
+                anomaly, mask = make_anomaly(to_float(raw, normals.full_scale), kind,
+                                             np.random.default_rng([seed, i, KINDS.index(kind)]))
+                pixels = np.round(np.clip(anomaly, 0, 1) * ((normals.full_scale or 65535) if wide else 255))
                 save_png(images[n], pixels.astype(np.uint16 if wide else np.uint8))
                 save_png(masks[n], mask.astype(np.uint8) * 255)
         manifest.write_text(json.dumps(key))
     return ImageSet(paths=images, labels=np.ones(len(images), np.int64), mask_paths=masks,
-                    kinds=[kind for _, kind in plan])
+                    kinds=[kind for _, kind in plan], full_scale=normals.full_scale)
 
 
 def synthetic_comparison(model_dir: Path, reference: ImageSet, metric: str, far: float) -> dict:
