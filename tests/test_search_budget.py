@@ -426,6 +426,67 @@ def test_a_patchcore_fit_too_large_for_memory_runs_on_fewer_images():
     assert plan_trial(predictor, sizes, "patchcore", params, 1e6).skip_reason == "predicted out of memory"
 
 
+@pytest.mark.parametrize("family, side, batch, images, measured_mb", [
+    ("stpm", 256, 8, 16, 1954), ("stpm", 512, 1, 16, 1750), ("stpm", 512, 8, 16, 4620), ("stpm", 512, 8, 32, 4831),
+    ("stpm", 512, 8, 64, 5181), ("stpm", "tiles", 8, 20, 4647), ("stpm", "tiles", 8, 80, 5972),
+    ("fastflow", 256, 8, 32, 1311), ("fastflow", 512, 1, 16, 1276), ("fastflow", 512, 8, 16, 2109),
+    ("fastflow", 512, 8, 64, 2605), ("fastflow", 256, 32, 32, 1890), ("fastflow", 512, 32, 32, 4680)])
+def test_training_families_predict_their_fit_peak_from_batch_resolution_and_images(family, side, batch, images,
+                                                                                   measured_mb):
+    """STPM keeps its student's activations for a batch, FastFlow its flow steps', and both the training set: fit
+    peaks measured with MobileNetV2 on this machine (VmHWM, process included; random arrays, or ball_screw's files
+    in 480x512 tiles, three per image) lie at or below the prediction plus a trial's base, and not far below."""
+    from automl_ad.defaults import SEARCH_TRIAL_BASE_BYTES
+    from automl_ad.search.engine import family_traits
+
+    params = {"backbone": "mobilenetv2_100", "batch_size": batch}
+    if side == "tiles":
+        params["geometry"], pixels = {"mode": "tile", "height": 480, "width": 512, "scale": 1.0, "overlap": 64}, \
+            3 * 480 * 512
+    else:
+        params["input_size"], pixels = side, side * side
+    predicted = family_traits([family])[family].peak_bytes(images, pixels, params) + SEARCH_TRIAL_BASE_BYTES
+    assert measured_mb * 2 ** 20 <= predicted <= 1.6 * measured_mb * 2 ** 20
+
+
+def test_a_training_family_whose_batch_would_not_fit_in_memory_trains_in_smaller_batches():
+    """A batch's activations grow with its images x their pixels: STPM's 8 images per batch at 1024 px need about
+    15 GB (MobileNetV2), FastFlow's 32 about 15 GB (8 flow steps). With 8 GiB per trial the plan halves the batch
+    until it fits (the trial's parameters then say so); with 6 GiB STPM takes fewer training images, as even one
+    image per batch does not fit on all of them; with 2 GiB nothing fits and the trial is skipped as out of memory.
+    At 256 px both run as configured."""
+    from automl_ad.features.backbone import activation_values
+    from automl_ad.search.engine import family_traits
+
+    traits = family_traits(["stpm", "fastflow"])
+    assert traits["stpm"].default_batch == 8 and traits["fastflow"].default_batch == 32
+    sizes = TrialSizes(100, 20, (1024, 1024))
+    predictor = CostPredictor(traits, memory_per_trial_bytes=8 * 2 ** 30)
+    params = {"backbone": "mobilenetv2_100", "input_size": 1024}
+    for family in ("stpm", "fastflow"):
+        peak = traits[family].peak_bytes
+        twice = {**params, "batch_size": 2 * traits[family].default_batch}
+        assert peak(100, 1024 ** 2, twice) - peak(100, 1024 ** 2, params) == pytest.approx(
+            peak(100, 1024 ** 2, params) - peak(100, 1024 ** 2, {**params, "batch_size": 0}))  # linear in the batch
+        plan = plan_trial(predictor, sizes, family, params, 1e9)
+        assert plan.skip is None and 1 <= plan.fidelity.batch_size < traits[family].default_batch
+        assert f"{plan.fidelity.batch_size} image" in plan.fidelity.describe() and "per batch (memory)" in \
+            plan.fidelity.describe()
+        fitted = {**params, "batch_size": plan.fidelity.batch_size}
+        assert predictor.peak_bytes(sizes.work(family, params, plan.fidelity), fitted) <= 8 * 2 ** 30
+        if plan.fidelity.batch_size < traits[family].default_batch // 2:  # the next larger batch would not fit
+            larger = {**params, "batch_size": 2 * plan.fidelity.batch_size}
+            assert predictor.peak_bytes(sizes.work(family, params, plan.fidelity), larger) > 8 * 2 ** 30
+        small = {"backbone": "mobilenetv2_100", "input_size": 256}
+        fidelity = plan_trial(predictor, TrialSizes(100, 20, (256, 256)), family, small, 1e9).fidelity
+        assert fidelity.full and fidelity.batch_size is None
+    predictor.memory_per_trial_bytes = 6 * 2 ** 30  # one image per batch on all 100 images does not fit: 1/3
+    assert plan_trial(predictor, sizes, "stpm", params, 1e9).fidelity.rung == 1
+    predictor.memory_per_trial_bytes = 2 * 2 ** 30
+    assert plan_trial(predictor, sizes, "stpm", params, 1e9).skip_reason == "predicted out of memory"
+    assert activation_values("mobilenetv2_100", (4, 8, 16)) > activation_values("resnet18", (4, 8, 16)) > 100
+
+
 def test_a_default_without_epochs_is_planned_with_the_family_default_epochs():
     """The warm start passes no ``epochs``; its fidelity must still know the schedule, so resource counts epochs."""
     from automl_ad.search.engine import family_traits

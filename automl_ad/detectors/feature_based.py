@@ -38,6 +38,12 @@ from automl_ad.features.backbone import feature_channels, int8_extractor
 from automl_ad.features.quantize import calibration_indices, quantise_backbone
 
 _CACHE: FeatureCache | None = None
+#: Bytes per training pixel that a family training in epochs holds through its fit: float32 copies of every network
+#: input (two of its 3 channels: the normalised inputs, and the decoded ones' memory, which the allocator keeps) and
+#: of its features (one). With MobileNetV2 (2.4 feature values per pixel) that is 4 x (6 + 2.4) = 34 bytes; measured:
+#: STPM on ball_screw's 480x512 tiles from 20 to 80 images 31, on 512x512 arrays held in memory (3 bytes more) from
+#: 16 to 64 images 47, FastFlow 41.
+TRAINING_INPUT_COPIES, TRAINING_FEATURE_COPIES = 2, 1
 
 
 def feature_cache() -> FeatureCache:
@@ -112,6 +118,39 @@ class BackboneDetector(Detector):
             return strides, sum(feature_channels(params.get("backbone", defaults.backbone), strides))
         except (RuntimeError, ValueError):
             return strides, None
+
+    @classmethod
+    def _network_input_hw(cls, params: dict) -> tuple[int, int]:
+        """(height, width) of one network input under ``params``: the geometry's, else the ``input_size`` square."""
+        if isinstance(params.get("geometry"), dict):
+            return Geometry.from_dict(params["geometry"]).input_hw
+        side = int(params.get("input_size", cls().input_size))
+        return side, side
+
+    @classmethod
+    def _feature_values(cls, params: dict) -> float | None:
+        """Feature values per input pixel at ``params``' strides (channels / stride², summed); None when the backbone
+        or a stride is unknown."""
+        defaults = cls()
+        strides = tuple(params.get("feature_strides", defaults.feature_strides))
+        try:
+            channels = feature_channels(params.get("backbone", defaults.backbone), strides)
+        except (RuntimeError, ValueError):
+            return None
+        return sum(c / s ** 2 for c, s in zip(channels, strides))
+
+    @classmethod
+    def _training_set_bytes(cls, train_images: int, network_pixels: float, params: dict) -> float:
+        """Bytes an epoch-trained fit holds of its training set (see :data:`TRAINING_INPUT_COPIES`)."""
+        features = cls._feature_values(params) or 0.0
+        values = 3 * TRAINING_INPUT_COPIES + features * TRAINING_FEATURE_COPIES
+        return 4.0 * train_images * network_pixels * values
+
+    @classmethod
+    def _batch_pixels(cls, train_images: int, network_pixels: float, params: dict) -> float:
+        """Input pixels of one training batch: ``batch_size`` network inputs, at most all of them."""
+        height, width = cls._network_input_hw(params)
+        return min(int(params.get("batch_size", cls().batch_size)) * height * width, train_images * network_pixels)
 
     def input_geometry(self) -> Geometry | None:
         """``geometry`` as a :class:`~automl_ad.data.geometry.Geometry` (None: the squash to ``input_size``)."""

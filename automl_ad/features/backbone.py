@@ -348,19 +348,59 @@ class FeatureExtractor:
 
 
 @lru_cache(maxsize=16)
-def feature_channels(backbone: str, strides: tuple[int, ...]) -> tuple[int, ...]:
-    """Channels of ``backbone``'s feature maps at ``strides``, read from its architecture alone (built on the meta
-    device: no weights, no memory, milliseconds). Unknown strides raise ``ValueError``."""
+def _feature_info(backbone: str):
+    """timm's feature info of ``backbone``, read from its architecture alone (built on the meta device: no weights,
+    no memory, milliseconds)."""
     import timm
     import torch
 
     with torch.device("meta"):
-        info = timm.create_model(backbone, pretrained=False, features_only=True).feature_info
-    reductions = info.reduction()
+        return timm.create_model(backbone, pretrained=False, features_only=True).feature_info
+
+
+def _stride_indices(backbone: str, strides: tuple[int, ...]) -> tuple[int, ...]:
+    """The indices of ``backbone``'s feature maps at ``strides``; unknown strides raise ``ValueError``."""
+    reductions = _feature_info(backbone).reduction()
     missing = [s for s in strides if s not in reductions]
     if missing:
         raise ValueError(f"backbone {backbone} has feature strides {reductions}; {missing} are not among them")
-    return tuple(info.channels()[reductions.index(s)] for s in strides)
+    return tuple(reductions.index(s) for s in strides)
+
+
+@lru_cache(maxsize=16)
+def feature_channels(backbone: str, strides: tuple[int, ...]) -> tuple[int, ...]:
+    """Channels of ``backbone``'s feature maps at ``strides``, read from its architecture alone. Unknown strides
+    raise ``ValueError``."""
+    channels = _feature_info(backbone).channels()
+    return tuple(channels[i] for i in _stride_indices(backbone, strides))
+
+
+@lru_cache(maxsize=16)
+def activation_values(backbone: str, strides: tuple[int, ...]) -> float:
+    """Values per input pixel that the layers of ``backbone``'s feature network for ``strides`` output in all (every
+    leaf module's output; the blocks after the deepest stride dropped, as trained), counted on the meta device. A
+    network trained through them keeps about one float32 each for the backward pass. Unknown strides raise
+    ``ValueError``."""
+    import timm
+    import torch
+
+    indices = _stride_indices(backbone, strides)
+    with torch.device("meta"):
+        model = timm.create_model(backbone, pretrained=False, features_only=True, out_indices=indices)
+    drop_unused_blocks(model)
+    total = 0
+
+    def count(module, inputs, output) -> None:
+        nonlocal total
+        total += output.numel() if isinstance(output, torch.Tensor) else 0
+
+    for module in model.modules():
+        if next(module.children(), None) is None:
+            module.register_forward_hook(count)
+    side = 2 * max(_feature_info(backbone).reduction())
+    with torch.no_grad():
+        model(torch.empty(1, 3, side, side, device="meta"))
+    return total / side ** 2
 
 
 @lru_cache(maxsize=4)

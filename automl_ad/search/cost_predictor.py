@@ -66,14 +66,16 @@ from automl_ad.recommend.cost import cost_model, estimate_route
 class FamilyTraits:
     """What the predictor needs to know of a family: its cost-model route, whether it trains in epochs, how many
     its default configuration trains (a configuration that does not set ``epochs`` trains that many), its extra
-    fit seconds (``extra_fit_s(train_images, network_pixels, params)``; see the module docstring) and the bytes a
-    fit holds at its peak (``peak_bytes(train_images, network_pixels, params)``)."""
+    fit seconds (``extra_fit_s(train_images, network_pixels, params)``; see the module docstring), the bytes a
+    fit holds at its peak (``peak_bytes(train_images, network_pixels, params)``) and the images per training batch
+    of a configuration that does not set ``batch_size`` (None: the family has no batches to shrink)."""
 
     route: str
     iterative: bool
     default_epochs: int | None = None
     extra_fit_s: Callable[[int, float, dict], float] | None = None
     peak_bytes: Callable[[int, float, dict], float] | None = None
+    default_batch: int | None = None
 
 
 @dataclass(frozen=True)
@@ -271,6 +273,26 @@ class CostPredictor:
                           work.validation_images * ms / 1000, self.overhead_s(), "cost model")
 
 
+def _batch_that_fits(predictor: CostPredictor, sizes: TrialSizes, family: str, params: dict,
+                     fidelity: Fidelity) -> int | None:
+    """Images per training batch at ``fidelity``: None (the configuration's) when that fits the memory a trial has
+    or the family has no batches, else the largest half, quarter... of it that fits (at least 1): a smaller batch
+    costs a training step's activations, not the images it learns from."""
+    configured = params.get("batch_size", predictor.traits.get(family, FamilyTraits("", False)).default_batch)
+    limit = predictor.memory_per_trial_bytes
+    if not isinstance(configured, int) or not limit:
+        return None
+    work = sizes.work(family, params, fidelity)
+    batch = configured
+    while batch > 1 and predictor.peak_bytes(work, _with_batch(params, batch)) > limit:
+        batch = max(1, batch // 2)
+    return None if batch == configured else batch
+
+
+def _with_batch(params: dict, batch: int | None) -> dict:
+    return params if batch is None else {**params, "batch_size": batch}
+
+
 def _interim_evaluations(epochs: int | None) -> int:
     """How often a trial of ``epochs`` scores the validation images between epochs (every
     ``SEARCH_REPORT_EVERY``, not after the last: the final evaluation follows)."""
@@ -303,6 +325,7 @@ class Fidelity:
     epochs: int | None = None  # epochs it trains (None: not iterative)
     full_epochs: int | None = None  # the configuration's own epochs
     validation_images: int | None = None  # the validation images it is ranked on (None: all)
+    batch_size: int | None = None  # images per training batch, where the configuration's would not fit in memory
 
     @property
     def full(self) -> bool:
@@ -320,6 +343,8 @@ class Fidelity:
             text += f", {self.epochs}/{self.full_epochs} epochs"
         if self.validation_images is not None:
             text += f", ranked on {self.validation_images} validation images"
+        if self.batch_size is not None:
+            text += f", {self.batch_size} image{'s' if self.batch_size != 1 else ''} per batch (memory)"
         return text
 
     def to_dict(self) -> dict:
@@ -386,17 +411,21 @@ def plan_trial(predictor: CostPredictor, sizes: TrialSizes, family: str, params:
     An iterative family that would not finish its epochs within the training share of that time (and the time
     left after scoring) trains fewer epochs (at least one) before a lower rung is tried. The limit is
     ``SEARCH_COST_MARGIN`` (``SEARCH_UNMEASURED_COST_MARGIN`` for a family not measured yet) × the prediction plus
-    ``SEARCH_LIMIT_SLACK_S``, never above ``cap_s``.
+    ``SEARCH_LIMIT_SLACK_S``, never above ``cap_s``. A rung whose fit would not fit in the memory one trial has
+    trains in smaller batches (families that train in batches: :func:`_batch_that_fits`) or is passed over; the
+    trial is skipped when no rung fits.
     """
     room = min(cap_s, within_s) if within_s is not None else cap_s
     traits = predictor.traits.get(family, FamilyTraits("", False))
     epochs = params.get("epochs", traits.default_epochs)
     full_epochs = int(epochs) if traits.iterative and isinstance(epochs, (int, float)) else None
     levels = [k for k in rungs(sizes.train_images) if k >= first_rung] or [max(rungs(sizes.train_images))]
-    needs = {rung: predictor.peak_bytes(sizes.work(family, params, fidelity_at(rung, sizes, full_epochs)), params)
-             for rung in levels}
+    batches = {rung: _batch_that_fits(predictor, sizes, family, params, fidelity_at(rung, sizes, full_epochs))
+               for rung in levels}
+    needs = {rung: predictor.peak_bytes(sizes.work(family, params, fidelity_at(rung, sizes, full_epochs)),
+                                        _with_batch(params, batches[rung])) for rung in levels}
     if predictor.memory_per_trial_bytes and min(needs.values()) > predictor.memory_per_trial_bytes:
-        fidelity = fidelity_at(levels[-1], sizes, full_epochs)
+        fidelity = replace(fidelity_at(levels[-1], sizes, full_epochs), batch_size=batches[levels[-1]])
         return TrialPlan(None, predictor.predict(sizes.work(family, params, fidelity), params), cap_s,
                          skip=f"it needs about {needs[levels[-1]] / 2**30:.1f} GiB at its peak even with "
                               f"{fidelity.describe()}, over the {predictor.memory_per_trial_bytes / 2**30:.1f} GiB "
@@ -406,7 +435,7 @@ def plan_trial(predictor: CostPredictor, sizes: TrialSizes, family: str, params:
     last = None
     for rung in levels:
         one_epoch = ""  # said when not even one epoch fits the training share
-        fidelity = fidelity_at(rung, sizes, full_epochs)
+        fidelity = replace(fidelity_at(rung, sizes, full_epochs), batch_size=batches[rung])
         prediction = predictor.predict(sizes.work(family, params, fidelity), params)
         fit_room = min(SEARCH_TRAINING_SHARE * room, room - prediction.eval_s - prediction.overhead_s)
         if full_epochs and prediction.fit_s > fit_room:

@@ -431,6 +431,8 @@ class Proposer:
         trial.set_user_attr("rung", plan.fidelity.rung)
         if plan.fidelity.epochs is not None:
             params = {**params, "epochs": plan.fidelity.epochs}
+        if plan.fidelity.batch_size is not None:
+            params = {**params, "batch_size": plan.fidelity.batch_size}
         return {"family": family, "params": params, "default": default, "fidelity": plan.fidelity.to_dict(),
                 "timeout_s": plan.limit_s, "predicted_s": plan.prediction.total_s,
                 "search_ends_in_s": self.deadline - time.monotonic() - SEARCH_END_TAIL_S / 2,
@@ -1140,16 +1142,18 @@ def _fail_stale_trials(storage, study_name: str) -> None:
 
 # --- budget-aware scheduling --------------------------------------------------------------------------------------
 def family_traits(families: list[str]) -> dict[str, FamilyTraits]:
-    """Cost-model route, iterative training, default epochs and extra fit seconds of each family (what the cost
-    predictor needs)."""
+    """Cost-model route, iterative training, default epochs, extra fit seconds, peak memory and default batch size
+    of each family (what the cost predictor needs)."""
     from automl_ad.detectors import detector_class
 
     traits = {}
     for family in families:
         cls = detector_class(family)
         epochs = getattr(cls(), "epochs", None) if cls.iterative else None
+        batch = getattr(cls(), "batch_size", None) if cls.iterative else None
         traits[family] = FamilyTraits(cls.route, bool(cls.iterative), epochs if isinstance(epochs, int) else None,
-                                      cls.extra_fit_seconds, cls.peak_memory_bytes)
+                                      cls.extra_fit_seconds, cls.peak_memory_bytes,
+                                      batch if isinstance(batch, int) else None)
     return traits
 
 

@@ -24,7 +24,6 @@ from functools import cache
 
 import numpy as np
 
-from automl_ad.data.geometry import Geometry
 from automl_ad.data.imageset import ImageSet
 from automl_ad.detectors.base import EpochCallback
 from automl_ad.detectors.feature_based import BACKBONE_CONSTRAINTS
@@ -124,13 +123,10 @@ class Padim(BackboneGraphDetector):
         strides, total = cls._channels_of(params)
         if total is None:
             return None
-        defaults = cls()
-        side = int(params.get("input_size", defaults.input_size))
-        height, width = Geometry.from_dict(params["geometry"]).input_hw if isinstance(params.get("geometry"), dict) \
-            else (side, side)
+        height, width = cls._network_input_hw(params)
         stride = min(strides)
         positions = math.ceil(height / stride) * math.ceil(width / stride)
-        return positions, feature_count(params.get("n_features", defaults.n_features), total), stride
+        return positions, feature_count(params.get("n_features", cls().n_features), total), stride
 
     # --- score ------------------------------------------------------------------------------------------------
     def _scoring_graph(self) -> PadimHead:

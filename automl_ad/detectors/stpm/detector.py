@@ -30,11 +30,14 @@ from automl_ad.detectors.graph_based import BackboneGraphDetector
 from automl_ad.detectors.parameters import DECAY, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, Options
 from automl_ad.detectors.registry import register_detector
 from automl_ad.detectors.stpm.graph import STPMHead, feature_distances
-from automl_ad.features.backbone import drop_unused_blocks
+from automl_ad.features.backbone import activation_values, drop_unused_blocks
 
 log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("sgd", "adam")
+#: Bytes the student's training keeps per value its layers output for a batch (float32, for the backward pass):
+#: measured 3.4-3.9 with MobileNetV2 (457 values per input pixel) and 4.0 with ResNet18 (170) at 256-512 px.
+ACTIVATION_BYTES = 4
 MAP_COMBINATIONS = ("product", "sum")
 
 
@@ -85,6 +88,20 @@ class STPM(BackboneGraphDetector):
             parameter.requires_grad_(False)
 
     # --- fit --------------------------------------------------------------------------------------------------
+    @classmethod
+    def peak_memory_bytes(cls, train_images: int, network_pixels: float, params: dict) -> float:
+        """The training set (inputs and teacher features, held through the fit) and a batch's activations through
+        the student (``ACTIVATION_BYTES`` per value its layers output, counted from the architecture): the default's
+        8 images per batch at 1024 px need about 15 GB with MobileNetV2."""
+        defaults = cls()
+        strides = tuple(params.get("feature_strides", defaults.feature_strides))
+        try:
+            per_pixel = activation_values(params.get("backbone", defaults.backbone), strides)
+        except (RuntimeError, ValueError):
+            return 0.0
+        return cls._training_set_bytes(train_images, network_pixels, params) + \
+            ACTIVATION_BYTES * per_pixel * cls._batch_pixels(train_images, network_pixels, params)
+
     def _fit(self, train: ImageSet, on_epoch: EpochCallback | None) -> None:
         import torch
 
