@@ -303,9 +303,12 @@ def test_a_12_bit_cameras_images_are_read_at_its_scale_from_fit_to_predict(demo,
     np.testing.assert_allclose(detector.score_samples(eight).image_scores, scores, rtol=0.05)
     as_65535 = ImageSet(paths=test.paths, labels=test.labels).at_full_scale(None)
     assert test.image_fingerprints() != ImageSet.from_paths(test.paths).image_fingerprints()  # cache keys differ
+    parity = ImageSet.from_paths(test.paths[:4])  # files without their dataset: the detector's scale applies
+    np.testing.assert_array_equal(detector.graph_input(parity), detector.graph_input(test.subset(range(4))))
     path = export_package(detector, tmp_path / "pkg", {"image": calibrate_image_threshold(scores).to_dict()},
-                          training={"n": len(train)})
+                          training={"n": len(train)}, parity_images=parity)
     package = load_package(path)
+    assert (path / "model.onnx").is_file()  # the ONNX graph's parity check read them as the detector does
     assert package.full_scale == 4095 and package.manifest["preprocessing"]["full_scale"] == 4095
     assert package.predict(test.paths[0]).score == pytest.approx(float(scores[0]), rel=1e-4)
     assert package.predict(test.paths[0]).notes == ()

@@ -272,9 +272,10 @@ class Detector(BaseEstimator):
         """The inference graph's input for ``images``: float32 (M, C, h, w) in [0, 1], the network inputs of
         :meth:`input_geometry` (M = N for a squash or letterbox; every tile of every image for tiles) as
         ``score_samples`` reads them; C = 1 (luma) for families reading gray images, else 3 (gray repeated).
-        :meth:`per_image_scores` turns the graph's per-input outputs into per-image scores and maps."""
+        :meth:`per_image_scores` turns the graph's per-input outputs into per-image scores and maps. 16-bit images
+        are read at the training images' full scale, as ``score_samples`` reads them."""
         gray = bool(self.gray)
-        pixels = self.network_pixels(images, gray=gray)
+        pixels = self.network_pixels(images.at_full_scale(self.full_scale_), gray=gray)
         return np.ascontiguousarray(pixels[:, None] if gray else pixels.transpose(0, 3, 1, 2), dtype=np.float32)
 
     def per_image_scores(self, images: ImageSet, input_scores: np.ndarray,
