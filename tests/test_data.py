@@ -103,6 +103,12 @@ def test_16bit_images_are_read_at_their_cameras_bit_depth(tmp_path):
         assert dataset.full_scale == (4095 if shift == 4 else None)  # 65535 is the default: None
     write_image(tmp_path / "eight" / "train" / "good" / "0.png", noise_image(0))
     assert open_dataset(tmp_path / "eight").full_scale is None
+    # colour judged at the camera's scale: channels 6 grey levels apart (8-bit) stay colour in 12-bit files
+    colour = np.stack([np.full((32, 32), v, np.uint16) for v in (100, 106, 112)], axis=-1) << 4
+    tifffile.imwrite(tmp_path / "colour.tif", colour)
+    tifffile.imwrite(tmp_path / "gray.tif", np.repeat(colour[..., :1], 3, axis=-1))
+    assert not inspect_image(tmp_path / "colour.tif").effectively_gray  # 65535 would call it gray (0.4 levels)
+    assert inspect_image(tmp_path / "gray.tif").effectively_gray
 
 
 def test_reads_16bit_rgb_tiff(tmp_path):

@@ -282,6 +282,7 @@ def test_a_12_bit_cameras_images_are_read_at_its_scale_from_fit_to_predict(demo,
     package scores a file path as the detector scored the dataset's images (the 8-bit originals give the same
     scores but for the 0.4% between 16/4095 and 1/255); the synthetic anomalies are written at that scale too."""
     from automl_ad.data.io import read_image
+    from automl_ad.deploy.appearance import training_appearance
     from automl_ad.search.validation import synthesise_validation
 
     source = demo[0]
@@ -306,7 +307,7 @@ def test_a_12_bit_cameras_images_are_read_at_its_scale_from_fit_to_predict(demo,
     parity = ImageSet.from_paths(test.paths[:4])  # files without their dataset: the detector's scale applies
     np.testing.assert_array_equal(detector.graph_input(parity), detector.graph_input(test.subset(range(4))))
     path = export_package(detector, tmp_path / "pkg", {"image": calibrate_image_threshold(scores).to_dict()},
-                          training={"n": len(train)}, parity_images=parity)
+                          training={"n": len(train), "images": training_appearance(train)}, parity_images=parity)
     package = load_package(path)
     assert (path / "model.onnx").is_file()  # the ONNX graph's parity check read them as the detector does
     assert package.full_scale == 4095 and package.manifest["preprocessing"]["full_scale"] == 4095
@@ -314,6 +315,8 @@ def test_a_12_bit_cameras_images_are_read_at_its_scale_from_fit_to_predict(demo,
     assert package.predict(test.paths[0]).notes == ()
     brighter = package.predict(read_image(test.paths[0]) << 4)  # a 16-bit camera's image
     assert any("above the 4095 (12-bit) of the training images" in note for note in brighter.notes)
+    tinted = np.stack([read_image(test.paths[0]) + offset for offset in (0, 96, 192)], axis=-1)  # 6-12 levels
+    assert any("a colour image; the training images are gray" in note for note in package.predict(tinted).notes)
     assert test.load(64).max() > 0.5 and as_65535.load(64).max() < 1 / 16  # 65535 would leave them dark
     normals = ImageSet.from_records(dataset.normal_in("test"), dataset)
     synthetic = synthesise_validation(normals, tmp_path / "synthetic")

@@ -242,6 +242,7 @@ def inspect_image(path: str | Path, max_pixels: int | None = None) -> ImageInfo:
     """Decode the file fully (catching truncation; size checked first) and return its facts and content hash."""
     raw, has_alpha, source = _decode_file(Path(path), max_image_pixels(max_pixels))
     array = _normalise_layout(raw, source)
+    max_value = int(array.max())
     with open(path, "rb") as handle:
         sha256 = hashlib.file_digest(handle, "sha256").hexdigest()
     return ImageInfo(
@@ -250,10 +251,10 @@ def inspect_image(path: str | Path, max_pixels: int | None = None) -> ImageInfo:
         channels=1 if array.ndim == 2 else 3,
         bit_depth=16 if array.dtype == np.uint16 else 8,
         has_alpha=has_alpha,
-        effectively_gray=array.ndim == 3 and channels_identical(array),
+        effectively_gray=array.ndim == 3 and channels_identical(array, full_scale=full_scale_of(max_value)),
         sha256=sha256,
         orientation=exif_orientation(path),
-        max_value=int(array.max()),
+        max_value=max_value,
     )
 
 
@@ -268,12 +269,13 @@ def exif_orientation(path: str | Path) -> int:
     return int(value) if isinstance(value, int) and 1 <= value <= 8 else 1
 
 
-def channels_identical(array: np.ndarray, tolerance: float = 2.0) -> bool:
-    """Colour pixels whose channels differ by at most ``tolerance`` grey levels (8-bit scale) on average."""
+def channels_identical(array: np.ndarray, tolerance: float = 2.0, full_scale: int | None = None) -> bool:
+    """Colour pixels whose channels differ by at most ``tolerance`` grey levels (8-bit scale) on average; 16-bit
+    pixels are brought to that scale from ``full_scale`` (None: 65535)."""
     step = max(1, max(array.shape[:2]) // 256)
     sample = array[::step, ::step].astype(np.float32)
     if array.dtype == np.uint16:
-        sample /= 257.0
+        sample *= 255.0 / (full_scale or 65535)
     spread = sample.max(axis=2) - sample.min(axis=2)
     return float(spread.mean()) <= tolerance
 

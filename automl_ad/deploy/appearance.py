@@ -11,11 +11,13 @@ from automl_ad.data.io import channels_identical, load_image
 from automl_ad.defaults import APPEARANCE_ASPECT_FACTOR, APPEARANCE_COLOUR_SAMPLE, APPEARANCE_SIZE_FACTOR
 
 
-def colour_mode(image: np.ndarray) -> str:
-    """"gray" for one channel or three (nearly) identical ones, else "colour" (integer images, or float in [0, 1])."""
+def colour_mode(image: np.ndarray, full_scale: int | None = None) -> str:
+    """"gray" for one channel or three (nearly) identical ones, else "colour" (integer images, 16-bit ones read at
+    ``full_scale``, or float in [0, 1])."""
     if image.ndim == 2:
         return "gray"
-    return "gray" if channels_identical(image * 255.0 if image.dtype.kind == "f" else image) else "colour"
+    return "gray" if channels_identical(image * 255.0 if image.dtype.kind == "f" else image,
+                                        full_scale=full_scale) else "colour"
 
 
 def training_appearance(images: ImageSet) -> dict:
@@ -24,8 +26,8 @@ def training_appearance(images: ImageSet) -> dict:
     sizes = np.array(images.sizes(), dtype=float)  # (height, width)
     aspects = sizes[:, 1] / sizes[:, 0]
     picks = np.unique(np.linspace(0, len(images) - 1, min(len(images), APPEARANCE_COLOUR_SAMPLE)).astype(int))
-    modes = {colour_mode(images.arrays[i] if images.arrays is not None else load_image(images.paths[i]))
-             for i in picks}
+    modes = {colour_mode(images.arrays[i], images.full_scale) if images.arrays is not None else
+             colour_mode(load_image(images.paths[i], full_scale=images.full_scale)) for i in picks}
     return {"height": [int(sizes[:, 0].min()), int(sizes[:, 0].max())],
             "width": [int(sizes[:, 1].min()), int(sizes[:, 1].max())],
             "aspect": [round(float(aspects.min()), 4), round(float(aspects.max()), 4)],
@@ -54,7 +56,7 @@ def differences(image: np.ndarray, appearance: dict | None, full_scale: int | No
               and low_w / APPEARANCE_SIZE_FACTOR <= width <= high_w * APPEARANCE_SIZE_FACTOR):
         found.append(f"{width}x{height} pixels against {_span(low_w, high_w, '.0f')}x{_span(low_h, high_h, '.0f')} "
                      "for the training images")
-    mode = colour_mode(image)
+    mode = colour_mode(image, full_scale)
     if trained in ("gray", "colour") and mode != trained:
         found.append(f"a {mode} image; the training images are {trained}")
     return found
