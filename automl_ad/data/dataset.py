@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +51,7 @@ class Dataset:
         """Defect type → number of images, in name order."""
         return dict(sorted(Counter(r.label for r in self.abnormal).items()))
 
-    @property
+    @cached_property
     def full_scale(self) -> int | None:
         """What its 16-bit images are divided by to reach [0, 1]: the full scale of the smallest camera bit depth
         that holds their largest value (:func:`~automl_ad.data.io.full_scale_of`; 4095 for a 12-bit camera); None
@@ -124,9 +125,9 @@ class Dataset:
 
         Gray images are repeated to three channels unless ``gray`` is set (then colour images become luma).
         """
-        images, full_scale = [], self.full_scale
+        images = []
         for record in records:
-            image = load_image(record.path, size, gray=gray, full_scale=full_scale)
+            image = load_image(record.path, size, gray=gray, full_scale=self.full_scale)
             if not gray and image.ndim == 2:
                 image = np.repeat(image[..., None], 3, axis=2)
             images.append(image)

@@ -39,8 +39,9 @@ def differences(image: np.ndarray, appearance: dict | None, full_scale: int | No
     :func:`training_appearance` returns; None or malformed, e.g. an older package: no size or colour check) and,
     for 16-bit pixels, from their ``full_scale`` (a 12-bit camera's 4095: brighter pixels read as white)."""
     found = []
-    if full_scale is not None and image.dtype == np.uint16 and int(image.max()) > full_scale:
-        found.append(f"16-bit pixels up to {int(image.max())}, above the {full_scale} ({full_scale.bit_length()}-bit) "
+    brightest = int(image.max()) if image.dtype == np.uint16 else 0
+    if full_scale is not None and brightest > full_scale:
+        found.append(f"16-bit pixels up to {brightest}, above the {full_scale} ({full_scale.bit_length()}-bit) "
                      "of the training images: brighter pixels read as white")
     try:
         (low_h, high_h), (low_w, high_w), (low_a, high_a) = (

@@ -112,10 +112,17 @@ class BackboneDetector(Detector):
     def _channels_of(cls, params: dict) -> tuple[tuple[int, ...], int | None]:
         """``params``' feature strides (the family's default unless set) and the channels its backbone has there in
         all, read from the architecture; None when the backbone or a stride is unknown (the trial reports that)."""
+        strides, channels = cls._channels_at_strides(params)
+        return strides, None if channels is None else sum(channels)
+
+    @classmethod
+    def _channels_at_strides(cls, params: dict) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
+        """``params``' feature strides (the family's default unless set) and its backbone's channels at each; None
+        when the backbone or a stride is unknown."""
         defaults = cls()
         strides = tuple(params.get("feature_strides", defaults.feature_strides))
         try:
-            return strides, sum(feature_channels(params.get("backbone", defaults.backbone), strides))
+            return strides, feature_channels(params.get("backbone", defaults.backbone), strides)
         except (RuntimeError, ValueError):
             return strides, None
 
@@ -131,13 +138,8 @@ class BackboneDetector(Detector):
     def _feature_values(cls, params: dict) -> float | None:
         """Feature values per input pixel at ``params``' strides (channels / stride², summed); None when the backbone
         or a stride is unknown."""
-        defaults = cls()
-        strides = tuple(params.get("feature_strides", defaults.feature_strides))
-        try:
-            channels = feature_channels(params.get("backbone", defaults.backbone), strides)
-        except (RuntimeError, ValueError):
-            return None
-        return sum(c / s ** 2 for c, s in zip(channels, strides))
+        strides, channels = cls._channels_at_strides(params)
+        return None if channels is None else sum(c / s ** 2 for c, s in zip(channels, strides))
 
     @classmethod
     def _training_set_bytes(cls, train_images: int, network_pixels: float, params: dict) -> float:

@@ -420,12 +420,12 @@ def plan_trial(predictor: CostPredictor, sizes: TrialSizes, family: str, params:
     epochs = params.get("epochs", traits.default_epochs)
     full_epochs = int(epochs) if traits.iterative and isinstance(epochs, (int, float)) else None
     levels = [k for k in rungs(sizes.train_images) if k >= first_rung] or [max(rungs(sizes.train_images))]
-    batches = {rung: _batch_that_fits(predictor, sizes, family, params, fidelity_at(rung, sizes, full_epochs))
-               for rung in levels}
-    needs = {rung: predictor.peak_bytes(sizes.work(family, params, fidelity_at(rung, sizes, full_epochs)),
+    fidelities = {rung: fidelity_at(rung, sizes, full_epochs) for rung in levels}
+    batches = {rung: _batch_that_fits(predictor, sizes, family, params, fidelities[rung]) for rung in levels}
+    needs = {rung: predictor.peak_bytes(sizes.work(family, params, fidelities[rung]),
                                         _with_batch(params, batches[rung])) for rung in levels}
     if predictor.memory_per_trial_bytes and min(needs.values()) > predictor.memory_per_trial_bytes:
-        fidelity = replace(fidelity_at(levels[-1], sizes, full_epochs), batch_size=batches[levels[-1]])
+        fidelity = replace(fidelities[levels[-1]], batch_size=batches[levels[-1]])
         return TrialPlan(None, predictor.predict(sizes.work(family, params, fidelity), params), cap_s,
                          skip=f"it needs about {needs[levels[-1]] / 2**30:.1f} GiB at its peak even with "
                               f"{fidelity.describe()}, over the {predictor.memory_per_trial_bytes / 2**30:.1f} GiB "
@@ -435,7 +435,7 @@ def plan_trial(predictor: CostPredictor, sizes: TrialSizes, family: str, params:
     last = None
     for rung in levels:
         one_epoch = ""  # said when not even one epoch fits the training share
-        fidelity = replace(fidelity_at(rung, sizes, full_epochs), batch_size=batches[rung])
+        fidelity = replace(fidelities[rung], batch_size=batches[rung])
         prediction = predictor.predict(sizes.work(family, params, fidelity), params)
         fit_room = min(SEARCH_TRAINING_SHARE * room, room - prediction.eval_s - prediction.overhead_s)
         if full_epochs and prediction.fit_s > fit_room:

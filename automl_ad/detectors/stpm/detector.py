@@ -93,12 +93,10 @@ class STPM(BackboneGraphDetector):
         """The training set (inputs and teacher features, held through the fit) and a batch's activations through
         the student (``ACTIVATION_BYTES`` per value its layers output, counted from the architecture): the default's
         8 images per batch at 1024 px need about 15 GB with MobileNetV2."""
-        defaults = cls()
-        strides = tuple(params.get("feature_strides", defaults.feature_strides))
-        try:
-            per_pixel = activation_values(params.get("backbone", defaults.backbone), strides)
-        except (RuntimeError, ValueError):
+        strides, channels = cls._channels_at_strides(params)
+        if channels is None:  # unknown backbone or stride: the trial reports it
             return 0.0
+        per_pixel = activation_values(params.get("backbone", cls().backbone), strides)
         return cls._training_set_bytes(train_images, network_pixels, params) + \
             ACTIVATION_BYTES * per_pixel * cls._batch_pixels(train_images, network_pixels, params)
 
