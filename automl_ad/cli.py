@@ -242,7 +242,8 @@ def cmd_demo(args) -> int:
 def cmd_search(args) -> int:
     from automl_ad import journey
     from automl_ad.constraints import parse_duration
-    from automl_ad.search.engine import check_search_limits, check_store_free
+    from automl_ad.search.engine import check_store_free
+    from automl_ad.search.request import check_search_limits
 
     console = _console()
     budget = args.budget or (None if args.resume else SEARCH_BUDGET)

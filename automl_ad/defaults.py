@@ -184,7 +184,7 @@ APPEARANCE_SIZE_FACTOR = 2.0
 #: Training images decoded at export to tell gray from colour (sizes come from every file's header).
 APPEARANCE_COLOUR_SAMPLE = 16
 
-#: Budget-aware search scheduling (automl_ad.search.cost_predictor, automl_ad.search.engine).
+#: Budget-aware search scheduling (automl_ad.search.cost_predictor, automl_ad.search.proposer).
 #: Successive-halving factor η: fidelity rungs train on 1, 1/η, 1/η² ... of the training images; the per-family
 #: ASHA stops iterative trials at 1/η³, 1/η², 1/η of their own schedule, keeping the best 1/η at each rung.
 SEARCH_REDUCTION_FACTOR = 3

@@ -10,6 +10,7 @@ state) or automl-ad's state, and a path that is a file or a symbolic link are ne
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -112,3 +113,12 @@ def _swap_in(staging: Path, target: Path) -> None:
         shutil.rmtree(aside)
     except OSError as exc:
         log.warning("the replaced folder %s could not be removed (%s); delete it by hand", aside, exc)
+
+
+def write_json_atomically(path: Path, data: dict) -> None:
+    """Write ``data`` as JSON to ``path`` (its folder made) through a temporary file renamed over it, so that a reader
+    or a kill never finds half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)

@@ -27,8 +27,9 @@ from automl_ad.profiling import profile_dataset
 from automl_ad.recommend import recommend
 from automl_ad.recommend.state import save_state
 from automl_ad.reporting.html_report import write_report
-from automl_ad.search.engine import SearchResult, run_search
+from automl_ad.search.engine import run_search
 from automl_ad.search.plan import plan_search
+from automl_ad.search.request import SearchResult
 from automl_ad.search.space import searchable_families
 from automl_ad.workspace import state_dir
 

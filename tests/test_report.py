@@ -14,7 +14,8 @@ from automl_ad.data.demo import generate_demo
 from automl_ad.profiling import profile_dataset
 from automl_ad.recommend import recommend
 from automl_ad.reporting.html_report import SECTIONS, Evaluation, gather, render
-from automl_ad.search.engine import SearchRequest, run_search
+from automl_ad.search.engine import run_search
+from automl_ad.search.request import SearchRequest
 from automl_ad.tracking.records import SearchStore
 
 

@@ -32,7 +32,9 @@ from automl_ad.search.cost_predictor import (
     plan_trial,
     rungs,
 )
-from automl_ad.search.engine import RAY_CLUSTER_MODE_ENV, Proposer, SearchRequest, family_scheduler, resource
+from automl_ad.search.proposer import Proposer
+from automl_ad.search.ray_runtime import RAY_CLUSTER_MODE_ENV, family_scheduler, resource
+from automl_ad.search.request import SearchRequest
 from automl_ad.search.space import load_space, proposed_geometries
 
 # the scheduler test imports Ray; a local Ray must then still listen on 127.0.0.1 only (as start_ray arranges)
@@ -187,7 +189,7 @@ def test_cutpaste_trials_are_costed_by_the_patches_their_network_runs():
     256 px), a stride-8 configuration (841 patches) is predicted 3.7x the evaluation, not the same (a 3-minute
     search planned one from its default's time and it was killed at its limit)."""
     from automl_ad.data.imageset import ImageSet
-    from automl_ad.search.engine import family_traits, trial_sizes
+    from automl_ad.search.proposer import family_traits, trial_sizes
 
     image = np.zeros((256, 256, 3), np.uint8)
     data = SimpleNamespace(train=ImageSet.from_arrays([image] * 40), validation=ImageSet.from_arrays([image] * 20))
@@ -338,7 +340,7 @@ def test_a_trial_reporting_its_last_epoch_goes_on_to_validate():
 def test_patchcore_fits_add_the_coreset_seconds_to_the_linear_work():
     """PatchCore's coreset compares training patches with each other: ratio x N steps over N patches. Measured once,
     the linear part scales with the pixels and the coreset part with their square (Deep SVDD's fit stays linear)."""
-    from automl_ad.search.engine import family_traits
+    from automl_ad.search.proposer import family_traits
 
     traits = family_traits(["patchcore", "deep_svdd"])
     sizes = TrialSizes(100, 20, (256, 256))
@@ -365,7 +367,7 @@ def test_padim_fits_add_its_gaussians_which_grow_with_the_channels_kept(mvtec_di
     from automl_ad.data.imageset import ImageSet
     from automl_ad.detectors import create_detector
     from automl_ad.detectors.padim import detector as padim_module
-    from automl_ad.search.engine import family_traits
+    from automl_ad.search.proposer import family_traits
 
     monkeypatch.setattr(padim_module, "_gaussian_seconds_per_value", lambda dim: (1e-9, 1e-9))
 
@@ -388,7 +390,7 @@ def test_a_configuration_whose_model_would_not_fit_in_memory_is_not_started():
     memory per trial it is skipped with its own reason, before any time is spent, and a smaller one still runs."""
     from automl_ad.defaults import SEARCH_TRIAL_BASE_BYTES
     from automl_ad.detectors.padim.detector import GAUSSIAN_PEAK_BYTES
-    from automl_ad.search.engine import family_traits
+    from automl_ad.search.proposer import family_traits
 
     traits = family_traits(["padim"])
     big = {"backbone": "mobilenetv2_100", "feature_strides": [4, 8, 16], "n_features": 277,
@@ -408,7 +410,7 @@ def test_a_configuration_whose_model_would_not_fit_in_memory_is_not_started():
 def test_a_patchcore_fit_too_large_for_memory_runs_on_fewer_images():
     """PatchCore selects its coreset from every training patch at once, so its memory grows with the images: where
     all of them would not fit, the trial runs on the largest share that does, and is skipped when none does."""
-    from automl_ad.search.engine import family_traits
+    from automl_ad.search.proposer import family_traits
 
     traits = family_traits(["patchcore"])
     params = {"backbone": "mobilenetv2_100", "geometry": {"mode": "tile", "height": 480, "width": 512, "scale": 1.0,
@@ -437,7 +439,7 @@ def test_training_families_predict_their_fit_peak_from_batch_resolution_and_imag
     peaks measured with MobileNetV2 on this machine (VmHWM, process included; random arrays, or ball_screw's files
     in 480x512 tiles, three per image) lie at or below the prediction plus a trial's base, and not far below."""
     from automl_ad.defaults import SEARCH_TRIAL_BASE_BYTES
-    from automl_ad.search.engine import family_traits
+    from automl_ad.search.proposer import family_traits
 
     params = {"backbone": "mobilenetv2_100", "batch_size": batch}
     if side == "tiles":
@@ -456,7 +458,7 @@ def test_a_training_family_whose_batch_would_not_fit_in_memory_trains_in_smaller
     image per batch does not fit on all of them; with 2 GiB nothing fits and the trial is skipped as out of memory.
     At 256 px both run as configured."""
     from automl_ad.features.backbone import activation_values
-    from automl_ad.search.engine import family_traits
+    from automl_ad.search.proposer import family_traits
 
     traits = family_traits(["stpm", "fastflow"])
     assert traits["stpm"].default_batch == 8 and traits["fastflow"].default_batch == 32
@@ -489,7 +491,7 @@ def test_a_training_family_whose_batch_would_not_fit_in_memory_trains_in_smaller
 
 def test_a_default_without_epochs_is_planned_with_the_family_default_epochs():
     """The warm start passes no ``epochs``; its fidelity must still know the schedule, so resource counts epochs."""
-    from automl_ad.search.engine import family_traits
+    from automl_ad.search.proposer import family_traits
 
     traits = family_traits(["stpm", "padim"])
     assert traits["stpm"].default_epochs >= 1 and traits["padim"].default_epochs is None
@@ -692,7 +694,7 @@ def test_a_quick_look_geometry_on_all_images_is_not_run_again_by_the_warm_start(
 def test_the_quick_look_gives_the_geometry_to_the_family_cheapest_with_it_coreset_counted():
     """On tiled ball_screw images the linear part alone makes PatchCore look cheaper than PaDiM; its coreset (50
     tiled images ran out of 204 s against a 50 s linear prior) makes PaDiM the one to run the geometry."""
-    from automl_ad.search.engine import family_traits
+    from automl_ad.search.proposer import family_traits
 
     traits = family_traits(["patchcore", "padim"])
     linear = {**traits, "patchcore": FamilyTraits("memory_bank", False)}
@@ -1051,7 +1053,7 @@ def test_the_coreset_estimate_is_scaled_by_what_the_fits_measured():
     """The coreset seconds are estimated for comparisons with every patch; a PatchCore trial reports the seconds
     its coreset took, and later PatchCore predictions scale the estimate by that ratio (its linear part is learnt
     from the rest of the fit)."""
-    from automl_ad.search.engine import family_traits
+    from automl_ad.search.proposer import family_traits
 
     traits = family_traits(["patchcore"])
     sizes, fidelity, params = TrialSizes(100, 20, (256, 256)), Fidelity(0, 1.0, 100), {"input_size": 256}

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from automl_ad.data.demo import generate_demo
-from automl_ad.search.engine import SearchRequest, run_search
+from automl_ad.search.engine import run_search
+from automl_ad.search.request import SearchRequest
 from automl_ad.tracking.board import leaderboard
 from automl_ad.tracking.store import OBJECTIVES, Tracker, pareto_ranks
 

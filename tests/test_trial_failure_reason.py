@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from automl_ad.search.engine import TrialFailed, _parent_gone, run_trial_process
+from automl_ad.search.ray_runtime import TrialFailed, _parent_gone, run_trial_process
 from automl_ad.search.trial import last_python_error, unreported_failure
 
 WARNING = "Unexpected keys (classifier.bias, classifier.weight) found while loading pretrained weights."
@@ -127,7 +127,7 @@ def test_a_worker_sees_its_node_going_down_by_its_parent_ending(tmp_path):
     period; a trial killed alone (the kernel's OOM killer) leaves the parent alive."""
     assert not _parent_gone(os.getppid(), grace_s=0.2)
     orphan = (f"import os, sys; sys.path.insert(0, {str(Path.cwd())!r}); "
-              "from automl_ad.search.engine import _parent_gone; parent = int(sys.argv[1]); "
+              "from automl_ad.search.ray_runtime import _parent_gone; parent = int(sys.argv[1]); "
               f"open({str(tmp_path / 'seen')!r}, 'w').write(str(_parent_gone(parent, grace_s=20)))")
     subprocess.run(["sh", "-c", f"{sys.executable} -c \"{orphan}\" $$ & sleep 1"], check=True, timeout=60)
     deadline = time.monotonic() + 30

@@ -14,7 +14,7 @@ from automl_ad.profiling import profile_dataset
 from automl_ad.recommend import recommend
 from automl_ad.recommend.engine import weights_backbone
 from automl_ad.recommend.state import entry_for, load_state, read_recommendation
-from automl_ad.search.engine import SearchRequest
+from automl_ad.search.request import SearchRequest
 from automl_ad.search.space import allowed_backbones, load_space, proposed_geometries, searchable_families
 
 

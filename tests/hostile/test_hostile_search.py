@@ -18,7 +18,8 @@ from automl_ad.cli import main
 from automl_ad.data import open_dataset
 from automl_ad.data.demo import generate_demo
 from automl_ad.errors import UsageError
-from automl_ad.search.engine import SearchRequest, run_search
+from automl_ad.search.engine import run_search
+from automl_ad.search.request import SearchRequest
 from automl_ad.tracking.board import leaderboard
 from automl_ad.tracking.lock import FileLock
 from automl_ad.tracking.store import INTERRUPTED, Tracker, writer_lock_path

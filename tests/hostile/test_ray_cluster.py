@@ -24,7 +24,7 @@ import pytest
 
 from automl_ad.data.demo import generate_demo
 from automl_ad.errors import UsageError
-from automl_ad.search.engine import RAY_CLUSTER_MODE_ENV, _concurrency, _memory_per_trial
+from automl_ad.search.ray_runtime import RAY_CLUSTER_MODE_ENV, concurrency, memory_per_trial
 from automl_ad.tracking.store import Tracker
 
 PROC = Path("/proc")
@@ -33,7 +33,7 @@ needs_proc = pytest.mark.skipif(not (PROC / "net" / "tcp").is_file(),
 RAY = Path(sys.executable).with_name("ray")
 
 LOCAL_RAY = ("import sys\n"
-             "from automl_ad.search.engine import start_ray\n"
+             "from automl_ad.search.ray_runtime import start_ray\n"
              "start_ray(None)\n"
              "import ray\n"
              "@ray.remote\n"
@@ -146,7 +146,7 @@ def test_local_ray_refuses_to_start_exposed():
     """Ray imported before the search, in cluster mode, would listen on the network: refused, saying what to do."""
     code = ("import ray, sys\n"
             "from automl_ad.errors import UsageError\n"
-            "from automl_ad.search.engine import start_ray\n"
+            "from automl_ad.search.ray_runtime import start_ray\n"
             "try:\n"
             "    start_ray(None)\n"
             "except UsageError as exc:\n"
@@ -180,7 +180,7 @@ def _node(cpus: float, gpus: float = 0, alive: bool = True) -> dict:
 ])
 def test_trials_fit_every_node(monkeypatch, nodes, expected):
     monkeypatch.setitem(sys.modules, "ray", SimpleNamespace(nodes=lambda: nodes))  # not the real ray: see start_ray
-    assert _concurrency() == expected
+    assert concurrency() == expected
 
 
 def test_a_trial_may_use_the_memory_of_the_node_it_shares_least(monkeypatch):
@@ -190,15 +190,15 @@ def test_a_trial_may_use_the_memory_of_the_node_it_shares_least(monkeypatch):
              {**_node(4), "Resources": {"CPU": 4, "memory": 16 * gib}},  # one: 16 GiB
              {**_node(1), "Resources": {"CPU": 1, "memory": 1 * gib}}]  # no room for a trial: not counted
     monkeypatch.setitem(sys.modules, "ray", SimpleNamespace(nodes=lambda: nodes))
-    assert _memory_per_trial({"cpu": 4}) == 12 * gib
+    assert memory_per_trial({"cpu": 4}) == 12 * gib
     monkeypatch.setitem(sys.modules, "ray", SimpleNamespace(nodes=lambda: [_node(8)]))  # Ray reports no memory
-    assert _memory_per_trial({"cpu": 4}) is None
+    assert memory_per_trial({"cpu": 4}) is None
 
 
 def test_cluster_without_cpus_is_refused(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", SimpleNamespace(nodes=lambda: [_node(0), _node(8, alive=False)]))
     with pytest.raises(UsageError, match="no live node with a CPU"):
-        _concurrency()
+        concurrency()
 
 
 # --- a real two-node cluster ---------------------------------------------------------------------------------------
