@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -208,6 +209,31 @@ def test_damaged_cache_entry_is_recomputed(tmp_path):
     path = next((tmp_path / "features").glob("*.safetensors"))
     path.write_bytes(path.read_bytes()[:20])
     assert cache.get(key) is None
+
+
+def test_full_disk_stops_caching_but_not_the_features(tmp_path, monkeypatch, caplog):
+    """A cache that cannot be written (here: the disk is full) costs time, never the result: the features are
+    returned as computed, nothing half-written stays, one warning says what to do, and the process stops trying."""
+    from safetensors import numpy as safetensors_numpy
+
+    calls = []
+
+    def full_disk(tensors, path, metadata=None):
+        calls.append(path)
+        Path(path).write_bytes(b"partial")
+        raise OSError(28, "No space left on device", path)
+
+    monkeypatch.setattr(safetensors_numpy, "save_file", full_disk)
+    cache = FeatureCache(tmp_path)
+    extractor = load_extractor("resnet18", (8, 16), 64, pretrained=False)
+    images = _images(3)
+    with caplog.at_level("WARNING", logger="automl_ad.features.cache"):
+        features = extract_features(extractor, images, cache)
+    for got, want in zip(features, extractor.features_of(images)):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+    assert len(calls) == 1 and not cache.enabled  # tried once, then computed without the cache
+    assert list((tmp_path / "features").iterdir()) == []
+    assert "No space left on device" in caplog.text and "AUTOML_AD_CACHE_DIR" in caplog.text
 
 
 def _writer(root, value):

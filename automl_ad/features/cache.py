@@ -72,19 +72,27 @@ class FeatureCache:
         return arrays, meta
 
     def put(self, key: str, arrays: list[np.ndarray], meta: dict | None = None) -> None:
+        """Store an entry. The cache only saves time: when it cannot be written (disk full, a folder without write
+        permission) this says so once and stops caching in this process, and the features are used all the same."""
         if not self.enabled:
             return
         from safetensors.numpy import save_file
 
-        self.root.mkdir(parents=True, exist_ok=True)
-        handle, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp-", suffix=".safetensors")
-        os.close(handle)
+        tmp = None
         try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            handle, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp-", suffix=".safetensors")
+            os.close(handle)
             save_file({f"level{i}": np.ascontiguousarray(a) for i, a in enumerate(arrays)}, tmp,
                       metadata={"meta": json.dumps(meta or {}, sort_keys=True)})
             os.replace(tmp, self._path(key))
+        except OSError as exc:
+            self.enabled = False
+            log.warning("the feature cache %s cannot be written (%s): features are computed without it from now on "
+                        "in this process. Free disk space there, or point %s at a writable folder with room",
+                        self.root, exc, FEATURE_CACHE_ENV)
         finally:
-            if os.path.exists(tmp):
+            if tmp is not None and os.path.exists(tmp):
                 os.unlink(tmp)
 
     def trim(self, max_mb: float) -> int:
