@@ -37,10 +37,6 @@ from automl_ad.detectors.registry import register_detector
 
 log = logging.getLogger(__name__)
 
-#: Bytes at the fit's peak per value of the training patches' embeddings (float32): the embedding, the features
-#: and the pooling it is computed from, and the coreset's projection (measured on ball_screw's 480x512 tiles, 128
-#: channels: 1.31 KB more per patch from 1.15 to 2.30 million patches, 2.7 -> 4.1 GB).
-PATCH_PEAK_BYTES = 10
 _DISTANCE_VALUES = 1 << 24  # query-to-bank distances per graph run (64 MiB of float32)
 _UNPROJECTED_DIM = 512  # features per patch assumed by the fit cost estimate when nothing projects them
 # greedy coreset (see greedy_coreset): a step compares the new point with every point when more than this share
@@ -94,20 +90,11 @@ class PatchCore(PatchFeatureDetector):
         feature stride) in its projected dimensions, at the seconds per value measured on this machine. An upper
         bound: on patches that cluster most steps compare far fewer (see :func:`greedy_coreset`)."""
         defaults = cls()
-        stride = min(params.get("feature_strides", defaults.feature_strides))
         ratio = float(params.get("coreset_ratio", defaults.coreset_ratio))
         dim = params.get("coreset_projection_dim", defaults.coreset_projection_dim) or \
             params.get("embedding_dim", defaults.embedding_dim) or _UNPROJECTED_DIM
-        patches = train_images * network_pixels / stride ** 2
+        patches, _ = cls._training_patches(train_images, network_pixels, params)
         return min(1.0, ratio) * patches * patches * dim * _coreset_seconds_per_value(int(dim))
-
-    @classmethod
-    def peak_memory_bytes(cls, train_images: int, network_pixels: float, params: dict) -> float:
-        """``PATCH_PEAK_BYTES`` per value of the training patches' embeddings (one per cell of the finest stride):
-        the coreset is selected from all of them at once."""
-        strides, channels = cls._channels_of(params)
-        dim = params.get("embedding_dim", cls().embedding_dim) or channels
-        return train_images * network_pixels / min(strides) ** 2 * dim * PATCH_PEAK_BYTES if dim else 0.0
 
     # --- score ------------------------------------------------------------------------------------------------
     def _scoring_graph(self) -> PatchCoreHead:

@@ -36,6 +36,10 @@ from automl_ad.detectors.simplenet.graph import NegatedDiscriminator
 log = logging.getLogger(__name__)
 
 _DISCRIMINATOR_WEIGHT_DECAY = 1e-5  # official code
+#: float32 values a training step keeps per patch row (a batch's patches, normal and noisy) for the backward pass:
+#: the adapted feature, the noise and the noisy feature (3 x the embedding's width), and the discriminator's hidden
+#: layer before and after BatchNorm and LeakyReLU with its gradient (4 x ``hidden_dim``)
+_ROW_VALUES_PER_DIM, _ROW_VALUES_PER_HIDDEN = 3, 4
 
 
 @register_detector
@@ -70,6 +74,18 @@ class SimpleNet(PatchScoreDetector):
         return model.to(self._extractor().device)
 
     # --- fit --------------------------------------------------------------------------------------------------
+    @classmethod
+    def peak_memory_bytes(cls, train_images: int, network_pixels: float, params: dict) -> float:
+        """The training patches' embeddings (as PatchCore's) and a step's rows: every patch of ``batch_size``
+        network inputs, normal and noisy (``_ROW_VALUES_PER_DIM`` and ``_ROW_VALUES_PER_HIDDEN``): the default's 8
+        inputs of 512 px hold 65,536 rows of about 17 KB, 1.1 GB."""
+        strides, _ = cls._channels_of(params)
+        _, dim = cls._training_patches(train_images, network_pixels, params)
+        rows = 2 * cls._batch_pixels(train_images, network_pixels, params) / min(strides) ** 2
+        hidden = int(params.get("hidden_dim", cls().hidden_dim))
+        return super().peak_memory_bytes(train_images, network_pixels, params) + \
+            4.0 * rows * (_ROW_VALUES_PER_DIM * dim + _ROW_VALUES_PER_HIDDEN * hidden)
+
     def _fit(self, train: ImageSet, on_epoch: EpochCallback | None) -> None:
         import torch
 
