@@ -170,11 +170,11 @@ def cmd_recommend(args) -> int:
     from automl_ad import journey
 
     result = journey.recommend_data(args.data, args.category, args.profile, args.weights, args.top, args.strict,
-                                    progress=not args.json)
+                                    progress=not args.json, screen=args.screen)
     if args.json:
         payload = [{"profile": p.to_dict(), "recommendation": r.to_dict(),
-                    "problems": [x.to_dict() for x in d.problems]}
-                   for d, p, r in zip(result.datasets, result.profiles, result.recommendations)]
+                    "problems": [x.to_dict() for x in d.problems], "screen": s.to_dict() if s else None}
+                   for d, p, r, s in zip(result.datasets, result.profiles, result.recommendations, result.screens)]
         print(json.dumps({"categories": payload, "state": str(result.state_file)}, indent=2))
         return EXIT_OK
     console = _console()
@@ -185,11 +185,41 @@ def cmd_recommend(args) -> int:
 
 
 def _show_recommended(console, result) -> None:
-    for dataset, profile, recommendation in zip(result.datasets, result.profiles, result.recommendations):
+    for dataset, profile, recommendation, screen in zip(result.datasets, result.profiles, result.recommendations,
+                                                        result.screens):
         _print_problems(console, dataset.problems)
         _print_profile(console, profile)
         _print_recommendation(console, recommendation)
+        if screen is not None:
+            _print_screen(console, screen, dataset.root)
         console.print()
+
+
+def _print_screen(console, screen, root: Path, shown: int = 15) -> None:
+    """The good images that look unlike the others, highest score first, and what to do about them."""
+    if screen.skipped:
+        console.print(f"Good-image screen: skipped ({screen.skipped}).", markup=False)
+        return
+    suspects = screen.suspects
+    console.print(f"Good-image screen ({screen.family} on {screen.backbone}, each of {screen.folds} folds scored by "
+                  f"a model fitted on the others, {len(screen.scores)} images, {screen.seconds:.0f} s): "
+                  f"{len(suspects)} look unlike the others (score above {screen.fence:.3g}, the far-out fence of "
+                  f"all scores; median {statistics.median(s for _, s in screen.scores):.3g}).", markup=False)
+    for path, score in suspects[:shown]:
+        console.print(f"  {score:8.3g}  {_relative(path, root)}", markup=False)
+    if len(suspects) > shown:
+        console.print(f"  ... and {len(suspects) - shown} more (all in {screen.file})", markup=False)
+    if suspects:
+        console.print("Check them: a defective image belongs in a defect folder (or out of the data), since the "
+                      "search would learn it as normal; an unusual good one is fine. Then run recommend again.",
+                      markup=False)
+
+
+def _relative(path: str, root: Path) -> str:
+    try:
+        return str(Path(path).relative_to(root))
+    except ValueError:
+        return path
 
 
 def _print_problems(console, problems) -> None:
@@ -539,6 +569,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "points of the last one shortlisted join it")
     p.add_argument("--weights", help="local backbone weights file (as for search): offline, only backbones with "
                    "weights here are proposed")
+    p.add_argument("--no-screen", dest="screen", action="store_false",
+                   help="skip screening the good images for ones that look unlike the others (out-of-fold "
+                        "PatchCore scores: three fits on the good images)")
     p.set_defaults(func=cmd_recommend)
 
     p = sub.add_parser("profile", help="validate the data and print its profile (counts, texture/object, alignment)")

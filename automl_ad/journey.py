@@ -25,8 +25,10 @@ from automl_ad.figures.heatmaps import save_overlays
 from automl_ad.folders import check_output_folder, write_output_folder
 from automl_ad.profiling import profile_dataset
 from automl_ad.recommend import recommend
+from automl_ad.recommend.engine import weights_backbone
 from automl_ad.recommend.state import save_state
 from automl_ad.reporting.html_report import write_report
+from automl_ad.screening import NormalScreen, screen_normals
 from automl_ad.search.engine import run_search
 from automl_ad.search.plan import plan_search
 from automl_ad.search.request import SearchResult
@@ -46,6 +48,7 @@ class Recommended:
     profiles: list
     recommendations: list
     state_file: Path | None = None
+    screens: list[NormalScreen | None] = field(default_factory=list)  # per category; None when not screened
 
 
 def open_categories(data: str, category: str | None = None, strict: bool = False, progress: bool = False) -> list:
@@ -66,8 +69,11 @@ def profile_data(data: str, category: str | None = None, strict: bool = False, p
 
 
 def recommend_data(data: str, category: str | None = None, profile: str | None = None, weights: str | None = None,
-                   top: int | None = None, strict: bool = False, progress: bool = False) -> Recommended:
-    """Profile and rank the routes for every category, and leave the results for a later `search`."""
+                   top: int | None = None, strict: bool = False, progress: bool = False,
+                   screen: bool = False) -> Recommended:
+    """Profile and rank the routes for every category, and leave the results for a later `search`; with ``screen``
+    also name the good images that look unlike the others (:mod:`automl_ad.screening`), saved as ``screen.json``
+    beside the recommendation."""
     constraints = load_constraints(profile)
     datasets = open_categories(data, category, strict, progress)
     profiles, recommendations = [], []
@@ -80,7 +86,19 @@ def recommend_data(data: str, category: str | None = None, profile: str | None =
         recommendations.append(recommend(facts, constraints, weights=weights, families=searchable_families(),
                                          **options))
     state_file = save_state(list(zip(profiles, recommendations)), constraints.source, data)
-    return Recommended(datasets, profiles, recommendations, state_file)
+    screens = []
+    for dataset, facts, recommendation in zip(datasets, profiles, recommendations):
+        saved = state_file.parent / f"{facts.name}-{facts.fingerprint}" / "screen.json"
+        if not screen:
+            saved.unlink(missing_ok=True)  # an earlier screen's names must not outlive this recommendation
+            screens.append(None)
+            continue
+        backbone = recommendation.backbones[0] if recommendation.backbones else None  # the lightest with weights
+        local = {**constraints.backbone_weights, **({weights_backbone(weights): weights} if weights else {})}
+        result = screen_normals(dataset, backbone, local.get(backbone), progress=progress)
+        result.save(saved)
+        screens.append(result)
+    return Recommended(datasets, profiles, recommendations, state_file, screens)
 
 
 # --- fit and evaluate ---------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from automl_ad.constraints import load_constraints
@@ -38,6 +39,7 @@ def plan_search(data: str | None, category: str | None = None, profile: str | No
         data, category = str(dataset.root), None
     else:
         recommendation = read_recommendation(entry)
+        _remind_screen(Path(entry["recommendation"]).with_name("screen.json"), say)
     candidates = {c["route"]: c for c in recommendation["candidates"]}
     routes = {f: c["route"] for c in recommendation["candidates"] for f in c["families"]}
     searchable = set(searchable_families())
@@ -112,3 +114,15 @@ def _backbones(families, routes, constraints, backbone_weights, say):
             f"{', '.join(users)}{' (the only backbone with weights here)' if only else ''}. Other backbones: "
             "--weights FILE or backbone_weights in a --profile.")
     return allowed, kept
+
+
+def _remind_screen(path: Path, say) -> None:
+    """Say again how many good images recommend's screen named (they are still trained on as normal)."""
+    try:
+        suspects = json.loads(path.read_text()).get("suspects") or []
+        highest = suspects[0]["image"] if suspects else None
+    except (OSError, ValueError, AttributeError, LookupError, TypeError):  # none, or not as recommend wrote it
+        return
+    if highest:
+        say(f"recommend's screen named {len(suspects)} good training image(s) that look unlike the others "
+            f"(highest: {highest}); the search trains on them as normal. Check them ({path}) if you have not")
