@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +15,7 @@ from automl_ad.data.demo import generate_demo
 from automl_ad.profiling import profile_dataset
 from automl_ad.recommend import recommend
 from automl_ad.reporting.html_report import SECTIONS, Evaluation, gather, render
+from automl_ad.screening import NormalScreen
 from automl_ad.search.engine import run_search
 from automl_ad.search.request import SearchRequest
 from automl_ad.tracking.records import SearchStore
@@ -28,10 +30,13 @@ def searched(tmp_path_factory):
     recommendation = recommend(profile, load_constraints(None))
     profile_file = profile.save(work / "state" / "profile.json")
     recommendation_file = recommendation.save(work / "state" / "recommendation.json")
+    goods = sorted(Path(data, "train", "good").iterdir())  # as if recommend's screen had named the first one
+    screen = NormalScreen("patchcore", "resnet18", 3, fence=1.0, scores=[(str(goods[0]), 2.0), (str(goods[1]), 0.5)])
+    screen_file = screen.save(work / "state" / "screen.json")
     uri = f"sqlite:///{work / 'mlflow.db'}"
     request = SearchRequest(data=str(data), families=["gaussian", "frequency"], max_trials=3, budget_s=120,
                             trial_timeout_s=90, tracking_uri=uri, profile_file=str(profile_file),
-                            recommendation_file=str(recommendation_file))
+                            recommendation_file=str(recommendation_file), screen_file=str(screen_file))
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(work)
         result = run_search(request)
@@ -52,6 +57,8 @@ def test_report_has_every_section_and_is_self_contained(searched, tmp_path, monk
     assert "could not be built" not in text and "class=\"note\"" not in text.split('id="trials"')[0]
     assert "gaussian" in text and "frequency" in text and "True positives" in text and "False negatives" in text
     assert "reasons for" in text  # the recommendation was logged with the search
+    screen = text.split("Good images that look unlike the others")[1].split("</section>")[0]  # and the screen
+    assert "named <b>1</b> of the 2 good training images" in screen and screen.count("data:image/png;base64,") == 1
 
 
 def test_report_of_experiment_name_and_missing_parts(searched, tmp_path, monkeypatch):

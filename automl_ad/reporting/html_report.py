@@ -84,6 +84,7 @@ class SearchFacts:
     profile_note: str
     recommendation: dict | None
     search_space: dict | None
+    screen: dict | None = None  # recommend's screen of the good images, when it ran
 
     @property
     def experiment(self) -> str:
@@ -100,10 +101,11 @@ def gather(store: SearchStore, search: SearchRecord) -> SearchFacts:
     profile = _artifact_json(store, search.run_id, "search/profile.json")
     recommendation = _artifact_json(store, search.run_id, "search/recommendation.json")
     space = _artifact_json(store, search.run_id, "search/search_space.json")
+    screen = _artifact_json(store, search.run_id, "search/screen.json")
     note = "profile logged with the search (from `automl-ad recommend`)"
     if profile is None:
         profile, note = _profile_now(search.data)
-    return SearchFacts(search, trials, profile, note, recommendation, space)
+    return SearchFacts(search, trials, profile, note, recommendation, space, screen)
 
 
 def _artifact_json(store: SearchStore, run_id: str, path: str) -> dict | None:
@@ -507,7 +509,46 @@ def profile_section(facts: SearchFacts) -> str:
     shortcuts = "".join(_note(f"Warning: {text}. Validation and test scores may reward that, not the defect.")
                         for text in p.get("shortcuts") or [])
     return (shortcuts + _kv(pairs) + split
-            + f'<p class="muted">{_e(facts.profile_note)}; root {_e(p.get("root"))}</p>')
+            + f'<p class="muted">{_e(facts.profile_note)}; root {_e(p.get("root"))}</p>' + screen_part(facts))
+
+
+def screen_part(facts: SearchFacts, shown: int = GALLERY_PER_KIND) -> str:
+    """recommend's screen of the good images: how many it named, and the first of them as pictures."""
+    screen = facts.screen
+    if not screen or screen.get("skipped") or screen.get("fence") is None:
+        return ""
+    suspects, root = screen.get("suspects") or [], Path(facts.params.get("data") or "/")
+    head = (f"<h3>Good images that look unlike the others</h3><p>recommend's screen ({_e(screen.get('family'))}, "
+            f"each of {_e(screen.get('folds'))} folds scored by a model fitted on the others) named "
+            f"<b>{len(suspects)}</b> of the {len(screen.get('scores') or [])} good training images: out-of-fold "
+            f"score above {_num(screen['fence'], 3)}. The search trained on them as normal; a defective one belongs "
+            "in a defect folder.</p>")
+    cells = []
+    for item in suspects[:shown]:
+        picture = _file_thumbnail(Path(item["image"]))
+        name = _short_name(Path(item["image"]), root)
+        image = f"<img alt='{_e(name)}' src='{picture}'>" if picture else ""
+        cells.append(f"<figure>{image}"
+                     f"<figcaption>{_e(name)}<br>score <b>{float(item['score']):.4g}</b>"
+                     f"{'' if picture else ' (file not here)'}</figcaption></figure>")
+    return head + (f'<div class="gallery">{"".join(cells)}</div>' if cells else "")
+
+
+def _file_thumbnail(path: Path) -> str | None:
+    """An image file as a PNG data URI at most THUMBNAIL_SIDE wide, or None when it cannot be read here."""
+    from PIL import Image
+
+    from automl_ad.data.io import ImageReadError, read_image, to_float
+
+    try:
+        picture = (to_float(read_image(path)) * 255).astype(np.uint8)
+    except (OSError, ValueError, ImageReadError):
+        return None
+    thumb = Image.fromarray(picture)
+    thumb.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
+    buffer = io.BytesIO()
+    thumb.save(buffer, format="PNG", optimize=True)
+    return _data_uri(buffer.getvalue())
 
 
 def recommendation_section(facts: SearchFacts) -> str:

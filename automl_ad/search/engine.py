@@ -126,7 +126,8 @@ def _run_held(request: SearchRequest, dataset, work_dir: Path, uri: str, state: 
         snapshot = work_dir / "search_space.json"
         snapshot.write_text(json.dumps({f: [asdict(p) for p in spaces[f].parameters] for f in spaces}, indent=2,
                                        default=list))
-        files = [snapshot, data_file] + [Path(p) for p in (request.profile_file, request.recommendation_file) if p]
+        logged = (request.profile_file, request.recommendation_file, request.screen_file)
+        files = [snapshot, data_file] + [Path(p) for p in logged if p]
         parent = tracker.start_search(
             experiment_id, f"search-{time.strftime('%Y%m%d-%H%M%S')}",
             {"data": str(dataset.root), "families": request.families, "budget_s": request.budget_s,

@@ -39,7 +39,7 @@ def plan_search(data: str | None, category: str | None = None, profile: str | No
         data, category = str(dataset.root), None
     else:
         recommendation = read_recommendation(entry)
-        _remind_screen(Path(entry["recommendation"]).with_name("screen.json"), say)
+        _remind_screen(_screen_file(entry), say)
     candidates = {c["route"]: c for c in recommendation["candidates"]}
     routes = {f: c["route"] for c in recommendation["candidates"] for f in c["families"]}
     searchable = set(searchable_families())
@@ -80,6 +80,7 @@ def plan_search(data: str | None, category: str | None = None, profile: str | No
                                                   if c.get("backbone")), None),
                          profile_file=entry["profile"] if entry else None,
                          recommendation_file=entry["recommendation"] if entry else None,
+                         screen_file=_screen_file(entry),
                          limits=constraints.deployment_limits(), **options)
 
 
@@ -116,10 +117,18 @@ def _backbones(families, routes, constraints, backbone_weights, say):
     return allowed, kept
 
 
-def _remind_screen(path: Path, say) -> None:
+def _screen_file(entry: dict | None) -> str | None:
+    """The screen recommend saved beside its recommendation (None: it did not screen)."""
+    path = Path(entry["recommendation"]).with_name("screen.json") if entry else None
+    return str(path) if path is not None and path.is_file() else None
+
+
+def _remind_screen(path: str | None, say) -> None:
     """Say again how many good images recommend's screen named (they are still trained on as normal)."""
+    if path is None:
+        return
     try:
-        suspects = json.loads(path.read_text()).get("suspects") or []
+        suspects = json.loads(Path(path).read_text()).get("suspects") or []
         highest = suspects[0]["image"] if suspects else None
     except (OSError, ValueError, AttributeError, LookupError, TypeError):  # none, or not as recommend wrote it
         return

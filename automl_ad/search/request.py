@@ -45,6 +45,7 @@ class SearchRequest:
     artifact_cap_mb: float = SEARCH_ARTIFACT_CAP_MB
     profile_file: str | None = None
     recommendation_file: str | None = None
+    screen_file: str | None = None  # recommend's screen of the good images, logged with the search
     limits: dict = field(default_factory=dict)  # the constraint profile's deployment limits (export honours them)
 
 
