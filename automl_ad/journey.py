@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from automl_ad.constraints import load_constraints, parse_duration
 from automl_ad.data import load_datasets, open_dataset
 from automl_ad.data.demo import generate_demo
 from automl_ad.data.imageset import ImageSet
-from automl_ad.defaults import BUILTIN_BACKBONE, MIN_TRAIN_IMAGES, SEARCH_BUDGET
+from automl_ad.defaults import BUILTIN_BACKBONE, MIN_TRAIN_IMAGES, SCREEN_FAMILY, SCREEN_FOLDS, SEARCH_BUDGET
 from automl_ad.deploy.export import Export, export_model
 from automl_ad.deploy.package import load_package
 from automl_ad.deploy.predict import predict_files
@@ -95,7 +96,12 @@ def recommend_data(data: str, category: str | None = None, profile: str | None =
             continue
         backbone = recommendation.backbones[0] if recommendation.backbones else None  # the lightest with weights
         local = {**constraints.backbone_weights, **({weights_backbone(weights): weights} if weights else {})}
-        result = screen_normals(dataset, backbone, local.get(backbone), progress=progress)
+        try:
+            result = screen_normals(dataset, backbone, local.get(backbone), progress=progress)
+        except Exception as exc:
+            logging.getLogger(__name__).info("screening %s failed", dataset.root, exc_info=True)
+            result = NormalScreen(SCREEN_FAMILY, backbone, SCREEN_FOLDS,
+                                  skipped=f"it failed: {type(exc).__name__}: {exc} (--verbose shows where)")
         result.save(saved)
         screens.append(result)
     return Recommended(datasets, profiles, recommendations, state_file, screens)

@@ -129,3 +129,15 @@ def test_real_defects_filed_among_bottle_s_good_images_are_named(tmp_path):
     assert all("zz_" in path for path, _ in screen.scores[:3])
     suspects = screen.suspects
     assert sum("zz_" in path for path, _ in suspects) == 3 and len(suspects) <= 3 + 0.03 * 209
+
+
+def test_a_screen_that_fails_leaves_the_recommendation_standing(mixed, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr("automl_ad.journey.screen_normals", broken)
+    assert main(["recommend", str(mixed)]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "Good-image screen: skipped (it failed: RuntimeError: boom" in out and "Saved profile" in out
