@@ -122,6 +122,26 @@ def test_export_best_front_member_and_predict(searched, tmp_path):
     assert notes["like.png"] == "" and notes["wide.png"].startswith("aspect ratio 3.00 (width / height) against 1.00")
 
 
+def test_export_warns_when_the_threshold_is_set_by_a_good_image_the_screen_named(searched, tmp_path):
+    """A defect filed as good among the held-out normals raises the threshold for every image: when recommend's
+    screen (logged with the search) named the normal that sets it, export says which and what to do."""
+    from automl_ad.deploy.export import choose_run, export_run
+    from automl_ad.screening import NormalScreen
+    from automl_ad.tracking.records import SearchStore
+
+    _, second, uri = searched
+    store = SearchStore(uri)
+    run_id = choose_run(store, None, "quality").run_id
+    normals = store.split(store.search(second.parent_run_id)).normal_validation()
+    screen = NormalScreen("patchcore", "resnet18", 3, fence=0.0, scores=[(str(p), 1.0) for p in normals.paths])
+    store.tracker.client.log_artifact(second.parent_run_id, str(screen.save(tmp_path / "screen.json")), "search")
+    said = []
+    export_run(store, run_id, tmp_path / "pkg", say=said.append)
+    warning = next((line for line in said if "recommend's screen named" in line), None)
+    assert warning and "held-out normal image(s)" in warning and "move it to a defect folder" in warning, said
+    assert any(str(p) in warning for p in normals.paths)
+
+
 def test_an_interrupted_search_says_so_and_resumes_with_the_rest_of_its_budget(tmp_path, monkeypatch):
     """Ray Tune ends on Ctrl+C as it does on its budget: the search says it was stopped early and how to go on, and
     its state stays resumable."""

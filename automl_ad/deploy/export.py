@@ -101,6 +101,9 @@ class Calibration:
     validation_rates: dict
     operating_points: list[dict]
     warnings: list[str] = field(default_factory=list)
+    #: (path, score) of the held-out normals that set the image threshold: those at or above it (the validation false
+    #: alarms), else the highest-scoring one (the threshold is its score, or a tail fit above it); none in memory
+    threshold_setters: list[tuple[str, float]] = field(default_factory=list)
 
 
 def calibrate(detector, split: SearchSplit, far: float = DEFAULT_FALSE_ALARM_RATE, say=print) -> Calibration:
@@ -141,7 +144,31 @@ def calibrate(detector, split: SearchSplit, far: float = DEFAULT_FALSE_ALARM_RAT
             f"{kind}. Options: accept more false alarms (at {best['target_false_alarm_rate']:g} it detects "
             f"{best['detection_rate']:.0%}; export with --false-alarm-rate), search longer or with "
             "--metric detection_at_far, or label more defects so the search can rank on them.")
-    return Calibration(thresholds, rates, table, warnings)
+    return Calibration(thresholds, rates, table, warnings, _threshold_setters(validation, normal_scores,
+                                                                             thresholds["image"]["value"]))
+
+
+def _threshold_setters(validation, normal_scores: np.ndarray, threshold: float) -> list[tuple[str, float]]:
+    """The held-out normals that set ``threshold`` (see :attr:`Calibration.threshold_setters`), highest first."""
+    if validation.paths is None or not len(normal_scores):
+        return []
+    paths = [str(p) for p, label in zip(validation.paths, validation.labels) if label == 0]
+    order = np.argsort(-normal_scores, kind="stable")
+    above = [i for i in order if normal_scores[i] >= threshold] or [order[0]]
+    return [(paths[i], float(normal_scores[i])) for i in above]
+
+
+def screened_setters_warning(calibration: Calibration, screen: dict | None) -> str | None:
+    """A warning when recommend's screen (``screen.json``) named held-out normals that set the threshold: a defect
+    filed as good among them raises the threshold for every image."""
+    named = {item.get("image") for item in (screen or {}).get("suspects") or [] if isinstance(item, dict)}
+    setters = [(path, score) for path, score in calibration.threshold_setters if path in named]
+    if not setters:
+        return None
+    listed = ", ".join(f"{path} (score {score:.4g})" for path, score in setters[:5])
+    return (f"the image threshold is set by {len(setters)} held-out normal image(s) that recommend's screen named as "
+            f"unlike the other good images: {listed}. If one is defective, move it to a defect folder and search "
+            "again: the threshold would drop and catch more defects.")
 
 
 def export_run(store: SearchStore, run_id: str, out: str | Path, far: float = DEFAULT_FALSE_ALARM_RATE,
@@ -159,6 +186,9 @@ def export_run(store: SearchStore, run_id: str, out: str | Path, far: float = DE
     with tempfile.TemporaryDirectory() as tmp:
         detector = Detector.load(store.model_dir(trial, Path(tmp), search.work_dir))
         calibration = calibrate(detector, split, far, say)
+        screened = screened_setters_warning(calibration, store.artifact_json(search.run_id, "search/screen.json"))
+        if screened:
+            calibration.warnings.append(screened)
         metrics = {"validation": {k[4:]: v for k, v in trial.metrics.items() if k.startswith("val_")},
                    "validation_kind": split.validation_kind, "validation_at_threshold": calibration.validation_rates}
         if len(split.test) and split.test.labels.any():
