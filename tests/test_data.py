@@ -245,7 +245,7 @@ def test_profile_and_report_carry_the_shortcut(tmp_path):
                      [(".png", _noise(100 + i, 40, 60)) for i in range(12)])
     profile = profile_dataset(dataset)
     assert len(profile.shortcuts) == 1 and profile.shortcuts[0].startswith("the image size alone tells")
-    html = profile_section(SimpleNamespace(params={}, profile=profile.to_dict(), profile_note="profiled"))
+    html = profile_section(SimpleNamespace(params={}, profile=profile.to_dict(), profile_note="profiled", screen=None))
     assert "Warning: the image size alone tells the defective images from the good ones" in html
     clean = _plain(tmp_path / "clean", [(".png", _noise(i, 32, 48)) for i in range(20)],
                    [(".png", _noise(100 + i, 32, 48)) for i in range(12)])
