@@ -26,8 +26,8 @@ from automl_ad.figures.heatmaps import save_overlays
 from automl_ad.folders import check_output_folder, write_output_folder
 from automl_ad.profiling import profile_dataset
 from automl_ad.recommend import recommend
-from automl_ad.recommend.engine import weights_backbone
-from automl_ad.recommend.state import save_state
+from automl_ad.recommend.engine import local_weights
+from automl_ad.recommend.state import SCREEN_FILE, category_dir, save_state
 from automl_ad.reporting.html_report import write_report
 from automl_ad.screening import NormalScreen, screen_normals
 from automl_ad.search.engine import run_search
@@ -88,14 +88,14 @@ def recommend_data(data: str, category: str | None = None, profile: str | None =
                                          **options))
     state_file = save_state(list(zip(profiles, recommendations)), constraints.source, data)
     screens = []
+    local = local_weights(constraints, weights)
     for dataset, facts, recommendation in zip(datasets, profiles, recommendations):
-        saved = state_file.parent / f"{facts.name}-{facts.fingerprint}" / "screen.json"
+        saved = category_dir(facts) / SCREEN_FILE
         if not screen:
             saved.unlink(missing_ok=True)  # an earlier screen's names must not outlive this recommendation
             screens.append(None)
             continue
         backbone = recommendation.backbones[0] if recommendation.backbones else None  # the lightest with weights
-        local = {**constraints.backbone_weights, **({weights_backbone(weights): weights} if weights else {})}
         try:
             result = screen_normals(dataset, backbone, local.get(backbone), progress=progress)
         except Exception as exc:

@@ -231,12 +231,21 @@ def weights_backbone(weights: str) -> str:
     return backbone
 
 
+def local_weights(constraints: ConstraintProfile, weights: str | None = None) -> dict[str, str]:
+    """Local weights files by backbone: the constraint profile's ``backbone_weights`` and ``--weights`` (its backbone
+    read from the file)."""
+    local = dict(constraints.backbone_weights)
+    if weights:
+        local[weights_backbone(weights)] = str(Path(weights).resolve())
+    return local
+
+
 def available_backbones(constraints: ConstraintProfile, weights: str | None = None) -> tuple[list[str], str]:
     """Backbones of the cost model (light to heavy) whose weights can be had here: a local file (``weights`` or
     the constraint profile's ``backbone_weights``), the hub cache, the built-in weights, or, when the hub answers,
     a download. Also a note saying which."""
     names = [b["name"] for b in cost_model()["backbones"]]
-    local = set(constraints.backbone_weights) | ({weights_backbone(weights)} if weights else set())
+    local = set(local_weights(constraints, weights))
     if hub_reachable():
         return names, "the hub is reachable: every backbone's weights can be downloaded"
     have = [b for b in names if b in local or weights_available(b)]

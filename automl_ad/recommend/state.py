@@ -7,26 +7,30 @@ import json
 from pathlib import Path
 
 from automl_ad.errors import UsageError
+from automl_ad.folders import write_json_atomically
 from automl_ad.workspace import state_dir
 
 STATE_FILE = "state.json"
+SCREEN_FILE = "screen.json"  # the screen of the good images, beside a category's recommendation
+
+
+def category_dir(profile) -> Path:
+    """Where a category's profile, recommendation and screen are kept."""
+    return state_dir() / f"{profile.name}-{profile.fingerprint}"
 
 
 def save_state(results: list[tuple], constraints_source: str | None, data: str | Path) -> Path:
     """Keep each category's (profile, recommendation) so that `search` without DATA can pick them up."""
-    folder = state_dir()
     entries = []
     for profile, recommendation in results:
-        profile_file = profile.save(folder / f"{profile.name}-{profile.fingerprint}" / "profile.json")
+        profile_file = profile.save(category_dir(profile) / "profile.json")
         rec_file = recommendation.save(profile_file.parent / "recommendation.json")
         entries.append({"dataset": profile.root, "category": profile.name, "fingerprint": profile.fingerprint,
                         "profile": str(profile_file), "recommendation": str(rec_file),
                         "shortlist": recommendation.shortlist})
     state = {"data": str(Path(data).resolve()), "constraints": constraints_source, "categories": entries}
-    state_file = folder / STATE_FILE
-    tmp = state_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state, indent=2))
-    tmp.replace(state_file)
+    state_file = state_dir() / STATE_FILE
+    write_json_atomically(state_file, state)
     return state_file
 
 

@@ -16,7 +16,6 @@ survive that squash (a few pixels of a wide image) are beyond it.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ from automl_ad.defaults import (
     SPLIT_SEED,
 )
 from automl_ad.detectors import create_detector
+from automl_ad.folders import write_json_atomically
 from automl_ad.progress import track
 
 
@@ -60,9 +60,8 @@ class NormalScreen:
         return {**asdict(self), "suspects": [{"image": p, "score": s} for p, s in self.suspects]}
 
     def save(self, path: Path) -> Path:
-        path.parent.mkdir(parents=True, exist_ok=True)
         self.file = str(path)
-        path.write_text(json.dumps(self.to_dict(), indent=2))
+        write_json_atomically(path, self.to_dict())
         return path
 
 

@@ -13,8 +13,8 @@ from automl_ad.errors import UsageError
 from automl_ad.features.backbone import hub_reachable, uses_builtin_weights, weights_available
 from automl_ad.profiling import profile_dataset
 from automl_ad.recommend import recommend
-from automl_ad.recommend.engine import weights_backbone
-from automl_ad.recommend.state import entry_for, load_state, read_recommendation
+from automl_ad.recommend.engine import local_weights
+from automl_ad.recommend.state import SCREEN_FILE, entry_for, load_state, read_recommendation
 from automl_ad.search.request import SearchRequest
 from automl_ad.search.space import allowed_backbones, load_space, proposed_geometries, searchable_families
 
@@ -30,6 +30,7 @@ def plan_search(data: str | None, category: str | None = None, profile: str | No
                              "first (it leaves its shortlist in .automl-ad/), or pass DATA")
         data, category = entry["dataset"], None
         say(f"Using the dataset and shortlist of the last `automl-ad recommend`: {data}")
+    screen_file = _screen_file(entry)
     constraints = load_constraints(profile or (state or {}).get("constraints") if entry else profile)
     if entry is None:
         dataset = open_dataset(data, category)
@@ -39,7 +40,7 @@ def plan_search(data: str | None, category: str | None = None, profile: str | No
         data, category = str(dataset.root), None
     else:
         recommendation = read_recommendation(entry)
-        _remind_screen(_screen_file(entry), say)
+        _remind_screen(screen_file, say)
     candidates = {c["route"]: c for c in recommendation["candidates"]}
     routes = {f: c["route"] for c in recommendation["candidates"] for f in c["families"]}
     searchable = set(searchable_families())
@@ -56,9 +57,7 @@ def plan_search(data: str | None, category: str | None = None, profile: str | No
         reserve = [f for c in recommendation["candidates"] if not c["excluded"] and c["route"] not in shortlist
                    for f in c["families"] if f in searchable]
     priors = {f: max(0.05, candidates[routes[f]]["score"] / 10) if f in routes else 0.5 for f in families}
-    backbone_weights = dict(constraints.backbone_weights)
-    if weights:
-        backbone_weights[weights_backbone(weights)] = str(Path(weights).resolve())
+    backbone_weights = local_weights(constraints, weights)
     backbones, kept = _backbones(families, routes, constraints, backbone_weights, say)
     if not explicit and len({routes.get(f) for f in kept}) < len({routes.get(f) for f in families}):
         wanted = len({routes.get(f) for f in families})
@@ -80,7 +79,7 @@ def plan_search(data: str | None, category: str | None = None, profile: str | No
                                                   if c.get("backbone")), None),
                          profile_file=entry["profile"] if entry else None,
                          recommendation_file=entry["recommendation"] if entry else None,
-                         screen_file=_screen_file(entry),
+                         screen_file=screen_file,
                          limits=constraints.deployment_limits(), **options)
 
 
@@ -119,7 +118,7 @@ def _backbones(families, routes, constraints, backbone_weights, say):
 
 def _screen_file(entry: dict | None) -> str | None:
     """The screen recommend saved beside its recommendation (None: it did not screen)."""
-    path = Path(entry["recommendation"]).with_name("screen.json") if entry else None
+    path = Path(entry["recommendation"]).with_name(SCREEN_FILE) if entry else None
     return str(path) if path is not None and path.is_file() else None
 
 
