@@ -12,6 +12,7 @@ from scipy import ndimage
 
 from automl_ad.data.imageset import ImageSet
 from automl_ad.detectors import create_detector, graph_based
+from automl_ad.features import runtime
 
 SIZE = 32
 BACKBONE = {"backbone": "resnet18", "pretrained": False, "input_size": SIZE, "cache_features": False}
@@ -270,3 +271,53 @@ def test_the_whole_graph_and_the_head_on_extracted_features_agree(images, family
     span = np.ptp(whole.anomaly_maps)
     np.testing.assert_allclose(head.anomaly_maps, whole.anomaly_maps, rtol=0, atol=1e-4 * span)
     np.testing.assert_allclose(head.image_scores, whole.image_scores, rtol=0, atol=1e-4 * span)
+
+
+def test_stpm_runs_teacher_and_student_at_once_with_the_scores_of_one_session(images, monkeypatch):
+    """On two threads or more, in-memory images run the teacher and the student side by side (two sessions on a
+    thread each), then the maps: the scores of the whole graph in one session, which one thread falls back to.
+    A package's one graph is declined, so that a loaded package runs them side by side too."""
+    train, test = images.subset(range(6)), images.subset(range(6, 10))
+    detector = create_detector("stpm", **BACKBONE, epochs=1, batch_size=4).fit(train)
+    built = []
+    monkeypatch.setattr(graph_based, "concurrent_runner",
+                        lambda *args: built.append(runtime.concurrent_runner(*args)) or built[-1])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        at_once = detector.score_samples(test)
+        torch.set_num_threads(1)
+        one_session = detector.set_params(epochs=1).score_samples(test)  # set_params: the graph is built again
+    finally:
+        torch.set_num_threads(threads)
+    assert built[0] is not None and built[1] is None
+    span = np.ptp(one_session.anomaly_maps)
+    np.testing.assert_allclose(at_once.anomaly_maps, one_session.anomaly_maps, rtol=0, atol=1e-5 * span)
+    np.testing.assert_allclose(at_once.image_scores, one_session.image_scores, rtol=0, atol=1e-5 * span)
+    assert not detector.use_inference_model(b"not read")
+
+
+def test_concurrent_runner_joins_the_branches_outputs_in_order():
+    class Scale(torch.nn.Module):
+        def __init__(self, factor):
+            super().__init__()
+            self.factor = factor
+
+        def forward(self, x):
+            return [x * self.factor, x + self.factor]
+
+    class Join(torch.nn.Module):
+        def forward(self, a, b, c, d):
+            return [a - 2 * b + 3 * c - 4 * d]
+
+    x = torch.arange(12, dtype=torch.float32).reshape(2, 6)
+    expected = Join()(*Scale(2.0)(x), *Scale(-3.0)(x))[0]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        run = runtime.concurrent_runner([Scale(2.0), Scale(-3.0)], Join(), (x,))
+        torch.set_num_threads(1)
+        assert runtime.concurrent_runner([Scale(2.0), Scale(-3.0)], Join(), (x,)) is None
+    finally:
+        torch.set_num_threads(threads)
+    np.testing.assert_allclose(run(x[:1])[0].numpy(), expected[:1].numpy(), rtol=1e-6)

@@ -9,7 +9,7 @@ the weights change every epoch.
 Backbone families (:class:`BackboneGraphDetector`) run a *head*: the graph from the backbone's feature maps on,
 so that the features still come from the feature cache; their exported graph is the backbone followed by that
 head, and images that skip the cache (in memory: deployment, a latency measurement) run that whole graph in one
-session.
+session (a head with a network of its own on the images, STPM's student, runs it beside the backbone).
 
 The graph runs on network inputs (:meth:`Detector.graph_input`): one per image for a squash or letterbox, one per
 tile for tiles; ``score_samples`` then turns its per-input outputs into per-image scores and full-resolution maps
@@ -30,7 +30,7 @@ from automl_ad.detectors.blocks import Backbone, FeatureGraph, on_cpu, tensors_o
 from automl_ad.detectors.feature_based import BackboneDetector
 from automl_ad.features import resolve_device
 from automl_ad.features.quantize import int8_whole_graph
-from automl_ad.features.runtime import Runner, cpu_runner, onnx_model_runner
+from automl_ad.features.runtime import Runner, concurrent_runner, cpu_runner, onnx_model_runner
 
 #: An ONNX model is one protobuf message, which cannot exceed 2 GiB: a graph whose constants (weights, a PatchCore
 #: memory bank, PaDiM's inverse covariances) come close to it runs in eager torch on CPU instead of ONNX Runtime.
@@ -164,6 +164,9 @@ class BackboneGraphDetector(GraphDetector, BackboneDetector):
 
     #: Whether the head reads the images (before the feature maps), as STPM's student does.
     head_reads_images: ClassVar[bool] = False
+    #: Whether the head is a network on the images alone (``head.network``) and the maps from its outputs and the
+    #: backbone's (``head.maps``): on CPU the two networks then run at once (:func:`concurrent_runner`).
+    head_network_beside_backbone: ClassVar[bool] = False
     _whole_runner: ClassVar[str] = "whole"
 
     def _graph_inputs(self, images: ImageSet) -> list[np.ndarray]:
@@ -179,8 +182,23 @@ class BackboneGraphDetector(GraphDetector, BackboneDetector):
             return super()._score(images)
         inputs = [self.graph_input(images)]
         run = self._graph_runner(self._whole_runner, self._whole_graph, inputs, eager_on_cpu=False,
-                                 compile_graph=self._int8_session if self._precision() == "int8" else cpu_runner)
+                                 compile_graph=self._int8_session if self._precision() == "int8" else
+                                 self._fp32_session)
         return super()._score(images) if run is None else self._run_batches(run, inputs)
+
+    def _fp32_session(self, graph: FeatureGraph, example: tuple) -> Runner:
+        """The whole graph on ONNX Runtime: the backbone beside the head's network where the head has one and the
+        threads allow, else one session."""
+        if self.head_network_beside_backbone:
+            run = concurrent_runner([graph.backbone, graph.head.network], graph.head.maps, example)
+            if run is not None:
+                return run
+        return cpu_runner(graph, example)
+
+    def use_inference_model(self, model: bytes) -> bool:
+        """As :meth:`GraphDetector.use_inference_model`, but a head with a network beside the backbone declines:
+        the package's one graph would run them in turn, so it exports its parts again (1-2 s)."""
+        return False if self.head_network_beside_backbone else super().use_inference_model(model)
 
     def _int8_session(self, graph: nn.Module, example: tuple) -> Runner:
         """The int8 whole graph (:func:`~automl_ad.features.quantize.int8_whole_graph`, the one packages carry)

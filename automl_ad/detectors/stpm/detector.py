@@ -14,7 +14,8 @@
 3. Anomaly map: per stage 0.5 * ||t/||t|| - s/||s|| ||^2 at every position, upsampled (bilinear) to the input
    size, combined by ``map_combination`` (the paper's product, or a sum); image score = the map's maximum.
    No smoothing by default, as the paper and anomalib (``smoothing_sigma`` > 0 adds a Gaussian blur).
-   The student and the map run as one graph (ONNX Runtime on CPU), beside the teacher's cached features.
+   The student and the map run as one graph (ONNX Runtime on CPU), beside the teacher's cached features; images
+   in memory run teacher and student at once, each on half the threads, then the map.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ class STPM(BackboneGraphDetector):
     route = "teacher_student"
     iterative = True
     head_reads_images = True
+    head_network_beside_backbone = True
     test_params = {"backbone": "resnet18", "pretrained": False, "input_size": 64, "epochs": 12, "batch_size": 4}
     _parameter_constraints = {
         **BACKBONE_CONSTRAINTS, "epochs": [POSITIVE_INT], "batch_size": [POSITIVE_INT],

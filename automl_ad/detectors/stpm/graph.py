@@ -19,19 +19,41 @@ def feature_distances(teacher, student):
     return (0.5 * (tt / (a * a) + ss / (b * b)) - ts / (a * b)).clamp(min=0)
 
 
-class STPMHead(nn.Module):
-    """(images, *teacher feature maps) -> (image scores, maps)."""
+class STPMStudent(nn.Module):
+    """Images -> the student's feature maps (on the images normalised as the teacher's)."""
 
-    def __init__(self, normalise: Normalise, student: nn.Module, size: int, combination: str, sigma: float):
+    def __init__(self, normalise: Normalise, student: nn.Module):
         super().__init__()
-        self.normalise, self.student, self.size = normalise, student, int(size)
-        self.product = combination == "product"
+        self.normalise, self.student = normalise, student
+
+    def forward(self, images):
+        return list(self.student(self.normalise(images)))
+
+
+class STPMMaps(nn.Module):
+    """(*teacher feature maps, *student feature maps) -> (image scores, maps)."""
+
+    def __init__(self, size: int, combination: str, sigma: float):
+        super().__init__()
+        self.size, self.product = int(size), combination == "product"
         # each level's map upsampled as two small products (exactly bilinear; faster than a resize)
         self.upsample, self.smooth, self.head = UpsampleSmooth(size, 0.0), UpsampleSmooth(size, sigma), MapHead()
 
-    def forward(self, images, *teacher):
+    def forward(self, *features):
+        levels = len(features) // 2
         combined = None
-        for t, s in zip(teacher, self.student(self.normalise(images))):
+        for t, s in zip(features[:levels], features[levels:]):
             level = self.upsample(feature_distances(t, s))
             combined = level if combined is None else combined * level if self.product else combined + level
         return self.head(self.smooth(combined))
+
+
+class STPMHead(nn.Module):
+    """(images, *teacher feature maps) -> (image scores, maps): the student beside the teacher, then the maps."""
+
+    def __init__(self, normalise: Normalise, student: nn.Module, size: int, combination: str, sigma: float):
+        super().__init__()
+        self.network, self.maps = STPMStudent(normalise, student), STPMMaps(size, combination, sigma)
+
+    def forward(self, images, *teacher):
+        return self.maps(*teacher, *self.network(images))
