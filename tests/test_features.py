@@ -266,3 +266,20 @@ def test_random_weights_are_the_same_in_every_process(tmp_path):
     sums = {subprocess.run([sys.executable, "-c", code, str(seed)], capture_output=True, text=True,
                            check=True).stdout.strip() for seed in (1, 2)}
     assert len(sums) == 1
+
+
+def test_importing_automl_ad_first_shortens_torchs_openmp_spin_unless_the_user_set_it():
+    """torch's idle OpenMP workers spin on the cores ONNX Runtime runs on next; automl-ad sets libgomp's spin count
+    before torch loads it, and keeps a value the user set."""
+    import os
+    import subprocess
+    import sys
+
+    from automl_ad.defaults import OPENMP_SPIN_COUNT
+
+    code = "import automl_ad, os, torch; print(os.environ['GOMP_SPINCOUNT'])"
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+    ours = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    theirs = subprocess.run([sys.executable, "-c", code], env={**env, "GOMP_SPINCOUNT": "123"}, capture_output=True,
+                            text=True, check=True)
+    assert ours.stdout.split() == [str(OPENMP_SPIN_COUNT)] and theirs.stdout.split() == ["123"]

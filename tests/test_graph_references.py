@@ -273,27 +273,35 @@ def test_the_whole_graph_and_the_head_on_extracted_features_agree(images, family
     np.testing.assert_allclose(head.image_scores, whole.image_scores, rtol=0, atol=1e-4 * span)
 
 
-def test_stpm_runs_teacher_and_student_at_once_with_the_scores_of_one_session(images, monkeypatch):
-    """On two threads or more, in-memory images run the teacher and the student side by side (two sessions on a
-    thread each), then the maps: the scores of the whole graph in one session, which one thread falls back to.
-    A package's one graph is declined, so that a loaded package runs them side by side too."""
+@pytest.mark.parametrize("family, params, branches", [("stpm", {"epochs": 1, "batch_size": 4}, 2),
+                                                      ("fastflow", {"epochs": 1, "flow_steps": 2}, 2)])
+def test_families_in_parts_run_them_side_by_side_with_the_scores_of_one_session(images, monkeypatch, family, params,
+                                                                                branches):
+    """On two threads or more, in-memory images run in parts side by side (STPM: teacher and student; FastFlow:
+    its stages' flows in two groups after the backbone), each on a thread: the scores of the whole graph in one
+    session, which one thread falls back to. A package's one graph is declined, so that a loaded package runs
+    them side by side too."""
     train, test = images.subset(range(6)), images.subset(range(6, 10))
-    detector = create_detector("stpm", **BACKBONE, epochs=1, batch_size=4).fit(train)
+    detector = create_detector(family, **BACKBONE, **params).fit(train)
     built = []
-    monkeypatch.setattr(graph_based, "concurrent_runner",
-                        lambda *args: built.append(runtime.concurrent_runner(*args)) or built[-1])
+
+    def recording(branch_modules, *args, **kwargs):
+        built.append((len(branch_modules), runtime.concurrent_runner(branch_modules, *args, **kwargs)))
+        return built[-1][1]
+
+    monkeypatch.setattr(graph_based, "concurrent_runner", recording)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        at_once = detector.score_samples(test)
+        in_parts = detector.score_samples(test)
         torch.set_num_threads(1)
         one_session = detector.set_params(epochs=1).score_samples(test)  # set_params: the graph is built again
     finally:
         torch.set_num_threads(threads)
-    assert built[0] is not None and built[1] is None
+    assert built[0][0] == branches and built[0][1] is not None and built[1][1] is None
     span = np.ptp(one_session.anomaly_maps)
-    np.testing.assert_allclose(at_once.anomaly_maps, one_session.anomaly_maps, rtol=0, atol=1e-5 * span)
-    np.testing.assert_allclose(at_once.image_scores, one_session.image_scores, rtol=0, atol=1e-5 * span)
+    np.testing.assert_allclose(in_parts.anomaly_maps, one_session.anomaly_maps, rtol=0, atol=1e-5 * span)
+    np.testing.assert_allclose(in_parts.image_scores, one_session.image_scores, rtol=0, atol=1e-5 * span)
     assert not detector.use_inference_model(b"not read")
 
 
@@ -310,14 +318,26 @@ def test_concurrent_runner_joins_the_branches_outputs_in_order():
         def forward(self, a, b, c, d):
             return [a - 2 * b + 3 * c - 4 * d]
 
+    class Second(torch.nn.Module):  # reads only its second input: the exporter drops the first
+        def forward(self, a, b):
+            return [b * 10]
+
+    class Pair(torch.nn.Module):
+        def forward(self, a, b):
+            return [a + b, a - b, a * b]
+
     x = torch.arange(12, dtype=torch.float32).reshape(2, 6)
     expected = Join()(*Scale(2.0)(x), *Scale(-3.0)(x))[0]
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
         run = runtime.concurrent_runner([Scale(2.0), Scale(-3.0)], Join(), (x,))
+        after = runtime.concurrent_runner([Second(), Pair()], Join(), (x,), prefix=Scale(2.0))
+        assert runtime.concurrent_runner([Scale(2.0)], Join(), (x,)) is None
         torch.set_num_threads(1)
         assert runtime.concurrent_runner([Scale(2.0), Scale(-3.0)], Join(), (x,)) is None
     finally:
         torch.set_num_threads(threads)
     np.testing.assert_allclose(run(x[:1])[0].numpy(), expected[:1].numpy(), rtol=1e-6)
+    prefixed = Join()(*Second()(*Scale(2.0)(x)), *Pair()(*Scale(2.0)(x)))[0]
+    np.testing.assert_allclose(after(x)[0].numpy(), prefixed.numpy(), rtol=1e-6)

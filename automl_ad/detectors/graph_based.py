@@ -9,7 +9,7 @@ the weights change every epoch.
 Backbone families (:class:`BackboneGraphDetector`) run a *head*: the graph from the backbone's feature maps on,
 so that the features still come from the feature cache; their exported graph is the backbone followed by that
 head, and images that skip the cache (in memory: deployment, a latency measurement) run that whole graph in one
-session (a head with a network of its own on the images, STPM's student, runs it beside the backbone).
+session, or in parts side by side where a family has them (STPM's teacher and student, FastFlow's flows).
 
 The graph runs on network inputs (:meth:`Detector.graph_input`): one per image for a squash or letterbox, one per
 tile for tiles; ``score_samples`` then turns its per-input outputs into per-image scores and full-resolution maps
@@ -164,9 +164,8 @@ class BackboneGraphDetector(GraphDetector, BackboneDetector):
 
     #: Whether the head reads the images (before the feature maps), as STPM's student does.
     head_reads_images: ClassVar[bool] = False
-    #: Whether the head is a network on the images alone (``head.network``) and the maps from its outputs and the
-    #: backbone's (``head.maps``): on CPU the two networks then run at once (:func:`concurrent_runner`).
-    head_network_beside_backbone: ClassVar[bool] = False
+    #: Whether the whole graph runs on CPU in parts, some side by side (:meth:`_concurrent_parts`).
+    runs_in_parts: ClassVar[bool] = False
     _whole_runner: ClassVar[str] = "whole"
 
     def _graph_inputs(self, images: ImageSet) -> list[np.ndarray]:
@@ -187,18 +186,22 @@ class BackboneGraphDetector(GraphDetector, BackboneDetector):
         return super()._score(images) if run is None else self._run_batches(run, inputs)
 
     def _fp32_session(self, graph: FeatureGraph, example: tuple) -> Runner:
-        """The whole graph on ONNX Runtime: the backbone beside the head's network where the head has one and the
-        threads allow, else one session."""
-        if self.head_network_beside_backbone:
-            run = concurrent_runner([graph.backbone, graph.head.network], graph.head.maps, example)
-            if run is not None:
-                return run
-        return cpu_runner(graph, example)
+        """The whole graph on ONNX Runtime: in parts where the family has them and the threads allow, else one
+        session."""
+        parts = self._concurrent_parts(graph, example) if self.runs_in_parts else None
+        run = concurrent_runner(parts[1], parts[2], example, prefix=parts[0]) if parts else None
+        return run or cpu_runner(graph, example)
+
+    def _concurrent_parts(self, graph: FeatureGraph, example: tuple) -> tuple[nn.Module | None, list, nn.Module]:
+        """(a prefix or None, the branches that run side by side on its outputs or on the images, the join on
+        the branches' outputs) making up ``graph`` (:func:`concurrent_runner`), for families that
+        :attr:`runs_in_parts`."""
+        raise NotImplementedError
 
     def use_inference_model(self, model: bytes) -> bool:
-        """As :meth:`GraphDetector.use_inference_model`, but a head with a network beside the backbone declines:
-        the package's one graph would run them in turn, so it exports its parts again (1-2 s)."""
-        return False if self.head_network_beside_backbone else super().use_inference_model(model)
+        """As :meth:`GraphDetector.use_inference_model`, but a family that :attr:`runs_in_parts` declines: the
+        package's one graph would run them in turn, so it exports its parts again (1-2 s)."""
+        return False if self.runs_in_parts else super().use_inference_model(model)
 
     def _int8_session(self, graph: nn.Module, example: tuple) -> Runner:
         """The int8 whole graph (:func:`~automl_ad.features.quantize.int8_whole_graph`, the one packages carry)

@@ -108,9 +108,10 @@ def export_onnx_bytes(module, examples: tuple, input_names: list[str] | None = N
     return buffer.getvalue()
 
 
-def onnx_model_runner(model: bytes, threads: int | None = None) -> Runner:
-    """A runner for an ONNX model given as bytes (inputs fed in the model's order, all outputs returned), on
-    ``threads`` threads (default: torch's)."""
+def onnx_model_runner(model: bytes, threads: int | None = None, arguments: Sequence[str] | None = None) -> Runner:
+    """A runner for an ONNX model given as bytes (all outputs returned), on ``threads`` threads (default: torch's).
+    Its arguments are the model's inputs in order, or the inputs named ``arguments`` (an exported module's
+    arguments by name: the exporter drops those its graph does not read)."""
     import onnxruntime
     import torch
 
@@ -126,33 +127,38 @@ def onnx_model_runner(model: bytes, threads: int | None = None) -> Runner:
         session = onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
     inputs = [node.name for node in session.get_inputs()]
     names = [node.name for node in session.get_outputs()]
+    arguments = list(arguments or inputs)
 
     def run(*batches) -> list:
-        feed = {name: batch.detach().cpu().contiguous().float().numpy() for name, batch in zip(inputs, batches)}
+        feed = {name: batch.detach().cpu().contiguous().float().numpy() for name, batch in zip(arguments, batches)
+                if name in inputs}
         return [torch.from_numpy(output) for output in session.run(names, feed)]
 
     return run
 
 
-def concurrent_runner(branches: Sequence, join, example: tuple) -> Runner | None:
-    """A runner for ``join(*outputs of every branch)`` whose ``branches`` (modules of the same inputs, shaped like
-    ``example``) run at once, each in its own ONNX Runtime session on an equal share of torch's threads; the join on
-    all of them. At batch 1 one network's small convolutions keep a second core mostly idle, so two networks side
-    by side on one thread each beat the two in turn on two threads (STPM's teacher and student, MobileNetV2 at
-    256 px, 2 cores: 9.9 -> 8.3 ms; equal at batch 8). None when there are fewer threads than branches (a search
-    trial sharing the cores): the caller runs the graph whole instead."""
+def concurrent_runner(branches: Sequence, join, example: tuple, prefix=None) -> Runner | None:
+    """A runner for ``join(*outputs of every branch)`` whose ``branches`` (modules of the same inputs: ``example``,
+    or ``prefix``'s outputs on it) run at once, each in its own ONNX Runtime session on an equal share of torch's
+    threads; ``prefix`` and the join on all of them. At batch 1 one network's small convolutions keep a second core
+    mostly idle, so two networks side by side on one thread each beat the two in turn on two threads (STPM's
+    teacher and student, MobileNetV2 at 256 px, 2 cores: 9.9 -> 8.3 ms; equal at batch 8). None for fewer than two
+    branches, or fewer threads than branches (a search trial sharing the cores): the caller runs the graph whole."""
     import torch
 
     threads = torch.get_num_threads()
-    if threads < len(branches):
+    if not 2 <= len(branches) <= threads:
         return None
     with SETUP_TIME.timing(), torch.no_grad():
-        outputs = [o for branch in branches for o in _as_list(branch.eval()(*example))]
-        runners = [onnx_model_runner(export_onnx_bytes(b, example), threads // len(branches)) for b in branches]
-        finish = onnx_model_runner(export_onnx_bytes(join.eval(), tuple(outputs)))
+        first = None if prefix is None else onnx_model_runner(export_onnx_bytes(prefix.eval(), example))
+        inputs = example if prefix is None else tuple(_as_list(prefix(*example)))
+        outputs = tuple(o for branch in branches for o in _as_list(branch.eval()(*inputs)))
+        runners = [_by_name_runner(branch, inputs, threads // len(branches)) for branch in branches]
+        finish = _by_name_runner(join.eval(), outputs)
     pool = ThreadPoolExecutor(len(branches) - 1, thread_name_prefix="branch")
 
     def run(*batches) -> list:
+        batches = batches if first is None else first(*batches)
         others = [pool.submit(runner, *batches) for runner in runners[1:]]  # ONNX Runtime releases the GIL
         outputs = runners[0](*batches)
         for other in others:
@@ -160,3 +166,9 @@ def concurrent_runner(branches: Sequence, join, example: tuple) -> Runner | None
         return finish(*outputs)
 
     return run
+
+
+def _by_name_runner(module, inputs: tuple, threads: int | None = None) -> Runner:
+    """``module`` on ONNX Runtime taking all of ``inputs``' arguments, also those its graph does not read."""
+    names = [f"input_{i}" for i in range(len(inputs))]
+    return onnx_model_runner(export_onnx_bytes(module, inputs, input_names=names), threads, arguments=names)

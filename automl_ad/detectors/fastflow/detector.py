@@ -48,6 +48,7 @@ class FastFlow(BackboneGraphDetector):
     name = "fastflow"
     route = "distribution_map"
     iterative = True
+    runs_in_parts = True
     test_params = {"backbone": "resnet18", "pretrained": False, "input_size": 64, "flow_steps": 4, "epochs": 15,
                    "batch_size": 8}
     _parameter_constraints = {
@@ -128,6 +129,14 @@ class FastFlow(BackboneGraphDetector):
     # --- score ------------------------------------------------------------------------------------------------
     def _scoring_graph(self) -> FastFlowHead:
         return FastFlowHead(self.model_, self.input_size, self.smoothing_sigma)
+
+    def _concurrent_parts(self, graph, example):
+        """The backbone, then its stages' flows in two groups side by side, then the scores."""
+        import torch
+
+        with torch.no_grad():
+            features = graph.backbone(*example)
+        return graph.backbone, *graph.head.parts(features)
 
     # --- persistence ------------------------------------------------------------------------------------------
     def _state(self):

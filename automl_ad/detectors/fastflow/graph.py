@@ -76,19 +76,56 @@ def inference_flow(flow: nn.Module) -> nn.Sequential:
     return nn.Sequential(*(CouplingStep(b, permute=i < len(blocks) - 1) for i, b in enumerate(blocks)))
 
 
+class StageLikelihoods(nn.Module):
+    """(*every stage's feature maps) -> the sum over ``stages`` of their upsampled (and smoothed) likelihood maps
+    exp(-0.5 mean_c z^2), (N, size, size)."""
+
+    def __init__(self, norms: nn.ModuleList, flows: nn.ModuleList, smooth: nn.Module, stages: list[int]):
+        super().__init__()
+        self.norms, self.flows, self.smooth, self.stages = norms, flows, smooth, list(stages)
+
+    def forward(self, *features):
+        return sum(self.smooth(torch.exp(-0.5 * self.flows[i](self.norms[i](features[i])).pow(2).mean(dim=1)))
+                   for i in self.stages)
+
+
+class LikelihoodScores(nn.Module):
+    """(summed likelihood maps of ``stages`` stages, in one or more parts) -> (image scores, 1 - their mean)."""
+
+    def __init__(self, stages: int):
+        super().__init__()
+        self.stages, self.head = stages, MapHead()
+
+    def forward(self, *likelihoods):
+        return self.head(1 - sum(likelihoods) / self.stages)
+
+
 class FastFlowHead(nn.Module):
     """Feature maps -> (image scores, maps) through the trained ``model`` (LayerNorms and flows, the flows in
     inference form). Upsampling and smoothing are linear and keep constants, so each stage's small likelihood map
     is upsampled and smoothed in one step (:class:`UpsampleSmooth`) before the mean, rather than the full-size
-    mean smoothed afterwards."""
+    mean smoothed afterwards. :meth:`parts` splits the stages in two for running side by side."""
 
     def __init__(self, model: nn.Module, size: int, sigma: float):
         super().__init__()
-        self.norms, self.size = model["norms"], int(size)
-        self.flows = nn.ModuleList(inference_flow(flow) for flow in model["flows"])
-        self.smooth, self.head = UpsampleSmooth(size, sigma), MapHead()
+        self.size = int(size)
+        flows = nn.ModuleList(inference_flow(flow) for flow in model["flows"])
+        self.likelihoods = StageLikelihoods(model["norms"], flows, UpsampleSmooth(size, sigma), range(len(flows)))
+        self.scores = LikelihoodScores(len(flows))
 
     def forward(self, *features):
-        likelihood = sum(self.smooth(torch.exp(-0.5 * flow(norm(feature)).pow(2).mean(dim=1))) for feature, norm, flow
-                         in zip(features, self.norms, self.flows))
-        return self.head(1 - likelihood / len(self.flows))
+        return self.scores(self.likelihoods(*features))
+
+    def parts(self, features: list) -> tuple[list[nn.Module], nn.Module]:
+        """Two groups of stages of about equal work (a flow's time goes with its values, positions x channels:
+        measured 3.9, 1.3 and 1.6 ms for MobileNetV2's 64²x24, 32²x32 and 16²x96 at batch 1), the largest stages
+        first, and the scores of their two sums."""
+        likelihoods = self.likelihoods
+        groups: list[list[int]] = [[], []]
+        work = [0, 0]
+        for i in sorted(range(len(features)), key=lambda i: -features[i][0].numel()):
+            lighter = int(work[1] < work[0])
+            groups[lighter].append(i)
+            work[lighter] += features[i][0].numel()
+        return ([StageLikelihoods(likelihoods.norms, likelihoods.flows, likelihoods.smooth, group)
+                 for group in groups if group], self.scores)

@@ -50,7 +50,7 @@ class STPM(BackboneGraphDetector):
     route = "teacher_student"
     iterative = True
     head_reads_images = True
-    head_network_beside_backbone = True
+    runs_in_parts = True
     test_params = {"backbone": "resnet18", "pretrained": False, "input_size": 64, "epochs": 12, "batch_size": 4}
     _parameter_constraints = {
         **BACKBONE_CONSTRAINTS, "epochs": [POSITIVE_INT], "batch_size": [POSITIVE_INT],
@@ -142,6 +142,10 @@ class STPM(BackboneGraphDetector):
         weights = self._extractor().spec.weights
         return STPMHead(Normalise(weights.mean, weights.std), self.student_, self.input_size, self.map_combination,
                         self.smoothing_sigma)
+
+    def _concurrent_parts(self, graph, example):
+        """The teacher beside the student, then the maps."""
+        return None, [graph.backbone, graph.head.network], graph.head.maps
 
     # --- persistence ------------------------------------------------------------------------------------------
     def _state(self):
