@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
 
@@ -132,11 +133,7 @@ class FastFlow(BackboneGraphDetector):
 
     def _concurrent_parts(self, graph, example):
         """The backbone, then its stages' flows in two groups side by side, then the scores."""
-        import torch
-
-        with torch.no_grad():
-            features = graph.backbone(*example)
-        return graph.backbone, *graph.head.parts(features)
+        return graph.backbone, *graph.head.parts([math.prod(shape) for shape in self.feature_shapes_])
 
     # --- persistence ------------------------------------------------------------------------------------------
     def _state(self):
