@@ -23,7 +23,7 @@ from automl_ad.detectors.feature_based import INT8_BACKBONE_TENSOR
 from automl_ad.detectors.graph_based import GraphDetector
 from automl_ad.errors import InvalidParameterError
 from automl_ad.evaluation import image_auroc
-from automl_ad.features.quantize import calibration_indices
+from automl_ad.features.quantize import calibration_indices, quantise_products
 from automl_ad.features.runtime import export_onnx_bytes
 
 SIZE = 64
@@ -170,6 +170,10 @@ def test_package_carries_the_quantised_graph_with_parity(family, fitted, sets, t
     assert manifest["params"]["precision"] == "int8"
     model = onnx.load(str(path / "model.onnx"))
     assert sum(node.op_type == "QuantizeLinear" for node in model.graph.node) > 10
+    # PatchCore's nearest-neighbour products by its bank run in int8 too, and the manifest says so
+    products = family == "patchcore"
+    assert any(node.op_type == "MatMulInteger" for node in model.graph.node) == products
+    assert ("dynamic quantisation" in record["quantisation"]) == products
     # every test image (another batch size than the check's) agrees within the stated tolerance
     scores, maps = run_onnx(path / "model.onnx", detector.graph_input(test))
     expected = detector.score_samples(test)
@@ -195,6 +199,22 @@ def test_in_memory_images_run_the_whole_int8_graph_in_one_session(family, fitted
     span = np.ptp(two_sessions.anomaly_maps)
     assert np.abs(whole.anomaly_maps - two_sessions.anomaly_maps).max() <= PARITY_TOLERANCE * span
     assert np.abs(whole.image_scores - two_sessions.image_scores).max() <= PARITY_TOLERANCE * span
+
+
+def test_int8_patchcore_scores_cached_features_with_the_quantised_product(fitted, sets, monkeypatch):
+    """Image files (features from the cache) run PatchCore's head with its bank product in int8, as in-memory
+    images and packages do, so the search validates what gets deployed; fp32 keeps the exact product."""
+    _, test = sets
+    built = []
+    monkeypatch.setattr("automl_ad.detectors.graph_based.quantise_products",
+                        lambda model: built.append(model) or quantise_products(model))
+    for precision, quantised in (("fp32", False), ("int8", True)):
+        detector = fitted["patchcore", precision]
+        detector._runners = None
+        GraphDetector._score(detector, test)
+        assert bool(built) == quantised
+    operators = {node.op_type for node in onnx.load_from_string(quantise_products(built[0])).graph.node}
+    assert {"DynamicQuantizeLinear", "MatMulInteger"} <= operators and "Gemm" not in operators
 
 
 def test_parity_check_tells_the_fp32_network_from_the_int8_one(fitted, sets, tmp_path):

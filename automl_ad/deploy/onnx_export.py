@@ -11,8 +11,8 @@ returned record says why; it never raises for those.
 
 An int8 detector (``precision="int8"``) exports the network ``score_samples`` runs on in-memory images
 (:func:`~automl_ad.features.quantize.int8_whole_graph`): the graph's normalisation, then the saved quantised
-backbone (the same ONNX bytes, not a re-export of the fp32 torch network), then the family head, joined with
-``onnx.compose``. Its parity check is the same (:data:`PARITY_TOLERANCE`): both sides run the same quantised
+backbone (the same ONNX bytes, not a re-export of the fp32 torch network), then the family head (PatchCore's with its
+nearest-neighbour product quantised too, as its ``score_samples`` runs it), joined with ``onnx.compose``. Its parity check is the same (:data:`PARITY_TOLERANCE`): both sides run the same quantised
 network, so they agree as closely as fp32 ones (where the fp32 network in place of the int8 one differs by about
 0.2 of the map span on the tests' images).
 """
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from automl_ad.data.imageset import ImageSet
-from automl_ad.features.quantize import INT8_SCHEME, int8_whole_graph
+from automl_ad.features.quantize import INT8_PRODUCTS_SCHEME, INT8_SCHEME, int8_whole_graph
 from automl_ad.features.runtime import OPSET, export_onnx_bytes
 
 PARITY_TOLERANCE = 1e-3
@@ -47,10 +47,12 @@ def export_onnx(detector, path: str | Path, images: ImageSet | None) -> dict:
     try:
         inputs = detector.graph_input(images)
         int8_backbone = getattr(detector, "int8_backbone_", None)
+        head_products = int8_backbone is not None and getattr(detector, "int8_head_products", False)
         example = inputs[:2]
         path.write_bytes(export_onnx_bytes(graph.eval(), (torch.from_numpy(example),), [INPUT_NAME],
                                            list(OUTPUT_NAMES)) if int8_backbone is None else
-                         int8_whole_graph(graph.eval(), int8_backbone, example, INPUT_NAME, OUTPUT_NAMES))
+                         int8_whole_graph(graph.eval(), int8_backbone, example, INPUT_NAME, OUTPUT_NAMES,
+                                          head_products))
         outputs = detector.per_image_scores(images, *run_onnx(path, inputs))  # the package's tile loop
         expected = detector.score_samples(images)
     except Exception as exc:  # noqa: BLE001 - any export or runtime failure only means: no ONNX in the package
@@ -77,7 +79,8 @@ def export_onnx(detector, path: str | Path, images: ImageSet | None) -> dict:
             "parity_max_abs_diff": {"image_scores": parity["image_scores"], "anomaly_maps": parity["anomaly_maps"]},
             "parity_relative": parity["relative"], "parity_tolerance": PARITY_TOLERANCE,
             "parity_images": len(images), "backbone_precision": "fp32" if int8_backbone is None else "int8",
-            **({} if int8_backbone is None else {"quantisation": INT8_SCHEME})}
+            **({} if int8_backbone is None else
+               {"quantisation": INT8_SCHEME + (f"; {INT8_PRODUCTS_SCHEME}" if head_products else "")})}
 
 
 def run_onnx(path: str | Path, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -29,8 +29,9 @@ from automl_ad.detectors.base import Detector, EpochCallback, Scores
 from automl_ad.detectors.blocks import Backbone, FeatureGraph, on_cpu, tensors_of
 from automl_ad.detectors.feature_based import BackboneDetector
 from automl_ad.features import resolve_device
-from automl_ad.features.quantize import int8_whole_graph
-from automl_ad.features.runtime import Runner, concurrent_runner, cpu_runner, onnx_model_runner
+from automl_ad.features.quantize import int8_whole_graph, quantise_products
+from automl_ad.features.runtime import (SETUP_TIME, Runner, concurrent_runner, cpu_runner, export_onnx_bytes,
+                                        onnx_model_runner)
 
 #: An ONNX model is one protobuf message, which cannot exceed 2 GiB: a graph whose constants (weights, a PatchCore
 #: memory bank, PaDiM's inverse covariances) come close to it runs in eager torch on CPU instead of ONNX Runtime.
@@ -108,7 +109,12 @@ class GraphDetector(Detector):
 
     def _score(self, images: ImageSet) -> Scores:
         inputs = self._graph_inputs(images)
-        return self._run_batches(self._graph_runner("head", self._scoring_graph, inputs), inputs)
+        return self._run_batches(self._graph_runner("head", self._scoring_graph, inputs,
+                                                    compile_graph=self._head_session), inputs)
+
+    def _head_session(self, graph: nn.Module, example: tuple) -> Runner:
+        """The scoring graph on ONNX Runtime (the CPU)."""
+        return cpu_runner(graph, example)
 
     def _run_batches(self, run: Runner, inputs: list[np.ndarray]) -> Scores:
         """``run`` over ``inputs`` in batches of :meth:`_graph_batch_size` rows; (scores, maps) per row."""
@@ -166,6 +172,9 @@ class BackboneGraphDetector(GraphDetector, BackboneDetector):
     head_reads_images: ClassVar[bool] = False
     #: Whether the whole graph runs on CPU in parts, some side by side (:meth:`_concurrent_parts`).
     runs_in_parts: ClassVar[bool] = False
+    #: Whether ``precision="int8"`` quantises the head's products by a constant too
+    #: (:func:`~automl_ad.features.quantize.quantise_products`), for a head that one such product dominates.
+    int8_head_products: ClassVar[bool] = False
     _whole_runner: ClassVar[str] = "whole"
 
     def _graph_inputs(self, images: ImageSet) -> list[np.ndarray]:
@@ -206,7 +215,16 @@ class BackboneGraphDetector(GraphDetector, BackboneDetector):
     def _int8_session(self, graph: nn.Module, example: tuple) -> Runner:
         """The int8 whole graph (:func:`~automl_ad.features.quantize.int8_whole_graph`, the one packages carry)
         as one ONNX Runtime session; building ``graph`` calibrated the int8 backbone if fit had not yet."""
-        return onnx_model_runner(int8_whole_graph(graph, self.int8_backbone_, example[0].numpy()))
+        return onnx_model_runner(int8_whole_graph(graph, self.int8_backbone_, example[0].numpy(),
+                                                  head_products=self.int8_head_products))
+
+    def _head_session(self, graph: nn.Module, example: tuple) -> Runner:
+        """The head on ONNX Runtime, its constant products quantised as in the int8 whole graph where the family
+        has them (so that cached features score as in-memory images and packages do)."""
+        if self._precision() == "int8" and self.int8_head_products:
+            with SETUP_TIME.timing():
+                return onnx_model_runner(quantise_products(export_onnx_bytes(graph, example)))
+        return super()._head_session(graph, example)
 
     def _graph_device(self, graph: nn.Module) -> torch.device:
         return torch.device(self._extractor().device)

@@ -18,6 +18,12 @@
 
 The result is the ONNX model as bytes: the detector saves it (a uint8 array in its safetensors) so that a
 loaded model scores with the same quantised graph, without recalibrating.
+
+A family whose head is dominated by one matrix product with a constant (PatchCore's distances to its memory bank)
+may also have that product quantised (:func:`quantise_products`: ONNX Runtime *dynamic* quantisation, int8
+constant per column, uint8 activations quantised per run, no calibration): on an AVX-512 VNNI CPU with 2 threads the
+1024 x 128 x 2140 nearest-neighbour product of PatchCore on bottle takes 1.0 ms instead of 3.2 ms in fp32 (which
+runs at about 176 GFLOP/s, the cores' fp32 peak).
 """
 
 from __future__ import annotations
@@ -32,6 +38,9 @@ from automl_ad.features.runtime import export_onnx_bytes
 
 #: What the manifest and reports say an int8 backbone is.
 INT8_SCHEME = "onnxruntime static QDQ, int8 weights per channel, uint8 activations, MinMax calibration"
+#: What they add when the head's constant products are quantised too (:func:`quantise_products`).
+INT8_PRODUCTS_SCHEME = "head matrix products with constants: onnxruntime dynamic quantisation (int8 constants " \
+    "per column, uint8 activations quantised per run)"
 
 
 def quantise_backbone(extractor, calibration: np.ndarray) -> bytes:
@@ -61,6 +70,24 @@ def quantise_backbone(extractor, calibration: np.ndarray) -> bytes:
         return target.read_bytes()
 
 
+def quantise_products(model: bytes) -> bytes:
+    """``model`` (ONNX bytes, one opset) with its matrix products by a constant (``MatMul`` whose second input is
+    an initializer) quantised dynamically: ``DynamicQuantizeLinear`` of the activations each run, ``MatMulInteger``
+    with the constant in int8 (a scale per output column: per bank feature for PatchCore, where it kept the maps
+    closer to fp32 than one scale did, 2.1% against 2.9% of their span in the median on magnetic_tile), the product
+    scaled back to float. Other nodes stay fp32."""
+    import onnxruntime
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with tempfile.TemporaryDirectory(prefix="automl_ad_int8_") as folder:
+        source, target = Path(folder) / "fp32.onnx", Path(folder) / "int8.onnx"
+        source.write_bytes(model)
+        onnxruntime.set_default_logger_severity(3)
+        quantize_dynamic(str(source), str(target), op_types_to_quantize=["MatMul"], per_channel=True,
+                         weight_type=QuantType.QInt8)
+        return target.read_bytes()
+
+
 def model_digest(model: bytes) -> str:
     """sha256 of an ONNX model's bytes: identifies a quantised backbone (feature-cache keys, saved state)."""
     return hashlib.sha256(model).hexdigest()
@@ -73,12 +100,13 @@ def calibration_indices(count: int, limit: int) -> np.ndarray:
 
 
 def int8_whole_graph(graph, backbone: bytes, example: np.ndarray, input_name: str = "input",
-                     output_names: tuple[str, str] = ("output_0", "output_1")) -> bytes:
+                     output_names: tuple[str, str] = ("output_0", "output_1"), head_products: bool = False) -> bytes:
     """An int8 backbone family's whole inference as one ONNX model: ``graph`` (a :class:`~automl_ad.detectors.
     blocks.FeatureGraph`)'s normalisation, the quantised ``backbone`` network (inputs ``input``, outputs
-    ``output_<i>``) and ``graph``'s head, joined by ``onnx.compose`` (each part's inner names prefixed so that they
-    stay apart). ``example``: a batch of network inputs (only its shape matters). The detector scores in-memory
-    images with this model and packages carry it, so both run the same graph."""
+    ``output_<i>``) and ``graph``'s head (its constant products quantised by :func:`quantise_products` when
+    ``head_products``), joined by ``onnx.compose`` (each part's inner names prefixed so that they stay apart).
+    ``example``: a batch of network inputs (only its shape matters). The detector scores in-memory images with this
+    model and packages carry it, so both run the same graph."""
     import onnx
     import torch
     from onnx import compose, helper
@@ -95,8 +123,9 @@ def int8_whole_graph(graph, backbone: bytes, example: np.ndarray, input_name: st
         passed.CopyFrom(before.graph.input[0])
         passed.name = "head_images"
     head_inputs = ["head_images"] * graph.with_images + [f"feature_{i}" for i in range(len(features))]
-    head = onnx.load_from_string(export_onnx_bytes(graph.head, (images,) * graph.with_images + tuple(features),
-                                                   head_inputs, list(output_names)))
+    head = export_onnx_bytes(graph.head, (images,) * graph.with_images + tuple(features), head_inputs,
+                             list(output_names))
+    head = onnx.load_from_string(quantise_products(head) if head_products else head)
     # inner names prefixed so that the parts' tensors stay apart (onnx renames their outputs too: read them back)
     parts = [compose.add_prefix(part, f"{name}/", rename_inputs=False)
              for name, part in (("preprocess", before), ("backbone", network), ("head", head))]

@@ -12,8 +12,8 @@ from automl_ad.detectors.blocks import PatchEmbedding, UpsampleSmooth
 
 class PatchCoreHead(nn.Module):
     """Feature maps -> (image scores, maps). Nearest neighbours in the bank (a constant) are exact, by the
-    squared-norm expansion as faiss' ``IndexFlatL2`` (a plain graph), or come from an approximate faiss ``index``
-    (then the head runs in eager torch only)."""
+    squared-norm expansion as faiss' ``IndexFlatL2`` (a plain graph; ``precision="int8"`` quantises its products by
+    the bank), or come from an approximate faiss ``index`` (then the head runs in eager torch only)."""
 
     def __init__(self, embed: PatchEmbedding, bank: np.ndarray, num_neighbors: int, size: int, sigma: float,
                  index=None):
@@ -44,8 +44,8 @@ class PatchCoreHead(nn.Module):
         if self.index is not None:
             found, _ = self.index.search(queries.reshape(-1, queries.shape[-1]).cpu().numpy(), 1)
             squared = torch.from_numpy(found[:, 0]).reshape(queries.shape[:2]).to(queries.device)
-        else:
-            partial = torch.addmm(self.bank_norms, queries.reshape(-1, queries.shape[-1]), self.bank.T, alpha=-2)
+        else:  # a product by the constant bank, so that int8 packages can quantise it (quantise_products)
+            partial = (queries.reshape(-1, queries.shape[-1]) * -2) @ self.bank.T + self.bank_norms
             squared = partial.min(dim=1).values.reshape(queries.shape[:2]) + queries.pow(2).sum(dim=-1)
         return squared.clamp(min=0).sqrt()
 
