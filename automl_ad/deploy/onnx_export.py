@@ -11,10 +11,11 @@ returned record says why; it never raises for those.
 
 An int8 detector (``precision="int8"``) exports the network ``score_samples`` runs on in-memory images
 (:func:`~automl_ad.features.quantize.int8_whole_graph`): the graph's normalisation, then the saved quantised
-backbone (the same ONNX bytes, not a re-export of the fp32 torch network), then the family head (PatchCore's with its
-nearest-neighbour product quantised too, as its ``score_samples`` runs it), joined with ``onnx.compose``. Its parity check is the same (:data:`PARITY_TOLERANCE`): both sides run the same quantised
-network, so they agree as closely as fp32 ones (where the fp32 network in place of the int8 one differs by about
-0.2 of the map span on the tests' images).
+backbone (the same ONNX bytes, not a re-export of the fp32 torch network), then the family head (PatchCore's with
+its nearest-neighbour product quantised too, as its ``score_samples`` runs it), joined with ``onnx.compose``. Its
+parity check is the same (:data:`PARITY_TOLERANCE`): both sides run the same quantised network, so they agree as
+closely as fp32 ones (where the fp32 network in place of the int8 one differs by about 0.2 of the map span on the
+tests' images).
 """
 
 from __future__ import annotations

@@ -30,8 +30,14 @@ from automl_ad.detectors.blocks import Backbone, FeatureGraph, on_cpu, tensors_o
 from automl_ad.detectors.feature_based import BackboneDetector
 from automl_ad.features import resolve_device
 from automl_ad.features.quantize import int8_whole_graph, quantise_products
-from automl_ad.features.runtime import (SETUP_TIME, Runner, concurrent_runner, cpu_runner, export_onnx_bytes,
-                                        onnx_model_runner)
+from automl_ad.features.runtime import (
+    SETUP_TIME,
+    Runner,
+    concurrent_runner,
+    cpu_runner,
+    export_onnx_bytes,
+    onnx_model_runner,
+)
 
 #: An ONNX model is one protobuf message, which cannot exceed 2 GiB: a graph whose constants (weights, a PatchCore
 #: memory bank, PaDiM's inverse covariances) come close to it runs in eager torch on CPU instead of ONNX Runtime.
