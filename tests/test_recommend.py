@@ -215,6 +215,14 @@ def test_a_256_image_is_not_tiled():
     assert rec.geometry["key"] == "squash-256x256" and rec.geometry["cells"] >= 2
 
 
+def test_an_image_smaller_than_the_default_gets_no_native_tile_that_shows_defects_smaller():
+    rec = recommend(make_profile(size=(96, 96)), CPU)
+    assert rec.geometry["key"] == "squash-256x256"
+    assert all(a["cells"] > rec.geometry["default"]["cells"] or a["network_pixels"] < rec.geometry["network_pixels"]
+               for a in rec.geometry["alternatives"])
+    assert not any(a["key"].startswith("tile-") for a in rec.geometry["alternatives"])
+
+
 def test_small_defects_in_wide_images_keep_aspect_at_native_resolution_and_the_reason_says_why():
     rec = recommend(make_profile(size=(460, 1130), defects=_defects(18, 40)), CPU)
     g = rec.geometry

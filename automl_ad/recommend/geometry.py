@@ -188,8 +188,10 @@ def propose_geometry(profile: DatasetProfile, constraints: ConstraintProfile, ba
     default = make(Geometry.squash(GEOMETRY_BASE_SIDE))
     candidates = [make(g) for g in _single_views(image_hw, elongation, squash)]
     # a tiling that fits the image in one tile is a view; worth having only at native pixels (none of the views
-    # can give those when the image is larger than 256)
-    candidates += [c for c in map(make, _tilings(image_hw, scale, typical_px)) if c.tiles > 1 or scale == 1]
+    # can give those when the image is larger than 256), and only when those show the defect larger than the
+    # default (a 96-px image in a 256-px tile at native scale shows it smaller than the default squash does)
+    candidates += [c for c in map(make, _tilings(image_hw, scale, typical_px))
+                   if c.tiles > 1 or (scale == 1 and c.cells > default.cells * (1 + _SAME_CELLS))]
     affordable = [c for c in candidates if c.backbone_ms <= target] or [_cheapest(candidates)]
     visible = [c for c in affordable if c.cells >= need - 1e-9]
     if visible:
