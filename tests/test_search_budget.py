@@ -981,6 +981,26 @@ def test_screening_rungs_are_ranked_on_a_third_of_each_validation_group_but_neve
     assert screening_validation(images(20, {None: 30})) is None
 
 
+def test_with_synthetic_anomalies_trials_are_sized_on_the_validation_a_family_is_ranked_on():
+    """Synthetic validation holds several rounds of anomalies (one per kind a family may train on), but a family is
+    ranked on the normal images and as many anomalies: 20 + 20 of 20 + 60, not a 'screening' of 50 (more than a
+    full trial's 40, which the trial then kept whole)."""
+    from automl_ad.data.imageset import ImageSet
+    from automl_ad.data.synthetic import without_trained_kinds
+    from automl_ad.search.proposer import trial_sizes
+    from automl_ad.search.validation import screening_validation
+
+    kinds = [None] * 20 + [k for _ in range(20) for k in ("cutpaste", "perlin", "scar")]
+    validation = ImageSet(arrays=[np.zeros((8, 8, 3), np.uint8)] * 80, labels=np.array([0] * 20 + [1] * 60),
+                          kinds=kinds)
+    data = SimpleNamespace(train=ImageSet.from_arrays([np.zeros((8, 8, 3), np.uint8)] * 40), validation=validation)
+    sizes = trial_sizes(data, ["padim"])
+    ranked = without_trained_kinds(validation, ())
+    assert sizes.validation_images == len(ranked) == 40
+    screened = screening_validation(ranked)
+    assert sizes.screen_validation_images == (None if screened is None else len(screened))
+
+
 def test_a_screening_rung_predicts_and_states_its_smaller_validation():
     predictor = _slow_predictor(2.0)
     sizes = TrialSizes(454, 311, (460, 1130), screen_validation_images=104)

@@ -477,10 +477,12 @@ def family_traits(families: list[str]) -> dict[str, FamilyTraits]:
 
 
 def trial_sizes(search_data, families: list[str]) -> TrialSizes:
-    """Training and validation image counts of a search, the sizes of some of its images (headers only) and their
-    mean, and the families' network pixels per input."""
+    """Training and validation image counts of a search (the validation a family is ranked on: with synthetic
+    anomalies, as many as there are normal images, not all the kinds' rounds), the sizes of some of its images
+    (headers only) and their mean, and the families' network pixels per input."""
     from PIL import Image
 
+    from automl_ad.data.synthetic import without_trained_kinds
     from automl_ad.detectors import detector_class
 
     images = search_data.train
@@ -492,7 +494,8 @@ def trial_sizes(search_data, families: list[str]) -> TrialSizes:
             with Image.open(images.paths[i]) as image:
                 sizes.append((image.height, image.width))
     height, width = np.mean(sizes, axis=0) if sizes else (256.0, 256.0)
-    screened = screening_validation(search_data.validation)
-    return TrialSizes(len(search_data.train), len(search_data.validation), (float(height), float(width)),
+    validation = without_trained_kinds(search_data.validation, ())
+    screened = screening_validation(validation)
+    return TrialSizes(len(search_data.train), len(validation), (float(height), float(width)),
                       None if screened is None else len(screened),
                       {f: detector_class(f).scoring_pixels for f in families}, tuple(sizes))
