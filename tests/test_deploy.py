@@ -349,3 +349,18 @@ def test_appearance_notes_images_unlike_the_training_ones():
     assert mixed["colour"] == "mixed" and differences(gray[1], mixed) == []
     for malformed in (None, {}, {"height": "tall"}, {"height": [1], "width": [1, 2], "aspect": [1, 2]}, [1, 2]):
         assert differences(gray[0], malformed) == []
+
+
+def test_the_operating_point_names_synthetic_anomalies_as_such_and_test_defects_as_defects():
+    from automl_ad.deploy.export import Calibration, _say_operating_point
+
+    calibration = Calibration({}, {"false_alarm_rate": 0.0, "detection_rate": 0.5}, [], [], [])
+    lines = []
+    test = {"false_alarm_rate": 0.02, "detection_rate": 0.75}
+    _say_operating_point(calibration, {"validation_kind": "synthetic", "test": test}, 0.01, lines.append)
+    assert "on validation: false alarms 0.0%, synthetic anomalies detected 50.0%" in lines[0]
+    assert "on test: false alarms 2.0%, defects detected 75.0%" in lines[1]
+    lines.clear()
+    _say_operating_point(calibration, {"validation_kind": "real"}, 0.01, lines.append)
+    assert lines == ["At the threshold (target false-alarm rate 0.01) on validation: false alarms 0.0%, defects "
+                     "detected 50.0%"]

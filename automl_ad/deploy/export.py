@@ -211,12 +211,15 @@ def export_run(store: SearchStore, run_id: str, out: str | Path, far: float = DE
 
 
 def _say_operating_point(calibration: Calibration, metrics: dict, far: float, say) -> None:
-    """What the threshold will do in production, in rounded figures, and any warning."""
+    """What the threshold will do in production, in rounded figures, and any warning. On synthetic validation
+    the detected ones are synthetic anomalies, not defects: said so."""
+    synthetic = metrics.get("validation_kind") == "synthetic"
     for name, rates in (("validation", calibration.validation_rates), ("test", metrics.get("test"))):
         if rates and rates.get("detection_rate") is not None:
             alarms = rates.get("false_alarm_rate")
+            caught = "synthetic anomalies" if synthetic and name == "validation" else "defects"
             say(f"At the threshold (target false-alarm rate {far:g}) on {name}: false alarms "
-                f"{'n/a' if alarms is None else f'{alarms:.1%}'}, defects detected {rates['detection_rate']:.1%}")
+                f"{'n/a' if alarms is None else f'{alarms:.1%}'}, {caught} detected {rates['detection_rate']:.1%}")
     for warning in calibration.warnings:
         say(f"warning: {warning}")
 
