@@ -93,19 +93,16 @@ class TemplateMatching(Detector):
         search in 0.5-degree steps, 61 angles, took 62x as long as none at 512 px; predicted as one, such a trial
         was killed at its limit)."""
         defaults = cls()
-        return pixels * len(_angles(float(params.get("max_rotation", defaults.max_rotation)),
-                                    float(params.get("rotation_step", defaults.rotation_step))))
+        return pixels * len(rotation_angles(float(params.get("max_rotation", defaults.max_rotation)),
+                                            float(params.get("rotation_step", defaults.rotation_step))))
 
     # --- registration -----------------------------------------------------------------------------------------
-    def _angles(self) -> np.ndarray:
-        return _angles(self.max_rotation, self.rotation_step)
-
     def _register(self, image: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, float, np.ndarray]:
         """``image`` moved onto ``reference``: (registered image, rotation in degrees, (dy, dx) shift)."""
         from skimage.registration import phase_cross_correlation
 
         window = _hann(image.shape)
-        angles = self._angles()
+        angles = rotation_angles(self.max_rotation, self.rotation_step)
         best = None
         for angle in angles:
             rotated = image if angle == 0 else ndimage.rotate(image, angle, reshape=False, order=1, mode="nearest")
@@ -144,7 +141,7 @@ class TemplateMatching(Detector):
         self.alignment_ = state["alignment"]
 
 
-def _angles(max_rotation: float, step: float) -> np.ndarray:
+def rotation_angles(max_rotation: float, step: float) -> np.ndarray:
     """The rotations tried, in degrees: 0 alone, else every ``step`` within +-``max_rotation``."""
     if max_rotation == 0:
         return np.zeros(1)
