@@ -26,7 +26,6 @@ from pathlib import Path
 import numpy as np
 
 from automl_ad.data.imageset import ImageSet
-from automl_ad.features.quantize import INT8_PRODUCTS_SCHEME, INT8_SCHEME, int8_whole_graph
 from automl_ad.features.runtime import OPSET, export_onnx_bytes
 
 PARITY_TOLERANCE = 1e-3
@@ -47,13 +46,10 @@ def export_onnx(detector, path: str | Path, images: ImageSet | None) -> dict:
         return _absent(detector.graph_absent_reason())
     try:
         inputs = detector.graph_input(images)
-        int8_backbone = getattr(detector, "int8_backbone_", None)
-        head_products = int8_backbone is not None and getattr(detector, "int8_head_products", False)
         example = inputs[:2]
+        int8 = detector.int8_inference_model(graph.eval(), example, INPUT_NAME, OUTPUT_NAMES)
         path.write_bytes(export_onnx_bytes(graph.eval(), (torch.from_numpy(example),), [INPUT_NAME],
-                                           list(OUTPUT_NAMES)) if int8_backbone is None else
-                         int8_whole_graph(graph.eval(), int8_backbone, example, INPUT_NAME, OUTPUT_NAMES,
-                                          head_products))
+                                           list(OUTPUT_NAMES)) if int8 is None else int8[0])
         outputs = detector.per_image_scores(images, *run_onnx(path, inputs))  # the package's tile loop
         expected = detector.score_samples(images)
     except Exception as exc:  # noqa: BLE001 - any export or runtime failure only means: no ONNX in the package
@@ -79,9 +75,8 @@ def export_onnx(detector, path: str | Path, images: ImageSet | None) -> dict:
                         {"name": OUTPUT_NAMES[1], "shape": ["batch", height, width], "dtype": "float32"}],
             "parity_max_abs_diff": {"image_scores": parity["image_scores"], "anomaly_maps": parity["anomaly_maps"]},
             "parity_relative": parity["relative"], "parity_tolerance": PARITY_TOLERANCE,
-            "parity_images": len(images), "backbone_precision": "fp32" if int8_backbone is None else "int8",
-            **({} if int8_backbone is None else
-               {"quantisation": INT8_SCHEME + (f"; {INT8_PRODUCTS_SCHEME}" if head_products else "")})}
+            "parity_images": len(images), "backbone_precision": "fp32" if int8 is None else "int8",
+            **({} if int8 is None else {"quantisation": int8[1]})}
 
 
 def run_onnx(path: str | Path, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

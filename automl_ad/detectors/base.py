@@ -254,6 +254,12 @@ class Detector(BaseEstimator):
         family has none. It may share the detector's own (eval-mode) modules: use it for inference or export only."""
         return None
 
+    def int8_inference_model(self, graph: torch.nn.Module, example: np.ndarray, input_name: str,
+                             output_names: tuple[str, str]) -> tuple[bytes, str] | None:
+        """(the int8 ONNX model of :meth:`inference_graph` ``graph``, what its quantisation is in words) for a
+        detector fitted at ``precision="int8"``; None here (fp32: the package exports ``graph`` as it is)."""
+        return None
+
     def graph_absent_reason(self) -> str:
         """Why :meth:`inference_graph` is None for this detector."""
         return f"{self.name}: {self.no_graph}"

@@ -29,7 +29,7 @@ from automl_ad.detectors.base import Detector, EpochCallback, Scores
 from automl_ad.detectors.blocks import Backbone, FeatureGraph, on_cpu, tensors_of
 from automl_ad.detectors.feature_based import BackboneDetector
 from automl_ad.features import resolve_device
-from automl_ad.features.quantize import int8_whole_graph, quantise_products
+from automl_ad.features.quantize import INT8_PRODUCTS_SCHEME, INT8_SCHEME, int8_whole_graph, quantise_products
 from automl_ad.features.runtime import (
     SETUP_TIME,
     Runner,
@@ -219,10 +219,19 @@ class BackboneGraphDetector(GraphDetector, BackboneDetector):
         return False if self.runs_in_parts else super().use_inference_model(model)
 
     def _int8_session(self, graph: nn.Module, example: tuple) -> Runner:
-        """The int8 whole graph (:func:`~automl_ad.features.quantize.int8_whole_graph`, the one packages carry)
-        as one ONNX Runtime session; building ``graph`` calibrated the int8 backbone if fit had not yet."""
-        return onnx_model_runner(int8_whole_graph(graph, self.int8_backbone_, example[0].numpy(),
-                                                  head_products=self.int8_head_products))
+        """The int8 whole graph (the one packages carry) as one ONNX Runtime session; building ``graph``
+        calibrated the int8 backbone if fit had not yet."""
+        return onnx_model_runner(self.int8_inference_model(graph, example[0].numpy())[0])
+
+    def int8_inference_model(self, graph: nn.Module, example: np.ndarray, input_name: str = "input",
+                             output_names: tuple[str, str] = ("output_0", "output_1")) -> tuple[bytes, str] | None:
+        """The int8 backbone's whole graph (:func:`~automl_ad.features.quantize.int8_whole_graph`), its head's
+        constant products quantised too where the family says so (:attr:`int8_head_products`)."""
+        if self.int8_backbone_ is None:
+            return None
+        model = int8_whole_graph(graph, self.int8_backbone_, example, input_name, output_names,
+                                 head_products=self.int8_head_products)
+        return model, INT8_SCHEME + (f"; {INT8_PRODUCTS_SCHEME}" if self.int8_head_products else "")
 
     def _head_session(self, graph: nn.Module, example: tuple) -> Runner:
         """The head on ONNX Runtime, its constant products quantised as in the int8 whole graph where the family
