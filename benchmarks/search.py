@@ -171,6 +171,7 @@ def write_dataset_report(result: dict, out: Path) -> None:
              f"{_load(result['loadavg_after'])}. Search wall time {result['search_wall_s']:.0f} s.", "",
              f"Trials: {len(rows)} ({len(ok)} complete, {sum(r.get('status') == 'screened' for r in rows)} screened, "
              f"{sum(r.get('status') == 'failed' for r in rows)} failed, "
+             f"{sum(r.get('status') == 'not started' for r in rows)} not started, "
              f"{sum(r.get('status') == 'stopped early' for r in rows)} stopped early).", "",
              "## Does the search beat the best default? (test split, never used for selection)", "",
              "| trial | family | geometry | val quality | synthetic quality | test AUROC | test AUPRO | "

@@ -147,3 +147,32 @@ def test_the_live_view_shows_a_skip_reason_whole_and_shortens_a_long_error_at_a_
     assert trial_line(record).endswith(f"predicted too slow: {skip}")
     long = trial_line({**record, "reason": "RuntimeError", "error": "RuntimeError: " + "word " * 100})
     assert long.endswith("word … (the whole reason: in MLflow)") and len(long) < 300 + 60
+
+
+def test_a_skipped_configuration_is_recorded_as_not_started_and_a_proposer_error_as_failed(tmp_path):
+    """A configuration predicted too slow never ran: the live view, the record and MLflow say "not started", not
+    "failed"; the proposer's own error stays a failure."""
+    from types import SimpleNamespace
+
+    from automl_ad.search.progress import SearchCallback, trial_line
+    from automl_ad.search.ray_runtime import skip_record
+    from automl_ad.tracking.store import Tracker
+
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = tracker.experiment("skips")
+    parent = tracker.start_search(experiment, "s", {}, {}, [])
+    request = SimpleNamespace(routes={}, artifact_cap_mb=100, cache_cap_mb=10_000)
+    callback = SearchCallback(tracker, experiment, parent, request, tmp_path, budget_s=60)
+    for trial_id, reason in (("t0", "predicted too slow"), ("t1", "internal error")):
+        config = {"family": "padim", "params": {}, "skip": "it cannot finish in the 8 s left", "skip_reason": reason}
+        (tmp_path / "trials" / trial_id).mkdir(parents=True)
+        (tmp_path / "trials" / trial_id / "failure.json").write_text(json.dumps(skip_record(config)))
+        callback.on_trial_error(0, [], SimpleNamespace(trial_id=trial_id, config=config))
+    skipped, failed = callback.records
+    assert skipped["status"] == "not started" and failed["status"] == "failed"
+    assert trial_line(skipped).startswith("– padim") and trial_line(skipped).endswith(
+        "predicted too slow: it cannot finish in the 8 s left")
+    assert trial_line(failed).startswith("✗ padim")
+    runs = {r.data.tags["trial"]: r for r in tracker.trials(parent)}
+    assert runs["t0"].data.tags["status"] == "not started" and runs["t0"].info.status == "KILLED"
+    assert runs["t1"].data.tags["status"] == "failed" and runs["t1"].info.status == "FAILED"

@@ -31,12 +31,12 @@ def _failure_text(record: dict) -> str:
 def trial_line(record: dict) -> str:
     """The live view's line for a finished trial: mark, family, id, geometry, then its quality and cost, or why it
     failed (shortened at a word to 300 characters; the whole reason is in MLflow)."""
-    mark = {"ok": "✓", "screened": "·", "stopped early": "↓", "failed": "✗"}[record["status"]]
+    mark = {"ok": "✓", "screened": "·", "stopped early": "↓", "failed": "✗", "not started": "–"}[record["status"]]
     quality = record.get("quality")
     detail = (f"quality {quality:.3f}, {record.get('throughput', 0):.1f} img/s, {record.get('memory_mb', 0):.0f} MB"
               if record["status"] in ("ok", "screened") else
               textwrap.shorten(_failure_text(record), 300, placeholder=" … (the whole reason: in MLflow)")
-              if record["status"] == "failed"
+              if record["status"] in ("failed", "not started")
               else f"stopped at epoch {record['curve'][-1][0] if record['curve'] else '?'}")
     if record["status"] == "screened":
         detail += f" (screening: {Fidelity(**record['fidelity']).describe()})"
@@ -102,7 +102,8 @@ class SearchCallback(Callback):
             fidelity = _fidelity(trial.config)
             self.predictor.observe_timeout(self.sizes.work(trial.config["family"], trial.config["params"],
                                                            fidelity), float(trial.config.get("timeout_s", 0)))
-        self._log(self._record(trial, "failed", {"reason": details["reason"], "error": details["error"]}), [])
+        status = "not started" if details.get("not_started") else "failed"
+        self._log(self._record(trial, status, {"reason": details["reason"], "error": details["error"]}), [])
 
     def on_step_end(self, iteration, trials, **info):
         self.running = sum(t.status == "RUNNING" for t in trials)
@@ -191,7 +192,7 @@ class SearchCallback(Callback):
                   **{k: config[k] for k in ("fidelity", "predicted_s", "timeout_s", "prediction_basis") if k in config},
                   "route": self.request.routes.get(config.get("family"), ""),
                   "curve": self.curves.get(trial.trial_id, []), **self._node(trial), **result}
-        if status == "failed":
+        if status in ("failed", "not started"):
             record.pop("quality", None)
         record["wall_seconds"] = result.get("time_total_s")
         return record
@@ -264,7 +265,8 @@ class SearchCallback(Callback):
         table = Table(title="automl-ad search", show_header=False, box=None)
         table.add_row("trials", f"{len(ok)} done, {self.running} running, "
                                 f"{sum(r['status'] == 'stopped early' for r in self.records)} stopped early, "
-                                f"{sum(r['status'] == 'failed' for r in self.records)} failed")
+                                f"{sum(r['status'] == 'failed' for r in self.records)} failed, "
+                                f"{sum(r['status'] == 'not started' for r in self.records)} not started")
         table.add_row("best quality", f"{best['quality']:.4f} ({best['family']})" if best else "-")
         table.add_row("best so far", "  ".join(f"{q:.3f} at {t:.0f} s" for t, q in self.best_so_far[-4:]) or "-")
         table.add_row("Pareto front", f"{len(self._front_ids())} trial(s)")

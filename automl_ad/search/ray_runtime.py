@@ -137,14 +137,20 @@ def trainable_trial(config: dict, work_dir: str, data_file: str, metric: str, ti
                                                   "host": socket.gethostname()})
     config = {**config, "trial_id": trial_id, "search": search_id, "false_alarm_rate": false_alarm_rate}
     if config.get("skip"):  # predicted not to finish, or not planned (see Proposer): recorded, never started
-        reason = config.get("skip_reason", "predicted too slow")
-        write_json_atomically(trial_dir / "failure.json",
-                              {"event": "failed", "reason": reason, "error": config["skip"]})
-        raise TrialFailed(f"{reason}: {config['skip']}")
+        record = skip_record(config)
+        write_json_atomically(trial_dir / "failure.json", record)
+        raise TrialFailed(f"{record['reason']}: {record['error']}")
     timeout_s = float(config.get("timeout_s") or timeout_s)
     result = run_trial_process(config, work_dir, data_file, metric, timeout_s, threads, cache_dir, tune.report)
     tune.report({k: v for k, v in result.items() if k not in ("event", "heatmaps")}
                 | {"heatmaps": json.dumps(result.get("heatmaps", []))})
+
+
+def skip_record(config: dict) -> dict:
+    """The failure record of a configuration the proposer skips: ``not_started`` (the search shows it as not started,
+    not as failed) unless the proposer skipped it because it failed itself."""
+    reason = config.get("skip_reason", "predicted too slow")
+    return {"event": "failed", "reason": reason, "error": config["skip"], "not_started": reason != "internal error"}
 
 
 #: Ray's switch between its one-machine mode (every Ray server on 127.0.0.1) and its cluster mode (servers on the

@@ -199,7 +199,8 @@ class Tracker:
             _retry(self.client.log_batch, run_id, metrics=metrics[start:start + 900])
         for path in artifacts:
             _retry(self.client.log_artifact, run_id, path, "heatmaps")
-        _retry(self.client.set_terminated, run_id, "FAILED" if record["status"] == "failed" else "FINISHED")
+        _retry(self.client.set_terminated, run_id, {"failed": "FAILED", "not started": "KILLED"}.get(record["status"],
+                                                                                                  "FINISHED"))
         return run_id
 
     def has_run(self, run_id: str) -> bool:
