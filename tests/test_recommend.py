@@ -223,6 +223,17 @@ def test_an_image_smaller_than_the_default_gets_no_native_tile_that_shows_defect
     assert not any(a["key"].startswith("tile-") for a in rec.geometry["alternatives"])
 
 
+def test_routes_without_a_backbone_are_costed_at_the_side_their_default_trials_run_at():
+    """Template matching's default works at 256 px on 1800-px and on 96-px images alike: the table said 512 and 96,
+    costed 4x over on the first."""
+    from automl_ad.detectors import detector_class
+
+    side = detector_class("template")().input_size
+    for size in ((1800, 1800), (96, 96)):
+        template = recommend(make_profile(size=size), CPU).candidate("template_matching")
+        assert template.resolution == side and template.backbone is None
+
+
 def test_small_defects_in_wide_images_keep_aspect_at_native_resolution_and_the_reason_says_why():
     rec = recommend(make_profile(size=(460, 1130), defects=_defects(18, 40)), CPU)
     g = rec.geometry

@@ -62,11 +62,11 @@ def heaviest_head_factor() -> float:
     return max(r["head_factor"] for r in cost_model()["routes"].values() if r["backbone"])
 
 
-def estimate_route(route: str, constraints: ConstraintProfile, image_side: int, network_pixels: int,
+def estimate_route(route: str, constraints: ConstraintProfile, working_side: int, network_pixels: int,
                    input_side: int, backbones: list[str] | None = None) -> CostEstimate:
     """Pick the heaviest of ``backbones`` (default: every backbone of the cost model) whose estimate at
     ``network_pixels`` per image (the proposed geometry) fits the budget, else the lightest; estimate latency.
-    Routes without a backbone work at the image side (64..512)."""
+    Routes without a backbone work on images of ``working_side`` (taken within 64..512)."""
     model = cost_model()
     spec = model["routes"][route]
     device = constraints.hardware.device
@@ -74,14 +74,14 @@ def estimate_route(route: str, constraints: ConstraintProfile, image_side: int, 
     target, _ = latency_target_ms(constraints)
     fixed = 0.0
     if "cpu_ms_256" in spec:
-        side = min(max(image_side, 64), 512) if not spec["backbone"] else 256
+        side = min(max(working_side, 64), 512) if not spec["backbone"] else 256
         fixed = spec["cpu_ms_256"] * (side / 256) ** 2
         if device == "cpu":
             fixed /= (constraints.hardware.cpu_cores / 2) ** model["devices"]["cpu"]["core_scaling_exponent"]
         else:
             fixed /= 20.0  # convolutional work moves to the GPU
     if not spec["backbone"]:
-        side = min(max(image_side, 64), 512)
+        side = min(max(working_side, 64), 512)
         return CostEstimate(round(fixed, 1), budget, None, side, spec["basis"])
     options = [(b["name"], pixels_ms(b["gmac_224"], network_pixels, constraints) * spec["head_factor"] + fixed)
                for b in model["backbones"] if backbones is None or b["name"] in backbones]

@@ -15,6 +15,7 @@ import yaml
 
 from automl_ad.constraints import PRIORITY_DIMENSIONS, ConstraintProfile
 from automl_ad.defaults import SHORTLIST_SIZE, SHORTLIST_TIE_POINTS
+from automl_ad.detectors import detector_class
 from automl_ad.errors import UsageError
 from automl_ad.features.backbone import BackboneWeightsError, backbone_of_weights, hub_reachable, weights_available
 from automl_ad.knowledge import load_knowledge
@@ -278,7 +279,7 @@ def recommend(profile: DatasetProfile, constraints: ConstraintProfile, top: int 
     left_out = _families_left_out(load_rules()["family_rules"], facts)
     candidates = []
     for key, route in knowledge.routes.items():
-        estimate = estimate_route(key, constraints, facts["image_side"], chosen.network_pixels,
+        estimate = estimate_route(key, constraints, _working_side(route.families), chosen.network_pixels,
                                   max(chosen.geometry.input_hw), backbones)
         route_facts = _route_facts(route, estimate)
         base, basis, pros, cons, derived = _base_score(route, constraints.priorities)
@@ -323,3 +324,9 @@ def recommend(profile: DatasetProfile, constraints: ConstraintProfile, top: int 
         candidate.shortlisted = candidate.route in shortlist
     return Recommendation(profile.name, profile.fingerprint, constraints.name, facts, _scenario(facts),
                           candidates, shortlist, proposal.to_dict(), backbones, backbone_note)
+
+
+def _working_side(families: list[str]) -> int:
+    """The image side a route without a backbone works at: the largest default ``input_size`` of its families (what
+    their default trials run at, whatever the images' size)."""
+    return max(detector_class(family)().input_size for family in families)
