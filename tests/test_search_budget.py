@@ -205,9 +205,9 @@ def test_cutpaste_trials_are_costed_by_the_patches_their_network_runs():
 
 
 def test_template_trials_are_costed_by_the_angles_their_rotation_search_registers():
-    """A rotation search registers the whole image once per angle: measured without one, a +-15-degree search in
-    0.5-degree steps (61 angles) is predicted 61x the fit and the evaluation (predicted as one, such a trial on
-    96-px images at 512 px was killed at its limit)."""
+    """A rotation search registers the whole image once per angle it tries: measured without one, a +-15-degree
+    search in 0.5-degree steps (61 angles, 21 tried coarse to fine) is predicted 21x the fit and the evaluation
+    (predicted as one, such a trial on 96-px images at 512 px was killed at its limit)."""
     from automl_ad.data.imageset import ImageSet
     from automl_ad.search.proposer import family_traits, trial_sizes
 
@@ -217,10 +217,10 @@ def test_template_trials_are_costed_by_the_angles_their_rotation_search_register
     predictor = CostPredictor(family_traits(["template"]))
     fidelity = Fidelity(0, 1.0, 10)
     plain, rotating = {"input_size": 512}, {"input_size": 512, "max_rotation": 15.0}
-    assert sizes.work("template", rotating, fidelity).pixels == 61 * 512 ** 2
+    assert sizes.work("template", rotating, fidelity).pixels == 21 * 512 ** 2
     predictor.observe(sizes.work("template", plain, fidelity), TrialTimes(1.0, 3.0, eval_s=0.5), plain)
     prediction = predictor.predict(sizes.work("template", rotating, fidelity), rotating)
-    assert prediction.fit_s == pytest.approx(61.0) and prediction.eval_s == pytest.approx(0.5 * 61)
+    assert prediction.fit_s == pytest.approx(21.0) and prediction.eval_s == pytest.approx(0.5 * 21)
 
 
 def _proposals(proposer, qualities, study=None) -> list[dict]:

@@ -128,3 +128,27 @@ def test_bad_parameters_raise(family, params, message):
     train = ImageSet.from_arrays([_part(seed=i) for i in range(3)])
     with pytest.raises(ValueError, match=message):
         create_detector(family, input_size=SIZE, **params).fit(train)
+
+
+def test_template_rotation_search_goes_coarse_to_fine_and_finds_the_angle_every_angle_finds(monkeypatch):
+    """A part turned by 8.5 degrees (off the coarse pass's 3-degree grid) is registered at the angle that trying all
+    61 angles of a +-15-degree search finds, with 21 registrations."""
+    import skimage.registration
+    from scipy import ndimage
+
+    from automl_ad.detectors.template.detector import _ncc, rotation_angles
+
+    reference = _part(size=128)
+    turned = ndimage.rotate(reference, 8.5, reshape=False, order=1, mode="nearest")
+    calls = []
+    original = skimage.registration.phase_cross_correlation
+    monkeypatch.setattr(skimage.registration, "phase_cross_correlation",
+                        lambda *a, **k: calls.append(1) or original(*a, **k))
+    detector = create_detector("template", input_size=128, max_rotation=15.0, rotation_step=0.5)
+    registered, angle, _ = detector._register(turned, reference)
+    assert len(calls) == 21 and angle == pytest.approx(-8.5)
+    unturned = create_detector("template", max_rotation=0.0)
+    every = {a: _ncc(unturned._register(ndimage.rotate(turned, a, reshape=False, order=1, mode="nearest"),
+                                        reference)[0], reference) for a in rotation_angles(15.0, 0.5)}
+    assert max(every, key=every.get) == pytest.approx(angle)
+    assert _ncc(registered, reference) > 0.99

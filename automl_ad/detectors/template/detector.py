@@ -5,8 +5,10 @@
 3. Registration of every normal image to the reference: translation by phase correlation
    (``skimage.registration.phase_cross_correlation`` with ``upsample_factor`` subpixel refinement, on
    Hann-windowed images so the image borders do not pull the peak to zero shift); with ``max_rotation`` > 0 also
-   a small rotation, found by trying every angle in steps of ``rotation_step`` degrees and keeping the one whose
-   translation-registered image correlates best with the reference.
+   a small rotation: the angle, in steps of ``rotation_step`` degrees, whose translation-registered image
+   correlates best with the reference. Past 9 angles it is found coarse to fine (:func:`search_angles`): every
+   k-th angle first, then every angle between the best of those and its two neighbours (a +-15-degree search in
+   0.5-degree steps registers 21 angles, not 61).
 4. Template: pixel-wise median of the registered normals. The normals are registered a second time, to this
    template, and the template recomputed (the medoid alone is a noisy reference).
 5. Tolerance: 1.4826 x the median absolute deviation of the registered normals around the template per pixel
@@ -89,12 +91,13 @@ class TemplateMatching(Detector):
 
     @classmethod
     def scoring_pixels(cls, params: dict, pixels: float) -> float:
-        """Every angle of the rotation search registers the whole image: ``pixels`` times the angles (a 15-degree
-        search in 0.5-degree steps, 61 angles, took 62x as long as none at 512 px; predicted as one, such a trial
-        was killed at its limit)."""
+        """Every angle the rotation search tries registers the whole image: ``pixels`` times those angles (trying
+        all 61 angles of a 15-degree search in 0.5-degree steps took 62x as long as none at 512 px; predicted as
+        one, such a trial was killed at its limit)."""
         defaults = cls()
-        return pixels * len(rotation_angles(float(params.get("max_rotation", defaults.max_rotation)),
-                                            float(params.get("rotation_step", defaults.rotation_step))))
+        angles = rotation_angles(float(params.get("max_rotation", defaults.max_rotation)),
+                                 float(params.get("rotation_step", defaults.rotation_step)))
+        return pixels * sum(len(group) for group in search_angles(angles, angles[len(angles) // 2]))
 
     # --- registration -----------------------------------------------------------------------------------------
     def _register(self, image: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, float, np.ndarray]:
@@ -104,14 +107,21 @@ class TemplateMatching(Detector):
         window = _hann(image.shape)
         angles = rotation_angles(self.max_rotation, self.rotation_step)
         best = None
-        for angle in angles:
+
+        def better(angle: float):
             rotated = image if angle == 0 else ndimage.rotate(image, angle, reshape=False, order=1, mode="nearest")
             shift, _, _ = phase_cross_correlation(reference * window, rotated * window,
                                                   upsample_factor=self.upsample_factor)
             moved = ndimage.shift(rotated, shift, order=1, mode="nearest")
             match = _ncc(moved, reference) if len(angles) > 1 else 0.0
-            if best is None or match > best[0]:
-                best = (match, moved, float(angle), shift)
+            return (match, moved, float(angle), shift) if best is None or match > best[0] else best
+
+        for group in search_angles(angles, None):
+            for angle in group:
+                best = better(angle)
+        if len(angles) > 1:
+            for angle in search_angles(angles, best[2])[1]:
+                best = better(angle)
         return best[1], best[2], best[3]
 
     # --- score ------------------------------------------------------------------------------------------------
@@ -147,6 +157,28 @@ def rotation_angles(max_rotation: float, step: float) -> np.ndarray:
         return np.zeros(1)
     half = int(np.floor(max_rotation / step + 1e-9))
     return np.arange(-half, half + 1) * step
+
+
+#: Rotation searches up to this many angles try every angle; longer ones go coarse to fine.
+_ALL_ANGLES_UP_TO = 9
+
+
+def search_angles(angles: np.ndarray, best: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """The angles a registration tries, as (coarse, fine): coarse is every k-th of ``angles`` through 0 (all of
+    them up to 9 angles; beyond, k = sqrt(n / 2) rounded, which makes the fewest tries in all), fine the angles
+    between the coarse pass's ``best`` and its coarse neighbours (empty while ``best`` is None, or when coarse had
+    them all). The correlation falls smoothly as a part turns away from the template, so the best coarse angle
+    lies next to the best one."""
+    if len(angles) <= _ALL_ANGLES_UP_TO:
+        return angles, angles[:0]
+    stride = max(2, round(np.sqrt(len(angles) / 2)))
+    middle = len(angles) // 2  # the angle 0
+    coarse = angles[middle % stride::stride]
+    if best is None:
+        return coarse, angles[:0]
+    position = int(np.abs(angles - best).argmin())
+    near = np.arange(max(0, position - stride + 1), min(len(angles), position + stride))
+    return coarse, np.array([angles[i] for i in near if (i - middle) % stride != 0])
 
 
 def _medoid(images: np.ndarray) -> int:
