@@ -204,6 +204,34 @@ def test_cutpaste_trials_are_costed_by_the_patches_their_network_runs():
     assert ratio == pytest.approx(841 / 225)
 
 
+def test_a_trial_starts_only_if_it_fits_its_limit_when_predicted_as_far_under_as_any_before():
+    """With 1.3x its prediction left, a PaDiM runs on all its images; once a trial of this search took twice its
+    prediction (or ran out of a limit twice it), it runs at a lower fidelity that would still finish."""
+    from automl_ad.data.imageset import ImageSet
+    from automl_ad.search.proposer import family_traits, trial_sizes
+
+    image = np.zeros((256, 256, 3), np.uint8)
+    data = SimpleNamespace(train=ImageSet.from_arrays([image] * 90), validation=ImageSet.from_arrays([image] * 20))
+    sizes = trial_sizes(data, ["padim"])
+    params = {"input_size": 256}
+
+    def measured(took: float | None = None) -> CostPredictor:
+        """A predictor that measured one PaDiM; ``took``: the most a trial took over its prediction."""
+        predictor = CostPredictor(family_traits(["padim"]))
+        predictor.observe(sizes.work("padim", params, Fidelity(0, 1.0, 90)), TrialTimes(20.0, 40.0, eval_s=10.0),
+                          params)
+        if took is not None:
+            predictor.observe_prediction(10.0, 10.0 * took)
+        return predictor
+
+    cap = 1.3 * plan_trial(measured(), sizes, "padim", params, 1e9).prediction.total_s
+    assert plan_trial(measured(), sizes, "padim", params, cap).fidelity.rung == 0
+    for took in (1.2, 2.0, 5.0):
+        chosen = plan_trial(measured(took), sizes, "padim", params, cap)
+        assert (chosen.fidelity.rung == 0) == (took < 1.3) and chosen.limit_s <= cap
+        assert chosen.prediction.total_s * min(took, SEARCH_COST_MARGIN) <= cap
+
+
 def test_template_trials_are_costed_by_the_angles_their_rotation_search_registers():
     """A rotation search registers the whole image once per angle it tries: measured without one, a +-15-degree
     search in 0.5-degree steps (61 angles, 21 tried coarse to fine) is predicted 21x the fit and the evaluation

@@ -102,6 +102,8 @@ class SearchCallback(Callback):
             fidelity = _fidelity(trial.config)
             self.predictor.observe_timeout(self.sizes.work(trial.config["family"], trial.config["params"],
                                                            fidelity), float(trial.config.get("timeout_s", 0)))
+            self.predictor.observe_prediction(float(trial.config.get("predicted_s") or 0),
+                                              float(trial.config.get("timeout_s", 0)))
         status = "not started" if details.get("not_started") else "failed"
         self._log(self._record(trial, status, {"reason": details["reason"], "error": details["error"]}), [])
 
@@ -135,6 +137,7 @@ class SearchCallback(Callback):
                            eval_cached_s=seconds("post_fit_cache_saved_seconds") or 0.0)
         self.predictor.observe(self.sizes.work(config["family"], config["params"], fidelity), times,
                                config["params"])
+        self.predictor.observe_prediction(float(config.get("predicted_s") or 0), times.wall_s)
 
     def elapsed(self) -> float:
         """Seconds into the search, time spent before a resume included."""
