@@ -32,12 +32,12 @@ also learnt (median over trials). A timed-out trial is a lower bound: its family
 
 A fidelity shrinks the work: a fraction of the training images (rungs 1, 1/η, 1/η², as long as a rung keeps
 ``SEARCH_MIN_SCREEN_IMAGES``) and, for iterative families, fewer epochs. :func:`plan_trial` picks the highest
-fidelity whose predicted time fits the trial's limit, or says why nothing does. Its prediction must fit that limit
-even when it is as far under the truth as the furthest this search has seen (wall time over prediction of every
-finished trial, and limit over prediction of every one that ran out of time, at most ``SEARCH_COST_MARGIN``):
-where the limit is what is left of the budget, a trial that would be killed at it is not started. On a 6-minute
-search of 1800-px bottles a CutPaste predicted 104 s started with 131 s left, after a PaDiM had taken twice its
-prediction, and was killed at the end of the budget, a third of it.
+fidelity whose predicted time fits the trial's limit, or says why nothing does. That limit is first divided by the
+most a prediction of this search fell short (wall time over prediction of every finished trial, and limit over
+prediction of every one that ran out of time; at most ``SEARCH_COST_MARGIN``): where the limit is what is left of
+the budget, a trial that would be killed at it trains fewer epochs, runs at a lower rung or is not started. On a
+6-minute search of 1800-px bottles a CutPaste predicted 104 s started with 131 s left, after a PaDiM had taken twice
+its prediction, and was killed at the end of the budget, a third of it.
 """
 
 from __future__ import annotations
@@ -422,8 +422,8 @@ class TrialSizes:
 
 def plan_trial(predictor: CostPredictor, sizes: TrialSizes, family: str, params: dict, cap_s: float,
                first_rung: int = 0, within_s: float | None = None) -> TrialPlan:
-    """The highest fidelity from ``first_rung`` down whose predicted seconds fit ``within_s`` (default ``cap_s``)
-    and, made as far under the truth as any prediction of this search was, ``cap_s``.
+    """The highest fidelity from ``first_rung`` down whose predicted seconds fit ``within_s`` and ``cap_s``, the
+    latter divided by the most a prediction of this search fell short (:meth:`CostPredictor.under_prediction`).
 
     An iterative family that would not finish its epochs within the training share of that time (and the time
     left after scoring) trains fewer epochs (at least one) before a lower rung is tried. The limit is
@@ -432,7 +432,8 @@ def plan_trial(predictor: CostPredictor, sizes: TrialSizes, family: str, params:
     trains in smaller batches (families that train in batches: :func:`_batch_that_fits`) or is passed over; the
     trial is skipped when no rung fits.
     """
-    room = min(cap_s, within_s) if within_s is not None else cap_s
+    under = predictor.under_prediction()
+    room = min(cap_s / under, within_s) if within_s is not None else cap_s / under
     traits = predictor.traits.get(family, FamilyTraits("", False))
     epochs = params.get("epochs", traits.default_epochs)
     full_epochs = int(epochs) if traits.iterative and isinstance(epochs, (int, float)) else None
@@ -464,11 +465,13 @@ def plan_trial(predictor: CostPredictor, sizes: TrialSizes, family: str, params:
             else:
                 one_epoch = f" (one epoch alone: {per_epoch:.0f} s of training)"
         last = (fidelity, prediction)
-        if prediction.total_s <= room and prediction.total_s * predictor.under_prediction() <= cap_s:
+        if prediction.total_s <= room:
             margin = SEARCH_COST_MARGIN if predictor.measured(family) else SEARCH_UNMEASURED_COST_MARGIN
             limit = min(cap_s, margin * prediction.total_s + SEARCH_LIMIT_SLACK_S)
             return TrialPlan(fidelity, prediction, limit)
     fidelity, prediction = last
     return TrialPlan(None, prediction, cap_s,
                      skip=f"predicted {prediction.total_s:.0f} s ({prediction.basis}) even with "
-                          f"{fidelity.describe()}, over the {room:.0f} s it may have{one_epoch}")
+                          f"{fidelity.describe()}, over the {room:.0f} s it may have{one_epoch}"
+                          + (f" (its {cap_s:.0f} s limit / {under:.2f}, the most a prediction fell short in this "
+                             "search)" if room == cap_s / under < cap_s else ""))
