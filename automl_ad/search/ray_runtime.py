@@ -213,13 +213,31 @@ def _trials_on(node: dict, resources: dict) -> int:
 
 def memory_per_trial(resources: dict) -> float | None:
     """Bytes one trial may use: the least, over the Ray nodes, of the memory Ray gives tasks there (most of what was
-    available when it started) shared by the trials the node runs at once; None when Ray reports none."""
+    available when it started) shared by the trials the node runs at once; None when Ray reports none. A trial
+    with a GPU keeps its largest arrays there (PatchCore's training patches, a training batch's activations), so
+    it may use no more than the smallest GPU of this machine has either (:func:`smallest_gpu_bytes`; other
+    nodes' GPUs are taken to be alike)."""
     import ray
 
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     shares = [node["memory"] / _trials_on(node, resources) for node in nodes
               if node.get("memory") and _trials_on(node, resources) >= 1]
-    return min(shares) if shares else None
+    gpu = smallest_gpu_bytes() if resources.get("gpu") else None
+    limits = ([min(shares)] if shares else []) + ([gpu] if gpu else [])
+    return min(limits) if limits else None
+
+
+def smallest_gpu_bytes() -> float | None:
+    """Total memory of this machine's smallest NVIDIA GPU, read with ``nvidia-smi`` (which, unlike torch, opens no
+    CUDA context in the search's own process: that would hold GPU memory for the whole search); None when it
+    cannot be read."""
+    try:
+        listed = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+                                capture_output=True, text=True, timeout=20, check=True).stdout
+        mebibytes = [float(line) for line in listed.split() if line.strip()]
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return None
+    return min(mebibytes) * 2 ** 20 if mebibytes else None
 
 
 def family_scheduler():

@@ -195,6 +195,29 @@ def test_a_trial_may_use_the_memory_of_the_node_it_shares_least(monkeypatch):
     assert memory_per_trial({"cpu": 4}) is None
 
 
+def test_a_trial_with_a_gpu_may_use_no_more_than_the_smallest_gpu_holds(monkeypatch):
+    """nvidia-smi lists 24 and 16 GiB GPUs: a GPU trial on a node sharing 48 GiB among 2 trials gets 16 GiB; a CPU
+    trial the host share; without a readable nvidia-smi, the host share."""
+    import subprocess
+
+    import automl_ad.search.ray_runtime as runtime
+
+    gib = 2 ** 30
+    nodes = [{**_node(8), "Resources": {"CPU": 8, "GPU": 2, "memory": 48 * gib}}]
+    monkeypatch.setitem(sys.modules, "ray", SimpleNamespace(nodes=lambda: nodes))
+    listed = SimpleNamespace(stdout="24576\n16384\n")
+    monkeypatch.setattr(runtime.subprocess, "run", lambda *a, **k: listed)
+    assert memory_per_trial({"cpu": 4, "gpu": 1}) == 16 * gib
+    assert memory_per_trial({"cpu": 4}) == 24 * gib
+
+    for error in (FileNotFoundError("nvidia-smi"), subprocess.CalledProcessError(9, "nvidia-smi")):
+        def failing(*args, error=error, **kwargs):
+            raise error
+
+        monkeypatch.setattr(runtime.subprocess, "run", failing)
+        assert memory_per_trial({"cpu": 4, "gpu": 1}) == 24 * gib
+
+
 def test_cluster_without_cpus_is_refused(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", SimpleNamespace(nodes=lambda: [_node(0), _node(8, alive=False)]))
     with pytest.raises(UsageError, match="no live node with a CPU"):
