@@ -32,12 +32,14 @@ also learnt (median over trials). A timed-out trial is a lower bound: its family
 
 A fidelity shrinks the work: a fraction of the training images (rungs 1, 1/η, 1/η², as long as a rung keeps
 ``SEARCH_MIN_SCREEN_IMAGES``) and, for iterative families, fewer epochs. :func:`plan_trial` picks the highest
-fidelity whose predicted time fits the trial's limit, or says why nothing does. That limit is first divided by the
-most a prediction of this search fell short (wall time over prediction of every finished trial, and limit over
-prediction of every one that ran out of time; at most ``SEARCH_COST_MARGIN``): where the limit is what is left of
-the budget, a trial that would be killed at it trains fewer epochs, runs at a lower rung or is not started. On a
-6-minute search of 1800-px bottles a CutPaste predicted 104 s started with 131 s left, after a PaDiM had taken twice
-its prediction, and was killed at the end of the budget, a third of it.
+fidelity whose predicted time fits the trial's limit, or says why nothing does. The prediction must fit even when
+it falls as far short as the furthest of this search (wall time over prediction of every finished trial, and limit
+over prediction of every one that ran out of time; at most ``SEARCH_COST_MARGIN``); for an iterative family only its
+seconds after training, since training stops at a deadline whatever was predicted (made longer as a whole, a
+12-image STPM default trained 5 epochs in a 31-s limit, against 9). Where the limit is what is left of the budget,
+a trial that would be killed at it runs at a lower rung or is not started: on a 6-minute search of 1800-px bottles a
+CutPaste predicted 104 s (most of it scoring 841 patches per image) started with 131 s left, after a PaDiM had
+taken twice its prediction, and was killed at the end of the budget, a third of it.
 """
 
 from __future__ import annotations
@@ -422,8 +424,9 @@ class TrialSizes:
 
 def plan_trial(predictor: CostPredictor, sizes: TrialSizes, family: str, params: dict, cap_s: float,
                first_rung: int = 0, within_s: float | None = None) -> TrialPlan:
-    """The highest fidelity from ``first_rung`` down whose predicted seconds fit ``within_s`` and ``cap_s``, the
-    latter divided by the most a prediction of this search fell short (:meth:`CostPredictor.under_prediction`).
+    """The highest fidelity from ``first_rung`` down whose predicted seconds fit ``within_s`` (default ``cap_s``),
+    made as far short as the furthest prediction of this search (:meth:`CostPredictor.under_prediction`; for an
+    iterative family only the seconds after training, since training stops at its deadline).
 
     An iterative family that would not finish its epochs within the training share of that time (and the time
     left after scoring) trains fewer epochs (at least one) before a lower rung is tried. The limit is
@@ -433,7 +436,7 @@ def plan_trial(predictor: CostPredictor, sizes: TrialSizes, family: str, params:
     trial is skipped when no rung fits.
     """
     under = predictor.under_prediction()
-    room = min(cap_s / under, within_s) if within_s is not None else cap_s / under
+    room = min(cap_s, within_s) if within_s is not None else cap_s
     traits = predictor.traits.get(family, FamilyTraits("", False))
     epochs = params.get("epochs", traits.default_epochs)
     full_epochs = int(epochs) if traits.iterative and isinstance(epochs, (int, float)) else None
@@ -455,7 +458,7 @@ def plan_trial(predictor: CostPredictor, sizes: TrialSizes, family: str, params:
         one_epoch = ""  # said when not even one epoch fits the training share
         fidelity = replace(fidelities[rung], batch_size=batches[rung])
         prediction = predictor.predict(sizes.work(family, params, fidelity), params)
-        fit_room = min(SEARCH_TRAINING_SHARE * room, room - prediction.eval_s - prediction.overhead_s)
+        fit_room = min(SEARCH_TRAINING_SHARE * room, room - under * (prediction.eval_s + prediction.overhead_s))
         if full_epochs and prediction.fit_s > fit_room:
             per_epoch = (prediction.fit_s - prediction.fit_setup_s) / full_epochs  # the set-up is paid once
             epochs = int(max(0.0, fit_room - prediction.fit_setup_s) // per_epoch) if per_epoch > 0 else full_epochs
@@ -465,13 +468,23 @@ def plan_trial(predictor: CostPredictor, sizes: TrialSizes, family: str, params:
             else:
                 one_epoch = f" (one epoch alone: {per_epoch:.0f} s of training)"
         last = (fidelity, prediction)
-        if prediction.total_s <= room:
+        if _surely_needed(prediction, under, traits.iterative) <= room:
             margin = SEARCH_COST_MARGIN if predictor.measured(family) else SEARCH_UNMEASURED_COST_MARGIN
             limit = min(cap_s, margin * prediction.total_s + SEARCH_LIMIT_SLACK_S)
             return TrialPlan(fidelity, prediction, limit)
     fidelity, prediction = last
+    needed = _surely_needed(prediction, under, traits.iterative)
     return TrialPlan(None, prediction, cap_s,
                      skip=f"predicted {prediction.total_s:.0f} s ({prediction.basis}) even with "
                           f"{fidelity.describe()}, over the {room:.0f} s it may have{one_epoch}"
-                          + (f" (its {cap_s:.0f} s limit / {under:.2f}, the most a prediction fell short in this "
-                             "search)" if room == cap_s / under < cap_s else ""))
+                          if needed == prediction.total_s else
+                          f"predicted {prediction.total_s:.0f} s ({prediction.basis}) even with "
+                          f"{fidelity.describe()}: {needed:.0f} s if it falls {under:.2f}x short like the furthest "
+                          f"prediction of this search, over the {room:.0f} s it may have{one_epoch}")
+
+
+def _surely_needed(prediction: Prediction, under: float, iterative: bool) -> float:
+    """Seconds a trial needs if its prediction falls ``under`` times short: all of it, but for an iterative family
+    only the part after training (training stops at its deadline, a share of the limit, whatever it predicted)."""
+    unsure = prediction.eval_s + prediction.overhead_s if iterative else prediction.total_s
+    return prediction.total_s + (under - 1.0) * unsure
