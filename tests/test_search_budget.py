@@ -205,8 +205,9 @@ def test_cutpaste_trials_are_costed_by_the_patches_their_network_runs():
 
 
 def test_a_trial_starts_only_if_it_fits_its_limit_when_predicted_as_far_under_as_any_before():
-    """With 1.3x its prediction left, a PaDiM runs on all its images; once a trial of this search took twice its
-    prediction (or ran out of a limit twice it), it runs at a lower fidelity that would still finish."""
+    """With 1.3x its prediction left, a PaDiM runs on all its images; once a trial of this search predicted from its
+    family's measurements took twice its prediction (or ran out of a limit twice it), it runs at a lower fidelity
+    that would still finish. A cost-model guess falling short does not count (it has its own, wider margin)."""
     from automl_ad.data.imageset import ImageSet
     from automl_ad.search.proposer import family_traits, trial_sizes
 
@@ -221,11 +222,14 @@ def test_a_trial_starts_only_if_it_fits_its_limit_when_predicted_as_far_under_as
         predictor.observe(sizes.work("padim", params, Fidelity(0, 1.0, 90)), TrialTimes(20.0, 40.0, eval_s=10.0),
                           params)
         if took is not None:
-            predictor.observe_prediction(10.0, 10.0 * took)
+            predictor.observe_prediction(10.0, 10.0 * took, "measured on 2 trial(s) of padim")
         return predictor
 
     cap = 1.3 * plan_trial(measured(), sizes, "padim", params, 1e9).prediction.total_s
     assert plan_trial(measured(), sizes, "padim", params, cap).fidelity.rung == 0
+    guessed = measured()
+    guessed.observe_prediction(10.0, 20.0, "cost model")
+    assert plan_trial(guessed, sizes, "padim", params, cap).fidelity.rung == 0
     for took in (1.2, 2.0, 5.0):
         chosen = plan_trial(measured(took), sizes, "padim", params, cap)
         assert (chosen.fidelity.rung == 0) == (took < 1.3) and chosen.limit_s <= cap
@@ -233,9 +237,11 @@ def test_a_trial_starts_only_if_it_fits_its_limit_when_predicted_as_far_under_as
     # an iterative family's training stops at its deadline whatever was predicted: only the seconds after it are
     # made longer, so it keeps its epochs (made longer as a whole, a 12-image STPM default trained 5 epochs, not 9)
     stpm, few = CostPredictor(family_traits(["stpm"])), TrialSizes(12, 20, (256, 256))
+    stpm.observe(few.work("stpm", {}, Fidelity(0, 1.0, 12, 10, 100)), TrialTimes(30.0, 50.0, eval_s=5.0), {})
     cap = plan_trial(stpm, few, "stpm", {}, 1e9).prediction.total_s / 2
     epochs = plan_trial(stpm, few, "stpm", {}, cap).fidelity.epochs
-    stpm.observe_prediction(10.0, 15.0)
+    stpm.observe_prediction(10.0, 15.0, "measured on 1 trial(s) of stpm")
+    assert stpm.under_prediction("padim") == 1.0 and stpm.under_prediction("stpm") == 1.5  # padim: unmeasured
     kept = plan_trial(stpm, few, "stpm", {}, cap)
     after_training = kept.prediction.eval_s + kept.prediction.overhead_s
     assert kept.fidelity.epochs == epochs and kept.prediction.fit_s + 1.5 * after_training <= cap

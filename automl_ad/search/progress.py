@@ -103,7 +103,8 @@ class SearchCallback(Callback):
             self.predictor.observe_timeout(self.sizes.work(trial.config["family"], trial.config["params"],
                                                            fidelity), float(trial.config.get("timeout_s", 0)))
             self.predictor.observe_prediction(float(trial.config.get("predicted_s") or 0),
-                                              float(trial.config.get("timeout_s", 0)))
+                                              float(trial.config.get("timeout_s", 0)),
+                                              str(trial.config.get("prediction_basis", "")))
         status = "not started" if details.get("not_started") else "failed"
         self._log(self._record(trial, status, {"reason": details["reason"], "error": details["error"]}), [])
 
@@ -137,7 +138,8 @@ class SearchCallback(Callback):
                            eval_cached_s=seconds("post_fit_cache_saved_seconds") or 0.0)
         self.predictor.observe(self.sizes.work(config["family"], config["params"], fidelity), times,
                                config["params"])
-        self.predictor.observe_prediction(float(config.get("predicted_s") or 0), times.wall_s)
+        self.predictor.observe_prediction(float(config.get("predicted_s") or 0), times.wall_s,
+                                          str(config.get("prediction_basis", "")))
 
     def elapsed(self) -> float:
         """Seconds into the search, time spent before a resume included."""
