@@ -481,13 +481,11 @@ def plan_trial(predictor: CostPredictor, sizes: TrialSizes, family: str, params:
             return TrialPlan(fidelity, prediction, limit)
     fidelity, prediction = last
     needed = _surely_needed(prediction, under, traits.iterative)
+    short = "" if needed == prediction.total_s else \
+        f": {needed:.0f} s if it falls {under:.2f}x short like the furthest prediction of this search"
     return TrialPlan(None, prediction, cap_s,
                      skip=f"predicted {prediction.total_s:.0f} s ({prediction.basis}) even with "
-                          f"{fidelity.describe()}, over the {room:.0f} s it may have{one_epoch}"
-                          if needed == prediction.total_s else
-                          f"predicted {prediction.total_s:.0f} s ({prediction.basis}) even with "
-                          f"{fidelity.describe()}: {needed:.0f} s if it falls {under:.2f}x short like the furthest "
-                          f"prediction of this search, over the {room:.0f} s it may have{one_epoch}")
+                          f"{fidelity.describe()}{short}, over the {room:.0f} s it may have{one_epoch}")
 
 
 def _surely_needed(prediction: Prediction, under: float, iterative: bool) -> float:
