@@ -1219,3 +1219,16 @@ def test_a_proposal_that_raises_ends_the_search_with_its_results_not_with_the_er
     config = proposer(_study().ask())
     assert proposer.exhausted and config["skip_reason"] == "internal error"
     assert "TypeError" in config["skip"] and "fidelity" not in config
+
+
+def test_a_default_predicted_dearer_never_trains_more_when_its_share_fits_nothing():
+    """A warm-start default whose share of the time fits not even one epoch is planned in the least multiple of
+    its share that fits something, not in the whole cap at once: planned there, an STPM default predicted at 158 s
+    trained 67 epochs, where one predicted at 27 s (which fitted its share) trained 9."""
+    trained = []
+    for seconds_per_unit in (0.5, 2.0, 8.0, 32.0):
+        proposer = _proposer(["stpm"], _slow_predictor(seconds_per_unit), TrialSizes(270, 30, (256, 256)), 3600.0)
+        config = proposer._planned(_study().ask(), "stpm", {"input_size": 256, "epochs": 50}, True, 0, share=0.02)
+        assert "skip" not in config
+        trained.append(config["params"]["epochs"] * config["fidelity"]["train_fraction"])
+    assert trained == sorted(trained, reverse=True) and trained[-1] < trained[0]

@@ -309,7 +309,9 @@ class Proposer:
     def _planned(self, trial, family: str, params: dict, default: bool, rung: int | None,
                  share: float = 1.0) -> dict:
         """The configuration at the highest fidelity (from ``rung``; None: the screening rung) that fits, in at most
-        ``share`` of the remaining time."""
+        ``share`` of the remaining time. When the share fits nothing, twice the share, and so on up to the whole cap:
+        the least time something fits in, so a family predicted dearer never trains more (planned in the whole cap at
+        once, an STPM default predicted at 158 s trained 67 epochs where one predicted at 27 s trained 9)."""
         complete = bool(_complete(trial.study.get_trials(deepcopy=False)))
         whole = self._cap(complete)
         cap = min(whole, share * max(0.0, self.deadline - time.monotonic() - SEARCH_END_TAIL_S))
@@ -319,8 +321,9 @@ class Proposer:
                 plan_trial(self.predictor, self.sizes, family, params, limit, rung)
 
         plan = plan_within(cap)
-        if plan.skip is not None and cap < whole:  # the share fits nothing: the whole cap
-            plan = plan_within(whole)
+        while plan.skip is not None and cap < whole:
+            cap = min(whole, 2 * cap) if cap > 0 else whole
+            plan = plan_within(cap)
         if plan.skip is not None and not complete and self._is_cheapest(family):  # what the reserve is kept for
             plan = plan_within(self._cap(True))
         return self._config(trial, family, params, default, plan)
