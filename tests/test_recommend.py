@@ -255,6 +255,18 @@ def test_small_defects_in_wide_images_keep_aspect_at_native_resolution_and_the_r
     assert rec.geometry["cells"] < 2 and "no geometry reaches 2 cells" in why and "tiles of" in why
 
 
+def test_a_small_wide_image_gets_one_view_at_native_pixels_rather_than_tiles():
+    """300x200 images with defects no geometry shows at 2 cells: a 288x192 letterbox (native pixels, rounded to
+    the deepest stride) shows them as large as tiles at native scale in half the pixels. The 64-px steps had
+    only 256x192 (15% smaller) and 320x224 (enlarging), so two tiles of 224x256 were proposed."""
+    rec = recommend(make_profile(size=(200, 300)), CPU)
+    geometry = _geometry(rec)
+    assert (geometry.mode, geometry.height, geometry.width) == ("letterbox", 192, 288) and rec.geometry["tiles"] == 1
+    tiles = [a for a in rec.geometry["alternatives"] if a["key"].startswith("tile-")]
+    assert tiles and all(t["cells"] <= rec.geometry["cells"] * 1.05 for t in tiles)
+    assert all(t["network_pixels"] > rec.geometry["network_pixels"] for t in tiles)
+
+
 def test_extreme_aspect_tiles_along_the_long_side():
     from automl_ad.data.geometry import tile_grid
 

@@ -12,6 +12,7 @@ The rules (constants in :mod:`automl_ad.defaults`), from how a CNN feature map s
 2. **No enlarging.** The scale needed (network pixels per image pixel) is ``2 * 8 / defect_px``, but never above 1:
    native pixels hold all the detail there is; enlarging makes cells smaller than pixels without adding any.
    A single view may still enlarge a small image up to the families' default side (256), as they always did.
+   The largest single view at native pixels or below (sides in steps of 32) is always a candidate.
 3. **Aspect.** When the images (10th to 90th percentile of their aspect ratios) lie within 3/4..4/3
    (``GEOMETRY_SQUASH_MAX_ASPECT``: the aspect jitter ImageNet backbones were trained with) a square squash;
    otherwise the aspect is kept: a letterbox into a box of the median aspect ratio, its short
@@ -107,21 +108,35 @@ def _ceil_to(value: float, multiple: int) -> int:
 
 
 def _single_views(image_hw: tuple[int, int], elongation: float, squash: bool) -> list[Geometry]:
-    """Squashes (near-square images) or letterboxes of the median aspect, long side 256..1024, never enlarging the
-    image beyond native pixels on both axes except at the default side."""
+    """Squashes (near-square images) or letterboxes of the median aspect, long side 256..1024 in steps of 64, never
+    enlarging the image beyond native pixels on both axes except at the default side; and the largest view at
+    native pixels or below in steps of the deepest stride (a 300x200 image was tiled for the native pixels a
+    288x192 letterbox gives: its 320-px view enlarges, its 256-px view loses 15%)."""
     height, width = image_hw
+
+    def view(side: int) -> Geometry | None:
+        if squash:
+            return Geometry.squash(side)
+        short = _ceil_to(side / elongation, _DEEPEST_STRIDE)
+        if short < 2 * _DEEPEST_STRIDE:
+            return None
+        return Geometry("letterbox", short, side) if width >= height else Geometry("letterbox", side, short)
+
+    def enlarges(geometry: Geometry) -> bool:
+        return min(tile_grid(geometry, image_hw).scale_hw) > 1
+
     views = []
     for side in range(GEOMETRY_BASE_SIDE, GEOMETRY_MAX_SINGLE_SIDE + 1, _SIDE_STEP):
-        if squash:
-            view = Geometry.squash(side)
-        else:
-            short = _ceil_to(side / elongation, _DEEPEST_STRIDE)
-            if short < 2 * _DEEPEST_STRIDE:
-                continue
-            view = Geometry("letterbox", short, side) if width >= height else Geometry("letterbox", side, short)
-        if side > GEOMETRY_BASE_SIDE and min(tile_grid(view, image_hw).scale_hw) > 1:
+        candidate = view(side)
+        if candidate is None:
+            continue
+        if side > GEOMETRY_BASE_SIDE and enlarges(candidate):
             break
-        views.append(view)
+        views.append(candidate)
+    native = next((v for side in range(GEOMETRY_MAX_SINGLE_SIDE, GEOMETRY_BASE_SIDE, -_DEEPEST_STRIDE)
+                   if (v := view(side)) is not None and not enlarges(v)), None)
+    if native is not None and native not in views:
+        views.append(native)
     return views
 
 
