@@ -265,6 +265,9 @@ def test_a_small_wide_image_gets_one_view_at_native_pixels_rather_than_tiles():
     tiles = [a for a in rec.geometry["alternatives"] if a["key"].startswith("tile-")]
     assert tiles and all(t["cells"] <= rec.geometry["cells"] * 1.05 for t in tiles)
     assert all(t["network_pixels"] > rec.geometry["network_pixels"] for t in tiles)
+    # 319x258 (a 320-px view enlarges by 0.3%): the native view, not one 384x384 tile, a third of it reflection
+    native = _geometry(recommend(make_profile(size=(319, 258), defects=_defects(7, 25)), CPU))
+    assert native.mode != "tile" and max(native.height, native.width) == 320
 
 
 def test_extreme_aspect_tiles_along_the_long_side():

@@ -12,7 +12,7 @@ The rules (constants in :mod:`automl_ad.defaults`), from how a CNN feature map s
 2. **No enlarging.** The scale needed (network pixels per image pixel) is ``2 * 8 / defect_px``, but never above 1:
    native pixels hold all the detail there is; enlarging makes cells smaller than pixels without adding any.
    A single view may still enlarge a small image up to the families' default side (256), as they always did.
-   The largest single view at native pixels or below (sides in steps of 32) is always a candidate.
+   The view at native pixels (its long side the image's rounded to a multiple of 32) is always a candidate.
 3. **Aspect.** When the images (10th to 90th percentile of their aspect ratios) lie within 3/4..4/3
    (``GEOMETRY_SQUASH_MAX_ASPECT``: the aspect jitter ImageNet backbones were trained with) a square squash;
    otherwise the aspect is kept: a letterbox into a box of the median aspect ratio, its short
@@ -109,9 +109,9 @@ def _ceil_to(value: float, multiple: int) -> int:
 
 def _single_views(image_hw: tuple[int, int], elongation: float, squash: bool) -> list[Geometry]:
     """Squashes (near-square images) or letterboxes of the median aspect, long side 256..1024 in steps of 64, never
-    enlarging the image beyond native pixels on both axes except at the default side; and the largest view at
-    native pixels or below in steps of the deepest stride (a 300x200 image was tiled for the native pixels a
-    288x192 letterbox gives: its 320-px view enlarges, its 256-px view loses 15%)."""
+    enlarging the image beyond native pixels on both axes except at the default side; and the view at native
+    pixels, its long side the image's rounded to the deepest stride (a 300x200 image was tiled for the native
+    pixels a 288x192 letterbox gives: its 320-px view enlarges, its 256-px view loses 15%)."""
     height, width = image_hw
 
     def view(side: int) -> Geometry | None:
@@ -133,8 +133,8 @@ def _single_views(image_hw: tuple[int, int], elongation: float, squash: bool) ->
         if side > GEOMETRY_BASE_SIDE and enlarges(candidate):
             break
         views.append(candidate)
-    native = next((v for side in range(GEOMETRY_MAX_SINGLE_SIDE, GEOMETRY_BASE_SIDE, -_DEEPEST_STRIDE)
-                   if (v := view(side)) is not None and not enlarges(v)), None)
+    side = round(max(image_hw) / _DEEPEST_STRIDE) * _DEEPEST_STRIDE
+    native = view(side) if GEOMETRY_BASE_SIDE < side <= GEOMETRY_MAX_SINGLE_SIDE else None
     if native is not None and native not in views:
         views.append(native)
     return views
@@ -175,6 +175,8 @@ def _why(chosen: Candidate, aspects: str, typical_px: float) -> str:
         return f"aspects {aspects}, within the 3/4..4/3 jitter ImageNet backbones were trained with"
     if geometry.mode == "letterbox":
         return f"aspects {aspects} kept instead of squashed"
+    if chosen.tiles == 1:
+        return "one tile holds the whole image at this scale"
     typical = typical_px * geometry.scale
     overlap = (f"a typical defect ({typical:.0f} px at this scale) lies whole in one tile"
                if geometry.overlap >= typical else "capped at a quarter of the tile")
