@@ -30,6 +30,7 @@ from rich.table import Table
 from automl_ad.defaults import (
     DEFAULT_FALSE_ALARM_RATE,
     DEMO_DATA_DIR,
+    MIN_REAL_VALIDATION_DEFECTS,
     QUALITY_METRICS,
     SEARCH_BUDGET,
     SHORTLIST_SIZE,
@@ -618,7 +619,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the false-alarm rate on normal images at which --metric detection_at_far counts detected "
                    f"defects: the rate you will deploy at (default {DEFAULT_FALSE_ALARM_RATE:g})")
     p.add_argument("--validation", default="auto", choices=("auto", "real", "synthetic"),
-                   help="rank on labelled defects (real) or synthetic anomalies; auto = real when there are any")
+                   help="rank on labelled defects (real) or synthetic anomalies; auto = real when validation gets at "
+                   f"least {MIN_REAL_VALIDATION_DEFECTS} of them, synthetic anomalies beside fewer, synthetic alone "
+                   "without any")
     p.add_argument("--compare-synthetic", action="store_true",
                    help="ranking on real defects: score every trial on synthetic anomalies too, to see how well "
                    "label-free selection would have ranked them (scored after the budget, from the saved models)")

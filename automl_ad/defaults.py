@@ -110,6 +110,10 @@ DEFECT_VALIDATION_FRACTION = 0.5
 #: defects do): with 2 held-out normals (8 training images) a ranking is a coin toss and a threshold at a 1%
 #: false-alarm rate is the highest of two scores (1 in 3 new normal images exceed it).
 MIN_VALIDATION_NORMALS = 20
+#: Fewest labelled defects a search ranks on alone (``--validation auto``). An AUROC over n anomalies moves in
+#: steps of 1/n, so below about 10 one image decides between trials (60 good and 3 defective bottles: 2 validation
+#: defects, "resolves about ±0.10"); with fewer, synthetic anomalies on the held-out normals join them.
+MIN_REAL_VALIDATION_DEFECTS = 10
 SPLIT_SEED = 0
 #: Fewest normal training images `automl-ad fit` accepts: one image shows no normal variation (the per-position
 #: Gaussian cannot fit it; spread estimates of the other families collapse). Every family fits from two.

@@ -158,7 +158,7 @@ def test_synthesis_makes_only_the_rounds_the_families_need_and_is_deterministic(
     elsewhere = prepare_search_data(dataset, tmp_path / "b", "synthetic")  # all rounds at once, another folder
     assert [p.name for p in elsewhere.validation.paths] == [p.name for p in full.validation.paths]
     assert all((tmp_path / "b" / "synthetic-validation" / p.name).read_bytes() == data for p, data in written.items())
-    real = prepare_search_data(dataset, tmp_path / "c", "auto")  # labelled defects: nothing is synthesised
+    real = prepare_search_data(dataset, tmp_path / "c", "real")  # labelled defects: nothing is synthesised
     assert real.validation.kinds is None and real.validation_for(("cutpaste", "scar")) is real.validation
 
 
@@ -282,3 +282,29 @@ def test_rounding_for_people_and_the_cli_leaderboard():
     table = buffer.getvalue()
     assert "0.978" in table and "123.5" in table and "1235" in table and "3.1" in table and "5 min 12 s" in table
     assert "0.9775" not in table and "3.1415" not in table
+
+
+def test_too_few_real_defects_are_ranked_on_beside_synthetic_anomalies(demo_texture, tmp_path, monkeypatch):
+    """A handful of labelled defects moves an AUROC in steps too coarse to rank trials (60 good and 3 defective
+    bottles: 2 validation defects, "resolves about ±0.10"): below ``MIN_REAL_VALIDATION_DEFECTS`` they are ranked on
+    beside synthetic anomalies, which a family never trains on; with enough of them, on them alone."""
+    from automl_ad.data import open_dataset
+    from automl_ad.data.split import SearchSplit
+    from automl_ad.defaults import MIN_REAL_VALIDATION_DEFECTS
+    from automl_ad.search import validation
+    from automl_ad.search.validation import prepare_search_data
+
+    dataset = open_dataset(demo_texture)
+    split = prepare_search_data(dataset, tmp_path, "auto", families=["cutpaste", "padim"])
+    real = _kinds(split.validation).get("real", 0)
+    assert 0 < real < MIN_REAL_VALIDATION_DEFECTS and split.validation_kind == "mixed"
+    assert _kinds(split.validation) == {"normal": 8, "cutpaste": 8, "scar": 8, "perlin": 8, "real": real}
+    assert _kinds(split.validation_for(("cutpaste", "scar"))) == {"normal": 8, "perlin": 8, "real": real}
+    assert f"{real} real defects (too few to rank on alone) and 24 synthetic anomalies" in split.describe()
+    again = SearchSplit.from_json(split.to_json())
+    assert again.validation_kind == "mixed" and again.validation.kinds == split.validation.kinds
+    assert again.validation.masks()[-1] is not None  # the real defects keep their masks
+    monkeypatch.setattr(validation, "MIN_REAL_VALIDATION_DEFECTS", real)
+    alone = prepare_search_data(dataset, tmp_path, "auto", families=["cutpaste", "padim"])
+    assert alone.validation_kind == "real" and alone.validation.kinds is None
+    assert list(alone.validation.labels).count(1) == real and len(alone.validation) == 8 + real

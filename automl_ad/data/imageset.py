@@ -99,6 +99,23 @@ class ImageSet:
                         mask_paths=pick(self.mask_paths), content_hashes=pick(self.content_hashes),
                         kinds=pick(self.kinds), full_scale=self.full_scale, _fingerprints=pick(self._fingerprints))
 
+    def concatenated(self, other: ImageSet) -> ImageSet:
+        """This set's images followed by ``other``'s: both of files, labelled alike, read at the same full scale."""
+        if self.paths is None or other.paths is None or (self.labels is None) != (other.labels is None) \
+                or self.full_scale != other.full_scale:
+            raise ValueError("only image sets of files, labelled alike and read at the same full scale, concatenate")
+
+        def joined(mine, theirs, whole: bool = False):
+            if mine is None and theirs is None or whole and (mine is None or theirs is None):
+                return None
+            return list(mine or [None] * len(self)) + list(theirs or [None] * len(other))
+
+        return ImageSet(paths=self.paths + other.paths,
+                        labels=None if self.labels is None else np.concatenate([self.labels, other.labels]),
+                        mask_paths=joined(self.mask_paths, other.mask_paths),
+                        content_hashes=joined(self.content_hashes, other.content_hashes, whole=True),
+                        kinds=joined(self.kinds, other.kinds), full_scale=self.full_scale)
+
     def at_full_scale(self, full_scale: int | None) -> ImageSet:
         """The same images read with another ``full_scale`` (a fitted detector scores new images as it was
         trained)."""

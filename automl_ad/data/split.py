@@ -9,11 +9,16 @@ from dataclasses import dataclass
 from automl_ad.data.imageset import ImageSet
 from automl_ad.data.synthetic import without_trained_kinds
 
+#: What a search's validation anomalies are, by ``validation_kind``, in words.
+ANOMALY_WORDS = {"real": "real defects", "synthetic": "synthetic anomalies",
+                 "mixed": "real defects and synthetic anomalies"}
+
 
 @dataclass
 class SearchSplit:
     """Train (normal), validation (what trials are ranked on) and test (final report only) image sets.
-    ``validation_kind`` is "real" or "synthetic"; ``reference`` holds the real-defect validation images when
+    ``validation_kind`` is "real", "synthetic" or "mixed" (too few real defects: synthetic anomalies beside them;
+    :data:`~automl_ad.defaults.MIN_REAL_VALIDATION_DEFECTS`); ``reference`` holds the real-defect validation images when
     ranking is on synthetic anomalies although real defects exist (trials are scored on both, to measure how
     well the synthetic ranking agrees with the real one); ``synthetic_reference`` holds synthetic anomalies on the
     held-out normals when ranking is on real defects and the search was asked to compare (the same agreement, seen
@@ -31,12 +36,16 @@ class SearchSplit:
         n_val_bad = int(self.validation.labels.sum())
         n_val_good = len(self.validation) - n_val_bad
         n_test_bad = int(self.test.labels.sum()) if len(self.test) else 0
-        kinds = sorted({k for k in self.validation.kinds or [] if k is not None})
-        held_out = (f" ({', '.join(kinds)}; each family is ranked on {n_val_good} of kinds it does not train on)"
-                    if kinds and n_val_bad > n_val_good else "")
-        return (f"train {len(self.train)} normal; validation {n_val_good} normal + {n_val_bad} "
-                f"{self.validation_kind} anomalies{held_out}; test {len(self.test) - n_test_bad} normal + "
-                f"{n_test_bad} defective")
+        kinds = list(self.validation.kinds or [])
+        n_synthetic = sum(k is not None for k in kinds)
+        named = sorted({k for k in kinds if k is not None})
+        held_out = (f" ({', '.join(named)}; each family is ranked on {n_val_good} of kinds it does not train on)"
+                    if named and n_synthetic > n_val_good else "")
+        anomalies = (f"{n_val_bad - n_synthetic} real defects (too few to rank on alone) and {n_synthetic} "
+                     "synthetic anomalies" if self.validation_kind == "mixed" else
+                     f"{n_val_bad} {self.validation_kind} anomalies")
+        return (f"train {len(self.train)} normal; validation {n_val_good} normal + {anomalies}{held_out}; "
+                f"test {len(self.test) - n_test_bad} normal + {n_test_bad} defective")
 
     def validation_for(self, trained_on: Sequence[str]) -> ImageSet:
         """The validation images of a family that trains on the synthetic anomaly kinds ``trained_on`` (its

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from automl_ad.data.split import SearchSplit
+from automl_ad.data.split import ANOMALY_WORDS, SearchSplit
 from automl_ad.defaults import STATE_DIR
 from automl_ad.deploy.appearance import training_appearance
 from automl_ad.deploy.package import check_package_target, export_package, verify_package
@@ -137,7 +137,7 @@ def calibrate(detector, split: SearchSplit, far: float = DEFAULT_FALSE_ALARM_RAT
             f"--false-alarm-rate {reachable:g}.")
     detected = rates["detection_rate"]
     if detected is not None and detected < LOW_DETECTION_RATE:
-        kind = "real defects" if split.validation_kind == "real" else "synthetic anomalies"
+        kind = ANOMALY_WORDS[split.validation_kind]
         best = max((r for r in table if r["detection_rate"] is not None), key=lambda r: r["detection_rate"])
         warnings.append(
             f"at the target false-alarm rate {far:g} this model detects only {detected:.0%} of the validation "
@@ -211,13 +211,13 @@ def export_run(store: SearchStore, run_id: str, out: str | Path, far: float = DE
 
 
 def _say_operating_point(calibration: Calibration, metrics: dict, far: float, say) -> None:
-    """What the threshold will do in production, in rounded figures, and any warning. On synthetic validation
-    the detected ones are synthetic anomalies, not defects: said so."""
-    synthetic = metrics.get("validation_kind") == "synthetic"
+    """What the threshold will do in production, in rounded figures, and any warning. On synthetic (or mixed)
+    validation the detected ones are (partly) synthetic anomalies, not defects: said so."""
     for name, rates in (("validation", calibration.validation_rates), ("test", metrics.get("test"))):
         if rates and rates.get("detection_rate") is not None:
             alarms = rates.get("false_alarm_rate")
-            caught = "synthetic anomalies" if synthetic and name == "validation" else "defects"
+            kind = metrics.get("validation_kind") if name == "validation" else None
+            caught = ANOMALY_WORDS[kind] if kind in ("synthetic", "mixed") else "defects"
             say(f"At the threshold (target false-alarm rate {far:g}) on {name}: false alarms "
                 f"{'n/a' if alarms is None else f'{alarms:.1%}'}, {caught} detected {rates['detection_rate']:.1%}")
     for warning in calibration.warnings:

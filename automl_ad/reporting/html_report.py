@@ -26,6 +26,7 @@ import numpy as np
 
 from automl_ad.data import open_dataset
 from automl_ad.data.io import resize_image
+from automl_ad.data.split import ANOMALY_WORDS
 from automl_ad.defaults import DEFAULT_FALSE_ALARM_RATE
 from automl_ad.deploy.export import calibrate, choose_run
 from automl_ad.detectors import Detector, detector_class
@@ -288,6 +289,11 @@ def curves_figure(ev: Evaluation) -> str:
 _FAR_LINEAR_BELOW = 1e-3
 
 
+def _anomaly_words(ev) -> str:
+    """What the validation anomalies were, in words."""
+    return ANOMALY_WORDS.get(ev.validation_kind, f"{ev.validation_kind} anomalies")
+
+
 def operating_figure(ev: Evaluation) -> str:
     """Detection rate against false-alarm rate (log scale, where deployments operate) on the test images, with the
     calibrated threshold, the target rate and the validation threshold table."""
@@ -304,7 +310,7 @@ def operating_figure(ev: Evaluation) -> str:
     table = [r for r in ev.operating_points if r.get("detection_rate") is not None]
     if table:
         ax.plot([r["false_alarm_rate"] for r in table], [r["detection_rate"] for r in table], "s--", color=_NORMAL,
-                lw=1, ms=5, label=f"validation ({ev.validation_kind} anomalies): the package's threshold table")
+                lw=1, ms=5, label=f"validation ({_anomaly_words(ev)}): the package's threshold table")
     if ev.validation_rates.get("detection_rate") is not None:
         ax.plot([ev.validation_rates["false_alarm_rate"]], [ev.validation_rates["detection_rate"]], "o", ms=9,
                 mfc="white", mec="black", label="calibrated threshold on validation")
@@ -784,7 +790,7 @@ def operating_section(ev: Evaluation) -> str:
     intro = (f"<p>What the image threshold trades: the share of normal images it flags (false-alarm rate) against "
              f"the share of defective images it catches (detection rate). The curve runs over every threshold on the "
              f"{len(scores)} test images; the squares are the threshold table an exported package stores, measured "
-             f"on the validation images ({_e(ev.validation_kind)} anomalies); the dots are the calibrated threshold "
+             f"on the validation images ({_e(_anomaly_words(ev))}); the dots are the calibrated threshold "
              f"(target false-alarm rate {th['target_false_alarm_rate']:g}). The shaded row is that threshold.</p>")
     return (intro + f"<img class='figure' alt='operating curve' src='{operating_figure(ev)}'>" + table)
 

@@ -2,7 +2,8 @@
 
 Normal training images are split into train and validation. Labelled defects, when the dataset has them, are
 divided between validation (selection) and test (final report); the test part never influences selection.
-Without labelled defects, validation anomalies are synthesised on the held-out normal images
+Without labelled defects, or with fewer than ``MIN_REAL_VALIDATION_DEFECTS`` for validation (then they are ranked
+on too, beside them: "mixed"), validation anomalies are synthesised on the held-out normal images
 (:mod:`automl_ad.data.synthetic`) and written once to the search's working folder, so every trial reads the same
 files (and the feature cache can serve them). Each family is ranked only on anomaly kinds it does not train on
 (:func:`automl_ad.data.synthetic.without_trained_kinds`), with as many anomalies as there are normal images.
@@ -22,7 +23,12 @@ from automl_ad.data.imageset import ImageSet
 from automl_ad.data.io import read_image, save_png, to_float
 from automl_ad.data.split import SearchSplit
 from automl_ad.data.synthetic import KINDS, make_anomaly, round_kind, rounds_needed, without_trained_kinds
-from automl_ad.defaults import QUALITY_METRICS, SEARCH_MIN_SCREEN_VALIDATION, SEARCH_REDUCTION_FACTOR
+from automl_ad.defaults import (
+    MIN_REAL_VALIDATION_DEFECTS,
+    QUALITY_METRICS,
+    SEARCH_MIN_SCREEN_VALIDATION,
+    SEARCH_REDUCTION_FACTOR,
+)
 from automl_ad.detectors import Detector, detector_class
 from automl_ad.errors import UsageError
 
@@ -35,8 +41,9 @@ def prepare_search_data(dataset: Dataset, work_dir: str | Path, mode: str = "aut
                         families: Sequence[str] | None = None, compare_synthetic: bool = False) -> SearchSplit:
     """Split ``dataset`` for a search; synthesise validation anomalies under ``work_dir`` when needed, enough
     for every one of ``families`` (None: for any family) to be ranked on kinds it does not train on.
-    ``compare_synthetic``: when ranking on real defects, synthesise them anyway as ``synthetic_reference`` (every
-    trial is scored on them too, to measure how label-free selection would have ranked it)."""
+    ``compare_synthetic``: rank on the real defects however few, and synthesise anomalies anyway as
+    ``synthetic_reference`` (every trial is scored on them too, to measure how label-free selection would have
+    ranked it)."""
     if mode not in VALIDATION_MODES:
         raise UsageError(f"validation must be one of {', '.join(VALIDATION_MODES)}, got {mode!r}")
     split = dataset.split(seed=seed)
@@ -51,9 +58,13 @@ def prepare_search_data(dataset: Dataset, work_dir: str | Path, mode: str = "aut
         raise UsageError(f"{dataset.root}: --validation real needs labelled defect images, and there are none; "
                          "use --validation auto (synthetic anomalies on held-out normal images)")
     trained_on = None if families is None else [detector_class(f).trains_on_anomalies for f in families]
-    if mode == "real" or (mode == "auto" and defects):
+    enough = len(defects) >= MIN_REAL_VALIDATION_DEFECTS or (defects and compare_synthetic)  # it ranks on them
+    if mode == "real" or (mode == "auto" and enough):
         synthetic = _synthetic_validation(normals, dataset, work_dir, seed, trained_on) if compare_synthetic else None
         return SearchSplit(train, real, test, "real", synthetic_reference=synthetic)
+    if mode == "auto" and defects:  # too few to rank on alone: beside synthetic anomalies
+        synthetic = _synthetic_validation(normals, dataset, work_dir, seed, trained_on)
+        return SearchSplit(train, synthetic.concatenated(ImageSet.from_records(defects, dataset)), test, "mixed")
     return SearchSplit(train, _synthetic_validation(normals, dataset, work_dir, seed, trained_on), test, "synthetic",
                        reference=real if defects else None)
 
@@ -64,11 +75,8 @@ def _synthetic_validation(normals, dataset: Dataset, work_dir: str | Path, seed:
     :func:`synthesise_validation`)."""
     rounds = len(KINDS) if trained_on is None else rounds_needed(trained_on)
     normal_set = ImageSet.from_records(normals, dataset)
-    synthetic = synthesise_validation(normal_set, Path(work_dir) / "synthetic-validation", seed, rounds)
-    return ImageSet(paths=normal_set.paths + synthetic.paths,
-                    labels=np.concatenate([np.zeros(len(normals), np.int64), synthetic.labels]),
-                    mask_paths=[None] * len(normals) + synthetic.mask_paths,
-                    kinds=[None] * len(normals) + synthetic.kinds, full_scale=normal_set.full_scale)
+    return normal_set.concatenated(synthesise_validation(normal_set, Path(work_dir) / "synthetic-validation", seed,
+                                                         rounds))
 
 
 def synthesise_validation(normals: ImageSet, out: Path, seed: int = 0, rounds: int = 1) -> ImageSet:
