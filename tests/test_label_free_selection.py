@@ -308,3 +308,23 @@ def test_too_few_real_defects_are_ranked_on_beside_synthetic_anomalies(demo_text
     alone = prepare_search_data(dataset, tmp_path, "auto", families=["cutpaste", "padim"])
     assert alone.validation_kind == "real" and alone.validation.kinds is None
     assert list(alone.validation.labels).count(1) == real and len(alone.validation) == 8 + real
+
+
+@pytest.mark.parametrize("count, tested", [(30, 0), (110, 22)])
+def test_a_few_normals_without_defects_train_instead_of_making_a_test_split(tmp_path, count, tested):
+    """Without labelled defects a test split could only count false alarms: on fewer normals than
+    ``MIN_VALIDATION_NORMALS`` too coarsely to be worth what they add to training (30 images: 18 trained, not 24)."""
+    from PIL import Image
+
+    from automl_ad.data import open_dataset
+    from automl_ad.search.validation import prepare_search_data
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    for i in range(count):
+        Image.fromarray(rng.integers(90, 110, (32, 32), dtype=np.uint8)).save(folder / f"{i:03d}.png")
+    split = prepare_search_data(open_dataset(folder), tmp_path / "work", "auto", families=["padim"])
+    held_out = round(count * 0.2)
+    assert len(split.test) == tested and split.validation_kind == "synthetic"
+    assert len(split.train) == count - held_out - tested and int((split.validation.labels == 0).sum()) == held_out

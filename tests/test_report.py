@@ -75,3 +75,19 @@ def test_report_of_experiment_name_and_missing_parts(searched, tmp_path, monkeyp
         assert f'<section id="{key}">' in text
     assert "No profile was logged" in text and "No recommendation was logged" in text
     assert text.count("/gone is not on this machine") == 4  # scores, operating curve, curves, gallery say why
+
+
+def test_a_split_without_test_images_is_reported_on_its_validation_images(searched, tmp_path, monkeypatch):
+    """A few normals without labelled defects train instead of making a test split: the report then shows the
+    best model's scores, curves and heatmaps on the validation images, and says they selected it."""
+    result, uri, work = searched
+    monkeypatch.chdir(work)
+    split_of = SearchStore.split
+    monkeypatch.setattr(SearchStore, "split", lambda self, search: dataclasses.replace(
+        split_of(self, search), test=split_of(self, search).test.subset([])))
+    out = tmp_path / "report.html"
+    assert main(["report", result.parent_run_id, "--out", str(out), "--tracking-uri", uri]) == 0
+    text = out.read_text()
+    assert "holds no test images, so these figures are on the validation images" in text
+    assert "Anomaly maps over the validation images" in text and "True positives" in text
+    assert "test false alarms" not in text and "No test scores" not in text

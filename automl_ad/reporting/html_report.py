@@ -75,6 +75,8 @@ class Evaluation:
     operating_points: list[dict] = field(default_factory=list)
     validation_rates: dict = field(default_factory=dict)
     validation_kind: str = ""
+    #: What was scored: "test" images, or "validation" ones when the split holds no test images.
+    scored_on: str = "test"
 
 
 @dataclass
@@ -175,15 +177,18 @@ def evaluate_best(store: SearchStore, facts: SearchFacts, max_images: int = MAX_
     result = Evaluation(None, best["run_id"], best["family"], calibration.thresholds["image"], n_test=len(split.test),
                         operating_points=calibration.operating_points,
                         validation_rates=calibration.validation_rates, validation_kind=split.validation_kind)
-    if not len(split.test):
-        result.missing = "The search's split holds no test images."
-        return result
-    keep = _cap(split.test.labels, max_images, seed)
-    test = split.test.subset(keep)
-    if len(keep) < len(split.test):
-        result.note = (f"{len(keep)} of the {len(split.test)} test images scored (a stratified random sample, "
-                       f"seed {seed}), to keep the report quick.")
-    say(f"Scoring {len(test)} test images (never used for selection) ...")
+    scored = split.test
+    if not len(scored):  # e.g. a few normals without labelled defects: they trained instead
+        scored, result.scored_on = split.validation_for(detector.trains_on_anomalies), "validation"
+        result.note = ("The search's split holds no test images, so these figures are on the validation images. "
+                       "They selected this model, so the figures flatter it.")
+    keep = _cap(scored.labels, max_images, seed)
+    test = scored.subset(keep)
+    if len(keep) < len(scored):
+        result.note = (f"{result.note} {len(keep)} of the {len(scored)} {result.scored_on} images scored (a "
+                       f"stratified random sample, seed {seed}), to keep the report quick.").strip()
+    say(f"Scoring {len(test)} {result.scored_on} images"
+        f"{' (never used for selection)' if result.scored_on == 'test' else ' (the split holds no test images)'} ...")
     scores = detector.score_samples(test)
     result.labels, result.scores, result.maps = test.labels, scores.image_scores, scores.anomaly_maps
     result.images = test
@@ -244,7 +249,7 @@ def histogram_figure(ev: Evaluation) -> str:
                label=f"threshold {limit:.4g} ({ev.threshold['method']}, target false-alarm rate "
                      f"{ev.threshold['target_false_alarm_rate']:g})")
     ax.set_xlabel("image anomaly score")
-    ax.set_ylabel("test images")
+    ax.set_ylabel(f"{ev.scored_on} images")
     ax.legend(fontsize=8, loc="best")
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -306,7 +311,8 @@ def operating_figure(ev: Evaluation) -> str:
     if labels.min() != labels.max():
         fpr, tpr, _ = roc_curve(labels, scores)
         ax.plot(fpr, tpr, color=_DEFECT, lw=1.8,
-                label=f"test: every threshold ({int(labels.sum())} defective, {int((labels == 0).sum())} normal)")
+                label=f"{ev.scored_on}: every threshold ({int(labels.sum())} defective, "
+                      f"{int((labels == 0).sum())} normal)")
     table = [r for r in ev.operating_points if r.get("detection_rate") is not None]
     if table:
         ax.plot([r["false_alarm_rate"] for r in table], [r["detection_rate"] for r in table], "s--", color=_NORMAL,
@@ -316,8 +322,8 @@ def operating_figure(ev: Evaluation) -> str:
                 mfc="white", mec="black", label="calibrated threshold on validation")
     if at["detection_rate"] is not None:
         ax.plot([at["false_alarm_rate"]], [at["detection_rate"]], "ko", ms=8,
-                label=f"calibrated threshold on test: false alarms {rounded(at['false_alarm_rate'])}, detected "
-                      f"{rounded(at['detection_rate'])}")
+                label=f"calibrated threshold on {ev.scored_on}: false alarms {rounded(at['false_alarm_rate'])}, "
+                      f"detected {rounded(at['detection_rate'])}")
     ax.axvline(th["target_false_alarm_rate"], color="grey", ls=":", lw=1.2,
                label=f"target false-alarm rate {th['target_false_alarm_rate']:g}")
     ax.set_xscale("symlog", linthresh=_FAR_LINEAR_BELOW)
@@ -751,13 +757,20 @@ def scores_section(ev: Evaluation) -> str:
             stats.append(_stat(f"{ev.metrics[key]:.3f}", label))
     intro = (f"<p>Best front model: <b>{_e(ev.family)}</b> (run {_e(ev.run_id)}, highest validation quality on the "
              "front within the constraint profile's limits: the model `automl-ad export --best` takes), scored on "
-             f"{len(scores)} test images that took no part in selection. The threshold is "
+             f"{len(scores)} {_scored(ev)}. The threshold is "
              f"calibrated on held-out normal validation images ({th.get('n_normal')} scores) at a target false-alarm "
              f"rate of {th['target_false_alarm_rate']:g}, as `automl-ad export` does; {_e(th.get('note'))}.</p>")
     extra = (_note(ev.note) if ev.note else "") + ("" if n_bad else _note(
-        "The test split holds no defective images: only the normal score distribution is shown."))
+        f"The scored {ev.scored_on} images hold no defective image: only the normal score distribution is shown."))
     return (intro + f'<div class="stats">{"".join(stats)}</div>' + extra
             + f"<img class='figure' alt='score histogram' src='{histogram_figure(ev)}'>")
+
+
+def _scored(ev: Evaluation) -> str:
+    """The images the best model was scored on, and how far to trust them."""
+    if ev.scored_on == "test":
+        return "test images that took no part in selection"
+    return "validation images (the split holds no test images; these selected the model, so they flatter it)"
 
 
 def curves_section(ev: Evaluation) -> str:
@@ -765,8 +778,10 @@ def curves_section(ev: Evaluation) -> str:
         return _note(ev.missing or "No test scores.")
     if ev.labels.min() == ev.labels.max():
         kind = "defective" if ev.labels.min() == 0 else "normal"
-        return _note(f"The scored test images hold no {kind} image, so ROC and precision-recall curves are undefined.")
-    return ("<p>Image-level curves on the test images; the dot marks the calibrated threshold's operating point.</p>"
+        return _note(f"The scored {ev.scored_on} images hold no {kind} image, so ROC and precision-recall curves are "
+                     "undefined.")
+    return (f"<p>Image-level curves on the {ev.scored_on} images; the dot marks the calibrated threshold's operating "
+            "point.</p>"
             f"<img class='figure' alt='ROC and PR curves' src='{curves_figure(ev)}'>")
 
 
@@ -784,13 +799,15 @@ def operating_section(ev: Evaluation) -> str:
     rows.append([rounded(th["target_false_alarm_rate"]), f"{_e(calibrated)} ({_e(th['method'])})",
                  rounded(validation.get("false_alarm_rate")), rounded(validation.get("detection_rate")),
                  rounded(at["false_alarm_rate"]), rounded(at["detection_rate"])])
-    table = _table(["target false-alarm rate", "threshold", "validation false alarms", "validation detected",
-                    "test false alarms", "test detected"], rows, set(range(6)),
-                   [""] * (len(rows) - 1) + ["front"])
+    columns = ["target false-alarm rate", "threshold", "validation false alarms", "validation detected",
+               "test false alarms", "test detected"]
+    if ev.scored_on != "test":  # the same images twice
+        columns, rows = columns[:4], [row[:4] for row in rows]
+    table = _table(columns, rows, set(range(len(columns))), [""] * (len(rows) - 1) + ["front"])
     intro = (f"<p>What the image threshold trades: the share of normal images it flags (false-alarm rate) against "
              f"the share of defective images it catches (detection rate). The curve runs over every threshold on the "
-             f"{len(scores)} test images; the squares are the threshold table an exported package stores, measured "
-             f"on the validation images ({_e(_anomaly_words(ev))}); the dots are the calibrated threshold "
+             f"{len(scores)} {ev.scored_on} images; the squares are the threshold table an exported package stores, "
+             f"measured on the validation images ({_e(_anomaly_words(ev))}); the dots are the calibrated threshold "
              f"(target false-alarm rate {th['target_false_alarm_rate']:g}). The shaded row is that threshold.</p>")
     return (intro + f"<img class='figure' alt='operating curve' src='{operating_figure(ev)}'>" + table)
 
@@ -806,9 +823,9 @@ def gallery_section(ev: Evaluation) -> str:
     else:
         normal = ev.maps[ev.labels == 0] if (ev.labels == 0).any() else ev.maps
         vmin, vmax = float(np.percentile(normal, 1)), float(np.percentile(ev.maps, 99.9))
-        parts.append(f"<p>Anomaly maps over the test images on one colour scale (blue = normal, red = anomalous, "
-                     f"{vmin:.3g} to {vmax:.3g}); the ground-truth defect outline is white. Verdicts at the image "
-                     f"threshold {ev.threshold['value']:.4g}.</p>")
+        parts.append(f"<p>Anomaly maps over the {ev.scored_on} images on one colour scale (blue = normal, red = "
+                     f"anomalous, {vmin:.3g} to {vmax:.3g}); the ground-truth defect outline is white. Verdicts at "
+                     f"the image threshold {ev.threshold['value']:.4g}.</p>")
     for title, explanation, indices in gallery_groups(ev):
         parts.append(f"<h3>{_e(title)} <span class='muted'>— {_e(explanation)}; {len(indices)} shown</span></h3>")
         if not indices:
