@@ -60,7 +60,7 @@ def prepare_search_data(dataset: Dataset, work_dir: str | Path, mode: str = "aut
         raise UsageError(f"{dataset.root}: --validation real needs labelled defect images, and there are none; "
                          "use --validation auto (synthetic anomalies on held-out normal images)")
     trained_on = None if families is None else [detector_class(f).trains_on_anomalies for f in families]
-    enough = len(defects) >= MIN_REAL_VALIDATION_DEFECTS or (defects and compare_synthetic)  # it ranks on them
+    enough = len(defects) >= MIN_REAL_VALIDATION_DEFECTS or (bool(defects) and compare_synthetic)  # ranked on alone
     if mode == "real" or (mode == "auto" and enough):
         synthetic = _synthetic_validation(normals, dataset, work_dir, seed, trained_on) if compare_synthetic else None
         return SearchSplit(train, real, test, "real", synthetic_reference=synthetic)
