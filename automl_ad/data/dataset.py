@@ -73,12 +73,13 @@ class Dataset:
 
     def split(self, validation_fraction: float = VALIDATION_FRACTION,
               defect_validation_fraction: float = DEFECT_VALIDATION_FRACTION, seed: int = SPLIT_SEED,
-              min_validation_normals: int = MIN_VALIDATION_NORMALS) -> DataSplit:
+              min_validation_normals: int = MIN_VALIDATION_NORMALS, min_test_normals: int = 0) -> DataSplit:
         """Deterministic split. Normal training images → train + validation. Declared test normals go to test
         (without a declared split a share of the normals is held out for test), except that when fewer than
         ``min_validation_normals`` training normals were held out, up to ``defect_validation_fraction`` of the
-        declared test normals join validation. Labelled defects of each type are divided between validation (model
-        selection) and test (final report); the test part never feeds selection.
+        declared test normals join validation. Without a declared split or labelled defects, fewer held-out test
+        normals than ``min_test_normals`` train instead. Labelled defects of each type are divided between validation
+        (model selection) and test (final report); the test part never feeds selection.
         """
         if not 0 <= validation_fraction < 1 or not 0 <= defect_validation_fraction <= 1:
             raise ValueError("split fractions must lie in [0, 1)")
@@ -87,7 +88,7 @@ class Dataset:
         pool = self.normal_in("train") if declared else self.normal
         pool = [pool[i] for i in rng.permutation(len(pool))]
         n_val = int(round(len(pool) * validation_fraction))
-        n_test = 0 if declared else n_val
+        n_test = 0 if declared or (not self.abnormal and n_val < min_test_normals) else n_val
         if len(pool) - n_val - n_test < 1:
             raise InvalidDatasetError(f"{self.root}: only {len(pool)} normal training image(s); at least "
                                       f"{n_val + n_test + 1} are needed for the requested split")
