@@ -178,6 +178,12 @@ QUALITY_METRICS = ("combined", "image_auroc", "aupro", "pixel_auroc", "pixel_ap"
 
 #: Target false-alarm rate (share of normal images flagged) of calibrated thresholds and of detection_at_far.
 DEFAULT_FALSE_ALARM_RATE = 0.01
+#: Export: when the held-out normals are too few to set the threshold at the target rate, a family that fits in
+#: closed form (not iteratively) is refitted this many times on folds of the training normals, each scoring the
+#: images it left out (cross-conformal calibration), so every training normal adds an unseen-image score; the
+#: refits may take at most this many seconds, predicted from the model's own fit time.
+CALIBRATION_FOLDS = 5
+CALIBRATION_REFIT_MAX_S = 300
 
 #: Offline default backbone: its ImageNet weights ship inside the package (``automl_ad/features/builtin/``) and
 #: are used when no other weights for it are available and the hub cannot be reached.

@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 
 from automl_ad.data.split import ANOMALY_WORDS, SearchSplit
-from automl_ad.defaults import STATE_DIR
+from automl_ad.defaults import CALIBRATION_FOLDS, STATE_DIR
 from automl_ad.deploy.appearance import training_appearance
+from automl_ad.deploy.out_of_fold import out_of_fold_scores, predicted_refit_seconds, refit_refusal
 from automl_ad.deploy.package import check_package_target, export_package, verify_package
 from automl_ad.deploy.serving import log_package
 from automl_ad.deploy.thresholds import (
@@ -101,40 +102,60 @@ class Calibration:
     validation_rates: dict
     operating_points: list[dict]
     warnings: list[str] = field(default_factory=list)
-    #: (path, score) of the held-out normals that set the image threshold: those at or above it (the validation false
-    #: alarms), else the highest-scoring one (the threshold is its score, or a tail fit above it); none in memory
+    #: (path, score) of the normals (held out, or training images scored out of fold) that set the image threshold:
+    #: those at or above it, else the highest-scoring one (the threshold is its score, or a tail fit above it); none
+    #: in memory
     threshold_setters: list[tuple[str, float]] = field(default_factory=list)
 
 
 def calibrate(detector, split: SearchSplit, far: float = DEFAULT_FALSE_ALARM_RATE, say=print) -> Calibration:
-    """Image (and pixel) thresholds at false-alarm rate ``far`` from the validation normals; the false-alarm and
-    detection rates they give on the validation images, the threshold → rates table, and plain warnings."""
+    """Image (and pixel) thresholds at false-alarm rate ``far`` from the validation normals (joined by the training
+    normals scored out of fold when those are too few for ``far`` and the family refits quickly,
+    :mod:`~automl_ad.deploy.out_of_fold`); the false-alarm and detection rates they give on the validation images,
+    the threshold → rates table, and plain warnings."""
     normals = split.normal_validation()
     say(f"Calibrating thresholds on {len(normals)} held-out normal images (target false-alarm rate {far:g}) ...")
     validation = split.validation_for(detector.trains_on_anomalies)  # never its own training anomaly kinds
     scores = detector.score_samples(validation)
     labels = validation.labels
-    normal_scores = scores.image_scores[labels == 0]
-    thresholds = {"image": calibrate_image_threshold(normal_scores, far).to_dict(), "active": "image"}
+    held_out = scores.image_scores[labels == 0]
+    normal_scores, normal_paths = held_out, _paths(validation, labels == 0)
+    refusal = None
+    if far < smallest_far(len(held_out)):
+        refusal = refit_refusal(detector, len(split.train))
+        if refusal is None:
+            say(f"  ... too few for a false-alarm rate of {far:g}: refitting the model on {CALIBRATION_FOLDS} folds "
+                f"of the {len(split.train)} training images to score each one unseen "
+                f"(about {predicted_refit_seconds(detector) or 0:.0f} s) ...")
+            held_out_set = validation.subset(np.flatnonzero(labels == 0))
+            normal_scores = np.r_[held_out, out_of_fold_scores(detector, split.train, held_out_set, held_out)]
+            train_paths = _paths(split.train, np.ones(len(split.train), bool))
+            normal_paths = None if normal_paths is None or train_paths is None else normal_paths + train_paths
+    image = calibrate_image_threshold(normal_scores, far)
+    image.n_out_of_fold = len(normal_scores) - len(held_out)
+    thresholds = {"image": image.to_dict(), "active": "image"}
     if scores.anomaly_maps is not None:
         thresholds["pixel"] = calibrate_pixel_threshold(scores.anomaly_maps[labels == 0], far).to_dict()
     if split.validation_kind == "real" and labels.any():
         thresholds["image_f1_optimal"] = f1_optimal_threshold(labels, scores.image_scores).to_dict()
-    rates = rates_at(thresholds["image"]["value"], labels, scores.image_scores)
+    rates = rates_at(image.value, labels, scores.image_scores)
     table = operating_points(normal_scores, scores.image_scores[labels == 1])
     warnings = []
     floor = smallest_far(len(normal_scores))
     if far < floor:
         reachable = math.ceil(floor * 1000) / 1000
-        empirical = thresholds["image"]["method"] == "empirical"
+        empirical = image.method == "empirical"
         where = ("the highest of their scores, which about" if empirical else
                  "extrapolated by a tail fit above the highest of their scores, which fewer than")
+        counted = (f"{len(normal_scores)} normal scores ({len(held_out)} held-out images and "
+                   f"{image.n_out_of_fold} training images scored out of fold)" if image.n_out_of_fold else
+                   f"{len(normal_scores)} held-out normal images")
+        unfolded = f" The training images were not scored out of fold: {refusal}." if refusal else ""
         warnings.append(
-            f"only {len(normal_scores)} held-out normal images: a false-alarm rate of {far:g} needs at least "
-            f"{math.ceil(1 / far) - 1} to be set from data, so the threshold is {where} 1 in "
-            f"{len(normal_scores) + 1} new normal images exceed ({'' if empirical else 'under '}{floor:.0%} false "
-            f"alarms). Add normal images to the training folder (a share is held out), or export with "
-            f"--false-alarm-rate {reachable:g}.")
+            f"only {counted}: a false-alarm rate of {far:g} needs at least {math.ceil(1 / far) - 1} to be set from "
+            f"data, so the threshold is {where} 1 in {len(normal_scores) + 1} new normal images exceed "
+            f"({'' if empirical else 'under '}{floor:.0%} false alarms).{unfolded} Add normal images to the training "
+            f"folder (a share is held out), or export with --false-alarm-rate {reachable:g}.")
     detected = rates["detection_rate"]
     if detected is not None and detected < LOW_DETECTION_RATE:
         kind = ANOMALY_WORDS[split.validation_kind]
@@ -144,29 +165,32 @@ def calibrate(detector, split: SearchSplit, far: float = DEFAULT_FALSE_ALARM_RAT
             f"{kind}. Options: accept more false alarms (at {best['target_false_alarm_rate']:g} it detects "
             f"{best['detection_rate']:.0%}; export with --false-alarm-rate), search longer or with "
             "--metric detection_at_far, or label more defects so the search can rank on them.")
-    return Calibration(thresholds, rates, table, warnings, _threshold_setters(validation, normal_scores,
-                                                                             thresholds["image"]["value"]))
+    return Calibration(thresholds, rates, table, warnings, _threshold_setters(normal_paths, normal_scores, image.value))
 
 
-def _threshold_setters(validation, normal_scores: np.ndarray, threshold: float) -> list[tuple[str, float]]:
-    """The held-out normals that set ``threshold`` (see :attr:`Calibration.threshold_setters`), highest first."""
-    if validation.paths is None or not len(normal_scores):
+def _paths(images, chosen: np.ndarray) -> list[str] | None:
+    """The paths of ``images`` where ``chosen`` (None for images held in memory)."""
+    return None if images.paths is None else [str(p) for p, keep in zip(images.paths, chosen) if keep]
+
+
+def _threshold_setters(paths: list[str] | None, normal_scores: np.ndarray, threshold: float) -> list[tuple[str, float]]:
+    """The normals that set ``threshold`` (see :attr:`Calibration.threshold_setters`), highest first."""
+    if paths is None or not len(normal_scores):
         return []
-    paths = [str(p) for p, label in zip(validation.paths, validation.labels) if label == 0]
     order = np.argsort(-normal_scores, kind="stable")
     above = [i for i in order if normal_scores[i] >= threshold] or [order[0]]
     return [(paths[i], float(normal_scores[i])) for i in above]
 
 
 def screened_setters_warning(calibration: Calibration, screen: dict | None) -> str | None:
-    """A warning when recommend's screen (``screen.json``) named held-out normals that set the threshold: a defect
-    filed as good among them raises the threshold for every image."""
+    """A warning when recommend's screen (``screen.json``) named normals that set the threshold: a defect filed as
+    good among them raises the threshold for every image."""
     named = {item.get("image") for item in (screen or {}).get("suspects") or [] if isinstance(item, dict)}
     setters = [(path, score) for path, score in calibration.threshold_setters if path in named]
     if not setters:
         return None
     listed = ", ".join(f"{path} (score {score:.4g})" for path, score in setters[:5])
-    return (f"the image threshold is set by {len(setters)} held-out normal image(s) that recommend's screen named as "
+    return (f"the image threshold is set by {len(setters)} normal image(s) that recommend's screen named as "
             f"unlike the other good images: {listed}. If one is defective, move it to a defect folder and search "
             "again: the threshold would drop and catch more defects.")
 

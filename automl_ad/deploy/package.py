@@ -457,7 +457,8 @@ _MANIFEST_FIELDS = {
     "kind": str, "format_version": int, "automl_ad_version": str, "family": str, "route": str, "params": dict,
     "preprocessing": dict, "thresholds": dict, "metrics": dict, "cost": dict, "training": dict,
     "operating_points": list, "supports_localization": bool, "onnx": dict, "files": dict, "integrity": dict}
-_THRESHOLD_FIELDS = {"value", "method", "target_false_alarm_rate", "empirical", "evt", "n_normal", "note"}
+_THRESHOLD_FIELDS = {"value", "method", "target_false_alarm_rate", "empirical", "evt", "n_normal", "n_out_of_fold",
+                     "note"}
 _PREPROCESSING_FIELDS = {"input_size", "geometry", "resize", "colour", "mean", "std", "backbone", "pixel_scale",
                          "full_scale"}
 
@@ -576,8 +577,9 @@ def _check_thresholds(path: Path, thresholds: dict) -> None:
         for key in ("empirical", "evt"):
             if threshold.get(key) is not None and not _is_finite(threshold[key]):
                 raise _field_error(path, f"{field}.{key}", "must be a finite number or null")
-        if "n_normal" in threshold and not _is_count(threshold["n_normal"]):
-            raise _field_error(path, f"{field}.n_normal", "must be a whole number of images")
+        for key in ("n_normal", "n_out_of_fold"):
+            if key in threshold and not _is_count(threshold[key]):
+                raise _field_error(path, f"{field}.{key}", "must be a whole number of images")
         for key in ("method", "note"):
             if key in threshold and not isinstance(threshold[key], str):
                 raise _field_error(path, f"{field}.{key}", "must be a string")

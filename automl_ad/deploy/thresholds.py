@@ -36,6 +36,8 @@ class Threshold:
     evt: float | None = None
     n_normal: int = 0
     note: str = ""
+    #: Of the ``n_normal`` scores, those of training images scored out of fold (:mod:`automl_ad.deploy.out_of_fold`)
+    n_out_of_fold: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)

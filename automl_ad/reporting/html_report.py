@@ -758,12 +758,21 @@ def scores_section(ev: Evaluation) -> str:
     intro = (f"<p>Best front model: <b>{_e(ev.family)}</b> (run {_e(ev.run_id)}, highest validation quality on the "
              "front within the constraint profile's limits: the model `automl-ad export --best` takes), scored on "
              f"{len(scores)} {_scored(ev)}. The threshold is "
-             f"calibrated on held-out normal validation images ({th.get('n_normal')} scores) at a target false-alarm "
+             f"calibrated on {_calibration_normals(th)} at a target false-alarm "
              f"rate of {th['target_false_alarm_rate']:g}, as `automl-ad export` does; {_e(th.get('note'))}.</p>")
     extra = (_note(ev.note) if ev.note else "") + ("" if n_bad else _note(
         f"The scored {ev.scored_on} images hold no defective image: only the normal score distribution is shown."))
     return (intro + f'<div class="stats">{"".join(stats)}</div>' + extra
             + f"<img class='figure' alt='score histogram' src='{histogram_figure(ev)}'>")
+
+
+def _calibration_normals(threshold: dict) -> str:
+    """The normal scores an image threshold was calibrated on, in words."""
+    total, folded = threshold.get("n_normal"), threshold.get("n_out_of_fold") or 0
+    if not folded:
+        return f"held-out normal validation images ({total} scores)"
+    return (f"{total} normal scores: {total - folded} held-out validation images and {folded} training images, each "
+            "scored by a refit of the model on the other training images")
 
 
 def _scored(ev: Evaluation) -> str:
