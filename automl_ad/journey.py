@@ -14,6 +14,7 @@ from automl_ad.constraints import load_constraints, parse_duration
 from automl_ad.data import load_datasets, open_dataset
 from automl_ad.data.demo import generate_demo
 from automl_ad.data.imageset import ImageSet
+from automl_ad.data.layout import NORMAL_LABEL, normal_folder
 from automl_ad.defaults import BUILTIN_BACKBONE, MIN_TRAIN_IMAGES, SCREEN_FAMILY, SCREEN_FOLDS, SEARCH_BUDGET
 from automl_ad.deploy.export import Export, export_model
 from automl_ad.deploy.package import load_package
@@ -151,7 +152,10 @@ def blaming_params(family: str, params: dict):
 
 def _normal_folder(dataset) -> Path:
     """Where normal training images of ``dataset`` go in its layout."""
-    return {"mvtec": dataset.root / "train" / "good", "plain": dataset.root / "good"}.get(dataset.layout, dataset.root)
+    if dataset.layout not in ("mvtec", "plain"):
+        return dataset.root
+    parent = dataset.root / "train" if dataset.layout == "mvtec" else dataset.root
+    return normal_folder(parent) or parent / NORMAL_LABEL
 
 
 def _backbone_settings(family: str, params: dict, weights: str | None, profile: str | None) -> tuple[dict, list[str]]:
@@ -226,8 +230,8 @@ def _test_images_hint(dataset) -> str:
                 f"{root / 'test'}/<defect_type>/ (masks, optional, in {root / 'ground_truth'}/<defect_type>/"
                 "<name>_mask.png).")
     if dataset.layout == "plain":
-        return (f"In this layout the defect folders ({root}/<defect_type>/) and a fifth of {root / 'good'} are tested: "
-                "add a folder of defective images or more normal images.")
+        return (f"In this layout the defect folders ({root}/<defect_type>/) and a fifth of {_normal_folder(dataset)} "
+                "are tested: add a folder of defective images or more normal images.")
     return (f"A flat folder holds only normal images and a fifth of them are tested; {len(dataset.normal)} are too "
             "few. Add images, or use the MVTec layout: train/good/, test/good/, test/<defect_type>/.")
 

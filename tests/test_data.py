@@ -42,6 +42,32 @@ def test_plain_layout_with_masks_mirror(tmp_path):
     assert dataset.abnormal[0].mask == root / "masks" / "scratch" / "s0.png"
 
 
+def test_ok_and_ng_folders_are_read_as_normal_and_defective_not_as_two_categories(tmp_path):
+    """The OK / NG folders of factory inspection (any case, in either layout): before, a root holding OK/ and NG/
+    was read as two flat categories, each all normal, so the NG images could be trained on as good ones."""
+    plain = tmp_path / "plain"
+    for i in range(4):
+        write_image(plain / "OK" / f"g{i}.png", noise_image(i))
+    write_image(plain / "NG" / "n0.png", noise_image(50))
+    write_image(plain / "masks" / "NG" / "n0.png", square_mask())
+    dataset = open_dataset(plain)
+    assert dataset.layout == "plain" and len(dataset.normal) == 4
+    assert [(r.path.name, r.label, r.mask.name) for r in dataset.abnormal] == [("n0.png", "NG", "n0.png")]
+
+    mvtec = tmp_path / "mvtec"
+    for i in range(4):
+        write_image(mvtec / "train" / "Normal" / f"g{i}.png", noise_image(i))
+    write_image(mvtec / "test" / "normal" / "t0.png", noise_image(9))
+    write_image(mvtec / "test" / "crack" / "c0.png", noise_image(60))
+    dataset = open_dataset(mvtec)
+    assert dataset.layout == "mvtec" and len(dataset.normal_in("train")) == 4 and len(dataset.normal_in("test")) == 1
+    assert [r.label for r in dataset.abnormal] == ["crack"]
+
+    write_image(plain / "good" / "g9.png", noise_image(9))
+    with pytest.raises(InvalidDatasetError, match=r"2 folders of normal images \(OK/, good/\)"):
+        open_dataset(plain)
+
+
 def test_flat_folder_is_all_normal(tmp_path):
     for i in range(4):
         write_image(tmp_path / "imgs" / f"{i}.jpg", noise_image(i))

@@ -4,6 +4,7 @@ Supported layouts (see README):
 
 * ``mvtec`` — ``train/good``, ``test/<type>``, ``ground_truth/<type>/<stem>_mask.png``;
 * ``plain`` — ``good/`` plus one sub-folder per defect type, optional ``masks/<type>/<stem>[_mask].<ext>``;
+  the normal folder may also be named as in :data:`NORMAL_FOLDER_NAMES` (``OK/`` beside ``NG/``), in any case;
 * ``flat`` — a folder holding only images: all are treated as normal;
 * a root whose sub-folders are categories in any of the layouts above (each handled separately).
 
@@ -19,6 +20,9 @@ from automl_ad.data.io import is_image_file
 from automl_ad.errors import InvalidDatasetError
 
 NORMAL_LABEL = "good"
+#: Names of the folder of normal (defect-free) images, compared without case: "good" (MVTec), "ok" (the OK / NG
+#: folders of factory inspection), "normal", "pass". Its images are labelled :data:`NORMAL_LABEL`.
+NORMAL_FOLDER_NAMES = ("good", "ok", "normal", "pass")
 _MASK_DIRS = ("masks", "mask", "ground_truth")
 
 
@@ -51,9 +55,9 @@ class RawCategory:
 
 def detect_layout(root: Path) -> str | None:
     """Return ``mvtec``, ``plain``, ``flat`` or None if ``root`` is none of them (it may hold categories)."""
-    if (root / "train" / NORMAL_LABEL).is_dir():
+    if normal_folder(root / "train") is not None:
         return "mvtec"
-    if (root / NORMAL_LABEL).is_dir():
+    if normal_folder(root) is not None:
         return "plain"
     entries = [p for p in root.iterdir() if not p.name.startswith(".")]
     if entries and not any(p.is_dir() for p in entries) and any(is_image_file(p) for p in entries):
@@ -81,11 +85,29 @@ def scan(root: str | Path) -> list[RawCategory]:
         raise InvalidDatasetError(
             f"{root} is not a dataset folder automl-ad recognises. Use one of:\n"
             "  MVTec style: train/good/*.png, test/<defect_type>/*.png, ground_truth/<defect_type>/<name>_mask.png\n"
-            "  plain:       good/*.png plus one folder per defect type, optional masks/<defect_type>/<name>.png\n"
+            "  plain:       good/*.png (or OK/, normal/, pass/) plus one folder per defect type, optional "
+            "masks/<defect_type>/<name>.png\n"
             "  flat:        a folder of normal images only\n"
             "  or a folder whose sub-folders are categories in one of these layouts."
         )
     return categories
+
+
+def normal_folder(parent: Path) -> Path | None:
+    """The sub-folder of ``parent`` that holds normal images (named as in :data:`NORMAL_FOLDER_NAMES`), None when
+    there is none; two such folders are refused, since either could be meant."""
+    if not parent.is_dir():
+        return None
+    found = sorted(p for p in parent.iterdir() if p.is_dir() and p.name.lower() in NORMAL_FOLDER_NAMES)
+    if len(found) > 1:
+        raise InvalidDatasetError(f"{parent} has {len(found)} folders of normal images "
+                                  f"({', '.join(p.name + '/' for p in found)}). Merge them into one.")
+    return found[0] if found else None
+
+
+def _label(folder: Path, normal: Path | None) -> str:
+    """The label of the images in ``folder``: normal in the normal folder, else the folder's name (a defect type)."""
+    return NORMAL_LABEL if folder == normal else folder.name
 
 
 def _files(folder: Path) -> list[Path]:
@@ -143,11 +165,12 @@ def _scan_mvtec(root: Path) -> RawCategory:
         split_dir = root / split
         if not split_dir.is_dir():
             continue
+        normal = normal_folder(split_dir)
         for label_dir in sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
             images = _split_images(label_dir, ignored)
             if not images:
                 empty.append(label_dir)
-            records += [ImageRecord(p, label_dir.name, split) for p in images]
+            records += [ImageRecord(p, _label(label_dir, normal), split) for p in images]
         ignored += [p for p in split_dir.iterdir() if p.is_file() and not p.name.startswith(".")]
     records, orphans = _attach_masks(records, _mask_index(root / "ground_truth", ignored))
     ignored += [p for p in root.iterdir() if p.is_file() and not p.name.startswith(".")]
@@ -159,13 +182,14 @@ def _scan_plain(root: Path) -> RawCategory:
     empty: list[Path] = []
     records = []
     mask_root = next((root / name for name in _MASK_DIRS if (root / name).is_dir()), None)
+    normal = normal_folder(root)
     for label_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         if label_dir == mask_root:
             continue
         images = _split_images(label_dir, ignored)
         if not images:
             empty.append(label_dir)
-        records += [ImageRecord(p, label_dir.name) for p in images]
+        records += [ImageRecord(p, _label(label_dir, normal)) for p in images]
     masks = _mask_index(mask_root, ignored) if mask_root else {}
     records, orphans = _attach_masks(records, masks)
     ignored += [p for p in root.iterdir() if p.is_file() and not p.name.startswith(".")]
