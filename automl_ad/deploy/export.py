@@ -119,18 +119,7 @@ def calibrate(detector, split: SearchSplit, far: float = DEFAULT_FALSE_ALARM_RAT
     scores = detector.score_samples(validation)
     labels = validation.labels
     held_out = scores.image_scores[labels == 0]
-    normal_scores, normal_paths = held_out, _paths(validation, labels == 0)
-    refusal = None
-    if far < smallest_far(len(held_out)):
-        refusal = refit_refusal(detector, len(split.train))
-        if refusal is None:
-            say(f"  ... too few for a false-alarm rate of {far:g}: refitting the model on {CALIBRATION_FOLDS} folds "
-                f"of the {len(split.train)} training images to score each one unseen "
-                f"(about {predicted_refit_seconds(detector) or 0:.0f} s) ...")
-            held_out_set = validation.subset(np.flatnonzero(labels == 0))
-            normal_scores = np.r_[held_out, out_of_fold_scores(detector, split.train, held_out_set, held_out)]
-            train_paths = _paths(split.train, np.ones(len(split.train), bool))
-            normal_paths = None if normal_paths is None or train_paths is None else normal_paths + train_paths
+    normal_scores, normal_paths, refusal = _normal_scores(detector, split, validation, held_out, far, say)
     image = calibrate_image_threshold(normal_scores, far)
     image.n_out_of_fold = len(normal_scores) - len(held_out)
     thresholds = {"image": image.to_dict(), "active": "image"}
@@ -166,6 +155,26 @@ def calibrate(detector, split: SearchSplit, far: float = DEFAULT_FALSE_ALARM_RAT
             f"{best['detection_rate']:.0%}; export with --false-alarm-rate), search longer or with "
             "--metric detection_at_far, or label more defects so the search can rank on them.")
     return Calibration(thresholds, rates, table, warnings, _threshold_setters(normal_paths, normal_scores, image.value))
+
+
+def _normal_scores(detector, split: SearchSplit, validation, held_out: np.ndarray, far: float,
+                   say) -> tuple[np.ndarray, list[str] | None, str | None]:
+    """The normal scores a threshold at ``far`` is set on, their paths, and why the training normals were not
+    scored out of fold where they were needed: the held-out ones (``held_out``, of ``validation``), joined by the
+    training normals scored out of fold when they are too few for ``far`` and the model refits quickly."""
+    paths = _paths(validation, validation.labels == 0)
+    if far >= smallest_far(len(held_out)):
+        return held_out, paths, None
+    refusal = refit_refusal(detector, len(split.train))
+    if refusal is not None:
+        return held_out, paths, refusal
+    say(f"  ... too few for a false-alarm rate of {far:g}: refitting the model on {CALIBRATION_FOLDS} folds of the "
+        f"{len(split.train)} training images to score each one unseen (about "
+        f"{predicted_refit_seconds(detector) or 0:.0f} s) ...")
+    reference = validation.subset(np.flatnonzero(validation.labels == 0))
+    scores = np.r_[held_out, out_of_fold_scores(detector, split.train, reference, held_out)]
+    train_paths = _paths(split.train, np.ones(len(split.train), bool))
+    return scores, None if paths is None or train_paths is None else paths + train_paths, None
 
 
 def _paths(images, chosen: np.ndarray) -> list[str] | None:
