@@ -347,9 +347,12 @@ def test_split_is_deterministic_and_keeps_test_defects_out_of_train(mvtec_dir):
     assert sum(not r.is_normal for r in a.validation) == 1 and sum(not r.is_normal for r in a.test) == 1
 
 
-def test_small_training_folders_borrow_half_the_test_normals_for_validation(tmp_path):
-    """8 training normals hold out 2: validation takes half the declared test normals too, as it takes half the
-    defects, and never more than it needs; the defects' split is the one it was without them."""
+def test_half_the_declared_test_normals_join_validation_as_half_the_defects_do(tmp_path):
+    """Validation should see what test sees: declared test normals may differ from the training ones (another day,
+    another batch), so half of them join the held-out training normals in validation, as half the defects do (on
+    magnetic_tile, where test normals score higher than training ones, a PatchCore threshold for 1% false alarms
+    flagged 11.6% of the other test normals when set on training normals alone, 6.3% with half of them); the
+    defects' split is the one it was without them."""
     root = tmp_path / "part"
     for i in range(8):
         write_image(root / "train" / "good" / f"{i:03d}.png", noise_image(i))
@@ -362,11 +365,12 @@ def test_small_training_folders_borrow_half_the_test_normals_for_validation(tmp_
     assert [r.split for r in normals].count("train") == 2 and [r.split for r in normals].count("test") == 5
     assert sum(r.is_normal for r in split.test) == 5 and len(split.train) == 6
     assert {r.path for r in split.validation}.isdisjoint({r.path for r in split.test})
-    few = dataset.split(min_validation_normals=4)  # 2 held out: 2 more from test
-    assert [r.split for r in few.validation if r.is_normal].count("test") == 2
     defects = {r.path for r in split.validation if not r.is_normal}
-    assert defects == {r.path for r in dataset.split(min_validation_normals=0).validation if not r.is_normal}
-    assert all(r.split == "train" for r in dataset.split(min_validation_normals=0).validation if r.is_normal)
+    assert len(defects) == 5 and defects == {r.path for r in dataset.split(validation_fraction=0.5).validation
+                                             if not r.is_normal}
+    # a fit/test split (fit, evaluate) keeps every declared test image for test
+    holdout = dataset.holdout_split()
+    assert len(holdout.train) == 8 and not holdout.validation and len(holdout.test) == 20
 
 
 def test_split_without_declared_test_holds_out_normals(tmp_path):

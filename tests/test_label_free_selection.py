@@ -313,7 +313,7 @@ def test_too_few_real_defects_are_ranked_on_beside_synthetic_anomalies(demo_text
 @pytest.mark.parametrize("count, tested", [(30, 0), (110, 22)])
 def test_a_few_normals_without_defects_train_instead_of_making_a_test_split(tmp_path, count, tested):
     """Without labelled defects a test split could only count false alarms: on fewer normals than
-    ``MIN_VALIDATION_NORMALS`` too coarsely to be worth what they add to training (30 images: 18 trained, not 24)."""
+    ``MIN_TEST_NORMALS`` too coarsely to be worth what they add to training (30 images: 18 trained, not 24)."""
     from PIL import Image
 
     from automl_ad.data import open_dataset

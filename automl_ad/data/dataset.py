@@ -13,7 +13,7 @@ import numpy as np
 from automl_ad.data.io import ImageInfo, full_scale_of, load_image
 from automl_ad.data.layout import ImageRecord, detect_layout, scan
 from automl_ad.data.validation import MaskCheck, Problem, validate
-from automl_ad.defaults import DEFECT_VALIDATION_FRACTION, MIN_VALIDATION_NORMALS, SPLIT_SEED, VALIDATION_FRACTION
+from automl_ad.defaults import DEFECT_VALIDATION_FRACTION, SPLIT_SEED, VALIDATION_FRACTION
 from automl_ad.errors import InvalidDatasetError
 
 
@@ -73,13 +73,14 @@ class Dataset:
 
     def split(self, validation_fraction: float = VALIDATION_FRACTION,
               defect_validation_fraction: float = DEFECT_VALIDATION_FRACTION, seed: int = SPLIT_SEED,
-              min_validation_normals: int = MIN_VALIDATION_NORMALS, min_test_normals: int = 0) -> DataSplit:
-        """Deterministic split. Normal training images → train + validation. Declared test normals go to test
-        (without a declared split a share of the normals is held out for test), except that when fewer than
-        ``min_validation_normals`` training normals were held out, up to ``defect_validation_fraction`` of the
-        declared test normals join validation. Without a declared split or labelled defects, fewer held-out test
-        normals than ``min_test_normals`` train instead. Labelled defects of each type are divided between validation
-        (model selection) and test (final report); the test part never feeds selection.
+              min_test_normals: int = 0) -> DataSplit:
+        """Deterministic split. Normal training images → train + validation. Declared test images, normal and
+        defective, are divided between validation and test as labelled defects are (``defect_validation_fraction``
+        to validation): the declared test normals may differ from the training ones (another day, another batch),
+        and validation should see what test sees. Without a declared split a share of the normals is held out for
+        test; without labelled defects too, fewer of those than ``min_test_normals`` train instead. Labelled defects
+        of each type are divided between validation (model selection) and test (final report); the test part never
+        feeds selection.
         """
         if not 0 <= validation_fraction < 1 or not 0 <= defect_validation_fraction <= 1:
             raise ValueError("split fractions must lie in [0, 1)")
@@ -96,7 +97,7 @@ class Dataset:
         train = pool[n_val + n_test:]
         if declared:
             declared_test = self.normal_in("test")
-            moved = min(max(0, min_validation_normals - n_val), int(len(declared_test) * defect_validation_fraction))
+            moved = int(len(declared_test) * defect_validation_fraction)
             # its own generator: the defects' split below stays what it was for datasets that move none
             chosen = set(np.random.default_rng([seed, 1]).permutation(len(declared_test))[:moved].tolist())
             validation += [r for i, r in enumerate(declared_test) if i in chosen]

@@ -26,7 +26,7 @@ from automl_ad.data.split import SearchSplit
 from automl_ad.data.synthetic import KINDS, make_anomaly, round_kind, rounds_needed, without_trained_kinds
 from automl_ad.defaults import (
     MIN_REAL_VALIDATION_DEFECTS,
-    MIN_VALIDATION_NORMALS,
+    MIN_TEST_NORMALS,
     QUALITY_METRICS,
     SEARCH_MIN_SCREEN_VALIDATION,
     SEARCH_REDUCTION_FACTOR,
@@ -50,7 +50,7 @@ def prepare_search_data(dataset: Dataset, work_dir: str | Path, mode: str = "aut
         raise UsageError(f"validation must be one of {', '.join(VALIDATION_MODES)}, got {mode!r}")
     # without labelled defects a few test normals could only count false alarms, too coarsely (8 of 40 flat
     # images: in steps of 12%): they train instead, and leave fewer to alarm
-    split = dataset.split(seed=seed, min_test_normals=MIN_VALIDATION_NORMALS)
+    split = dataset.split(seed=seed, min_test_normals=MIN_TEST_NORMALS)
     if not split.validation:
         raise UsageError(f"{dataset.root}: too few normal images to hold some out for validation")
     normals = [r for r in split.validation if r.is_normal]
