@@ -30,30 +30,22 @@ def test_mvtec_layout(mvtec_dir):
     assert not [p for p in dataset.problems if p.severity != "note"]
 
 
-def test_plain_layout_with_masks_mirror(tmp_path):
+@pytest.mark.parametrize("normal, defect", [("good", "scratch"), ("OK", "NG")])
+def test_plain_layout_with_masks_mirror(tmp_path, normal, defect):
+    """good/ or OK/ (the OK / NG folders of factory inspection): before, a root holding OK/ and NG/ was read as two
+    flat categories, each all normal, so the NG images could be trained on as good ones."""
     root = tmp_path / "plain"
     for i in range(5):
-        write_image(root / "good" / f"g{i}.png", noise_image(i))
-    write_image(root / "scratch" / "s0.png", noise_image(50))
-    write_image(root / "masks" / "scratch" / "s0.png", square_mask())
+        write_image(root / normal / f"g{i}.png", noise_image(i))
+    write_image(root / defect / "s0.png", noise_image(50))
+    write_image(root / "masks" / defect / "s0.png", square_mask())
     dataset = open_dataset(root)
     assert dataset.layout == "plain"
     assert len(dataset.normal_in(None)) == 5
-    assert dataset.abnormal[0].mask == root / "masks" / "scratch" / "s0.png"
+    assert [(r.label, r.mask) for r in dataset.abnormal] == [(defect, root / "masks" / defect / "s0.png")]
 
 
-def test_ok_and_ng_folders_are_read_as_normal_and_defective_not_as_two_categories(tmp_path):
-    """The OK / NG folders of factory inspection (any case, in either layout): before, a root holding OK/ and NG/
-    was read as two flat categories, each all normal, so the NG images could be trained on as good ones."""
-    plain = tmp_path / "plain"
-    for i in range(4):
-        write_image(plain / "OK" / f"g{i}.png", noise_image(i))
-    write_image(plain / "NG" / "n0.png", noise_image(50))
-    write_image(plain / "masks" / "NG" / "n0.png", square_mask())
-    dataset = open_dataset(plain)
-    assert dataset.layout == "plain" and len(dataset.normal) == 4
-    assert [(r.path.name, r.label, r.mask.name) for r in dataset.abnormal] == [("n0.png", "NG", "n0.png")]
-
+def test_a_normal_folder_is_recognised_by_its_names_in_any_case_and_only_once(tmp_path):
     mvtec = tmp_path / "mvtec"
     for i in range(4):
         write_image(mvtec / "train" / "Normal" / f"g{i}.png", noise_image(i))
@@ -63,9 +55,9 @@ def test_ok_and_ng_folders_are_read_as_normal_and_defective_not_as_two_categorie
     assert dataset.layout == "mvtec" and len(dataset.normal_in("train")) == 4 and len(dataset.normal_in("test")) == 1
     assert [r.label for r in dataset.abnormal] == ["crack"]
 
-    write_image(plain / "good" / "g9.png", noise_image(9))
-    with pytest.raises(InvalidDatasetError, match=r"2 folders of normal images \(OK/, good/\)"):
-        open_dataset(plain)
+    write_image(mvtec / "train" / "good" / "g9.png", noise_image(9))
+    with pytest.raises(InvalidDatasetError, match=r"2 folders of normal images \(Normal/, good/\)"):
+        open_dataset(mvtec)
 
 
 def test_flat_folder_is_all_normal(tmp_path):
