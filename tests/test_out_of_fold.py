@@ -85,3 +85,27 @@ def test_a_model_that_refits_slowly_is_calibrated_on_the_held_out_normals_alone_
     calibration = calibrate(detector, split, far=0.01, say=lambda _: None)
     assert calibration.thresholds["image"]["n_out_of_fold"] == 0
     assert any("not scored out of fold: 5 refits would take about 800 s" in w for w in calibration.warnings)
+
+
+def test_with_a_few_real_defects_the_low_detection_warning_judges_them_not_the_synthetic_anomalies_beside_them():
+    """Mixed validation: synthetic anomalies are easier to catch than the few real defects beside them. A threshold
+    that catches every synthetic anomaly and neither real defect detects half the anomalies, which is not under
+    half: the warning used to stay silent while no real defect was caught."""
+    from automl_ad.detectors.base import Scores
+
+    class Fixed:
+        trains_on_anomalies, iterative = (), False
+
+        def score_samples(self, images):
+            return Scores(np.array([float(p.split("-")[1]) for p in images.paths]))
+
+    normal = [f"n-{v}" for v in (1, 2, 3, 4, 5, 6, 7, 8, 9)]
+    real, synthetic = ["d-3", "d-4"], ["s-20", "s-30"]
+    validation = ImageSet(paths=normal + real + synthetic, labels=np.r_[np.zeros(9, int), np.ones(4, int)],
+                          kinds=[None] * 11 + ["cutpaste", "scar"])
+    split = SearchSplit(ImageSet(paths=[], labels=[]), validation, ImageSet(paths=[], labels=[], mask_paths=[]),
+                        "mixed")
+    calibration = calibrate(Fixed(), split, far=0.2, say=lambda _: None)
+    assert calibration.validation_rates["detection_rate"] == 0.5
+    warning = next(w for w in calibration.warnings if "detects only" in w)
+    assert "detects only 0% of the validation real defects" in warning, warning
