@@ -19,6 +19,7 @@ from automl_ad.deploy.package import check_package_target, export_package, verif
 from automl_ad.deploy.serving import log_package
 from automl_ad.deploy.thresholds import (
     DEFAULT_FALSE_ALARM_RATE,
+    Threshold,
     calibrate_image_threshold,
     calibrate_pixel_threshold,
     f1_optimal_threshold,
@@ -129,36 +130,47 @@ def calibrate(detector, split: SearchSplit, far: float = DEFAULT_FALSE_ALARM_RAT
         thresholds["image_f1_optimal"] = f1_optimal_threshold(labels, scores.image_scores).to_dict()
     rates = rates_at(image.value, labels, scores.image_scores)
     table = operating_points(normal_scores, scores.image_scores[labels == 1])
-    warnings = []
-    floor = smallest_far(len(normal_scores))
-    if far < floor:
-        reachable = math.ceil(floor * 1000) / 1000
-        empirical = image.method == "empirical"
-        where = ("the highest of their scores, which about" if empirical else
-                 "extrapolated by a tail fit above the highest of their scores, which fewer than")
-        counted = (f"{len(normal_scores)} normal scores ({len(held_out)} held-out images and "
-                   f"{image.n_out_of_fold} training images scored out of fold)" if image.n_out_of_fold else
-                   f"{len(normal_scores)} held-out normal images")
-        unfolded = f" The training images were not scored out of fold: {refusal}." if refusal else ""
-        warnings.append(
-            f"only {counted}: a false-alarm rate of {far:g} needs at least {math.ceil(1 / far) - 1} to be set from "
-            f"data, so the threshold is {where} 1 in {len(normal_scores) + 1} new normal images exceed "
+    warnings = [w for w in (_few_normals_warning(image, len(held_out), far, refusal),
+                            _low_detection_warning(split.validation_kind, validation, scores.image_scores,
+                                                   normal_scores, image.value, far)) if w]
+    return Calibration(thresholds, rates, table, warnings, _threshold_setters(normal_paths, normal_scores, image.value))
+
+
+def _few_normals_warning(image: Threshold, n_held_out: int, far: float, refusal: str | None) -> str | None:
+    """A warning when the normal scores behind ``image`` are too few to set a threshold at ``far`` from data."""
+    floor = smallest_far(image.n_normal)
+    if far >= floor:
+        return None
+    reachable = math.ceil(floor * 1000) / 1000
+    empirical = image.method == "empirical"
+    where = ("the highest of their scores, which about" if empirical else
+             "extrapolated by a tail fit above the highest of their scores, which fewer than")
+    counted = (f"{image.n_normal} normal scores ({n_held_out} held-out images and {image.n_out_of_fold} training "
+               "images scored out of fold)" if image.n_out_of_fold else f"{image.n_normal} held-out normal images")
+    unfolded = f" The training images were not scored out of fold: {refusal}." if refusal else ""
+    return (f"only {counted}: a false-alarm rate of {far:g} needs at least {math.ceil(1 / far) - 1} to be set from "
+            f"data, so the threshold is {where} 1 in {image.n_normal + 1} new normal images exceed "
             f"({'' if empirical else 'under '}{floor:.0%} false alarms).{unfolded} Add normal images to the training "
             f"folder (a share is held out), or export with --false-alarm-rate {reachable:g}.")
-    # judged on the real defects where there are some: synthetic anomalies beside a few of them are easier to catch
-    kind, judged = ANOMALY_WORDS[split.validation_kind], np.ones(len(labels), bool)
-    if split.validation_kind == "mixed":
+
+
+def _low_detection_warning(validation_kind: str, validation, image_scores: np.ndarray, normal_scores: np.ndarray,
+                           threshold: float, far: float) -> str | None:
+    """A warning when ``threshold`` detects under half the validation anomalies; judged on the real defects where
+    there are some (synthetic anomalies beside a few of them are easier to catch)."""
+    labels = validation.labels
+    kind, judged = ANOMALY_WORDS[validation_kind], np.ones(len(labels), bool)
+    if validation_kind == "mixed":
         kind, judged = ANOMALY_WORDS["real"], np.array([k is None for k in validation.kinds or [None] * len(labels)])
-    detected = rates_at(image.value, labels[judged], scores.image_scores[judged])["detection_rate"]
-    if detected is not None and detected < LOW_DETECTION_RATE:
-        judged_table = operating_points(normal_scores, scores.image_scores[judged & (labels == 1)])
-        best = max((r for r in judged_table if r["detection_rate"] is not None), key=lambda r: r["detection_rate"])
-        warnings.append(
-            f"at the target false-alarm rate {far:g} this model detects only {detected:.0%} of the validation "
+    detected = rates_at(threshold, labels[judged], image_scores[judged])["detection_rate"]
+    if detected is None or detected >= LOW_DETECTION_RATE:
+        return None
+    table = operating_points(normal_scores, image_scores[judged & (labels == 1)])
+    best = max((r for r in table if r["detection_rate"] is not None), key=lambda r: r["detection_rate"])
+    return (f"at the target false-alarm rate {far:g} this model detects only {detected:.0%} of the validation "
             f"{kind}. Options: accept more false alarms (at {best['target_false_alarm_rate']:g} it detects "
             f"{best['detection_rate']:.0%}; export with --false-alarm-rate), search longer or with "
             "--metric detection_at_far, or label more defects so the search can rank on them.")
-    return Calibration(thresholds, rates, table, warnings, _threshold_setters(normal_paths, normal_scores, image.value))
 
 
 def _normal_scores(detector, split: SearchSplit, validation, held_out: np.ndarray, far: float,
