@@ -156,6 +156,10 @@ def default_cache_dir() -> str:
 #: and how often (in epochs) iterative families report validation quality to the early-stopping scheduler.
 SEARCH_CACHE_CAP_MB = 20_000
 SEARCH_ARTIFACT_CAP_MB = 5_000
+#: Free space the feature cache and saved trial models always leave on their disk: this many MB, or this share of
+#: the disk when that is more. Below it they shrink (least recently used first), whatever their caps.
+DISK_RESERVE_MB = 2_000
+DISK_RESERVE_SHARE = 0.05
 SEARCH_REPORT_EVERY = 2
 #: Share of the per-trial time limit an iterative family may train for; it then stops and is evaluated with the
 #: epochs it reached (the rest of the limit is for validation and cost measurement).

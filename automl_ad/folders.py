@@ -6,6 +6,8 @@ leaves the old folder as it was. An existing non-empty target is replaced only w
 ``replaceable`` recognises it as a folder of that kind (a package, a saved model); the working directory, its
 parents, the home folder, the filesystem root, a folder holding a ``protected`` path (tracking store, working
 state) or automl-ad's state, and a path that is a file or a symbolic link are never targets.
+
+Folders that grow (the feature cache, a search's saved models) ask :func:`disk_cap_mb` how large they may be.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from automl_ad.defaults import STATE_DIR
+from automl_ad.defaults import DISK_RESERVE_MB, DISK_RESERVE_SHARE, STATE_DIR
 from automl_ad.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -122,3 +124,14 @@ def write_json_atomically(path: Path, data: dict) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=2))
     tmp.replace(path)
+
+
+def disk_cap_mb(folder: Path, used_mb: float, cap_mb: float) -> float:
+    """What a growing folder holding ``used_mb`` may hold: ``cap_mb``, less what would take its disk's free space
+    below the reserve (``DISK_RESERVE_MB`` or ``DISK_RESERVE_SHARE`` of the disk, the larger)."""
+    probe = Path(folder)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    usage = shutil.disk_usage(probe)
+    reserve_mb = max(DISK_RESERVE_MB, DISK_RESERVE_SHARE * usage.total / 2**20)
+    return max(0.0, min(cap_mb, used_mb + usage.free / 2**20 - reserve_mb))

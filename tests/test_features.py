@@ -283,3 +283,37 @@ def test_importing_automl_ad_first_shortens_torchs_openmp_spin_unless_the_user_s
     theirs = subprocess.run([sys.executable, "-c", code], env={**env, "GOMP_SPINCOUNT": "123"}, capture_output=True,
                             text=True, check=True)
     assert ours.stdout.split() == [str(OPENMP_SPIN_COUNT)] and theirs.stdout.split() == ["123"]
+
+
+def _disk(monkeypatch, total_mb, free_mb):
+    """Make every folder's disk report ``total_mb`` in all with ``free_mb`` free."""
+    from types import SimpleNamespace
+
+    from automl_ad import folders
+
+    usage = SimpleNamespace(total=total_mb * 2**20, used=(total_mb - free_mb) * 2**20, free=free_mb * 2**20)
+    monkeypatch.setattr(folders.shutil, "disk_usage", lambda path: usage)
+
+
+def test_cache_never_takes_its_disk_below_the_reserve(tmp_path, monkeypatch, caplog):
+    """Whatever its cap, the cache leaves its disk the reserve of free space (2 GB or 5% of the disk): trimming
+    evicts the least recently used entries down to it, and a nearly full disk stops new entries (one warning)."""
+    from automl_ad.defaults import DISK_RESERVE_MB
+    from automl_ad.folders import disk_cap_mb
+
+    cache = FeatureCache(tmp_path)
+    for i in range(4):  # 4 entries of 1 MB, oldest first
+        cache.put(f"k{i}", [np.zeros((2**18,), np.float32)])
+        os.utime(cache._path(f"k{i}"), (1_000 + i, 1_000 + i))
+    _disk(monkeypatch, total_mb=10_000, free_mb=DISK_RESERVE_MB + 1.5)  # room for 1.5 MB more
+    assert disk_cap_mb(tmp_path, 4, 20_000) == pytest.approx(5.5)
+    assert cache.trim(20_000) == 0
+    _disk(monkeypatch, total_mb=10_000, free_mb=DISK_RESERVE_MB - 1.5)  # 1.5 MB below the reserve
+    assert cache.trim(20_000) == 2  # 4 MB -> 2.5 MB allowed: the two oldest go
+    assert [cache.get(f"k{i}") is not None for i in range(4)] == [False, False, True, True]
+    _disk(monkeypatch, total_mb=100_000, free_mb=5_000 + 0.5)  # reserve is 5% of 100 GB here
+    with caplog.at_level("WARNING", logger="automl_ad.features.cache"):
+        cache.put("k4", [np.zeros((2**18,), np.float32)])
+        cache.put("k5", [np.zeros((2**18,), np.float32)])
+    assert cache.get("k4") is None and not cache.enabled
+    assert caplog.text.count("nearly full") == 1 and "AUTOML_AD_CACHE_DIR" in caplog.text

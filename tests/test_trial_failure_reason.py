@@ -176,3 +176,23 @@ def test_a_skipped_configuration_is_recorded_as_not_started_and_a_proposer_error
     runs = {r.data.tags["trial"]: r for r in tracker.trials(parent)}
     assert runs["t0"].data.tags["status"] == "not started" and runs["t0"].info.status == "KILLED"
     assert runs["t1"].data.tags["status"] == "failed" and runs["t1"].info.status == "FAILED"
+
+
+def test_saved_models_leave_the_disk_its_reserve(tmp_path, monkeypatch):
+    """Dominated trials' models go, oldest first, when the disk's free space falls below the reserve, even under
+    the artifact cap; the Pareto front's models stay."""
+    from types import SimpleNamespace
+
+    from automl_ad import folders
+    from automl_ad.defaults import DISK_RESERVE_MB
+    from automl_ad.search.progress import trim_disk
+
+    for i, trial in enumerate(("old", "front", "new")):
+        model = tmp_path / "trials" / trial / "model"
+        model.mkdir(parents=True)
+        (model / "weights.bin").write_bytes(bytes(2**20))
+        os.utime(model, (1_000 + i, 1_000 + i))
+    usage = SimpleNamespace(total=10_000 * 2**20, free=(DISK_RESERVE_MB - 1.5) * 2**20)
+    monkeypatch.setattr(folders.shutil, "disk_usage", lambda path: usage)
+    trim_disk(tmp_path, keep={"front"}, cap_mb=5_000)
+    assert sorted(p.parent.name for p in (tmp_path / "trials").glob("*/model")) == ["front"]

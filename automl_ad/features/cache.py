@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from automl_ad.defaults import FEATURE_CACHE_ENV, default_cache_dir
+from automl_ad.folders import disk_cap_mb
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +74,15 @@ class FeatureCache:
 
     def put(self, key: str, arrays: list[np.ndarray], meta: dict | None = None) -> None:
         """Store an entry. The cache only saves time: when it cannot be written (disk full, a folder without write
-        permission) this says so once and stops caching in this process, and the features are used all the same."""
+        permission) this says so once and stops caching in this process, and the features are used all the same.
+        It is not written either where it would take the disk's free space below the reserve (``disk_cap_mb``)."""
         if not self.enabled:
+            return
+        entry_mb = sum(a.nbytes for a in arrays) / 2**20
+        if disk_cap_mb(self.root, 0.0, entry_mb) < entry_mb:
+            self.enabled = False
+            log.warning("the feature cache %s stops storing features in this process: its disk is nearly full. "
+                        "Free disk space there, or point %s at a folder with room", self.root, FEATURE_CACHE_ENV)
             return
         from safetensors.numpy import save_file
 
@@ -96,11 +104,13 @@ class FeatureCache:
                 os.unlink(tmp)
 
     def trim(self, max_mb: float) -> int:
-        """Delete the least recently used entries until the cache holds at most ``max_mb``; returns how many."""
+        """Delete the least recently used entries until the cache holds at most ``max_mb``, or less where the disk's
+        free space is below the reserve (``disk_cap_mb``); returns how many."""
         if not self.root.is_dir():
             return 0
         entries = sorted(self.root.glob("*.safetensors"), key=lambda p: p.stat().st_atime)
         total, removed = sum(p.stat().st_size for p in entries) / 2**20, 0
+        max_mb = disk_cap_mb(self.root, total, max_mb)
         for path in entries:
             if total <= max_mb:
                 break

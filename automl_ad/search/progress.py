@@ -18,6 +18,7 @@ from automl_ad.data.geometry import geometry_label
 from automl_ad.defaults import SEARCH_BEST_QUALITY_METRIC
 from automl_ad.evaluation.objectives import OBJECTIVE_METRICS, OBJECTIVE_MODES, pareto_ranks
 from automl_ad.features import FeatureCache
+from automl_ad.folders import disk_cap_mb
 from automl_ad.search.cost_predictor import CostPredictor, Fidelity, TrialSizes, TrialTimes
 from automl_ad.search.trial import NODE_FILE
 
@@ -295,10 +296,12 @@ class SearchCallback(Callback):
 
 
 def trim_disk(work_dir: Path, keep: set[str], cap_mb: float) -> None:
-    """Delete saved models of trials not in ``keep`` (dominated ones), oldest first, above ``cap_mb``."""
+    """Delete saved models of trials not in ``keep`` (dominated ones), oldest first, above ``cap_mb`` or above what
+    leaves the disk its reserve of free space (``disk_cap_mb``)."""
     trials = Path(work_dir) / "trials"
     models = sorted((p for p in trials.glob("*/model") if p.parent.name not in keep), key=lambda p: p.stat().st_mtime)
     total = sum(f.stat().st_size for p in trials.glob("*/model") for f in p.rglob("*") if f.is_file()) / 2**20
+    cap_mb = disk_cap_mb(trials, total, cap_mb)
     for model in models:
         if total <= cap_mb:
             break
