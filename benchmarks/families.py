@@ -64,14 +64,13 @@ SETTINGS = {
                              "batch_size": 16},
                   "magnetic_tile": {"input_size": 64, "channels": 16, "channel_mults": [1, 2, 2], "epochs": 5,
                                     "batch_size": 16}},
-    # One-class / self-supervised: epochs sized to a few minutes of CPU training. SimpleNet's noise scale and
-    # CutPaste's learning rate and head are set for the shared MobileNetV2 (see their modules).
+    # One-class / self-supervised: epochs sized to a few minutes of CPU training. CutPaste's learning rate and
+    # head are set for the shared MobileNetV2 (see its module).
     "deep_svdd": {"bottle": {"epochs": 10}, "magnetic_tile": {"epochs": 3}},
     "cutpaste": {"bottle": {"epochs": 10, "batch_size": 8, "head_dims": [512, 128], "learning_rate": 0.003},
                  "magnetic_tile": {"epochs": 4, "batch_size": 8, "head_dims": [512, 128], "learning_rate": 0.003,
                                    "patch_stride": 32}},
-    "simplenet": {"bottle": {"noise_std": 0.4, "batch_size": 2, "epochs": 6},
-                  "magnetic_tile": {"noise_std": 0.4, "batch_size": 2, "epochs": 2}},
+    "simplenet": {"bottle": {"batch_size": 2, "epochs": 6}, "magnetic_tile": {"batch_size": 2, "epochs": 2}},
 }
 #: The anchor CSV's model names for our families.
 ANCHOR_NAMES = {"patchcore": "patchcore", "padim": "padim", "stpm": "stfpm", "fastflow": "fastflow"}

@@ -201,15 +201,15 @@ def test_truncated_l1_loss_is_zero_past_the_margin():
 
 
 def test_simplenet_learns_to_score_noisy_features_higher(images):
-    detector = create_detector("simplenet", **SIMPLENET, epochs=1)
+    detector = create_detector("simplenet", **SIMPLENET, epochs=30, noise_std=1.0)
     features, _ = detector._patch_grids(images)
-    detector.set_params(noise_std=float(features.std()), epochs=30)
     seen = []
     detector.fit(images, on_epoch=_stop_after(99, seen))
     assert len(seen) == 30 and detector.loss_history_[-1] < 0.6 * detector.loss_history_[0]
     flat = features.reshape(-1, features.shape[-1])
+    assert detector.feature_std_ == pytest.approx(float(flat.std(dim=0).pow(2).mean().sqrt()), rel=1e-3)
     generator = torch.Generator().manual_seed(1)
-    noisy = flat + torch.randn(flat.shape, generator=generator) * detector.noise_std
+    noisy = flat + torch.randn(flat.shape, generator=generator) * detector.noise_std * detector.feature_std_
     normal_scores, noisy_scores = detector.patch_scores(flat), detector.patch_scores(noisy)
     assert float((noisy_scores > normal_scores).float().mean()) > 0.8
     scores = detector.score_samples(images)

@@ -6,11 +6,13 @@
    through the feature cache, so training runs on cached features. The paper uses WideResNet50 layers 2 and 3
    pooled to 1536 channels; the default here is ResNet18 (384 channels) for CPU budgets.
 2. Feature adaptor: one linear layer (same width, Xavier-normal weights), as the official ``pre_proj=1``.
-3. Anomalous features: adapted normal features plus i.i.d. Gaussian noise of standard deviation ``noise_std``.
-   The scale is absolute, so it must suit the backbone's features: the paper's 0.015 is for its WideResNet50
-   embedding; the shared MobileNetV2's mid-level features have a channel standard deviation of about 2.6, and
-   with 0.015 (or 0.1) the discriminator cannot separate the two within a few epochs (the loss stays at 1),
-   while 0.4 trains within one or two epochs.
+3. Anomalous features: adapted normal features plus i.i.d. Gaussian noise whose standard deviation is
+   ``noise_std`` times the training embedding's channel standard deviation (the root mean square over channels,
+   ``feature_std_``). The paper gives an absolute 0.015 for its WideResNet50 embedding; an absolute scale suits
+   one backbone only: the shared MobileNetV2's mid-level features have a channel standard deviation of about
+   2.6, and with 0.015 (or 0.1) the discriminator cannot separate the two within a few epochs (the loss stays
+   at 1), while 0.4 (0.15 of 2.6) trains within one or two epochs. Relative to the features, one default
+   carries over to other backbones and feature scales.
 4. Discriminator: Linear -> BatchNorm -> LeakyReLU(0.2) -> Linear (no bias) to one score, ``hidden_dim`` wide.
 5. Truncated L1 loss: mean(max(0, th - D(normal))) + mean(max(0, th + D(anomalous))) with th = ``margin``.
    Adaptor and discriminator train jointly on all patches of ``batch_size`` images per step: the adaptor with
@@ -50,7 +52,7 @@ class SimpleNet(PatchScoreDetector):
     route = "self_supervised"
     iterative = True
     test_params = {"backbone": "resnet18", "pretrained": False, "input_size": 64, "epochs": 8, "hidden_dim": 256,
-                   "batch_size": 2, "noise_std": 0.5}
+                   "batch_size": 2}
     _parameter_constraints = {
         **BACKBONE_CONSTRAINTS, **PATCH_CONSTRAINTS, "hidden_dim": [POSITIVE_INT], "noise_std": [POSITIVE],
         "margin": [POSITIVE], "epochs": [POSITIVE_INT], "batch_size": [POSITIVE_INT], "learning_rate": [POSITIVE],
@@ -59,7 +61,7 @@ class SimpleNet(PatchScoreDetector):
 
     def __init__(self, backbone="resnet18", feature_strides=(8, 16), weights=None, pretrained=True, input_size=256,
                  geometry=None, device="auto", cache_features=True, precision="fp32", neighbourhood=3,
-                 embedding_dim=None, hidden_dim=1024, noise_std=0.015, margin=0.5, epochs=160, batch_size=8,
+                 embedding_dim=None, hidden_dim=1024, noise_std=0.15, margin=0.5, epochs=160, batch_size=8,
                  learning_rate=2e-4, adaptor_learning_rate=1e-4, smoothing_sigma=4.0, seed=0):
         self._store_parameters(locals())
 
@@ -90,6 +92,9 @@ class SimpleNet(PatchScoreDetector):
         import torch
 
         features, self.feature_shape_ = self._patch_grids(train)
+        flat = features.reshape(-1, features.shape[-1])
+        self.feature_std_ = float(flat.var(dim=0).mean().sqrt())
+        noise_std = float(self.noise_std) * self.feature_std_
         model = self._build(features.shape[-1])
         adaptor_optimiser = torch.optim.AdamW(model["adaptor"].parameters(), lr=self.adaptor_learning_rate)
         discriminator_optimiser = torch.optim.Adam(model["discriminator"].parameters(), lr=self.learning_rate,
@@ -103,7 +108,7 @@ class SimpleNet(PatchScoreDetector):
             for start in self._until_deadline(range(0, count, batch_size)):
                 index = order[start:start + batch_size].to(features.device)
                 normal = model["adaptor"](features[index].reshape(-1, features.shape[-1]))
-                noise = torch.randn(normal.shape, generator=generator).to(normal.device) * self.noise_std
+                noise = torch.randn(normal.shape, generator=generator).to(normal.device) * noise_std
                 loss = truncated_l1_loss(model["discriminator"](torch.cat([normal, normal + noise])).squeeze(1),
                                          len(normal), float(self.margin))
                 adaptor_optimiser.zero_grad(set_to_none=True)
@@ -126,7 +131,8 @@ class SimpleNet(PatchScoreDetector):
     # --- persistence ------------------------------------------------------------------------------------------
     def _state(self):
         tensors = {k: v.detach().cpu().numpy() for k, v in self.model_.state_dict().items()}
-        return tensors, {"feature_shape": list(self.feature_shape_), **self._backbone_state()}
+        return tensors, {"feature_shape": list(self.feature_shape_), "feature_std": self.feature_std_,
+                         **self._backbone_state()}
 
     def _restore(self, tensors, state):
         import torch
@@ -137,6 +143,7 @@ class SimpleNet(PatchScoreDetector):
         model.load_state_dict({k: torch.from_numpy(v).to(device) for k, v in tensors.items()})
         self.model_ = model.eval()
         self.feature_shape_ = tuple(state["feature_shape"])
+        self.feature_std_ = state.get("feature_std")  # None in models saved before it was recorded
 
 
 def simplenet_model(dim: int, hidden_dim: int):
