@@ -302,6 +302,7 @@ def test_cache_never_takes_its_disk_below_the_reserve(tmp_path, monkeypatch, cap
     from automl_ad.folders import disk_cap_mb
 
     cache = FeatureCache(tmp_path)
+    _disk(monkeypatch, total_mb=10_000, free_mb=9_000)  # room, whatever this machine's disk holds
     for i in range(4):  # 4 entries of 1 MB, oldest first
         cache.put(f"k{i}", [np.zeros((2**18,), np.float32)])
         os.utime(cache._path(f"k{i}"), (1_000 + i, 1_000 + i))
