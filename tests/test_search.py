@@ -6,7 +6,7 @@ import numpy as np
 import optuna
 import pytest
 
-from automl_ad.data.synthetic import KINDS, make_anomaly
+from automl_ad.data.synthetic import KINDS, MAX_REGIONS, make_anomaly
 from automl_ad.detectors import create_detector, list_detectors
 from automl_ad.errors import ConfigError
 from automl_ad.evaluation.objectives import pareto_ranks
@@ -70,6 +70,21 @@ def test_synthetic_anomaly_changes_only_its_mask(kind):
     assert out.shape == image.shape and mask.shape == image.shape and mask.any() and not mask.all()
     assert np.abs(out - image)[mask].mean() >= 0.05
     np.testing.assert_array_equal(out[~mask], image[~mask])
+
+
+def test_a_perlin_anomaly_keeps_only_its_largest_regions():
+    """At its finest scales a Perlin mask breaks into hundreds of specks, each a region to AUPRO: the anomaly keeps
+    its MAX_REGIONS largest and the image is restored around them."""
+    from scipy import ndimage
+    from skimage import data
+
+    image = data.brick()[:256, :256].astype(np.float32) / 255
+    counts = []
+    for seed in range(12):
+        out, mask = make_anomaly(image, "perlin", np.random.default_rng(seed))
+        counts.append(ndimage.label(mask, structure=np.ones((3, 3)))[1])
+        np.testing.assert_array_equal(out[~mask], image[~mask])
+    assert 1 <= min(counts) and max(counts) == MAX_REGIONS  # some draws had more and were cut
 
 
 def test_two_searches_write_one_store_without_mixing(tmp_path):

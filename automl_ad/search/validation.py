@@ -23,7 +23,14 @@ from automl_ad.data.dataset import Dataset
 from automl_ad.data.imageset import ImageSet
 from automl_ad.data.io import read_image, save_png, to_float
 from automl_ad.data.split import SearchSplit
-from automl_ad.data.synthetic import KINDS, make_anomaly, round_kind, rounds_needed, without_trained_kinds
+from automl_ad.data.synthetic import (
+    KINDS,
+    MAX_REGIONS,
+    make_anomaly,
+    round_kind,
+    rounds_needed,
+    without_trained_kinds,
+)
 from automl_ad.defaults import (
     MIN_REAL_VALIDATION_DEFECTS,
     MIN_TEST_NORMALS,
@@ -88,12 +95,12 @@ def synthesise_validation(normals: ImageSet, out: Path, seed: int = 0, rounds: i
     :func:`~automl_ad.data.synthetic.round_kind` (i, r) in round r), written as PNG with its mask.
 
     Each anomaly depends only on its source image, its kind and ``seed``, so a file the folder already holds for
-    the same sources (paths and content) and seed is reused, and more rounds only add files. 16-bit gray images
-    are written at the normals' ``full_scale``.
+    the same sources (paths and content), seed and region cap is reused, and more rounds only add files. 16-bit
+    gray images are written at the normals' ``full_scale``.
     """
     paths = [Path(p) for p in normals.paths]
     key = {"sources": [str(p) for p in paths], "hashes": normals.content_hashes, "seed": seed, "kinds": list(KINDS),
-           "full_scale": normals.full_scale}
+           "full_scale": normals.full_scale, "max_regions": MAX_REGIONS}
     manifest = out / "manifest.json"
     reuse = manifest.is_file() and json.loads(manifest.read_text()) == key
     plan = [(i, round_kind(i, r)) for r in range(rounds) for i in range(len(paths))]
