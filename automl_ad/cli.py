@@ -44,6 +44,8 @@ from automl_ad.reporting.rounding import duration, rounded
 from automl_ad.version import __version__
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_DATA = 0, 1, 2, 3
+#: File errors a user can act on: a read-only file system, no permission, a full disk or quota.
+_CANNOT_WRITE = {errno.EROFS, errno.EACCES, errno.ENOSPC, errno.EDQUOT}
 
 log = logging.getLogger("automl_ad")
 
@@ -69,15 +71,20 @@ _rate = _checked(float, "a number", lambda v: 0 < v < 1, "must lie strictly betw
 
 def _check_output_path(out: str | Path, kind: str | None = None) -> Path:
     """Raise UsageError, before any long work, when ``out`` cannot be written as a ``kind`` ("file" or "folder"; None:
-    either): it exists as the other kind, or a path component above it is a file. Missing folders are created."""
+    either): it exists as the other kind, a path component above it is a file, or it (or the nearest folder above it
+    that exists) is not writable. Missing folders are created."""
     out = Path(out)
     if kind == "folder" and out.exists() and not out.is_dir():
-        raise UsageError(f"{out} is an existing file; give a folder path")
+        raise UsageError(f"{out} is an existing file, not a folder; give a folder path")
     if kind == "file" and out.is_dir():
         raise UsageError(f"{out} is a folder; give the path of the file to write")
     blocking = next((parent for parent in out.parents if parent.exists() and not parent.is_dir()), None)
     if blocking is not None:
         raise UsageError(f"cannot write {out}: {blocking} is a file, not a folder")
+    existing = next((path for path in (out, *out.parents) if path.exists()), None)
+    if existing is not None and not os.access(existing, os.W_OK):
+        raise UsageError(f"cannot write {out}: {existing} is not writable (read-only file system or no "
+                         "permission); choose another location")
     return out
 
 
@@ -277,8 +284,8 @@ def cmd_search(args) -> int:
     from automl_ad.search.request import check_search_limits
 
     console = _console()
-    budget = args.budget or (None if args.resume else SEARCH_BUDGET)
-    check_search_limits(parse_duration(budget) if budget else None, args.max_trials, args.trial_timeout,
+    budget = (None if args.resume else SEARCH_BUDGET) if args.budget is None else args.budget
+    check_search_limits(None if budget is None else parse_duration(budget), args.max_trials, args.trial_timeout,
                         args.resume)  # before the slow planning
     check_store_free(args.tracking_uri)
     families = [f.strip() for f in args.families.split(",") if f.strip()] if args.families else None
@@ -418,6 +425,7 @@ def cmd_export(args) -> int:
 
     if args.best == bool(args.run_id):
         raise UsageError("give either a RUN_ID or --best (with --objective), not both or neither")
+    _check_output_path(args.out, "folder")
     console = _console()
     result = export_model(args.out, run_id=args.run_id, target=args.experiment if args.best else None,
                           objective=args.objective, tracking_uri=args.tracking_uri, far=args.false_alarm_rate,
@@ -454,8 +462,10 @@ def cmd_report(args) -> int:
 def cmd_predict(args) -> int:
     from automl_ad import journey
 
+    _check_output_path(args.out, "folder")
     started = time.perf_counter()
-    rows = journey.predict_images(args.package, args.inputs, args.out, args.threshold, progress=not args.json)
+    rows = journey.predict_images(args.package, args.inputs, args.out, args.threshold, progress=not args.json,
+                                  overwrite=args.overwrite)
     wall_s = time.perf_counter() - started
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -500,6 +510,7 @@ def _parse_params(items: list[str]) -> dict:
 def cmd_fit(args) -> int:
     from automl_ad import journey
 
+    _check_output_path(args.out, "folder")
     console = _console()
     params = _parse_params(args.param)
     fitted = journey.fit_model(args.data, args.family, args.out, params, args.category, args.weights, args.profile,
@@ -630,7 +641,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite .automl-ad/mlflow.db here)")
     p.add_argument("--resume", action="store_true", help="continue the last search of this dataset from this "
                    "working directory (remaining budget; trials a killed search lost run again)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_non_negative, default=0, help="seed of the data split and the search")
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("leaderboard", help="trials of a search ranked by quality, with the Pareto front")
@@ -677,6 +688,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", help="image files and/or folders")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--threshold", type=float, help="image threshold instead of the package's calibrated one")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier predict's results in --out")
     p.add_argument("--json", action="store_true", help="print the per-image results as JSON")
     p.set_defaults(func=cmd_predict)
 
@@ -714,6 +726,12 @@ def main(argv: list[str] | None = None) -> int:
             log.info("details:", exc_info=exc.__cause__)
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:
+        if exc.errno not in _CANNOT_WRITE:
+            raise
+        print(f"error: {exc.strerror}: {exc.filename or '(no file name given)'}. Check that this file or folder may "
+              "be read and written (not a read-only file system) and that its disk has free space", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

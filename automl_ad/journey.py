@@ -325,12 +325,13 @@ def run_demo(out: str | Path = "automl-ad-demo", budget: str = "3m", profile: st
     demo.export = export_model(package, target=demo.search.parent_run_id, objective="quality", overwrite=True,
                                say=say)
     say(f"\nPredicting the demo test images with the package into {predictions} ...")
-    demo.predictions = predict_images(package, [str(category / "test")], predictions)
+    demo.predictions = predict_images(package, [str(category / "test")], predictions, overwrite=True)
     demo.report = write_report(demo.search.parent_run_id, out / "report.html", say=say)
     return demo
 
 
 def predict_images(package: str | Path, inputs: list[str], out: str | Path, threshold: float | None = None,
-                   progress: bool = False) -> list[dict]:
-    """Verify and load the package, then score every image of ``inputs`` (files or folders) into ``out``."""
-    return predict_files(load_package(package), inputs, out, threshold, progress=progress)
+                   progress: bool = False, overwrite: bool = False) -> list[dict]:
+    """Verify and load the package, then score every image of ``inputs`` (files or folders) into ``out``
+    (``overwrite``: replacing an earlier predict's results there)."""
+    return predict_files(load_package(package), inputs, out, threshold, progress=progress, overwrite=overwrite)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import csv
 import json
+import math
+import re
 import time
+import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,14 +17,26 @@ import numpy as np
 from automl_ad.data.io import ImageReadError, is_image_file, read_image, save_png, to_float
 from automl_ad.errors import UsageError
 
+PREDICTIONS_CSV, PREDICTIONS_JSON = "predictions.csv", "predictions.json"
+#: What predict writes into its output folder.
+OUTPUT_NAMES = (PREDICTIONS_CSV, PREDICTIONS_JSON, "overlays", "masks")
+#: An overlay's or mask's file name: the image's index, then its name.
+_WRITTEN_NAME = re.compile(r"\d{5}_.*\.png")
+
 
 def collect_images(inputs: list[str]) -> list[Path]:
-    """Image files named directly or found (recursively) in folders, in a stable order."""
+    """Image files named directly or found (recursively) in folders, in a stable order; folders holding an earlier
+    ``predict``'s output (its overlays and masks are not parts) are skipped with a warning."""
     paths = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            paths += sorted(p for p in path.rglob("*") if p.is_file() and is_image_file(p))
+            earlier = sorted(p.parent for p in path.rglob(PREDICTIONS_JSON) if _is_predictions_folder(p.parent))
+            for folder in earlier:
+                warnings.warn(f"skipping {folder}: it holds an earlier predict's output (its overlays and masks "
+                              "are not images of parts)", stacklevel=2)
+            paths += sorted(p for p in path.rglob("*") if p.is_file() and is_image_file(p)
+                            and not any(folder in p.parents for folder in earlier))
         elif path.is_file():
             paths.append(path)
         else:
@@ -31,8 +46,48 @@ def collect_images(inputs: list[str]) -> list[Path]:
     return paths
 
 
+def prepare_output(out: str | Path, inputs: list[str], overwrite: bool = False) -> Path:
+    """Check ``out`` before any scoring and clear an earlier predict's output there when ``overwrite``: refuse a
+    file, a folder inside an input folder (the next predict of that folder would score the overlays), a folder
+    whose ``predictions.*``, ``overlays/`` or ``masks/`` are not an earlier predict's, and an earlier predict's
+    output without ``overwrite`` (its files would be replaced and its overlays mixed with the new ones)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is an existing file; give a folder for the predictions")
+    for item in inputs:
+        folder = Path(item).resolve()
+        if folder.is_dir() and (out.resolve() == folder or folder in out.resolve().parents):
+            raise UsageError(f"--out {out} lies inside the input folder {item}, so a later predict of {item} would "
+                             "score its overlays and masks as parts; give an output folder outside the inputs")
+    taken = [out / name for name in OUTPUT_NAMES if (out / name).exists()]
+    if not taken:
+        return out
+    if not _is_predictions_folder(out):
+        raise UsageError(f"--out {out} already holds {', '.join(p.name for p in taken)}, which an earlier predict "
+                         "did not write; give a new or empty folder")
+    if not overwrite:
+        raise UsageError(f"--out {out} holds an earlier predict's results; pass --overwrite to replace them, or "
+                         "give another folder")
+    for name in (PREDICTIONS_CSV, PREDICTIONS_JSON):
+        (out / name).unlink(missing_ok=True)
+    for folder in ("overlays", "masks"):
+        for written in (out / folder).glob("*.png"):
+            if _WRITTEN_NAME.fullmatch(written.name):
+                written.unlink()
+    return out
+
+
+def _is_predictions_folder(folder: Path) -> bool:
+    """Whether ``folder`` holds an earlier predict's output: its predictions.json is a list of per-image results."""
+    try:
+        rows = json.loads((folder / PREDICTIONS_JSON).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(rows, list) and all(isinstance(r, dict) and {"image", "verdict"} <= set(r) for r in rows)
+
+
 def predict_files(package, inputs: list[str], out: str | Path, threshold: float | None = None,
-                  progress: bool = True) -> list[dict]:
+                  progress: bool = True, overwrite: bool = False) -> list[dict]:
     """Score every image; a file that cannot be read (corrupt, truncated, over the pixel limit) is reported in the
     summary with its reason and skipped, and the rest are still scored and summarised. ``note``: how the image
     differs from the training images (:attr:`~automl_ad.deploy.package.Prediction.notes`), empty when it does not.
@@ -41,9 +96,9 @@ def predict_files(package, inputs: list[str], out: str | Path, threshold: float 
     and share the cores)."""
     from automl_ad.progress import track
 
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is an existing file; give a folder for the predictions")
+    if threshold is not None and not math.isfinite(threshold):
+        raise UsageError(f"--threshold must be a finite number, got {threshold}")
+    out = prepare_output(out, inputs, overwrite)
     paths = collect_images(inputs)
     (out / "overlays").mkdir(parents=True, exist_ok=True)
     (out / "masks").mkdir(parents=True, exist_ok=True)
@@ -65,11 +120,11 @@ def predict_files(package, inputs: list[str], out: str | Path, threshold: float 
                          "note": "; ".join(result.notes),
                          **writer.submit(name, to_float(image, package.full_scale), result, package.pixel_threshold)})
     fields = ["image", "score", "verdict", "threshold", "overlay", "mask", "score_ms", "error", "note"]
-    with (out / "predictions.csv").open("w", newline="") as handle:
+    with (out / PREDICTIONS_CSV).open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    (out / "predictions.json").write_text(json.dumps(rows, indent=2))
+    (out / PREDICTIONS_JSON).write_text(json.dumps(rows, indent=2))
     return rows
 
 

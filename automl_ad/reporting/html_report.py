@@ -49,6 +49,8 @@ SECTIONS = (("profile", "Dataset profile"), ("recommendation", "Recommendation")
             ("scores", "Test scores and threshold"), ("operating", "Operating curve"),
             ("curves", "ROC and precision-recall curves"), ("gallery", "Heatmap gallery"))
 MAX_TEST_IMAGES = 200
+#: The start of every report's title: how an existing file is known as a report that may be replaced.
+REPORT_TITLE = "automl-ad report"
 GALLERY_PER_KIND = 4
 THUMBNAIL_SIDE = 192
 _NORMAL, _DEFECT = "#3b7dd8", "#d8453b"
@@ -882,7 +884,7 @@ def render(facts: SearchFacts, ev: Evaluation, tracking_uri: str) -> str:
     nav = "".join(f'<a href="#{key}">{_e(title)}</a>' for key, title in SECTIONS)
 
     return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
-            f"<meta name='viewport' content='width=device-width, initial-scale=1'><title>automl-ad report — "
+            f"<meta name='viewport' content='width=device-width, initial-scale=1'><title>{REPORT_TITLE} — "
             f"{_e(facts.experiment)}</title><style>{CSS}</style></head><body>{_header(facts, tracking_uri)}"
             f"<nav>{nav}</nav><main>{''.join(sections)}</main><footer>automl-ad {_e(__version__)} · generated "
             f"{_e(time.strftime('%Y-%m-%d %H:%M'))}</footer></body></html>")
@@ -894,6 +896,10 @@ def write_report(target: str | None, out: str | Path, tracking_uri: str | None =
     None for the newest) into the HTML file ``out``."""
     if max_images < 1:
         raise UsageError("--max-images must be at least 1")
+    out = Path(out)
+    if out.is_file() and not is_report(out):
+        raise UsageError(f"{out} exists and is not an automl-ad report; give a new file name (a report is "
+                         "only ever replaced by a newer one)")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bars for each small download
     store = SearchStore(tracking_uri)
     search = store.resolve(target)
@@ -904,7 +910,14 @@ def write_report(target: str | None, out: str | Path, tracking_uri: str | None =
     except Exception as exc:
         log.warning("scoring the best model failed", exc_info=True)
         ev = Evaluation(f"Scoring the best front model on the test images failed: {type(exc).__name__}: {exc}")
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render(facts, ev, store.uri), encoding="utf-8")
+    partial = out.with_name(f".{out.name}.partial")
+    partial.write_text(render(facts, ev, store.uri), encoding="utf-8")
+    partial.replace(out)  # a failed write leaves an earlier report whole
     return out
+
+
+def is_report(path: Path) -> bool:
+    """Whether the file ``path`` is an automl-ad report (by its title, in the first bytes)."""
+    with path.open("rb") as handle:
+        return REPORT_TITLE.encode() in handle.read(4096)

@@ -165,7 +165,7 @@ def _run_held(request: SearchRequest, dataset, work_dir: Path, uri: str, state: 
     if cut_short:
         say(f"the search was stopped after {state['elapsed_s']:.0f} s of its {state['budget_s']:.0f}-s budget "
             f"(interrupted): `automl-ad search {dataset.root} --resume` from this folder continues it with the rest")
-    _keep_a_model(tracker, parent, state["elapsed_s"], say)
+    _keep_a_model(tracker, parent, state["elapsed_s"], say, request.trial_timeout_s)
     front = tracker.tag_front(parent)
     _log_best_quality_plot(tracker, parent)
     for run in front:
@@ -182,7 +182,7 @@ def _run_held(request: SearchRequest, dataset, work_dir: Path, uri: str, state: 
                         [t.row() for t in records if t.complete and t.on_front], str(work_dir))
 
 
-def _keep_a_model(tracker, parent: str, elapsed_s: float, say) -> None:
+def _keep_a_model(tracker, parent: str, elapsed_s: float, say, trial_timeout_s: float | None = None) -> None:
     """A search never ends without its best model. When no full-fidelity trial completed, or a screening trial
     (trained on a share of the images) did better on validation than every one that did by more than the
     validation resolves (:func:`~automl_ad.search.validation.validation_resolution`: its promotion no longer fitted
@@ -197,7 +197,9 @@ def _keep_a_model(tracker, parent: str, elapsed_s: float, say) -> None:
     best = max(screened, key=lambda r: r.data.metrics["quality"], default=None)
     if best is None:
         if not full:
-            say("no trial completed within the budget: there is no model to export; give a larger --budget")
+            limit = "" if trial_timeout_s is None else f" and the --trial-timeout of {trial_timeout_s:g} s"
+            say(f"no trial completed within the budget{limit}: there is no model to export; give a larger --budget"
+                f"{'' if trial_timeout_s is None else ' or --trial-timeout'}")
         return
     score, what = best.data.metrics["quality"], best.data.tags.get("fidelity", "a share of the training images")
     if full:

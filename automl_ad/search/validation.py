@@ -59,7 +59,8 @@ def prepare_search_data(dataset: Dataset, work_dir: str | Path, mode: str = "aut
     # images: in steps of 12%): they train instead, and leave fewer to alarm
     split = dataset.split(seed=seed, min_test_normals=MIN_TEST_NORMALS)
     if not split.validation:
-        raise UsageError(f"{dataset.root}: too few normal images to hold some out for validation")
+        raise UsageError(f"{dataset.root}: {len(dataset.normal)} normal image(s) are too few to hold some out for "
+                         "validation beside those the search trains on; add normal (good) images")
     normals = [r for r in split.validation if r.is_normal]
     defects = [r for r in split.validation if not r.is_normal]
     train = ImageSet.from_records(split.train, dataset)
