@@ -351,6 +351,26 @@ def test_appearance_notes_images_unlike_the_training_ones():
         assert differences(gray[0], malformed) == []
 
 
+def test_appearance_notes_12_bit_values_read_against_65535_by_a_model_of_8_bit_images(tmp_path):
+    """A package trained on 8-bit files reads a 16-bit file by 65535: right for a 16-bit camera, 1/16 of the contrast
+    for 12-bit values. The note says so, and the colour is judged on the file's own scale (not "gray" because its
+    channels are all dark)."""
+    from automl_ad.deploy.appearance import differences, training_appearance
+
+    rng = np.random.default_rng(0)
+    colour = [rng.integers(0, 255, (40, 60, 3), dtype=np.uint8) for _ in range(3)]
+    paths = [tmp_path / f"{i}.png" for i in range(3)]
+    for image, path in zip(colour, paths):
+        Image.fromarray(image).save(path)
+    looks = training_appearance(ImageSet.from_paths(paths))
+    assert looks["bits"] == 8 and looks["colour"] == "colour"
+    assert differences(colour[0].astype(np.uint16) * 257, looks) == []  # a 16-bit camera: read right
+    notes = differences(colour[0].astype(np.uint16) * 16, looks)
+    assert len(notes) == 1 and "12-bit values) where the training images are 8-bit" in notes[0] \
+        and "at 1/16 of their contrast" in notes[0]
+    assert "bits" not in training_appearance(ImageSet.from_arrays(colour))  # arrays: their files' depth unknown
+
+
 def test_the_operating_point_names_synthetic_anomalies_as_such_and_test_defects_as_defects():
     from automl_ad.deploy.export import Calibration, _say_operating_point
 
