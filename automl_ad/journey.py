@@ -25,7 +25,7 @@ from automl_ad.evaluation.run import evaluate_detector
 from automl_ad.features.backbone import backbone_of_weights, uses_builtin_weights, weights_available
 from automl_ad.figures.heatmaps import save_overlays
 from automl_ad.folders import check_output_folder, write_output_folder
-from automl_ad.profiling import profile_dataset
+from automl_ad.profiling import profile_dataset, profile_paths, save_profiles
 from automl_ad.recommend import recommend
 from automl_ad.recommend.engine import local_weights
 from automl_ad.recommend.state import SCREEN_FILE, category_dir, save_state
@@ -62,11 +62,11 @@ def profile_data(data: str, category: str | None = None, strict: bool = False, p
                  out: str | None = None) -> Recommended:
     """Profile every category; with ``out``, save the profiles (one JSON file, or one per category in a folder)."""
     datasets = open_categories(data, category, strict, progress)
+    if out:
+        profile_paths(out, [d.name for d in datasets])  # refuse a bad --out before the work
     profiles = [profile_dataset(d) for d in datasets]
     if out:
-        for profile in profiles:
-            profile.save(Path(out) / f"{profile.name}.json" if len(profiles) > 1 or Path(out).suffix != ".json"
-                         else Path(out))
+        save_profiles(profiles, out)
     return Recommended(datasets, profiles, [])
 
 

@@ -106,7 +106,8 @@ def test_magnetic_tile_is_an_unaligned_texture():
     assert profile.structure.kind == "texture" and profile.structure.confidence > 0.8
     assert not profile.alignment.template_viable
     assert profile.color.mode == "gray" and profile.size.distinct_sizes > 100
-    assert profile.counts.normal_train == 762 and profile.defects.masks == 392
+    # the 4 empty masks under ground_truth/uneven are left out of the defect sizes
+    assert profile.counts.normal_train == 762 and profile.defects.masks == 388
 
 
 # --- native aspect ratio, defect sizes ---------------------------------------------------------------------------

@@ -81,6 +81,7 @@ class ImageInfo:
     sha256: str
     orientation: int = 1  # EXIF orientation tag: 1 = stored as shown; 2-8 ask viewers to flip or rotate it
     max_value: int = 255  # the largest pixel value (a 12-bit camera's 16-bit files hold at most 4095)
+    constant: bool = False  # every pixel has the same value (a blank frame: a failed exposure or trigger)
 
 
 def is_image_file(path: Path) -> bool:
@@ -243,6 +244,8 @@ def inspect_image(path: str | Path, max_pixels: int | None = None) -> ImageInfo:
     raw, has_alpha, source = _decode_file(Path(path), max_image_pixels(max_pixels))
     array = _normalise_layout(raw, source)
     max_value = int(array.max())
+    first = array[0, 0]  # a few rows first: almost every real image differs there, and the full test is skipped
+    constant = bool((array[:: max(1, array.shape[0] // 16)] == first).all()) and bool((array == first).all())
     with open(path, "rb") as handle:
         sha256 = hashlib.file_digest(handle, "sha256").hexdigest()
     return ImageInfo(
@@ -255,6 +258,7 @@ def inspect_image(path: str | Path, max_pixels: int | None = None) -> ImageInfo:
         sha256=sha256,
         orientation=exif_orientation(path),
         max_value=max_value,
+        constant=constant,
     )
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from automl_ad.data.io import ImageInfo, ImageReadError, inspect_image, read_mask
-from automl_ad.data.layout import ImageRecord, RawCategory
+from automl_ad.data.layout import ImageRecord, RawCategory, describe_skipped
 from automl_ad.defaults import IO_WORKERS, SHORTCUT_AUROC, SHORTCUT_MIN_IMAGES
 from automl_ad.errors import InvalidDatasetError
 from automl_ad.progress import track
@@ -67,9 +67,10 @@ def validate(raw: RawCategory, strict: bool = False, progress: bool = False
     problems += [Problem(p, "mask has no matching image; it is ignored",
                          "Check its name: a mask for test/<type>/x.png must be named <type>/x_mask.png or <type>/x.png",
                          WARNING) for p in raw.orphan_masks]
+    problems += _skipped_entries(raw.root, raw.skipped)
 
     infos, read_problems = _inspect_all(raw.records, progress)
-    problems += read_problems + _rotated_by_exif(raw.records, infos)
+    problems += read_problems + _rotated_by_exif(raw.records, infos) + _blank_images(raw.records, infos)
     records = [r for r in raw.records if r.path in infos]
 
     mask_checks = _check_masks(records, infos, progress)
@@ -159,6 +160,42 @@ def _check_mask(mask_path: Path, image: ImageInfo) -> MaskCheck:
                                          "Draw the defect in the mask, or move the image to good/ if it has none",
                                          WARNING)
     return MaskCheck(empty, float(binary.mean()), regions)
+
+
+def _skipped_entries(root: Path, skipped: list[tuple[Path, str]]) -> list[Problem]:
+    """One warning naming the entries of the image folders that the scan could not read (broken or looping links,
+    FIFOs, device files, unsupported image formats ...), each with its reason: the first few, then how many more
+    (each is logged at --verbose)."""
+    if not skipped:
+        return []
+    for path, reason in skipped:
+        log.info("skipped %s: %s", path, reason)
+    return [Problem(root, describe_skipped(skipped, root, "in its image folders",
+                                           listed="run with --verbose to list them all"),
+                    "Fix or remove broken links, replace links to folders and special files by regular image files, "
+                    "and convert other image formats to PNG", WARNING)]
+
+
+def _blank_images(records: list[ImageRecord], infos: dict[Path, ImageInfo]) -> list[Problem]:
+    """One warning per image whose pixels all have the same value: a blank frame, as a failed exposure or trigger
+    gives. It stays in the dataset (it is a file of its folder's label) but the profile leaves it out of its
+    structure and colour statistics."""
+    problems = []
+    for record in records:
+        info = infos.get(record.path)
+        if info is None or not info.constant:
+            continue
+        full = 255 if info.bit_depth == 8 else 65535
+        look = ("all black" if info.max_value == 0 else
+                "all white" if info.max_value == full and (info.channels == 1 or info.effectively_gray) else
+                "one uniform colour" if info.channels == 3 and not info.effectively_gray else "one uniform gray level")
+        kind = "normal" if record.is_normal else f"'{record.label}'"
+        problems.append(Problem(
+            record.path, f"image is blank ({look}: every pixel has the same value), which is typical of a camera or "
+            f"trigger failure; the dataset profile leaves it out of its structure and colour statistics, but it "
+            f"is still used as a {kind} image", "Remove it if the capture failed, or check the camera's exposure, "
+            "lighting and trigger", WARNING))
+    return problems
 
 
 def _rotated_by_exif(records: list[ImageRecord], infos: dict[Path, ImageInfo]) -> list[Problem]:

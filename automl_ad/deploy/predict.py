@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from automl_ad.data.io import ImageReadError, is_image_file, read_image, save_png, to_float
+from automl_ad.data.io import ImageReadError, read_image, save_png, to_float
+from automl_ad.data.layout import describe_skipped, image_files
 from automl_ad.errors import UsageError
 
 PREDICTIONS_CSV, PREDICTIONS_JSON = "predictions.csv", "predictions.json"
@@ -35,8 +36,11 @@ def collect_images(inputs: list[str]) -> list[Path]:
             for folder in earlier:
                 warnings.warn(f"skipping {folder}: it holds an earlier predict's output (its overlays and masks "
                               "are not images of parts)", stacklevel=2)
-            paths += sorted(p for p in path.rglob("*") if p.is_file() and is_image_file(p)
-                            and not any(folder in p.parents for folder in earlier))
+            images, skipped = image_files(path)
+            paths += [p for p in images if not any(folder in p.parents for folder in earlier)]
+            skipped = [(p, why) for p, why in skipped if not any(folder in p.parents for folder in earlier)]
+            if skipped:
+                warnings.warn(f"{path}: {describe_skipped(skipped, path)}", stacklevel=2)
         elif path.is_file():
             paths.append(path)
         else:

@@ -3,12 +3,15 @@
 Cheap facts (counts, sizes, aspect ratios, colour, mask areas) use every file. Structure statistics use a sample of
 normal images analysed at the dataset's median aspect ratio (see :func:`structure_shape`). Defect sizes come from
 a sample of masks: per mask, the short side of the bounding box of its largest defect region (an image is
-flagged when its main defect is seen; fragments of the same defect ride along).
+flagged when its main defect is seen; fragments of the same defect ride along). Empty masks (a defective image
+whose mask marks nothing) count neither as masks nor towards defect sizes, and blank images (every pixel alike:
+a failed capture) neither towards colour nor structure; the dataset check warns about both, naming the files.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
@@ -32,11 +35,13 @@ from automl_ad.defaults import (
     PROFILE_SAMPLE_PIXELS,
     SMALLEST_DEFECT_FRACTION,
 )
-from automl_ad.errors import ConfigError
+from automl_ad.errors import ConfigError, UsageError
 from automl_ad.profiling.structure import AlignmentStats, StructureStats, alignment_stats, structure_stats
 from automl_ad.version import __version__
 
 SCHEMA_VERSION = 2
+#: A file larger than this is never taken for an earlier profile (they are a few kilobytes).
+PROFILE_MAX_BYTES = 16 * 2**20
 
 #: Facts a constraint profile may override, with their types.
 OVERRIDABLE_FACTS = {"kind": str, "periodic": bool, "aligned": bool, "color": str, "n_normal": int,
@@ -103,7 +108,7 @@ class SizeStats:
 @dataclass(frozen=True)
 class ColorStats:
     mode: str  # "gray", "color" or "mixed"
-    gray_files: int
+    gray_files: int  # these three leave blank images out (unless every image is blank)
     color_files: int
     effectively_gray_color_files: int  # RGB files whose channels are identical
     bit_depths: list[int]
@@ -203,9 +208,16 @@ class DatasetProfile:
         return asdict(self)
 
     def save(self, path: str | Path) -> Path:
+        """Write the profile as JSON to ``path``, creating its folders. Raises :class:`UsageError` when it cannot
+        be written there: a folder above it is a file, ``path`` is a folder, it is an existing file that is not JSON
+        (an image, say: never overwritten), or the file system refuses."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2))
+        _check_profile_target(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(self.to_dict(), indent=2))
+        except OSError as exc:
+            raise UsageError(f"cannot write the profile to {path}: {exc.strerror or exc}") from exc
         return path
 
     @classmethod
@@ -224,6 +236,76 @@ class DatasetProfile:
     @classmethod
     def load(cls, path: str | Path) -> DatasetProfile:
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def _foreign(path: Path) -> str | None:
+    """Why the existing file ``path`` must not be overwritten by a profile (None: it may be): it is not JSON text
+    (an image, a document), or it is JSON that is not an automl-ad profile. An empty file and a cut-off profile
+    (JSON text that does not parse) may be replaced."""
+    try:
+        size = path.stat().st_size
+        if size == 0:
+            return None
+        if size > PROFILE_MAX_BYTES:
+            return f"is a {size:,}-byte file, not an automl-ad profile"
+        with path.open("rb") as handle:
+            text = handle.read()
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+    if not text.lstrip()[:1] == b"{":
+        return "is an existing file that is not JSON (not an earlier automl-ad profile)"
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return None  # a profile cut off while it was written
+    if isinstance(data, dict) and "schema_version" in data and "fingerprint" in data:
+        return None
+    return "is an existing JSON file that is not an automl-ad profile"
+
+
+def _check_profile_target(path: Path) -> None:
+    """Raise :class:`UsageError` unless a profile may be written to ``path`` (see :meth:`DatasetProfile.save`)."""
+    blocking = next((parent for parent in path.parents if parent.exists() and not parent.is_dir()), None)
+    if blocking is not None:
+        raise UsageError(f"cannot write the profile to {path}: {blocking} is an existing file, not a folder")
+    if path.is_dir():
+        raise UsageError(f"cannot write the profile to {path}: it is a folder")
+    if path.exists() or path.is_symlink():
+        if not path.is_file():
+            raise UsageError(f"cannot write the profile to {path}: it is not a regular file")
+        reason = _foreign(path)
+        if reason is not None:
+            raise UsageError(f"{path} {reason}; it is left as it is. Choose a new file name ending in .json, or "
+                             "a folder")
+
+
+def profile_paths(out: str | Path, names: list[str]) -> list[Path]:
+    """Where ``automl-ad profile --out OUT`` writes the profiles of the categories ``names``, checked before any
+    work: OUT is a file when it exists as one or its name has a suffix (``prof.json``, ``prof.txt``), and then holds
+    the one category's profile; otherwise it is a folder (made when missing) with one ``<category>.json`` each.
+    Raises :class:`UsageError` when OUT names a file but there are several categories, or when a target may not be
+    written (an existing file that is not a profile is never overwritten; see :meth:`DatasetProfile.save`)."""
+    text = str(out)
+    out = Path(out)
+    as_folder = out.is_dir() or text.endswith(("/", os.sep)) or not (out.exists() or out.is_symlink()) \
+        and not out.suffix
+    if as_folder:
+        targets = [out / f"{name}.json" for name in names]
+    elif len(names) > 1:
+        raise UsageError(f"--out {out} names a file, but the data holds {len(names)} categories "
+                         f"({', '.join(names)}), one profile each: give --out a folder (a name without a suffix, e.g. "
+                         f"{out.with_suffix('') if out.suffix else out.name + '_profiles'}), or pick one category "
+                         "with --category")
+    else:
+        targets = [out]
+    for target in targets:
+        _check_profile_target(target)
+    return targets
+
+
+def save_profiles(profiles: list[DatasetProfile], out: str | Path) -> list[Path]:
+    """Save ``profiles`` where :func:`profile_paths` puts them; returns the files written."""
+    return [profile.save(target) for profile, target in zip(profiles, profile_paths(out, [p.name for p in profiles]))]
 
 
 def _sample(items: list, limit: int) -> list:
@@ -257,8 +339,14 @@ def _largest_defect(mask_path) -> tuple[int, tuple[int, int]] | None:
     return min(rows.stop - rows.start, cols.stop - cols.start), binary.shape
 
 
+def _drawn_masks(dataset: Dataset) -> dict:
+    """The dataset's masks that mark a defect: an empty mask (warned about when the dataset was checked) says
+    nothing about defect sizes, and the geometry planner leaves it out as well."""
+    return {path: check for path, check in dataset.masks.items() if check.regions}
+
+
 def _defect_stats(dataset: Dataset) -> DefectStats | None:
-    checks = dataset.masks
+    checks = _drawn_masks(dataset)
     if not checks:
         return None
     fractions = np.array([m.defect_fraction for m in checks.values()])
@@ -290,21 +378,24 @@ def profile_dataset(dataset: Dataset, sample_images: int = PROFILE_SAMPLE_IMAGES
     aspects = widths / heights
     shape = structure_shape(float(np.median(aspects)), resolution)
     normals = dataset.normal_in("train") or dataset.normal
+    # blank frames (every pixel alike; warned about when the dataset was checked) have no structure or colour
+    normals = [r for r in normals if not dataset.info[r.path].constant] or normals
     sample = _sample(normals, min(sample_images, max(1, PROFILE_SAMPLE_PIXELS // (shape[0] * shape[1]))))
     with ThreadPoolExecutor(IO_WORKERS) as pool:
         full_scale = dataset.full_scale
         images = np.stack(list(pool.map(lambda r: load_image(r.path, shape, gray=True, full_scale=full_scale),
                                         sample)))
 
-    gray = sum(i.channels == 1 for i in infos)
-    colour = len(infos) - gray
-    effectively_gray = sum(i.effectively_gray for i in infos)
+    pictured = [i for i in infos if not i.constant] or infos
+    gray = sum(i.channels == 1 for i in pictured)
+    colour = len(pictured) - gray
+    effectively_gray = sum(i.effectively_gray for i in pictured)
     truly_colour = colour - effectively_gray
-    mode = "gray" if truly_colour == 0 else "color" if truly_colour == len(infos) else "mixed"
+    mode = "gray" if truly_colour == 0 else "color" if truly_colour == len(pictured) else "mixed"
 
     counts = Counts(normal_train=len(dataset.normal_in("train")), normal_test=len(dataset.normal_in("test")),
                     normal_unsplit=len(dataset.normal_in(None)), abnormal=dataset.defect_types,
-                    masks=len(dataset.masks),
+                    masks=len(_drawn_masks(dataset)),
                     skipped_files=sum(p.severity == "error" and p.path is not None for p in dataset.problems))
     return DatasetProfile(
         name=dataset.name, root=str(dataset.root), layout=dataset.layout, fingerprint=dataset.fingerprint(),

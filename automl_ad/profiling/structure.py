@@ -19,6 +19,7 @@ illumination or sensor stripes), which reads as an aligned object.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -112,6 +113,9 @@ def periodicity(images: np.ndarray) -> float:
     for image in _zscore(detail(images)):
         spectrum = np.fft.fft2(image)
         autocorr = np.fft.fftshift(np.real(np.fft.ifft2(np.abs(spectrum) ** 2)))
+        if autocorr.max() <= 0:  # no detail at all (a blank frame): nothing repeats
+            peaks.append(0.0)
+            continue
         autocorr /= autocorr.max()
         labels, _ = ndimage.label(autocorr > _AUTOCORR_LOBE)
         centre = labels[autocorr.shape[0] // 2, autocorr.shape[1] // 2]
@@ -142,7 +146,13 @@ def alignment_stats(images: np.ndarray, max_images: int = 60) -> AlignmentStats:
     raw, registered, shifts = [], [], []
     for image in details[:max_images]:
         raw.append(float((image * template).mean()))
-        shift, _, _ = phase_cross_correlation(template, image, normalization=None)
+        if not image.any() or not template.any():  # no detail to register (a blank frame, or blank templates)
+            registered.append(raw[-1])
+            shifts.append(0.0)
+            continue
+        with warnings.catch_warnings():  # skimage warns, naming no file, about images it finds empty
+            warnings.filterwarnings("ignore", message="Could not determine RMS error", category=UserWarning)
+            shift, _, _ = phase_cross_correlation(template, image, normalization=None)
         moved = _zscore(ndimage.shift(image, shift, mode="nearest")[None])[0]
         registered.append(float((moved * template).mean()))
         shifts.append(float(np.hypot(*shift)) / np.sqrt(images.shape[-2] * images.shape[-1]))
