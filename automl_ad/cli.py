@@ -588,7 +588,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("profile", help="validate the data and print its profile (counts, texture/object, alignment)")
     data_args(p)
-    p.add_argument("--out", help="write the profile JSON here (a file, or a folder for several categories)")
+    p.add_argument("--out", help="write the profile JSON here: a file (a name with a suffix, e.g. prof.json) for one "
+                   "category, else a folder with one <category>.json each")
     p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("fit", help="fit one detector family on the normal training images and save it")
