@@ -365,6 +365,7 @@ def test_appearance_notes_12_bit_values_read_against_65535_by_a_model_of_8_bit_i
     looks = training_appearance(ImageSet.from_paths(paths))
     assert looks["bits"] == 8 and looks["colour"] == "colour"
     assert differences(colour[0].astype(np.uint16) * 257, looks) == []  # a 16-bit camera: read right
+    assert differences(colour[0], looks) == []  # an 8-bit file: nothing to note
     notes = differences(colour[0].astype(np.uint16) * 16, looks)
     assert len(notes) == 1 and "12-bit values) where the training images are 8-bit" in notes[0] \
         and "at 1/16 of their contrast" in notes[0]

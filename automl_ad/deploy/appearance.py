@@ -47,8 +47,8 @@ def differences(image: np.ndarray, appearance: dict | None, full_scale: int | No
         found.append(f"16-bit pixels up to {brightest}, above the {full_scale} ({full_scale.bit_length()}-bit) "
                      "of the training images: brighter pixels read as white")
     colour_scale = full_scale
-    if full_scale is None and isinstance(appearance, dict) and appearance.get("bits") == 8 \
-            and full_scale_of(brightest) < 65535:
+    if image.dtype == np.uint16 and full_scale is None and isinstance(appearance, dict) \
+            and appearance.get("bits") == 8 and full_scale_of(brightest) < 65535:
         colour_scale = full_scale_of(brightest)  # its colour is judged on its own scale, not 65535's
         found.append(f"16-bit pixels up to {brightest} ({colour_scale.bit_length()}-bit values) where the training "
                      f"images are 8-bit: read against 65535, at 1/{65535 // colour_scale} of their contrast; "
