@@ -31,3 +31,8 @@ class InvalidDatasetError(AutomlAdError):
     def __init__(self, message: str, problems: list | None = None):
         super().__init__(message)
         self.problems = list(problems or [])
+
+
+class DataChangedError(InvalidDatasetError):
+    """The images a search used are gone or changed since the search, so its models cannot be calibrated or scored
+    on them as they were (exit code 3). ``problems`` lists the files."""

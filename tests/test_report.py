@@ -83,8 +83,8 @@ def test_a_split_without_test_images_is_reported_on_its_validation_images(search
     result, uri, work = searched
     monkeypatch.chdir(work)
     split_of = SearchStore.split
-    monkeypatch.setattr(SearchStore, "split", lambda self, search: dataclasses.replace(
-        split_of(self, search), test=split_of(self, search).test.subset([])))
+    monkeypatch.setattr(SearchStore, "split", lambda self, search, **checks: dataclasses.replace(
+        split_of(self, search, **checks), test=split_of(self, search).test.subset([])))
     out = tmp_path / "report.html"
     assert main(["report", result.parent_run_id, "--out", str(out), "--tracking-uri", uri]) == 0
     text = out.read_text()

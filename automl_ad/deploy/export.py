@@ -224,14 +224,16 @@ def export_run(store: SearchStore, run_id: str, out: str | Path, far: float = DE
                overwrite: bool = False, say=print) -> Path:
     """Package the model of trial ``run_id``: thresholds from the search's held-out normals, its operating point
     on validation and test. ``out`` never replaces anything but an automl-ad package (with ``overwrite``), nor a
-    folder holding the tracking store, automl-ad's working state, the search's folder or the dataset."""
+    folder holding the tracking store, automl-ad's working state, the search's folder or the dataset. Refused
+    (:class:`~automl_ad.errors.DataChangedError`) when the search's images are gone or changed since the search
+    (:func:`~automl_ad.tracking.records.check_split_data`): the package's training fingerprint is the search's."""
     trial = store.trial(run_id)
     if not trial.ok:
         raise UsageError(f"run {run_id} is not a completed search trial (status {trial.status})")
     search = store.search(trial.search_id)
     protected = _protected_paths(store.uri, search)
     check_package_target(out, overwrite, protected)
-    split = store.split(search)
+    split = store.split(search, check=True, say=say)  # the images as the search used them, or DataChangedError
     with tempfile.TemporaryDirectory() as tmp:
         detector = Detector.load(store.model_dir(trial, Path(tmp), search.work_dir))
         calibration = calibrate(detector, split, far, say)

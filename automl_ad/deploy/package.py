@@ -39,7 +39,7 @@ from automl_ad.deploy.appearance import differences
 from automl_ad.deploy.onnx_export import export_onnx
 from automl_ad.detectors import Detector, list_detectors
 from automl_ad.detectors.graph_based import GraphDetector
-from automl_ad.errors import AutomlAdError, ConfigError
+from automl_ad.errors import AutomlAdError, ConfigError, UsageError
 from automl_ad.folders import check_output_folder, write_output_folder
 from automl_ad.version import __version__
 
@@ -58,7 +58,10 @@ _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 class PackageError(AutomlAdError):
-    """A package is missing, tampered with, truncated, malformed or of an unknown format."""
+    """A package is missing, tampered with, truncated, malformed or of an unknown format: the input is unusable as
+    it is, a data problem (exit code 3)."""
+
+    exit_code = 3
 
 
 def export_package(detector, out: str | Path, thresholds: dict, metrics: dict | None = None,
@@ -103,10 +106,22 @@ def _write_package(detector, folder: Path, thresholds: dict, metrics: dict | Non
         "supports_localization": detector.supports_localization,
         "onnx": export_onnx(detector, folder / ONNX_FILE, parity_images)}
     (folder / README_FILE).write_text(_readme(manifest))
+    _usual_permissions(folder)
     manifest["files"] = {p.name: _sha256(p) for p in sorted(folder.iterdir()) if p.is_file()}
     core = json.loads(json.dumps(manifest))  # as a reader will see it: tuples as lists, keys as strings
     core["integrity"] = _integrity(core)
     (folder / MANIFEST).write_text(json.dumps(core, indent=2))
+
+
+def _usual_permissions(folder: Path) -> None:
+    """Give every file in ``folder`` the permissions a plain ``open()`` gives a new file (0666 less the umask):
+    safetensors writes its files 0600, which would keep a package exported by one account from another (e.g. a
+    service that serves it)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in folder.iterdir():
+        if path.is_file() and not path.is_symlink():
+            os.chmod(path, 0o666 & ~umask)
 
 
 def package_folder_problem(folder: Path) -> str | None:
@@ -137,12 +152,12 @@ def _bundle_backbone(detector, staging: Path) -> dict | None:
         return None
     source = detector._extractor().spec.weights.file
     if source is None:
-        raise PackageError(f"{detector.name}: the backbone weights file cannot be found locally to bundle; fit with "
-                           "--weights FILE so the package can work offline")
+        raise UsageError(f"{detector.name}: the backbone weights file cannot be found locally to bundle; fit with "
+                         "--weights FILE so the package can work offline")
     target = staging / "backbone.safetensors" if source.endswith(".safetensors") else staging / "backbone.pth"
     if target.suffix == ".pth":
-        raise PackageError(f"{source}: only safetensors backbone weights can be bundled (a .pth file would have to "
-                           "be unpickled on load); convert it with safetensors first")
+        raise UsageError(f"{source}: only safetensors backbone weights can be bundled (a .pth file would have to "
+                         "be unpickled on load); convert it with safetensors first")
     shutil.copyfile(source, target)
     return {"file": target.name, "identity": _sha256(target)}
 

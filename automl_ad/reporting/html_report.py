@@ -30,7 +30,7 @@ from automl_ad.data.split import ANOMALY_WORDS
 from automl_ad.defaults import DEFAULT_FALSE_ALARM_RATE
 from automl_ad.deploy.export import calibrate, choose_run
 from automl_ad.detectors import Detector, detector_class
-from automl_ad.errors import UsageError
+from automl_ad.errors import InvalidDatasetError, UsageError
 from automl_ad.evaluation.metrics import evaluate, rates_at
 from automl_ad.evaluation.objectives import OBJECTIVES, pareto_ranks
 from automl_ad.evaluation.selection import selection_agreement
@@ -165,11 +165,11 @@ def evaluate_best(store: SearchStore, facts: SearchFacts, max_images: int = MAX_
         return Evaluation("The search has no completed trial on its Pareto front, so there is no model to score.")
     seed = facts.search.seed
     try:
-        split = store.split(facts.search)
+        split = store.split(facts.search, check=True, say=say)  # as export: the images the search used
         with tempfile.TemporaryDirectory() as tmp:
             detector = Detector.load(store.model_dir(store.trial(best["run_id"]), Path(tmp), facts.search.work_dir))
         calibration = calibrate(detector, split, far, say)  # as export: without the family's own anomaly kinds
-    except (UsageError, ValueError, OSError) as exc:
+    except (UsageError, InvalidDatasetError, ValueError, OSError) as exc:
         return Evaluation(f"The best front model ({best['family']}, run {best['run_id']}) could not be reloaded "
                           f"and calibrated: {exc}", best["run_id"], best["family"])
     missing = [p for p in split.test.paths if not Path(p).is_file()]
