@@ -15,14 +15,14 @@ from automl_ad.data import load_datasets, open_dataset
 from automl_ad.data.demo import generate_demo
 from automl_ad.data.imageset import ImageSet
 from automl_ad.data.layout import NORMAL_LABEL, normal_folder
-from automl_ad.defaults import BUILTIN_BACKBONE, MIN_TRAIN_IMAGES, SCREEN_FAMILY, SCREEN_FOLDS, SEARCH_BUDGET
+from automl_ad.defaults import MIN_TRAIN_IMAGES, SCREEN_FAMILY, SCREEN_FOLDS, SEARCH_BUDGET
 from automl_ad.deploy.export import Export, export_model
 from automl_ad.deploy.package import load_package
 from automl_ad.deploy.predict import predict_files
 from automl_ad.detectors import Detector, create_detector
 from automl_ad.errors import AutomlAdError, InvalidDatasetError, UsageError
 from automl_ad.evaluation.run import evaluate_detector
-from automl_ad.features.backbone import backbone_of_weights, uses_builtin_weights, weights_available
+from automl_ad.features.backbone import backbone_fallback, backbone_of_weights, uses_builtin_weights
 from automl_ad.figures.heatmaps import save_overlays
 from automl_ad.folders import check_output_folder, write_output_folder
 from automl_ad.profiling import profile_dataset, profile_paths, save_profiles
@@ -177,16 +177,16 @@ def _backbone_settings(family: str, params: dict, weights: str | None, profile: 
                          f"{backbone}")
             backbone = known
         return {"backbone": backbone, "weights": str(Path(weights).resolve())}, notes
-    local = load_constraints(profile).backbone_weights.get(backbone) if profile else None
+    local_files = load_constraints(profile).backbone_weights if profile else {}
+    local = local_files.get(backbone)
     if local:
         return {"weights": local}, []
     if uses_builtin_weights(backbone):
         return {}, [f"the hub is unreachable: {backbone} runs on the ImageNet weights built into automl-ad"]
-    if "backbone" not in params and not weights_available(backbone) and uses_builtin_weights(BUILTIN_BACKBONE):
-        return {"backbone": BUILTIN_BACKBONE}, [
-            f"no weights for {family}'s default backbone {backbone} here and the hub is unreachable: using "
-            f"{BUILTIN_BACKBONE} with the ImageNet weights built into automl-ad (--weights FILE or --param "
-            "backbone=... for another)"]
+    fallback = None if "backbone" in params else backbone_fallback(family, backbone, local_files)
+    if fallback:
+        settings, note = fallback
+        return settings, [note]
     return {}, []
 
 

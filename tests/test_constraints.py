@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from automl_ad.constraints import ConstraintProfile, load_constraints, parse_duration
@@ -75,10 +76,16 @@ def test_throughput_implies_latency():
 
 
 def test_backbone_weights_are_resolved_next_to_the_profile(tmp_path):
-    (tmp_path / "w.safetensors").write_bytes(b"x")
+    from safetensors.numpy import save_file
+
+    save_file({"w": np.zeros(2, np.float32)}, str(tmp_path / "w.safetensors"))  # a weights file, checked as such
     path = tmp_path / "p.yaml"
     path.write_text("backbone_weights: {mobilenetv2_100: w.safetensors}\n")
     assert load_constraints(path).backbone_weights == {"mobilenetv2_100": str(tmp_path / "w.safetensors")}
     path.write_text("backbone_weights: {resnet18: missing.safetensors}\n")
     with pytest.raises(ConfigError, match="does not exist"):
+        load_constraints(path)
+    (tmp_path / "junk.safetensors").write_bytes(b"x")
+    path.write_text("backbone_weights: {resnet18: junk.safetensors}\n")
+    with pytest.raises(ConfigError, match="backbone_weights.resnet18: weights file .* is not a safetensors file"):
         load_constraints(path)

@@ -383,8 +383,15 @@ def test_weights_file_names_its_backbone_and_unknown_files_are_refused(offline, 
     assert rec.backbones == ["mobilenetv2_100"]
     junk = tmp_path / "weights.safetensors"
     junk.write_bytes(b"not weights")
-    with pytest.raises(UsageError, match="unknown weights file"):
+    with pytest.raises(UsageError, match="is not a safetensors file"):  # the check fit makes too
         recommend(make_profile(), CPU, weights=str(junk))
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    unknown = tmp_path / "unknown.safetensors"
+    save_file({"w": np.zeros(2, np.float32)}, str(unknown))
+    with pytest.raises(UsageError, match="unknown weights file"):
+        recommend(make_profile(), CPU, weights=str(unknown))
     with pytest.raises(UsageError, match="does not exist"):
         recommend(make_profile(), CPU, weights=str(tmp_path / "missing.safetensors"))
 

@@ -207,12 +207,18 @@ def _backbone_weights(mapping, where: str) -> dict[str, str]:
     if not isinstance(mapping, dict):
         raise ConfigError(f"{where}: 'backbone_weights' must map backbone names to weight files, "
                           "e.g. {mobilenetv2_100: weights/mobilenetv2.safetensors}")
+    from automl_ad.features.backbone import BackboneWeightsError, check_weights_file
+
     base = Path(where).parent if Path(where).suffix in (".yaml", ".yml") else Path.cwd()
     resolved = {}
     for name, path in mapping.items():
         file = (base / str(path)).expanduser().resolve()
         if not file.is_file():
             raise ConfigError(f"{where}: backbone_weights.{name}: {file} does not exist")
+        try:  # the check fit and search make: a file they would refuse is refused here, before any work
+            check_weights_file(file, str(name))
+        except BackboneWeightsError as exc:
+            raise ConfigError(f"{where}: backbone_weights.{name}: {exc}") from exc
         resolved[str(name)] = str(file)
     return resolved
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import os
 
 from automl_ad.errors import UsageError
 
@@ -66,7 +67,9 @@ def detector_class(name: str) -> type:
 
 
 def create_detector(name: str, **params):
-    """Construct family ``name`` with ``params`` (unknown parameters raise with the accepted ones listed)."""
+    """Construct family ``name`` with ``params``. Unknown parameters raise with the accepted ones listed, a
+    ``backbone`` that names no timm model with the usual ones, and a ``weights`` file that is none (or another
+    backbone's) with what is wrong with it."""
     cls = detector_class(name)
     accepted = cls._get_param_names()
     unknown = [k for k in params if k not in accepted]
@@ -76,4 +79,15 @@ def create_detector(name: str, **params):
             close = difflib.get_close_matches(key, accepted, n=1)
             hints.append(f"'{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
         raise UsageError(f"{name} has no parameter {', '.join(hints)}. Accepted: {', '.join(accepted)}")
-    return cls(**params)
+    # An unknown backbone or an unusable weights file is said now, not as a loader's failure at fit time.
+    if isinstance(params.get("backbone"), str):
+        from automl_ad.features.backbone import check_backbone_name
+
+        check_backbone_name(params["backbone"], family=name)
+    detector = cls(**params)
+    if isinstance(params.get("weights"), (str, os.PathLike)):
+        from automl_ad.features.backbone import check_weights_file
+
+        backbone = getattr(detector, "backbone", None)
+        check_weights_file(params["weights"], backbone if isinstance(backbone, str) else None)
+    return detector

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import hashlib
+import json
 import logging
 import os
 import warnings
+import zipfile
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
@@ -24,15 +27,45 @@ import yaml
 
 from automl_ad.data.geometry import Geometry
 from automl_ad.defaults import BUILTIN_BACKBONE, BUILTIN_WEIGHTS_FILE, FEATURE_CHUNK_IMAGES
-from automl_ad.errors import AutomlAdError
+from automl_ad.errors import AutomlAdError, InvalidParameterError, UsageError
 from automl_ad.features.quantize import model_digest
 from automl_ad.features.runtime import SETUP_TIME, cpu_runner, onnx_model_runner
 
 log = logging.getLogger(__name__)
 
 
-class BackboneWeightsError(AutomlAdError):
-    """Pretrained weights cannot be found; the message says how to provide them."""
+class BackboneWeightsError(UsageError):
+    """Pretrained weights cannot be found, or a weights file cannot be used (missing, not a weights file, truncated,
+    another network's); the message names the file and says how to provide weights. A configuration problem: exit
+    code 2."""
+
+
+class UnknownBackboneError(InvalidParameterError):
+    """``backbone`` is not the name of a timm model (exit code 2); the message lists the usual ones."""
+
+
+#: timm's model-name prefixes that name a source (the Hugging Face hub, a local folder) rather than an architecture.
+_SOURCE_PREFIXES = ("hf-hub:", "hf_hub:", "local-dir:")
+
+
+def check_backbone_name(backbone, family: str | None = None) -> None:
+    """Raise :class:`UnknownBackboneError` unless ``backbone`` names a timm model (``timm.list_models()``, with or
+    without a pretrained tag such as ``resnet18.a1_in1k``; a ``hf-hub:`` or ``local-dir:`` source is passed on)."""
+    import timm
+
+    if isinstance(backbone, str) and (backbone.startswith(_SOURCE_PREFIXES) or timm.is_model(backbone)):
+        return
+    close = difflib.get_close_matches(str(backbone), timm.list_models(), n=3) if isinstance(backbone, str) else []
+    hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    raise UnknownBackboneError(
+        f"{family + ': ' if family else ''}unknown backbone {backbone!r}: it is not the name of a timm model.{hint} "
+        f"Backbones automl-ad knows weights for: {', '.join(_searched_backbones())}; any other name that "
+        "timm.list_models() lists works too, with its pretrained weights (--weights FILE offline).")
+
+
+def _searched_backbones() -> list[str]:
+    """The backbones automl-ad knows weights for (the built-in one first), for messages."""
+    return [BUILTIN_BACKBONE, *sorted({p["model"] for p in known_weights().values()} - {BUILTIN_BACKBONE})]
 
 
 def resolve_device(device: str = "auto") -> str:
@@ -121,6 +154,7 @@ def resolve_weights(backbone: str, weights: str | None, pretrained: bool,
     ``create_kwargs`` override known presets."""
     import timm
 
+    check_backbone_name(backbone)
     create_kwargs = dict(create_kwargs or {})
     cfg = timm.models.get_pretrained_cfg(backbone)
     cfg = cfg.to_dict() if cfg is not None else {}
@@ -147,15 +181,11 @@ def resolve_weights(backbone: str, weights: str | None, pretrained: bool,
 
 def _file_source(path: Path, backbone: str, default_mean, default_std, create_kwargs: dict,
                  explicit_norm: tuple) -> WeightsSource:
-    """A local weights file; known files (``weights.yaml``) bring their own creation arguments and mean/std."""
-    if not path.is_file():
-        raise BackboneWeightsError(f"weights file {path} does not exist; pass the path of a timm state_dict "
-                                   f"(.safetensors or .pth) for {backbone}")
+    """A local weights file (checked by :func:`check_weights_file`); known files (``weights.yaml``) bring their own
+    creation arguments and mean/std."""
+    check_weights_file(path, backbone)
     identity = file_sha256(str(path.resolve()))
     preset = known_weights().get(identity, {})
-    if preset and preset["model"] != backbone:
-        raise BackboneWeightsError(f"weights file {path} holds {preset['model']} weights, not {backbone}; "
-                                   f"use backbone={preset['model']} with it")
     mean, std = explicit_norm
     return WeightsSource(identity, str(path.resolve()), tuple(mean or preset.get("mean", default_mean)),
                          tuple(std or preset.get("std", default_std)),
@@ -178,13 +208,166 @@ def weights_available(backbone: str) -> bool:
     return backbone == BUILTIN_BACKBONE or hub_weights_cached(backbone)
 
 
+def backbone_fallback(family: str, backbone: str, local: dict[str, str] | None = None) -> tuple[dict, str] | None:
+    """When ``family``'s default ``backbone`` cannot run here (no local file for it in ``local``, backbone name →
+    weights file such as a profile's ``backbone_weights``; no weights in the hub cache; the hub unreachable): the
+    parameters that run :data:`~automl_ad.defaults.BUILTIN_BACKBONE` instead, and a note saying so and which weights
+    it runs on: the file ``local`` names for it, else the ImageNet weights built into automl-ad. None when the
+    default can run, or when no weights for the built-in backbone are here either."""
+    local = local or {}
+    if backbone in local or weights_available(backbone) or (not _offline() and hub_reachable()):
+        return None
+    why = f"no weights for {family}'s default backbone {backbone} here and the hub is unreachable: using"
+    other = "(--weights FILE or --param backbone=... for another)"
+    own = local.get(BUILTIN_BACKBONE)
+    if own:
+        check_weights_file(own, BUILTIN_BACKBONE)
+        return ({"backbone": BUILTIN_BACKBONE, "weights": own},
+                f"{why} {BUILTIN_BACKBONE} with your weights {own}, from the profile's backbone_weights {other}")
+    if uses_builtin_weights(BUILTIN_BACKBONE):
+        return ({"backbone": BUILTIN_BACKBONE},
+                f"{why} {BUILTIN_BACKBONE} with the ImageNet weights built into automl-ad {other}")
+    return None
+
+
 def backbone_of_weights(path: str | Path) -> str | None:
-    """The timm model a known weights file (``weights.yaml``, by sha256) belongs to; None when unknown."""
+    """The timm model a known weights file (``weights.yaml``, by sha256) belongs to; None when unknown. A file that
+    is missing or no weights file raises :class:`BackboneWeightsError` (:func:`check_weights_file`)."""
+    return check_weights_file(path)
+
+
+#: How to make a weights file automl-ad can use; the end of every message about an unusable one.
+WEIGHTS_FILE_HINT = ("Pass a timm state_dict, saved with safetensors.torch.save_file(model.state_dict(), "
+                     "'FILE.safetensors') or torch.save(model.state_dict(), 'FILE.pth') where model = MODEL.")
+#: The largest safetensors header the safetensors library reads (its own limit).
+_SAFETENSORS_MAX_HEADER = 100 << 20
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+def check_weights_file(path: str | Path, backbone: str | None = None) -> str | None:
+    """Check, without loading it, that ``path`` is a weights file timm can load: a name ending in ``.safetensors``
+    needs a valid safetensors header whose tensors the file holds in full; any other name a PyTorch ``torch.save``
+    file (timm tells them apart by the name). Return the timm model a known file (``weights.yaml``, by sha256)
+    belongs to, None when unknown; with ``backbone``, a known file of another model is refused. Every problem
+    raises :class:`BackboneWeightsError` naming the file, what is wrong with it and what to do. The one check of
+    every place that accepts weights (``--weights``, a profile's ``backbone_weights``, a detector's ``weights``)."""
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise BackboneWeightsError(f"weights file {path} does not exist")
+    try:
+        if not path.exists():
+            raise BackboneWeightsError(f"weights file {path} does not exist. {_hint(backbone)}")
+        if not path.is_file():
+            raise BackboneWeightsError(f"weights file {path} is not a file (a folder?). {_hint(backbone)}")
+        problem = _weights_file_problem(path)
+    except OSError as exc:
+        raise BackboneWeightsError(f"weights file {path} cannot be read ({exc.strerror or exc})") from exc
+    if problem:
+        raise BackboneWeightsError(f"weights file {path} {problem}. {_hint(backbone)}")
     preset = known_weights().get(file_sha256(str(path.resolve())))
-    return preset["model"] if preset else None
+    model = preset["model"] if preset else None
+    if backbone is not None and model is not None and model != backbone:
+        raise BackboneWeightsError(f"weights file {path} holds {model} weights, not {backbone}; "
+                                   f"use backbone={model} with it")
+    return model
+
+
+def _hint(backbone: str | None) -> str:
+    return WEIGHTS_FILE_HINT.replace("MODEL", f"timm.create_model('{backbone}')" if backbone else
+                                     "timm.create_model(<its backbone>)")
+
+
+def _weights_file_problem(path: Path) -> str | None:
+    """What makes ``path`` no weights file timm can load (None: nothing found). Reads headers only."""
+    size = path.stat().st_size
+    if size == 0:
+        return "is empty (0 bytes): not a weights file, or a copy or download that was cut off"
+    with open(path, "rb") as handle:
+        head = handle.read(9)
+    safetensors_name = path.name.lower().endswith(".safetensors")
+    if head[8:9] == b"{":  # 8 bytes of header length, then the JSON header
+        problem = _safetensors_problem(path, size)
+        if problem is None and not safetensors_name:
+            return ("is a safetensors file, but its name does not end in .safetensors (timm reads such files with "
+                    "torch.load): rename it to end in .safetensors")
+        return problem
+    zipped = head.startswith(_ZIP_MAGIC)
+    if zipped or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):  # torch.save
+        if safetensors_name:
+            return ("is a PyTorch torch.save file, not a safetensors file, but its name ends in .safetensors: "
+                    "rename it to end in .pth")
+        return _torch_file_problem(path) if zipped else None
+    what = _describe_content(path) or (f"only {size} bytes" if size < 64 else "")
+    if safetensors_name:
+        return "is not a safetensors file (it does not start with a safetensors header" + (f"; {what})" if what
+                                                                                          else ")")
+    return "is neither a PyTorch (torch.save) nor a safetensors weights file" + (f" ({what})" if what else "")
+
+
+def _torch_file_problem(path: Path) -> str | None:
+    """What is wrong with a zip archive that should be a ``torch.save`` file."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except zipfile.BadZipFile:
+        return ("is a damaged or truncated PyTorch file (its zip directory cannot be read): a copy or download that "
+                "was cut off?")
+    if not any(name.endswith("data.pkl") for name in names):
+        return "is a zip archive, but not a PyTorch torch.save file (it has no data.pkl)"
+    return None
+
+
+def _safetensors_problem(path: Path, size: int) -> str | None:
+    """What is wrong with ``path`` as a safetensors file (None: a valid header, all its tensors in the file)."""
+    with open(path, "rb") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        if length > _SAFETENSORS_MAX_HEADER:
+            return (f"has an invalid safetensors header (it claims {length} bytes, over the "
+                    f"{_SAFETENSORS_MAX_HEADER} a safetensors header may have)")
+        if 8 + length > size:
+            return (f"is truncated: its safetensors header alone should take {length} bytes but the file has "
+                    f"{size - 8} after the header length (a copy or download that was cut off?)")
+        raw = handle.read(length)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        return f"has an invalid safetensors header (not JSON: {exc})"
+    if not isinstance(header, dict):
+        return "has an invalid safetensors header (not a JSON object)"
+    ends = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            return f"has an invalid safetensors header (tensor {name!r} has no valid data_offsets)"
+        ends.append(offsets[1])
+    if not ends:
+        return "holds no tensors"
+    needed = 8 + length + max(ends)
+    if needed > size:
+        return (f"is truncated: its safetensors header describes {needed} bytes of tensors but the file has only "
+                f"{size} (a copy or download that was cut off?)")
+    try:  # the library's own validation (dtypes, shapes, overlaps), still without reading the tensors
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="numpy"):
+            pass
+    except Exception as exc:  # noqa: BLE001 - SafetensorError, with the library's reason
+        return f"has an invalid safetensors header ({exc})"
+    return None
+
+
+def _describe_content(path: Path) -> str:
+    """A word on what a file that is no weights file seems to hold (text, an image), or ''."""
+    with open(path, "rb") as handle:
+        head = handle.read(512)
+    if head.startswith((b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"BM", b"II*\x00", b"MM\x00*")):
+        return "it is an image"
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.start < len(head) - 4:  # not merely a character cut at the end of the sample
+            return ""
+    return "it holds text"
 
 
 def _pairs(kwargs: dict) -> tuple:
@@ -201,6 +384,43 @@ def _offline_message(backbone: str) -> str:
             f"--weights PATH (Python: weights='PATH'); or run once with internet access so timm caches them; "
             f"or copy the hub cache (~/.cache/huggingface) from a connected machine. pretrained=False uses random "
             f"weights (much lower accuracy).")
+
+
+def _unloaded_weights(model, backbone: str, kwargs: dict) -> tuple[list[str], int]:
+    """The weight tensors of ``model`` (built from a weights file under seed 0, as :class:`FeatureExtractor` does)
+    that still hold their random initialisation, so the file had none for them; and how many were compared. Only
+    randomly initialised tensors are compared (a constant start, e.g. a norm layer's ones, proves nothing)."""
+    import timm
+    import torch
+
+    with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
+        warnings.simplefilter("ignore")
+        torch.manual_seed(0)
+        reference = dict(timm.create_model(backbone, pretrained=False, **{
+            k: v for k, v in kwargs.items() if k != "pretrained_cfg_overlay"}).named_parameters())
+    unloaded, total = [], 0
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            start = reference.get(name)
+            if start is None or start.shape != parameter.shape or start.numel() < 2 or not bool(start.std() > 0):
+                continue
+            total += 1
+            if torch.equal(parameter.detach().cpu(), start):
+                unloaded.append(name)
+    return unloaded, total
+
+
+def _file_load_message(spec: BackboneSpec, exc: Exception) -> str:
+    """Why the weights file of ``spec`` did not load into its backbone, and what to do."""
+    file, backbone = spec.weights.file, spec.backbone
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if isinstance(exc, RuntimeError) and "state_dict" in str(exc):
+        detail = " ".join(line.strip() for line in str(exc).splitlines()[1:3])
+        return (f"weights file {file} does not fit backbone {backbone} ({reason[:200]} {detail[:300]}): it holds "
+                f"another network's weights. Use backbone=<the timm model it was saved from> with it, or pass a "
+                f"state_dict of timm.create_model('{backbone}').")
+    return (f"weights file {file} could not be loaded into backbone {backbone} ({type(exc).__name__}: "
+            f"{reason[:300]}). {_hint(backbone)}")
 
 
 @dataclass(frozen=True)
@@ -246,6 +466,7 @@ class FeatureExtractor:
         pretrained = spec.weights.identity != "random"
         if spec.weights.file:
             kwargs["pretrained_cfg_overlay"] = dict(file=spec.weights.file)
+        loading = False  # the weights, after the architecture was checked
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -259,18 +480,32 @@ class FeatureExtractor:
                 kwargs["out_indices"] = tuple(reductions.index(s) for s in spec.strides)
                 # Random weights are drawn from a fixed seed, so every process gets the same network and the
                 # feature cache (keyed "random") stays valid across processes.
+                loading = True
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(0)
                     model = timm.create_model(spec.backbone, pretrained=pretrained, **kwargs)
-        except RuntimeError as exc:
-            if "no Internet" in str(exc) or "connection" in str(exc).lower():
-                raise BackboneWeightsError(_offline_message(spec.backbone)) from exc
+        except AutomlAdError:
             raise
-        except (OSError, ValueError) as exc:
-            if isinstance(exc, AutomlAdError):
-                raise
-            raise BackboneWeightsError(f"{_offline_message(spec.backbone)} (loader said: {exc})") from exc
+        except Exception as exc:
+            if loading and pretrained and spec.weights.file:  # a file (checked by check_weights_file) did not load
+                raise BackboneWeightsError(_file_load_message(spec, exc)) from exc
+            if isinstance(exc, RuntimeError) and ("no Internet" in str(exc) or "connection" in str(exc).lower()):
+                raise BackboneWeightsError(_offline_message(spec.backbone)) from exc
+            if isinstance(exc, (OSError, ValueError)):
+                raise BackboneWeightsError(f"{_offline_message(spec.backbone)} (loader said: {exc})") from exc
+            raise
         drop_unused_blocks(model)
+        if pretrained and spec.weights.file and not spec.weights.identity.startswith("hub:") \
+                and spec.weights.identity not in known_weights():
+            # timm loads a user's file leniently into a feature network: tensors it lacks stay random, silently
+            unloaded, total = _unloaded_weights(model, spec.backbone, kwargs)
+            if unloaded:
+                raise BackboneWeightsError(
+                    f"weights file {spec.weights.file} does not fit backbone {spec.backbone}: it lacks {len(unloaded)} "
+                    f"of the {total} weight tensors the backbone needs (e.g. {', '.join(unloaded[:3])}), which would "
+                    f"stay random. It holds another network's weights, or names them differently. Use backbone=<the "
+                    f"timm model it was saved from> with it, or pass a state_dict of "
+                    f"timm.create_model('{spec.backbone}') (its classifier may stay in).")
         fix_same_padding(model)  # constant padding in exported graphs
         self.channels = tuple(model.feature_info.channels())
         self.model = model.eval().to(self.device)
