@@ -91,6 +91,9 @@ def write_output_folder(out: str | Path, fill: Callable[[Path], None], *, what: 
     os.chmod(staging, 0o777 & ~umask)  # mkdtemp's 0700 would hide the result from other users (e.g. a server)
     try:
         fill(staging)
+        for path in staging.rglob("*"):  # safetensors writes its files 0600: as open() would, for the same reason
+            if path.is_file() and not path.is_symlink():
+                os.chmod(path, 0o666 & ~umask)
         check_output_folder(out, what=what, replaceable=replaceable, overwrite=overwrite, protected=protected)
         _swap_in(staging, target)
     finally:

@@ -106,22 +106,10 @@ def _write_package(detector, folder: Path, thresholds: dict, metrics: dict | Non
         "supports_localization": detector.supports_localization,
         "onnx": export_onnx(detector, folder / ONNX_FILE, parity_images)}
     (folder / README_FILE).write_text(_readme(manifest))
-    _usual_permissions(folder)
     manifest["files"] = {p.name: _sha256(p) for p in sorted(folder.iterdir()) if p.is_file()}
     core = json.loads(json.dumps(manifest))  # as a reader will see it: tuples as lists, keys as strings
     core["integrity"] = _integrity(core)
     (folder / MANIFEST).write_text(json.dumps(core, indent=2))
-
-
-def _usual_permissions(folder: Path) -> None:
-    """Give every file in ``folder`` the permissions a plain ``open()`` gives a new file (0666 less the umask):
-    safetensors writes its files 0600, which would keep a package exported by one account from another (e.g. a
-    service that serves it)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for path in folder.iterdir():
-        if path.is_file() and not path.is_symlink():
-            os.chmod(path, 0o666 & ~umask)
 
 
 def package_folder_problem(folder: Path) -> str | None:

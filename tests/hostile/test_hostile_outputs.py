@@ -141,3 +141,17 @@ def test_predictions_json_stays_strict_json(package, tmp_path):
     out = tmp_path / "out"
     assert main(["predict", str(package), str(images(tmp_path / "in", 2)), "--out", str(out)]) == EXIT_OK
     json.loads((out / "predictions.json").read_text(), parse_constant=lambda name: pytest.fail(name))
+
+
+def test_a_fitted_model_folder_gets_the_permissions_open_gives(mvtec_dir, tmp_path, monkeypatch):
+    import stat
+
+    monkeypatch.chdir(tmp_path)
+    previous = os.umask(0o022)
+    try:
+        assert main(["fit", str(mvtec_dir), "--family", "gaussian", "--param", "input_size=32", "--param",
+                     "scales=[1.0]", "--out", str(tmp_path / "model")]) == EXIT_OK
+    finally:
+        os.umask(previous)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "model").iterdir() if p.is_file()}
+    assert "tensors.safetensors" in modes and set(modes.values()) == {0o644}, modes  # safetensors wrote 0600
