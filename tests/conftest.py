@@ -41,6 +41,19 @@ def square_mask(size: int = 32, value: int = 255) -> np.ndarray:
 
 
 @pytest.fixture
+def offline(monkeypatch):
+    """No hub: backbones load from local files or the built-in weights (cached lookups cleared around the test)."""
+    from automl_ad.features import backbone
+
+    monkeypatch.setenv("AUTOML_AD_OFFLINE", "1")
+    for cached in (backbone.hub_reachable, backbone._resolved_weights):
+        cached.cache_clear()
+    yield
+    for cached in (backbone.hub_reachable, backbone._resolved_weights):
+        cached.cache_clear()
+
+
+@pytest.fixture
 def mvtec_dir(tmp_path: Path) -> Path:
     """A valid MVTec-style category: 6 train good, 2 test good, 2 'crack' with masks."""
     root = tmp_path / "part"

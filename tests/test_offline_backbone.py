@@ -14,16 +14,6 @@ from automl_ad.features import backbone as backbone_module
 from automl_ad.features.backbone import builtin_weights_file, file_sha256, load_extractor, uses_builtin_weights
 
 
-@pytest.fixture
-def offline(monkeypatch):
-    monkeypatch.setenv("AUTOML_AD_OFFLINE", "1")
-    for cached in (backbone_module.hub_reachable, backbone_module._resolved_weights):
-        cached.cache_clear()
-    yield
-    for cached in (backbone_module.hub_reachable, backbone_module._resolved_weights):
-        cached.cache_clear()
-
-
 @pytest.fixture(scope="module")
 def texture(tmp_path_factory):
     return generate_demo(tmp_path_factory.mktemp("demo"), categories=["texture"], n_train=6, n_test_good=2,

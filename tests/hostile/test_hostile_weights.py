@@ -29,16 +29,6 @@ from automl_ad.features.backbone import (
 
 
 @pytest.fixture
-def offline(monkeypatch):
-    monkeypatch.setenv("AUTOML_AD_OFFLINE", "1")
-    for cached in (backbone_module.hub_reachable, backbone_module._resolved_weights):
-        cached.cache_clear()
-    yield
-    for cached in (backbone_module.hub_reachable, backbone_module._resolved_weights):
-        cached.cache_clear()
-
-
-@pytest.fixture
 def part(tmp_path) -> Path:
     """A tiny MVTec-style category: 4 normal training images, test images of both kinds."""
     root = tmp_path / "part"
