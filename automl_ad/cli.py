@@ -193,11 +193,17 @@ def cmd_recommend(args) -> int:
 
 
 def _show_recommended(console, result) -> None:
+    from automl_ad.search.validation import too_few_to_search
+
     for dataset, profile, recommendation, screen in zip(result.datasets, result.profiles, result.recommendations,
                                                         result.screens):
         _print_problems(console, dataset.problems)
         _print_profile(console, profile)
         _print_recommendation(console, recommendation)
+        refusal = too_few_to_search(dataset)
+        if refusal:
+            console.print(f"warning: `automl-ad search` will refuse this data: {refusal}", style="yellow",
+                          markup=False, emoji=False)
         if screen is not None:
             _print_screen(console, screen, dataset.root)
         console.print()

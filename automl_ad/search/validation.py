@@ -58,9 +58,9 @@ def prepare_search_data(dataset: Dataset, work_dir: str | Path, mode: str = "aut
     # without labelled defects a few test normals could only count false alarms, too coarsely (8 of 40 flat
     # images: in steps of 12%): they train instead, and leave fewer to alarm
     split = dataset.split(seed=seed, min_test_normals=MIN_TEST_NORMALS)
-    if not split.validation:
-        raise UsageError(f"{dataset.root}: {len(dataset.normal)} normal image(s) are too few to hold some out for "
-                         "validation beside those the search trains on; add normal (good) images")
+    refusal = too_few_to_search(dataset, split)
+    if refusal:
+        raise UsageError(refusal)
     normals = [r for r in split.validation if r.is_normal]
     defects = [r for r in split.validation if not r.is_normal]
     train = ImageSet.from_records(split.train, dataset)
@@ -79,6 +79,16 @@ def prepare_search_data(dataset: Dataset, work_dir: str | Path, mode: str = "aut
         return SearchSplit(train, synthetic.concatenated(ImageSet.from_records(defects, dataset)), test, "mixed")
     return SearchSplit(train, _synthetic_validation(normals, dataset, work_dir, seed, trained_on), test, "synthetic",
                        reference=real if defects else None)
+
+
+def too_few_to_search(dataset: Dataset, split=None) -> str | None:
+    """Why a search refuses ``dataset`` (None: it does not): too few normal images to hold some out for
+    validation. ``split``: the dataset's search split, when made already."""
+    split = split or dataset.split(min_test_normals=MIN_TEST_NORMALS)
+    if split.validation:
+        return None
+    return (f"{dataset.root}: {len(dataset.normal)} normal image(s) are too few to hold some out for validation "
+            "beside those a search trains on; add normal (good) images")
 
 
 def _synthetic_validation(normals, dataset: Dataset, work_dir: str | Path, seed: int,

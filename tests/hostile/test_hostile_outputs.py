@@ -155,3 +155,13 @@ def test_a_fitted_model_folder_gets_the_permissions_open_gives(mvtec_dir, tmp_pa
         os.umask(previous)
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "model").iterdir() if p.is_file()}
     assert "tensors.safetensors" in modes and set(modes.values()) == {0o644}, modes  # safetensors wrote 0600
+
+
+def test_recommend_says_when_search_will_refuse_the_data(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    images(tmp_path / "two" / "train" / "good", 2)
+    assert main(["recommend", str(tmp_path / "two"), "--no-screen"]) == EXIT_OK
+    out = " ".join(capsys.readouterr().out.split())  # as read, not as wrapped
+    assert "`automl-ad search` will refuse this data" in out and "2 normal image(s) are too few" in out
+    assert main(["search", str(tmp_path / "two"), "--budget", "1m"]) == EXIT_USAGE
+    assert "2 normal image(s) are too few" in capsys.readouterr().err
