@@ -3,6 +3,8 @@ detection_at_far, synthetic-vs-real agreement, per-family held-out synthetic kin
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -160,6 +162,21 @@ def test_synthesis_makes_only_the_rounds_the_families_need_and_is_deterministic(
     assert all((tmp_path / "b" / "synthetic-validation" / p.name).read_bytes() == data for p, data in written.items())
     real = prepare_search_data(dataset, tmp_path / "c", "real")  # labelled defects: nothing is synthesised
     assert real.validation.kinds is None and real.validation_for(("cutpaste", "scar")) is real.validation
+
+
+def test_another_seed_writes_its_own_synthetic_anomalies_and_leaves_the_first_seeds(demo_texture, tmp_path):
+    """Searches of one dataset share a working folder: a search with another seed must not rewrite the anomalies an
+    earlier search was ranked on (its export calibrates and states rates on them)."""
+    from automl_ad.data import open_dataset
+    from automl_ad.search.validation import prepare_search_data
+
+    dataset = open_dataset(demo_texture)
+    first = prepare_search_data(dataset, tmp_path, "synthetic", seed=0)
+    written = {p: p.read_bytes() for p in first.validation.paths if "synthetic-validation" in str(p)}
+    other = prepare_search_data(dataset, tmp_path, "synthetic", seed=1)
+    assert written and all(p.read_bytes() == data for p, data in written.items())
+    assert {Path(p).parent.name for p in other.validation.paths if "synthetic" in str(p)} == \
+        {"synthetic-validation-seed1"}
 
 
 def test_rounds_and_a_family_that_trains_on_every_kind():

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 
@@ -35,6 +36,13 @@ from automl_ad.data.imageset import ImageSet
 KINDS = ("cutpaste", "scar", "perlin")
 _MIN_CHANGE = 0.05  # mean absolute change inside the mask, in [0, 1] intensity units
 MAX_REGIONS = 3  # connected regions kept per anomaly, the largest
+
+
+def validation_folder(work_dir: str | Path, seed: int = 0) -> Path:
+    """Where a search's synthetic validation anomalies of ``seed`` are written under its ``work_dir`` (one folder per
+    seed: the dataset's searches share ``work_dir``, and another seed's anomalies must not replace those a search
+    was ranked on)."""
+    return Path(work_dir) / ("synthetic-validation" if seed == 0 else f"synthetic-validation-seed{seed}")
 
 
 def make_anomaly(image: np.ndarray, kind: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

@@ -29,6 +29,7 @@ from automl_ad.data.synthetic import (
     make_anomaly,
     round_kind,
     rounds_needed,
+    validation_folder,
     without_trained_kinds,
 )
 from automl_ad.defaults import (
@@ -97,7 +98,7 @@ def _synthetic_validation(normals, dataset: Dataset, work_dir: str | Path, seed:
     :func:`synthesise_validation`)."""
     rounds = len(KINDS) if trained_on is None else rounds_needed(trained_on)
     normal_set = ImageSet.from_records(normals, dataset)
-    return normal_set.concatenated(synthesise_validation(normal_set, Path(work_dir) / "synthetic-validation", seed,
+    return normal_set.concatenated(synthesise_validation(normal_set, validation_folder(work_dir, seed), seed,
                                                          rounds))
 
 

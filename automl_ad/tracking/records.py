@@ -16,6 +16,7 @@ from types import SimpleNamespace
 
 from automl_ad.data.geometry import geometry_label
 from automl_ad.data.split import SearchSplit
+from automl_ad.data.synthetic import validation_folder
 from automl_ad.defaults import IO_WORKERS
 from automl_ad.errors import DataChangedError, InvalidDatasetError, UsageError
 from automl_ad.evaluation.objectives import OBJECTIVE_METRICS
@@ -345,7 +346,7 @@ def _synthetic_sources(search: SearchRecord) -> dict[Path, str]:
     if not search.work_dir:
         return {}
     try:
-        key = json.loads((Path(search.work_dir) / "synthetic-validation" / "manifest.json").read_text())
+        key = json.loads((validation_folder(search.work_dir, search.seed) / "manifest.json").read_text())
         sources, hashes = key["sources"], key["hashes"]
     except (OSError, ValueError, KeyError, TypeError):
         return {}
