@@ -386,26 +386,23 @@ def _offline_message(backbone: str) -> str:
             f"weights (much lower accuracy).")
 
 
-def _unloaded_weights(model, backbone: str, kwargs: dict) -> tuple[list[str], int]:
+def _unloaded_weights(model, start) -> tuple[list[str], int]:
     """The weight tensors of ``model`` (built from a weights file under seed 0, as :class:`FeatureExtractor` does)
-    that still hold their random initialisation, so the file had none for them; and how many were compared. Only
-    randomly initialised tensors are compared (a constant start, e.g. a norm layer's ones, proves nothing)."""
-    import timm
+    that still hold their random initialisation, the one of ``start`` (the same network built without weights
+    under seed 0), so the file had none for them; and how many were compared. Only randomly initialised tensors
+    are compared (a constant start, e.g. a norm layer's ones, proves nothing)."""
     import torch
 
-    with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
-        warnings.simplefilter("ignore")
-        torch.manual_seed(0)
-        reference = dict(timm.create_model(backbone, pretrained=False, **{
-            k: v for k, v in kwargs.items() if k != "pretrained_cfg_overlay"}).named_parameters())
+    reference = dict(start.named_parameters())
     unloaded, total = [], 0
     with torch.no_grad():
         for name, parameter in model.named_parameters():
-            start = reference.get(name)
-            if start is None or start.shape != parameter.shape or start.numel() < 2 or not bool(start.std() > 0):
+            initial = reference.get(name)
+            if initial is None or initial.shape != parameter.shape or initial.numel() < 2 \
+                    or not bool(initial.std() > 0):
                 continue
             total += 1
-            if torch.equal(parameter.detach().cpu(), start):
+            if torch.equal(parameter.detach().cpu(), initial):
                 unloaded.append(name)
     return unloaded, total
 
@@ -470,8 +467,10 @@ class FeatureExtractor:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                probe = timm.create_model(spec.backbone, pretrained=False, **{k: v for k, v in kwargs.items()
-                                                                           if k != "pretrained_cfg_overlay"})
+                with torch.random.fork_rng(devices=[]):  # seed 0, as the model below: its random start
+                    torch.manual_seed(0)
+                    probe = timm.create_model(spec.backbone, pretrained=False, **{
+                        k: v for k, v in kwargs.items() if k != "pretrained_cfg_overlay"})
                 reductions = probe.feature_info.reduction()
                 missing = [s for s in spec.strides if s not in reductions]
                 if missing:
@@ -498,7 +497,7 @@ class FeatureExtractor:
         if pretrained and spec.weights.file and not spec.weights.identity.startswith("hub:") \
                 and spec.weights.identity not in known_weights():
             # timm loads a user's file leniently into a feature network: tensors it lacks stay random, silently
-            unloaded, total = _unloaded_weights(model, spec.backbone, kwargs)
+            unloaded, total = _unloaded_weights(model, probe)
             if unloaded:
                 raise BackboneWeightsError(
                     f"weights file {spec.weights.file} does not fit backbone {spec.backbone}: it lacks {len(unloaded)} "
