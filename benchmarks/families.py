@@ -207,7 +207,7 @@ def run_all(families: list[str], datasets: list[str], out: Path, notes: list[str
             row = _subprocess(["--single", family, dataset, json.dumps(params)], cache)
         row.update(family=family, dataset=dataset, note=note, wall_s=round(time.perf_counter() - start, 1),
                    load_before=[round(x, 2) for x in load_before], load_after=[round(x, 2) for x in os.getloadavg()],
-                   measured=time.strftime("%Y-%m-%d %H:%M"))
+                   measured=time.strftime("%Y-%m-%d %H:%M"), cpu=cpu_name())
         print(_line(row), flush=True)
         rows.append(row)
         # partial results survive an interruption
@@ -220,6 +220,15 @@ def run_all(families: list[str], datasets: list[str], out: Path, notes: list[str
     rows = _merge(rows, out / "families.json")
     (out / "families.json").write_text(json.dumps(rows, indent=2))
     return rows
+
+
+def cpu_name() -> str:
+    """The CPU's model name, and "AVX-512" when it has it: this VM's CPU changed between sittings, and timings
+    compare only within one CPU."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    return ", ".join(x for x in (model, "AVX-512" if "avx512f" in flags else "") if x) or "unknown CPU"
 
 
 def _line(row: dict) -> str:
@@ -250,6 +259,12 @@ def read_anchor(path: Path | None, out: Path) -> dict:
             if r.get("status") == "ok":
                 rows[(r["model"], r["dataset"])] = r
     return rows
+
+
+def _measured(row: dict) -> str:
+    """When a row ran, and on which CPU where that was recorded."""
+    cpu = f" ({row['cpu']})" if row.get("cpu") else ""
+    return f"{row.get('measured', 'n/a')}{cpu}"
 
 
 def _days(anchor_row: dict, row: dict) -> str:
@@ -302,7 +317,9 @@ def write_report(rows: list[dict], anchor: dict, out: Path) -> None:
              "imported libraries). Size = saved model folder (fp32 backbone weights not included; an int8 model "
              "holds its quantised backbone). Epochs: trained (of planned, when the "
              f"{TRAINING_CAP_S / 60:.0f}-minute training cap stopped it earlier). Load: the 1-minute load average "
-             "before → after the run (the run itself adds up to ~2 on the 2 cores).", "",
+             "before → after the run (the run itself adds up to ~2 on the 2 cores). Measured: when, and on which CPU; "
+             "this VM's CPU changed on 2026-12-07, and rows that name none ran on the former one, without AVX-512. "
+             "Timings compare only between rows of one CPU.", "",
              "| family | dataset | note | img AUROC | px AUROC | AUPRO | px AP | F1max | fit s | epochs | p50 ms "
              "| p95 ms | x backbone (ms) | img/s (b8) | peak RSS fit MB | size MB | load | measured |",
              "|" + "---|" * 18]
@@ -318,7 +335,7 @@ def write_report(rows: list[dict], anchor: dict, out: Path) -> None:
                      f"{_fmt(r['image_f1_max'])} | {_fmt(r['fit_seconds'], 1)} | {_epochs(r)} | "
                      f"{_fmt(r['latency_ms_p50'], 1)} | {_fmt(r['latency_ms_p95'], 1)} | {_floor_ratio(r)} | "
                      f"{_fmt(r['throughput_ips'], 1)} | {_fmt(r['peak_rss_mb_fit'], 0)} | {_fmt(r['model_mb'], 1)} | "
-                     f"{_load(r)} | {r.get('measured', 'n/a')} |")
+                     f"{_load(r)} | {_measured(r)} |")
     lines += _int8_table(rows)
     if anchor:
         lines += ["", "## Side by side with anomalib 2.7 (same machine, same backbone and data)", "",
