@@ -14,7 +14,7 @@ from automl_ad.constraints import load_constraints, parse_duration
 from automl_ad.data import load_datasets, open_dataset
 from automl_ad.data.demo import generate_demo
 from automl_ad.data.imageset import ImageSet
-from automl_ad.data.layout import NORMAL_LABEL, normal_folder
+from automl_ad.data.layout import NORMAL_LABEL, category_root, normal_folder
 from automl_ad.defaults import MIN_TRAIN_IMAGES, SCREEN_FAMILY, SCREEN_FOLDS, SEARCH_BUDGET
 from automl_ad.deploy.export import Export, export_model
 from automl_ad.deploy.package import load_package
@@ -55,7 +55,7 @@ class Recommended:
 
 def open_categories(data: str, category: str | None = None, strict: bool = False, progress: bool = False) -> list:
     """Every category of ``data`` (or the named one), validated."""
-    return load_datasets(Path(data) / category if category else Path(data), strict=strict, progress=progress)
+    return load_datasets(category_root(data, category), strict=strict, progress=progress)
 
 
 def profile_data(data: str, category: str | None = None, strict: bool = False, progress: bool = False,

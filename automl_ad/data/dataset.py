@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from automl_ad.data.io import ImageInfo, full_scale_of, load_image
-from automl_ad.data.layout import ImageRecord, detect_layout, scan
+from automl_ad.data.layout import ImageRecord, category_root, detect_layout, scan
 from automl_ad.data.validation import MaskCheck, Problem, validate
 from automl_ad.defaults import DEFECT_VALIDATION_FRACTION, SPLIT_SEED, VALIDATION_FRACTION
 from automl_ad.errors import InvalidDatasetError
@@ -149,10 +149,8 @@ def open_dataset(root: str | Path, category: str | None = None, strict: bool = F
                  progress: bool = False) -> Dataset:
     """Open a single category: ``root`` itself, or ``category`` inside a multi-category root."""
 
-    root = Path(root).expanduser()
-    if category is not None:
-        root = root / category
-    elif root.is_dir() and detect_layout(root) is None:
+    root = category_root(root, category)
+    if category is None and root.is_dir() and detect_layout(root) is None:
         names = [raw.name for raw in scan(root)]
         if len(names) > 1:
             raise InvalidDatasetError(f"{root} holds {len(names)} categories ({', '.join(names)}); "

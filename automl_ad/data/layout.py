@@ -108,6 +108,21 @@ def scan(root: str | Path) -> list[RawCategory]:
     return categories
 
 
+def category_root(root: str | Path, category: str | None) -> Path:
+    """``root``, or its category ``category`` (``--category``). A single-category dataset has no categories: a
+    ``category`` of one (its ``train`` folder, say) is refused, since it would open part of the dataset as if it
+    were all of it."""
+    root = Path(root).expanduser()
+    if category is None:
+        return root
+    layout = detect_layout(root) if (root / category).exists() and root.is_dir() else None
+    if layout is not None:  # a missing one is explained by the scan (see _missing)
+        raise InvalidDatasetError(f"{root} is a single-category dataset ({layout} layout), so '{category}' is one of "
+                                  f"its folders, not a category: opening it alone would leave out the rest of the "
+                                  f"dataset. Leave out --category to use {root} as a whole.")
+    return root / category
+
+
 def _missing(root: Path) -> str:
     """Why ``root`` cannot be opened, when it does not exist: a category (``--category``) its parent lacks is named
     with the categories the parent does hold, or with the note that the parent is a single-category dataset."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from automl_ad.data.layout import category_root
 from automl_ad.errors import UsageError
 from automl_ad.folders import write_json_atomically
 from automl_ad.workspace import state_dir
@@ -46,7 +47,7 @@ def entry_for(state: dict | None, data: str | None, category: str | None) -> dic
         return None
     entries = state.get("categories", [])
     if data is not None:
-        root = (Path(data) / category if category else Path(data)).resolve()
+        root = category_root(data, category).resolve()
         entries = [e for e in entries if Path(e["dataset"]).resolve() == root or
                    (Path(e["dataset"]).parent.resolve() == root and len(entries) == 1)]
     if category:

@@ -289,3 +289,14 @@ def test_image_files_lists_images_and_the_skipped_entries_of_any_folder(tmp_path
     assert sentence.endswith("; and 3 more")
     assert describe_skipped(skipped[:1], folder) == ("1 entry was skipped. dangling.png: broken symbolic link, its "
                                                      "target /nonexistent/automl-ad-test.png does not exist")
+
+
+def test_a_folder_of_a_single_category_dataset_is_not_taken_for_a_category(mvtec_dir, capsys):
+    # `--category train` opened train/ alone as a dataset of good images only (its "good" folder looks like the
+    # plain layout): the search would then have had no real defects to rank on, and said nothing
+    with pytest.raises(InvalidDatasetError, match=r"single-category dataset \(mvtec layout\), so 'train' is one of "
+                                                  r"its folders, not a category.*Leave out --category"):
+        open_dataset(mvtec_dir, category="train")
+    for command in ("profile", "recommend"):
+        assert main([command, str(mvtec_dir), "--category", "train"]) == EXIT_DATA
+        assert "'train' is one of its folders, not a category" in _one_line(capsys.readouterr().err)
