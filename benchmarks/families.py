@@ -269,7 +269,7 @@ def _measured(row: dict) -> str:
 
 def _days(anchor_row: dict, row: dict) -> str:
     """When each side ran: anomalib's start and ours to the minute (our older rows: the day only)."""
-    return f"{anchor_row.get('timestamp', '')[:16] or 'n/a'}; {row.get('measured', 'n/a')}"
+    return f"{anchor_row.get('timestamp', '')[:16] or 'n/a'}; {_measured(row)}"
 
 
 def _csv_rows(path: Path) -> list[dict]:
