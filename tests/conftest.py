@@ -69,3 +69,16 @@ def mvtec_dir(tmp_path: Path) -> Path:
 def needs(path: Path):
     """Skip a test when a shared dataset or weights file is not on this machine."""
     return pytest.mark.skipif(not path.exists(), reason=f"{path} not available")
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    """Exit code, stdout and stderr of ``automl-ad ARGV``; no traceback may be printed."""
+    from automl_ad.cli import main  # here, not at the top: the cache folder above must be set before automl_ad loads
+
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    return code, out, err

@@ -14,20 +14,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import noise_image, write_image
+from conftest import noise_image, run_cli, write_image
 
 from automl_ad.cli import EXIT_DATA, EXIT_OK, EXIT_USAGE, main
-
-
-def run_cli(capsys, *argv) -> tuple[int, str]:
-    """Exit code and stderr of ``automl-ad ARGV`` (argparse's own exits included); no traceback may be printed."""
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    assert "Traceback" not in out + err
-    return code, err
 
 
 def mvtec(root: Path, n_train: int, with_test: bool = True) -> Path:
@@ -49,7 +38,7 @@ def flat(root: Path, n: int) -> Path:
 # --- fit --------------------------------------------------------------------------------------------------------
 
 def test_fit_parameter_out_of_range_names_family_parameter_and_range(mvtec_dir, tmp_path, capsys):
-    code, err = run_cli(capsys, "fit", mvtec_dir, "--family", "patchcore", "--param", "coreset_ratio=-1",
+    code, _, err = run_cli(capsys, "fit", mvtec_dir, "--family", "patchcore", "--param", "coreset_ratio=-1",
                         "--out", tmp_path / "m")
     assert code == EXIT_USAGE
     assert err.startswith("error: ") and "patchcore" in err and "coreset_ratio" in err and "-1" in err
@@ -66,7 +55,7 @@ def test_fit_failure_caused_by_user_parameters_is_a_usage_error_with_its_cause(m
 
     monkeypatch.setattr(detector_class("gaussian"), "_fit", broken_fit)
     with caplog.at_level(logging.INFO, logger="automl_ad"):
-        code, err = run_cli(capsys, "--verbose", "fit", mvtec_dir, "--family", "gaussian", "--param",
+        code, _, err = run_cli(capsys, "--verbose", "fit", mvtec_dir, "--family", "gaussian", "--param",
                             "smoothing_sigma=3.0", "--out", tmp_path / "m")
     assert code == EXIT_USAGE
     assert "gaussian failed with your parameters (smoothing_sigma=3.0)" in err
@@ -89,7 +78,7 @@ def test_fit_failure_without_user_parameters_is_not_disguised(mvtec_dir, tmp_pat
 @pytest.mark.parametrize("layout", ["mvtec", "flat"])
 def test_fit_refuses_a_single_training_image(layout, tmp_path, capsys):
     data = mvtec(tmp_path / "one", 1) if layout == "mvtec" else flat(tmp_path / "one", 1)
-    code, err = run_cli(capsys, "fit", data, "--family", "gaussian", "--out", tmp_path / "m")
+    code, _, err = run_cli(capsys, "fit", data, "--family", "gaussian", "--out", tmp_path / "m")
     assert code == EXIT_DATA
     assert "1 normal image(s) to fit on" in err and "at least 2" in err
     assert str(data / "train" / "good" if layout == "mvtec" else data) in err  # where to add images
@@ -97,23 +86,23 @@ def test_fit_refuses_a_single_training_image(layout, tmp_path, capsys):
 
 
 def test_fit_missing_dataset_path(tmp_path, capsys):
-    code, err = run_cli(capsys, "fit", tmp_path / "nowhere", "--family", "gaussian", "--out", tmp_path / "m")
+    code, _, err = run_cli(capsys, "fit", tmp_path / "nowhere", "--family", "gaussian", "--out", tmp_path / "m")
     assert code == EXIT_DATA and "nowhere does not exist" in err
 
 
 def test_fit_dataset_path_that_is_a_file(tmp_path, capsys):
     image = write_image(tmp_path / "one.png", noise_image(0))
-    code, err = run_cli(capsys, "fit", image, "--family", "gaussian", "--out", tmp_path / "m")
+    code, _, err = run_cli(capsys, "fit", image, "--family", "gaussian", "--out", tmp_path / "m")
     assert code == EXIT_DATA and "is a file, not a folder" in err
 
 
 def test_fit_unknown_family_suggests_the_closest(mvtec_dir, tmp_path, capsys):
-    code, err = run_cli(capsys, "fit", mvtec_dir, "--family", "padm", "--out", tmp_path / "m")
+    code, _, err = run_cli(capsys, "fit", mvtec_dir, "--family", "padm", "--out", tmp_path / "m")
     assert code == EXIT_USAGE and "no detector family 'padm'" in err and "Did you mean 'padim'" in err
 
 
 def test_fit_missing_weights_file_is_refused_before_fitting(mvtec_dir, tmp_path, capsys):
-    code, err = run_cli(capsys, "fit", mvtec_dir, "--family", "padim", "--weights", tmp_path / "nope.safetensors",
+    code, _, err = run_cli(capsys, "fit", mvtec_dir, "--family", "padim", "--weights", tmp_path / "nope.safetensors",
                         "--out", tmp_path / "m")
     assert code == EXIT_USAGE and "nope.safetensors is not a file" in err
 
@@ -127,7 +116,7 @@ def test_evaluate_on_data_without_test_images(layout, tmp_path, capsys):
     model = tmp_path / "m"
     assert run_cli(capsys, "fit", data, "--family", "gaussian", "--param", "input_size=32", "--out", model)[0] \
         == EXIT_OK
-    code, err = run_cli(capsys, "evaluate", model, data)
+    code, _, err = run_cli(capsys, "evaluate", model, data)
     assert code == EXIT_DATA and f"{data} has no test images" in err
     if layout == "mvtec":
         assert str(data / "test" / "good") in err and f"{data / 'test'}/<defect_type>/" in err
@@ -153,7 +142,7 @@ def test_evaluate_on_normal_test_images_only_explains_the_missing_metrics(tmp_pa
 def test_evaluate_a_folder_that_is_not_a_model(mvtec_dir, tmp_path, capsys):
     (tmp_path / "package").mkdir()
     (tmp_path / "package" / "manifest.json").write_text("{}")
-    code, err = run_cli(capsys, "evaluate", tmp_path / "package", mvtec_dir)
+    code, _, err = run_cli(capsys, "evaluate", tmp_path / "package", mvtec_dir)
     assert code == EXIT_USAGE and "not a model folder written by `automl-ad fit`" in err
     assert "automl-ad predict" in err
 
@@ -163,7 +152,7 @@ def test_evaluate_out_that_is_a_file(tmp_path, mvtec_dir, capsys):
     assert run_cli(capsys, "fit", mvtec_dir, "--family", "gaussian", "--param", "input_size=32", "--out", model)[0] \
         == EXIT_OK
     (tmp_path / "notes.txt").write_text("mine")
-    code, err = run_cli(capsys, "evaluate", model, mvtec_dir, "--out", tmp_path / "notes.txt")
+    code, _, err = run_cli(capsys, "evaluate", model, mvtec_dir, "--out", tmp_path / "notes.txt")
     assert code == EXIT_USAGE and "notes.txt is an existing file" in err
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
@@ -172,26 +161,26 @@ def test_evaluate_out_that_is_a_file(tmp_path, mvtec_dir, capsys):
 
 @pytest.mark.parametrize("port", ["99999", "0", "-1", "65536", "http"])
 def test_ui_port_outside_1_to_65535(port, capsys):
-    code, err = run_cli(capsys, "ui", "--port", port)
+    code, _, err = run_cli(capsys, "ui", "--port", port)
     assert code == EXIT_USAGE and "argument --port" in err and "1-65535" in err
 
 
 @pytest.mark.parametrize("argv", [["recommend", "data", "--top", "0"], ["demo", "--top", "-2"],
                                   ["report", "--max-images", "0"]])
 def test_counts_below_one(argv, capsys):
-    code, err = run_cli(capsys, *argv)
+    code, _, err = run_cli(capsys, *argv)
     assert code == EXIT_USAGE and "must be at least 1" in err
 
 
 @pytest.mark.parametrize("rate", ["0", "1", "5", "-0.1", "nan", "lots"])
 def test_false_alarm_rate_outside_0_1(rate, capsys):
     for argv in (["export", "--best", "pkg", "--false-alarm-rate", rate], ["report", "--false-alarm-rate", rate]):
-        code, err = run_cli(capsys, *argv)
+        code, _, err = run_cli(capsys, *argv)
         assert code == EXIT_USAGE and "argument --false-alarm-rate" in err
 
 
 def test_demo_negative_seed(tmp_path, capsys):
-    code, err = run_cli(capsys, "demo", "--seed", "-1", "--budget", "0", "--out", tmp_path / "demo")
+    code, _, err = run_cli(capsys, "demo", "--seed", "-1", "--budget", "0", "--out", tmp_path / "demo")
     assert code == EXIT_USAGE and "argument --seed: must be 0 or more" in err
     assert not (tmp_path / "demo").exists()
 
@@ -200,7 +189,7 @@ def test_demo_negative_seed(tmp_path, capsys):
 
 def test_leaderboard_on_an_empty_store(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    code, err = run_cli(capsys, "leaderboard")
+    code, _, err = run_cli(capsys, "leaderboard")
     assert code == EXIT_USAGE and "no search in" in err and "automl-ad search" in err
 
 
@@ -220,7 +209,7 @@ def _closed_port() -> int:
 def test_tracking_uri_garbage(command, uri, message, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
-    code, err = run_cli(capsys, *command, "--tracking-uri", uri.format(port=_closed_port()))
+    code, _, err = run_cli(capsys, *command, "--tracking-uri", uri.format(port=_closed_port()))
     assert code == EXIT_USAGE and message in err
     assert not (tmp_path / "pkg").exists() and not (tmp_path / "garbage").exists()
 
@@ -229,7 +218,7 @@ def test_ui_refuses_a_server_uri(tmp_path, monkeypatch, capsys):
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
         server.listen()
-        code, err = run_cli(capsys, "ui", "--tracking-uri", f"http://127.0.0.1:{server.getsockname()[1]}")
+        code, _, err = run_cli(capsys, "ui", "--tracking-uri", f"http://127.0.0.1:{server.getsockname()[1]}")
     assert code == EXIT_USAGE and "with its own UI" in err
 
 
@@ -238,33 +227,33 @@ def test_ui_port_in_use(tmp_path, monkeypatch, capsys):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        code, err = run_cli(capsys, "ui", "--port", taken.getsockname()[1])
+        code, _, err = run_cli(capsys, "ui", "--port", taken.getsockname()[1])
     assert code == EXIT_USAGE and "already in use" in err and "--port" in err
 
 
 # --- other commands ---------------------------------------------------------------------------------------------
 
 def test_predict_with_a_folder_that_is_not_a_package(mvtec_dir, tmp_path, capsys):
-    code, err = run_cli(capsys, "predict", mvtec_dir, mvtec_dir / "test", "--out", tmp_path / "p")
+    code, _, err = run_cli(capsys, "predict", mvtec_dir, mvtec_dir / "test", "--out", tmp_path / "p")
     assert code != EXIT_OK and err.startswith("error: ") and "manifest.json" in err
     assert not (tmp_path / "p").exists()
 
 
 def test_report_out_into_a_missing_folder_or_onto_a_folder(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    code, err = run_cli(capsys, "report", "--out", tmp_path / "new" / "deeper" / "report.html")
+    code, _, err = run_cli(capsys, "report", "--out", tmp_path / "new" / "deeper" / "report.html")
     assert code == EXIT_USAGE and "no search in" in err  # a missing folder is fine: it would be created
     assert not (tmp_path / "new").exists()  # ... but not before there is a report to write
-    code, err = run_cli(capsys, "report", "--out", tmp_path)
+    code, _, err = run_cli(capsys, "report", "--out", tmp_path)
     assert code == EXIT_USAGE and "is a folder; give the path of the file to write" in err
     (tmp_path / "file").write_text("mine")
-    code, err = run_cli(capsys, "report", "--out", tmp_path / "file" / "report.html")
+    code, _, err = run_cli(capsys, "report", "--out", tmp_path / "file" / "report.html")
     assert code == EXIT_USAGE and "is a file, not a folder" in err
 
 
 def test_profile_out_below_a_file(mvtec_dir, tmp_path, capsys):
     (tmp_path / "file").write_text("mine")
-    code, err = run_cli(capsys, "profile", mvtec_dir, "--out", tmp_path / "file" / "p.json")
+    code, _, err = run_cli(capsys, "profile", mvtec_dir, "--out", tmp_path / "file" / "p.json")
     assert code == EXIT_USAGE and "is a file, not a folder" in err
     assert (tmp_path / "file").read_text() == "mine"
 

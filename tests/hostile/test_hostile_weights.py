@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import noise_image, write_image
+from conftest import noise_image, run_cli, write_image
 
-from automl_ad.cli import EXIT_USAGE, main
+from automl_ad.cli import EXIT_USAGE
 from automl_ad.defaults import BUILTIN_BACKBONE
 from automl_ad.errors import UsageError
 from automl_ad.features import backbone as backbone_module
@@ -38,17 +38,6 @@ def part(tmp_path) -> Path:
         write_image(root / "test" / "good" / f"{i:03d}.png", noise_image(100 + i))
         write_image(root / "test" / "crack" / f"{i:03d}.png", noise_image(200 + i))
     return root
-
-
-def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    """Exit code, stdout and stderr of ``automl-ad ARGV``; no traceback may be printed."""
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    assert "Traceback" not in out + err
-    return code, out, err
 
 
 def small_safetensors(path: Path) -> Path:
